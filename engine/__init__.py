@@ -1,0 +1,15 @@
+"""SpecDesk's in-process LLM engine: paged KV cache, prefix reuse, continuous batching, speculation."""
+
+from engine.outputs import FinishReason, RequestMetrics, RequestOutput, StreamDelta
+from engine.sampling_params import SamplingParams
+
+__all__ = ["LLM", "FinishReason", "RequestMetrics", "RequestOutput", "SamplingParams", "StreamDelta"]
+
+
+def __getattr__(name: str) -> object:
+    # LLM pulls in torch and transformers; import it lazily so `import engine` stays cheap.
+    if name == "LLM":
+        from engine.llm import LLM
+
+        return LLM
+    raise AttributeError(name)

@@ -1,0 +1,53 @@
+"""The one frozen engine configuration, validated once and passed down."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+DType = Literal["float32", "bfloat16", "float16", "auto"]
+Device = Literal["cpu", "cuda", "auto"]
+AttentionBackend = Literal["auto", "torch", "triton"]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything that shapes an engine instance.
+
+    model: local path, hub id or GGUF file; None means the built-in default (SmolLM2-135M-Instruct).
+    kv_cache_memory_gib: budget for the paged KV pool; `num_blocks` overrides it (tests force preemption).
+    max_num_batched_tokens: per-step token budget; a long prompt is prefilled in chunks of at most this.
+    attention_backend: "auto" picks Triton kernels on CUDA and the torch path on CPU.
+    """
+
+    model: str | None = None
+    tokenizer: str | None = None
+    dtype: DType = "auto"
+    device: Device = "auto"
+    block_size: int = 16
+    kv_cache_memory_gib: float = 1.0
+    num_blocks: int | None = None
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 512
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    speculator: str | None = None
+    attention_backend: AttentionBackend = "auto"
+    num_threads: int | None = None
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        if self.block_size not in (8, 16, 32, 64, 128):
+            raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128, got {self.block_size}")
+        if self.dtype not in ("float32", "bfloat16", "float16", "auto"):
+            raise ValueError(f"dtype must be float32, bfloat16, float16 or auto, got {self.dtype!r}")
+        if self.device not in ("cpu", "cuda", "auto"):
+            raise ValueError(f"device must be cpu, cuda or auto, got {self.device!r}")
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}")
+        if self.num_blocks is not None and self.num_blocks < 2:
+            raise ValueError(f"num_blocks must be >= 2, got {self.num_blocks}")
+        if self.kv_cache_memory_gib <= 0:
+            raise ValueError(f"kv_cache_memory_gib must be > 0, got {self.kv_cache_memory_gib}")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")

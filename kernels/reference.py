@@ -1,0 +1,101 @@
+"""Pure-torch twins of every kernel: the CPU serving path and the oracle the Triton kernels are tested against.
+
+KV cache layout (one tensor each for K and V, per layer): [num_blocks, block_size, num_kv_heads, head_dim].
+A flat slot is block_id * block_size + offset; page `block_tables[i][j]` holds positions
+j*block_size ... (j+1)*block_size - 1 of sequence i.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def write_kv(
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    value: torch.Tensor,
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # int64 [num_tokens]
+) -> None:
+    """Scatter new K/V rows into their page slots (in place)."""
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+
+
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The first seq_len positions of one sequence as a contiguous [seq_len, num_kv_heads, head_dim]."""
+    num_blocks = (seq_len + cache.shape[1] - 1) // cache.shape[1]
+    pages = cache.index_select(0, block_table[:num_blocks].long())
+    return pages.flatten(0, 1)[:seq_len]
+
+
+def paged_attention(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # int32 [num_seqs, max_num_blocks]
+    seq_lens: list[int],  # context length of each sequence including its query tokens
+    query_lens: list[int],  # sum(query_lens) == num_tokens
+    scale: float,
+    tree_mask: torch.Tensor | None = None,  # bool [num_tokens, max_query_len], see AttentionMetadata
+) -> torch.Tensor:
+    """Causal attention of each sequence's query tokens over its paged context. Returns [num_tokens, num_heads, head_dim].
+
+    Handles decode (query_len 1), speculative verification (several tokens) and prefill of a suffix
+    on top of cached pages alike: query token j of sequence i sits at position seq_len - query_len + j.
+    GQA/MQA: query head h reads kv head h // (num_heads // num_kv_heads).
+    """
+    num_heads, num_kv_heads = query.shape[1], k_cache.shape[2]
+    assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)
+    assert sum(query_lens) == query.shape[0], (query_lens, query.shape)
+    if tree_mask is None and len(seq_lens) > 1 and all(q == 1 for q in query_lens):
+        return _decode_batched(query, k_cache, v_cache, block_tables, seq_lens, scale)
+    out = torch.empty_like(query)
+    start = 0
+    for i, (seq_len, q_len) in enumerate(zip(seq_lens, query_lens, strict=True)):
+        if q_len == 0:
+            continue
+        q = query[start : start + q_len].transpose(0, 1)  # [h, q, d]
+        k = gather_kv(k_cache, block_tables[i], seq_len).transpose(0, 1)  # [kvh, s, d]
+        v = gather_kv(v_cache, block_tables[i], seq_len).transpose(0, 1)
+        mask = _causal_mask(seq_len, q_len, query.device)
+        if tree_mask is not None:
+            mask[:, seq_len - q_len :] = tree_mask[start : start + q_len, :q_len]
+        o = F.scaled_dot_product_attention(
+            q.to(k.dtype), k, v, attn_mask=mask, scale=scale, enable_gqa=num_heads != num_kv_heads
+        )
+        out[start : start + q_len] = o.transpose(0, 1).to(out.dtype)
+        start += q_len
+    return out
+
+
+def _causal_mask(seq_len: int, q_len: int, device: torch.device) -> torch.Tensor:
+    # bool [q_len, seq_len]: query j (position seq_len - q_len + j) sees keys at positions <= its own.
+    q_pos = torch.arange(seq_len - q_len, seq_len, device=device)[:, None]
+    return torch.arange(seq_len, device=device)[None, :] <= q_pos
+
+
+def _decode_batched(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: list[int],
+    scale: float,
+) -> torch.Tensor:
+    # One query per sequence: gather all pages padded to the longest sequence and run one SDPA call,
+    # masking the padding, instead of a Python loop per sequence.
+    num_seqs, block_size = len(seq_lens), k_cache.shape[1]
+    max_blocks = (max(seq_lens) + block_size - 1) // block_size
+    table = block_tables[:num_seqs, :max_blocks].long()
+    k = k_cache[table].flatten(1, 2).transpose(1, 2)  # [b, kvh, max_blocks*bs, d]
+    v = v_cache[table].flatten(1, 2).transpose(1, 2)
+    lens = torch.tensor(seq_lens, device=query.device)
+    mask = torch.arange(k.shape[2], device=query.device)[None, :] < lens[:, None]  # [b, s]
+    q = query[:, :, None, :].to(k.dtype)  # [b, h, 1, d]
+    o = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=query.shape[1] != k.shape[1]
+    )
+    return o[:, :, 0, :].to(query.dtype)
