@@ -34,7 +34,9 @@ class RequestMetrics:
 
     @property
     def tokens_per_step(self) -> float:
-        return self.num_generated_tokens / self.num_decode_steps if self.num_decode_steps else 0.0
+        # The first token comes from prefill; every later one from a decode step (1 + accepted drafts).
+        n = self.num_generated_tokens - 1
+        return n / self.num_decode_steps if self.num_decode_steps and n > 0 else 0.0
 
     @property
     def decode_tokens_per_s(self) -> float:
