@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -43,6 +43,7 @@ class LLM:
         self._cv = threading.Condition()
         self._closed = False
         self._ids = itertools.count()
+        self._listeners: list[Callable[[StreamDelta], None]] = []
         self._thread = threading.Thread(target=self._loop, name="specdesk-engine", daemon=True)
         self._thread.start()
 
@@ -143,6 +144,11 @@ class LLM:
     def stats(self) -> EngineStats:
         return self.engine.stats()
 
+    def add_listener(self, fn: Callable[[StreamDelta], None]) -> None:
+        """Call fn(delta) for every delta of every request (metrics exporters). Runs on the engine
+        thread: it must be quick and must not raise."""
+        self._listeners.append(fn)
+
     def reset_prefix_cache(self) -> None:
         with self._cv:
             self._inbox.append(("reset", None))
@@ -183,6 +189,8 @@ class LLM:
             self.engine.block_manager.reset_prefix_cache()
 
     def _deliver(self, delta: StreamDelta) -> None:
+        for fn in self._listeners:
+            fn(delta)
         q = self._streams.get(delta.request_id)
         if q is not None:
             q.put(delta)
