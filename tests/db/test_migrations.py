@@ -1,0 +1,133 @@
+"""Schema upgrades: a newer app opens a file written by an older one without losing rows."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Connection, text
+
+from db import ChatRepository, MessageStatus, make_engine
+from db.migrations import (
+    MIGRATIONS,
+    Migration,
+    SchemaTooNewError,
+    current_version,
+    latest_version,
+    upgrade_schema,
+)
+from db.session import writer
+
+# The shape of a pre-versioning file: no schema_version, no feedback table, no customer_name / persona
+# on conversations, no error / metrics on messages, no index on updated_at.
+_LEGACY_DDL = """
+CREATE TABLE conversations (
+    id INTEGER PRIMARY KEY,
+    title VARCHAR(200) NOT NULL,
+    status VARCHAR(16) NOT NULL,
+    created_at DATETIME NOT NULL,
+    updated_at DATETIME NOT NULL
+);
+CREATE TABLE messages (
+    id INTEGER PRIMARY KEY,
+    conversation_id INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+    position INTEGER NOT NULL,
+    role VARCHAR(16) NOT NULL,
+    content TEXT NOT NULL,
+    status VARCHAR(16) NOT NULL,
+    created_at DATETIME NOT NULL,
+    UNIQUE (conversation_id, position)
+);
+INSERT INTO conversations VALUES (1, 'Old ticket', 'open', '2024-01-02 03:04:05', '2024-01-02 03:04:05');
+INSERT INTO messages VALUES (1, 1, 0, 'user', 'My router blinks red', 'complete', '2024-01-02 03:04:05');
+INSERT INTO messages VALUES (2, 1, 1, 'assistant', 'Please restart it.', 'complete', '2024-01-02 03:04:06');
+"""
+
+
+def _write_legacy_file(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with sqlite3.connect(path) as conn:
+        conn.executescript(_LEGACY_DDL)
+    conn.close()
+
+
+def _columns(path: Path, table: str) -> set[str]:
+    return {row[1] for row in sqlite3.connect(path).execute(f"PRAGMA table_info({table})")}
+
+
+def test_fresh_database_is_stamped_with_the_latest_version(db_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{db_path}")
+    assert current_version(engine) == latest_version(MIGRATIONS)
+
+
+def test_legacy_file_is_upgraded_in_place(db_path: Path) -> None:
+    _write_legacy_file(db_path)
+    engine = make_engine(f"sqlite:///{db_path}")
+
+    assert {"customer_name", "persona"} <= _columns(db_path, "conversations")
+    assert {"error", "metrics"} <= _columns(db_path, "messages")
+    indexes = {row[1] for row in sqlite3.connect(db_path).execute("PRAGMA index_list(conversations)")}
+    assert "ix_conversations_updated_at" in indexes
+    assert current_version(engine) == latest_version(MIGRATIONS)
+
+    repo = ChatRepository(engine)
+    old = repo.get_conversation(1)
+    assert old.title == "Old ticket"
+    assert (old.customer_name, old.persona) == ("", "general")  # server defaults filled old rows
+    assert [m.content for m in old.messages] == ["My router blinks red", "Please restart it."]
+    assert old.messages[0].metrics is None and old.messages[0].error is None
+    # New features work on old rows: feedback (new table), new messages continue the positions.
+    repo.set_feedback(2, 1, "solved it")
+    reply = repo.start_assistant_message(1)
+    assert reply.position == 2
+    repo.finish_assistant_message(reply.id, "Done", MessageStatus.COMPLETE, metrics={"ttft_s": 0.2})
+    assert repo.get_conversation(1).messages[1].feedback is not None
+    engine.dispose()
+
+
+def test_versioned_steps_run_in_order_exactly_once(db_path: Path) -> None:
+    _write_legacy_file(db_path)
+    engine = make_engine(f"sqlite:///{db_path}", create_schema=False)
+    calls: list[int] = []
+
+    def retitle(conn: Connection) -> None:
+        calls.append(2)
+        conn.execute(text("UPDATE conversations SET title = title || ' (migrated)'"))
+
+    def note(conn: Connection) -> None:
+        calls.append(3)
+
+    steps = (*MIGRATIONS, Migration(2, "retitle", retitle), Migration(3, "note", note))
+    assert upgrade_schema(writer(engine), steps) == 3
+    assert upgrade_schema(writer(engine), steps) == 3  # second start: nothing left to run
+    assert calls == [2, 3]
+    assert current_version(engine) == 3
+    assert ChatRepository(engine).get_conversation(1).title == "Old ticket (migrated)"
+    engine.dispose()
+
+
+def test_fresh_database_skips_versioned_steps(db_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{db_path}", create_schema=False)
+    calls: list[str] = []
+    steps = (*MIGRATIONS, Migration(2, "would fail on an empty db", lambda conn: calls.append("ran")))
+    assert upgrade_schema(writer(engine), steps) == 2
+    assert calls == []  # create_all already produced the current shape
+    engine.dispose()
+
+
+def test_database_from_a_newer_app_is_refused(db_path: Path) -> None:
+    make_engine(f"sqlite:///{db_path}").dispose()
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("UPDATE schema_version SET version = 99")
+    conn.close()
+    with pytest.raises(SchemaTooNewError, match="99"):
+        make_engine(f"sqlite:///{db_path}")
+
+
+def test_migration_versions_must_increase(db_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{db_path}", create_schema=False)
+    steps = (Migration(2, "b", lambda conn: None), Migration(1, "a", lambda conn: None))
+    with pytest.raises(AssertionError, match="strictly increase"):
+        upgrade_schema(engine, steps)
+    engine.dispose()
