@@ -1,0 +1,308 @@
+"""Triton kernels against their torch twins (kernels/reference.py) on fresh random inputs.
+
+On CUDA the kernels compile; without CUDA they run under the Triton interpreter (TRITON_INTERPRET=1,
+which must be set before the kernels are decorated, so this module sets it and (re)imports them).
+Outputs and every cache slot nobody writes are poisoned with NaN, so a kernel that skips an element
+or reads past a sequence fails. Shapes stay small: the interpreter runs each program in Python.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+_CUDA = torch.cuda.is_available()
+_PREV_INTERPRET = os.environ.get("TRITON_INTERPRET")
+if not _CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton", reason="triton is not installed; the Triton kernels are untestable")
+
+from kernels import ops, reference, triton_attention, triton_kv  # noqa: E402
+
+if not _CUDA:
+    # An earlier import without the interpreter would have built compiled kernels: rebuild them.
+    triton_kv = importlib.reload(triton_kv)
+    triton_attention = importlib.reload(triton_attention)
+    if _PREV_INTERPRET is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = _PREV_INTERPRET
+
+DEVICES = ["cuda"] if _CUDA else ["cpu"]
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+
+
+@pytest.fixture(autouse=True)
+def _interpret_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    # The launchers accept CPU tensors only while interpreting; keep the flag scoped to these tests.
+    if not _CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    yield
+
+
+def _blocks_needed(seq_len: int, page_size: int) -> int:
+    return -(-seq_len // page_size)
+
+
+def _make_batch(
+    seq_lens: list[int],
+    query_lens: list[int],
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    page_size: int,
+    dtype: torch.dtype,
+    device: str,
+    with_tree: bool = False,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Random query + paged caches holding exactly seq_len written positions per sequence.
+
+    Block 0 is never written (all NaN) and pads every block table; the other block ids are shuffled.
+    The query is a strided slice of a fused QKV tensor, as the model produces it.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    num_blocks = 1 + sum(_blocks_needed(s, page_size) for s in seq_lens) + 2
+    max_blocks = max([_blocks_needed(s, page_size) for s in seq_lens] + [1])
+    shape = (num_blocks, page_size, num_kv_heads, head_dim)
+    k_cache = torch.full(shape, math.nan, dtype=dtype)
+    v_cache = torch.full(shape, math.nan, dtype=dtype)
+    block_tables = torch.zeros(max(len(seq_lens), 1), max_blocks, dtype=torch.int32)
+    free = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()
+    for i, seq_len in enumerate(seq_lens):
+        pages = [free.pop() for _ in range(_blocks_needed(seq_len, page_size))]
+        block_tables[i, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
+        slots = torch.tensor([pages[p // page_size] * page_size + p % page_size for p in range(seq_len)])
+        kv = torch.randn(2, seq_len, num_kv_heads, head_dim, generator=gen).to(dtype)
+        reference.write_kv(kv[0], kv[1], k_cache, v_cache, slots)
+    num_tokens = sum(query_lens)
+    qkv = torch.randn(num_tokens, num_heads + 2 * num_kv_heads, head_dim, generator=gen).to(dtype)
+    tree_mask = None
+    if with_tree:
+        # Random trees: token j sees itself and a random subset of earlier new tokens.
+        tree_mask = torch.zeros(num_tokens, max(query_lens, default=1), dtype=torch.bool)
+        start = 0
+        for q_len in query_lens:
+            sub = torch.rand(q_len, q_len, generator=gen) < 0.5
+            tree_mask[start : start + q_len, :q_len] = sub.tril(-1) | torch.eye(q_len, dtype=torch.bool)
+            start += q_len
+        tree_mask = tree_mask.to(device)
+    return {
+        "query": qkv.to(device)[:, :num_heads],  # non-contiguous token stride
+        "k_cache": k_cache.to(device),
+        "v_cache": v_cache.to(device),
+        "block_tables": block_tables.to(device),
+        "seq_lens": seq_lens,
+        "query_lens": query_lens,
+        "scale": head_dim**-0.5,
+        "tree_mask": tree_mask,
+    }
+
+
+def _check_attention(batch: dict[str, Any], num_splits: int | None = None, pass_tensors: bool = True) -> None:
+    query = batch["query"]
+    out = torch.full_like(query, math.nan)
+    # The twin's batched decode reads whole pages and masks scores, so a NaN in an unwritten V slot
+    # would leak through 0 * NaN: give it a NaN-free copy. The kernel gets the poisoned caches.
+    clean = {name: batch[name].nan_to_num(0.0) for name in ("k_cache", "v_cache")}
+    expected = reference.paged_attention(**{**batch, **clean})
+    extra: dict[str, Any] = {}
+    if pass_tensors:
+        device = query.device
+        starts = [0]
+        for q_len in batch["query_lens"]:
+            starts.append(starts[-1] + q_len)
+        extra["seq_lens_t"] = torch.tensor(batch["seq_lens"], dtype=torch.int32, device=device)
+        extra["query_start_loc"] = torch.tensor(starts, dtype=torch.int32, device=device)
+    if num_splits is None:
+        result = ops.paged_attention(**batch, backend="triton", out=out, **extra)
+    else:
+        result = triton_attention.paged_attention(**batch, out=out, num_splits=num_splits, **extra)
+    assert result is out
+    tol = TOLERANCE[query.dtype]
+    torch.testing.assert_close(result.float(), expected.float(), atol=tol, rtol=tol)
+
+
+# (seq_lens, query_lens, page_size): decode, verification, prefill from scratch and on a cached prefix
+# whose length is no page multiple, mixed batches, a sequence of length 1, one with no query tokens.
+SHAPES = {
+    "decode": ([1, 17, 40, 33], [1, 1, 1, 1], 16),
+    "decode_one_seq_len_1": ([1], [1], 32),
+    "verify": ([20, 33, 9, 48], [4, 4, 1, 5], 32),
+    "prefill": ([37, 50], [37, 50], 16),
+    "prefill_on_prefix": ([36, 61], [13, 29], 32),
+    "mixed": ([1, 36, 50, 9, 5], [1, 13, 4, 9, 0], 16),
+}
+# (num_heads, num_kv_heads): MHA, GQA 3 and 8, MQA.
+HEADS = {"mha": (4, 4), "gqa3": (6, 2), "gqa8": (16, 2), "mqa": (4, 1)}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("heads", list(HEADS), ids=str)
+@pytest.mark.parametrize("shape", list(SHAPES), ids=str)
+def test_paged_attention_fp32(device: str, heads: str, shape: str) -> None:
+    seq_lens, query_lens, page_size = SHAPES[shape]
+    num_heads, num_kv_heads = HEADS[heads]
+    batch = _make_batch(seq_lens, query_lens, num_heads, num_kv_heads, 64, page_size, torch.float32, device)
+    _check_attention(batch)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("head_dim", [64, 128, 80])
+@pytest.mark.parametrize("page_size", [16, 32])
+def test_paged_attention_half(device: str, dtype: torch.dtype, head_dim: int, page_size: int) -> None:
+    seq_lens, query_lens, _ = SHAPES["mixed"]
+    batch = _make_batch(seq_lens, query_lens, 8, 2, head_dim, page_size, dtype, device, seed=head_dim)
+    _check_attention(batch)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("heads", ["mha", "gqa8", "mqa"], ids=str)
+def test_paged_attention_tree_mask(device: str, dtype: torch.dtype, heads: str) -> None:
+    num_heads, num_kv_heads = HEADS[heads]
+    batch = _make_batch(
+        [20, 33, 9, 48], [4, 6, 1, 5], num_heads, num_kv_heads, 64, 16, dtype, device, with_tree=True
+    )
+    _check_attention(batch)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("num_splits", [2, 3, 5])
+@pytest.mark.parametrize("shape", ["decode", "verify", "tree", "mixed"])
+def test_paged_attention_split_k(device: str, num_splits: int, shape: str) -> None:
+    # Split-K only triggers by itself on CUDA with long contexts; force it to test the merge, including
+    # splits that get no keys at all (5 splits over a 1-key sequence).
+    seq_lens, query_lens, _ = SHAPES["verify" if shape == "tree" else shape]
+    batch = _make_batch(seq_lens, query_lens, 8, 2, 64, 16, torch.float32, device, with_tree=shape == "tree")
+    _check_attention(batch, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_paged_attention_builds_missing_length_tensors(device: str) -> None:
+    seq_lens, query_lens, _ = SHAPES["verify"]
+    batch = _make_batch(seq_lens, query_lens, 4, 1, 64, 16, torch.float16, device, seed=3)
+    _check_attention(batch, pass_tensors=False)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_paged_attention_empty_batch(device: str) -> None:
+    batch = _make_batch([], [], 4, 2, 64, 16, torch.float32, device)
+    result = ops.paged_attention(**batch, backend="triton")
+    assert result.shape == (0, 4, 64)
+
+
+@pytest.mark.skipif(
+    not _CUDA, reason="long contexts are too slow for the interpreter; auto split-K is CUDA-only"
+)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_paged_attention_long_context_auto_split(dtype: torch.dtype) -> None:
+    batch = _make_batch([4099, 1500], [1, 1], 32, 8, 128, 16, dtype, "cuda")
+    _check_attention(batch)
+    batch = _make_batch([3000], [7], 32, 8, 128, 32, dtype, "cuda", with_tree=True)
+    _check_attention(batch)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_paged_attention_rejects_bad_inputs(device: str) -> None:
+    batch = _make_batch([5], [1], 4, 2, 64, 16, torch.float32, device)
+    with pytest.raises(AssertionError, match="int64"):
+        triton_attention.paged_attention(**{**batch, "block_tables": batch["block_tables"].long()})
+    with pytest.raises(AssertionError, match="must be contiguous in head_dim"):
+        strided = batch["query"].repeat_interleave(2, dim=-1)[..., ::2]  # right shape, head_dim stride 2
+        triton_attention.paged_attention(**{**batch, "query": strided})
+    with pytest.raises(AssertionError, match=r"\[2, 2\]"):
+        triton_attention.paged_attention(**{**batch, "query_lens": [2, 2]})
+
+
+# ---------------------------------------------------------------- write_kv
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    ("key_dtype", "cache_dtype"),
+    [
+        (torch.float32, torch.float32),
+        (torch.float16, torch.float16),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float32, torch.float16),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize(("num_kv_heads", "head_dim", "page_size"), [(1, 64, 16), (3, 80, 32), (8, 128, 16)])
+def test_write_kv(
+    device: str,
+    key_dtype: torch.dtype,
+    cache_dtype: torch.dtype,
+    num_kv_heads: int,
+    head_dim: int,
+    page_size: int,
+) -> None:
+    num_blocks, num_tokens = 6, 37
+    shape = (num_blocks, page_size, num_kv_heads, head_dim)
+    k_cache = torch.full(shape, math.nan, dtype=cache_dtype, device=device)
+    v_cache = torch.full(shape, math.nan, dtype=cache_dtype, device=device)
+    slots = torch.randperm(num_blocks * page_size)[:num_tokens].to(device)  # scattered over shuffled pages
+    # key/value as strided slices of a fused projection, the way the model hands them over.
+    kv = torch.randn(num_tokens, 3 * num_kv_heads, head_dim, device=device).to(key_dtype)
+    key, value = kv[:, num_kv_heads : 2 * num_kv_heads], kv[:, 2 * num_kv_heads :]
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    reference.write_kv(key, value, expected_k, expected_v, slots)
+
+    ops.write_kv(key, value, k_cache, v_cache, slots, backend="triton")
+    torch.testing.assert_close(k_cache, expected_k, atol=0, rtol=0, equal_nan=True)
+    torch.testing.assert_close(v_cache, expected_v, atol=0, rtol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_write_kv_skips_negative_slots_and_empty(device: str) -> None:
+    k_cache = torch.full((2, 16, 2, 64), math.nan, device=device)
+    v_cache = torch.full_like(k_cache, math.nan)
+    key = torch.randn(3, 2, 64, device=device)
+    triton_kv.write_kv(key, key, k_cache, v_cache, torch.tensor([5, -1, 20], device=device))
+    assert torch.equal(k_cache.view(-1, 2, 64)[5], key[0]) and torch.equal(
+        v_cache.view(-1, 2, 64)[20], key[2]
+    )
+    assert int(torch.isnan(k_cache).any(dim=(2, 3)).sum()) == 30  # the 30 other slots stay untouched
+    triton_kv.write_kv(key[:0], key[:0], k_cache, v_cache, torch.empty(0, dtype=torch.int64, device=device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_write_kv_rejects_bad_inputs(device: str) -> None:
+    k_cache = torch.zeros(2, 16, 2, 64, device=device)
+    key = torch.randn(3, 2, 64, device=device)
+    with pytest.raises(AssertionError, match=r"torch\.Size\(\[2\]\)"):
+        triton_kv.write_kv(
+            key, key, k_cache, k_cache.clone(), torch.zeros(2, dtype=torch.int64, device=device)
+        )
+    with pytest.raises(AssertionError, match="float64"):
+        triton_kv.write_kv(
+            key.double(), key.double(), k_cache, k_cache.clone(), torch.zeros(3, dtype=torch.int64)
+        )
+
+
+# ---------------------------------------------------------------- dispatch
+
+
+def test_resolve_backend() -> None:
+    assert ops.resolve_backend("torch", "cpu") == "torch"
+    assert ops.resolve_backend("auto", "cpu") == "torch"
+    with pytest.raises(ValueError, match="'cuda-graphs'"):
+        ops.resolve_backend("cuda-graphs", "cpu")
+    with pytest.raises(ValueError, match="'tritn'"):
+        ops.write_kv(*([torch.zeros(1)] * 5), backend="tritn")  # type: ignore[arg-type]
+
+
+def test_torch_backend_matches_reference_and_fills_out() -> None:
+    batch = _make_batch([9, 20], [3, 1], 4, 2, 64, 16, torch.float32, "cpu")
+    out = torch.full_like(batch["query"], math.nan)
+    result = ops.paged_attention(**batch, backend="torch", out=out)
+    assert result is out
+    torch.testing.assert_close(out, reference.paged_attention(**batch), atol=0, rtol=0)
