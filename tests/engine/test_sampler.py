@@ -1,0 +1,169 @@
+"""Sampler: greedy = argmax, filters = HF warpers, seeded rows reproducible alone, draws follow the target."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.generation.logits_process import (
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from engine.sampler import filter_logits, make_generator, probs_from_logits, sample, sample_from_probs
+from engine.sampling_params import SamplingParams
+
+GREEDY = SamplingParams()
+
+
+def hf_filter(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """What HF `generate` does to one row's scores, in its order: temperature, top-k, top-p."""
+    scores = logits.unsqueeze(0)
+    scores = TemperatureLogitsWarper(p.temperature)(None, scores)
+    if p.top_k:
+        scores = TopKLogitsWarper(p.top_k)(None, scores)
+    if p.top_p < 1.0:
+        scores = TopPLogitsWarper(p.top_p)(None, scores)
+    return scores[0]
+
+
+def test_greedy_is_first_argmax() -> None:
+    logits = torch.randn(5, 37)
+    logits[2, 4] = logits[2, 30] = logits[2].max() + 1.0  # a tie: the first index wins, like HF
+    out = sample(logits, [GREEDY] * 5, [None] * 5)
+    assert out.dtype == torch.int64
+    assert out.tolist() == logits.argmax(dim=-1).tolist()
+    assert out[2].item() == 4
+
+
+def test_greedy_rows_ignore_generators_and_mixed_batches() -> None:
+    logits = torch.randn(4, 50)
+    params = [GREEDY, SamplingParams(temperature=1.0, seed=1), GREEDY, SamplingParams(temperature=0.5)]
+    gens = [make_generator(7, "cpu"), make_generator(1, "cpu"), None, None]
+    out = sample(logits, params, gens)
+    assert out[0].item() == logits[0].argmax().item()
+    assert out[2].item() == logits[2].argmax().item()
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0.7),
+        SamplingParams(temperature=1.3, top_k=5),
+        SamplingParams(temperature=1.0, top_p=0.9),
+        SamplingParams(temperature=0.8, top_k=20, top_p=0.6),
+        SamplingParams(temperature=2.0, top_k=1),
+        SamplingParams(temperature=1.0, top_p=0.01),
+        SamplingParams(temperature=1.0, top_k=500),  # k larger than the vocabulary keeps everything
+    ],
+)
+def test_filter_matches_transformers_warpers(params: SamplingParams) -> None:
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 64, generator=gen) * 3
+    mine = filter_logits(logits, [params] * 6)
+    for row in range(6):
+        expected = hf_filter(logits[row], params)
+        assert torch.equal(torch.isinf(mine[row]), torch.isinf(expected)), row
+        assert torch.equal(mine[row], expected), row
+
+
+def test_filter_mixed_rows_match_transformers_row_by_row() -> None:
+    # One vectorized call over rows with different settings must equal HF applied to each row alone.
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(5, 100, generator=gen) * 2
+    params = [
+        SamplingParams(temperature=1.0),
+        SamplingParams(temperature=0.5, top_k=10),
+        SamplingParams(temperature=1.5, top_p=0.7),
+        SamplingParams(temperature=0.9, top_k=3, top_p=0.95),
+        SamplingParams(temperature=1.1, top_k=0, top_p=0.5),
+    ]
+    mine = filter_logits(logits, params)
+    for row, p in enumerate(params):
+        assert torch.equal(mine[row], hf_filter(logits[row], p)), row
+
+
+def test_probs_from_logits_greedy_one_hot_and_sampled_softmax() -> None:
+    logits = torch.randn(3, 40)
+    params = [GREEDY, SamplingParams(temperature=0.8, top_k=7), SamplingParams(temperature=1.2, top_p=0.8)]
+    probs = probs_from_logits(logits, params)
+    assert probs.shape == (3, 40) and probs.dtype == torch.float32
+    assert probs[0].sum().item() == 1.0 and probs[0, logits[0].argmax()].item() == 1.0
+    for row in (1, 2):
+        torch.testing.assert_close(probs[row], hf_filter(logits[row], params[row]).softmax(-1))
+    assert (probs[1] > 0).sum().item() == 7
+
+
+def test_seeded_row_is_reproducible_whatever_the_batch() -> None:
+    vocab = 300
+    seeded = SamplingParams(temperature=1.0, top_p=0.95, seed=1234)
+    steps = [torch.randn(1, vocab) for _ in range(6)]
+
+    gen = make_generator(seeded.seed, "cpu")
+    alone = [sample(step, [seeded], [gen]).item() for step in steps]
+
+    # Same row at position 2 of a batch with greedy, unseeded and differently seeded neighbours.
+    others = [GREEDY, SamplingParams(temperature=0.7), SamplingParams(temperature=1.0, top_k=4, seed=99)]
+    gens = [None, None, make_generator(seeded.seed, "cpu"), make_generator(99, "cpu")]
+    batched = []
+    for step in steps:
+        logits = torch.cat([torch.randn(2, vocab), step, torch.randn(1, vocab)])
+        batched.append(sample(logits, [others[0], others[1], seeded, others[2]], gens)[2].item())
+    assert batched == alone
+
+    again = make_generator(seeded.seed, "cpu")
+    assert [sample(step, [seeded], [again]).item() for step in steps] == alone
+
+
+def test_different_seeds_give_different_streams() -> None:
+    logits = torch.zeros(1, 1000)  # uniform: two seeds agreeing 8 times is (1/1000)^8
+    params = [SamplingParams(temperature=1.0)]
+    gen_a, gen_b = make_generator(1, "cpu"), make_generator(2, "cpu")
+    draws_a = [sample(logits, params, [gen_a]).item() for _ in range(8)]
+    draws_b = [sample(logits, params, [gen_b]).item() for _ in range(8)]
+    assert draws_a != draws_b
+
+
+def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs * counts.sum()
+    keep = expected > 0
+    return float((((counts - expected) ** 2)[keep] / expected[keep]).sum())
+
+
+# chi-square critical values at p = 0.001 by degrees of freedom (fixed seeds make the tests deterministic)
+CHI2_999 = {3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32}
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0.7),
+        SamplingParams(temperature=1.5, top_k=5),
+        SamplingParams(temperature=1.0, top_p=0.8),
+    ],
+)
+def test_draws_follow_the_target_distribution(params: SamplingParams) -> None:
+    torch.manual_seed(0)
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -0.5, -1.0, 1.5, 0.2]])
+    target = probs_from_logits(logits, [params])[0]
+    num_draws = 20_000
+    draws = sample(logits.expand(num_draws, -1), [params] * num_draws, [None] * num_draws)
+    counts = torch.bincount(draws, minlength=8).float()
+    assert counts[target == 0].sum().item() == 0, "sampled a filtered-out token"
+    df = int((target > 0).sum().item()) - 1
+    assert chi_square(counts, target) < CHI2_999[df], (counts, target)
+
+
+def test_seeded_draws_follow_softmax_over_temperature() -> None:
+    # The per-row generator path: every row has its own seed.
+    logits = torch.tensor([0.3, -1.0, 1.2, 0.0, 0.8])
+    probs = torch.softmax(logits / 0.9, dim=-1).expand(8000, -1).contiguous()
+    gens = [make_generator(seed, "cpu") for seed in range(8000)]
+    counts = torch.bincount(sample_from_probs(probs, gens), minlength=5).float()
+    assert chi_square(counts, probs[0]) < CHI2_999[4], counts
+
+
+def test_make_generator_none_without_seed() -> None:
+    assert make_generator(None, "cpu") is None
+    gen = make_generator(5, torch.device("cpu"))
+    assert isinstance(gen, torch.Generator) and gen.initial_seed() == 5
