@@ -18,9 +18,10 @@ import torch
 
 from engine.config import EngineConfig
 from engine.llm_engine import EngineStats, LLMEngine
-from engine.models.loader import load_model
+from engine.models.loader import load_model, resolve_device
 from engine.outputs import RequestMetrics, RequestOutput, StreamDelta
 from engine.sampling_params import SamplingParams
+from kernels.ops import resolve_backend
 
 Prompt = str | list[int] | list[dict[str, Any]]
 
@@ -34,7 +35,9 @@ class LLM:
             torch.set_num_threads(self.config.num_threads)
         self.loaded = load_model(
             self.config.model, dtype=self.config.dtype, device=self.config.device,
-            attention_backend=self.config.attention_backend,
+            attention_backend=resolve_backend(self.config.attention_backend, resolve_device(self.config.device)),
+            max_model_len=self.config.max_model_len, tokenizer=self.config.tokenizer,
+            trust_remote_code=self.config.trust_remote_code,
         )  # fmt: skip
         self.tokenizer = self.loaded.tokenizer
         self.engine = LLMEngine(self.config, self.loaded)

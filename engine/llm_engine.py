@@ -140,9 +140,18 @@ class LLMEngine:
     def _text_delta(self, seq: Sequence, kept: list[int]) -> StreamDelta:
         detok = self.detokenizers[seq.request_id]
         text = detok.add(kept)
-        if detok.stopped_by is not None and not seq.is_finished:
-            # A stop string ended the text: drop the tokens after it and finish now.
-            self.scheduler.finish(seq, FinishReason.STOP)
+        if detok.stopped_by is not None:
+            # A stop string ended the text: drop the ids after the one that completed it, and finish.
+            n = detok.num_tokens_before_stop
+            assert n is not None, seq.request_id
+            if n < len(kept):
+                del seq.token_ids[n - len(kept) :]
+                kept = kept[:n]
+                seq.metrics.num_generated_tokens = seq.num_output_tokens
+            if seq.is_finished:
+                seq.finish_reason = FinishReason.STOP
+            else:
+                self.scheduler.finish(seq, FinishReason.STOP)
         if seq.is_finished:
             if detok.stopped_by is None:
                 text += detok.flush()

@@ -1,0 +1,163 @@
+"""`python -m engine.bench`: SpecDesk against its baselines, side by side in one process.
+
+Every pair is measured in the same run with the same dtype and thread count; only ratios are claimed.
+Conversations come from prompts/eval (never used to train the speculator).
+
+    python -m engine.bench                      # default model, bf16, 2 threads
+    python -m engine.bench --dtype float32 --max-tokens 64 --out bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.llm import LLM
+from engine.sampling_params import SamplingParams
+
+
+@dataclass
+class Row:
+    name: str
+    specdesk: float
+    baseline: float | None
+    baseline_name: str
+    unit: str
+    target: str = ""
+
+    @property
+    def ratio(self) -> float | None:
+        if self.baseline is None or self.baseline == 0:
+            return None
+        # For latencies lower is better, so the ratio is baseline / ours either way ("x better").
+        return self.baseline / self.specdesk if self.unit == "s" else self.specdesk / self.baseline
+
+
+def _eval_conversations() -> list[list[dict[str, str]]]:
+    from prompts.loader import load_conversations
+
+    return load_conversations("eval")
+
+
+def _first_user_turns(convs: list[list[dict[str, str]]], n: int) -> list[list[dict[str, str]]]:
+    out = []
+    for conv in convs:
+        head = [m for m in conv if m["role"] == "system"]
+        user = next(m for m in conv if m["role"] == "user")
+        out.append([*head, user])
+    return (out * (n // max(len(out), 1) + 1))[:n]
+
+
+def single_stream(llm: LLM, hf: Any, prompts: list[list[int]], max_tokens: int) -> list[Row]:
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, speculate=False)
+    ours, theirs = [], []
+    for ids in prompts:
+        out = llm.generate([ids], params)[0]
+        ours.append(out.metrics.decode_tokens_per_s)
+        theirs.append(hf.decode_tokens_per_s(ids, max_tokens))
+    mean = sum(ours) / len(ours)
+    base = sum(theirs) / len(theirs)
+    return [Row("single-stream decode", mean, base, "transformers generate", "tok/s", ">= 1.5x")]
+
+
+def turn5_ttft(llm: LLM, convs: list[list[dict[str, str]]], max_tokens: int) -> list[Row]:
+    """Play turns 1-4 of long conversations through the engine, then time turn 5 warm and cold."""
+    warm, cold = [], []
+    params = SamplingParams(max_tokens=max_tokens)
+    for conv in [c for c in convs if sum(m["role"] == "user" for m in c) >= 5][:3]:
+        history: list[dict[str, str]] = [m for m in conv if m["role"] == "system"]
+        users = [m for m in conv if m["role"] == "user"]
+        for user in users[:4]:
+            history.append(user)
+            out = llm.generate([history], params)[0]
+            history.append({"role": "assistant", "content": out.text})
+        history.append(users[4])
+        ids = llm.encode(history)
+        warm.append(_ttft(llm, ids))
+        cold.append(_ttft(llm, ids, cache_salt=f"cold-{time.perf_counter()}"))  # a fresh salt shares nothing
+    if not warm:
+        return []
+    w, c = sum(warm) / len(warm), sum(cold) / len(cold)
+    return [Row("turn-5 time to first token", w, c, "same engine, no prefix reuse", "s", ">= 5x lower")]
+
+
+def _ttft(llm: LLM, ids: list[int], cache_salt: str | None = None) -> float:
+    params = SamplingParams(max_tokens=1)
+    start = time.perf_counter()
+    for _ in llm.stream(ids, params, cache_salt=cache_salt):
+        pass
+    return time.perf_counter() - start
+
+
+def concurrent(llm: LLM, hf: Any, prompts: list[list[int]], max_tokens: int) -> list[Row]:
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, speculate=False)
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    ours = sum(len(o.token_ids) for o in outs) / (time.perf_counter() - start)
+    one_by_one = len(prompts) * max_tokens / sum(hf.generate(ids, max_tokens) for ids in prompts)
+    rows = [Row(f"{len(prompts)} concurrent conversations", ours, one_by_one, "transformers one by one",
+                "tok/s", ">= 6x")]  # fmt: skip
+    batch = hf.generate_batch_tokens_per_s(prompts, max_tokens)
+    if batch is not None:
+        rows.append(Row(f"{len(prompts)} concurrent conversations", ours, batch,
+                        "transformers generate_batch", "tok/s"))  # fmt: skip
+    return rows
+
+
+def print_table(rows: list[Row], header: str) -> str:
+    lines = [header, "", "| measurement | SpecDesk | baseline | baseline value | ratio | target |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        base = "n/a" if r.baseline is None else f"{r.baseline:.3f} {r.unit}"
+        ratio = "n/a" if r.ratio is None else f"{r.ratio:.2f}x"
+        lines.append(f"| {r.name} | {r.specdesk:.3f} {r.unit} | {r.baseline_name} | {base} | {ratio} | {r.target} |")
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="path or hub id (default: built-in SmolLM2-135M-Instruct)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--num-prompts", type=int, default=3, help="single-stream prompts")
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--out", default="bench_engine.json")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from engine.models.default_model import default_model_path
+    from engine.bench_baselines import TransformersBaseline
+
+    path = args.model or str(default_model_path())
+    llm = LLM(model=path, dtype=args.dtype, device="cpu", num_threads=args.threads, speculator=None)
+    hf = TransformersBaseline(path, getattr(torch, args.dtype))
+    convs = _eval_conversations()
+    prompts = [llm.encode(m) for m in _first_user_turns(convs, args.concurrency)]
+    llm.generate(prompts[:2], SamplingParams(max_tokens=8))  # warm-up both engines
+    hf.generate(prompts[0], 8)
+
+    rows: list[Row] = []
+    rows += single_stream(llm, hf, prompts[: args.num_prompts], args.max_tokens)
+    rows += turn5_ttft(llm, convs, max_tokens=48)
+    rows += concurrent(llm, hf, prompts[: args.concurrency], args.max_tokens)
+    header = (f"engine.bench: {Path(path).name}, {args.dtype}, {args.threads} threads, "
+              f"{args.max_tokens} new tokens, torch {torch.__version__}")  # fmt: skip
+    table = print_table(rows, header)
+    result = {"args": vars(args), "table": table,
+              "rows": [{**r.__dict__, "ratio": r.ratio} for r in rows]}  # fmt: skip
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+    llm.shutdown()
+
+
+if __name__ == "__main__":
+    main()
