@@ -1,0 +1,64 @@
+"""IBM's candidate generation: a beam over the speculator's heads, keeping the best whole paths.
+
+At head i every branch keeps its top k_i tokens, so after n_predict heads there are prod(k_i) leaves
+(5 * 4 * 3 = 60 for IBM's [5, 4, 3]). A leaf's score is the sum of its tokens' log-probabilities,
+
+    score(path) = sum_i log softmax(head_i(s_i))[t_i],
+
+and the n_candidates best leaves are kept. Each head's input token is the branch's own previous guess
+(head 0 reads the base model's last token), and its state is the branch parent's state.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from engine.speculators.mlp import MLPSpeculator
+
+
+@torch.no_grad()
+def propose(
+    speculator: MLPSpeculator,
+    hidden: torch.Tensor,
+    last_tokens: torch.Tensor,
+    top_k_per_head: list[int] | None = None,
+    n_candidates: int | None = None,
+    num_heads: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best candidate paths for a batch of sequences.
+
+    hidden [b, emb_dim]: the base hidden state (after the final norm) that produced last_tokens [b].
+    top_k_per_head / n_candidates default to the speculator config; num_heads (<= n_predict) truncates
+    the paths (adaptive speculation length).
+    Returns (tokens int64 [b, n, num_heads], scores float32 [b, n]) with n = min(n_candidates, leaves),
+    best path first (scores descending).
+    """
+    config = speculator.config
+    num_heads = num_heads or speculator.n_predict
+    assert 1 <= num_heads <= speculator.n_predict, (num_heads, speculator.n_predict)
+    top_k = list(top_k_per_head or config.top_k_tokens_per_head)[:num_heads]
+    assert len(top_k) == num_heads, (top_k, num_heads)
+    n = min(n_candidates or config.n_candidates, math.prod(top_k))
+    b = hidden.shape[0]
+    assert last_tokens.shape == (b,), (last_tokens.shape, b)
+
+    state = speculator.scale(hidden)[:, None, :]  # [b, branches=1, d]
+    prev = last_tokens[:, None].long()  # [b, branches]
+    paths = torch.empty(b, 1, 0, dtype=torch.long, device=hidden.device)  # [b, branches, depth]
+    scores = torch.zeros(b, 1, device=hidden.device)  # [b, branches], float32 sums
+    for i, k in enumerate(top_k):
+        state = speculator.step(i, state, prev)  # [b, branches, d]
+        logp = F.log_softmax(speculator.logits(i, state).float(), dim=-1)  # [b, branches, vocab]
+        top_logp, top_ids = logp.topk(k, dim=-1)  # [b, branches, k]
+        # Each branch splits into k children: branch-major order keeps the tree readable.
+        width = paths.shape[1] * k
+        paths = torch.cat([paths[:, :, None, :].expand(-1, -1, k, -1), top_ids[..., None]], dim=-1)
+        paths = paths.reshape(b, width, i + 1)
+        scores = (scores[:, :, None] + top_logp).reshape(b, width)
+        state = state[:, :, None, :].expand(-1, -1, k, -1).reshape(b, width, -1)
+        prev = top_ids.reshape(b, width)
+    best_scores, best = scores.topk(n, dim=1)  # sorted: best first
+    return paths.gather(1, best[:, :, None].expand(-1, -1, num_heads)), best_scores
