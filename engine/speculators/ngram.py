@@ -1,0 +1,120 @@
+"""Training-free speculation: continue the longest recent suffix that was seen before (prompt lookup).
+
+Support answers repeat themselves, within a conversation (order numbers, the customer's own words) and
+across conversations (greetings, policies, sign-offs). For the last n tokens of a sequence (n from max_n
+down to min_n) we look up where that n-gram occurred before and propose the k tokens that followed it,
+first in the sequence itself, then in a bounded store of earlier assistant replies.
+
+Both lookups are dict hits, not scans: an index maps each n-gram to the end of its latest occurrence
+that has a continuation. A sequence's index grows by max_n - min_n + 1 entries per new token, so a
+proposal costs O(max_n + k) and keeping it current O(new tokens * max_n).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+NGram = tuple[int, ...]
+
+
+@dataclass
+class _SequenceIndex:
+    """n-gram -> end of its latest occurrence (exclusive) with at least one token after it."""
+
+    tokens: list[int] = field(default_factory=list)
+    ends: dict[NGram, int] = field(default_factory=dict)
+
+
+class NgramSpeculator:
+    """Suffix lookup over the current sequence and the last `max_replies` assistant replies.
+
+    propose(request_id, token_ids, k) is called every step with the request's full token list (prompt +
+    output); the per-request index is updated incrementally and dropped by `release(request_id)`.
+    `observe_reply(token_ids)` adds a finished reply to the shared store (the oldest reply is evicted).
+    """
+
+    def __init__(self, max_n: int = 4, min_n: int = 2, max_replies: int = 256, max_reply_tokens: int = 1024):
+        if not 1 <= min_n <= max_n:
+            raise ValueError(f"need 1 <= min_n <= max_n, got min_n={min_n}, max_n={max_n}")
+        self.max_n, self.min_n = max_n, min_n
+        self.max_replies, self.max_reply_tokens = max_replies, max_reply_tokens
+        self._sequences: dict[str, _SequenceIndex] = {}
+        # Reply store: reply id -> tokens (insertion order = age), and n-gram -> (reply id, end).
+        self._replies: OrderedDict[int, list[int]] = OrderedDict()
+        self._reply_ends: dict[NGram, tuple[int, int]] = {}
+        self._next_reply_id = 0
+
+    # ---- proposals ----------------------------------------------------------------------------------
+    def propose(self, request_id: str, token_ids: Sequence[int], k: int) -> list[int]:
+        """Up to k tokens that followed the longest matching suffix before; [] when nothing matches."""
+        if k <= 0:
+            return []
+        index = self._sync(request_id, token_ids)
+        tokens = index.tokens
+        for n in range(min(self.max_n, len(tokens)), self.min_n - 1, -1):
+            suffix = tuple(tokens[-n:])
+            # The sequence itself first: its own numbers and phrases are the likeliest to come back.
+            end = index.ends.get(suffix)
+            own = tokens[end : end + k] if end is not None else []
+            if len(own) == k:
+                return own
+            hit = self._reply_ends.get(suffix)
+            other = self._replies[hit[0]][hit[1] : hit[1] + k] if hit is not None else []
+            best = own if len(own) >= len(other) else other
+            if best:
+                return best
+        return []
+
+    def release(self, request_id: str) -> None:
+        """Forget a request's index (finished, aborted or preempted)."""
+        self._sequences.pop(request_id, None)
+
+    # ---- the reply store ----------------------------------------------------------------------------
+    def observe_reply(self, token_ids: Sequence[int]) -> None:
+        """Remember a finished assistant reply (its first max_reply_tokens tokens)."""
+        tokens = [int(t) for t in token_ids[: self.max_reply_tokens]]
+        if len(tokens) <= self.min_n:
+            return
+        reply_id = self._next_reply_id
+        self._next_reply_id += 1
+        self._replies[reply_id] = tokens
+        for end in range(self.min_n, len(tokens)):  # n-grams that have a continuation token
+            for n in range(self.min_n, min(self.max_n, end) + 1):
+                self._reply_ends[tuple(tokens[end - n : end])] = (reply_id, end)
+        while len(self._replies) > self.max_replies:
+            self._evict_oldest()
+
+    @property
+    def num_replies(self) -> int:
+        return len(self._replies)
+
+    @property
+    def num_reply_ngrams(self) -> int:
+        return len(self._reply_ends)
+
+    def _evict_oldest(self) -> None:
+        reply_id, tokens = self._replies.popitem(last=False)
+        for end in range(self.min_n, len(tokens)):
+            for n in range(self.min_n, min(self.max_n, end) + 1):
+                key = tuple(tokens[end - n : end])
+                if self._reply_ends.get(key, (None, 0))[0] == reply_id:
+                    # A later reply would have overwritten the entry; this one is the only place left.
+                    del self._reply_ends[key]
+
+    # ---- the per-request index ----------------------------------------------------------------------
+    def _sync(self, request_id: str, token_ids: Sequence[int]) -> _SequenceIndex:
+        index = self._sequences.get(request_id)
+        old = 0 if index is None else len(index.tokens)
+        # Tokens only ever get appended; anything else (a reused id, a recompute) rebuilds the index.
+        if index is None or old > len(token_ids) or (old and index.tokens[old - 1] != token_ids[old - 1]):
+            index = self._sequences[request_id] = _SequenceIndex()
+            old = 0
+        tokens = index.tokens
+        tokens.extend(int(t) for t in token_ids[old:])
+        # A new token at position e gives the n-grams ending at e their continuation: index them now.
+        for end in range(max(old, self.min_n), len(tokens)):
+            for n in range(self.min_n, min(self.max_n, end) + 1):
+                index.ends[tuple(tokens[end - n : end])] = end
+        return index

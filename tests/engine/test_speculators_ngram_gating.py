@@ -1,0 +1,81 @@
+"""The training-free n-gram speculator and the speculation policy. Pure Python, no model."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from engine.speculators.gating import GatingConfig, SpeculationPolicy, best_num_tokens, expected_tokens
+from engine.speculators.ngram import NgramSpeculator
+
+
+def test_continues_the_longest_earlier_suffix_in_the_sequence() -> None:
+    ng = NgramSpeculator(max_n=4, min_n=2)
+    seq = [1, 2, 3, 4, 5, 6, 9, 9, 2, 3, 4]
+    # Suffix [2, 3, 4] occurred at positions 1..3, followed by 5, 6, 9.
+    assert ng.propose("r", seq, 3) == [5, 6, 9]
+    assert ng.propose("r", seq, 1) == [5]
+    # The index grows with the sequence; the latest occurrence wins.
+    seq += [7, 7, 2, 3, 4]
+    assert ng.propose("r", seq, 2) == [7, 7]
+    assert ng.propose("r", [8, 8, 8, 1], 3) == []  # a different token list under the same id: rebuilt
+    assert ng.propose("fresh", [1, 2], 3) == []  # nothing seen before
+
+
+def test_longer_suffix_beats_a_more_recent_shorter_one() -> None:
+    ng = NgramSpeculator(max_n=3, min_n=2)
+    seq = [1, 2, 3, 10, 11, 5, 2, 3, 20, 21, 1, 2, 3]
+    assert ng.propose("r", seq, 2) == [10, 11]  # [1, 2, 3] beats the later [2, 3] -> 20
+
+
+def test_replies_store_is_used_across_conversations_and_bounded() -> None:
+    ng = NgramSpeculator(max_n=3, min_n=2, max_replies=2)
+    ng.observe_reply([50, 51, 52, 53, 54, 55])
+    assert ng.propose("other", [7, 8, 51, 52], 3) == [53, 54, 55]
+    ng.observe_reply([60, 61, 62, 63])
+    ng.observe_reply([70, 71, 72, 73])  # evicts the first reply and its n-grams
+    assert ng.num_replies == 2
+    assert ng.propose("other2", [7, 8, 51, 52], 3) == []
+    assert ng.propose("other3", [1, 61, 62], 2) == [63]
+    assert ng.num_reply_ngrams == 2 * 3  # per reply: 2 bigrams + 1 trigram that have a continuation
+    # Own-sequence continuation of full length is preferred to the store.
+    ng.observe_reply([1, 2, 90, 91, 92])
+    assert ng.propose("x", [1, 2, 5, 6, 7, 1, 2], 3) == [5, 6, 7]
+    ng.release("x")
+
+
+def test_proposals_do_not_scan_the_sequence() -> None:
+    ng = NgramSpeculator()
+    seq = [i % 1000 for i in range(20000)]
+    ng.propose("long", seq, 4)  # builds the index once
+    start = time.perf_counter()
+    for _ in range(2000):
+        seq.append(seq[-1000])  # the text keeps repeating itself
+        assert ng.propose("long", seq, 4) == seq[-1000:-996]
+    assert time.perf_counter() - start < 1.0  # O(k + max_n) each, whatever the length
+
+
+def test_expected_tokens_and_best_length() -> None:
+    assert expected_tokens(0.5, 0) == 1 and expected_tokens(0.5, 2) == pytest.approx(1.75)
+    assert best_num_tokens(0.9, 4, 0.05) == 4
+    assert best_num_tokens(0.02, 4, 0.05) == 0  # drafts that never land are not worth their cost
+    assert best_num_tokens(0.3, 4, 0.2) == 1
+
+
+def test_policy_thresholds_and_adaptive_length() -> None:
+    policy = SpeculationPolicy(GatingConfig(max_tokens=3, probe_interval=4))
+    assert policy.should_speculate(1, 0.1) and policy.should_speculate(16, 0.75)
+    assert not policy.should_speculate(17, 0.1) and not policy.should_speculate(4, 0.8)
+    assert policy.num_candidates(1) == 5 and policy.num_candidates(16) == 1
+    assert policy.num_tokens("a") == 3  # optimistic prior
+    for _ in range(30):
+        policy.record("a", 3, 0)  # nothing ever accepted
+    assert policy.acceptance_rate("a") < 0.05
+    decisions = [policy.num_tokens("a") for _ in range(8)]
+    assert decisions == [0, 0, 0, 1, 0, 0, 0, 1]  # off, with a probe every 4th step
+    for _ in range(30):
+        policy.record("a", 3, 3)
+    assert policy.acceptance_rate("a") > 0.9 and policy.num_tokens("a") == 3
+    policy.release("a")
+    assert policy.acceptance_rate("a") == GatingConfig().prior_alpha
