@@ -7,7 +7,7 @@ import threading
 from db import ChatRepository, MessageStatus, Role
 
 NUM_THREADS = 8
-NUM_TURNS = 15
+NUM_TURNS = 10
 
 
 def test_concurrent_writers_share_a_conversation_without_lock_errors(repo: ChatRepository) -> None:
