@@ -98,9 +98,12 @@ class BlockManager:
             block.ref_count += 1
         seq.block_table = hits
         seq.num_computed_tokens = len(hits) * self.block_size
+        return seq.num_computed_tokens
+
+    def record_admission(self, seq: Sequence) -> None:
+        """Count a successful admission in the prefix-cache hit statistics (not failed attempts)."""
         self.num_queried_tokens += seq.num_tokens
         self.num_hit_tokens += seq.num_computed_tokens
-        return seq.num_computed_tokens
 
     def can_append(self, seq: Sequence, num_new_tokens: int) -> bool:
         return self._num_blocks_to_append(seq, num_new_tokens) <= self.num_free_blocks

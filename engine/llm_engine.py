@@ -155,6 +155,8 @@ class LLMEngine:
         if seq.is_finished:
             if detok.stopped_by is None:
                 text += detok.flush()
+                if detok.stopped_by is not None:  # the held-back tail completed a stop string
+                    seq.finish_reason = FinishReason.STOP
             return self._finish_delta(seq, text=text, token_ids=kept)
         return StreamDelta(seq.request_id, text, kept)
 

@@ -110,6 +110,7 @@ class Scheduler:
                 self.block_manager.free(seq)  # drop the prefix references; retry next step
                 break
             self.waiting.popleft()
+            self.block_manager.record_admission(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.scheduled.append(ScheduledSeq(seq, num_new))
