@@ -1,1 +1,71 @@
-"""engine/models."""
+"""Model families behind one interface, and the registry that picks one from a Hugging Face config.
+
+Every model class subclasses `CausalLM`: the model runner calls only forward() and compute_logits().
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine.attention_metadata import AttentionMetadata
+
+
+class CausalLM(nn.Module):
+    """What the model runner relies on. The geometry attributes size the paged KV cache."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # int64 [num_tokens], a flattened ragged batch
+        positions: torch.Tensor,  # int64 [num_tokens]
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],  # per layer, [num_blocks, block_size, kvh, d]
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Hidden states after the final norm, [num_tokens, hidden_size]; writes K/V via meta.slot_mapping."""
+        raise NotImplementedError
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[n, hidden_size] -> float32 [n, vocab_size] (lm_head and any logits scaling applied)."""
+        raise NotImplementedError
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Fill every parameter from (Hugging Face name, tensor) pairs; raises on missing/unexpected keys."""
+        raise NotImplementedError
+
+
+# architecture name in config.json -> "module:class"
+ARCHITECTURES: dict[str, str] = {
+    "LlamaForCausalLM": "engine.models.llama:LlamaForCausalLM",
+    "MistralForCausalLM": "engine.models.llama:LlamaForCausalLM",
+    "Qwen2ForCausalLM": "engine.models.llama:LlamaForCausalLM",
+    "GraniteForCausalLM": "engine.models.llama:LlamaForCausalLM",
+    "GPTBigCodeForCausalLM": "engine.models.gpt_bigcode:GPTBigCodeForCausalLM",
+}
+
+
+def model_class(hf_config: Any) -> type[CausalLM]:
+    """The class serving this config's architecture; ValueError naming the supported ones otherwise."""
+    import importlib
+
+    names = list(getattr(hf_config, "architectures", None) or [])
+    for name in names:
+        if name in ARCHITECTURES:
+            module, cls = ARCHITECTURES[name].split(":")
+            found: type[CausalLM] = getattr(importlib.import_module(module), cls)
+            return found
+    raise ValueError(
+        f"unsupported architecture {names or getattr(hf_config, 'model_type', None)!r}; "
+        f"supported: {', '.join(ARCHITECTURES)}"
+    )
+
+
+__all__ = ["ARCHITECTURES", "CausalLM", "model_class"]
