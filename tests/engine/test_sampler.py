@@ -54,6 +54,7 @@ def test_greedy_rows_ignore_generators_and_mixed_batches() -> None:
         SamplingParams(temperature=0.8, top_k=20, top_p=0.6),
         SamplingParams(temperature=2.0, top_k=1),
         SamplingParams(temperature=1.0, top_p=0.01),
+        SamplingParams(temperature=1.0, top_p=1e-9),  # 1 - p rounds to 1.0 in float32: the top must survive
         SamplingParams(temperature=1.0, top_k=500),  # k larger than the vocabulary keeps everything
     ],
 )
@@ -65,6 +66,15 @@ def test_filter_matches_transformers_warpers(params: SamplingParams) -> None:
         expected = hf_filter(logits[row], params)
         assert torch.equal(torch.isinf(mine[row]), torch.isinf(expected)), row
         assert torch.equal(mine[row], expected), row
+
+
+def test_top_p_boundary_mass_exactly_p_is_enough() -> None:
+    # Four equal logits: cumulative mass is exactly 0.25, 0.5, 0.75, 1. With p = 0.5 the smallest top set with
+    # mass >= p has two tokens (HF drops c_j <= 1 - p, so the tie at 0.5 is dropped).
+    logits = torch.zeros(1, 4)
+    params = SamplingParams(temperature=1.0, top_p=0.5)
+    kept = torch.isfinite(filter_logits(logits, [params])[0])
+    assert int(kept.sum()) == int(torch.isfinite(hf_filter(logits[0], params)).sum()) == 2
 
 
 def test_filter_mixed_rows_match_transformers_row_by_row() -> None:
