@@ -1,0 +1,67 @@
+"""Settings from defaults, environment and CLI flags; agent logins from a file."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from app.cli import build_parser, settings_from_args
+from app.settings import Settings, load_agents_file
+
+
+def test_defaults_use_a_sqlite_file_in_the_data_dir(tmp_path: Path) -> None:
+    settings = Settings.from_env({"SPECDESK_DATA_DIR": str(tmp_path)})
+    assert settings.database_url == f"sqlite:///{tmp_path / 'specdesk.db'}"
+    assert settings.model is None and not settings.auth_required
+    assert settings.host == "127.0.0.1" and settings.port == 7860
+
+
+def test_environment_is_read_only_when_asked(tmp_path: Path) -> None:
+    env = {
+        "SPECDESK_PORT": "9000",
+        "SPECDESK_API_KEYS": "k1, k2",
+        "SPECDESK_AGENTS": "alice:pw1,bob:pw2",
+        "SPECDESK_DB": "sqlite:///x.db",
+    }
+    settings = Settings.from_env(env)
+    assert settings.port == 9000 and settings.api_keys == ("k1", "k2") and settings.db_url == "sqlite:///x.db"
+    assert settings.check_login("alice", "pw1") and not settings.check_login("alice", "pw2")
+    assert not settings.check_login("carol", "pw1")
+    with pytest.raises(ValueError, match="SPECDESK_PORT"):
+        Settings.from_env({"SPECDESK_PORT": "zero"})
+
+
+def test_agents_file_with_hashed_passwords(tmp_path: Path) -> None:
+    digest = hashlib.sha256(b"s3cret").hexdigest()
+    path = tmp_path / "agents.txt"
+    path.write_text(f"# SpecDesk agents\nalice:plain-pw\nbob:sha256:{digest}\n\n", encoding="utf-8")
+    agents = load_agents_file(path)
+    settings = Settings(agents=agents)
+    assert settings.check_login("bob", "s3cret") and not settings.check_login("bob", f"sha256:{digest}")
+    assert settings.check_login("alice", "plain-pw")
+    path.write_text("no-colon-here\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="line 1"):
+        load_agents_file(path)
+    with pytest.raises(ValueError, match="cannot read"):
+        load_agents_file(tmp_path / "missing.txt")
+
+
+def test_cli_flags_override_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPECDESK_PORT", "9000")
+    monkeypatch.setenv("SPECDESK_MODEL", "from-env")
+    agents = tmp_path / "agents.txt"
+    agents.write_text("alice:pw\n", encoding="utf-8")
+    flags = ["serve", "--port", "8123", "--db", "sqlite:///y.db", "--api-key", "a", "--api-key", "b"]
+    args = build_parser().parse_args([*flags, "--agents-file", str(agents)])
+    settings = settings_from_args(args)
+    assert settings.port == 8123 and settings.model == "from-env" and settings.db_url == "sqlite:///y.db"
+    assert settings.api_keys == ("a", "b") and settings.check_login("alice", "pw")
+
+
+def test_invalid_values_are_rejected() -> None:
+    with pytest.raises(ValueError, match="port"):
+        Settings(port=70000)
+    with pytest.raises(ValueError, match="agent"):
+        Settings(agents={"": "pw"})
