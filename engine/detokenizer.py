@@ -29,6 +29,11 @@ _REPLACEMENT_CHAR = "\ufffd"
 class IncrementalDetokenizer:
     """Turns one request's output ids into streamed text and watches for its stop strings.
 
+    `tokenizer` is a transformers tokenizer. `prompt_token_ids` is accepted for the engine's convenience but
+    is not decode context (see the module docstring). Engine use: call `add()` with each step's accepted ids
+    and stream the delta; once `stopped_by` is set, keep `num_tokens` output ids and finish with STOP; when
+    the request ends otherwise (EOS, length, abort), stream `flush()`.
+
     Attributes:
         text: all text released so far (the concatenation of the deltas).
         stopped_by: the stop string that ended the text, or None.
