@@ -86,7 +86,8 @@ def _paged_attention_kernel(
     TILE_N: tl.constexpr,  # keys per inner iteration, >= 16
     HAS_TREE: tl.constexpr,
     SPLIT: tl.constexpr,  # write partials for the split-K reduction instead of the output
-    DOT_IEEE: tl.constexpr,  # fp32 operands: exact fp32 products, not tf32
+    DOT_FP32: tl.constexpr,  # multiply in fp32 (fp32 caches; bf16 under the interpreter)
+    DOT_PRECISION: tl.constexpr,  # with DOT_FP32: "tf32x3" (~fp32 on tensor cores) or "ieee"
 ):
     q_block_id = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -142,8 +143,8 @@ def _paged_attention_kernel(
             mask=kv_mask,
             other=0.0,
         )  # [TILE_N, HEAD_DIM_PAD]
-        if DOT_IEEE:
-            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+        if DOT_FP32:
+            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision=DOT_PRECISION)
         else:
             s = tl.dot(q, tl.trans(k))
         s = s * qk_scale  # [BLOCK_M, TILE_N]
@@ -173,8 +174,8 @@ def _paged_attention_kernel(
             mask=kv_mask,
             other=0.0,
         )  # [TILE_N, HEAD_DIM_PAD]
-        if DOT_IEEE:
-            acc = tl.dot(p, v.to(tl.float32), acc, input_precision="ieee")
+        if DOT_FP32:
+            acc = tl.dot(p, v.to(tl.float32), acc, input_precision=DOT_PRECISION)
         else:
             acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_new
@@ -314,11 +315,14 @@ def paged_attention(
 
     nqpkv = num_heads // num_kv_heads
     head_dim_pad = max(16, next_pow2(head_dim))
-    # The interpreter's bf16 dot is wrong, so on CPU bf16 tiles are multiplied in exact fp32.
-    dot_ieee = k_cache.dtype == torch.float32 or (k_cache.dtype == torch.bfloat16 and is_interpreting())
-    block_m, block_q, tile_n, num_warps = attention_block_shape(nqpkv, max_query_len, head_dim_pad, dot_ieee)
+    # fp32 caches multiply as 3xTF32 on tensor cores (fp32-level error; plain tf32 would break greedy
+    # parity with float32 references, and exact-fp32 FMA dots spill registers). The interpreter's bf16
+    # dot is wrong, so there bf16 tiles are multiplied in exact fp32.
+    interpreting = is_interpreting()
+    dot_fp32 = k_cache.dtype == torch.float32 or (k_cache.dtype == torch.bfloat16 and interpreting)
+    shape = attention_block_shape(nqpkv, max_query_len, head_dim_pad, dot_fp32)
     if num_splits is None:
-        num_q_blocks = sum(-(-q_len // block_q) for q_len in query_lens)
+        num_q_blocks = sum(-(-q_len // shape.block_q) for q_len in query_lens)
         num_splits = pick_num_splits(device, num_q_blocks * num_kv_heads, max(seq_lens))
     assert num_splits >= 1, num_splits
     split = num_splits > 1
@@ -331,7 +335,7 @@ def paged_attention(
     else:
         part_acc = part_m = part_l = out  # unused: SPLIT is a constexpr False
 
-    grid = (num_tokens // block_q + num_seqs, num_kv_heads, num_splits)
+    grid = (num_tokens // shape.block_q + num_seqs, num_kv_heads, num_splits)
     _paged_attention_kernel[grid](
         out,
         part_acc,
@@ -364,14 +368,15 @@ def paged_attention(
         HEAD_DIM_PAD=head_dim_pad,
         PAGE_SIZE=page_size,
         NQPKV=nqpkv,
-        BLOCK_Q=block_q,
-        BLOCK_M=block_m,
-        TILE_N=tile_n,
+        BLOCK_Q=shape.block_q,
+        BLOCK_M=shape.block_m,
+        TILE_N=shape.tile_n,
         HAS_TREE=tree_mask is not None,
         SPLIT=split,
-        DOT_IEEE=dot_ieee,
-        num_warps=num_warps,
-        num_stages=2 if head_dim_pad > 128 else 3,
+        DOT_FP32=dot_fp32,
+        DOT_PRECISION="ieee" if interpreting else "tf32x3",
+        num_warps=shape.num_warps,
+        num_stages=shape.num_stages,
     )
     if split:
         _merge_splits_kernel[(num_tokens, num_heads)](

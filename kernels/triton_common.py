@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -36,20 +37,32 @@ def num_sms(device_index: int) -> int:
     return int(torch.cuda.get_device_properties(device_index).multi_processor_count)
 
 
+class AttentionBlockShape(NamedTuple):
+    """Compile-time tiling of the attention kernel (see kernels/triton_attention.py)."""
+
+    block_m: int  # rows per program: block_q tokens x query heads per KV head, padded to >= 16
+    block_q: int  # query tokens per program
+    tile_n: int  # keys per inner iteration
+    num_warps: int
+    num_stages: int
+
+
 def attention_block_shape(
     num_queries_per_kv: int, max_query_len: int, head_dim_pad: int, is_fp32: bool
-) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_Q, TILE_N, num_warps) of the attention kernel for a batch's longest query."""
+) -> AttentionBlockShape:
+    """Tiling for a batch whose longest query has max_query_len tokens. Compiled for sm_90, fp16/bf16
+    need no register spills at head_dim 64-256; fp32 spills a few bytes at 256 (or with a tree)."""
     # Rows cover all of a sequence's query heads x tokens when few (decode/verify: K/V read once per
     # group), up to 128 for prefill. tl.dot needs every dim >= 16.
     rows = max(1, max_query_len) * num_queries_per_kv
-    block_m = max(16, min(128, next_pow2(rows)), next_pow2(num_queries_per_kv))
-    tile_n = 64 if head_dim_pad <= 128 else 32
-    if is_fp32 or head_dim_pad > 128:  # fp32 tiles are twice the registers
-        block_m = max(min(block_m, 64), next_pow2(num_queries_per_kv))
-        tile_n = 32
-    num_warps = 8 if block_m >= 128 else 4
-    return block_m, block_m // num_queries_per_kv, tile_n, num_warps
+    block_m, tile_n, num_stages = max(16, min(128, next_pow2(rows))), 64, 3
+    if head_dim_pad > 128:
+        block_m, tile_n, num_stages = min(block_m, 64), 32, 2
+    if is_fp32:  # fp32 tiles take twice the registers and shared memory: 64 rows at d64 ... 16 at d256
+        block_m, tile_n, num_stages = min(block_m, max(16, 4096 // head_dim_pad)), 32, 2
+    block_m = max(block_m, next_pow2(num_queries_per_kv))  # one token's whole query-head group
+    num_warps = 8 if block_m >= 64 else 4  # 4 warps spill 64 rows of fp32 accumulator at head_dim 128
+    return AttentionBlockShape(block_m, block_m // num_queries_per_kv, tile_n, num_warps, num_stages)
 
 
 def pick_num_splits(device: torch.device, num_programs: int, max_seq_len: int) -> int:
