@@ -27,7 +27,8 @@ _SHA256_PREFIX = "sha256:"
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything the console needs to start. `model=None` means the engine's built-in default model.
+    """Everything the console needs to start. `model=None` means the engine's built-in default model,
+    `speculator=None` the engine's default speculator ("none" turns speculation off).
 
     `agents` maps a login name to a password, either plain or as "sha256:<hex digest>"; empty means no
     login screen (fine on a laptop, not on a shared host).
@@ -80,8 +81,14 @@ class Settings:
         return hmac.compare_digest(password.encode("utf-8"), expected.encode("utf-8"))
 
     def engine_config(self) -> dict[str, Any]:
-        """Keyword arguments for `engine.LLM` (besides the model)."""
-        kwargs: dict[str, Any] = {"device": self.device, "dtype": self.dtype, "speculator": self.speculator}
+        """Keyword arguments for `engine.LLM` (besides the model).
+
+        `speculator=None` keeps the engine's own default; "none" or "off" turns speculation off.
+        """
+        kwargs: dict[str, Any] = {"device": self.device, "dtype": self.dtype}
+        if self.speculator is not None:
+            off = self.speculator.strip().lower() in ("none", "off")
+            kwargs["speculator"] = None if off else self.speculator
         kwargs.update(self.engine_kwargs)
         return kwargs
 

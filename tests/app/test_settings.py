@@ -65,3 +65,9 @@ def test_invalid_values_are_rejected() -> None:
         Settings(port=70000)
     with pytest.raises(ValueError, match="agent"):
         Settings(agents={"": "pw"})
+
+
+def test_speculator_default_is_the_engines() -> None:
+    assert "speculator" not in Settings().engine_config()
+    assert Settings(speculator="none").engine_config()["speculator"] is None
+    assert Settings(speculator="ngram").engine_config()["speculator"] == "ngram"
