@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
+from typing import cast
 
 import httpx
 import pytest
@@ -78,7 +79,10 @@ def test_metrics_after_requests(url: str, llm: LLM) -> None:
 
 
 def test_gauges_show_a_running_request(url: str, llm: LLM) -> None:
-    stream = llm.stream("Where is my package?", SamplingParams(max_tokens=400, ignore_eos=True))
+    stream = cast(
+        Generator[StreamDelta],
+        llm.stream("Where is my package?", SamplingParams(max_tokens=400, ignore_eos=True)),
+    )
     next(stream)
     live = scrape(url)
     stream.close()  # aborts: pages back
