@@ -272,3 +272,19 @@ def test_mounts_on_a_gradio_console(llm: LLM, tmp_path: Path) -> None:
         )
         assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["length"]
         assert httpx.get(base, timeout=30).status_code == 200  # the console still answers at /
+
+
+def test_loadtest_against_the_server(url: str, llm: LLM) -> None:
+    import asyncio
+
+    from app.loadtest import main, run, summarize
+
+    summary = summarize(asyncio.run(run(url, clients=3, duration_s=1.0, max_tokens=8, grace_s=10)))
+    assert summary["requests"] >= 3 and summary["errors"] == 0 and summary["unfinished"] == 0
+    assert summary["output_tokens"] == 8 * summary["requests"]
+    assert summary["ttft_ms"]["p50"] > 0 and summary["output_tokens_per_s"] > 0
+    wait_idle(llm)
+    with pytest.raises(SystemExit):
+        main(["--url", "http://example.com:8000", "--clients", "2", "--duration", "1"])
+    with pytest.raises(SystemExit):
+        main(["--url", url, "--clients", "100000", "--duration", "1"])
