@@ -1,0 +1,49 @@
+"""The side-by-side race: both requests stream at once from one engine; greedy texts are identical."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from app.side_by_side import compare
+from engine.llm import LLM
+from tests.app.console_fixtures import tiny_console_llm, wait_engine_idle
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LLM]:
+    engine = tiny_console_llm(tmp_path_factory.mktemp("side-by-side"))
+    yield engine
+    engine.shutdown()
+
+
+def test_both_sides_stream_concurrently_and_match(llm: LLM) -> None:
+    snapshots = list(compare(llm, "Where is my parcel?", persona="retail", max_tokens=48))
+    final = snapshots[-1]
+    assert final.is_finished and final.texts_match is True
+    left, right = final.left, final.right
+    assert left.num_tokens == right.num_tokens == 48
+    # Left shares nothing (unique salt); right finds the persona's system prompt already cached.
+    assert left.num_cached_tokens == 0
+    assert right.num_cached_tokens > 0.8 * right.num_prompt_tokens
+    assert left.ttft_s is not None and right.ttft_s is not None and right.total_s is not None
+    # Concurrency: each side had tokens before the other finished.
+    assert left.points[0][0] < right.total_s and right.points[0][0] < (left.total_s or 0)
+    assert left.points[-1][1] == 48 and [n for _, n in right.points] == sorted(n for _, n in right.points)
+    wait_engine_idle(llm)
+
+
+def test_closing_the_race_aborts_both(llm: LLM) -> None:
+    race = compare(llm, "Tell me a long story about refunds", max_tokens=4000)
+    next(race)
+    race.close()
+    wait_engine_idle(llm)
+
+
+def test_bad_input_is_refused_before_submitting(llm: LLM, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="type a customer message"):
+        compare(llm, "  ")
+    with pytest.raises(KeyError):
+        compare(llm, "hi", persona="nope")
