@@ -56,7 +56,7 @@ class ChatSpecDesk(BaseChatModel):
     llm: Any = Field(default=None, exclude=True)
     """An existing `engine.llm.LLM` to use (e.g. the console's), instead of building one."""
     speculator: str | None = None
-    """Speculator for a newly built engine (EngineConfig.speculator)."""
+    """Speculator for a newly built engine (EngineConfig.speculator); None keeps the engine's default."""
     max_tokens: int = 256
     temperature: float = 0.0
     """0 is greedy."""
@@ -128,7 +128,10 @@ class ChatSpecDesk(BaseChatModel):
             if key not in _ENGINES:
                 from engine.llm import LLM  # torch and the model load on first use, never at import
 
-                _ENGINES[key] = LLM(model=self.model, speculator=self.speculator, **self.engine_kwargs)
+                kwargs = dict(self.engine_kwargs)
+                if self.speculator is not None:  # None keeps the engine's own default
+                    kwargs["speculator"] = self.speculator
+                _ENGINES[key] = LLM(model=self.model, **kwargs)
             return _ENGINES[key]
 
     def _sampling_params(self, stop: list[str] | None, kwargs: dict[str, Any]) -> SamplingParams:
