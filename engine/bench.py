@@ -134,8 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from engine.models.default_model import default_model_path
     from engine.bench_baselines import TransformersBaseline
+    from engine.models.default_model import default_model_path
 
     path = args.model or str(default_model_path())
     llm = LLM(model=path, dtype=args.dtype, device="cpu", num_threads=args.threads, speculator=None)

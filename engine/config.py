@@ -18,6 +18,8 @@ class EngineConfig:
     kv_cache_memory_gib: budget for the paged KV pool; `num_blocks` overrides it (tests force preemption).
     max_num_batched_tokens: per-step token budget; a long prompt is prefilled in chunks of at most this.
     attention_backend: "auto" picks Triton kernels on CUDA and the torch path on CPU.
+    speculator: "auto" (the shipped MLP speculator + n-gram for the default model, n-gram otherwise),
+      "default", "ngram", a folder with an mlp_speculator checkpoint (suffix "+ngram" for both), or None.
     """
 
     model: str | None = None
@@ -31,7 +33,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
-    speculator: str | None = None
+    speculator: str | None = "auto"
     attention_backend: AttentionBackend = "auto"
     num_threads: int | None = None
     trust_remote_code: bool = False

@@ -1,9 +1,9 @@
 """The public API: `LLM` runs the engine on one background thread and serves many callers' threads.
 
-    from engine import LLM, SamplingParams
-    llm = LLM()                                    # built-in default model
-    outs = llm.generate(["a prompt", [1, 2, 3]], SamplingParams(max_tokens=64))
-    for delta in llm.stream(messages, params): print(delta.text, end="")
+from engine import LLM, SamplingParams
+llm = LLM()                                    # built-in default model
+outs = llm.generate(["a prompt", [1, 2, 3]], SamplingParams(max_tokens=64))
+for delta in llm.stream(messages, params): print(delta.text, end="")
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ class LLM:
             return list(self.tokenizer.encode(prompt))
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
             return self.apply_chat_template(prompt)
-        if isinstance(prompt, list | tuple):
-            return [int(t) for t in prompt] if all(isinstance(t, int) for t in prompt) else _bad(prompt)
+        if isinstance(prompt, list | tuple) and all(isinstance(t, int) for t in prompt):
+            return [int(t) for t in prompt]  # type: ignore[arg-type]
         return _bad(prompt)
 
     def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
@@ -111,17 +111,17 @@ class LLM:
             if not finished:
                 self.abort(request_id)
 
-    def stream(self, prompt: Prompt, params: SamplingParams | None = None, cache_salt: str | None = None) -> Iterator[StreamDelta]:
+    def stream(
+        self, prompt: Prompt, params: SamplingParams | None = None, cache_salt: str | None = None
+    ) -> Iterator[StreamDelta]:
         """Stream one request's text as it is verified. Closing the generator (client gone) aborts it."""
         return self.deltas(self.submit(prompt, params, cache_salt))
 
-    def generate(
-        self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None
-    ) -> list[RequestOutput]:
+    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None) -> list[RequestOutput]:
         """Run a batch of prompts together (continuous batching) and return their outputs in order."""
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int | dict)):
-            prompts = [prompts]  # type: ignore[list-item]
-        encoded = [self.encode(p) for p in prompts]  # type: ignore[union-attr]
+        single = isinstance(prompts, str) or (bool(prompts) and isinstance(prompts[0], int | dict))
+        batch: list[Any] = [prompts] if single else list(prompts)
+        encoded = [self.encode(p) for p in batch]
         for ids in encoded:
             self.engine.validate_prompt(ids)
         request_ids = [self.submit(ids, params) for ids in encoded]

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import torch
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
@@ -17,6 +19,8 @@ from engine.outputs import FinishReason, StreamDelta
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence
+from engine.speculation import SpecStats, SpeculativeDecoder, resolve_speculator
+from engine.speculators.tree import DraftTree
 
 
 @dataclass
@@ -32,6 +36,14 @@ class EngineStats:
     prefix_queried_tokens: int
     num_preemptions: int
     num_steps: int
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_accepted_per_position: list[int] = field(default_factory=list)
+
+    @property
+    def spec_mean_acceptance_length(self) -> float:
+        return 1 + self.spec_num_accepted_tokens / self.spec_num_drafts if self.spec_num_drafts else 0.0
 
 
 class LLMEngine:
@@ -47,6 +59,8 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len
         )
+        mlp_dir, use_ngram = resolve_speculator(config.speculator, config.model is None)
+        self.speculation = SpeculativeDecoder(mlp_dir, use_ngram, loaded, self.runner) if mlp_dir or use_ngram else None
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self.sequences: dict[str, Sequence] = {}
         self.num_steps = 0
@@ -101,6 +115,8 @@ class LLMEngine:
 
     def step(self) -> list[StreamDelta]:
         """One engine iteration. Returns a delta for every request that produced text or finished."""
+        if self.speculation is not None:
+            self.speculation.propose(self.scheduler.running, self.block_manager.usage)
         batch = self.scheduler.schedule()
         deltas = [self._finish_delta(s) for s in batch.preempted if s.is_finished]
         if batch.is_empty:
@@ -133,9 +149,28 @@ class LLMEngine:
         return deltas
 
     def _run(self, batch: SchedulerOutput) -> list[list[int]]:
-        hidden, meta = self.runner.forward(batch.scheduled)
-        tokens = iter(self.runner.sample_last(batch.scheduled, hidden, meta))
-        return [[next(tokens)] if s.samples else [] for s in batch.scheduled]
+        """One base-model pass: plain sequences sample one token, speculating ones verify their tree."""
+        scheduled = batch.scheduled
+        spec = self.speculation
+        trees: list[DraftTree | None] = [spec.tree_for(s) if spec else None for s in scheduled]
+        logits, hidden, starts = self.runner.execute(scheduled, trees)
+        result: list[list[int]] = [[] for _ in scheduled]
+        last_rows = [starts[i] + s.num_new_tokens - 1 for i, s in enumerate(scheduled)]
+        plain = [i for i, s in enumerate(scheduled) if s.samples and trees[i] is None]
+        if plain:
+            rows = torch.cat([logits[i] for i in plain])  # type: ignore[misc]
+            for i, tok in zip(plain, self.runner.sample([scheduled[i] for i in plain], rows), strict=True):
+                result[i] = [tok]
+        for i, tree in enumerate(trees):
+            if tree is not None and spec is not None:
+                result[i], accepted_row = spec.verify(scheduled[i], tree, logits[i])  # type: ignore[arg-type]
+                last_rows[i] += accepted_row
+        if self.runner.keep_hidden:
+            # The MLP speculator's next input: the hidden state after the last verified token.
+            for i, s in enumerate(scheduled):
+                if s.samples:
+                    self.runner.last_hidden[s.seq.request_id] = hidden[last_rows[i]].clone()
+        return result
 
     def _text_delta(self, seq: Sequence, kept: list[int]) -> StreamDelta:
         detok = self.detokenizers[seq.request_id]
@@ -166,13 +201,14 @@ class LLMEngine:
         self.sequences.pop(seq.request_id, None)
         self.detokenizers.pop(seq.request_id, None)
         self.runner.release(seq.request_id)
+        if self.speculation is not None:
+            self.speculation.finish(seq)
         seq.metrics.finish_time = time.perf_counter()
-        return StreamDelta(
-            seq.request_id, text, token_ids or [], True, seq.finish_reason, seq.metrics, error
-        )
+        return StreamDelta(seq.request_id, text, token_ids or [], True, seq.finish_reason, seq.metrics, error)
 
     def stats(self) -> EngineStats:
         bm = self.block_manager
+        spec = self.speculation.stats if self.speculation is not None else SpecStats()
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
@@ -185,4 +221,8 @@ class LLMEngine:
             prefix_queried_tokens=bm.num_queried_tokens,
             num_preemptions=self.scheduler.num_preemptions,
             num_steps=self.num_steps,
+            spec_num_drafts=spec.num_drafts,
+            spec_num_draft_tokens=spec.num_draft_tokens,
+            spec_num_accepted_tokens=spec.num_accepted_tokens,
+            spec_accepted_per_position=list(spec.accepted_per_position),
         )

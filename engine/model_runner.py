@@ -12,10 +12,12 @@ from engine.config import EngineConfig
 from engine.models.loader import LoadedModel
 from engine.sampler import make_generator, sample
 from engine.scheduler import ScheduledSeq
+from engine.sequence import Sequence
+from engine.speculators.tree import DraftTree
 
 
 class ModelRunner:
-    """Owns the model, the KV pool (one [2, num_blocks, block_size, kv_heads, head_dim] per layer) and RNGs."""
+    """Owns the model and the KV pool (one [2, num_blocks, block_size, kv_heads, head_dim] per layer)."""
 
     def __init__(self, config: EngineConfig, loaded: LoadedModel) -> None:
         self.config = config
@@ -32,7 +34,9 @@ class ModelRunner:
             dtype=self.dtype, device=self.device,
         )  # fmt: skip
         self.kv_caches = [(self.kv_pool[i, 0], self.kv_pool[i, 1]) for i in range(loaded.num_layers)]
-        self.generators: dict[str, torch.Generator | None] = {}
+        # The hidden state that produced each request's last token: the MLP speculator's input.
+        self.keep_hidden = False
+        self.last_hidden: dict[str, torch.Tensor] = {}
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if copies:
@@ -41,28 +45,55 @@ class ModelRunner:
             self.kv_pool[:, :, dst] = self.kv_pool[:, :, src]
 
     def release(self, request_id: str) -> None:
-        self.generators.pop(request_id, None)
+        self.last_hidden.pop(request_id, None)
 
-    def _generator(self, sched: ScheduledSeq) -> torch.Generator | None:
-        rid = sched.seq.request_id
-        if rid not in self.generators:
-            self.generators[rid] = make_generator(sched.seq.params.seed, self.device)
-        return self.generators[rid]
+    def generator_for(self, seq: Sequence, position: int | None = None) -> torch.Generator | None:
+        """The RNG that samples the token at `position` (default: the next one) of a request.
 
-    def prepare(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """Flatten the ragged batch: input ids, positions and the attention metadata."""
+        A seeded request gets a generator keyed by (seed, position): every token's randomness is fixed in
+        advance, so the output is the same whatever is batched with it and whether or not it speculates
+        (verification samples each position with the same generator plain decoding would use).
+        Unseeded requests share the process-wide RNG.
+        """
+        seed = seq.params.seed
+        if seed is None:
+            return None
+        position = seq.num_tokens if position is None else position
+        return make_generator((seed * 1_000_003 + position) % 2**63, self.device)
+
+    def slot_of(self, seq: Sequence, position: int) -> int:
+        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
+
+    def move_kv(self, src_slots: list[int], dst_slots: list[int]) -> None:
+        """Copy K/V of some slots to others in every layer (accepted tree nodes to their path positions)."""
+        flat = self.kv_pool.view(*self.kv_pool.shape[:2], -1, *self.kv_pool.shape[-2:])
+        src = torch.tensor(src_slots, device=self.device)
+        flat[:, :, dst_slots] = flat[:, :, src]
+
+    def prepare(
+        self, batch: list[ScheduledSeq], trees: list[DraftTree | None]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """Flatten the ragged batch: input ids, positions and the attention metadata.
+
+        A sequence with a draft tree contributes its root (last verified token) then the tree's nodes;
+        node r is written to the slot of position p + r but rotated as position p + depth(r).
+        """
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         seq_lens: list[int] = []
         query_lens: list[int] = []
         bs = self.block_size
-        for s in batch:
+        for s, tree in zip(batch, trees, strict=True):
             seq, start = s.seq, s.seq.num_computed_tokens
-            tokens = seq.token_ids[start : start + s.num_new_tokens] + seq.draft_token_ids[: s.num_draft_tokens]
+            tokens = seq.token_ids[start : start + s.num_new_tokens]
+            pos = list(range(start, start + len(tokens)))
+            if tree is not None:
+                tokens = tokens + tree.tokens
+                pos += [start + d for d in tree.depths]
             end = start + len(tokens)
             input_ids += tokens
-            positions += range(start, end)
+            positions += pos
             table = seq.block_table
             slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
             seq_lens.append(end)
@@ -81,32 +112,64 @@ class ModelRunner:
             seq_lens_list=seq_lens,
             query_lens_list=query_lens,
             block_size=bs,
+            tree_mask=_tree_mask(query_lens, trees, dev) if any(t is not None for t in trees) else None,
         )
         ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
-        pos = torch.tensor(positions, dtype=torch.int64, device=dev)
-        return ids, pos, meta
+        pos_t = torch.tensor(positions, dtype=torch.int64, device=dev)
+        return ids, pos_t, meta
 
     @torch.inference_mode()
-    def forward(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, AttentionMetadata]:
-        """Run the base model; returns final hidden states [num_tokens, hidden] and the metadata used."""
-        ids, pos, meta = self.prepare(batch)
-        return self.model(ids, pos, self.kv_caches, meta), meta
+    def execute(
+        self, batch: list[ScheduledSeq], trees: list[DraftTree | None]
+    ) -> tuple[list[torch.Tensor | None], torch.Tensor, list[int]]:
+        """Run the base model over the batch.
 
-    @torch.inference_mode()
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.compute_logits(hidden)
+        Returns, per sequence, float32 logits for the rows that decide its next tokens ([1, vocab] after its
+        last token; [num_nodes + 1, vocab] for a draft tree; None for a prefill chunk that samples nothing),
+        the final hidden states [num_tokens, hidden] and each sequence's first row in them.
+        """
+        ids, pos, meta = self.prepare(batch, trees)
+        hidden = self.model(ids, pos, self.kv_caches, meta)
+        rows: list[int] = []
+        counts: list[int] = []
+        starts: list[int] = []
+        row = 0
+        for s, tree, q_len in zip(batch, trees, meta.query_lens_list, strict=True):
+            starts.append(row)
+            if not s.samples:
+                counts.append(0)
+            elif tree is not None:
+                first = row + s.num_new_tokens - 1  # the root: the last verified token
+                rows += range(first, first + tree.num_nodes + 1)
+                counts.append(tree.num_nodes + 1)
+            else:
+                rows.append(row + q_len - 1)
+                counts.append(1)
+            row += q_len
+        logits = self.model.compute_logits(hidden[rows]) if rows else hidden.new_empty(0)
+        out: list[torch.Tensor | None] = []
+        offset = 0
+        for n in counts:
+            out.append(logits[offset : offset + n] if n else None)
+            offset += n
+        return out, hidden, starts
 
-    @torch.inference_mode()
-    def sample_last(self, batch: list[ScheduledSeq], hidden: torch.Tensor, meta: AttentionMetadata) -> list[int]:
-        """Sample one next token for each sequence that reached its last token (order of `batch`)."""
-        rows, end = [], 0
-        for s, q_len in zip(batch, meta.query_lens_list, strict=True):
-            end += q_len
-            if s.samples:
-                rows.append(end - 1 - s.num_draft_tokens)
-        if not rows:
-            return []
-        logits = self.logits(hidden[rows])
-        sampling = [s for s in batch if s.samples]
-        tokens = sample(logits, [s.seq.params for s in sampling], [self._generator(s) for s in sampling])
-        return tokens.tolist()
+    def sample(self, batch: list[ScheduledSeq], logits: torch.Tensor) -> list[int]:
+        """One token per row of logits [len(batch), vocab], with each request's params and RNG."""
+        params = [s.seq.params for s in batch]
+        return sample(logits, params, [self.generator_for(s.seq) for s in batch]).tolist()
+
+
+def _tree_mask(query_lens: list[int], trees: list[DraftTree | None], device: torch.device) -> torch.Tensor:
+    # bool [num_tokens, max_query_len]: causal among a sequence's own new tokens, the tree's ancestor mask
+    # for the root and draft rows of a speculating sequence (see AttentionMetadata.tree_mask).
+    width = max(query_lens)
+    mask = torch.zeros(sum(query_lens), width, dtype=torch.bool)
+    row = 0
+    for q_len, tree in zip(query_lens, trees, strict=True):
+        mask[row : row + q_len, :q_len] = torch.ones(q_len, q_len, dtype=torch.bool).tril()
+        if tree is not None:
+            n = tree.num_nodes + 1
+            mask[row + q_len - n : row + q_len, q_len - n : q_len] = tree.mask()
+        row += q_len
+    return mask.to(device)

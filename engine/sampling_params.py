@@ -40,7 +40,8 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Raise ValueError naming the offending parameter."""
-        if not isinstance(self.temperature, int | float) or self.temperature < 0 or self.temperature != self.temperature:
+        t = self.temperature
+        if not isinstance(t, int | float) or isinstance(t, bool) or not t >= 0:  # `not >=` also rejects NaN
             raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")

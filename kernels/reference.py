@@ -41,7 +41,7 @@ def paged_attention(
     scale: float,
     tree_mask: torch.Tensor | None = None,  # bool [num_tokens, max_query_len], see AttentionMetadata
 ) -> torch.Tensor:
-    """Causal attention of each sequence's query tokens over its paged context. Returns [num_tokens, num_heads, head_dim].
+    """Causal attention of each sequence's query tokens over its paged context -> [num_tokens, num_heads, head_dim].
 
     Handles decode (query_len 1), speculative verification (several tokens) and prefill of a suffix
     on top of cached pages alike: query token j of sequence i sits at position seq_len - query_len + j.

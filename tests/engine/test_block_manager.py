@@ -66,7 +66,7 @@ def test_cache_salt_isolates_tenants() -> None:
 
 def test_eviction_is_lru_and_deepest_page_first() -> None:
     bm = BlockManager(6, BS)
-    a = seq(list(range(12)) + [99], "a")  # 3 full pages + 1 partial
+    a = seq([*list(range(12)), 99], "a")  # 3 full pages + 1 partial
     run_prefill(bm, a)
     a_pages = list(a.block_table)
     bm.free(a)
@@ -75,7 +75,7 @@ def test_eviction_is_lru_and_deepest_page_first() -> None:
     # Free unhashed pages are used before any cached page, then a's deepest page is evicted first.
     assert bm.num_evicted_blocks == 1
     assert a_pages[2] in b.block_table
-    assert bm.match_prefix(seq(list(range(12)) + [5], "x")) == a_pages[:2]
+    assert bm.match_prefix(seq([*list(range(12)), 5], "x")) == a_pages[:2]
 
 
 def test_recently_used_pages_survive_eviction() -> None:

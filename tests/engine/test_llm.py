@@ -150,7 +150,7 @@ def test_chat_uses_template_without_extra_bos(llm: LLM) -> None:
 
 def test_metrics_and_multi_turn_prefix_reuse(llm: LLM) -> None:
     turn1 = [{"role": "user", "content": "My order number is 48213 and it has not arrived yet."}]
-    out1 = llm.chat(turn1, SamplingParams(max_tokens=20, ignore_eos=True))
+    out1 = llm.chat(turn1, SamplingParams(max_tokens=20, ignore_eos=True, speculate=False))
     m = out1.metrics
     assert m.num_prompt_tokens == len(out1.prompt_token_ids) and m.num_generated_tokens == 20
     assert m.num_decode_steps == 19 and m.ttft_s is not None and m.ttft_s > 0 and m.decode_s > 0

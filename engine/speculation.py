@@ -1,0 +1,207 @@
+"""Speculative decoding in the engine loop: propose draft trees before a step, verify them after it.
+
+One step for a speculating sequence (see engine/speculators/ for the algorithms):
+
+    propose   MLP speculator (IBM's, reading the hidden state that produced the last token) and/or the
+              n-gram lookup give draft paths; they are merged into one trie (`DraftTree`), best path first.
+    schedule  the root (the last sampled token, KV not yet computed) plus every tree node is one query
+              token; the nodes' KV goes to private slots after the sequence's verified tokens.
+    verify    one base-model pass with the tree mask gives logits after every node; the accepted path
+              plus one token of the base model's own is appended. Accepted nodes off the first branch
+              have their KV moved down to the path's positions; everything past them is garbage that the
+              next step overwrites or `BlockManager.trim` reclaims. Only verified tokens ever get hashed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from engine.model_runner import ModelRunner
+from engine.models.loader import LoadedModel
+from engine.sampler import probs_from_logits, sample
+from engine.scheduler import ScheduledSeq
+from engine.sequence import Sequence
+from engine.speculators.acceptance import Acceptance, accept_greedy, accept_sampled, accepted_tokens
+from engine.speculators.candidates import propose as propose_paths
+from engine.speculators.gating import GatingConfig, SpeculationPolicy
+from engine.speculators.mlp import MLPSpeculator
+from engine.speculators.ngram import NgramSpeculator
+from engine.speculators.tree import DraftTree, build_tree
+
+DEFAULT_SPECULATOR_DIR = Path(__file__).parent / "speculators" / "default"
+
+
+@dataclass
+class SpecStats:
+    """Engine-wide speculation counters (vLLM's names: drafts, draft tokens, accepted tokens)."""
+
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        return 1 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
+
+
+def resolve_speculator(name: str | None, is_default_model: bool) -> tuple[str | None, bool]:
+    """(MLP speculator folder or None, use n-gram) for an EngineConfig.speculator value.
+
+    "auto": the shipped speculator + n-gram for the default model, n-gram alone otherwise; "default":
+    the shipped one (+ n-gram); "ngram": n-gram alone; "mlp:<dir>" or "<dir>": that MLP speculator alone;
+    "<dir>+ngram": both; None / "none": off.
+    """
+    if name is None or name == "none":
+        return None, False
+    if name == "auto":
+        return (str(DEFAULT_SPECULATOR_DIR), True) if is_default_model and _has_default() else (None, True)
+    if name == "default":
+        if not _has_default():
+            raise FileNotFoundError(f"no shipped speculator in {DEFAULT_SPECULATOR_DIR}")
+        return str(DEFAULT_SPECULATOR_DIR), True
+    if name == "ngram":
+        return None, True
+    with_ngram = name.endswith("+ngram")
+    path = name.removesuffix("+ngram").removeprefix("mlp:")
+    if not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(
+            f"speculator {name!r}: expected 'auto', 'default', 'ngram', None, or a folder with an "
+            f"mlp_speculator config.json (optionally suffixed '+ngram')"
+        )
+    return path, with_ngram
+
+
+def _has_default() -> bool:
+    return (DEFAULT_SPECULATOR_DIR / "config.json").is_file()
+
+
+class SpeculativeDecoder:
+    """Owns the speculators, the gating policy and the current step's draft trees."""
+
+    def __init__(
+        self, mlp_dir: str | None, use_ngram: bool, loaded: LoadedModel, runner: ModelRunner,
+        max_ngram_tokens: int = 4,
+    ) -> None:  # fmt: skip
+        self.runner = runner
+        self.mlp = (
+            MLPSpeculator.from_pretrained(mlp_dir, base_model=loaded.model, dtype=loaded.dtype, device=loaded.device)
+            if mlp_dir
+            else None
+        )
+        self.ngram = NgramSpeculator() if use_ngram else None
+        self.max_ngram_tokens = max_ngram_tokens
+        max_tokens = max(self.mlp.n_predict if self.mlp else 0, max_ngram_tokens if use_ngram else 0)
+        self.policy = SpeculationPolicy(GatingConfig(max_tokens=max_tokens))
+        self.trees: dict[str, DraftTree] = {}
+        self.stats = SpecStats(accepted_per_position=[0] * max_tokens)
+        runner.keep_hidden = self.mlp is not None
+
+    # ---- before the step --------------------------------------------------------------------------
+    def propose(self, running: list[Sequence], kv_usage: float) -> None:
+        """Attach a draft tree to each running sequence worth speculating on this step."""
+        self.trees.clear()
+        if not self.policy.should_speculate(len(running), kv_usage):
+            return
+        # Decoding sequences only: a prefill chunk has nothing to speculate from yet.
+        eligible = [s for s in running if s.params.speculate and s.num_uncomputed_tokens == 1 and s.num_output_tokens]
+        depth = {s.request_id: self.policy.num_tokens(s.request_id) for s in eligible}
+        eligible = [s for s in eligible if depth[s.request_id] > 0]
+        if not eligible:
+            return
+        paths: dict[str, list[list[int]]] = {s.request_id: [] for s in eligible}
+        if self.ngram is not None:
+            for s in eligible:
+                k = min(depth[s.request_id] + 1, self.max_ngram_tokens)
+                draft = self.ngram.propose(s.request_id, s.token_ids, k)
+                if draft:
+                    paths[s.request_id].append(draft)
+        if self.mlp is not None:
+            with_hidden = [s for s in eligible if s.request_id in self.runner.last_hidden]
+            if with_hidden:
+                heads = min(self.mlp.n_predict, max(depth[s.request_id] for s in with_hidden))
+                hidden = torch.stack([self.runner.last_hidden[s.request_id] for s in with_hidden])
+                last = torch.tensor([s.token_ids[-1] for s in with_hidden], device=hidden.device)
+                n_cand = self.policy.num_candidates(len(running))
+                cand, _ = propose_paths(self.mlp, hidden, last, n_candidates=n_cand, num_heads=heads)
+                for s, rows in zip(with_hidden, cand.tolist(), strict=True):
+                    paths[s.request_id] += [r[: depth[s.request_id]] for r in rows]
+        for s in eligible:
+            if paths[s.request_id]:
+                tree = build_tree(paths[s.request_id])
+                self.trees[s.request_id] = tree
+                s.draft_token_ids = list(tree.tokens)
+
+    def tree_for(self, sched: ScheduledSeq) -> DraftTree | None:
+        """The (possibly cut) tree the scheduler let this sequence verify, or None."""
+        tree = self.trees.get(sched.seq.request_id)
+        if tree is None or sched.num_draft_tokens == 0:
+            return None
+        return tree if sched.num_draft_tokens == tree.num_nodes else truncate(tree, sched.num_draft_tokens)
+
+    # ---- after the pass ---------------------------------------------------------------------------
+    def verify(self, sched: ScheduledSeq, tree: DraftTree, logits: torch.Tensor) -> tuple[list[int], int]:
+        """Accept a path of the tree from logits [num_nodes + 1, vocab].
+
+        Returns the tokens to append (accepted drafts + the base model's own) and the tree row of the last
+        accepted node (0 = the root), whose hidden state feeds the next proposal.
+        """
+        seq = sched.seq
+        if seq.params.is_greedy:
+            acc = accept_greedy(tree, logits.argmax(-1).tolist())
+        elif seq.params.seed is not None:
+            # Seeded: sample every row with the generator plain decoding would use for that position and
+            # keep the child that matches. For point-mass drafts this is rejection sampling in coupled form
+            # (accept x with probability p(x); on a miss the token is distributed as p without x), and the
+            # output equals the non-speculative one token for token.
+            p = seq.num_tokens  # the position the root's successor will take
+            gens = [self.runner.generator_for(seq, p + d) for d in tree.position_offsets]
+            targets = [int(sample(logits[r : r + 1], [seq.params], [g])) for r, g in enumerate(gens)]
+            acc = accept_greedy(tree, targets)
+        else:
+            probs = probs_from_logits(logits, [seq.params] * logits.shape[0])
+            acc = accept_sampled(tree, probs, None)
+        self._move_accepted_kv(seq, tree, acc)
+        self._record(seq, tree, acc)
+        return accepted_tokens(tree, acc), acc.accepted_rows[-1] if acc.accepted_rows else 0
+
+    def _move_accepted_kv(self, seq: Sequence, tree: DraftTree, acc: Acceptance) -> None:
+        # Node row r sits at position p + r in the pages; its path position is p + depth.
+        p = seq.num_computed_tokens  # the root's position (KV computed this pass)
+        moves = [(p + r, p + i + 1) for i, r in enumerate(acc.accepted_rows) if r != i + 1]
+        if moves:
+            slot = self.runner.slot_of
+            self.runner.move_kv([slot(seq, a) for a, _ in moves], [slot(seq, b) for _, b in moves])
+
+    def _record(self, seq: Sequence, tree: DraftTree, acc: Acceptance) -> None:
+        n, depth = acc.num_accepted, tree.max_depth
+        m = seq.metrics
+        m.num_spec_steps += 1
+        m.num_draft_tokens += depth
+        m.num_accepted_tokens += n
+        if len(m.accepted_per_position) < depth:
+            m.accepted_per_position += [0] * (depth - len(m.accepted_per_position))
+        for i in range(n):
+            m.accepted_per_position[i] += 1
+            if i < len(self.stats.accepted_per_position):
+                self.stats.accepted_per_position[i] += 1
+        self.stats.num_drafts += 1
+        self.stats.num_draft_tokens += depth
+        self.stats.num_accepted_tokens += n
+        self.policy.record(seq.request_id, depth, n)
+
+    def finish(self, seq: Sequence) -> None:
+        self.policy.release(seq.request_id)
+        if self.ngram is not None:
+            self.ngram.release(seq.request_id)
+            if seq.num_output_tokens > 0:
+                self.ngram.observe_reply(seq.output_token_ids)
+
+
+def truncate(tree: DraftTree, num_nodes: int) -> DraftTree:
+    """The first num_nodes nodes of a tree (parents always precede children, so this is a tree)."""
+    children = [[c for c in row if c <= num_nodes] for row in tree.children[: num_nodes + 1]]
+    return DraftTree(tree.tokens[:num_nodes], tree.parents[:num_nodes], tree.depths[:num_nodes], children)

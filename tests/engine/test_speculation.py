@@ -1,0 +1,127 @@
+"""Speculation inside the engine: lossless (greedy and seeded), shares pages, hashes only verified tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.models.loader import load_model
+from engine.speculators.mlp import MLPSpeculator, MLPSpeculatorConfig
+from tests.tiny_models import make_tiny_model
+
+REPETITIVE = "Your order 48213 ships today. Your order 48213 ships today. Your order 48213 ships"
+PROMPTS = [REPETITIVE, "Hello, thank you for contacting customer care.", "My order", [5, 17, 42, 8, 99]]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model("llama", tmp_path_factory.mktemp("spec"))
+
+
+@pytest.fixture(scope="module")
+def mlp_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight MLP speculator in the published format: wrong guesses must never change output."""
+    cfg = load_model(str(model_dir), "float32", "cpu").hf_config
+    torch.manual_seed(1)
+    spec = MLPSpeculator(MLPSpeculatorConfig(vocab_size=cfg.vocab_size, emb_dim=cfg.hidden_size, n_predict=3))
+    out = tmp_path_factory.mktemp("mlp") / "speculator"
+    spec.save_pretrained(out)
+    return out
+
+
+def outputs(model_dir: Path, speculator: str | None, params: SamplingParams, **kw: object) -> list[list[int]]:
+    llm = LLM(model=str(model_dir), dtype="float32", device="cpu", speculator=speculator, **kw)  # type: ignore[arg-type]
+    try:
+        outs = llm.generate(PROMPTS, params)
+        if speculator is not None:
+            stats = llm.stats()
+            assert stats.spec_num_drafts > 0, "speculation never ran"
+        return [o.token_ids for o in outs]
+    finally:
+        llm.shutdown()
+
+
+@pytest.mark.parametrize("speculator", ["ngram", "mlp", "mlp+ngram"])
+def test_greedy_output_identical_with_speculation(model_dir: Path, mlp_dir: Path, speculator: str) -> None:
+    name = {"ngram": "ngram", "mlp": str(mlp_dir), "mlp+ngram": f"{mlp_dir}+ngram"}[speculator]
+    params = SamplingParams(max_tokens=32, ignore_eos=True)
+    assert outputs(model_dir, name, params) == outputs(model_dir, None, params)
+
+
+def test_seeded_sampling_identical_with_speculation(model_dir: Path, mlp_dir: Path) -> None:
+    params = SamplingParams(temperature=0.8, top_k=40, seed=11, max_tokens=24, ignore_eos=True)
+    assert outputs(model_dir, f"{mlp_dir}+ngram", params) == outputs(model_dir, None, params)
+
+
+def test_ngram_speculation_takes_several_tokens_per_step(model_dir: Path) -> None:
+    llm = LLM(model=str(model_dir), dtype="float32", device="cpu", speculator="ngram")
+    try:
+        # Greedy random models fall into loops quickly: exactly what n-gram lookup predicts.
+        out = llm.generate([REPETITIVE], SamplingParams(max_tokens=64, ignore_eos=True))[0]
+        m = out.metrics
+        assert m.num_spec_steps > 0 and m.num_accepted_tokens > 0
+        assert m.num_decode_steps < m.num_generated_tokens - 1
+        assert m.tokens_per_step > 1.2
+        assert sum(m.accepted_per_position) == m.num_accepted_tokens
+    finally:
+        llm.shutdown()
+
+
+def test_stop_and_max_tokens_inside_an_accepted_run(model_dir: Path) -> None:
+    plain = outputs(model_dir, None, SamplingParams(max_tokens=37, ignore_eos=True))
+    spec = outputs(model_dir, "ngram", SamplingParams(max_tokens=37, ignore_eos=True))
+    assert spec == plain and all(len(t) == 37 for t in spec)
+    llm = LLM(model=str(model_dir), dtype="float32", device="cpu", speculator="ngram")
+    try:
+        full = llm.generate([REPETITIVE], SamplingParams(max_tokens=40, ignore_eos=True))[0]
+        stop = full.text[len(full.text) // 2 :][:3]
+        cut = llm.generate([REPETITIVE], SamplingParams(max_tokens=40, ignore_eos=True, stop=[stop]))[0]
+        assert cut.text == full.text[: full.text.index(stop)]
+        assert cut.token_ids == full.token_ids[: len(cut.token_ids)]
+    finally:
+        llm.shutdown()
+
+
+def _engine(model_dir: Path, speculator: str, **kw: object) -> LLMEngine:
+    config = EngineConfig(model=str(model_dir), dtype="float32", device="cpu", speculator=speculator, **kw)  # type: ignore[arg-type]
+    return LLMEngine(config, load_model(config.model, "float32", "cpu"))
+
+
+def test_candidates_share_pages_and_only_verified_tokens_are_hashed(model_dir: Path, mlp_dir: Path) -> None:
+    engine = _engine(model_dir, str(mlp_dir), block_size=16)
+    prompt = engine.tokenizer.encode(REPETITIVE * 3)
+    rid = engine.add_request(prompt, SamplingParams(max_tokens=40, ignore_eos=True))
+    seq = engine.sequences[rid]
+    engine.step()  # prefill + first token
+    assert seq.num_output_tokens == 1
+    bm = engine.block_manager
+    for _ in range(10):
+        assert engine.speculation is not None
+        engine.speculation.propose(engine.scheduler.running, bm.usage)
+        nodes = len(seq.draft_token_ids)
+        free_before = bm.num_free_blocks
+        pages_before = len(seq.block_table)
+        batch = engine.scheduler.schedule()
+        # KV for the tree costs only the pages its own new tokens need: nothing per candidate.
+        assert free_before - bm.num_free_blocks == bm.blocks_needed(seq.num_tokens + nodes) - pages_before
+        assert bm.take_pending_copies() == []
+        results = engine._run(batch)
+        engine.scheduler.append_tokens(batch.scheduled[0], results[0])
+        # Rejected draft slots are reclaimed at once.
+        assert len(seq.block_table) == bm.blocks_needed(seq.num_tokens)
+    # Every published page holds verified tokens only: its hash is one of the sequence's own chain.
+    chain_seq = engine.sequences[rid]
+    bm._hash_full_blocks(chain_seq, chain_seq.num_computed_tokens)
+    published = {b.block_hash for b in bm.blocks if b.block_hash is not None}
+    assert published and published <= set(chain_seq.block_hashes)
+    assert seq.metrics.num_spec_steps == 10
+
+
+def test_speculation_option_errors_are_clear(model_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="speculator"):
+        LLM(model=str(model_dir), dtype="float32", device="cpu", speculator=str(tmp_path / "missing"))
