@@ -12,31 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from engine.bench_common import Row, print_table
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
-
-
-@dataclass
-class Row:
-    name: str
-    specdesk: float
-    baseline: float | None
-    baseline_name: str
-    unit: str
-    target: str = ""
-
-    @property
-    def ratio(self) -> float | None:
-        if self.baseline is None or self.baseline == 0:
-            return None
-        # For latencies lower is better, so the ratio is baseline / ours either way ("x better").
-        return self.baseline / self.specdesk if self.unit == "s" else self.specdesk / self.baseline
 
 
 def _eval_conversations() -> list[list[dict[str, str]]]:
@@ -110,18 +93,6 @@ def concurrent(llm: LLM, hf: Any, prompts: list[list[int]], max_tokens: int) -> 
     return rows
 
 
-def print_table(rows: list[Row], header: str) -> str:
-    lines = [header, "", "| measurement | SpecDesk | baseline | baseline value | ratio | target |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
-    for r in rows:
-        base = "n/a" if r.baseline is None else f"{r.baseline:.3f} {r.unit}"
-        ratio = "n/a" if r.ratio is None else f"{r.ratio:.2f}x"
-        lines.append(f"| {r.name} | {r.specdesk:.3f} {r.unit} | {r.baseline_name} | {base} | {ratio} | {r.target} |")
-    text = "\n".join(lines)
-    print(text)
-    return text
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="path or hub id (default: built-in SmolLM2-135M-Instruct)")
@@ -130,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--num-prompts", type=int, default=3, help="single-stream prompts")
     ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--suite", default="all", choices=["core", "spec", "all"])
     ap.add_argument("--out", default="bench_engine.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -146,9 +118,15 @@ def main(argv: list[str] | None = None) -> None:
     hf.generate(prompts[0], 8)
 
     rows: list[Row] = []
-    rows += single_stream(llm, hf, prompts[: args.num_prompts], args.max_tokens)
-    rows += turn5_ttft(llm, convs, max_tokens=48)
-    rows += concurrent(llm, hf, prompts[: args.concurrency], args.max_tokens)
+    if args.suite in ("core", "all"):
+        rows += single_stream(llm, hf, prompts[: args.num_prompts], args.max_tokens)
+        rows += turn5_ttft(llm, convs, max_tokens=48)
+        rows += concurrent(llm, hf, prompts[: args.concurrency], args.max_tokens)
+    llm.shutdown()
+    if args.suite in ("spec", "all"):
+        from engine import bench_spec
+
+        rows += bench_spec.run(path, args.dtype, args.threads, prompts, args.max_tokens, hf)
     header = (f"engine.bench: {Path(path).name}, {args.dtype}, {args.threads} threads, "
               f"{args.max_tokens} new tokens, torch {torch.__version__}")  # fmt: skip
     table = print_table(rows, header)
@@ -156,7 +134,6 @@ def main(argv: list[str] | None = None) -> None:
               "rows": [{**r.__dict__, "ratio": r.ratio} for r in rows]}  # fmt: skip
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
-    llm.shutdown()
 
 
 if __name__ == "__main__":

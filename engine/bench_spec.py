@@ -1,0 +1,103 @@
+"""Speculative-decoding benchmark (`python -m engine.bench --suite spec`): every variant in one process.
+
+Single stream: transformers `generate`, transformers prompt-lookup assisted generation, llama.cpp on the
+same GGUF (when `llama-cpp-python` is installed), and SpecDesk plain / n-gram / MLP / MLP + n-gram, all
+greedy on the first customer turn of unseen conversations (prompts/eval). Also: whether every variant's
+output is token-for-token identical to plain decoding, mean tokens per base step, acceptance by head
+position, and aggregate throughput at 8 and 16 concurrent conversations with and without speculation.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from engine.bench_common import Row
+from engine.llm import LLM
+from engine.sampling_params import SamplingParams
+
+VARIANTS = {"plain": None, "n-gram": "ngram", "MLP": "default-mlp", "MLP + n-gram": "default"}
+
+
+def _engine(path: str, dtype: str, threads: int, speculator: str | None) -> LLM:
+    from engine.speculation import DEFAULT_SPECULATOR_DIR
+
+    spec = str(DEFAULT_SPECULATOR_DIR) if speculator == "default-mlp" else speculator
+    return LLM(model=path, dtype=dtype, device="cpu", num_threads=threads, speculator=spec, kv_cache_memory_gib=0.5)
+
+
+def run(path: str, dtype: str, threads: int, prompts: list[list[int]], max_tokens: int, hf: Any) -> list[Row]:
+    params = SamplingParams(max_tokens=max_tokens)
+    rows: list[Row] = []
+    single = prompts[: max(3, len(prompts) // 4)]
+    hf_rate = sum(hf.decode_tokens_per_s(ids, max_tokens) for ids in single) / len(single)
+    lookup = sum(hf.prompt_lookup_tokens_per_s(ids, max_tokens) for ids in single) / len(single)
+    e2e = sum(max_tokens / hf.generate(ids, max_tokens) for ids in single) / len(single)
+    rows.append(Row("transformers prompt lookup (end to end)", lookup, e2e, "transformers generate (e2e)", "tok/s"))
+    cpp = _llama_cpp_rate(single, max_tokens)
+    reference: list[list[int]] | None = None
+    for name, speculator in VARIANTS.items():
+        llm = _engine(path, dtype, threads, speculator)
+        try:
+            llm.generate(single[:1], SamplingParams(max_tokens=8))  # warm-up
+            outs = [llm.generate([ids], params)[0] for ids in single]
+            rate = sum(o.metrics.decode_tokens_per_s for o in outs) / len(outs)
+            steps = sum(o.metrics.num_decode_steps for o in outs)
+            per_step = sum(o.metrics.num_generated_tokens - 1 for o in outs) / max(steps, 1)
+            tokens = [o.token_ids for o in outs]
+            reference = reference or tokens
+            same = sum(a == b for a, b in zip(tokens, reference, strict=True)) / len(tokens)
+            rows.append(Row(f"decode, SpecDesk {name}", rate, hf_rate, "transformers generate", "tok/s",
+                            ">= 2x plain, >= 3x transformers" if name == "MLP + n-gram" else ""))  # fmt: skip
+            rows.append(Row(f"  tokens per base step, {name}", per_step, None, "", "tok/step",
+                            ">= 2.5" if name == "MLP" else ""))  # fmt: skip
+            rows.append(Row(f"  greedy output identical to plain, {name}", 100 * same, None, "", "%", "100 %"))
+            if cpp is not None:
+                rows.append(Row(f"decode, SpecDesk {name}", rate, cpp, "llama.cpp (same GGUF)", "tok/s"))
+            if speculator is not None:
+                per_pos = llm.stats().spec_accepted_per_position
+                drafts = max(llm.stats().spec_num_drafts, 1)
+                for i, n in enumerate(per_pos):
+                    rows.append(Row(f"  acceptance of head {i + 1}, {name}", 100 * n / drafts, None, "", "%"))
+            if name in ("plain", "MLP + n-gram"):
+                for n in (8, 16):
+                    rows.append(_concurrent(llm, prompts[:n], max_tokens, name))
+        finally:
+            llm.shutdown()
+    return rows
+
+
+def _concurrent(llm: LLM, prompts: list[list[int]], max_tokens: int, name: str) -> Row:
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    rate = sum(len(o.token_ids) for o in outs) / (time.perf_counter() - start)
+    return Row(f"{len(prompts)} concurrent, SpecDesk {name}", rate, None, "", "tok/s")
+
+
+def _llama_cpp_rate(prompts: list[list[int]], max_tokens: int) -> float | None:
+    """llama.cpp decode tok/s on the shipped GGUF, or None when llama-cpp-python is not installed."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        print("  llama-cpp-python not installed: skipping llama.cpp (pip install llama-cpp-python)")
+        return None
+    import tempfile
+    from pathlib import Path
+
+    from engine.models.default_model import locate_gguf
+
+    gguf = locate_gguf(Path(tempfile.mkdtemp()))
+    model = Llama(model_path=str(gguf), n_ctx=2048, n_threads=2, verbose=False)
+    rates = []
+    for ids in prompts:
+        start = time.perf_counter()
+        first = None
+        n = 0
+        for _tok in model.generate(ids, temp=0.0):
+            n += 1
+            first = first or time.perf_counter()
+            if n == max_tokens:
+                break
+        rates.append((n - 1) / (time.perf_counter() - (first or start)))
+    return sum(rates) / len(rates)
