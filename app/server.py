@@ -81,7 +81,10 @@ class RunningServer:
 
     def stop(self) -> None:
         self.server.should_exit = True
-        self.thread.join(timeout=10)
+        self.thread.join(timeout=2)
+        if self.thread.is_alive():  # open event streams keep a graceful shutdown waiting
+            self.server.force_exit = True
+            self.thread.join(timeout=10)
 
 
 def start_in_thread(app: fastapi.FastAPI, host: str = "127.0.0.1", port: int = 0) -> RunningServer:
