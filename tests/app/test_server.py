@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Iterator
@@ -63,7 +64,7 @@ def test_send_streams_through_gradio_client(server: RunningServer, service: Chat
     assert job.status().success
     growing = [r for r in replies if r.strip(" ▍")]
     assert len(set(growing)) >= 3, f"expected several streamed updates, got {len(set(growing))}"
-    assert all(len(a) <= len(b) + 2 for a, b in zip(growing, growing[1:], strict=False))
+    assert all(len(a) <= len(b) + 2 for a, b in itertools.pairwise(growing))
     summary = service.repository.list_conversations("48213")[0]
     assert summary.customer_name == "Dana" and summary.persona == "retail"
     messages = service.repository.get_conversation(summary.id).messages
