@@ -1,0 +1,136 @@
+"""The console in headless Debian Chromium, driven by Playwright, as an agent would use it.
+
+Needs `apt-get install chromium` and `pip install playwright` (Playwright cannot download its own
+browser here, so it drives /usr/bin/chromium). Screenshots land in artifacts/.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.chat_service import ChatService
+from app.server import RunningServer, create_app, start_in_thread
+from app.settings import Settings
+from db import MessageStatus, Role
+from engine.llm import LLM
+from tests.app.console_fixtures import make_service, tiny_console_llm
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+    "--disable-sync", "--no-first-run",
+]  # fmt: skip
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(importlib.util.find_spec("playwright") is None, reason="playwright is not installed"),
+    pytest.mark.skipif(shutil.which(CHROMIUM) is None, reason=f"Debian chromium not found at {CHROMIUM}"),
+]
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChatService]:
+    llm: LLM = tiny_console_llm(tmp_path_factory.mktemp("browser"))
+    # Long replies (the tiny model never says EOS): there is time to press Stop mid-stream.
+    yield make_service(llm, tmp_path_factory.mktemp("db") / "specdesk.db", max_tokens=6000)
+    llm.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(service: ChatService) -> Iterator[RunningServer]:
+    running = start_in_thread(create_app(service, Settings()))
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def page(server: RunningServer) -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1440, "height": 900})
+        page.set_default_timeout(30_000)
+        yield page
+        browser.close()
+
+
+def bot_text(page: Any) -> str:
+    return page.locator('#sd-chat [data-testid="bot"]').last.inner_text()
+
+
+def test_type_stream_stop_reload_and_reopen(page: Any, server: RunningServer, service: ChatService) -> None:
+    page.goto(server.url)
+    page.locator("#sd-message textarea").fill("Hello, I need help with order 48213")
+    page.locator("#sd-send").click()
+
+    # Tokens arrive: the reply grows while Stop is offered.
+    page.locator("#sd-stop").wait_for(state="visible")
+    deadline = time.monotonic() + 30
+    while len(bot_text(page).strip(" ▍")) < 5:
+        assert time.monotonic() < deadline, "no tokens arrived"
+        time.sleep(0.05)
+    first = len(bot_text(page))
+    time.sleep(0.3)
+    assert len(bot_text(page)) > first, "the reply stopped growing before Stop was pressed"
+
+    page.locator("#sd-stop").click()
+    page.locator("#sd-status").get_by_text("Stopped").wait_for()
+    page.locator("#sd-send").wait_for(state="visible")
+    assert "stopped; partial reply kept" in bot_text(page)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "browser-console-stopped.png"), full_page=True)
+
+    summary = service.repository.list_conversations("order 48213")[0]
+    messages = service.repository.get_conversation(summary.id).messages
+    assert [(m.role, m.status) for m in messages] == [
+        (Role.USER, MessageStatus.COMPLETE),
+        (Role.ASSISTANT, MessageStatus.STOPPED),
+    ]
+    assert len(messages[1].content) > 0 and messages[1].metrics is not None
+
+    page.reload()
+    entry = page.locator("#sd-conversations label").filter(has_text="Hello, I need help with order 48213")
+    entry.wait_for()
+    entry.click()
+    page.locator('#sd-chat [data-testid="user"]').filter(has_text="order 48213").wait_for()
+    assert "stopped; partial reply kept" in bot_text(page)
+    page.screenshot(path=str(ARTIFACTS / "browser-console-reopened.png"), full_page=True)
+
+
+def test_injected_images_and_html_never_render(page: Any, server: RunningServer, service: ChatService) -> None:
+    """Customer text and model Markdown carrying images/HTML: shown inert, and no request leaves."""
+    leaked: list[str] = []
+    page.on("request", lambda request: leaked.append(request.url) if "exfil" in request.url else None)
+    trap = f"{server.url}/exfil"
+    conversation = service.new_conversation()
+    service.repository.add_message(
+        conversation.id, Role.USER, f'Hi ![a]({trap}?q=customer) <img src="{trap}-img"> <b id="pwned-user">x</b>'
+    )
+    service.add_agent_reply(
+        conversation.id,
+        f'**Sure.** ![status]({trap}?q=model) <img src="{trap}-model"> <script>window.pwned=1</script> '
+        f'<b id="pwned-model">y</b>\n\n![ref][r]\n\n[r]: {trap}-ref.png',
+    )
+    service.repository.rename_conversation(conversation.id, "Injection check")
+    page.goto(server.url)
+    page.locator("#sd-conversations label").filter(has_text="Injection check").click()
+    page.locator('#sd-chat [data-testid="bot"]').filter(has_text="Sure.").wait_for()
+    time.sleep(0.5)
+
+    chat = page.locator("#sd-chat")
+    assert chat.locator("img[src*='exfil']").count() == 0
+    assert chat.locator("#pwned-user, #pwned-model, script").count() == 0
+    assert page.evaluate("() => window.pwned === undefined")
+    user_text = chat.locator('[data-testid="user"]').last.inner_text()
+    assert "![a](" in user_text and '<img src="' in user_text  # the customer's text, exactly as typed
+    assert "image removed: status" in bot_text(page) and "Sure." in bot_text(page)
+    assert leaked == [], f"the page fetched attacker URLs: {leaked}"
