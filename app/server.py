@@ -41,6 +41,13 @@ def build_service(settings: Settings) -> ChatService:
 def create_app(service: ChatService, settings: Settings) -> fastapi.FastAPI:
     """FastAPI app with /v1 and /metrics (when their modules are installed) and the console at /."""
     app = fastapi.FastAPI(title="SpecDesk", docs_url=None, redoc_url=None)
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> dict[str, object]:
+        # Unauthenticated on purpose (container health checks); says nothing about conversations.
+        stats = service.engine_stats()
+        return {"status": "ok", "model": service.model_name, "running": stats.num_running}
+
     _mount_api(app, service, settings)
     demo = build_demo(service)
     # The queue is sized to the engine's batch: `max_num_seqs` turns stream at once and the engine

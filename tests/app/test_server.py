@@ -121,6 +121,8 @@ def test_openai_api_and_metrics_are_mounted(server: RunningServer) -> None:
     assert metrics.status_code == 200 and "specdesk" in metrics.text.lower()
     page = httpx.get(f"{server.url}/", timeout=10)
     assert page.status_code == 200 and "SpecDesk" in page.text
+    health = httpx.get(f"{server.url}/healthz", timeout=10)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
 
 
 def test_login_is_required_when_agents_are_configured(service: ChatService) -> None:
@@ -128,6 +130,7 @@ def test_login_is_required_when_agents_are_configured(service: ChatService) -> N
     running = start_in_thread(create_app(service, settings))
     try:
         assert httpx.get(f"{running.url}/config", timeout=10).status_code == 401
+        assert httpx.get(f"{running.url}/healthz", timeout=10).status_code == 200
         with httpx.Client(base_url=running.url, timeout=10) as http:
             bad = http.post("/login", data={"username": "alice", "password": "nope"})
             assert bad.status_code == 400
