@@ -51,12 +51,22 @@ ARCHITECTURES: dict[str, str] = {
     "GPTBigCodeForCausalLM": "engine.models.gpt_bigcode:GPTBigCodeForCausalLM",
 }
 
+_MODEL_TYPES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "granite": "GraniteForCausalLM",
+    "gpt_bigcode": "GPTBigCodeForCausalLM",
+}
+
 
 def model_class(hf_config: Any) -> type[CausalLM]:
     """The class serving this config's architecture; ValueError naming the supported ones otherwise."""
     import importlib
 
     names = list(getattr(hf_config, "architectures", None) or [])
+    if not names and getattr(hf_config, "model_type", None) in _MODEL_TYPES:
+        names = [_MODEL_TYPES[hf_config.model_type]]  # configs read from GGUF files list no architectures
     for name in names:
         if name in ARCHITECTURES:
             module, cls = ARCHITECTURES[name].split(":")

@@ -48,6 +48,7 @@ def default_model_path(cache_dir: Path | str | None = None) -> Path:
         staging = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}-", dir=target.parent))
         try:
             convert_gguf(gguf, staging)
+            staging.chmod(0o755)  # mkdtemp made it private; the cache is meant to be shared
             try:
                 staging.rename(target)  # atomic: readers see nothing or a complete checkpoint
             except OSError:

@@ -68,9 +68,7 @@ class GPTBigCodeModel(nn.Module):
         super().__init__()
         self.wte = nn.Embedding(hf_config.vocab_size, hf_config.hidden_size)
         self.wpe = nn.Embedding(hf_config.max_position_embeddings, hf_config.hidden_size)
-        self.h = nn.ModuleList(
-            GPTBigCodeBlock(hf_config, backend) for _ in range(hf_config.num_hidden_layers)
-        )
+        self.h = nn.ModuleList(GPTBigCodeBlock(hf_config, backend) for _ in range(hf_config.num_hidden_layers))
         self.ln_f = nn.LayerNorm(hf_config.hidden_size, eps=hf_config.layer_norm_epsilon)
 
 
@@ -119,9 +117,7 @@ class GPTBigCodeForCausalLM(CausalLM):
             return None  # causal-mask buffers that old checkpoints saved
         return hf_name, None
 
-    def _regroup_c_attn(
-        self, weights: Iterable[tuple[str, torch.Tensor]]
-    ) -> Iterator[tuple[str, torch.Tensor]]:
+    def _regroup_c_attn(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
         # Without multi_query, transformers lays c_attn out per head as [h, (q, k, v), d]; we want
         # [(q, k, v), h, d] so that q, k and v are contiguous blocks like in the multi-query layout.
         for name, tensor in weights:

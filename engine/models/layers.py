@@ -15,32 +15,58 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.attention_metadata import AttentionMetadata
+from kernels import ops, reference
 
-# write_fn(key, value, k_cache, v_cache, slot_mapping) and
-# attn_fn(query, k_cache, v_cache, block_tables, seq_lens, query_lens, scale, tree_mask) -> [T, H, D]:
-# the contract of kernels/reference.py, which every backend implements.
+# write_fn(key, value, k_cache, v_cache, slot_mapping): scatter K/V into page slots (see kernels.reference).
+# attn_fn(query, k_cache, v_cache, meta, scale) -> [T, num_heads, head_dim]: paged attention over the batch.
 WriteKVFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
-AttentionFn = Callable[..., torch.Tensor]
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float], torch.Tensor]
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 def attention_backend(name: str) -> tuple[WriteKVFn, AttentionFn]:
-    """The (write_kv, paged_attention) pair of an attention backend. Only "torch" exists for now."""
-    if name == "torch":
-        from kernels.reference import paged_attention, write_kv
+    """The (write_fn, attn_fn) pair of a backend: "torch" (kernels.reference) or "triton" (kernels.ops).
 
-        return write_kv, paged_attention
-    raise ValueError(f"unknown attention backend {name!r}; available: 'torch'")
+    Chosen once at model construction; resolve "auto" first with kernels.ops.resolve_backend.
+    """
+    if name == "torch":
+        return reference.write_kv, _torch_attention
+    if name == "triton":
+        return _triton_write_kv, _triton_attention
+    raise ValueError(f"unknown attention backend {name!r}; available: torch, triton")
+
+
+def _torch_attention(
+    query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    return reference.paged_attention(
+        query, k_cache, v_cache, meta.block_tables, meta.seq_lens_list, meta.query_lens_list, scale,
+        meta.tree_mask,
+    )  # fmt: skip
+
+
+def _triton_write_kv(
+    key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor
+) -> None:
+    ops.write_kv(key, value, k_cache, v_cache, slots, backend="triton")
+
+
+def _triton_attention(
+    query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    # The device copies of the lengths spare each launch a host-to-device copy.
+    return ops.paged_attention(
+        query, k_cache, v_cache, meta.block_tables, meta.seq_lens_list, meta.query_lens_list, scale,
+        meta.tree_mask, backend="triton", seq_lens_t=meta.seq_lens, query_start_loc=meta.query_start_loc,
+    )  # fmt: skip
 
 
 class PagedAttention(nn.Module):
     """Writes this pass's K/V into the paged cache, then attends over each sequence's pages."""
 
-    def __init__(
-        self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, backend: str = "torch"
-    ) -> None:
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, backend: str = "torch") -> None:
         super().__init__()
         assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
@@ -57,16 +83,7 @@ class PagedAttention(nn.Module):
     ) -> torch.Tensor:  # [T, num_heads * head_dim]
         k_cache, v_cache = kv_cache
         self.write_fn(key, value, k_cache, v_cache, meta.slot_mapping)
-        out = self.attn_fn(
-            query,
-            k_cache,
-            v_cache,
-            meta.block_tables,
-            meta.seq_lens_list,
-            meta.query_lens_list,
-            self.scale,
-            meta.tree_mask,
-        )
+        out = self.attn_fn(query, k_cache, v_cache, meta, self.scale)
         return out.reshape(out.shape[0], -1)
 
 
@@ -95,9 +112,7 @@ def rope_parameters(hf_config: Any) -> dict[str, Any]:
     return params
 
 
-def rope_inv_freq(
-    head_dim: int, params: dict[str, Any], max_position_embeddings: int
-) -> tuple[torch.Tensor, float]:
+def rope_inv_freq(head_dim: int, params: dict[str, Any], max_position_embeddings: int) -> tuple[torch.Tensor, float]:
     """Float32 inverse frequencies [head_dim // 2] and the cos/sin scale for one rope variant.
 
     Written as transformers' modeling_rope_utils writes them, so the tables agree bit for bit.

@@ -154,9 +154,7 @@ class LlamaForCausalLM(CausalLM):
         self.model = LlamaModel(args, backend)
         self.rotary = RotaryEmbedding(args.head_dim, args.rope, args.max_position_embeddings)
         # Tied: the logits reuse model.embed_tokens.weight and there is no lm_head parameter at all.
-        self.lm_head = (
-            None if args.tie_word_embeddings else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-        )
+        self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
     def forward(
         self,
