@@ -51,9 +51,7 @@ _BASE: dict[str, Any] = {
 }
 
 
-def make_tiny_model(
-    family: str, tmp_path: Path, *, seed: int = 0, name: str | None = None, **overrides: Any
-) -> Path:
+def make_tiny_model(family: str, tmp_path: Path, *, seed: int = 0, name: str | None = None, **overrides: Any) -> Path:
     """Save a tiny checkpoint of `family` (one of FAMILIES) under tmp_path and return its directory.
 
     overrides go to the config (e.g. tie_word_embeddings=True, rope_parameters={...}).
@@ -97,9 +95,7 @@ def _config(family: str, tokenizer: Any, overrides: dict[str, Any]) -> Any:
         extra = {"head_dim": 32, "sliding_window": None}  # head_dim * heads != hidden_size on purpose
         return MistralConfig(**{**ids, **_BASE, "rope_parameters": rope, **extra, **overrides})
     if family == "qwen2":
-        return Qwen2Config(
-            **{**ids, **_BASE, "rope_parameters": rope, "tie_word_embeddings": True, **overrides}
-        )
+        return Qwen2Config(**{**ids, **_BASE, "rope_parameters": rope, "tie_word_embeddings": True, **overrides})
     multipliers = {"embedding_multiplier": 3.0, "residual_multiplier": 0.5, "attention_multiplier": 0.2,
                    "logits_scaling": 2.5}  # fmt: skip
     return GraniteConfig(
@@ -192,3 +188,84 @@ def train_sentencepiece(vocab_size: int = 360) -> bytes:
         minloglevel=2,
     )
     return model.getvalue()
+
+
+def make_tiny_gguf(tmp_path: Path) -> Path:
+    """The tiny "llama" checkpoint re-exported as an F32 GGUF file (llama.cpp layout), with its tokenizer.
+
+    Returns the .gguf path; the source checkpoint sits next to it in tmp_path / "tiny-llama".
+    """
+    import gguf
+    import numpy as np
+    import sentencepiece as spm
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    src = make_tiny_model("llama", tmp_path)
+    cfg = AutoConfig.from_pretrained(src)
+    out = tmp_path / "tiny-llama.F32.gguf"
+    writer = gguf.GGUFWriter(str(out), arch="llama")
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+
+    sp = spm.SentencePieceProcessor(model_proto=train_sentencepiece())
+    pieces = [sp.id_to_piece(i) for i in range(sp.vocab_size())]
+    kinds = gguf.TokenType
+    types = [
+        kinds.UNKNOWN if sp.is_unknown(i) else kinds.CONTROL if sp.is_control(i) else kinds.BYTE if sp.is_byte(i)
+        else kinds.USER_DEFINED if piece.startswith("<|") else kinds.NORMAL
+        for i, piece in enumerate(pieces)
+    ]  # fmt: skip
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(pieces)
+    writer.add_token_scores([sp.get_score(i) for i in range(sp.vocab_size())])
+    writer.add_token_types(types)
+    writer.add_bos_token_id(cfg.bos_token_id)
+    writer.add_eos_token_id(cfg.eos_token_id)
+    writer.add_unk_token_id(0)
+    writer.add_chat_template(CHAT_TEMPLATE)
+
+    for name, tensor in load_file(src / "model.safetensors").items():
+        array = tensor.numpy()
+        # llama.cpp interleaves the rotary halves of q and k per head; transformers undoes it on load.
+        if ".q_proj." in name or ".k_proj." in name:
+            heads = cfg.num_attention_heads if ".q_proj." in name else cfg.num_key_value_heads
+            array = array.reshape(heads, 2, -1, array.shape[-1]).swapaxes(1, 2).reshape(array.shape)
+        writer.add_tensor(_gguf_name(name), np.ascontiguousarray(array, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+_GGUF_GLOBAL = {
+    "model.embed_tokens.weight": "token_embd",
+    "model.norm.weight": "output_norm",
+    "lm_head.weight": "output",
+}
+_GGUF_LAYER = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+def _gguf_name(hf_name: str) -> str:
+    if hf_name in _GGUF_GLOBAL:
+        return f"{_GGUF_GLOBAL[hf_name]}.weight"
+    parts = hf_name.split(".")  # model.layers.<i>.<module path>.weight
+    return f"blk.{parts[2]}.{_GGUF_LAYER['.'.join(parts[3:-1])]}.{parts[-1]}"

@@ -54,9 +54,7 @@ class PagedRunner:
         self.tables: dict[int, list[int]] = {}
         self.lens: dict[int, int] = {}
 
-    def step(
-        self, batch: list[tuple[int, list[int]]], tree_mask: torch.Tensor | None = None
-    ) -> list[torch.Tensor]:
+    def step(self, batch: list[tuple[int, list[int]]], tree_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Run new tokens of several sequences in one forward; returns each sequence's logits [q, vocab]."""
         input_ids, positions, slots, seq_lens, query_lens = [], [], [], [], []
         for seq_id, tokens in batch:
@@ -77,9 +75,7 @@ class PagedRunner:
             slot_mapping=torch.tensor(slots, dtype=torch.int64),
             block_tables=torch.tensor(tables, dtype=torch.int32),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-            query_start_loc=torch.tensor(
-                [0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32
-            ),
+            query_start_loc=torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32),
             seq_lens_list=seq_lens,
             query_lens_list=query_lens,
             block_size=BLOCK_SIZE,
@@ -192,9 +188,7 @@ def test_rope_inv_freq_matches_transformers(params: dict[str, Any]) -> None:
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    config = LlamaConfig(
-        hidden_size=256, num_attention_heads=2, max_position_embeddings=512, rope_parameters=params
-    )
+    config = LlamaConfig(hidden_size=256, num_attention_heads=2, max_position_embeddings=512, rope_parameters=params)
     theirs, their_scale = ROPE_INIT_FUNCTIONS[params["rope_type"]](config, "cpu")
     ours, our_scale = rope_inv_freq(128, rope_parameters(config), 512)
     torch.testing.assert_close(ours, theirs, atol=0, rtol=0)
@@ -219,3 +213,61 @@ def test_bfloat16_model_runs(tmp_path: Path) -> None:
     (logits,) = runner.step([(0, tokens)])
     assert logits.dtype == torch.float32
     assert (logits - ref).abs().max() < 0.1
+
+
+_TRITON_SCRIPT = """
+import sys, torch
+from tests.engine.test_models import VARIANTS, PagedRunner, _tokens
+from tests.tiny_models import make_tiny_model
+from engine.models.loader import load_model
+from pathlib import Path
+device = "cuda" if torch.cuda.is_available() else "cpu"
+path = make_tiny_model("llama", Path(sys.argv[1]))
+out = {}
+for backend in ("torch", "triton"):
+    lm = load_model(str(path), dtype="float32", device=device, attention_backend=backend)
+    runner = PagedRunner(lm)
+    runner.kv_caches = [(k.to(device), v.to(device)) for k, v in runner.kv_caches]
+    a, b = _tokens(lm, 21, 1), _tokens(lm, 9, 2)
+    runner.step([(0, a[:14])])
+    out[backend] = torch.cat(runner.step([(0, a[14:]), (1, b)]) + runner.step([(0, [3]), (1, [4])])).cpu()
+torch.testing.assert_close(out["triton"], out["torch"], atol=1e-4, rtol=0)
+print("ok")
+"""
+
+
+def test_triton_backend_matches_torch_backend(tmp_path: Path) -> None:
+    # The attention_backend hook end to end; without CUDA through the Triton interpreter, in a fresh
+    # process because TRITON_INTERPRET must be set before any kernel is defined.
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "0" if torch.cuda.is_available() else "1"}
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        [sys.executable, "-c", _TRITON_SCRIPT, str(tmp_path)], env=env, cwd=root, capture_output=True, text=True
+    )
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_default_model_matches_transformers() -> None:
+    from transformers import AutoModelForCausalLM
+
+    from engine.models.default_model import default_model_path
+
+    lm = load_model(None, dtype="float32", device="cpu")
+    hf = AutoModelForCausalLM.from_pretrained(default_model_path(), dtype=torch.float32).eval()
+    assert (lm.num_layers, lm.num_kv_heads, lm.head_dim, lm.vocab_size) == (30, 3, 64, 49152)
+    messages = [{"role": "user", "content": "My parcel is late. What can I do?"}]
+    prompt = lm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    tokens = lm.tokenizer.encode(prompt, add_special_tokens=False)
+    runner = PagedRunner(lm, num_blocks=16)
+    logits = runner.step([(0, tokens[:-3])])[0]
+    decoded = [runner.step([(0, [t])])[0] for t in tokens[-3:]]
+    ref = _reference(hf, tokens)
+    ours = torch.cat([logits, *decoded])
+    torch.testing.assert_close(ours, ref, atol=5e-4, rtol=0)
+    assert torch.equal(ours.argmax(-1), ref.argmax(-1))
