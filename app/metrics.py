@@ -4,8 +4,8 @@ Two sources, chosen by what each number is:
   * per-request timings and token counts come from the engine's delta listener (`LLM.add_listener`),
     observed once per request from the engine's own clock when its final delta arrives, plus an
     inter-token gap for every delta that carries tokens;
-  * engine state (running/waiting, pages, prefix-cache counters, preemptions) is read from
-    `LLM.stats()` at scrape time, so a scrape always shows the present and nothing can drift.
+  * engine state (running/waiting, pages, prefix-cache, preemption and speculation counters) is read
+    from `LLM.stats()` at scrape time, so a scrape always shows the present and nothing can drift.
 
 Every series carries a `model_name` label, as vLLM's do, so dashboards built for vLLM work unchanged.
 """
@@ -32,68 +32,9 @@ log = logging.getLogger(__name__)
 
 PREFIX = "specdesk:"
 # vLLM's bucket edges, so the same dashboards and alert thresholds apply.
-TTFT_BUCKETS = (
-    0.001,
-    0.005,
-    0.01,
-    0.02,
-    0.04,
-    0.06,
-    0.08,
-    0.1,
-    0.25,
-    0.5,
-    0.75,
-    1.0,
-    2.5,
-    5.0,
-    7.5,
-    10.0,
-    20.0,
-    40.0,
-    80.0,
-)
-ITL_BUCKETS = (
-    0.01,
-    0.025,
-    0.05,
-    0.075,
-    0.1,
-    0.15,
-    0.2,
-    0.3,
-    0.4,
-    0.5,
-    0.75,
-    1.0,
-    2.5,
-    5.0,
-    7.5,
-    10.0,
-    20.0,
-    40.0,
-    80.0,
-)
-E2E_BUCKETS = (
-    0.3,
-    0.5,
-    0.8,
-    1.0,
-    1.5,
-    2.0,
-    2.5,
-    5.0,
-    10.0,
-    15.0,
-    20.0,
-    30.0,
-    40.0,
-    50.0,
-    60.0,
-    120.0,
-    240.0,
-    480.0,
-)
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 60.0, 120.0, 240.0, 480.0)
 
 
 def mount_metrics(app: FastAPI, llm: LLM) -> None:
@@ -132,12 +73,6 @@ class EngineMetrics(Collector):
         self.generation_tokens = counter("generation_tokens", "Generated tokens.")
         self.cached_tokens = counter("prompt_tokens_cached", "Prompt tokens served from cached pages.")
         self.success = counter("request_success", "Finished requests by reason.", ("finished_reason",))
-        self.drafts = counter("spec_decode_num_drafts", "Decode steps that verified a speculation.")
-        self.draft_tokens = counter("spec_decode_num_draft_tokens", "Speculated tokens checked.")
-        self.accepted_tokens = counter("spec_decode_num_accepted_tokens", "Speculated tokens accepted.")
-        self.accepted_per_pos = counter(
-            "spec_decode_num_accepted_tokens_per_pos", "Accepted tokens by draft position.", ("position",)
-        )
         self._last_token_time: dict[str, float] = {}
         self._failed_once = False
         registry.register(self)
@@ -177,12 +112,6 @@ class EngineMetrics(Collector):
         self.prompt_tokens.labels(model).inc(m.num_prompt_tokens)
         self.generation_tokens.labels(model).inc(m.num_generated_tokens)
         self.cached_tokens.labels(model).inc(m.num_cached_tokens)
-        self.drafts.labels(model).inc(m.num_spec_steps)
-        self.draft_tokens.labels(model).inc(m.num_draft_tokens)
-        self.accepted_tokens.labels(model).inc(m.num_accepted_tokens)
-        for position, n in enumerate(m.accepted_per_position):
-            if n:
-                self.accepted_per_pos.labels(model, str(position)).inc(n)
 
     # ---- scrape-time engine state ----------------------------------------------------------------
     def collect(self) -> Iterator[Metric]:
@@ -201,20 +130,22 @@ class EngineMetrics(Collector):
 
         yield gauge("num_requests_running", "Requests in the running batch.", s.num_running)
         yield gauge("num_requests_waiting", "Requests waiting to be scheduled.", s.num_waiting)
-        yield gauge(
-            "kv_cache_usage_perc", "Fraction of KV pages held by live requests (1 = full).", s.kv_usage
-        )
+        yield gauge("kv_cache_usage_perc", "Fraction of KV pages held by live requests (1 = full).", s.kv_usage)
         yield gauge("kv_cache_pages_total", "KV pages in the pool.", s.num_blocks)
-        yield gauge(
-            "kv_cache_pages_used", "KV pages held by live requests.", s.num_blocks - s.num_free_blocks
-        )
-        yield gauge(
-            "kv_cache_pages_cached", "KV pages holding a hashed, reusable prefix.", s.num_cached_blocks
-        )
+        yield gauge("kv_cache_pages_used", "KV pages held by live requests.", s.num_blocks - s.num_free_blocks)
+        yield gauge("kv_cache_pages_cached", "KV pages holding a hashed, reusable prefix.", s.num_cached_blocks)
         yield counter("kv_cache_pages_evicted", "Cached pages evicted to make room.", s.num_evicted_blocks)
-        yield counter(
-            "prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prefix_queried_tokens
-        )
+        yield counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prefix_queried_tokens)
         yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_hit_tokens)
         yield counter("num_preemptions", "Requests preempted for lack of pages.", s.num_preemptions)
         yield counter("engine_steps", "Engine iterations run.", s.num_steps)
+        yield counter("spec_decode_num_drafts", "Decode steps that verified a speculation.", s.spec_num_drafts)
+        yield counter("spec_decode_num_draft_tokens", "Speculated tokens checked.", s.spec_num_draft_tokens)
+        yield counter("spec_decode_num_accepted_tokens", "Speculated tokens accepted.", s.spec_num_accepted_tokens)
+        per_pos = CounterMetricFamily(
+            PREFIX + "spec_decode_num_accepted_tokens_per_pos", "Accepted tokens by draft position.",
+            labels=["model_name", "position"],
+        )  # fmt: skip
+        for position, n in enumerate(s.spec_accepted_per_position):
+            per_pos.add_metric([self.model_name, str(position)], n)
+        yield per_pos
