@@ -123,9 +123,7 @@ class _OpenAIServer:
             return JSONResponse(err.body(), status_code=500)
 
     def _authorize(self, request: Request) -> None:
-        keys = [
-            k.strip() for k in (*self.api_keys, *os.environ.get(API_KEYS_ENV, "").split(",")) if k.strip()
-        ]
+        keys = [k.strip() for k in (*self.api_keys, *os.environ.get(API_KEYS_ENV, "").split(",")) if k.strip()]
         if not keys:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -232,9 +230,7 @@ class _OpenAIServer:
                     choice.finish_reason = finish_reason(delta.finish_reason)
                     choice.metrics = delta.metrics
 
-    def _response(
-        self, req: ChatCompletionRequest | CompletionRequest, choices: list[_Choice], chat: bool
-    ) -> dict:
+    def _response(self, req: ChatCompletionRequest | CompletionRequest, choices: list[_Choice], chat: bool) -> dict:
         out = []
         for c in choices:
             text = "".join(c.text)
@@ -274,18 +270,14 @@ class _OpenAIServer:
 
         def chunk(c: _Choice, text: str, finish: str | None = None, first: bool = False, **extra: Any) -> str:
             if chat:
-                delta = (
-                    {"role": "assistant", "content": ""} if first else ({} if finish else {"content": text})
-                )
+                delta = {"role": "assistant", "content": ""} if first else ({} if finish else {"content": text})
                 body: dict[str, Any] = {"delta": delta}
             else:
                 body = {"text": text}
             return sse(
                 {
                     **base,
-                    "choices": [
-                        {"index": c.index, **body, "logprobs": None, "finish_reason": finish, **extra}
-                    ],
+                    "choices": [{"index": c.index, **body, "logprobs": None, "finish_reason": finish, **extra}],
                 }
             )
 
@@ -305,9 +297,7 @@ class _OpenAIServer:
                 if delta.finished:
                     c.metrics = delta.metrics
                     text = "" if chat else delta.text
-                    yield chunk(
-                        c, text, finish_reason(delta.finish_reason), specdesk=specdesk_extra(c.metrics)
-                    )
+                    yield chunk(c, text, finish_reason(delta.finish_reason), specdesk=specdesk_extra(c.metrics))
         if req.include_usage:
             yield sse({**base, "choices": [], "usage": _usage(choices)})
         yield sse("[DONE]")
@@ -319,9 +309,7 @@ def _usage(choices: list[_Choice]) -> dict[str, Any]:
     for c in choices:
         prompts.setdefault(c.prompt_index, []).append(c)
     num_prompt = sum(cs[0].num_prompt_tokens for cs in prompts.values())
-    num_cached = sum(
-        min((c.metrics.num_cached_tokens if c.metrics else 0) for c in cs) for cs in prompts.values()
-    )
+    num_cached = sum(min((c.metrics.num_cached_tokens if c.metrics else 0) for c in cs) for cs in prompts.values())
     return usage(num_prompt, sum(c.num_tokens for c in choices), num_cached)
 
 

@@ -151,9 +151,7 @@ def sampling_params(req: _Request, max_tokens: int, choice: int = 0) -> Sampling
         raise ApiError(400, message, param=param) from None
 
 
-def check_context_length(
-    num_prompt_tokens: int, max_tokens: int | None, max_model_len: int, param: str
-) -> None:
+def check_context_length(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int, param: str) -> None:
     """400 in OpenAI's words when the prompt, or the prompt plus the requested completion, cannot fit."""
     total = num_prompt_tokens + (max_tokens or 0)
     if num_prompt_tokens >= max_model_len or total > max_model_len:
@@ -220,9 +218,5 @@ def specdesk_extra(metrics: RequestMetrics | None) -> dict[str, Any]:
 
 
 def sse(payload: dict[str, Any] | Literal["[DONE]"]) -> str:
-    data = (
-        payload
-        if isinstance(payload, str)
-        else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
-    )
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
     return f"data: {data}\n\n"

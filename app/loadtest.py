@@ -181,9 +181,7 @@ def summarize(results: Results) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m app.loadtest", description=__doc__.splitlines()[0])
     parser.add_argument("--url", default="http://127.0.0.1:7860", help="server base URL (loopback only)")
-    parser.add_argument(
-        "--clients", type=int, default=8, help=f"concurrent streaming clients (1-{MAX_CLIENTS})"
-    )
+    parser.add_argument("--clients", type=int, default=8, help=f"concurrent streaming clients (1-{MAX_CLIENTS})")
     parser.add_argument(
         "--duration",
         type=float,
@@ -194,9 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--model", default=None, help="model id (default: the server's first)")
     parser.add_argument("--api-key", default=None, help="bearer key if the server requires one")
-    parser.add_argument(
-        "--grace", type=float, default=30.0, help="seconds in-flight requests get after --duration"
-    )
+    parser.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get after --duration")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = parser.parse_args(argv)
     host = urlparse(args.url).hostname or ""
@@ -224,9 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        print(
-            f"clients={args.clients} duration={args.duration:g}s max_tokens={args.max_tokens} url={args.url}"
-        )
+        print(f"clients={args.clients} duration={args.duration:g}s max_tokens={args.max_tokens} url={args.url}")
         for key, value in summary.items():
             print(f"  {key:34s} {value}")
     return 0 if summary["requests"] and not summary["errors"] else 1

@@ -45,9 +45,7 @@ async def aiter_deltas(llm: LLM, request_ids: Sequence[str]) -> AsyncGenerator[S
             llm.abort(request_id)
 
 
-def _pump(
-    llm: LLM, request_id: str, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[StreamDelta]
-) -> None:
+def _pump(llm: LLM, request_id: str, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[StreamDelta]) -> None:
     reader_gone = False
     # Read to the final delta even when nobody listens any more: `LLM.deltas` releases its stream then.
     for delta in llm.deltas(request_id):

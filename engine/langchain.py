@@ -105,9 +105,7 @@ class ChatSpecDesk(BaseChatModel):
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = super()._get_ls_params(stop=stop, **kwargs)
         params["ls_provider"] = "specdesk"
-        params["ls_model_name"] = (
-            kwargs["model"] if isinstance(kwargs.get("model"), str) else self._model_name()
-        )
+        params["ls_model_name"] = kwargs["model"] if isinstance(kwargs.get("model"), str) else self._model_name()
         params["ls_temperature"] = kwargs.get("temperature", self.temperature)
         params["ls_max_tokens"] = kwargs.get("max_tokens", self.max_tokens)
         if stop or self.stop:
@@ -198,9 +196,7 @@ class ChatSpecDesk(BaseChatModel):
                     await run_manager.on_llm_new_token(delta.text, chunk=chunk)
                 yield chunk
 
-    def _chunk(
-        self, delta: StreamDelta, num_prompt_tokens: int, num_tokens: int
-    ) -> ChatGenerationChunk | None:
+    def _chunk(self, delta: StreamDelta, num_prompt_tokens: int, num_tokens: int) -> ChatGenerationChunk | None:
         """A text chunk, or for the final delta the last chunk: its text plus usage and metadata, once."""
         if delta.error:
             raise RuntimeError(f"SpecDesk generation failed: {delta.error}")
@@ -235,9 +231,7 @@ def to_chat_dicts(messages: list[BaseMessage]) -> list[dict[str, str]]:
         kind = message.role if isinstance(message, ChatMessage) else message.type
         role = _ROLES.get(kind)
         if role is None:
-            raise ValueError(
-                f"{type(message).__name__} ({kind!r}) is not supported: SpecDesk chat is text only"
-            )
+            raise ValueError(f"{type(message).__name__} ({kind!r}) is not supported: SpecDesk chat is text only")
         content = message.content
         if isinstance(content, list) and any(
             not isinstance(b, str) and b.get("type") != "text" for b in content

@@ -22,9 +22,7 @@ NUM_BLOCKS = 96  # small pool: "every page is free again" is a meaningful check
 def tiny_llm(tmp: Path) -> LLM:
     """A random-weight qwen2 (ChatML template, EOS never greedy-picked) on a small page pool."""
     path = make_tiny_model("qwen2", tmp)
-    return LLM(
-        model=str(path), dtype="float32", device="cpu", num_blocks=NUM_BLOCKS, attention_backend="torch"
-    )
+    return LLM(model=str(path), dtype="float32", device="cpu", num_blocks=NUM_BLOCKS, attention_backend="torch")
 
 
 @contextlib.contextmanager

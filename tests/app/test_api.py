@@ -74,9 +74,7 @@ def test_chat_completion(client: openai.OpenAI, llm: LLM) -> None:
     # The same conversation again: its full pages come from the prefix cache.
     again = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, temperature=0)
     assert again.choices[0].message.content == choice.message.content
-    assert (
-        again.usage and again.usage.prompt_tokens_details and again.usage.prompt_tokens_details.cached_tokens
-    )
+    assert again.usage and again.usage.prompt_tokens_details and again.usage.prompt_tokens_details.cached_tokens
 
 
 def test_chat_stream_wire_format(client: openai.OpenAI) -> None:
@@ -132,9 +130,7 @@ def test_completions(client: openai.OpenAI, llm: LLM) -> None:
 
 
 def test_stop_sequence(client: openai.OpenAI) -> None:
-    text = (
-        client.completions.create(model=MODEL, prompt="Hello", max_tokens=12, temperature=0).choices[0].text
-    )
+    text = client.completions.create(model=MODEL, prompt="Hello", max_tokens=12, temperature=0).choices[0].text
     stop = text[len(text) // 2 :][:3]
     cut = client.completions.create(model=MODEL, prompt="Hello", max_tokens=12, temperature=0, stop=[stop])
     assert cut.choices[0].finish_reason == "stop"
@@ -185,9 +181,7 @@ def test_api_keys(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
         with pytest.raises(openai.AuthenticationError) as info:
             bad.models.list()
         assert info.value.status_code == 401 and info.value.code == "invalid_api_key"
-        no_key = httpx.post(
-            f"{base}/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES}, timeout=30
-        )
+        no_key = httpx.post(f"{base}/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES}, timeout=30)
         assert no_key.status_code == 401 and no_key.json()["error"]["code"] == "invalid_api_key"
         assert openai.OpenAI(base_url=f"{base}/v1", api_key="sk-flag").models.list().data
         # the environment is read per request: a key added now works without a restart
@@ -267,9 +261,7 @@ def test_mounts_on_a_gradio_console(llm: LLM, tmp_path: Path) -> None:
     app = gr.mount_gradio_app(app, demo, path="")
     with serve(app) as base:
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
-        chunks = list(
-            client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3, stream=True)
-        )
+        chunks = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3, stream=True))
         assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["length"]
         assert httpx.get(base, timeout=30).status_code == 200  # the console still answers at /
 

@@ -120,9 +120,7 @@ def test_stopping_a_stream_early_aborts(chat: ChatSpecDesk, llm: LLM) -> None:
 def test_messages_and_validation(llm: LLM) -> None:
     merged = to_chat_dicts([SystemMessage("a"), SystemMessage("b"), HumanMessage("c"), HumanMessage("d")])
     assert merged == [{"role": "system", "content": "a\n\nb"}, {"role": "user", "content": "c\n\nd"}]
-    assert to_chat_dicts([HumanMessage([{"type": "text", "text": "hi"}])]) == [
-        {"role": "user", "content": "hi"}
-    ]
+    assert to_chat_dicts([HumanMessage([{"type": "text", "text": "hi"}])]) == [{"role": "user", "content": "hi"}]
     with pytest.raises(ValueError, match="not supported"):
         to_chat_dicts([ToolMessage("42", tool_call_id="t")])
     with pytest.raises(ValueError, match="text"):
