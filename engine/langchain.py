@@ -27,7 +27,6 @@ from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from pydantic import ConfigDict, Field, model_validator
 
 from engine.async_stream import aiter_deltas
-from engine.models.default_model import DEFAULT_MODEL_NAME
 from engine.outputs import StreamDelta
 from engine.sampling_params import SamplingParams
 
@@ -116,12 +115,22 @@ class ChatSpecDesk(BaseChatModel):
     def _model_name(self) -> str:
         if self.llm is not None:
             return str(self.llm.loaded.name)
-        return self.model or DEFAULT_MODEL_NAME
+        built = _ENGINES.get(self._engine_key())
+        if built is not None:
+            return built.loaded.name
+        if self.model is not None:
+            return self.model
+        from engine.models.default_model import DEFAULT_MODEL_NAME  # the models package imports torch
+
+        return DEFAULT_MODEL_NAME
+
+    def _engine_key(self) -> tuple[Any, ...]:
+        return (self.model, self.speculator, tuple(sorted(self.engine_kwargs.items())))
 
     def _engine(self) -> LLM:
         if self.llm is not None:
             return cast("LLM", self.llm)
-        key = (self.model, self.speculator, tuple(sorted(self.engine_kwargs.items())))
+        key = self._engine_key()
         with _ENGINES_LOCK:
             if key not in _ENGINES:
                 from engine.llm import LLM  # torch and the model load on first use, never at import
