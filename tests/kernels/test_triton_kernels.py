@@ -355,7 +355,7 @@ attention("fp16", 128, 1, 1, False, False)  # decode, MHA
 attention("bf16", 128, 4, 1, False, True)  # long-context decode, GQA, split-K partials
 attention("bf16", 128, 8, 5, True, False)  # tree verification, GQA 8
 attention("fp16", 128, 1, 512, False, False)  # prefill, 128-row tiles
-attention("fp32", 64, 3, 4, True, True)  # fp32 (ieee dots), odd GQA ratio
+attention("fp32", 64, 3, 4, True, True)  # fp32 (3xTF32 dots), odd GQA ratio
 attention("fp16", 80, 2, 64, False, False)  # head_dim padded to 128
 build(ta._merge_splits_kernel, {"out_ptr": "*bf16", "part_acc_ptr": "*fp32", "part_m_ptr": "*fp32",
       "part_l_ptr": "*fp32"}, dict(HEAD_DIM=128, HEAD_DIM_PAD=128, SPLITS_PAD=8), 4)
