@@ -189,12 +189,12 @@ class LlamaForCausalLM(CausalLM):
             return None  # a non-persistent buffer that old conversions saved; we compute our own
         if hf_name == "lm_head.weight" and self.lm_head is None:
             return None  # tied: checkpoints may store the copy, the embedding is the source of truth
-        prefix, _, rest = hf_name.rpartition(".")[0].rpartition(".")
-        fused = _FUSED.get(rest)
-        if fused is None:
+        module_path, _, param = hf_name.rpartition(".")  # "model.layers.0.self_attn.q_proj", "weight"
+        parent, _, module = module_path.rpartition(".")
+        if module not in _FUSED:
             return hf_name, None
-        ours, shard = fused
-        return f"{prefix}.{ours}.{hf_name.rpartition('.')[2]}", shard
+        fused, shard = _FUSED[module]
+        return f"{parent}.{fused}.{param}", shard
 
 
 # Checkpoint projection -> (our fused module, shard index).

@@ -17,6 +17,7 @@ import torch
 
 from engine.models import CausalLM, model_class
 from engine.models.default_model import DEFAULT_MODEL_NAME, default_model_path
+from kernels.ops import resolve_backend
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
@@ -71,6 +72,7 @@ def load_model(
     """Load a supported causal LM and its tokenizer.
 
     model: a checkpoint directory, a .gguf file, a Hugging Face hub id, or None for the default model.
+    attention_backend: "torch", "triton" or "auto" (kernels.ops.resolve_backend picks for the device).
     Raises FileNotFoundError when nothing is found, ValueError for an unsupported architecture or a
     max_model_len beyond what the model supports.
     """
@@ -82,6 +84,11 @@ def load_model(
     gguf_kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     hf_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **gguf_kwargs)
     cls = model_class(hf_config)  # fails on an unsupported architecture before any weight is read
+    limit = model_max_len(hf_config)
+    if max_model_len is not None and max_model_len > limit:
+        raise ValueError(f"max_model_len {max_model_len} exceeds the model's limit of {limit} tokens")
+    if attention_backend == "auto":
+        attention_backend = resolve_backend("auto", torch_device)
 
     with torch.device("meta"):
         net = cls(hf_config, backend=attention_backend)
@@ -92,9 +99,6 @@ def load_model(
     tok = AutoTokenizer.from_pretrained(
         tokenizer or path, trust_remote_code=trust_remote_code, **({} if tokenizer else gguf_kwargs)
     )
-    limit = model_max_len(hf_config)
-    if max_model_len is not None and max_model_len > limit:
-        raise ValueError(f"max_model_len {max_model_len} exceeds the model's limit of {limit} tokens")
     return LoadedModel(
         model=net,
         tokenizer=tok,
