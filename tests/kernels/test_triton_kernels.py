@@ -20,11 +20,11 @@ from typing import Any
 import pytest
 import torch
 
+pytest.importorskip("triton", reason="triton is not installed; the Triton kernels are untestable")
 _CUDA = torch.cuda.is_available()
 _PREV_INTERPRET = os.environ.get("TRITON_INTERPRET")
 if not _CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
-pytest.importorskip("triton", reason="triton is not installed; the Triton kernels are untestable")
+    os.environ["TRITON_INTERPRET"] = "1"  # read by triton.jit when each kernel is decorated
 
 from kernels import ops, reference, triton_attention, triton_kv  # noqa: E402
 
