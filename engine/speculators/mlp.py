@@ -187,7 +187,8 @@ class MLPSpeculator(nn.Module):
         if self.head is not None:
             return self.head[i](state)
         assert self.base_head is not None, "tie_to_base speculator used before tie_to_base(base_model)"
-        return F.linear(state, self.base_head.to(state.dtype))
+        # Compute in the base head's dtype: casting the [vocab, d] matrix up would cost more than the matmul.
+        return F.linear(state.to(self.base_head.dtype), self.base_head)
 
     def scale(self, z: torch.Tensor) -> torch.Tensor:
         """s_{-1}: the base hidden state, or rmsnorm_noaffine(z) / sqrt(2) when scale_input."""
@@ -221,10 +222,11 @@ class MLPSpeculator(nn.Module):
         return torch.stack(out)
 
     # ---- the Hugging Face format ------------------------------------------------------------------
-    def save_pretrained(self, path: str | Path) -> None:
+    def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
         """Write config.json and model.safetensors with `speculator.`-prefixed keys (vLLM/fms-extras format).
 
         Shared (tied) weights are saved once, under the first head's name, as vLLM's loader expects.
+        dtype: store the weights in this dtype (e.g. bfloat16 to halve the file).
         """
         from safetensors.torch import save_file
 
@@ -236,7 +238,10 @@ class MLPSpeculator(nn.Module):
                 **{**asdict(config), "base_checksum": embedding_checksum(self.base_emb)}
             )
         (path / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
-        tensors = {_PREFIX + k: p.detach().contiguous().cpu() for k, p in self.named_parameters()}
+        tensors = {
+            _PREFIX + k: p.detach().to(dtype or p.dtype).contiguous().cpu()
+            for k, p in self.named_parameters()
+        }
         save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
 
     @classmethod

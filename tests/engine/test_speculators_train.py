@@ -1,0 +1,76 @@
+"""Speculator training: schedule, training positions, hidden states, and a tiny end-to-end run with resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.models.loader import load_model
+from engine.speculators.mlp import MLPSpeculator
+from engine.speculators.train import TrainConfig, lr_factor, parse_args, train
+from engine.speculators.train_data import IGNORE, HiddenStateExtractor, TokenSequence, positions_of
+from tests.tiny_models import make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Long enough context for the console's persona system prompts.
+    return make_tiny_model("llama", tmp_path_factory.mktemp("spec-train"), max_position_embeddings=4096)
+
+
+def test_ibm_schedule_shape() -> None:
+    s1, s2 = 500, 200
+    f = [lr_factor(i, s1, s2) for i in range(s1 + s2)]
+    assert f[0] < 0.2 and max(f[:s1]) == pytest.approx(1.0, abs=0.02)  # warmup to the peak
+    assert f[s1 - 1] == pytest.approx(0.1, abs=0.01)  # cosine down to 10 % by the end of stage 1
+    assert max(f[s1:]) == pytest.approx(0.1, abs=0.01) and f[-1] == pytest.approx(0.01, abs=0.002)
+
+
+def test_positions_pair_each_hidden_state_with_the_tokens_ahead() -> None:
+    seq = TokenSequence([10, 11, 12, 13, 14, 15], start=1)
+    hidden = torch.arange(6.0)[:, None].expand(6, 4)
+    pos = positions_of(seq, hidden, n_predict=3)
+    # Position j reads x_{j+1} and head i targets x_{j+i+2}; j runs from start to L - 3.
+    assert pos.hidden[:, 0].tolist() == [1.0, 2.0, 3.0]
+    assert pos.windows.tolist() == [[12, 13, 14, 15], [13, 14, 15, IGNORE], [14, 15, IGNORE, IGNORE]]
+
+
+def test_hidden_states_equal_transformers_and_reuse_prefixes(tiny: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    loaded = load_model(str(tiny), dtype="float32", device="cpu")
+    a, b = list(range(5, 45)), list(range(5, 35)) + list(range(60, 75))
+    shared = HiddenStateExtractor(loaded.model, loaded, max_len=64, chunk=16)
+    shared(a)
+    reused = shared(b)  # only b's last 15 tokens are computed, on top of a's cached prefix
+    fresh = HiddenStateExtractor(loaded.model, loaded, max_len=64, chunk=16)(b)
+    hf = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    with torch.no_grad():
+        expected = hf.model(torch.tensor([b])).last_hidden_state[0]  # after the final norm
+    # Stored in bf16: compare at bf16 resolution.
+    torch.testing.assert_close(reused.float(), fresh.float())
+    torch.testing.assert_close(reused.float(), expected, rtol=1e-2, atol=1e-2)
+
+
+def test_tiny_end_to_end_run_and_resume(tiny: Path, tmp_path: Path) -> None:
+    argv = ["--model", str(tiny), "--out", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work"),
+            "--dtype", "float32", "--max-conversations", "4", "--holdout-every", "2", "--max-reply-tokens", "6",
+            "--stage1-steps", "5", "--stage2-steps", "2", "--batch-size", "8", "--checkpoint-every", "3"]  # fmt: skip
+    cfg = parse_args(argv)
+    assert isinstance(cfg, TrainConfig) and cfg.stage1_steps == 5
+    report = train(cfg)
+    held = report["held_out"]
+    assert isinstance(held, dict) and len(held["top1_per_head"]) == 3
+    assert 1.0 <= held["tree_tokens_per_step"] <= 4.0
+    saved = json.loads((tmp_path / "out" / "train_report.json").read_text())
+    assert saved["command"].startswith("python -m engine.speculators.train")
+    base = load_model(str(tiny), dtype="float32", device="cpu").model
+    spec = MLPSpeculator.from_pretrained(tmp_path / "out", base_model=base)
+    assert spec.config.tie_to_base and spec.config.n_predict == 3
+    # Resume: replies and hidden states come from the cache; training continues from the checkpoint.
+    assert (tmp_path / "work" / "checkpoint.pt").is_file()
+    again = train(parse_args([*argv, "--resume", "--stage2-steps", "3"]))
+    assert again["positions"] == report["positions"]
