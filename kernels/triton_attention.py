@@ -120,8 +120,8 @@ def _paged_attention_kernel(
     # Causal: the last token of this block sees keys [0, its position]; a tree may look anywhere
     # among the new tokens, so it reads up to seq_len.
     kv_end = seq_len if HAS_TREE else ctx_len + tl.minimum(q_block * BLOCK_Q + BLOCK_Q, q_len)
-    num_tiles = tl.cdiv(kv_end, TILE_N)
-    tiles_per_split = tl.cdiv(num_tiles, num_splits)
+    num_tiles = (kv_end + TILE_N - 1) // TILE_N
+    tiles_per_split = (num_tiles + num_splits - 1) // num_splits
     tile_start = split * tiles_per_split
     tile_end = tl.minimum(tile_start + tiles_per_split, num_tiles)
 

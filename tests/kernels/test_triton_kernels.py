@@ -20,22 +20,42 @@ from typing import Any
 import pytest
 import torch
 
-pytest.importorskip("triton", reason="triton is not installed; the Triton kernels are untestable")
 _CUDA = torch.cuda.is_available()
 _PREV_INTERPRET = os.environ.get("TRITON_INTERPRET")
+_TRITON_WAS_IMPORTED = "triton" in sys.modules
+
+
+def _restore_interpret_env() -> None:
+    if _PREV_INTERPRET is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _PREV_INTERPRET
+
+
 if not _CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"  # read by triton.jit when each kernel is decorated
+    # triton.jit reads it as each function is decorated, triton.language's own helpers (tl.zeros, ...)
+    # included, so it must be set before triton is first imported.
+    os.environ["TRITON_INTERPRET"] = "1"
+try:
+    import triton.language as tl
+except ImportError:
+    _restore_interpret_env()
+    pytest.skip("triton is not installed; the Triton kernels are untestable", allow_module_level=True)
 
 from kernels import ops, reference, triton_attention, triton_kv  # noqa: E402
 
 if not _CUDA:
-    # An earlier import without the interpreter would have built compiled kernels: rebuild them.
-    triton_kv = importlib.reload(triton_kv)
-    triton_attention = importlib.reload(triton_attention)
-    if _PREV_INTERPRET is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = _PREV_INTERPRET
+    _restore_interpret_env()
+    if type(tl.zeros).__name__ != "InterpretedFunction":
+        pytest.skip(
+            "triton was imported before TRITON_INTERPRET=1 could be set; run tests/kernels in a fresh process",
+            allow_module_level=True,
+        )
+    if _TRITON_WAS_IMPORTED:  # then kernels/ may hold compiled kernels: rebuild them interpreted
+        os.environ["TRITON_INTERPRET"] = "1"
+        triton_kv = importlib.reload(triton_kv)
+        triton_attention = importlib.reload(triton_attention)
+        _restore_interpret_env()
 
 DEVICES = ["cuda"] if _CUDA else ["cpu"]
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
