@@ -60,12 +60,20 @@ def paged_attention(
         q = query[start : start + q_len].transpose(0, 1)  # [h, q, d]
         k = gather_kv(k_cache, block_tables[i], seq_len).transpose(0, 1)  # [kvh, s, d]
         v = gather_kv(v_cache, block_tables[i], seq_len).transpose(0, 1)
-        mask = _causal_mask(seq_len, q_len, query.device)
+        mask: torch.Tensor | None = None
+        is_causal = False
         if tree_mask is not None:
+            mask = _causal_mask(seq_len, q_len, query.device)
             mask[:, seq_len - q_len :] = tree_mask[start : start + q_len, :q_len]
+        elif q_len == seq_len:
+            is_causal = True  # a fresh prefill: SDPA's own causal path, no mask tensor
+        elif q_len > 1:
+            mask = _causal_mask(seq_len, q_len, query.device)
+        # q_len == 1 without a tree sees every key: no mask at all.
         o = F.scaled_dot_product_attention(
-            q.to(k.dtype), k, v, attn_mask=mask, scale=scale, enable_gqa=num_heads != num_kv_heads
-        )
+            q.to(k.dtype), k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+            enable_gqa=num_heads != num_kv_heads,
+        )  # fmt: skip
         out[start : start + q_len] = o.transpose(0, 1).to(out.dtype)
         start += q_len
     return out
