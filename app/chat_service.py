@@ -193,9 +193,7 @@ class ChatService:
                     delta.metrics, total_s=time.perf_counter() - start, finish_reason=delta.finish_reason,
                     num_dropped_messages=num_dropped, speculate=params.speculate,
                 )  # fmt: skip
-                error = delta.error or (
-                    "the engine failed this request" if state is TurnState.ERROR else None
-                )
+                error = delta.error or ("the engine failed this request" if state is TurnState.ERROR else None)
                 final = update(state, delta.text, metrics=metrics, error=error)
             if final is None:
                 final = update(TurnState.ERROR, error="the engine ended the stream without a final update")

@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--data-dir", type=Path, help="where the default database lives")
         sub.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the model runs")
         sub.add_argument("--max-tokens", type=int, help="longest drafted reply, in tokens")
+        sub.add_argument("--temperature", type=float, help="0 for greedy drafts (default 0.7)")
     serve.add_argument("--host", help="interface to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 7860)")
     serve.add_argument("--api-key", dest="api_keys", action="append", help="key for /v1 (repeatable)")
@@ -53,7 +54,8 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None 
     api_keys = getattr(args, "api_keys", None)
     return settings.with_overrides(
         model=args.model, speculator=args.speculator, db_url=args.db_url, data_dir=args.data_dir,
-        device=args.device, max_tokens=args.max_tokens, host=getattr(args, "host", None),
+        device=args.device, max_tokens=args.max_tokens, temperature=args.temperature,
+        host=getattr(args, "host", None),
         port=getattr(args, "port", None), api_keys=tuple(api_keys) if api_keys else None,
         agents=agents or None,
     )  # fmt: skip
@@ -117,9 +119,7 @@ def run_chat(
                     print("\n".join(f"  {key:<26} {title}" for title, key in service.macros()), file=out)
                 elif name == "macro":
                     try:
-                        reply = service.render_macro(
-                            arg.strip(), service.repository.get_conversation(conversation.id)
-                        )
+                        reply = service.render_macro(arg.strip(), service.repository.get_conversation(conversation.id))
                     except KeyError as exc:
                         print(exc.args[0], file=out)
                         continue

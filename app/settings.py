@@ -7,7 +7,8 @@ Environment variables (all optional; CLI flags win):
     SPECDESK_MODEL, SPECDESK_SPECULATOR, SPECDESK_DB, SPECDESK_DATA_DIR, SPECDESK_HOST, SPECDESK_PORT,
     SPECDESK_API_KEYS (comma separated), SPECDESK_AGENTS ("alice:pw,bob:sha256:<hex>"),
     SPECDESK_AGENTS_FILE (one "name:password" or "name:sha256:<hex>" per line), SPECDESK_MAX_TOKENS,
-    SPECDESK_COMPANY, SPECDESK_AGENT_NAME, SPECDESK_DEVICE, SPECDESK_DTYPE
+    SPECDESK_TEMPERATURE, SPECDESK_TOP_P, SPECDESK_COMPANY, SPECDESK_AGENT_NAME, SPECDESK_DEVICE,
+    SPECDESK_DTYPE
 """
 
 from __future__ import annotations
@@ -44,8 +45,11 @@ class Settings:
     agents: Mapping[str, str] = field(default_factory=dict)
     company: str = "Northwind"  # fills {company} in the system prompts and macros
     agent_name: str = "Alex"  # the name the drafted replies sign with
-    max_tokens: int = 512
-    temperature: float = 0.0
+    max_tokens: int = 384
+    # Sampled drafts by default: greedy decoding of a small model loops on one sentence. Speculation
+    # keeps the sampled distribution unchanged (rejection sampling), so it stays on.
+    temperature: float = 0.7
+    top_p: float = 0.9
     device: str = "auto"
     dtype: str = "auto"
     engine_kwargs: Mapping[str, Any] = field(default_factory=dict)  # extra EngineConfig fields (tests)
@@ -57,6 +61,8 @@ class Settings:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         for name, secret in self.agents.items():
             if not name or ":" in name or not secret:
                 raise ValueError(f"agent entries need a name without ':' and a password, got {name!r}")
@@ -159,6 +165,8 @@ _ENV_FIELDS: tuple[tuple[str, str, Any], ...] = (
     ("SPECDESK_PORT", "port", _positive_int),
     ("SPECDESK_API_KEYS", "api_keys", _api_keys),
     ("SPECDESK_MAX_TOKENS", "max_tokens", _positive_int),
+    ("SPECDESK_TEMPERATURE", "temperature", float),
+    ("SPECDESK_TOP_P", "top_p", float),
     ("SPECDESK_COMPANY", "company", str),
     ("SPECDESK_AGENT_NAME", "agent_name", str),
     ("SPECDESK_DEVICE", "device", str),

@@ -23,8 +23,9 @@ def tiny_console_llm(tmp: Path, **engine_kwargs: object) -> LLM:
 
 
 def make_service(llm: LLM, db_path: Path, **settings: object) -> ChatService:
+    """A service on a real SQLite file; greedy unless the test says otherwise (exact token counts)."""
     repository = ChatRepository(make_engine(f"sqlite:///{db_path}"))
-    return ChatService(llm, repository, Settings(**settings))  # type: ignore[arg-type]
+    return ChatService(llm, repository, Settings(**{"temperature": 0.0, **settings}))  # type: ignore[arg-type]
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float = 15.0, what: str = "condition") -> None:
