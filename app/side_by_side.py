@@ -5,8 +5,10 @@ with anything else. Right: speculation and the shared prefix cache, as every con
 
 Before the race, the persona's system prompt is put in the shared cache (a 1-token request) unless
 it is there already: that is the console's steady state after its first conversation of the day, and
-the state the right side is meant to show. Both requests are then submitted back to back, the plain
-one first, so the engine batches them in the same steps and any head start favours the baseline.
+the state the right side is meant to show. Both requests are then submitted back to back, so the
+engine batches them in the same steps. The cached side goes first: its short prefill then fits in
+the first step beside the start of the plain side's prefill, which needs the same number of steps
+either way — the order shows the cache's effect on time to first token without slowing the baseline.
 Nothing here is stored: it is a measurement, not a conversation.
 """
 
@@ -90,8 +92,8 @@ def compare(
         system_only = llm.apply_chat_template(messages[:1])
         for _ in llm.stream(system_only, replace(base, max_tokens=1, speculate=False)):
             pass
-    left_id = llm.submit(ids, replace(base, speculate=False), cache_salt=f"side-by-side-{uuid.uuid4().hex}")
     right_id = llm.submit(ids, replace(base, speculate=True))
+    left_id = llm.submit(ids, replace(base, speculate=False), cache_salt=f"side-by-side-{uuid.uuid4().hex}")
     return _stream(llm, {left_id: LEFT, right_id: RIGHT})
 
 
@@ -120,9 +122,7 @@ def _stream(llm: LLM, sides: dict[str, str]) -> Iterator[Comparison]:
                 llm.abort(request_id)  # the pump sees the final delta and ends
 
 
-def _pump(
-    llm: LLM, request_id: str, label: str, inbox: queue.Queue[tuple[str, StreamDelta | None, float]]
-) -> None:
+def _pump(llm: LLM, request_id: str, label: str, inbox: queue.Queue[tuple[str, StreamDelta | None, float]]) -> None:
     try:
         for delta in llm.deltas(request_id):
             inbox.put((label, delta, time.perf_counter()))

@@ -51,7 +51,7 @@ def build_side_by_side(service: ChatService) -> None:
     verdict = gr.Markdown(elem_classes="sd-verdict", elem_id="sd-compare-verdict")
     chart = gr.LinePlot(
         _frame(None), x="seconds", y="tokens", color="side", title="Tokens over time",
-        x_title="seconds since the message was sent", y_title="tokens", height=260,
+        x_title="seconds since sent", y_title="tokens", height=260,
         color_map={LEFT: "#94a3b8", RIGHT: "#4f46e5"}, show_label=False,
     )  # fmt: skip
 

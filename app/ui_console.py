@@ -89,7 +89,7 @@ def build_console(service: ChatService) -> ConsoleView:
         with gr.Column(scale=3, min_width=420):
             header = gr.Markdown(elem_id="sd-header")
             chatbot = gr.Chatbot(
-                height=520,
+                height=560,
                 elem_id="sd-chat",
                 buttons=["copy", "copy_all"],
                 sanitize_html=True,
@@ -107,9 +107,7 @@ def build_console(service: ChatService) -> ConsoleView:
                     show_label=False, lines=2, max_lines=8, scale=6, elem_id="sd-message", autofocus=True,
                 )  # fmt: skip
                 send = gr.Button("Send", variant="primary", scale=1, min_width=90, elem_id="sd-send")
-                stop = gr.Button(
-                    "■ Stop", variant="stop", scale=1, min_width=90, visible=False, elem_id="sd-stop"
-                )
+                stop = gr.Button("■ Stop", variant="stop", scale=1, min_width=90, visible=False, elem_id="sd-stop")
             with gr.Row():
                 retry = gr.Button("↻ Redraft reply", size="sm", elem_id="sd-retry")
                 edit = gr.Button("✎ Edit last customer message", size="sm", elem_id="sd-edit")
@@ -127,7 +125,7 @@ def build_console(service: ChatService) -> ConsoleView:
             metrics = gr.HTML(elem_id="sd-metrics")
             turns_plot = gr.BarPlot(
                 views.turns_frame(None), x="turn", y="tokens/s", title="tokens/s per turn", height=220,
-                x_title="turn", y_title="tokens/s", show_label=False, sort="x", tooltip="all",
+                x_title="turn", y_title="", show_label=False, sort="x", tooltip="all",
                 y_lim=[0, None],
             )  # fmt: skip
             engine = gr.HTML(elem_classes="sd-engine")
@@ -156,9 +154,7 @@ def _wire(v: ConsoleView, actions: ConsoleActions, macro_row: gr.Row, batch_size
     }  # fmt: skip
 
     turn_inputs = [v.message, v.conversation_id, v.editing, v.persona, v.customer, v.search]
-    v.send.click(
-        actions.send, turn_inputs, everything, **{**stream, "api_name": "send", "api_visibility": "public"}
-    )
+    v.send.click(actions.send, turn_inputs, everything, **{**stream, "api_name": "send", "api_visibility": "public"})
     v.message.submit(actions.send, turn_inputs, everything, **stream)
     v.retry.click(actions.retry, [v.conversation_id, v.search], everything, **stream)
     v.chatbot.retry(actions.retry, [v.conversation_id, v.search], everything, **stream)
