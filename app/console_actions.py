@@ -140,9 +140,7 @@ class ConsoleActions:
 
     def _title_from_first_message(self, conversation_id: int, text: str) -> None:
         conversation = self.repo.get_conversation(conversation_id)
-        if conversation.title == DEFAULT_TITLE and not any(
-            m.role is Role.USER for m in conversation.messages
-        ):
+        if conversation.title == DEFAULT_TITLE and not any(m.role is Role.USER for m in conversation.messages):
             self.repo.rename_conversation(conversation_id, views.title_from(text))
 
     # ---- editing and feedback ------------------------------------------------------------------------
@@ -160,8 +158,7 @@ class ConsoleActions:
             v.editing: True,
             v.send: gr.Button("Save & redraft"),
             v.cancel_edit: gr.Button(visible=True),
-            v.status: "✎ Editing the last customer message: **Save & redraft** replaces it and drafts "
-            "a new reply.",
+            v.status: "✎ Editing the last customer message: **Save & redraft** replaces it and drafts a new reply.",
         }
 
     def cancel_edit(self) -> Updates:
@@ -247,9 +244,7 @@ class ConsoleActions:
         conversation = self.repo.get_conversation(conversation_id) if conversation_id is not None else None
         return gr.Row(visible=True), self.service.render_macro(key, conversation)
 
-    def add_macro(
-        self, text: str, conversation_id: int | None, persona: str, customer: str, search: str
-    ) -> Updates:
+    def add_macro(self, text: str, conversation_id: int | None, persona: str, customer: str, search: str) -> Updates:
         if not text.strip():
             gr.Warning("The macro is empty.")
             return {}
@@ -260,9 +255,7 @@ class ConsoleActions:
 
     # ---- shared views --------------------------------------------------------------------------------
     def engine_stats(self) -> str:
-        return views.engine_line(
-            self.service.engine_stats(), self.service.model_name, self.service.speculator_name
-        )
+        return views.engine_line(self.service.engine_stats(), self.service.model_name, self.service.speculator_name)
 
     def _view(self, conversation_id: int | None, search: str, *, busy: bool = False) -> Updates:
         """Everything that shows one conversation (or the empty 'new conversation' page).
@@ -281,9 +274,7 @@ class ConsoleActions:
             v.message_ids: ids,
             v.chatbot: gr.Chatbot(value=shown, feedback_value=views.feedback_values(conversation)),  # type: ignore[arg-type]
             v.header: views.header(conversation, self.persona_titles),
-            v.conversations: gr.Radio(
-                choices=self._choices(search), value=conversation_id, interactive=not busy
-            ),
+            v.conversations: gr.Radio(choices=self._choices(search), value=conversation_id, interactive=not busy),
             v.rename_text: conversation.title if conversation else "",
             v.export_file: gr.File(value=None, visible=False),
             v.confirm_box: gr.Group(visible=False),

@@ -25,9 +25,7 @@ _SAFE_SCHEMES = ("http://", "https://", "mailto:")
 # [ref]: target — a reference definition could feed an image written as ![alt][ref].
 _REFERENCE_DEF = re.compile(r"^( {0,3})\[([^\]\n]+)\]:", re.MULTILINE)
 # Fenced blocks and inline code spans: their contents are shown verbatim by the renderer already.
-_CODE = re.compile(
-    r"(^[ \t]*(`{3,}|~{3,})[^\n]*\n.*?(?:^[ \t]*\2[ \t]*$|\Z)|`[^`\n]+`)", re.MULTILINE | re.DOTALL
-)
+_CODE = re.compile(r"(^[ \t]*(`{3,}|~{3,})[^\n]*\n.*?(?:^[ \t]*\2[ \t]*$|\Z)|`[^`\n]+`)", re.MULTILINE | re.DOTALL)
 
 # Customer text: characters that start Markdown syntax anywhere on a line...
 _MD_INLINE = re.compile(r"([\\`*_\[\]{}()!|~$])")

@@ -52,9 +52,7 @@ def create_app(service: ChatService, settings: Settings) -> fastapi.FastAPI:
     demo = build_demo(service)
     # The queue is sized to the engine's batch: `max_num_seqs` turns stream at once and the engine
     # batches them; quick events have their own unlimited lane (see app/ui_console.py).
-    demo.queue(
-        default_concurrency_limit=service.max_concurrent_turns, max_size=4 * service.max_concurrent_turns
-    )
+    demo.queue(default_concurrency_limit=service.max_concurrent_turns, max_size=4 * service.max_concurrent_turns)
     auth = settings.check_login if settings.auth_required else None
     return gr.mount_gradio_app(
         app, demo, path="", auth=auth, auth_message="SpecDesk: sign in with your agent account.",

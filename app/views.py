@@ -106,9 +106,7 @@ def metrics_card(metrics: dict[str, Any] | None) -> str:
         ("Generated tokens", _number(m.get("num_generated_tokens"), "{}")),
         ("Total time", _seconds(m.get("total_s"))),
     ]
-    cells = "".join(
-        f'<div class="metric"><span>{html.escape(k)}</span><b>{html.escape(v)}</b></div>' for k, v in rows
-    )
+    cells = "".join(f'<div class="metric"><span>{html.escape(k)}</span><b>{html.escape(v)}</b></div>' for k, v in rows)
     return f'<div class="metric-grid">{cells}</div>'
 
 

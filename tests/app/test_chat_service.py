@@ -37,9 +37,7 @@ def test_turn_streams_and_stores_reply_with_metrics(service: ChatService, tmp_pa
     # Invariant 6: the customer's message is durable before any generation starts (a second
     # connection to the same file already sees it).
     other = ChatRepository(make_engine(f"sqlite:///{tmp_path / 'specdesk.db'}"))
-    assert [m.content for m in other.get_conversation(conversation.id).messages] == [
-        "Where is my order 48213?"
-    ]
+    assert [m.content for m in other.get_conversation(conversation.id).messages] == ["Where is my order 48213?"]
 
     seen = run(updates)
     final = seen[-1]
