@@ -22,6 +22,8 @@ class CausalLM(nn.Module):
     head_dim: int
     hidden_size: int
     vocab_size: int
+    # The output projection prepacked for a fast CPU matmul (pack_for_cpu sets it as a submodule).
+    packed_head: nn.Module | None
 
     def forward(
         self,
@@ -79,3 +81,26 @@ def model_class(hf_config: Any) -> type[CausalLM]:
 
 
 __all__ = ["ARCHITECTURES", "CausalLM", "model_class"]
+
+
+def pack_for_cpu(model: CausalLM, dtype: torch.dtype, device: torch.device) -> bool:
+    """Prepack every linear and the output projection for oneDNN when that is the fast bf16 CPU path.
+
+    Numerically identical to the unpacked matmuls; returns whether anything was packed.
+    """
+    from engine.models.packed_linear import PackedLinear, can_pack, pack_linears
+
+    if not can_pack(dtype, device):
+        return False
+    lm_head = getattr(model, "lm_head", None)
+    pack_linears(model, skip=lm_head if isinstance(lm_head, nn.Module) else None)  # packed_head replaces it
+    model.packed_head = PackedLinear(_output_weight(model), None)
+    return True
+
+
+def _output_weight(model: nn.Module) -> torch.Tensor:
+    lm_head = getattr(model, "lm_head", None)
+    name = "model.embed_tokens" if hasattr(model, "model") else "transformer.wte"  # tied to the input embedding
+    weight = lm_head.weight if lm_head is not None else model.get_submodule(name).weight
+    assert isinstance(weight, torch.Tensor), type(weight)
+    return weight

@@ -104,7 +104,9 @@ class GPTBigCodeForCausalLM(CausalLM):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[n, hidden_size] -> float32 [n, vocab_size]."""
         weight = self.lm_head.weight if self.lm_head is not None else self.transformer.wte.weight
-        return F.linear(hidden, weight).float()
+        packed = getattr(self, "packed_head", None)
+        logits = packed(hidden) if packed is not None else F.linear(hidden, weight)
+        return logits.float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load a Hugging Face GPTBigCodeForCausalLM state dict."""

@@ -175,7 +175,8 @@ class LlamaForCausalLM(CausalLM):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[n, hidden_size] -> float32 [n, vocab_size]."""
         weight = self.lm_head.weight if self.lm_head is not None else self.model.embed_tokens.weight
-        logits = F.linear(hidden, weight)
+        packed = getattr(self, "packed_head", None)
+        logits = packed(hidden) if packed is not None else F.linear(hidden, weight)
         if self.args.logits_scaling != 1.0:
             logits = logits / self.args.logits_scaling
         return logits.float()

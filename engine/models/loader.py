@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from engine.models import CausalLM, model_class
+from engine.models import CausalLM, model_class, pack_for_cpu
 from engine.models.default_model import DEFAULT_MODEL_NAME, default_model_path
 from kernels.ops import resolve_backend
 
@@ -50,9 +50,12 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """Dtype "auto" is bfloat16 on cuda and float32 on cpu."""
+    """Dtype "auto" is bfloat16 on cuda and on CPUs with native bf16 matmuls (prepacked oneDNN), else float32."""
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        from engine.models.packed_linear import can_pack
+
+        fast_bf16 = device.type == "cuda" or can_pack(torch.bfloat16, device)
+        return torch.bfloat16 if fast_bf16 else torch.float32
     names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in names:
         raise ValueError(f"dtype must be one of auto, {', '.join(names)}; got {dtype!r}")
@@ -95,6 +98,7 @@ def load_model(
     net = net.to(torch_dtype).to_empty(device=torch_device)
     net.load_weights(_checkpoint_weights(path, gguf_file))
     net.eval().requires_grad_(False)
+    pack_for_cpu(net, torch_dtype, torch_device)
 
     tok = AutoTokenizer.from_pretrained(
         tokenizer or path, trust_remote_code=trust_remote_code, **({} if tokenizer else gguf_kwargs)

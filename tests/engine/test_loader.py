@@ -18,7 +18,7 @@ from engine.models.default_model import (
     default_model_path,
     extract_gguf,
 )
-from engine.models.loader import load_model
+from engine.models.loader import load_model, resolve_dtype
 from tests.tiny_models import CORPUS, FAMILIES, make_tiny_gguf, make_tiny_model, train_sentencepiece
 
 TEXTS = [CORPUS.splitlines()[0], "Zebra quartz 1234 — naïve café 🙂, words the corpus never saw."]
@@ -51,7 +51,8 @@ def test_loaded_model_fields(tmp_path: Path, family: str) -> None:
     path = make_tiny_model(family, tmp_path)
     lm = load_model(str(path))  # dtype and device "auto"
     config = AutoConfig.from_pretrained(path)
-    assert lm.device == torch.device("cpu") and lm.dtype == torch.float32
+    # "auto" is bf16 where the CPU has fast (prepacked oneDNN) bf16 matmuls, else float32.
+    assert lm.device == torch.device("cpu") and lm.dtype == resolve_dtype("auto", torch.device("cpu"))
     assert lm.num_layers == config.num_hidden_layers == 2
     assert lm.hidden_size == config.hidden_size == 64
     assert lm.vocab_size == config.vocab_size == len(lm.tokenizer)
@@ -128,7 +129,7 @@ def test_sharded_checkpoint_loads(tmp_path: Path) -> None:
     (path / "model.safetensors").unlink()
     index = {"weight_map": {k: file for file, keys in shards.items() for k in keys}}
     (path / "model.safetensors.index.json").write_text(json.dumps(index))
-    lm = load_model(str(path))
+    lm = load_model(str(path), dtype="float32")
     torch.testing.assert_close(lm.model.model.norm.weight, weights["model.norm.weight"])
 
 
@@ -164,7 +165,7 @@ def test_default_model_conversion(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert [p.name for p in path.parent.iterdir()] == [DEFAULT_MODEL_NAME]  # no staging dir left behind
     assert "quantization_config" not in json.loads((path / "config.json").read_text())
     converted = load_model(str(path), dtype="float32", device="cpu")
-    assert _same_weights(converted.model, load_model(str(tmp_path / "src" / "tiny-llama")).model)
+    assert _same_weights(converted.model, load_model(str(tmp_path / "src" / "tiny-llama"), dtype="float32").model)
     prompt = converted.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
     assert prompt.startswith("<|im_start|>user")
     assert default_model_path(tmp_path / "cache") == path and len(calls) == 1  # reused, not reconverted
