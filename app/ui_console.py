@@ -76,7 +76,7 @@ def build_console(service: ChatService) -> ConsoleView:
                 with gr.Row():
                     export_json = gr.Button("Export JSON", size="sm")
                     export_markdown = gr.Button("Export Markdown", size="sm")
-                export_file = gr.File(label="Export", visible=False, interactive=False)
+                export_file = gr.File(label="Export", visible=False, interactive=False, elem_id="sd-export")
                 delete = gr.Button("Delete…", size="sm", variant="stop", elem_id="sd-delete")
                 with gr.Group(visible=False) as confirm_box:
                     confirm_text = gr.Markdown()
@@ -99,6 +99,7 @@ def build_console(service: ChatService) -> ConsoleView:
                 placeholder="Paste the customer's message below. Drafted replies stream here.",
                 show_label=False,
                 layout="bubble",
+                group_consecutive_messages=False,  # one bubble per stored message: feedback maps 1:1
             )
             status = gr.Markdown(elem_id="sd-status")
             with gr.Row(equal_height=True):

@@ -63,12 +63,18 @@ def page(server: RunningServer) -> Iterator[Any]:
         browser.close()
 
 
+def open_console(page: Any, url: str) -> None:
+    """Load the page and wait for the load event's data (sidebar, header) before typing."""
+    page.goto(url)
+    page.locator("#sd-header").get_by_text("New conversation").wait_for()
+
+
 def bot_text(page: Any) -> str:
     return page.locator('#sd-chat [data-testid="bot"]').last.inner_text()
 
 
 def test_type_stream_stop_reload_and_reopen(page: Any, server: RunningServer, service: ChatService) -> None:
-    page.goto(server.url)
+    open_console(page, server.url)
     page.locator("#sd-message textarea").fill("Hello, I need help with order 48213")
     page.locator("#sd-send").click()
 
@@ -122,7 +128,7 @@ def test_injected_images_and_html_never_render(page: Any, server: RunningServer,
         f'<b id="pwned-model">y</b>\n\n![ref][r]\n\n[r]: {trap}-ref.png',
     )
     service.repository.rename_conversation(conversation.id, "Injection check")
-    page.goto(server.url)
+    open_console(page, server.url)
     page.locator("#sd-conversations label").filter(has_text="Injection check").click()
     page.locator('#sd-chat [data-testid="bot"]').filter(has_text="Sure.").wait_for()
     time.sleep(0.5)
@@ -135,3 +141,71 @@ def test_injected_images_and_html_never_render(page: Any, server: RunningServer,
     assert "![a](" in user_text and '<img src="' in user_text  # the customer's text, exactly as typed
     assert "image removed: status" in bot_text(page) and "Sure." in bot_text(page)
     assert leaked == [], f"the page fetched attacker URLs: {leaked}"
+
+
+def test_redraft_edit_macro_feedback_and_history_actions(
+    page: Any, server: RunningServer, service: ChatService, tmp_path: Path
+) -> None:
+    """Everything in the sidebar and under the chat, each checked against the database."""
+    from playwright.sync_api import expect
+
+    def wait_ready() -> None:
+        page.locator("#sd-status").get_by_text("Reply ready").wait_for()
+
+    open_console(page, server.url)
+    page.locator("#sd-message textarea").fill("My invoice shows a double charge")
+    page.locator("#sd-send").click()
+    page.locator("#sd-stop").click()  # long replies here: stop, then redraft to a short one
+    page.locator("#sd-status").get_by_text("Stopped").wait_for()
+    summary = service.repository.list_conversations("double charge")[0]
+
+    service.settings = Settings(max_tokens=16, temperature=0.0)  # short drafts from here on
+    page.locator("#sd-retry").click()
+    wait_ready()
+    messages = service.repository.get_conversation(summary.id).messages
+    assert [m.status for m in messages] == [MessageStatus.COMPLETE, MessageStatus.COMPLETE]
+
+    page.locator("#sd-edit").click()
+    expect(page.locator("#sd-message textarea")).to_have_value("My invoice shows a double charge")
+    expect(page.locator("#sd-send")).to_have_text("Save & redraft")
+    page.locator("#sd-message textarea").fill("My invoice shows a triple charge")
+    page.locator("#sd-send").click()
+    wait_ready()
+    messages = service.repository.get_conversation(summary.id).messages
+    assert len(messages) == 2 and messages[0].content == "My invoice shows a triple charge"
+
+    page.locator("#sd-macro input").click()
+    page.get_by_role("option", name="Greeting").click()
+    page.get_by_role("button", name="Add as agent reply").click()
+    page.locator('#sd-chat [data-testid="bot"]').filter(has_text="thanks for contacting").wait_for()
+    page.locator('#sd-chat [aria-label="Like"]').last.click()
+    macro_reply = service.repository.get_conversation(summary.id).messages[-1]
+    deadline = time.monotonic() + 10
+    while service.repository.get_message(macro_reply.id).feedback is None:
+        assert time.monotonic() < deadline, "the thumbs-up was not stored"
+        time.sleep(0.05)
+    assert service.repository.get_message(macro_reply.id).feedback.rating == 1  # type: ignore[union-attr]
+
+    page.get_by_text("Manage conversation").click()
+    page.locator("#sd-rename-text textarea").fill("Triple charge dispute")
+    page.get_by_role("button", name="Rename").click()
+    page.locator("#sd-conversations label").filter(has_text="Triple charge dispute").wait_for()
+    page.get_by_role("button", name="Export Markdown").click()
+    with page.expect_download() as download:
+        page.locator('#sd-export a[download$=".md"]').click()
+    saved = tmp_path / "export.md"
+    download.value.save_as(saved)
+    assert "# Triple charge dispute" in saved.read_text(encoding="utf-8")
+
+    page.locator("#sd-search").get_by_role("textbox").fill("triple")
+    page.locator("#sd-conversations label").filter(has_text="Triple charge dispute").wait_for()
+    page.locator("#sd-search").get_by_role("textbox").fill("no such words anywhere")
+    page.locator("#sd-conversations label").filter(has_text="Triple charge dispute").wait_for(state="detached")
+    page.locator("#sd-search").get_by_role("textbox").fill("")
+
+    page.locator("#sd-delete").click()
+    page.get_by_text("cannot be undone").wait_for()
+    page.locator("#sd-confirm-delete").click()
+    page.locator("#sd-header").get_by_text("New conversation").wait_for()
+    assert service.repository.list_conversations("triple") == []
+    page.screenshot(path=str(ARTIFACTS / "browser-console-history.png"), full_page=True)
