@@ -66,6 +66,11 @@ class ChatService:
         return str(getattr(self.llm.loaded, "name", "model"))
 
     @property
+    def dtype_name(self) -> str:
+        """The weights' dtype ("float32", "bfloat16", ...): greedy outputs are batch-exact in float32 only."""
+        return str(self.llm.loaded.dtype).removeprefix("torch.")
+
+    @property
     def speculator_name(self) -> str | None:
         """The configured speculator, or None when every request decodes one token per step."""
         return self.llm.config.speculator

@@ -39,6 +39,7 @@ class SideState:
 
     label: str
     text: str = ""
+    token_ids: tuple[int, ...] = ()
     num_tokens: int = 0
     ttft_s: float | None = None
     total_s: float | None = None
@@ -66,7 +67,16 @@ class Comparison:
         """True/False once both sides finished cleanly; None before that."""
         if not self.is_finished or self.left.error or self.right.error:
             return None
-        return self.left.text == self.right.text
+        return self.left.token_ids == self.right.token_ids
+
+    @property
+    def first_difference(self) -> int | None:
+        """Index of the first token where the sides part, or None while they agree."""
+        left, right = self.left.token_ids, self.right.token_ids
+        for index, (a, b) in enumerate(zip(left, right, strict=False)):
+            if a != b:
+                return index
+        return None if len(left) == len(right) or not self.is_finished else min(len(left), len(right))
 
 
 def compare(
@@ -135,7 +145,11 @@ def _advance(state: SideState, delta: StreamDelta | None, elapsed_s: float) -> S
     if delta is None:
         return state
     num_tokens = state.num_tokens + len(delta.token_ids)
-    changes: dict[str, object] = {"text": state.text + delta.text, "num_tokens": num_tokens}
+    changes: dict[str, object] = {
+        "text": state.text + delta.text,
+        "token_ids": state.token_ids + tuple(delta.token_ids),
+        "num_tokens": num_tokens,
+    }
     if delta.token_ids:
         changes["points"] = (*state.points, (round(elapsed_s, 4), num_tokens))
         if state.ttft_s is None:

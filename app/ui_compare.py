@@ -25,8 +25,14 @@ def build_side_by_side(service: ChatService) -> None:
         "**Left:** plain decoding, one token per step, no prefix reuse. "
         "**Right:** speculative decoding with the shared prefix cache, as the console runs (the persona's "
         "system prompt is cached first, as it is after the day's first conversation). "
-        "Decoding is greedy, so both sides must produce exactly the same text: only the speed differs."
+        "Decoding is greedy, so in float32 both sides produce exactly the same tokens: only the speed differs."
     )
+    if service.dtype_name != "float32":
+        gr.Markdown(
+            f"ℹ️ The model runs in **{service.dtype_name}**: its rounding depends on how requests are batched, "
+            "so after a near-tie the two texts may part. Start with `--dtype float32` for token-identical output.",
+            elem_classes="sd-engine",
+        )
     if service.speculator_name is None:
         gr.Markdown(
             "ℹ️ No speculator is loaded (start with `--speculator`), so the right side gains from prefix "
@@ -75,7 +81,7 @@ def build_side_by_side(service: ChatService) -> None:
         for comparison in stream:
             yield [
                 _stats(comparison.left), _text(comparison.left), _stats(comparison.right),
-                _text(comparison.right), _verdict(comparison), _frame(comparison),
+                _text(comparison.right), _verdict(comparison, service.dtype_name), _frame(comparison),
             ]  # fmt: skip
 
     event = run.click(
@@ -116,17 +122,20 @@ def _text(side: SideState | None) -> str:
     return f'<div class="sd-side-text">{body}</div>'
 
 
-def _verdict(c: Comparison) -> str:
+def _verdict(c: Comparison, dtype: str) -> str:
     if not c.is_finished:
         return f"✍️ Streaming… {c.elapsed_s:.1f} s"
     if c.left.error or c.right.error:
         return f"⚠️ A side failed: {html.escape(c.left.error or c.right.error or '')}"
-    same = (
-        "✅ **Identical output** on both sides"
-        if c.texts_match
-        else "⚠️ **The outputs differ** (a bug: greedy decoding must match)"
-    )
-    line = f"{same} ({c.right.num_tokens} tokens, greedy decoding)."
+    if c.texts_match:
+        line = f"✅ **Identical output** on both sides ({c.right.num_tokens} tokens, greedy decoding)."
+    elif dtype == "float32":
+        line = f"⚠️ **The outputs part at token {c.first_difference}**: a bug, greedy float32 decoding must match."
+    else:
+        line = (
+            f"ℹ️ **The outputs part at token {c.first_difference}** ({dtype} rounding differs between batch "
+            "shapes; `--dtype float32` gives identical tokens)."
+        )
     if c.left.total_s and c.right.total_s:
         line += f" Speculative + prefix reuse finished in {c.right.total_s:.2f} s vs {c.left.total_s:.2f} s"
         line += f" (**{c.left.total_s / c.right.total_s:.2f}×**)."

@@ -149,6 +149,8 @@ def test_build_demo_does_not_touch_the_engine(tmp_path: Path) -> None:
         def __getattr__(self, name: str) -> Any:
             if name == "config":
                 return type("C", (), {"speculator": None, "max_num_seqs": 4, "max_model_len": None})()
+            if name == "loaded":  # static facts, read for labels; nothing runs
+                return type("L", (), {"dtype": "torch.bfloat16", "name": "stub", "max_model_len": 512})()
             raise AssertionError(f"build_demo touched the engine: {name}")
 
     service = make_service(NoEngine(), tmp_path / "x.db")  # type: ignore[arg-type]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from app.side_by_side import compare
+from app.side_by_side import LEFT, RIGHT, Comparison, SideState, compare
 from engine.llm import LLM
 from tests.app.console_fixtures import tiny_console_llm, wait_engine_idle
 
@@ -22,7 +22,7 @@ def llm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LLM]:
 def test_both_sides_stream_concurrently_and_match(llm: LLM) -> None:
     snapshots = list(compare(llm, "Where is my parcel?", persona="retail", max_tokens=48))
     final = snapshots[-1]
-    assert final.is_finished and final.texts_match is True
+    assert final.is_finished and final.texts_match is True and final.first_difference is None
     left, right = final.left, final.right
     assert left.num_tokens == right.num_tokens == 48
     # Left shares nothing (unique salt); right finds the persona's system prompt already cached.
@@ -47,3 +47,11 @@ def test_bad_input_is_refused_before_submitting(llm: LLM, tmp_path: Path) -> Non
         compare(llm, "  ")
     with pytest.raises(KeyError):
         compare(llm, "hi", persona="nope")
+
+
+def test_first_difference_finds_where_the_sides_part() -> None:
+    left = SideState(LEFT, token_ids=(1, 2, 3, 4), is_finished=True)
+    assert Comparison(left, SideState(RIGHT, token_ids=(1, 2, 9, 4), is_finished=True)).first_difference == 2
+    assert Comparison(left, SideState(RIGHT, token_ids=(1, 2), is_finished=True)).first_difference == 2
+    same = Comparison(left, SideState(RIGHT, token_ids=(1, 2, 3, 4), is_finished=True))
+    assert same.first_difference is None and same.texts_match is True
