@@ -15,6 +15,7 @@ Held out: every tenth training conversation; prompts/eval is never read.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import shlex
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from engine.speculators.candidates import propose
-from engine.speculators.mlp import MLPSpeculator, MLPSpeculatorConfig
+from engine.speculators.mlp import MLPSpeculator, MLPSpeculatorConfig, SpeculatorNorm
 from engine.speculators.train_data import (
     IGNORE,
     HiddenStateExtractor,
@@ -54,12 +55,15 @@ class TrainConfig:
     dtype: str = "bfloat16"
     n_predict: int = 3
     tie_weights: bool = False
-    stage1_steps: int = 500
-    stage2_steps: int = 200
+    stage1_steps: int = 1000
+    stage2_steps: int = 400
     batch_size: int = 128
     lr: float = 1e-3
+    stage2_peak: float = 0.1  # stage 2's peak learning rate as a fraction of lr (IBM: 0.1)
     max_reply_tokens: int = 160
-    temperature: float = 0.0
+    sampled_temperature: float = 0.7  # persona prompts are sampled like the console does; plain ones greedy
+    sampled_top_p: float = 0.9
+    persona_every: int = 2  # persona-prompt replies for every k-th training conversation (they cost the most)
     max_conversations: int | None = None
     holdout_every: int = 10
     checkpoint_every: int = 100
@@ -68,11 +72,11 @@ class TrainConfig:
     resume: bool = False
 
 
-def lr_factor(step: int, stage1_steps: int, stage2_steps: int) -> float:
+def lr_factor(step: int, stage1_steps: int, stage2_steps: int, stage2_peak: float = 0.1) -> float:
     """IBM's schedule as a factor of the peak learning rate (step counts from 0).
 
     Stage 1: quadratic warmup over w1 = min(2000, S1 // 20) steps, then 0.1 + 0.45 (1 + cos(pi s / S1)).
-    Stage 2: warmup to 0.1, then 0.01 + 0.045 (1 + cos(pi s / S2)).
+    Stage 2 restarts: warmup to stage2_peak (IBM: 0.1), then cosine down to stage2_peak / 10.
     """
     if step < stage1_steps:
         w = max(1, min(2000, stage1_steps // 20))
@@ -80,8 +84,9 @@ def lr_factor(step: int, stage1_steps: int, stage2_steps: int) -> float:
         return min(warm, 0.1 + 0.45 * (1 + math.cos(math.pi * step / stage1_steps)))
     s = step - stage1_steps
     w = max(1, min(2000, stage2_steps // 20))
-    warm = 0.1 * (1 - (1 - min(s + 1, w) / w) ** 2)
-    return min(warm, 0.01 + 0.045 * (1 + math.cos(math.pi * min(s, stage2_steps) / max(1, stage2_steps))))
+    warm = stage2_peak * (1 - (1 - min(s + 1, w) / w) ** 2)
+    cos = 0.5 * (1 + math.cos(math.pi * min(s, stage2_steps) / max(1, stage2_steps)))
+    return min(warm, stage2_peak * (0.1 + 0.9 * cos))
 
 
 def head_losses(spec: MLPSpeculator, hidden: torch.Tensor, windows: torch.Tensor) -> list[torch.Tensor]:
@@ -105,6 +110,8 @@ def evaluate(spec: MLPSpeculator, data: Positions, max_tree_positions: int = 512
     with the true continuation.
     """
     spec.eval()
+    if len(data) == 0:
+        return {"num_positions": 0}
     n = spec.n_predict
     correct = torch.zeros(len(data), n, dtype=torch.bool)
     valid = data.windows[:, 1:] != IGNORE
@@ -120,17 +127,31 @@ def evaluate(spec: MLPSpeculator, data: Positions, max_tree_positions: int = 512
     g = torch.Generator().manual_seed(0)
     pick = torch.nonzero(full)[:, 0]
     pick = pick[torch.randperm(len(pick), generator=g)[:max_tree_positions]]
-    tokens, _ = propose(spec, data.hidden[pick].float(), data.windows[pick, 0])
-    truth = data.windows[pick, 1:]  # [P, n]
-    match = torch.cumprod((tokens == truth[:, None, :]).long(), dim=2).sum(2)  # [P, candidates]
-    tree_run = match.max(1).values.float()
+    k = spec.config.top_k_tokens_per_head
+    trees = {
+        f"top_k={k},n={spec.config.n_candidates}": tree_run(spec, data, pick, k, spec.config.n_candidates),
+        # Cheaper trees: the proposal costs 1 + k0 + k0 k1 + ... head evaluations over the whole vocabulary.
+        "top_k=[3, 2, 1],n=3": tree_run(spec, data, pick, [3, 2, 1][:n] + [1] * (n - 3), 3),
+        "chain (top_k=1)": tree_run(spec, data, pick, [1] * n, 1),
+    }
     return {
         "num_positions": len(data),
         "top1_per_head": [round(a, 4) for a in top1],
         "chain_tokens_per_step": round(1 + float(run.mean()), 3),
-        "tree_tokens_per_step": round(1 + float(tree_run.mean()), 3),
-        "tree_accept_rate_by_depth": [round(float((tree_run > d).float().mean()), 4) for d in range(n)],
+        "tree_tokens_per_step": {name: round(1 + float(r.mean()), 3) for name, r in trees.items()},
+        "tree_accept_rate_by_depth": {
+            name: [round(float((r > d).float().mean()), 4) for d in range(n)] for name, r in trees.items()
+        },
     }
+
+
+def tree_run(spec: MLPSpeculator, data: Positions, pick: torch.Tensor, top_k: list[int], n: int) -> torch.Tensor:
+    """Accepted drafts per position when the candidate tree is verified greedily against the true reply:
+    the longest prefix any candidate shares with it."""
+    tokens, _ = propose(spec, data.hidden[pick].float(), data.windows[pick, 0], top_k, n)
+    truth = data.windows[pick, 1:]  # [P, n_predict]
+    match = torch.cumprod((tokens == truth[:, None, :]).long(), dim=2).sum(2)  # [P, candidates]
+    return match.max(1).values.float()
 
 
 def split_conversations(cfg: TrainConfig) -> tuple[list, list]:
@@ -144,46 +165,51 @@ def split_conversations(cfg: TrainConfig) -> tuple[list, list]:
     return train, held
 
 
-def build_data(cfg: TrainConfig, loaded: Any) -> tuple[Positions, Positions, Positions]:
-    """Stage 1 text positions, stage 2 reply positions, held-out reply positions (cached in work_dir)."""
+def _data_key(cfg: TrainConfig) -> str:
+    """What the cached positions depend on (not the training hyperparameters)."""
+    fields = "model dtype max_reply_tokens sampled_temperature sampled_top_p persona_every max_conversations"
+    return json.dumps([getattr(cfg, f) for f in f"{fields} holdout_every seed".split()])
+
+
+def build_data(cfg: TrainConfig, loaded: Any) -> tuple[Positions, Positions, dict[str, Positions]]:
+    """Stage 1 text positions, stage 2 reply positions, held-out reply positions by decoding mode (greedy,
+    sampled); cached in work_dir."""
     n_predict = cfg.n_predict
     work = Path(cfg.work_dir)
     cache = work / f"positions-n{n_predict}.pt"
     tok = loaded.tokenizer
-    data_key = json.dumps(
-        [
-            cfg.model,
-            cfg.dtype,
-            cfg.max_reply_tokens,
-            cfg.temperature,
-            cfg.max_conversations,
-            cfg.holdout_every,
-            cfg.seed,
-        ]
-    )
+    data_key = _data_key(cfg)
     if cache.is_file():
         saved = torch.load(cache, weights_only=False)
         if saved["key"] == data_key:
             return saved["stage1"], saved["stage2"], saved["held"]
     train, held = split_conversations(cfg)
     s1 = stage1_sequences(tok, train)
-    prompts = stage2_prompts(tok, train)
-    held_prompts = stage2_prompts(tok, held)
+    # Plain prompts (as engine.bench sends them) get greedy replies; persona prompts (as the console sends
+    # them) get sampled ones, with the console's temperature and top-p.
+    groups = [*stage2_prompts(tok, train, cfg.persona_every), *stage2_prompts(tok, held)]
+    temps = [0.0, cfg.sampled_temperature, 0.0, cfg.sampled_temperature]
+    prompts = [p for g in groups for p in g]
     replies = generate_replies(
-        prompts + held_prompts,
+        prompts,
+        [t for g, t in zip(groups, temps, strict=True) for _ in g],
         work / "replies.json",
         model=cfg.model,
         dtype=cfg.dtype,
         max_tokens=cfg.max_reply_tokens,
-        temperature=cfg.temperature,
+        top_p=cfg.sampled_top_p,
         seed=cfg.seed,
     )
-    s2 = [TokenSequence(p + r, len(p) - 1) for p, r in zip(prompts + held_prompts, replies, strict=True)]
-    max_len = max(len(s.tokens) for s in s1 + s2)
-    extractor = HiddenStateExtractor(loaded.model, loaded, max_len)
+    seqs = [TokenSequence(p + r, len(p) - 1) for p, r in zip(prompts, replies, strict=True)]
+    bounds = [0, *itertools.accumulate(len(g) for g in groups)]
+    s2 = [seqs[bounds[i] : bounds[i + 1]] for i in range(4)]
+    extractor = HiddenStateExtractor(loaded.model, loaded, max(len(s.tokens) for s in s1 + seqs))
     stage1 = extract_positions(extractor, s1, n_predict, "stage 1: base hidden states")
-    stage2 = extract_positions(extractor, s2[: len(prompts)], n_predict, "stage 2: base hidden states")
-    held_out = extract_positions(extractor, s2[len(prompts) :], n_predict, "held out: base hidden states")
+    stage2 = extract_positions(extractor, s2[0] + s2[1], n_predict, "stage 2: base hidden states")
+    held_out = {
+        "greedy": extract_positions(extractor, s2[2], n_predict, "held out (greedy): base hidden states"),
+        "sampled": extract_positions(extractor, s2[3], n_predict, "held out (sampled): base hidden states"),
+    }
     work.mkdir(parents=True, exist_ok=True)
     torch.save({"key": data_key, "stage1": stage1, "stage2": stage2, "held": held_out}, cache)
     return stage1, stage2, held_out
@@ -198,7 +224,8 @@ def train(cfg: TrainConfig) -> dict[str, object]:
 
     loaded = load_model(cfg.model, dtype=cfg.dtype, device="cpu")
     stage1, stage2, held = build_data(cfg, loaded)
-    print(f"positions: stage 1 {len(stage1)}, stage 2 {len(stage2)}, held out {len(held)}", file=sys.stderr)
+    sizes = {"stage1": len(stage1), "stage2": len(stage2), **{f"held_out_{k}": len(v) for k, v in held.items()}}
+    print(f"training positions: {sizes}", file=sys.stderr)
     spec = MLPSpeculator(
         MLPSpeculatorConfig(
             vocab_size=loaded.vocab_size,
@@ -209,6 +236,7 @@ def train(cfg: TrainConfig) -> dict[str, object]:
         )
     )
     spec.tie_to_base(loaded.model)
+    init_norms_from_base(spec, loaded.model)
     params = [p for p in spec.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1)
     total = cfg.stage1_steps + cfg.stage2_steps
@@ -228,7 +256,7 @@ def train(cfg: TrainConfig) -> dict[str, object]:
         g.manual_seed(cfg.seed * 1_000_003 + step)  # the batch depends on the step only: resume-exact
         idx = torch.randint(len(data), (cfg.batch_size,), generator=g)
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * lr_factor(step, cfg.stage1_steps, cfg.stage2_steps)
+            group["lr"] = cfg.lr * lr_factor(step, cfg.stage1_steps, cfg.stage2_steps, cfg.stage2_peak)
         losses = head_losses(spec, data.hidden[idx], data.windows[idx])
         opt.zero_grad(set_to_none=True)
         sum(losses).backward()  # type: ignore[union-attr]
@@ -242,8 +270,8 @@ def train(cfg: TrainConfig) -> dict[str, object]:
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total:
             _save_checkpoint(ckpt, spec, opt, step + 1)
     report = {
-        "held_out": evaluate(spec, held),
-        "positions": {"stage1": len(stage1), "stage2": len(stage2), "held_out": len(held)},
+        "held_out": {mode: evaluate(spec, data) for mode, data in held.items()},
+        "positions": sizes,
         "minutes": round((time.time() - started) / 60, 1),
         "command": "python -m engine.speculators.train " + shlex.join(sys.argv[1:]),
         "config": asdict(cfg),
@@ -252,6 +280,23 @@ def train(cfg: TrainConfig) -> dict[str, object]:
     spec.save_pretrained(out, dtype=torch.bfloat16)
     (out / "train_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def init_norms_from_base(spec: MLPSpeculator, base: torch.nn.Module) -> None:
+    """Start each LN_i scale at the base model's final-norm weight.
+
+    The tied head expects states shaped like the base's own final-norm output (w * x / rms(x)); starting
+    LN_i the same way (IBM's init of 1 suits a head trained from scratch) lets the heads learn from step 0.
+    """
+    norm = getattr(getattr(base, "model", None), "norm", None)
+    weight = getattr(norm, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return
+    with torch.no_grad():
+        for ln in spec.ln:
+            assert isinstance(ln, SpeculatorNorm) and ln.weight is not None, ln
+            if ln.weight.shape == weight.shape:
+                ln.weight.copy_(weight.float())
 
 
 def _save_checkpoint(path: Path, spec: MLPSpeculator, opt: torch.optim.Optimizer, step: int) -> None:
@@ -264,28 +309,18 @@ def _save_checkpoint(path: Path, spec: MLPSpeculator, opt: torch.optim.Optimizer
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     d = TrainConfig()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument(
-        "--model", default=d.model, help="base model path (default: built-in SmolLM2-135M-Instruct)"
-    )
+    ap.add_argument("--model", default=d.model, help="base model path (default: built-in SmolLM2-135M-Instruct)")
     ap.add_argument("--out", default=d.out, help="where the trained speculator goes")
     ap.add_argument("--work-dir", default=d.work_dir, help="cached replies, hidden states and checkpoints")
-    for name in ("dtype",):
-        ap.add_argument(f"--{name}", default=getattr(d, name), choices=["bfloat16", "float32"])
-    for name in (
-        "n_predict",
-        "stage1_steps",
-        "stage2_steps",
-        "batch_size",
-        "max_reply_tokens",
-        "holdout_every",
-        "checkpoint_every",
-        "seed",
-        "threads",
-    ):
+    ap.add_argument("--dtype", default=d.dtype, choices=["bfloat16", "float32"])
+    ints = "n_predict stage1_steps stage2_steps batch_size max_reply_tokens persona_every holdout_every"
+    for name in f"{ints} checkpoint_every seed threads".split():
         ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
     ap.add_argument("--max-conversations", type=int, default=None, help="use only the first N (smoke runs)")
     ap.add_argument("--lr", type=float, default=d.lr)
-    ap.add_argument("--temperature", type=float, default=d.temperature, help="stage 2 sampling; 0 = greedy")
+    ap.add_argument("--stage2-peak", type=float, default=d.stage2_peak, help="stage 2 peak lr / lr (IBM: 0.1)")
+    ap.add_argument("--sampled-temperature", type=float, default=d.sampled_temperature, help="0 = greedy")
+    ap.add_argument("--sampled-top-p", type=float, default=d.sampled_top_p)
     ap.add_argument("--tie-weights", action="store_true", help="IBM's tie_weights (heads share proj/ln)")
     ap.add_argument("--resume", action="store_true", help="continue from work-dir/checkpoint.pt")
     return TrainConfig(**vars(ap.parse_args(argv)))
