@@ -20,7 +20,7 @@ from app.server import RunningServer, create_app, start_in_thread
 from app.settings import Settings
 from db import MessageStatus, Role
 from engine.llm import LLM
-from tests.app.console_fixtures import make_service, tiny_console_llm
+from tests.app.console_fixtures import make_service, tiny_console_llm, wait_engine_idle
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
@@ -209,3 +209,27 @@ def test_redraft_edit_macro_feedback_and_history_actions(
     page.locator("#sd-header").get_by_text("New conversation").wait_for()
     assert service.repository.list_conversations("triple") == []
     page.screenshot(path=str(ARTIFACTS / "browser-console-history.png"), full_page=True)
+
+
+def test_closing_the_tab_mid_stream_stops_and_keeps_the_partial_reply(
+    page: Any, server: RunningServer, service: ChatService
+) -> None:
+    service.settings = Settings(max_tokens=6000, temperature=0.0)
+    open_console(page, server.url)
+    page.locator("#sd-message textarea").fill("Please explain my roaming charges")
+    page.locator("#sd-send").click()
+    page.locator("#sd-stop").wait_for(state="visible")
+    deadline = time.monotonic() + 30
+    while len(bot_text(page).strip(" ▍")) < 5:
+        assert time.monotonic() < deadline, "no tokens arrived"
+        time.sleep(0.05)
+    page.close()  # the agent closes the tab: Gradio cancels the event and closes the handler
+
+    summary = service.repository.list_conversations("roaming charges")[0]
+    deadline = time.monotonic() + 30
+    while (reply := service.repository.get_conversation(summary.id).messages[-1]).status is MessageStatus.PENDING:
+        assert time.monotonic() < deadline, "the reply was never finished after the tab closed"
+        time.sleep(0.1)
+    assert reply.status is MessageStatus.STOPPED and reply.content
+    assert not service.is_running(summary.id)
+    wait_engine_idle(service.llm)
