@@ -58,17 +58,19 @@ class ConsoleActions:
         if not text.strip():
             gr.Warning("Type or paste the customer's message first.")
             return
+        created: int | None = None
         try:
             if conversation_id is None:
-                conversation = self.service.new_conversation(persona or "general", customer or "")
-                conversation_id = conversation.id
+                conversation_id = created = self.service.new_conversation(persona or "general", customer or "").id
             if editing:
                 updates = self.service.edit_last(conversation_id, text)
             else:
                 self._title_from_first_message(conversation_id, text)
                 updates = self.service.send(conversation_id, text)
         except (ValueError, KeyError, NotFoundError) as exc:
-            gr.Warning(str(exc))
+            if created is not None:  # nothing was stored in it: leave no empty conversation behind
+                self.repo.delete_conversation(created)
+            gr.Warning(str(exc.args[0]) if isinstance(exc, KeyError) else str(exc))
             return
         yield from self._stream(conversation_id, updates, search, clear_message=True)
 
