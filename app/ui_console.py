@@ -126,7 +126,7 @@ def build_console(service: ChatService) -> ConsoleView:
             metrics = gr.HTML(elem_id="sd-metrics")
             turns_plot = gr.BarPlot(
                 views.turns_frame(None), x="turn", y="tokens/s", title="tokens/s per turn", height=220,
-                x_title="turn", y_title="", show_label=False, sort="x", tooltip="all",
+                x_title="turn", y_title=" ", show_label=False, sort="x", tooltip="all",
                 y_lim=[0, None],
             )  # fmt: skip
             engine = gr.HTML(elem_classes="sd-engine")
