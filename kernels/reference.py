@@ -50,7 +50,7 @@ def paged_attention(
     num_heads, num_kv_heads = query.shape[1], k_cache.shape[2]
     assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)
     assert sum(query_lens) == query.shape[0], (query_lens, query.shape)
-    if tree_mask is None and len(seq_lens) > 1 and all(q == 1 for q in query_lens):
+    if tree_mask is None and seq_lens and all(q == 1 for q in query_lens):
         return _decode_batched(query, k_cache, v_cache, block_tables, seq_lens, scale)
     out = torch.empty_like(query)
     start = 0
@@ -93,17 +93,21 @@ def _decode_batched(
     seq_lens: list[int],
     scale: float,
 ) -> torch.Tensor:
-    # One query per sequence: gather all pages padded to the longest sequence and run one SDPA call,
-    # masking the padding, instead of a Python loop per sequence.
-    num_seqs, block_size = len(seq_lens), k_cache.shape[1]
+    # One query per sequence: gather every sequence's pages (padded to the longest) with one index_select
+    # on the page dim and attend with two batched matmuls, each kv head serving its group of query heads.
+    # On CPU this beats both advanced indexing (cache[table]) and SDPA's masked kernels by several times.
+    num_seqs, block_size, num_kv_heads, head_dim = len(seq_lens), *k_cache.shape[1:]
     max_blocks = (max(seq_lens) + block_size - 1) // block_size
-    table = block_tables[:num_seqs, :max_blocks].long()
-    k = k_cache[table].flatten(1, 2).transpose(1, 2)  # [b, kvh, max_blocks*bs, d]
-    v = v_cache[table].flatten(1, 2).transpose(1, 2)
+    table = block_tables[:num_seqs, :max_blocks].reshape(-1).long()
+    span = max_blocks * block_size
+    k = k_cache.view(k_cache.shape[0], -1).index_select(0, table).view(num_seqs, span, num_kv_heads, head_dim)
+    v = v_cache.view(v_cache.shape[0], -1).index_select(0, table).view(num_seqs, span, num_kv_heads, head_dim)
+    group = query.shape[1] // num_kv_heads
+    q = query.view(num_seqs, num_kv_heads, group, head_dim).to(k.dtype)
+    scores = torch.matmul(q, k.permute(0, 2, 3, 1)).float() * scale  # [b, kvh, group, span]
     lens = torch.tensor(seq_lens, device=query.device)
-    mask = torch.arange(k.shape[2], device=query.device)[None, :] < lens[:, None]  # [b, s]
-    q = query[:, :, None, :].to(k.dtype)  # [b, h, 1, d]
-    o = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=query.shape[1] != k.shape[1]
-    )
-    return o[:, :, 0, :].to(query.dtype)
+    padding = torch.arange(span, device=query.device)[None, :] >= lens[:, None]  # [b, span]
+    scores.masked_fill_(padding[:, None, None, :], float("-inf"))
+    probs = scores.softmax(-1).to(v.dtype)
+    out = torch.matmul(probs, v.transpose(1, 2))  # [b, kvh, group, head_dim]
+    return out.reshape(num_seqs, query.shape[1], head_dim).to(query.dtype)
