@@ -35,8 +35,19 @@ def _baseline(conn: Connection) -> None:
     pass
 
 
+def _conversation_owner(conn: Connection) -> None:
+    # conversations.agent (nullable, indexed) is added by the additive pass; existing rows stay
+    # unowned (NULL), which only an unscoped (login off) console lists. The version bump matters on
+    # its own: an older SpecDesk, which knows nothing of owners and would show every agent everything,
+    # now refuses this file (SchemaTooNewError) instead of opening it.
+    pass
+
+
 # Append new steps here, never edit or reorder released ones.
-MIGRATIONS: tuple[Migration, ...] = (Migration(1, "baseline schema", _baseline),)
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "baseline schema", _baseline),
+    Migration(2, "conversations.agent: the owning agent's login name", _conversation_owner),
+)
 
 
 class SchemaTooNewError(RuntimeError):

@@ -92,14 +92,14 @@ class Conversation(Base):
     title: Mapped[str] = mapped_column(String(MAX_TITLE_CHARS))
     customer_name: Mapped[str] = mapped_column(String(MAX_NAME_CHARS), default="", server_default="")
     # Key of a prompts/personas/*.txt file; kept as text so removing a persona never breaks old rows.
-    persona: Mapped[str] = mapped_column(
-        String(MAX_PERSONA_CHARS), default="general", server_default="general"
-    )
+    persona: Mapped[str] = mapped_column(String(MAX_PERSONA_CHARS), default="general", server_default="general")
     status: Mapped[ConversationStatus] = mapped_column(
         _enum_column(ConversationStatus), default=ConversationStatus.OPEN, server_default="open"
     )
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    # The login name that owns the conversation; None when it was created with login off (unscoped).
+    agent: Mapped[str | None] = mapped_column(String(MAX_NAME_CHARS), default=None, index=True)
 
     messages: Mapped[list[Message]] = relationship(
         back_populates="conversation",
@@ -119,6 +119,7 @@ class Conversation(Base):
             created_at=self.created_at,
             updated_at=self.updated_at,
             messages=messages,
+            agent=self.agent,
         )
 
     def to_summary(self, num_messages: int) -> ConversationSummary:
@@ -131,6 +132,7 @@ class Conversation(Base):
             created_at=self.created_at,
             updated_at=self.updated_at,
             num_messages=int(num_messages),
+            agent=self.agent,
         )
 
 

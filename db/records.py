@@ -75,6 +75,7 @@ class ConversationSummary:
     created_at: datetime
     updated_at: datetime
     num_messages: int
+    agent: str | None = None  # the owning login name; None when created with login off
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ class ConversationRecord:
     created_at: datetime
     updated_at: datetime
     messages: tuple[MessageRecord, ...] = field(default_factory=tuple)  # ordered by position
+    agent: str | None = None  # the owning login name; None when created with login off
 
     def history(self) -> list[dict[str, str]]:
         """Role/content dicts in order, ready for prompts.build_messages.

@@ -86,23 +86,52 @@ def test_legacy_file_is_upgraded_in_place(db_path: Path) -> None:
     engine.dispose()
 
 
+def test_version_1_file_without_owners_gains_the_agent_column(db_path: Path) -> None:
+    """A file written before per-agent scoping (schema 1, no conversations.agent) upgrades in place."""
+    make_engine(f"sqlite:///{db_path}").dispose()
+    with sqlite3.connect(db_path) as conn:  # roll the fresh file back to the version 1 shape
+        conn.executescript(
+            "DROP INDEX ix_conversations_agent; ALTER TABLE conversations DROP COLUMN agent;"
+            "UPDATE schema_version SET version = 1;"
+            "INSERT INTO conversations (id, title, customer_name, persona, status, created_at, updated_at)"
+            " VALUES (1, 'Before login', '', 'general', 'open', '2025-01-02 03:04:05', '2025-01-02 03:04:05');"
+        )
+    conn.close()
+    assert "agent" not in _columns(db_path, "conversations")
+
+    engine = make_engine(f"sqlite:///{db_path}")
+    assert "agent" in _columns(db_path, "conversations")
+    indexes = {row[1] for row in sqlite3.connect(db_path).execute("PRAGMA index_list(conversations)")}
+    assert "ix_conversations_agent" in indexes
+    assert current_version(engine) == latest_version(MIGRATIONS) >= 2
+    repo = ChatRepository(engine)
+    assert repo.get_conversation(1).agent is None  # old rows stay unowned: only login-off lists them
+    assert repo.list_conversations(agent="alice") == []
+    mine = repo.create_conversation("After login", agent="alice")
+    assert [c.id for c in repo.list_conversations(agent="alice")] == [mine.id]
+    assert {c.id for c in repo.list_conversations()} == {1, mine.id}
+    engine.dispose()
+
+
 def test_versioned_steps_run_in_order_exactly_once(db_path: Path) -> None:
     _write_legacy_file(db_path)
     engine = make_engine(f"sqlite:///{db_path}", create_schema=False)
     calls: list[int] = []
 
+    base = latest_version(MIGRATIONS)
+
     def retitle(conn: Connection) -> None:
-        calls.append(2)
+        calls.append(base + 1)
         conn.execute(text("UPDATE conversations SET title = title || ' (migrated)'"))
 
     def note(conn: Connection) -> None:
-        calls.append(3)
+        calls.append(base + 2)
 
-    steps = (*MIGRATIONS, Migration(2, "retitle", retitle), Migration(3, "note", note))
-    assert upgrade_schema(writer(engine), steps) == 3
-    assert upgrade_schema(writer(engine), steps) == 3  # second start: nothing left to run
-    assert calls == [2, 3]
-    assert current_version(engine) == 3
+    steps = (*MIGRATIONS, Migration(base + 1, "retitle", retitle), Migration(base + 2, "note", note))
+    assert upgrade_schema(writer(engine), steps) == base + 2
+    assert upgrade_schema(writer(engine), steps) == base + 2  # second start: nothing left to run
+    assert calls == [base + 1, base + 2]
+    assert current_version(engine) == base + 2
     assert ChatRepository(engine).get_conversation(1).title == "Old ticket (migrated)"
     engine.dispose()
 
@@ -110,8 +139,9 @@ def test_versioned_steps_run_in_order_exactly_once(db_path: Path) -> None:
 def test_fresh_database_skips_versioned_steps(db_path: Path) -> None:
     engine = make_engine(f"sqlite:///{db_path}", create_schema=False)
     calls: list[str] = []
-    steps = (*MIGRATIONS, Migration(2, "would fail on an empty db", lambda conn: calls.append("ran")))
-    assert upgrade_schema(writer(engine), steps) == 2
+    next_version = latest_version(MIGRATIONS) + 1
+    steps = (*MIGRATIONS, Migration(next_version, "would fail on an empty db", lambda conn: calls.append("ran")))
+    assert upgrade_schema(writer(engine), steps) == next_version
     assert calls == []  # create_all already produced the current shape
     engine.dispose()
 
