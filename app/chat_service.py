@@ -10,6 +10,10 @@ A turn, in order (DESIGN.md, "One turn, as data"):
 
 Any failure of one turn — bad text, a prompt that cannot fit, an engine error — ends that turn with a
 clear error and never touches another conversation. Thread-safe: Gradio runs turns on many threads.
+
+Every conversation-level method takes an optional ``agent`` (the signed-in login name): given one, it
+acts only on that agent's conversations and raises NotFoundError for anyone else's. ``None`` is the
+console with login off: unscoped.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import prompts
 from app.settings import Settings
 from app.turns import TurnState, TurnUpdate, final_state, metrics_dict
-from db import ChatRepository, ConversationRecord, MessageRecord, Role
+from db import ChatRepository, ConversationRecord, MessageRecord, NotFoundError, Role
 from engine import SamplingParams, StreamDelta
 
 if TYPE_CHECKING:
@@ -95,41 +99,49 @@ class ChatService:
         return SamplingParams(**values)
 
     # ---- turns ------------------------------------------------------------------------------------
-    def send(self, conversation_id: int, text: str, params: SamplingParams | None = None) -> TurnStream:
+    def send(
+        self, conversation_id: int, text: str, params: SamplingParams | None = None, *, agent: str | None = None
+    ) -> TurnStream:
         """Store the customer's `text` (committed now), then return the stream of the drafted reply.
 
         Raises ValueError (empty or invalid text, a reply already running) and NotFoundError before
         anything is stored; every later failure arrives as a final update with state ERROR. Iterate the
         result to the end or close it: closing it stops the reply and stores the partial text.
         """
-        self._check_idle(conversation_id)
+        self._check_idle(conversation_id, agent)
         if not text.strip():
             raise ValueError("the customer message is empty: type or paste what the customer wrote")
-        self.repository.add_message(conversation_id, Role.USER, text)  # invariant 6: durable first
+        self.repository.add_message(conversation_id, Role.USER, text, agent=agent)  # invariant 6: durable first
         return self._stream_turn(conversation_id, params or self.sampling_params())
 
-    def retry(self, conversation_id: int, params: SamplingParams | None = None) -> TurnStream:
+    def retry(
+        self, conversation_id: int, params: SamplingParams | None = None, *, agent: str | None = None
+    ) -> TurnStream:
         """Draft the reply to the last customer message again (the previous reply is replaced)."""
-        self._check_idle(conversation_id)
-        last_user = self._last_user_message(conversation_id)
-        self.repository.delete_messages_after(conversation_id, last_user.position)
+        self._check_idle(conversation_id, agent)
+        last_user = self._last_user_message(conversation_id, agent)
+        self.repository.delete_messages_after(conversation_id, last_user.position, agent=agent)
         return self._stream_turn(conversation_id, params or self.sampling_params())
 
-    def edit_last(self, conversation_id: int, text: str, params: SamplingParams | None = None) -> TurnStream:
+    def edit_last(
+        self, conversation_id: int, text: str, params: SamplingParams | None = None, *, agent: str | None = None
+    ) -> TurnStream:
         """Replace the last customer message with `text` and draft a new reply to it."""
-        self._check_idle(conversation_id)
+        self._check_idle(conversation_id, agent)
         if not text.strip():
             raise ValueError("the customer message is empty: type or paste what the customer wrote")
-        last_user = self._last_user_message(conversation_id)
-        self.repository.update_message_content(last_user.id, text)
-        self.repository.delete_messages_after(conversation_id, last_user.position)
+        last_user = self._last_user_message(conversation_id, agent)
+        self.repository.update_message_content(last_user.id, text, agent=agent)
+        self.repository.delete_messages_after(conversation_id, last_user.position, agent=agent)
         return self._stream_turn(conversation_id, params or self.sampling_params())
 
-    def stop(self, conversation_id: int) -> bool:
+    def stop(self, conversation_id: int, *, agent: str | None = None) -> bool:
         """Abort the conversation's running turn; its partial reply is stored as stopped.
 
-        Returns False when nothing was running.
+        Returns False when nothing was running (or the conversation is not ``agent``'s).
         """
+        if agent is not None and not self._is_owned(conversation_id, agent):
+            return False
         with self._lock:
             turn = self._active.get(conversation_id)
             if turn is None:
@@ -144,7 +156,17 @@ class ChatService:
         with self._lock:
             return conversation_id in self._active
 
-    def _check_idle(self, conversation_id: int) -> None:
+    def _is_owned(self, conversation_id: int, agent: str) -> bool:
+        try:
+            self.repository.get_conversation(conversation_id, agent=agent)
+        except NotFoundError:
+            return False
+        return True
+
+    def _check_idle(self, conversation_id: int, agent: str | None) -> None:
+        # Ownership first: "still being drafted" would tell another agent the conversation exists.
+        if agent is not None and not self._is_owned(conversation_id, agent):
+            raise NotFoundError("conversation", conversation_id)
         if self.is_running(conversation_id):
             raise ValueError("a reply is still being drafted in this conversation: stop it first")
 
@@ -260,18 +282,20 @@ class ChatService:
             customer_name=(conversation.customer_name or None) if conversation else None,
         )
 
-    def _last_user_message(self, conversation_id: int) -> MessageRecord:
-        conversation = self.repository.get_conversation(conversation_id)
+    def _last_user_message(self, conversation_id: int, agent: str | None) -> MessageRecord:
+        conversation = self.repository.get_conversation(conversation_id, agent=agent)
         for message in reversed(conversation.messages):
             if message.role is Role.USER:
                 return message
         raise ValueError("this conversation has no customer message yet")
 
     # ---- conversations, personas and macros ---------------------------------------------------------
-    def new_conversation(self, persona: str = "general", customer_name: str = "") -> ConversationRecord:
+    def new_conversation(
+        self, persona: str = "general", customer_name: str = "", *, agent: str | None = None
+    ) -> ConversationRecord:
         """An empty conversation answered with `persona`'s system prompt (KeyError for an unknown one)."""
         prompts.render_system_prompt(persona)  # fail now, not at the first turn
-        return self.repository.create_conversation(customer_name=customer_name, persona=persona)
+        return self.repository.create_conversation(customer_name=customer_name, persona=persona, agent=agent)
 
     def personas(self) -> list[tuple[str, str]]:
         """(title, key) pairs for a picker."""
@@ -284,19 +308,19 @@ class ChatService:
         """A canned reply with the company, agent and customer names filled in."""
         return prompts.render_macro(key, self.prompt_variables(conversation))
 
-    def add_agent_reply(self, conversation_id: int, text: str) -> MessageRecord:
+    def add_agent_reply(self, conversation_id: int, text: str, *, agent: str | None = None) -> MessageRecord:
         """Store a reply the agent wrote or inserted from a macro (no generation)."""
-        self._check_idle(conversation_id)
+        self._check_idle(conversation_id, agent)
         if not text.strip():
             raise ValueError("the reply is empty")
-        return self.repository.add_message(conversation_id, Role.ASSISTANT, text)
+        return self.repository.add_message(conversation_id, Role.ASSISTANT, text, agent=agent)
 
     def engine_stats(self) -> EngineStats:
         return self.llm.stats()
 
-    def set_feedback(self, message_id: int, rating: int | None) -> None:
+    def set_feedback(self, message_id: int, rating: int | None, *, agent: str | None = None) -> None:
         """Thumbs up (+1), down (-1) or cleared (None) on a drafted reply."""
         if rating is None:
-            self.repository.clear_feedback(message_id)
+            self.repository.clear_feedback(message_id, agent=agent)
         else:
-            self.repository.set_feedback(message_id, rating)
+            self.repository.set_feedback(message_id, rating, agent=agent)

@@ -3,6 +3,10 @@
 Handlers talk to the ChatService (turns, personas, macros, feedback) and its repository (history);
 they never touch the engine or SQL directly. Failures become a toast (gr.Warning) and a status line,
 never a stack trace in the agent's face.
+
+With login on, every handler acts as the signed-in agent (`request.username`, which Gradio fills in
+from the session): the sidebar lists only their conversations and anyone else's behaves as missing.
+With login off the username is None and nothing is scoped.
 """
 
 from __future__ import annotations
@@ -53,50 +57,67 @@ class ConsoleActions:
 
     # ---- turns ------------------------------------------------------------------------------------
     def send(
-        self, text: str, conversation_id: int | None, editing: bool, persona: str, customer: str, search: str
+        self,
+        text: str,
+        conversation_id: int | None,
+        editing: bool,
+        persona: str,
+        customer: str,
+        search: str,
+        request: gr.Request,
     ) -> Iterator[Updates]:
+        agent = _agent(request)
         if not text.strip():
             gr.Warning("Type or paste the customer's message first.")
             return
         created: int | None = None
         try:
             if conversation_id is None:
-                conversation_id = created = self.service.new_conversation(persona or "general", customer or "").id
+                conversation_id = created = self.service.new_conversation(
+                    persona or "general", customer or "", agent=agent
+                ).id
             if editing:
-                updates = self.service.edit_last(conversation_id, text)
+                updates = self.service.edit_last(conversation_id, text, agent=agent)
             else:
-                self._title_from_first_message(conversation_id, text)
-                updates = self.service.send(conversation_id, text)
+                self._title_from_first_message(conversation_id, text, agent)
+                updates = self.service.send(conversation_id, text, agent=agent)
         except (ValueError, KeyError, NotFoundError) as exc:
             if created is not None:  # nothing was stored in it: leave no empty conversation behind
-                self.repo.delete_conversation(created)
+                self.repo.delete_conversation(created, agent=agent)
             gr.Warning(str(exc.args[0]) if isinstance(exc, KeyError) else str(exc))
             return
-        yield from self._stream(conversation_id, updates, search, clear_message=True)
+        yield from self._stream(conversation_id, updates, search, agent, clear_message=True)
 
-    def retry(self, conversation_id: int | None, search: str) -> Iterator[Updates]:
+    def retry(self, conversation_id: int | None, search: str, request: gr.Request) -> Iterator[Updates]:
+        agent = _agent(request)
         if conversation_id is None:
             gr.Warning("Open a conversation first.")
             return
         try:
-            updates = self.service.retry(conversation_id)
+            updates = self.service.retry(conversation_id, agent=agent)
         except (ValueError, NotFoundError) as exc:
             gr.Warning(str(exc))
             return
-        yield from self._stream(conversation_id, updates, search, clear_message=False)
+        yield from self._stream(conversation_id, updates, search, agent, clear_message=False)
 
-    def stop(self, conversation_id: int | None) -> None:
+    def stop(self, conversation_id: int | None, request: gr.Request) -> None:
         if conversation_id is not None:
-            self.service.stop(conversation_id)
+            self.service.stop(conversation_id, agent=_agent(request))
 
     def _stream(
-        self, conversation_id: int, updates: Iterator[TurnUpdate], search: str, *, clear_message: bool
+        self,
+        conversation_id: int,
+        updates: Iterator[TurnUpdate],
+        search: str,
+        agent: str | None,
+        *,
+        clear_message: bool,
     ) -> Iterator[Updates]:
         v = self.v
-        conversation = self.repo.get_conversation(conversation_id)
+        conversation = self.repo.get_conversation(conversation_id, agent=agent)
         shown, _ = views.chat_messages(conversation)
         first: Updates = {
-            **self._view(conversation_id, search, busy=True),
+            **self._view(conversation_id, search, agent, busy=True),
             v.chatbot: [*shown, {"role": "assistant", "content": " ▍"}],
             v.status: "⏳ Waiting for the engine…",
             **self._busy(True),
@@ -119,7 +140,7 @@ class ConsoleActions:
                         v.chatbot: [*shown, views.live_bubble(update)],
                         v.status: views.status_line(update),
                     }
-        done = self._view(conversation_id, search)
+        done = self._view(conversation_id, search, agent)
         if final is not None:
             done[v.status] = views.status_line(final)
             done[v.metrics] = views.metrics_card(final.metrics)
@@ -140,18 +161,23 @@ class ConsoleActions:
             v.cancel_edit: gr.Button(visible=False),
         }
 
-    def _title_from_first_message(self, conversation_id: int, text: str) -> None:
-        conversation = self.repo.get_conversation(conversation_id)
+    def _title_from_first_message(self, conversation_id: int, text: str, agent: str | None) -> None:
+        conversation = self.repo.get_conversation(conversation_id, agent=agent)
         if conversation.title == DEFAULT_TITLE and not any(m.role is Role.USER for m in conversation.messages):
-            self.repo.rename_conversation(conversation_id, views.title_from(text))
+            self.repo.rename_conversation(conversation_id, views.title_from(text), agent=agent)
 
     # ---- editing and feedback ------------------------------------------------------------------------
-    def start_edit(self, conversation_id: int | None) -> Updates:
+    def start_edit(self, conversation_id: int | None, request: gr.Request) -> Updates:
         v = self.v
         if conversation_id is None:
             gr.Warning("Open a conversation first.")
             return {}
-        users = [m for m in self.repo.get_conversation(conversation_id).messages if m.role is Role.USER]
+        try:
+            conversation = self.repo.get_conversation(conversation_id, agent=_agent(request))
+        except NotFoundError as exc:
+            gr.Warning(str(exc))
+            return {}
+        users = [m for m in conversation.messages if m.role is Role.USER]
         if not users:
             gr.Warning("This conversation has no customer message yet.")
             return {}
@@ -173,100 +199,113 @@ class ConsoleActions:
             v.status: "",
         }
 
-    def feedback(self, message_ids: list[int], like: gr.LikeData) -> None:
+    def feedback(self, message_ids: list[int], like: gr.LikeData, request: gr.Request) -> None:
         index = like.index if isinstance(like.index, int) else like.index[0]
         if not 0 <= index < len(message_ids):
             return
         rating = 1 if like.liked is True else -1 if like.liked is False else None
         try:
-            self.service.set_feedback(message_ids[index], rating)
+            self.service.set_feedback(message_ids[index], rating, agent=_agent(request))
         except (ValueError, NotFoundError) as exc:
             gr.Warning(str(exc))
 
     # ---- history -------------------------------------------------------------------------------------
-    def new_conversation(self, search: str) -> Updates:
-        return {**self._view(None, search), self.v.message: "", **self._busy(False)}
+    def new_conversation(self, search: str, request: gr.Request) -> Updates:
+        return {**self._view(None, search, _agent(request)), self.v.message: "", **self._busy(False)}
 
-    def open(self, conversation_id: int | None, search: str) -> Updates:
+    def open(self, conversation_id: int | None, search: str, request: gr.Request) -> Updates:
+        agent = _agent(request)
         try:
-            return {**self._view(conversation_id, search), **self._busy(False)}
+            return {**self._view(conversation_id, search, agent), **self._busy(False)}
         except NotFoundError:
             gr.Warning("That conversation no longer exists.")
-            return self._view(None, search)
+            return self._view(None, search, agent)
 
-    def search(self, search: str, conversation_id: int | None) -> Any:
-        return gr.Radio(choices=self._choices(search), value=conversation_id)
+    def search(self, search: str, conversation_id: int | None, request: gr.Request) -> Any:
+        return gr.Radio(choices=self._choices(search, _agent(request)), value=conversation_id)
 
-    def rename(self, conversation_id: int | None, title: str, search: str) -> Updates:
+    def rename(self, conversation_id: int | None, title: str, search: str, request: gr.Request) -> Updates:
+        agent = _agent(request)
         if conversation_id is None:
             gr.Warning("Open a conversation first.")
             return {}
-        self._safely(lambda: self.repo.rename_conversation(conversation_id, title))
-        return self._view(conversation_id, search)
+        self._safely(lambda: self.repo.rename_conversation(conversation_id, title, agent=agent))
+        return self._view(conversation_id, search, agent)
 
-    def ask_delete(self, conversation_id: int | None) -> tuple[Any, str]:
+    def ask_delete(self, conversation_id: int | None, request: gr.Request) -> tuple[Any, str]:
         if conversation_id is None:
             gr.Warning("Open a conversation first.")
             return gr.Group(visible=False), ""
-        title = self.repo.get_conversation(conversation_id).title
+        title = self.repo.get_conversation(conversation_id, agent=_agent(request)).title
         text = f"Delete **{escape_customer_text(title)}** and all its messages? This cannot be undone."
         return gr.Group(visible=True), text
 
-    def delete(self, conversation_id: int | None, search: str) -> Updates:
+    def delete(self, conversation_id: int | None, search: str, request: gr.Request) -> Updates:
+        agent = _agent(request)
         if conversation_id is not None:
             if self.service.is_running(conversation_id):
                 gr.Warning("Stop the reply being drafted before deleting this conversation.")
                 return {}
-            self._safely(lambda: self.repo.delete_conversation(conversation_id))
+            self._safely(lambda: self.repo.delete_conversation(conversation_id, agent=agent))
             gr.Info("Conversation deleted.")
-        return {**self._view(None, search), self.v.confirm_box: gr.Group(visible=False)}
+        return {**self._view(None, search, agent), self.v.confirm_box: gr.Group(visible=False)}
 
-    def export_json(self, conversation_id: int | None) -> Any:
-        return self._export(conversation_id, "json")
+    def export_json(self, conversation_id: int | None, request: gr.Request) -> Any:
+        return self._export(conversation_id, "json", _agent(request))
 
-    def export_markdown(self, conversation_id: int | None) -> Any:
-        return self._export(conversation_id, "md")
+    def export_markdown(self, conversation_id: int | None, request: gr.Request) -> Any:
+        return self._export(conversation_id, "md", _agent(request))
 
-    def _export(self, conversation_id: int | None, kind: str) -> Any:
+    def _export(self, conversation_id: int | None, kind: str, agent: str | None) -> Any:
         if conversation_id is None:
             gr.Warning("Open a conversation first.")
             return gr.File(visible=False)
         if kind == "json":
-            body = json.dumps(self.repo.export_json(conversation_id), indent=2, ensure_ascii=False)
+            body = json.dumps(self.repo.export_json(conversation_id, agent=agent), indent=2, ensure_ascii=False)
         else:
-            body = self.repo.export_markdown(conversation_id)
+            body = self.repo.export_markdown(conversation_id, agent=agent)
         path = self._export_dir / f"conversation-{conversation_id}.{kind}"
         path.write_text(body, encoding="utf-8")
         return gr.File(value=str(path), visible=True)
 
     # ---- macros --------------------------------------------------------------------------------------
-    def preview_macro(self, key: str | None, conversation_id: int | None) -> tuple[Any, str]:
+    def preview_macro(self, key: str | None, conversation_id: int | None, request: gr.Request) -> tuple[Any, str]:
         if not key:
             return gr.Row(visible=False), ""
-        conversation = self.repo.get_conversation(conversation_id) if conversation_id is not None else None
+        agent = _agent(request)
+        conversation = self.repo.get_conversation(conversation_id, agent=agent) if conversation_id is not None else None
         return gr.Row(visible=True), self.service.render_macro(key, conversation)
 
-    def add_macro(self, text: str, conversation_id: int | None, persona: str, customer: str, search: str) -> Updates:
+    def add_macro(
+        self,
+        text: str,
+        conversation_id: int | None,
+        persona: str,
+        customer: str,
+        search: str,
+        request: gr.Request,
+    ) -> Updates:
+        agent = _agent(request)
         if not text.strip():
             gr.Warning("The macro is empty.")
             return {}
         if conversation_id is None:
-            conversation_id = self.service.new_conversation(persona or "general", customer or "").id
-        self._safely(lambda: self.service.add_agent_reply(conversation_id, text))
-        return {**self._view(conversation_id, search), self.v.macro: None}
+            conversation_id = self.service.new_conversation(persona or "general", customer or "", agent=agent).id
+        self._safely(lambda: self.service.add_agent_reply(conversation_id, text, agent=agent))
+        return {**self._view(conversation_id, search, agent), self.v.macro: None}
 
     # ---- shared views --------------------------------------------------------------------------------
     def engine_stats(self) -> str:
         return views.engine_line(self.service.engine_stats(), self.service.model_name, self.service.speculator_name)
 
-    def _view(self, conversation_id: int | None, search: str, *, busy: bool = False) -> Updates:
+    def _view(self, conversation_id: int | None, search: str, agent: str | None, *, busy: bool = False) -> Updates:
         """Everything that shows one conversation (or the empty 'new conversation' page).
 
         While a reply streams (`busy`) the list is locked: switching would leave the stream writing
         into another conversation's view.
         """
         v = self.v
-        conversation = self.repo.get_conversation(conversation_id) if conversation_id is not None else None
+        conversation = self.repo.get_conversation(conversation_id, agent=agent) if conversation_id is not None else None
         shown, ids = views.chat_messages(conversation)
         last_metrics = next(
             (m.metrics for m in reversed(conversation.messages) if m.metrics), None
@@ -276,7 +315,9 @@ class ConsoleActions:
             v.message_ids: ids,
             v.chatbot: gr.Chatbot(value=shown, feedback_value=views.feedback_values(conversation)),  # type: ignore[arg-type]
             v.header: views.header(conversation, self.persona_titles),
-            v.conversations: gr.Radio(choices=self._choices(search), value=conversation_id, interactive=not busy),
+            v.conversations: gr.Radio(
+                choices=self._choices(search, agent), value=conversation_id, interactive=not busy
+            ),
             v.rename_text: conversation.title if conversation else "",
             v.export_file: gr.File(value=None, visible=False),
             v.confirm_box: gr.Group(visible=False),
@@ -285,9 +326,9 @@ class ConsoleActions:
             v.status: "",
         }
 
-    def _choices(self, search: str) -> list[tuple[str, int]]:
+    def _choices(self, search: str, agent: str | None) -> list[tuple[str, int]]:
         try:
-            return views.sidebar_choices(self.repo.list_conversations(search or None))
+            return views.sidebar_choices(self.repo.list_conversations(search or None, agent=agent))
         except ValueError as exc:
             gr.Warning(str(exc))
             return []
@@ -298,3 +339,8 @@ class ConsoleActions:
             action()
         except (ValueError, NotFoundError) as exc:
             gr.Warning(str(exc))
+
+
+def _agent(request: gr.Request | None) -> str | None:
+    """The signed-in agent who scopes this event, or None with login off (Gradio leaves username unset)."""
+    return None if request is None else request.username

@@ -10,7 +10,7 @@ import pytest
 
 from app.chat_service import ChatService
 from app.turns import TurnState, TurnUpdate
-from db import ChatRepository, MessageStatus, Role, make_engine
+from db import ChatRepository, MessageStatus, NotFoundError, Role, make_engine
 from engine.llm import LLM
 from tests.app.console_fixtures import make_service, tiny_console_llm, wait_engine_idle
 
@@ -181,3 +181,31 @@ def test_macro_feedback_and_agent_reply(service: ChatService) -> None:
     assert service.repository.get_message(reply.id).feedback is None
     with pytest.raises(KeyError):
         service.new_conversation("no-such-persona")
+
+
+def test_agents_reach_only_their_own_conversations(service: ChatService) -> None:
+    mine = service.new_conversation("retail", "Dana", agent="alice")
+    final = run(service.send(mine.id, "Where is my order?", agent="alice"))[-1]
+    assert final.state is TurnState.COMPLETE
+    reply_id = final.assistant_message_id
+    assert reply_id is not None
+    before = service.repository.get_conversation(mine.id)
+
+    for attempt in (
+        lambda: service.send(mine.id, "hijack", agent="bob"),
+        lambda: service.retry(mine.id, agent="bob"),
+        lambda: service.edit_last(mine.id, "hijack", agent="bob"),
+        lambda: service.add_agent_reply(mine.id, "hijack", agent="bob"),
+        lambda: service.set_feedback(reply_id, 1, agent="bob"),
+    ):
+        with pytest.raises(NotFoundError):
+            attempt()
+    assert not service.stop(mine.id, agent="bob")
+    assert service.repository.get_conversation(mine.id) == before  # nothing bob tried was stored
+
+    service.set_feedback(reply_id, 1, agent="alice")
+    assert run(service.retry(mine.id, agent="alice"))[-1].state is TurnState.COMPLETE
+    assert [c.id for c in service.repository.list_conversations(agent="alice")] == [mine.id]
+    assert service.repository.list_conversations(agent="bob") == []
+    # Login off (agent=None) is unscoped, as before.
+    assert run(service.send(mine.id, "And the invoice?"))[-1].state is TurnState.COMPLETE

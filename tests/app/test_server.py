@@ -156,3 +156,25 @@ def test_build_demo_does_not_touch_the_engine(tmp_path: Path) -> None:
     service = make_service(NoEngine(), tmp_path / "x.db")  # type: ignore[arg-type]
     demo = build_demo(service)
     assert demo.title.startswith("SpecDesk")
+
+
+def test_signed_in_agents_see_only_their_own_conversations(service: ChatService) -> None:
+    """With login on, /send stores the conversation under the signed-in agent and lists only theirs."""
+    settings = Settings(agents={"alice": "wonderland", "bob": "builder"})
+    running = start_in_thread(create_app(service, settings))
+    try:
+        sidebars = {}
+        for agent, password in settings.agents.items():
+            client = Client(running.url, auth=(agent, password), verbose=False)
+            *_, last = client.submit(f"Refund for {agent} 70707", "general", "", "", api_name="/send")
+            sidebars[agent] = next(v["choices"] for v in last if isinstance(v, dict) and "choices" in v)
+    finally:
+        running.stop()
+    repo = service.repository
+    owned = {agent: repo.list_conversations("70707", agent=agent) for agent in settings.agents}
+    assert [c.title for c in owned["alice"]] == ["Refund for alice 70707"]
+    assert [c.title for c in owned["bob"]] == ["Refund for bob 70707"]
+    assert {c.agent for c in repo.list_conversations("70707")} == {"alice", "bob"}
+    # bob's sidebar lists only bob's conversation, none of alice's nor the login-off ones.
+    assert [choice[1] for choice in sidebars["bob"]] == [owned["bob"][0].id]
+    wait_engine_idle(service.llm)
