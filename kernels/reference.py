@@ -102,12 +102,14 @@ def _decode_batched(
     span = max_blocks * block_size
     k = k_cache.view(k_cache.shape[0], -1).index_select(0, table).view(num_seqs, span, num_kv_heads, head_dim)
     v = v_cache.view(v_cache.shape[0], -1).index_select(0, table).view(num_seqs, span, num_kv_heads, head_dim)
+    # float32 throughout: CPU bf16 batched matmuls at these sizes are slower than converting first.
+    k, v = k.float(), v.float()
     group = query.shape[1] // num_kv_heads
-    q = query.view(num_seqs, num_kv_heads, group, head_dim).to(k.dtype)
-    scores = torch.matmul(q, k.permute(0, 2, 3, 1)).float() * scale  # [b, kvh, group, span]
+    q = query.view(num_seqs, num_kv_heads, group, head_dim).float()
+    scores = torch.matmul(q, k.permute(0, 2, 3, 1)) * scale  # [b, kvh, group, span]
     lens = torch.tensor(seq_lens, device=query.device)
     padding = torch.arange(span, device=query.device)[None, :] >= lens[:, None]  # [b, span]
     scores.masked_fill_(padding[:, None, None, :], float("-inf"))
-    probs = scores.softmax(-1).to(v.dtype)
+    probs = scores.softmax(-1)
     out = torch.matmul(probs, v.transpose(1, 2))  # [b, kvh, group, head_dim]
     return out.reshape(num_seqs, query.shape[1], head_dim).to(query.dtype)
