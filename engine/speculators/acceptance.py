@@ -96,9 +96,7 @@ def residual_without(p: torch.Tensor, token: int) -> torch.Tensor:
     return residual(p, q)
 
 
-def accept_sampled(
-    tree: DraftTree, target_probs: torch.Tensor, generator: torch.Generator | None = None
-) -> Acceptance:
+def accept_sampled(tree: DraftTree, target_probs: torch.Tensor, generator: torch.Generator | None = None) -> Acceptance:
     """Lossless multi-draft rejection sampling over a tree of deterministic drafts.
 
     target_probs [num_nodes + 1, vocab]: the base model's next-token distribution after each row, already

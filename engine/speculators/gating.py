@@ -37,12 +37,7 @@ class GatingConfig:
     probe_interval: int = 8
 
     def __post_init__(self) -> None:
-        if (
-            self.max_batch_size < 1
-            or self.max_tokens < 0
-            or self.max_candidates < 1
-            or self.probe_interval < 1
-        ):
+        if self.max_batch_size < 1 or self.max_tokens < 0 or self.max_candidates < 1 or self.probe_interval < 1:
             raise ValueError(f"invalid gating config {self}")
         if not 0.0 <= self.max_kv_usage <= 1.0 or not 0.0 <= self.prior_alpha < 1.0 or not 0 < self.decay < 1:
             raise ValueError(f"invalid gating config {self}")
@@ -80,9 +75,7 @@ class SpeculationPolicy:
 
     def num_tokens(self, request_id: str) -> int:
         """Drafts to propose for this request this step; 0 = decode plainly."""
-        k = best_num_tokens(
-            self.acceptance_rate(request_id), self.config.max_tokens, self.config.verify_cost_per_token
-        )
+        k = best_num_tokens(self.acceptance_rate(request_id), self.config.max_tokens, self.config.verify_cost_per_token)
         if k > 0:
             if request_id in self._stats:
                 self._stats[request_id].steps_off = 0

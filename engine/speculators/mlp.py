@@ -78,9 +78,7 @@ class MLPSpeculatorConfig:
         if self.tie_weights and self.n_predict < 2:
             raise ValueError("tie_weights needs n_predict >= 2 (nothing to share with one head)")
         if self.tie_to_base and self.dim != self.emb_dim:
-            raise ValueError(
-                f"tie_to_base needs inner_dim == emb_dim (the base hidden size), got {self.inner_dim}"
-            )
+            raise ValueError(f"tie_to_base needs inner_dim == emb_dim (the base hidden size), got {self.inner_dim}")
 
     @property
     def dim(self) -> int:
@@ -165,9 +163,7 @@ class MLPSpeculator(nn.Module):
                 f"with vocab {self.vocab_size} and dim {self.inner_dim}"
             )
         expected = self.config.base_checksum
-        if expected is not None and not math.isclose(
-            embedding_checksum(emb), expected, rel_tol=1e-2, abs_tol=1e-2
-        ):
+        if expected is not None and not math.isclose(embedding_checksum(emb), expected, rel_tol=1e-2, abs_tol=1e-2):
             raise ValueError(
                 f"base model does not match: embedding checksum {embedding_checksum(emb):.4f}, "
                 f"speculator trained on {expected:.4f}"
@@ -234,14 +230,9 @@ class MLPSpeculator(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         config = self.config
         if config.tie_to_base and config.base_checksum is None and self.base_emb is not None:
-            config = MLPSpeculatorConfig(
-                **{**asdict(config), "base_checksum": embedding_checksum(self.base_emb)}
-            )
+            config = MLPSpeculatorConfig(**{**asdict(config), "base_checksum": embedding_checksum(self.base_emb)})
         (path / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
-        tensors = {
-            _PREFIX + k: p.detach().to(dtype or p.dtype).contiguous().cpu()
-            for k, p in self.named_parameters()
-        }
+        tensors = {_PREFIX + k: p.detach().to(dtype or p.dtype).contiguous().cpu() for k, p in self.named_parameters()}
         save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
 
     @classmethod

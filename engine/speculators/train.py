@@ -59,8 +59,11 @@ class TrainConfig:
     stage2_steps: int = 400
     batch_size: int = 128
     lr: float = 1e-3
-    stage2_peak: float = 0.1  # stage 2's peak learning rate as a fraction of lr (IBM: 0.1)
-    max_reply_tokens: int = 160
+    # Stage 2's peak learning rate as a fraction of lr. IBM restarts at 0.1 after a huge stage 1; our stage 1
+    # is a few hundred conversations unlike the model's own replies, and a full restart learns far more
+    # (held-out greedy tree acceptance 2.29 vs 1.44 tokens/step in a 40-conversation trial).
+    stage2_peak: float = 1.0
+    max_reply_tokens: int = 128
     sampled_temperature: float = 0.7  # persona prompts are sampled like the console does; plain ones greedy
     sampled_top_p: float = 0.9
     persona_every: int = 2  # persona-prompt replies for every k-th training conversation (they cost the most)
@@ -318,7 +321,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
     ap.add_argument("--max-conversations", type=int, default=None, help="use only the first N (smoke runs)")
     ap.add_argument("--lr", type=float, default=d.lr)
-    ap.add_argument("--stage2-peak", type=float, default=d.stage2_peak, help="stage 2 peak lr / lr (IBM: 0.1)")
+    ap.add_argument("--stage2-peak", type=float, default=d.stage2_peak, help="stage 2 peak lr / lr (IBM's: 0.1)")
     ap.add_argument("--sampled-temperature", type=float, default=d.sampled_temperature, help="0 = greedy")
     ap.add_argument("--sampled-top-p", type=float, default=d.sampled_top_p)
     ap.add_argument("--tie-weights", action="store_true", help="IBM's tie_weights (heads share proj/ln)")
