@@ -49,9 +49,7 @@ def reference_states(w: dict[str, torch.Tensor], cfg: dict, z: torch.Tensor, tok
     return out
 
 
-def write_published(
-    path: Path, *, tie: bool, scale_input: bool, n_predict: int = 3, binary: bool = False
-) -> tuple:
+def write_published(path: Path, *, tie: bool, scale_input: bool, n_predict: int = 3, binary: bool = False) -> tuple:
     """A checkpoint laid out like ibm-fms/*-accelerator on the hub, written without our code."""
     g = torch.Generator().manual_seed(1)
     cfg = {
@@ -166,9 +164,7 @@ def test_tie_to_base_saves_only_projections_and_norms(tmp_path: Path) -> None:
     again = MLPSpeculator.from_pretrained(tmp_path / "tied", base_model=base)
     z, toks = torch.randn(2, E), torch.randint(0, V, (2,))
     state = spec.step(0, spec.scale(z), toks)
-    torch.testing.assert_close(
-        again.logits(0, again.step(0, z, toks)), state @ base.model.embed_tokens.weight.T
-    )
+    torch.testing.assert_close(again.logits(0, again.step(0, z, toks)), state @ base.model.embed_tokens.weight.T)
 
 
 @torch.no_grad()

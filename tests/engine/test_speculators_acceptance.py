@@ -106,24 +106,16 @@ BROKEN_TREE: list[tuple[str, Callable]] = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("name", "broken"), BROKEN_TREE, ids=["p-not-residual", "no-renormalization", "accept-rule"]
-)
-def test_broken_tree_variants_are_caught(
-    monkeypatch: pytest.MonkeyPatch, name: str, broken: Callable
-) -> None:
+@pytest.mark.parametrize(("name", "broken"), BROKEN_TREE, ids=["p-not-residual", "no-renormalization", "accept-rule"])
+def test_broken_tree_variants_are_caught(monkeypatch: pytest.MonkeyPatch, name: str, broken: Callable) -> None:
     monkeypatch.setattr(acceptance, name, broken)
     first, _ = tree_trials(seed=0)
     stat, bound = chi_square(first, P_ROOT)
     assert stat > bound, (name, stat, bound)
 
 
-@pytest.mark.parametrize(
-    ("name", "broken"), [("residual", _residual_is_p), ("accept_probability", _generous_accept)]
-)
-def test_broken_chain_variants_are_caught(
-    monkeypatch: pytest.MonkeyPatch, name: str, broken: Callable
-) -> None:
+@pytest.mark.parametrize(("name", "broken"), [("residual", _residual_is_p), ("accept_probability", _generous_accept)])
+def test_broken_chain_variants_are_caught(monkeypatch: pytest.MonkeyPatch, name: str, broken: Callable) -> None:
     monkeypatch.setattr(acceptance, name, broken)
     stat, bound = chi_square(chain_trials(seed=0), P_ROOT)
     assert stat > bound, (name, stat, bound)
