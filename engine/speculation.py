@@ -24,6 +24,7 @@ from engine.models.loader import LoadedModel
 from engine.sampler import probs_from_logits, sample
 from engine.scheduler import ScheduledSeq
 from engine.sequence import Sequence
+from engine.speculators import draft_vocab
 from engine.speculators.acceptance import Acceptance, accept_greedy, accept_sampled, accepted_tokens
 from engine.speculators.candidates import propose as propose_paths
 from engine.speculators.gating import GatingConfig, SpeculationPolicy
@@ -87,11 +88,16 @@ class SpeculativeDecoder:
         max_ngram_tokens: int = 4,
     ) -> None:  # fmt: skip
         self.runner = runner
-        self.mlp = (
-            MLPSpeculator.from_pretrained(mlp_dir, base_model=loaded.model, dtype=loaded.dtype, device=loaded.device)
-            if mlp_dir
-            else None
-        )
+        self.mlp: MLPSpeculator | None = None
+        if mlp_dir:
+            # On CPU the tiny speculator runs in float32: unpacked bf16 matmuls are the slow path there.
+            dtype = torch.float32 if loaded.device.type == "cpu" else loaded.dtype
+            self.mlp = MLPSpeculator.from_pretrained(
+                mlp_dir, base_model=loaded.model, dtype=dtype, device=loaded.device
+            )
+            vocab = draft_vocab.load(mlp_dir)
+            if vocab is not None:
+                self.mlp.restrict_vocab(vocab.to(loaded.device))
         self.ngram = NgramSpeculator() if use_ngram else None
         self.max_ngram_tokens = max_ngram_tokens
         max_tokens = max(self.mlp.n_predict if self.mlp else 0, max_ngram_tokens if use_ngram else 0)
@@ -123,7 +129,8 @@ class SpeculativeDecoder:
             with_hidden = [s for s in eligible if s.request_id in self.runner.last_hidden]
             if with_hidden:
                 heads = min(self.mlp.n_predict, max(depth[s.request_id] for s in with_hidden))
-                hidden = torch.stack([self.runner.last_hidden[s.request_id] for s in with_hidden])
+                dtype = next(self.mlp.parameters()).dtype
+                hidden = torch.stack([self.runner.last_hidden[s.request_id] for s in with_hidden]).to(dtype)
                 last = torch.tensor([s.token_ids[-1] for s in with_hidden], device=hidden.device)
                 n_cand = self.policy.num_candidates(len(running))
                 cand, _ = propose_paths(self.mlp, hidden, last, n_candidates=n_cand, num_heads=heads)

@@ -52,7 +52,8 @@ def propose(
     for i, k in enumerate(top_k):
         state = speculator.step(i, state, prev)  # [b, branches, d]
         logp = F.log_softmax(speculator.logits(i, state).float(), dim=-1)  # [b, branches, vocab]
-        top_logp, top_ids = logp.topk(k, dim=-1)  # [b, branches, k]
+        top_logp, top_cols = logp.topk(k, dim=-1)  # [b, branches, k]
+        top_ids = speculator.vocab_ids(top_cols)
         # Each branch splits into k children: branch-major order keeps the tree readable.
         width = paths.shape[1] * k
         paths = torch.cat([paths[:, :, None, :].expand(-1, -1, k, -1), top_ids[..., None]], dim=-1)

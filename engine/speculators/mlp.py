@@ -139,6 +139,8 @@ class MLPSpeculator(nn.Module):
         # tie_to_base: the base's frozen weights, held as plain tensors so they are neither trained nor saved.
         self.base_emb: torch.Tensor | None = None
         self.base_head: torch.Tensor | None = None
+        self.draft_vocab: torch.Tensor | None = None  # restrict_vocab(): the token ids the heads score
+        self.draft_heads: list[torch.Tensor] = []
         self.emb = None if config.tie_to_base else shared(lambda: nn.Embedding(v, d), n)
         self.head = None if config.tie_to_base else shared(lambda: nn.Linear(d, v, bias=False), n)
         self.reset_parameters()
@@ -178,8 +180,28 @@ class MLPSpeculator(nn.Module):
         assert self.base_emb is not None, "tie_to_base speculator used before tie_to_base(base_model)"
         return F.embedding(token_ids, self.base_emb)
 
+    def restrict_vocab(self, token_ids: torch.Tensor) -> None:
+        """Score only these tokens from now on (see draft_vocab.py): float32 copies of their head rows."""
+        weights: list[torch.Tensor] = []
+        for i in range(self.n_predict):
+            w = self.head[i].weight if self.head is not None else self.base_head
+            assert isinstance(w, torch.Tensor), "tie_to_base speculator used before tie_to_base(base_model)"
+            weights.append(w)
+        rows: dict[int, torch.Tensor] = {}  # tied heads share one copy
+        self.draft_heads = [rows.setdefault(id(w), w.detach()[token_ids].float()) for w in weights]
+        self.draft_vocab = token_ids.to(weights[0].device)
+
+    def vocab_ids(self, index: torch.Tensor) -> torch.Tensor:
+        """Token ids of logits columns (identity unless the vocabulary is restricted)."""
+        return self.draft_vocab[index] if self.draft_vocab is not None else index
+
     def logits(self, i: int, state: torch.Tensor) -> torch.Tensor:
-        """head_i(s_i): [..., inner_dim] -> [..., vocab] (state dtype; the caller upcasts if needed)."""
+        """head_i(s_i): [..., inner_dim] -> [..., vocab] (state dtype; the caller upcasts if needed).
+
+        With a restricted vocabulary: float32 logits over those tokens only (columns map via vocab_ids).
+        """
+        if self.draft_vocab is not None:
+            return F.linear(state.float(), self.draft_heads[i])
         if self.head is not None:
             return self.head[i](state)
         assert self.base_head is not None, "tie_to_base speculator used before tie_to_base(base_model)"
