@@ -20,6 +20,7 @@ class EngineConfig:
     attention_backend: "auto" picks Triton kernels on CUDA and the torch path on CPU.
     speculator: "auto" (the shipped MLP speculator + n-gram for the default model, n-gram otherwise),
       "default", "ngram", a folder with an mlp_speculator checkpoint (suffix "+ngram" for both), or None.
+    spec_max_batch_size: None = 16 on CUDA (IBM's gate) and 2 on CPU, where every verified token costs.
     """
 
     model: str | None = None
@@ -34,6 +35,7 @@ class EngineConfig:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     speculator: str | None = "auto"
+    spec_max_batch_size: int | None = None  # speculate only up to this many running requests (None: auto)
     attention_backend: AttentionBackend = "auto"
     num_threads: int | None = None
     trust_remote_code: bool = False

@@ -60,7 +60,11 @@ class LLMEngine:
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len
         )
         mlp_dir, use_ngram = resolve_speculator(config.speculator, config.model is None)
-        self.speculation = SpeculativeDecoder(mlp_dir, use_ngram, loaded, self.runner) if mlp_dir or use_ngram else None
+        self.speculation = (
+            SpeculativeDecoder(mlp_dir, use_ngram, loaded, self.runner, max_batch_size=config.spec_max_batch_size)
+            if mlp_dir or use_ngram
+            else None
+        )
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self.sequences: dict[str, Sequence] = {}
         self.num_steps = 0

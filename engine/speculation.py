@@ -85,7 +85,7 @@ class SpeculativeDecoder:
 
     def __init__(
         self, mlp_dir: str | None, use_ngram: bool, loaded: LoadedModel, runner: ModelRunner,
-        max_ngram_tokens: int = 4,
+        max_ngram_tokens: int = 4, max_batch_size: int | None = None,
     ) -> None:  # fmt: skip
         self.runner = runner
         self.mlp: MLPSpeculator | None = None
@@ -101,7 +101,11 @@ class SpeculativeDecoder:
         self.ngram = NgramSpeculator() if use_ngram else None
         self.max_ngram_tokens = max_ngram_tokens
         max_tokens = max(self.mlp.n_predict if self.mlp else 0, max_ngram_tokens if use_ngram else 0)
-        self.policy = SpeculationPolicy(GatingConfig(max_tokens=max_tokens))
+        # IBM's gate (batch <= 16) assumes a GPU, where verifying extra tokens is nearly free until the
+        # batch fills the card. On CPU a step's cost grows with every verified token: measured with
+        # `python -m engine.bench`, speculation pays at batch 1-2 and costs throughput from batch 8 on.
+        max_batch = max_batch_size or (16 if loaded.device.type == "cuda" else 2)
+        self.policy = SpeculationPolicy(GatingConfig(max_tokens=max_tokens, max_batch_size=max_batch))
         self.trees: dict[str, DraftTree] = {}
         self.stats = SpecStats(accepted_per_position=[0] * max_tokens)
         runner.keep_hidden = self.mlp is not None

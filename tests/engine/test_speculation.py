@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ from engine import LLM, SamplingParams
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.models.loader import load_model
+from engine.speculators import draft_vocab
+from engine.speculators.candidates import propose
 from engine.speculators.mlp import MLPSpeculator, MLPSpeculatorConfig
 from tests.tiny_models import make_tiny_model
 
@@ -35,7 +38,7 @@ def mlp_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def outputs(model_dir: Path, speculator: str | None, params: SamplingParams, **kw: object) -> list[list[int]]:
-    llm = LLM(model=str(model_dir), dtype="float32", device="cpu", speculator=speculator, **kw)  # type: ignore[arg-type]
+    llm = LLM(model=str(model_dir), dtype="float32", device="cpu", speculator=speculator, spec_max_batch_size=16, **kw)  # type: ignore[arg-type]
     try:
         outs = llm.generate(PROMPTS, params)
         if speculator is not None:
@@ -46,9 +49,35 @@ def outputs(model_dir: Path, speculator: str | None, params: SamplingParams, **k
         llm.shutdown()
 
 
-@pytest.mark.parametrize("speculator", ["ngram", "mlp", "mlp+ngram"])
-def test_greedy_output_identical_with_speculation(model_dir: Path, mlp_dir: Path, speculator: str) -> None:
-    name = {"ngram": "ngram", "mlp": str(mlp_dir), "mlp+ngram": f"{mlp_dir}+ngram"}[speculator]
+@pytest.fixture(scope="module")
+def mlp_small_vocab_dir(mlp_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same speculator with a draft vocabulary of a third of the tokens."""
+    out = tmp_path_factory.mktemp("mlp-vocab") / "speculator"
+    shutil.copytree(mlp_dir, out)
+    draft_vocab.save(out, list(range(0, 360, 3)))
+    return out
+
+
+def test_restricted_draft_vocabulary_proposes_only_its_tokens(mlp_small_vocab_dir: Path, model_dir: Path) -> None:
+    base = load_model(str(model_dir), "float32", "cpu")
+    spec = MLPSpeculator.from_pretrained(mlp_small_vocab_dir)
+    vocab = draft_vocab.load(mlp_small_vocab_dir)
+    assert vocab is not None
+    spec.restrict_vocab(vocab)
+    tokens, _ = propose(spec, torch.randn(2, base.hidden_size), torch.tensor([5, 9]))
+    assert set(tokens.flatten().tolist()) <= set(vocab.tolist())
+
+
+@pytest.mark.parametrize("speculator", ["ngram", "mlp", "mlp+ngram", "mlp-small-vocab"])
+def test_greedy_output_identical_with_speculation(
+    model_dir: Path, mlp_dir: Path, mlp_small_vocab_dir: Path, speculator: str
+) -> None:
+    name = {
+        "ngram": "ngram",
+        "mlp": str(mlp_dir),
+        "mlp+ngram": f"{mlp_dir}+ngram",
+        "mlp-small-vocab": str(mlp_small_vocab_dir),
+    }[speculator]
     params = SamplingParams(max_tokens=32, ignore_eos=True)
     assert outputs(model_dir, name, params) == outputs(model_dir, None, params)
 
