@@ -31,9 +31,7 @@ from kernels import reference
 LLAMA_8B = (32, 8, 128)  # (num_heads, num_kv_heads, head_dim) of the timing grid
 DEVICE = "cuda"
 Row = dict[str, Any]
-TIMING_COLUMNS = (
-    "case triton_ms torch_ms sdpa_ms speedup_vs_torch triton_gbs triton_pct_copy triton_tflops skipped"
-)
+TIMING_COLUMNS = "case triton_ms torch_ms sdpa_ms speedup_vs_torch triton_gbs triton_pct_copy triton_tflops skipped"
 E2E_COLUMNS = "backend speculate num_prompts tokens wall_s tokens_per_s " + (
     "decode_tokens_per_s_per_seq tokens_per_step error"
 )
@@ -123,9 +121,7 @@ def check_correctness() -> list[Row]:
         want = reference.paged_attention(**_clean(batch))
         err = (got.float() - want.float()).abs().max().item()
         ok = err <= tol[dtype] * (1 + want.float().abs().max().item())
-        rows.append(
-            {"kernel": "paged_attention", "case": name, "dtype": str(dtype), "max_err": err, "ok": ok}
-        )
+        rows.append({"kernel": "paged_attention", "case": name, "dtype": str(dtype), "max_err": err, "ok": ok})
     for key_dtype, cache_dtype in ((torch.bfloat16, torch.bfloat16), (torch.float32, torch.float16)):
         shape = (64, 16, 8, 128)
         k_cache = torch.full(shape, math.nan, device=DEVICE, dtype=cache_dtype)
@@ -198,21 +194,15 @@ def time_attention(name: str, batch: dict[str, Any], copy_gbs: float, with_sdpa:
         "query_len": max(batch["query_lens"]),
     }
     row["triton_ms"] = _bench_ms(
-        lambda: triton_attention.paged_attention(
-            **batch, seq_lens_t=seq_lens_t, query_start_loc=starts, out=out
-        )
+        lambda: triton_attention.paged_attention(**batch, seq_lens_t=seq_lens_t, query_start_loc=starts, out=out)
     )
     row["torch_ms"] = _bench_ms(lambda: reference.paged_attention(**batch))
     row["sdpa_ms"] = _bench_ms(_sdpa_contiguous(batch)) if with_sdpa else None
     row["triton_gbs"] = _kv_bytes(batch) / row["triton_ms"] / 1e6
     row["triton_pct_copy"] = 100 * row["triton_gbs"] / copy_gbs
     row["speedup_vs_torch"] = row["torch_ms"] / row["triton_ms"]
-    visible = sum(
-        q * (s - q) + q * (q + 1) / 2 for s, q in zip(batch["seq_lens"], batch["query_lens"], strict=True)
-    )
-    row["triton_tflops"] = (
-        4 * batch["query"].shape[1] * batch["query"].shape[2] * visible / row["triton_ms"] / 1e9
-    )
+    visible = sum(q * (s - q) + q * (q + 1) / 2 for s, q in zip(batch["seq_lens"], batch["query_lens"], strict=True))
+    row["triton_tflops"] = 4 * batch["query"].shape[1] * batch["query"].shape[2] * visible / row["triton_ms"] / 1e9
     return row
 
 
@@ -300,8 +290,7 @@ def end_to_end(model: str | None, max_tokens: int, speculator: str | None) -> li
                             "tokens": tokens,
                             "wall_s": wall,
                             "tokens_per_s": tokens / wall,
-                            "decode_tokens_per_s_per_seq": sum(o.metrics.decode_tokens_per_s for o in outs)
-                            / len(outs),
+                            "decode_tokens_per_s_per_seq": sum(o.metrics.decode_tokens_per_s for o in outs) / len(outs),
                             "tokens_per_step": sum(o.metrics.tokens_per_step for o in outs) / len(outs),
                         }
                     )
@@ -328,9 +317,7 @@ def markdown(rows: list[Row], columns: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller timing grid")
     parser.add_argument("--skip-e2e", action="store_true", help="kernels only")
     parser.add_argument("--model", default=None, help="engine model for the end-to-end part (default model)")

@@ -220,9 +220,7 @@ def _merge_splits_kernel(
     # A split whose keys were all masked (or empty) has m = -inf and contributes nothing.
     weight = tl.where(m > float("-inf"), tl.math.exp2(m - m_max), 0.0)
     dims = tl.arange(0, HEAD_DIM_PAD)
-    acc = tl.load(
-        part_acc_ptr + part[:, None] * HEAD_DIM_PAD + dims[None, :], mask=split_valid[:, None], other=0.0
-    )
+    acc = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM_PAD + dims[None, :], mask=split_valid[:, None], other=0.0)
     out = tl.sum(acc * weight[:, None], 0) / tl.sum(l_s * weight, 0)
     tl.store(
         out_ptr + token * stride_o_t + head * stride_o_h + dims,
@@ -327,9 +325,7 @@ def paged_attention(
     assert num_splits >= 1, num_splits
     split = num_splits > 1
     if split:
-        part_acc = torch.empty(
-            num_tokens, num_heads, num_splits, head_dim_pad, dtype=torch.float32, device=device
-        )
+        part_acc = torch.empty(num_tokens, num_heads, num_splits, head_dim_pad, dtype=torch.float32, device=device)
         part_m = torch.empty(num_tokens, num_heads, num_splits, dtype=torch.float32, device=device)
         part_l = torch.empty_like(part_m)
     else:

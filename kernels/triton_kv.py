@@ -49,9 +49,7 @@ def _write_kv_kernel(
         dims = tl.arange(0, BLOCK_D)
         mask = (heads[:, None] < NUM_KV_HEADS) & (dims[None, :] < HEAD_DIM)
 
-        key = tl.load(
-            key_ptr + token * stride_key_t + heads[:, None] * stride_key_h + dims[None, :], mask=mask
-        )
+        key = tl.load(key_ptr + token * stride_key_t + heads[:, None] * stride_key_h + dims[None, :], mask=mask)
         k_dst = k_cache_ptr + block_id * stride_kc_b + offset * stride_kc_s
         tl.store(
             k_dst + heads[:, None] * stride_kc_h + dims[None, :],
@@ -59,9 +57,7 @@ def _write_kv_kernel(
             mask=mask,
         )
 
-        value = tl.load(
-            value_ptr + token * stride_value_t + heads[:, None] * stride_value_h + dims[None, :], mask=mask
-        )
+        value = tl.load(value_ptr + token * stride_value_t + heads[:, None] * stride_value_h + dims[None, :], mask=mask)
         v_dst = v_cache_ptr + block_id * stride_vc_b + offset * stride_vc_s
         tl.store(
             v_dst + heads[:, None] * stride_vc_h + dims[None, :],

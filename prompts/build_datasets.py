@@ -134,9 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _make_slots(
-    global_slots: dict[str, list[str]], domain: dict[str, Any], rng: random.Random
-) -> dict[str, str]:
+def _make_slots(global_slots: dict[str, list[str]], domain: dict[str, Any], rng: random.Random) -> dict[str, str]:
     slots = {key: rng.choice(values) for key, values in global_slots.items() if key != "email_domain"}
     slots.update({key: rng.choice(values) for key, values in domain["slots"].items()})
     ascii_name = unicodedata.normalize("NFKD", slots["name"]).encode("ascii", "ignore").decode()
@@ -151,21 +149,15 @@ def _make_slots(
 def _fill_pattern(pattern: str, rng: random.Random) -> str:
     # '#' is a digit, '@' an uppercase letter (no I or O, as real booking codes avoid them).
     letters = "ABCDEFGHJKLMNPQRSTUVWXYZ"
-    return "".join(
-        str(rng.randint(0, 9)) if c == "#" else rng.choice(letters) if c == "@" else c for c in pattern
-    )
+    return "".join(str(rng.randint(0, 9)) if c == "#" else rng.choice(letters) if c == "@" else c for c in pattern)
 
 
-def _opener(
-    scenario: dict[str, str], tone: str, frames: dict[str, dict[str, list[str]]], rng: random.Random
-) -> str:
+def _opener(scenario: dict[str, str], tone: str, frames: dict[str, dict[str, list[str]]], rng: random.Random) -> str:
     if tone in scenario:  # terse and non-native wording is hand-written per scenario
         return scenario[tone]
     frame = frames[tone]
     return " ".join(
-        part
-        for part in (rng.choice(frame["openers"]), scenario["text"], rng.choice(frame["closers"]))
-        if part
+        part for part in (rng.choice(frame["openers"]), scenario["text"], rng.choice(frame["closers"])) if part
     )
 
 

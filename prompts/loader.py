@@ -109,12 +109,8 @@ def system_prompt_template(persona: str, tone: str | None = None) -> PromptTempl
     return PromptTemplate.from_template("\n\n".join(parts))
 
 
-def render_system_prompt(
-    persona: str, tone: str | None = None, variables: PromptVariables | None = None
-) -> str:
-    return system_prompt_template(persona, tone).format(
-        **(variables or PromptVariables()).for_system_prompt()
-    )
+def render_system_prompt(persona: str, tone: str | None = None, variables: PromptVariables | None = None) -> str:
+    return system_prompt_template(persona, tone).format(**(variables or PromptVariables()).for_system_prompt())
 
 
 def render_macro(key: str, variables: PromptVariables | None = None) -> str:
@@ -142,9 +138,7 @@ def build_messages(
     """
     for index, message in enumerate(history):
         if message.get("role") not in ("user", "assistant") or not isinstance(message.get("content"), str):
-            raise ValueError(
-                f"history[{index}] must be a user/assistant message with text content: {message!r}"
-            )
+            raise ValueError(f"history[{index}] must be a user/assistant message with text content: {message!r}")
     values = (variables or PromptVariables()).for_system_prompt()
     prompt = chat_prompt_template(persona, tone).invoke({**values, "history": [dict(m) for m in history]})
     return [_to_dict(m) for m in prompt.to_messages()]

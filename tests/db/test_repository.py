@@ -20,9 +20,7 @@ def _conversation_with_reply(repo: ChatRepository) -> tuple[int, int]:
     conversation = repo.create_conversation("Late parcel", customer_name="Dana Wu", persona="retail")
     repo.add_message(conversation.id, Role.USER, "Where is order 1234?")
     reply = repo.start_assistant_message(conversation.id)
-    repo.finish_assistant_message(
-        reply.id, "It ships today.", metrics={"ttft_s": 0.25, "num_generated_tokens": 5}
-    )
+    repo.finish_assistant_message(reply.id, "It ships today.", metrics={"ttft_s": 0.25, "num_generated_tokens": 5})
     return conversation.id, reply.id
 
 

@@ -49,10 +49,7 @@ def test_train_is_varied() -> None:
 
 def test_train_and_eval_are_disjoint() -> None:
     train_texts = {
-        _normalize(m["content"])
-        for messages in load_conversations("train")
-        for m in messages
-        if m["role"] == "user"
+        _normalize(m["content"]) for messages in load_conversations("train") for m in messages if m["role"] == "user"
     }
     for messages in load_conversations("eval"):
         for message in messages:
