@@ -139,10 +139,6 @@ class BlockManager:
             seq.block_table.append(self._take_free_block())
         return True
 
-    def slot(self, seq: Sequence, position: int) -> int:
-        """Flat cache slot of a token position of seq."""
-        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
-
     def _take_free_block(self) -> int:
         if self.free_ids:
             block_id = self.free_ids.popleft()
