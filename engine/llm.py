@@ -174,7 +174,11 @@ class LLM:
                 inbox, self._inbox = self._inbox, []
             for kind, arg in inbox:
                 self._handle(kind, arg)
-            for delta in self.engine.step():
+            try:
+                deltas = self.engine.step()
+            except Exception as exc:  # a bug must not hang every caller: fail the live requests, keep serving
+                deltas = self.engine.fail_all(f"engine step failed: {type(exc).__name__}: {exc}")
+            for delta in deltas:
                 self._deliver(delta)
 
     def _handle(self, kind: str, arg: Any) -> None:

@@ -152,6 +152,13 @@ class LLMEngine:
             deltas.append(self._text_delta(seq, kept))
         return deltas
 
+    def fail_all(self, error: str) -> list[StreamDelta]:
+        """Finish every live request with an error (the loop's last resort after an unexpected exception)."""
+        live = [*self.scheduler.running, *self.scheduler.waiting]
+        for seq in live:
+            self.scheduler.finish(seq, FinishReason.ERROR)
+        return [self._finish_delta(seq, error=error) for seq in live]
+
     def _run(self, batch: SchedulerOutput) -> list[list[int]]:
         """One base-model pass: plain sequences sample one token, speculating ones verify their tree."""
         scheduled = batch.scheduled

@@ -102,6 +102,26 @@ def test_bad_input_errors_clearly_while_others_are_served(llm: LLM) -> None:
     assert len(first.token_ids) + sum(len(d.token_ids) for d in rest) == 40
 
 
+def test_an_engine_failure_fails_live_requests_and_serving_continues(llm: LLM) -> None:
+    real_schedule = llm.engine.scheduler.schedule
+    calls = {"n": 0}
+
+    def flaky() -> object:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected")
+        return real_schedule()
+
+    llm.engine.scheduler.schedule = flaky  # type: ignore[method-assign]
+    try:
+        with pytest.raises(RuntimeError, match="injected"):
+            llm.generate(["Hello, thank you"], SamplingParams(max_tokens=20, ignore_eos=True))
+    finally:
+        llm.engine.scheduler.schedule = real_schedule  # type: ignore[method-assign]
+    assert llm.generate(["Yes"], SamplingParams(max_tokens=3))[0].finish_reason == FinishReason.LENGTH
+    assert llm.stats().num_free_blocks == llm.stats().num_blocks
+
+
 def test_unknown_model_path_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises((FileNotFoundError, ValueError), match="no-such-model"):
         LLM(model=str(tmp_path / "no-such-model"), device="cpu")
