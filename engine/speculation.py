@@ -44,10 +44,6 @@ class SpecStats:
     num_accepted_tokens: int = 0
     accepted_per_position: list[int] = field(default_factory=list)
 
-    @property
-    def mean_acceptance_length(self) -> float:
-        return 1 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
-
 
 def resolve_speculator(name: str | None, is_default_model: bool) -> tuple[str | None, bool]:
     """(MLP speculator folder or None, use n-gram) for an EngineConfig.speculator value.
