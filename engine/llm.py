@@ -117,14 +117,24 @@ class LLM:
         """Stream one request's text as it is verified. Closing the generator (client gone) aborts it."""
         return self.deltas(self.submit(prompt, params, cache_salt))
 
-    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None) -> list[RequestOutput]:
-        """Run a batch of prompts together (continuous batching) and return their outputs in order."""
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Run a batch of prompts together (continuous batching) and return their outputs in order.
+
+        params: one SamplingParams for all prompts, or one per prompt (as vLLM accepts).
+        """
         single = isinstance(prompts, str) or (bool(prompts) and isinstance(prompts[0], int | dict))
         batch: list[Any] = [prompts] if single else list(prompts)
+        per_prompt = list(params) if isinstance(params, Sequence) else [params] * len(batch)
+        if len(per_prompt) != len(batch):
+            raise ValueError(f"{len(per_prompt)} SamplingParams for {len(batch)} prompts")
         encoded = [self.encode(p) for p in batch]
         for ids in encoded:
             self.engine.validate_prompt(ids)
-        request_ids = [self.submit(ids, params) for ids in encoded]
+        request_ids = [self.submit(ids, sp) for ids, sp in zip(encoded, per_prompt, strict=True)]
         return [self._collect(rid, ids) for rid, ids in zip(request_ids, encoded, strict=True)]
 
     def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None) -> RequestOutput:

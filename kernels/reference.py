@@ -7,6 +7,8 @@ j*block_size ... (j+1)*block_size - 1 of sequence i.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
@@ -53,9 +55,19 @@ def paged_attention(
     if tree_mask is None and seq_lens and all(q == 1 for q in query_lens):
         return _decode_batched(query, k_cache, v_cache, block_tables, seq_lens, scale)
     out = torch.empty_like(query)
-    start = 0
+    starts = [0, *itertools.accumulate(query_lens)]
+    # A step that mixes a prefill chunk with many decodes: the decodes still go through the batched path
+    # (one SDPA call per decoding sequence would dominate the step).
+    decodes = [i for i, q in enumerate(query_lens) if q == 1] if tree_mask is None else []
+    if len(decodes) > 1:
+        rows = torch.tensor([starts[i] for i in decodes], device=query.device)
+        index = torch.tensor(decodes, device=query.device)
+        lens = [seq_lens[i] for i in decodes]
+        out[rows] = _decode_batched(query[rows], k_cache, v_cache, block_tables[index], lens, scale)
+    batched = set(decodes) if len(decodes) > 1 else set()
     for i, (seq_len, q_len) in enumerate(zip(seq_lens, query_lens, strict=True)):
-        if q_len == 0:
+        start = starts[i]
+        if q_len == 0 or i in batched:
             continue
         q = query[start : start + q_len].transpose(0, 1)  # [h, q, d]
         k = gather_kv(k_cache, block_tables[i], seq_len).transpose(0, 1)  # [kvh, s, d]
@@ -75,7 +87,6 @@ def paged_attention(
             enable_gqa=num_heads != num_kv_heads,
         )  # fmt: skip
         out[start : start + q_len] = o.transpose(0, 1).to(out.dtype)
-        start += q_len
     return out
 
 
@@ -83,6 +94,9 @@ def _causal_mask(seq_len: int, q_len: int, device: torch.device) -> torch.Tensor
     # bool [q_len, seq_len]: query j (position seq_len - q_len + j) sees keys at positions <= its own.
     q_pos = torch.arange(seq_len - q_len, seq_len, device=device)[:, None]
     return torch.arange(seq_len, device=device)[None, :] <= q_pos
+
+
+DECODE_GROUP = 8
 
 
 def _decode_batched(
@@ -96,6 +110,19 @@ def _decode_batched(
     # One query per sequence: gather every sequence's pages (padded to the longest) with one index_select
     # on the page dim and attend with two batched matmuls, each kv head serving its group of query heads.
     # On CPU this beats both advanced indexing (cache[table]) and SDPA's masked kernels by several times.
+    n = len(seq_lens)
+    if n > DECODE_GROUP and 1.25 * sum(seq_lens) < n * max(seq_lens):
+        # Padding to the longest gathers n * max(seq_lens) keys per layer: with mixed lengths (a long persona
+        # prompt among short chats) mostly padding, and the gather dominates a large batch's step. Sorted by
+        # length and taken DECODE_GROUP at a time, each group pads only to its own longest.
+        order = sorted(range(n), key=seq_lens.__getitem__)
+        out = torch.empty_like(query)
+        for g in range(0, n, DECODE_GROUP):
+            rows = order[g : g + DECODE_GROUP]
+            index = torch.tensor(rows, device=query.device)
+            group_lens = [seq_lens[i] for i in rows]
+            out[index] = _decode_batched(query[index], k_cache, v_cache, block_tables[index], group_lens, scale)
+        return out
     num_seqs, block_size, num_kv_heads, head_dim = len(seq_lens), *k_cache.shape[1:]
     max_blocks = (max(seq_lens) + block_size - 1) // block_size
     table = block_tables[:num_seqs, :max_blocks].reshape(-1).long()
