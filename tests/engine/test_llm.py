@@ -147,6 +147,13 @@ def test_seeded_sampling_is_reproducible_in_any_batch(llm: LLM) -> None:
     assert other[0].token_ids != alone
 
 
+def test_generate_takes_one_sampling_params_per_prompt(llm: LLM) -> None:
+    outs = llm.generate([PROMPTS[0], PROMPTS[1]], [SamplingParams(max_tokens=n, ignore_eos=True) for n in (3, 7)])
+    assert [len(o.token_ids) for o in outs] == [3, 7]
+    with pytest.raises(ValueError, match="2 SamplingParams for 3 prompts"):
+        llm.generate(PROMPTS[:3], [SamplingParams(), SamplingParams()])
+
+
 def test_stop_string_cuts_text_and_tokens(llm: LLM) -> None:
     full = llm.generate(["Hello, thank you"], SamplingParams(max_tokens=30, ignore_eos=True))[0]
     # A stop string that first occurs mid-text (random weights also emit broken bytes: avoid those).
