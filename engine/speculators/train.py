@@ -9,13 +9,12 @@ Loss: per-head cross-entropy, summed. AdamW (0.9, 0.95), weight decay 0.1, gradi
 schedule: warmup then cosine to 10 % in stage 1, a restart at 10 % decaying to 1 % in stage 2; stage 1 to
 stage 2 steps 5:2. For a small base model the speculator's embedding and heads are the base model's own
 (tie_to_base): only projections and norms train, and each base hidden state is computed once per stage.
-Held out: every tenth training conversation; prompts/eval is never read.
+Data: see dataset.py (held out: every tenth training scenario; prompts/eval is never read).
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import shlex
@@ -23,24 +22,16 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from engine.speculators import draft_vocab
 from engine.speculators.candidates import propose
+from engine.speculators.dataset import build_data
 from engine.speculators.mlp import MLPSpeculator, MLPSpeculatorConfig, SpeculatorNorm
-from engine.speculators.train_data import (
-    IGNORE,
-    HiddenStateExtractor,
-    Positions,
-    TokenSequence,
-    extract_positions,
-    generate_replies,
-    stage1_sequences,
-    stage2_prompts,
-)
+from engine.speculators.train_data import IGNORE, Positions
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "default"
 
@@ -67,6 +58,9 @@ class TrainConfig:
     sampled_temperature: float = 0.7  # persona prompts are sampled like the console does; plain ones greedy
     sampled_top_p: float = 0.9
     persona_every: int = 2  # persona-prompt replies for every k-th training conversation (they cost the most)
+    samples_per_prompt: int = 2  # extra sampled replies per training conversation (varied trajectories)
+    synthetic_messages: int = 600  # customer messages the base model writes, then answers (synth.py)
+    draft_vocab_size: int = 4096  # heads score (and train on) only the most frequent stage-2 tokens
     max_conversations: int | None = None
     holdout_every: int = 10
     checkpoint_every: int = 100
@@ -93,14 +87,31 @@ def lr_factor(step: int, stage1_steps: int, stage2_steps: int, stage2_peak: floa
 
 
 def head_losses(spec: MLPSpeculator, hidden: torch.Tensor, windows: torch.Tensor) -> list[torch.Tensor]:
-    """Per-head mean cross-entropy over a batch: hidden [B, d], windows [B, n_predict + 1]."""
+    """Per-head mean cross-entropy over a batch: hidden [B, d], windows [B, n_predict + 1].
+
+    With a restricted vocabulary the softmax runs over the draft tokens only, exactly what the heads rank
+    at inference (and 10x cheaper); a target outside it can never be drafted and is ignored.
+    """
     state = spec.scale(hidden.float())
+    columns = vocab_columns(spec)
     losses = []
     for i in range(spec.n_predict):
         state = spec.step(i, state, windows[:, i].clamp(min=0))  # IGNORE inputs only feed ignored targets
-        logits = spec.logits(i, state)  # in the base head's dtype (bf16: the matmul dominates the cost)
-        losses.append(F.cross_entropy(logits.float(), windows[:, i + 1], ignore_index=IGNORE))
+        logits = spec.logits(i, state)  # full vocab: in the base head's dtype (bf16: the matmul dominates)
+        target = windows[:, i + 1]
+        if columns is not None:
+            target = torch.where(target == IGNORE, IGNORE, columns[target.clamp(min=0)])
+        losses.append(F.cross_entropy(logits.float(), target, ignore_index=IGNORE))
     return losses
+
+
+def vocab_columns(spec: MLPSpeculator) -> torch.Tensor | None:
+    """token id -> logits column under a restricted vocabulary (IGNORE outside it); None when unrestricted."""
+    if spec.draft_vocab is None:
+        return None
+    columns = torch.full((spec.vocab_size,), IGNORE, dtype=torch.long)
+    columns[spec.draft_vocab] = torch.arange(len(spec.draft_vocab))
+    return columns
 
 
 @torch.no_grad()
@@ -123,7 +134,7 @@ def evaluate(spec: MLPSpeculator, data: Positions, max_tree_positions: int = 512
         state = spec.scale(h)
         for i in range(n):
             state = spec.step(i, state, w[:, i].clamp(min=0))
-            correct[start : start + 512, i] = spec.logits(i, state).argmax(-1) == w[:, i + 1]
+            correct[start : start + 512, i] = spec.vocab_ids(spec.logits(i, state).argmax(-1)) == w[:, i + 1]
     full = valid.all(1)  # positions where every head has a target
     run = torch.cumprod(correct[full].long(), dim=1).sum(1).float()
     top1 = [float(correct[valid[:, i], i].float().mean()) for i in range(n)]
@@ -157,67 +168,6 @@ def tree_run(spec: MLPSpeculator, data: Positions, pick: torch.Tensor, top_k: li
     return match.max(1).values.float()
 
 
-def split_conversations(cfg: TrainConfig) -> tuple[list, list]:
-    """(train, held-out) lists of (domain, messages) from prompts/train only."""
-    from prompts.loader import load_dataset
-
-    entries = load_dataset("train")[: cfg.max_conversations]
-    convs = [(e.domain, [dict(m) for m in e.messages]) for e in entries]
-    held = [c for i, c in enumerate(convs) if i % cfg.holdout_every == cfg.holdout_every - 1]
-    train = [c for i, c in enumerate(convs) if i % cfg.holdout_every != cfg.holdout_every - 1]
-    return train, held
-
-
-def _data_key(cfg: TrainConfig) -> str:
-    """What the cached positions depend on (not the training hyperparameters)."""
-    fields = "model dtype max_reply_tokens sampled_temperature sampled_top_p persona_every max_conversations"
-    return json.dumps([getattr(cfg, f) for f in f"{fields} holdout_every seed".split()])
-
-
-def build_data(cfg: TrainConfig, loaded: Any) -> tuple[Positions, Positions, dict[str, Positions]]:
-    """Stage 1 text positions, stage 2 reply positions, held-out reply positions by decoding mode (greedy,
-    sampled); cached in work_dir."""
-    n_predict = cfg.n_predict
-    work = Path(cfg.work_dir)
-    cache = work / f"positions-n{n_predict}.pt"
-    tok = loaded.tokenizer
-    data_key = _data_key(cfg)
-    if cache.is_file():
-        saved = torch.load(cache, weights_only=False)
-        if saved["key"] == data_key:
-            return saved["stage1"], saved["stage2"], saved["held"]
-    train, held = split_conversations(cfg)
-    s1 = stage1_sequences(tok, train)
-    # Plain prompts (as engine.bench sends them) get greedy replies; persona prompts (as the console sends
-    # them) get sampled ones, with the console's temperature and top-p.
-    groups = [*stage2_prompts(tok, train, cfg.persona_every), *stage2_prompts(tok, held)]
-    temps = [0.0, cfg.sampled_temperature, 0.0, cfg.sampled_temperature]
-    prompts = [p for g in groups for p in g]
-    replies = generate_replies(
-        prompts,
-        [t for g, t in zip(groups, temps, strict=True) for _ in g],
-        work / "replies.json",
-        model=cfg.model,
-        dtype=cfg.dtype,
-        max_tokens=cfg.max_reply_tokens,
-        top_p=cfg.sampled_top_p,
-        seed=cfg.seed,
-    )
-    seqs = [TokenSequence(p + r, len(p) - 1) for p, r in zip(prompts, replies, strict=True)]
-    bounds = [0, *itertools.accumulate(len(g) for g in groups)]
-    s2 = [seqs[bounds[i] : bounds[i + 1]] for i in range(4)]
-    extractor = HiddenStateExtractor(loaded.model, loaded, max(len(s.tokens) for s in s1 + seqs))
-    stage1 = extract_positions(extractor, s1, n_predict, "stage 1: base hidden states")
-    stage2 = extract_positions(extractor, s2[0] + s2[1], n_predict, "stage 2: base hidden states")
-    held_out = {
-        "greedy": extract_positions(extractor, s2[2], n_predict, "held out (greedy): base hidden states"),
-        "sampled": extract_positions(extractor, s2[3], n_predict, "held out (sampled): base hidden states"),
-    }
-    work.mkdir(parents=True, exist_ok=True)
-    torch.save({"key": data_key, "stage1": stage1, "stage2": stage2, "held": held_out}, cache)
-    return stage1, stage2, held_out
-
-
 def train(cfg: TrainConfig) -> dict[str, object]:
     """Run both stages, save the speculator to cfg.out and return the report (also written there)."""
     torch.set_num_threads(cfg.threads)
@@ -226,7 +176,7 @@ def train(cfg: TrainConfig) -> dict[str, object]:
     from engine.models.loader import load_model
 
     loaded = load_model(cfg.model, dtype=cfg.dtype, device="cpu")
-    stage1, stage2, held = build_data(cfg, loaded)
+    stage1, stage2, held, vocab = build_data(cfg, loaded)
     sizes = {"stage1": len(stage1), "stage2": len(stage2), **{f"held_out_{k}": len(v) for k, v in held.items()}}
     print(f"training positions: {sizes}", file=sys.stderr)
     spec = MLPSpeculator(
@@ -240,6 +190,8 @@ def train(cfg: TrainConfig) -> dict[str, object]:
     )
     spec.tie_to_base(loaded.model)
     init_norms_from_base(spec, loaded.model)
+    if cfg.draft_vocab_size:
+        spec.restrict_vocab(torch.tensor(vocab, dtype=torch.long))
     params = [p for p in spec.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1)
     total = cfg.stage1_steps + cfg.stage2_steps
@@ -281,6 +233,8 @@ def train(cfg: TrainConfig) -> dict[str, object]:
     }
     out = Path(cfg.out)
     spec.save_pretrained(out, dtype=torch.bfloat16)
+    if cfg.draft_vocab_size:
+        draft_vocab.save(out, vocab)
     (out / "train_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
@@ -317,6 +271,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     ap.add_argument("--work-dir", default=d.work_dir, help="cached replies, hidden states and checkpoints")
     ap.add_argument("--dtype", default=d.dtype, choices=["bfloat16", "float32"])
     ints = "n_predict stage1_steps stage2_steps batch_size max_reply_tokens persona_every holdout_every"
+    ints += " samples_per_prompt synthetic_messages draft_vocab_size"
     for name in f"{ints} checkpoint_every seed threads".split():
         ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
     ap.add_argument("--max-conversations", type=int, default=None, help="use only the first N (smoke runs)")

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from engine.models.loader import load_model
+from engine.speculators import draft_vocab
 from engine.speculators.mlp import MLPSpeculator
 from engine.speculators.train import TrainConfig, lr_factor, parse_args, train
 from engine.speculators.train_data import IGNORE, HiddenStateExtractor, TokenSequence, positions_of
@@ -57,8 +58,9 @@ def test_hidden_states_equal_transformers_and_reuse_prefixes(tiny: Path) -> None
 
 def test_tiny_end_to_end_run_and_resume(tiny: Path, tmp_path: Path) -> None:
     argv = ["--model", str(tiny), "--out", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work"),
-            "--dtype", "float32", "--max-conversations", "4", "--holdout-every", "2", "--max-reply-tokens", "6",
-            "--stage1-steps", "5", "--stage2-steps", "2", "--batch-size", "8", "--checkpoint-every", "3"]  # fmt: skip
+            "--dtype", "float32", "--max-conversations", "8", "--holdout-every", "2", "--max-reply-tokens", "6",
+            "--stage1-steps", "5", "--stage2-steps", "2", "--batch-size", "8", "--checkpoint-every", "3",
+            "--samples-per-prompt", "1", "--synthetic-messages", "3", "--draft-vocab-size", "64"]  # fmt: skip
     cfg = parse_args(argv)
     assert isinstance(cfg, TrainConfig) and cfg.stage1_steps == 5
     report = train(cfg)
@@ -71,7 +73,34 @@ def test_tiny_end_to_end_run_and_resume(tiny: Path, tmp_path: Path) -> None:
     base = load_model(str(tiny), dtype="float32", device="cpu").model
     spec = MLPSpeculator.from_pretrained(tmp_path / "out", base_model=base)
     assert spec.config.tie_to_base and spec.config.n_predict == 3
+    vocab = draft_vocab.load(tmp_path / "out")  # trained on, and shipped with, the speculator
+    assert vocab is not None and len(vocab) == 64 and len(set(vocab.tolist())) == 64
     # Resume: replies and hidden states come from the cache; training continues from the checkpoint.
     assert (tmp_path / "work" / "checkpoint.pt").is_file()
     again = train(parse_args([*argv, "--resume", "--stage2-steps", "3"]))
     assert again["positions"] == report["positions"]
+
+
+def test_held_out_by_whole_scenario() -> None:
+    from engine.speculators.dataset import split_conversations
+
+    cfg = TrainConfig(max_conversations=80, holdout_every=5)
+    train_set, held = split_conversations(cfg)
+    assert len(train_set) + len(held) == 80 and 0 < len(held) < 40
+    seen = {m[0]["content"] for _, m in train_set}
+    assert not seen & {m[0]["content"] for _, m in held}
+
+
+def test_synthetic_briefs_and_cleaning() -> None:
+    from engine.speculators import synth
+
+    briefs = synth.briefs(synth.load_pieces(), 30, seed=1)
+    assert len(briefs) == 30 and len(set(briefs)) == 30
+    assert briefs == synth.briefs(synth.load_pieces(), 30, seed=1)  # deterministic
+    assert synth.clean_message('Here is the message:\n\n"My bill doubled this month, why?"') == (
+        "My bill doubled this month, why?"
+    )
+    assert synth.clean_message("Hi there!") is None  # too short to be a customer message
+    long = "My parcel is late. " * 60
+    cleaned = synth.clean_message(long, max_chars=100)
+    assert cleaned is not None and len(cleaned) <= 100 and cleaned.endswith(".")
