@@ -163,6 +163,7 @@ class LLMEngine:
         """One base-model pass: plain sequences sample one token, speculating ones verify their tree."""
         scheduled = batch.scheduled
         spec = self.speculation
+        started = time.perf_counter()
         trees: list[DraftTree | None] = [spec.tree_for(s) if spec else None for s in scheduled]
         logits, hidden, starts = self.runner.execute(scheduled, trees)
         result: list[list[int]] = [[] for _ in scheduled]
@@ -181,6 +182,11 @@ class LLMEngine:
             for i, s in enumerate(scheduled):
                 if s.samples:
                     self.runner.last_hidden[s.seq.request_id] = hidden[last_rows[i]].clone()
+        lone = scheduled[0] if len(scheduled) == 1 else None
+        if spec is not None and lone is not None and lone.num_new_tokens == 1:
+            # A lone decode step (the results above are on the host, so the pass is done): what one more
+            # verified token costs, for the tree-width choice.
+            spec.step_cost.record(1 + lone.num_draft_tokens, time.perf_counter() - started)
         return result
 
     def _text_delta(self, seq: Sequence, kept: list[int]) -> StreamDelta:

@@ -31,6 +31,7 @@ from engine.speculators.gating import GatingConfig, SpeculationPolicy
 from engine.speculators.mlp import MLPSpeculator
 from engine.speculators.ngram import NgramSpeculator
 from engine.speculators.tree import DraftTree, build_tree
+from engine.speculators.tree_width import StepCost, TreeWidth
 
 DEFAULT_SPECULATOR_DIR = Path(__file__).parent / "speculators" / "default"
 
@@ -102,7 +103,12 @@ class SpeculativeDecoder:
         # `python -m engine.bench`, speculation pays at batch 1-2 and costs throughput from batch 8 on.
         max_batch = max_batch_size or (16 if loaded.device.type == "cuda" else 2)
         self.policy = SpeculationPolicy(GatingConfig(max_tokens=max_tokens, max_batch_size=max_batch))
+        # Tree width from measured step costs (CPU: each verified token costs ~4 % of a step at 135M; GPU:
+        # nearly free) and retrospective acceptance; see tree_width.py.
+        self.step_cost = StepCost(prior=0.04 if loaded.device.type == "cpu" else 0.002)
+        self.width = TreeWidth(self.mlp.config.n_candidates if self.mlp else 1)
         self.trees: dict[str, DraftTree] = {}
+        self.paths: dict[str, tuple[list[list[int]], list[list[int]]]] = {}  # (n-gram, ranked MLP) per tree
         self.stats = SpecStats(accepted_per_position=[0] * max_tokens)
         runner.keep_hidden = self.mlp is not None
 
@@ -110,6 +116,7 @@ class SpeculativeDecoder:
     def propose(self, running: list[Sequence], kv_usage: float) -> None:
         """Attach a draft tree to each running sequence worth speculating on this step."""
         self.trees.clear()
+        self.paths.clear()
         if not self.policy.should_speculate(len(running), kv_usage):
             return
         # Decoding sequences only: a prefill chunk has nothing to speculate from yet.
@@ -118,6 +125,7 @@ class SpeculativeDecoder:
         eligible = [s for s in eligible if depth[s.request_id] > 0]
         if not eligible:
             return
+        self.policy.cost_per_token = self.step_cost.cost_per_token
         paths: dict[str, list[list[int]]] = {s.request_id: [] for s in eligible}
         if self.ngram is not None:
             for s in eligible:
@@ -125,6 +133,7 @@ class SpeculativeDecoder:
                 draft = self.ngram.propose(s.request_id, s.token_ids, k)
                 if draft:
                     paths[s.request_id].append(draft)
+        fixed = {rid: list(p) for rid, p in paths.items()}
         if self.mlp is not None:
             with_hidden = [s for s in eligible if s.request_id in self.runner.last_hidden]
             if with_hidden:
@@ -132,10 +141,12 @@ class SpeculativeDecoder:
                 dtype = next(self.mlp.parameters()).dtype
                 hidden = torch.stack([self.runner.last_hidden[s.request_id] for s in with_hidden]).to(dtype)
                 last = torch.tensor([s.token_ids[-1] for s in with_hidden], device=hidden.device)
-                n_cand = self.policy.num_candidates(len(running))
+                n_cand = self.width.choose(self.step_cost.cost_per_token, self.policy.num_candidates(len(running)))
                 cand, _ = propose_paths(self.mlp, hidden, last, n_candidates=n_cand, num_heads=heads)
                 for s, rows in zip(with_hidden, cand.tolist(), strict=True):
-                    paths[s.request_id] += [r[: depth[s.request_id]] for r in rows]
+                    ranked = [r[: depth[s.request_id]] for r in rows]
+                    paths[s.request_id] += ranked
+                    self.paths[s.request_id] = (fixed[s.request_id], ranked)
         for s in eligible:
             if paths[s.request_id]:
                 tree = build_tree(paths[s.request_id])
@@ -173,7 +184,10 @@ class SpeculativeDecoder:
             acc = accept_sampled(tree, probs, None)
         self._move_accepted_kv(seq, tree, acc)
         self._record(seq, tree, acc)
-        return accepted_tokens(tree, acc), acc.accepted_rows[-1] if acc.accepted_rows else 0
+        emitted = accepted_tokens(tree, acc)
+        if seq.request_id in self.paths:
+            self.width.record(*self.paths[seq.request_id], emitted)
+        return emitted, acc.accepted_rows[-1] if acc.accepted_rows else 0
 
     def _move_accepted_kv(self, seq: Sequence, tree: DraftTree, acc: Acceptance) -> None:
         # Node row r sits at position p + r in the pages; its path position is p + depth.

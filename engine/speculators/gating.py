@@ -60,6 +60,8 @@ class SpeculationPolicy:
     def __init__(self, config: GatingConfig | None = None):
         self.config = config or GatingConfig()
         self._stats: dict[str, _RequestStats] = {}
+        # c in the depth choice; the engine overwrites it with the measured value (tree_width.StepCost).
+        self.cost_per_token = self.config.verify_cost_per_token
 
     def should_speculate(self, batch_size: int, kv_usage: float) -> bool:
         """IBM's gate: small batch and KV memory not under pressure (kv_usage in [0, 1])."""
@@ -75,7 +77,7 @@ class SpeculationPolicy:
 
     def num_tokens(self, request_id: str) -> int:
         """Drafts to propose for this request this step; 0 = decode plainly."""
-        k = best_num_tokens(self.acceptance_rate(request_id), self.config.max_tokens, self.config.verify_cost_per_token)
+        k = best_num_tokens(self.acceptance_rate(request_id), self.config.max_tokens, self.cost_per_token)
         if k > 0:
             if request_id in self._stats:
                 self._stats[request_id].steps_off = 0

@@ -83,7 +83,7 @@ def stage1_sequences(tokenizer: Any, conversations: list[tuple[str, ChatMessages
         messages = with_system_prompt(conv, domain, i) if i % 2 == 0 else conv
         ids = chat_ids(tokenizer, messages, add_generation_prompt=False)
         system = chat_ids(tokenizer, messages[:1], False) if messages[0]["role"] == "system" else []
-        out.append(TokenSequence(ids, _common_prefix(ids, system)))
+        out.append(TokenSequence(ids, common_prefix(ids, system)))
     return out
 
 
@@ -168,7 +168,7 @@ class HiddenStateExtractor:
     def __call__(self, tokens: list[int]) -> torch.Tensor:
         """bf16 [len(tokens), hidden] for one sequence."""
         assert len(tokens) <= self.hidden.shape[0], (len(tokens), self.hidden.shape)
-        done = min(_common_prefix(tokens, self.tokens), len(tokens) - 1)  # recompute at least the last one
+        done = min(common_prefix(tokens, self.tokens), len(tokens) - 1)  # recompute at least the last one
         for start in range(done, len(tokens), self.chunk):
             end = min(start + self.chunk, len(tokens))
             positions = torch.arange(start, end)
@@ -214,7 +214,7 @@ def positions_of(seq: TokenSequence, hidden: torch.Tensor, n_predict: int) -> Po
     return Positions(hidden[js], windows)
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
     for x, y in zip(a, b, strict=False):
         if x != y:

@@ -79,3 +79,35 @@ def test_policy_thresholds_and_adaptive_length() -> None:
     assert policy.acceptance_rate("a") > 0.9 and policy.num_tokens("a") == 3
     policy.release("a")
     assert policy.acceptance_rate("a") == GatingConfig().prior_alpha
+
+
+def test_step_cost_fits_the_slope_and_falls_back_to_the_prior() -> None:
+    from engine.speculators.tree_width import StepCost
+
+    cost = StepCost(prior=0.04)
+    for _ in range(40):
+        cost.record(4, 0.040 * (1 + 0.1 * 3))  # always the same size: no slope to fit
+    assert cost.cost_per_token == 0.04
+    for i in range(200):
+        tokens = 1 + (i % 16)
+        cost.record(tokens, 0.040 * (1 + 0.1 * (tokens - 1)))
+    assert abs(cost.cost_per_token - 0.1) < 1e-6
+
+
+def test_tree_width_measures_every_narrower_tree_and_weighs_cost() -> None:
+    from engine.speculators.tree_width import TreeWidth
+
+    width = TreeWidth(max_candidates=3, probe_interval=1000)
+    assert width.choose(0.05, limit=3) == 3  # nothing measured: explore at full width
+    truth = [7, 8, 9, 4]  # accepted 7, 8, 9 and the base model's own 4
+    for _ in range(20):
+        # The best-ranked path gets 1 token, the third gets all 3: only the full tree accepts 3.
+        width.record(fixed=[], ranked=[[7, 1, 1], [2, 2, 2], [7, 8, 9]], emitted=truth)
+    assert width.tokens_per_step(1) == pytest.approx(2.0) and width.tokens_per_step(3) == pytest.approx(4.0)
+    assert width.choose(0.0, limit=3) == 3  # verification free: widest
+    assert width.choose(0.0, limit=2) <= 2  # never above the load-based limit
+    for _ in range(150):  # now the second path wins and the n-gram draft gets two tokens
+        width.record(fixed=[[7, 8]], ranked=[[7, 1, 1], [7, 8, 9], [5, 5, 5]], emitted=truth)
+    assert width.tokens_per_step(1) == pytest.approx(3.0, abs=0.01)
+    assert width.tokens_per_step(2) == pytest.approx(4.0, abs=0.01)
+    assert width.choose(0.05, limit=3) == 2  # same tokens, fewer nodes
