@@ -95,6 +95,8 @@ class SpeculativeDecoder:
             vocab = draft_vocab.load(mlp_dir)
             if vocab is not None:
                 self.mlp.restrict_vocab(vocab.to(loaded.device))
+            if loaded.device.type == "cpu":
+                self.mlp.pack_for_cpu()
         self.ngram = NgramSpeculator() if use_ngram else None
         self.max_ngram_tokens = max_ngram_tokens
         max_tokens = max(self.mlp.n_predict if self.mlp else 0, max_ngram_tokens if use_ngram else 0)

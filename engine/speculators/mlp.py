@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.models.packed_linear import PackedLinear, can_pack
+
 _CONFIG_KEYS = (
     "vocab_size",
     "emb_dim",
@@ -141,6 +143,7 @@ class MLPSpeculator(nn.Module):
         self.base_head: torch.Tensor | None = None
         self.draft_vocab: torch.Tensor | None = None  # restrict_vocab(): the token ids the heads score
         self.draft_heads: list[torch.Tensor] = []
+        self.packed_heads: list[PackedLinear] = []
         self.emb = None if config.tie_to_base else shared(lambda: nn.Embedding(v, d), n)
         self.head = None if config.tie_to_base else shared(lambda: nn.Linear(d, v, bias=False), n)
         self.reset_parameters()
@@ -190,6 +193,23 @@ class MLPSpeculator(nn.Module):
         rows: dict[int, torch.Tensor] = {}  # tied heads share one copy
         self.draft_heads = [rows.setdefault(id(w), w.detach()[token_ids].float()) for w in weights]
         self.draft_vocab = token_ids.to(weights[0].device)
+        self.packed_heads = []
+
+    def pack_for_cpu(self) -> bool:
+        """Inference on a bf16 CPU: projections and draft-vocabulary heads prepacked for oneDNN in bf16.
+
+        Proposing reads every weight once per step at 1-20 rows, where float32 matmuls are bound by that
+        read: packed bf16 is 4-7x faster for the heads. Drafts may differ in the last bits (verification,
+        hence output, does not). Returns whether it packed (False where oneDNN bf16 is unavailable).
+        """
+        if not can_pack(torch.bfloat16, next(self.parameters()).device):
+            return False
+        for i, proj in enumerate(self.proj):
+            if isinstance(proj, nn.Linear):
+                self.proj[i] = _CastingPackedLinear(proj.weight.detach().bfloat16(), None)
+        packed: dict[int, PackedLinear] = {}
+        self.packed_heads = [packed.setdefault(id(h), PackedLinear(h.bfloat16(), None)) for h in self.draft_heads]
+        return True
 
     def vocab_ids(self, index: torch.Tensor) -> torch.Tensor:
         """Token ids of logits columns (identity unless the vocabulary is restricted)."""
@@ -201,6 +221,8 @@ class MLPSpeculator(nn.Module):
         With a restricted vocabulary: float32 logits over those tokens only (columns map via vocab_ids).
         """
         if self.draft_vocab is not None:
+            if self.packed_heads and not torch.is_grad_enabled():
+                return self.packed_heads[i](state.to(torch.bfloat16)).float()
             return F.linear(state.float(), self.draft_heads[i])
         if self.head is not None:
             return self.head[i](state)
@@ -304,6 +326,13 @@ class MLPSpeculator(nn.Module):
         missing = set(params) - seen
         if missing:
             raise ValueError(f"speculator checkpoint lacks {sorted(missing)}")
+
+
+class _CastingPackedLinear(PackedLinear):
+    """A packed bf16 linear inside a float32 recurrence: casts in and back."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.to(torch.bfloat16)).to(x.dtype)
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -168,6 +168,26 @@ def test_tie_to_base_saves_only_projections_and_norms(tmp_path: Path) -> None:
 
 
 @torch.no_grad()
+def test_pack_for_cpu_keeps_the_restricted_logits_at_bf16_precision() -> None:
+    from engine.models.packed_linear import can_pack
+
+    if not can_pack(torch.bfloat16, torch.device("cpu")):
+        pytest.skip("no oneDNN bf16 on this CPU")
+    torch.manual_seed(0)
+    base = TinyBase(0)
+    spec = MLPSpeculator(MLPSpeculatorConfig(vocab_size=V, emb_dim=E, n_predict=3, tie_to_base=True))
+    spec.tie_to_base(base)
+    spec.restrict_vocab(torch.tensor([5, 1, 9, 30, 2, 17]))
+    z, toks = torch.randn(4, E), torch.randint(0, V, (4,))
+    expected = [spec.logits(i, spec.step(i, z, toks)) for i in range(3)]
+    assert spec.pack_for_cpu()
+    for i in range(3):
+        got = spec.logits(i, spec.step(i, z, toks))
+        assert got.dtype == torch.float32 and got.shape == (4, 6)
+        torch.testing.assert_close(got, expected[i], atol=0.05, rtol=0.05)  # bf16 weights and inputs
+
+
+@torch.no_grad()
 def test_propose_equals_brute_force_over_all_leaves() -> None:
     torch.manual_seed(0)
     spec = MLPSpeculator(MLPSpeculatorConfig(vocab_size=V, emb_dim=E, inner_dim=D, n_predict=3))
