@@ -34,7 +34,7 @@ def run(path: str, dtype: str, threads: int, prompts: list[list[int]], max_token
     lookup = sum(hf.prompt_lookup_tokens_per_s(ids, max_tokens) for ids in single) / len(single)
     e2e = sum(max_tokens / hf.generate(ids, max_tokens) for ids in single) / len(single)
     rows.append(Row("transformers prompt lookup (end to end)", lookup, e2e, "transformers generate (e2e)", "tok/s"))
-    cpp = _llama_cpp_rate(single, max_tokens)
+    cpp = _llama_cpp_rate(single, max_tokens, threads)
     reference: list[list[int]] | None = None
     for name, speculator in VARIANTS.items():
         llm = _engine(path, dtype, threads, speculator)
@@ -94,12 +94,13 @@ def _concurrent(llm: LLM, prompts: list[list[int]], max_tokens: int, name: str) 
     return Row(f"{len(prompts)} concurrent, SpecDesk {name}", rate, None, "", "tok/s")
 
 
-def _llama_cpp_rate(prompts: list[list[int]], max_tokens: int) -> float | None:
-    """llama.cpp decode tok/s on the shipped GGUF, or None when llama-cpp-python is not installed."""
+def _llama_cpp_rate(prompts: list[list[int]], max_tokens: int, threads: int) -> float | None:
+    """llama.cpp decode tok/s on the shipped GGUF (its own Q4_1 kernels, as many threads as the rest of the
+    run), or None when llama-cpp-python is not installed (`pip install -e ".[llama]"`, compiles ~5 min)."""
     try:
         from llama_cpp import Llama
     except ImportError:
-        print("  llama-cpp-python not installed: skipping llama.cpp (pip install llama-cpp-python)")
+        print("  llama-cpp-python not installed: skipping llama.cpp (pip install -e '.[llama]')")
         return None
     import tempfile
     from pathlib import Path
@@ -107,7 +108,7 @@ def _llama_cpp_rate(prompts: list[list[int]], max_tokens: int) -> float | None:
     from engine.models.default_model import locate_gguf
 
     gguf = locate_gguf(Path(tempfile.mkdtemp()))
-    model = Llama(model_path=str(gguf), n_ctx=2048, n_threads=2, verbose=False)
+    model = Llama(model_path=str(gguf), n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False)
     rates = []
     for ids in prompts:
         start = time.perf_counter()
