@@ -16,14 +16,22 @@ from engine.bench_common import Row
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
 
-VARIANTS = {"plain": None, "n-gram": "ngram", "MLP": "default-mlp", "MLP + n-gram": "default"}
+# name -> (speculator, fixed tree width or None for the measured choice of speculators/tree_width.py)
+VARIANTS: dict[str, tuple[str | None, int | None]] = {
+    "plain": (None, None),
+    "n-gram": ("ngram", None),
+    "MLP, IBM's 5-path tree": ("default-mlp", 5),
+    "MLP": ("default-mlp", None),
+    "MLP + n-gram": ("default", None),
+}
 
 
-def _engine(path: str, dtype: str, threads: int, speculator: str | None) -> LLM:
+def _engine(path: str, dtype: str, threads: int, speculator: str | None, width: int | None = None) -> LLM:
     from engine.speculation import DEFAULT_SPECULATOR_DIR
 
     spec = str(DEFAULT_SPECULATOR_DIR) if speculator == "default-mlp" else speculator
-    return LLM(model=path, dtype=dtype, device="cpu", num_threads=threads, speculator=spec, kv_cache_memory_gib=0.5)
+    return LLM(model=path, dtype=dtype, device="cpu", num_threads=threads, speculator=spec, kv_cache_memory_gib=0.5,
+               spec_tree_width=width)  # fmt: skip
 
 
 def run(path: str, dtype: str, threads: int, prompts: list[list[int]], max_tokens: int, hf: Any) -> list[Row]:
@@ -36,8 +44,8 @@ def run(path: str, dtype: str, threads: int, prompts: list[list[int]], max_token
     rows.append(Row("transformers prompt lookup (end to end)", lookup, e2e, "transformers generate (e2e)", "tok/s"))
     cpp = _llama_cpp_rate(single, max_tokens, threads)
     reference: list[list[int]] | None = None
-    for name, speculator in VARIANTS.items():
-        llm = _engine(path, dtype, threads, speculator)
+    for name, (speculator, width) in VARIANTS.items():
+        llm = _engine(path, dtype, threads, speculator, width)
         try:
             llm.generate(single[:1], SamplingParams(max_tokens=8))  # warm-up
             outs = [llm.generate([ids], params)[0] for ids in single]
@@ -50,15 +58,19 @@ def run(path: str, dtype: str, threads: int, prompts: list[list[int]], max_token
             rows.append(Row(f"decode, SpecDesk {name}", rate, hf_rate, "transformers generate", "tok/s",
                             ">= 2x plain, >= 3x transformers" if name == "MLP + n-gram" else ""))  # fmt: skip
             rows.append(Row(f"  tokens per base step, {name}", per_step, None, "", "tok/step",
-                            ">= 2.5" if name == "MLP" else ""))  # fmt: skip
+                            ">= 2.5" if name.startswith("MLP") and "n-gram" not in name else ""))  # fmt: skip
             rows.append(Row(f"  greedy output identical to plain ({dtype}), {name}", 100 * same, None, "", "%"))
             if cpp is not None:
                 rows.append(Row(f"decode, SpecDesk {name}", rate, cpp, "llama.cpp (same GGUF)", "tok/s"))
             if speculator is not None:
-                per_pos = llm.stats().spec_accepted_per_position
-                drafts = max(llm.stats().spec_num_drafts, 1)
-                for i, n in enumerate(per_pos):
+                st = llm.stats()
+                drafts = max(st.spec_num_drafts, 1)
+                for i, n in enumerate(st.spec_accepted_per_position):
                     rows.append(Row(f"  acceptance of head {i + 1}, {name}", 100 * n / drafts, None, "", "%"))
+                rows.append(Row(f"  draft nodes verified per step, {name}", st.spec_num_tree_nodes / drafts, None,
+                                "", "nodes"))  # fmt: skip
+                rows.append(Row(f"  measured cost of a verified token, {name}", 100 * st.spec_verify_cost_per_token,
+                                None, "", "% of a step"))  # fmt: skip
             if name in ("plain", "MLP + n-gram"):
                 for n in (8, 16):
                     rows.append(_concurrent(llm, prompts[:n], max_tokens, name))
@@ -72,8 +84,8 @@ def exactness_float32(path: str, threads: int, prompts: list[list[int]], max_tok
     """The exactness claim, in float32 (bf16 batch shapes change rounding): every variant vs plain."""
     params = SamplingParams(max_tokens=max_tokens)
     outputs: dict[str, list[list[int]]] = {}
-    for name, speculator in VARIANTS.items():
-        llm = _engine(path, "float32", threads, speculator)
+    for name, (speculator, width) in VARIANTS.items():
+        llm = _engine(path, "float32", threads, speculator, width)
         try:
             outputs[name] = [o.token_ids for o in llm.generate(prompts, params)]
         finally:

@@ -21,6 +21,8 @@ class EngineConfig:
     speculator: "auto" (the shipped MLP speculator + n-gram for the default model, n-gram otherwise),
       "default", "ngram", a folder with an mlp_speculator checkpoint (suffix "+ngram" for both), or None.
     spec_max_batch_size: None = 16 on CUDA (IBM's gate) and 2 on CPU, where every verified token costs.
+    spec_tree_width: MLP candidate paths per step; None = chosen from measured step cost and acceptance
+      (speculators/tree_width.py), an int fixes it (IBM's 5 for comparison).
     """
 
     model: str | None = None
@@ -36,6 +38,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     speculator: str | None = "auto"
     spec_max_batch_size: int | None = None  # speculate only up to this many running requests (None: auto)
+    spec_tree_width: int | None = None
     attention_backend: AttentionBackend = "auto"
     num_threads: int | None = None
     trust_remote_code: bool = False
@@ -53,5 +56,7 @@ class EngineConfig:
             raise ValueError(f"num_blocks must be >= 2, got {self.num_blocks}")
         if self.kv_cache_memory_gib <= 0:
             raise ValueError(f"kv_cache_memory_gib must be > 0, got {self.kv_cache_memory_gib}")
+        if self.spec_tree_width is not None and self.spec_tree_width < 1:
+            raise ValueError(f"spec_tree_width must be >= 1 or None, got {self.spec_tree_width}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")

@@ -40,6 +40,8 @@ class EngineStats:
     spec_num_draft_tokens: int = 0
     spec_num_accepted_tokens: int = 0
     spec_accepted_per_position: list[int] = field(default_factory=list)
+    spec_verify_cost_per_token: float = 0.0  # measured cost of one more verified token, in plain steps
+    spec_num_tree_nodes: int = 0  # draft nodes verified (candidate trees share prefixes)
 
     @property
     def spec_mean_acceptance_length(self) -> float:
@@ -61,7 +63,9 @@ class LLMEngine:
         )
         mlp_dir, use_ngram = resolve_speculator(config.speculator, config.model is None)
         self.speculation = (
-            SpeculativeDecoder(mlp_dir, use_ngram, loaded, self.runner, max_batch_size=config.spec_max_batch_size)
+            SpeculativeDecoder(
+                mlp_dir, use_ngram, loaded, self.runner, config.spec_max_batch_size, config.spec_tree_width
+            )
             if mlp_dir or use_ngram
             else None
         )
@@ -242,4 +246,6 @@ class LLMEngine:
             spec_num_draft_tokens=spec.num_draft_tokens,
             spec_num_accepted_tokens=spec.num_accepted_tokens,
             spec_accepted_per_position=list(spec.accepted_per_position),
+            spec_verify_cost_per_token=self.speculation.step_cost.cost_per_token if self.speculation else 0.0,
+            spec_num_tree_nodes=spec.num_tree_nodes,
         )

@@ -44,6 +44,7 @@ class SpecStats:
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     accepted_per_position: list[int] = field(default_factory=list)
+    num_tree_nodes: int = 0
 
 
 def resolve_speculator(name: str | None, is_default_model: bool) -> tuple[str | None, bool]:
@@ -82,7 +83,7 @@ class SpeculativeDecoder:
 
     def __init__(
         self, mlp_dir: str | None, use_ngram: bool, loaded: LoadedModel, runner: ModelRunner,
-        max_ngram_tokens: int = 4, max_batch_size: int | None = None,
+        max_batch_size: int | None = None, tree_width: int | None = None, max_ngram_tokens: int = 4,
     ) -> None:  # fmt: skip
         self.runner = runner
         self.mlp: MLPSpeculator | None = None
@@ -109,6 +110,7 @@ class SpeculativeDecoder:
         # nearly free) and retrospective acceptance; see tree_width.py.
         self.step_cost = StepCost(prior=0.04 if loaded.device.type == "cpu" else 0.002)
         self.width = TreeWidth(self.mlp.config.n_candidates if self.mlp else 1)
+        self.fixed_width = tree_width
         self.trees: dict[str, DraftTree] = {}
         self.paths: dict[str, tuple[list[list[int]], list[list[int]]]] = {}  # (n-gram, ranked MLP) per tree
         self.stats = SpecStats(accepted_per_position=[0] * max_tokens)
@@ -143,7 +145,11 @@ class SpeculativeDecoder:
                 dtype = next(self.mlp.parameters()).dtype
                 hidden = torch.stack([self.runner.last_hidden[s.request_id] for s in with_hidden]).to(dtype)
                 last = torch.tensor([s.token_ids[-1] for s in with_hidden], device=hidden.device)
-                n_cand = self.width.choose(self.step_cost.cost_per_token, self.policy.num_candidates(len(running)))
+                n_cand = self.policy.num_candidates(len(running))
+                if self.fixed_width is None:
+                    n_cand = self.width.choose(self.step_cost.cost_per_token, n_cand)
+                else:
+                    n_cand = min(n_cand, self.fixed_width)
                 cand, _ = propose_paths(self.mlp, hidden, last, n_candidates=n_cand, num_heads=heads)
                 for s, rows in zip(with_hidden, cand.tolist(), strict=True):
                     ranked = [r[: depth[s.request_id]] for r in rows]
@@ -214,6 +220,7 @@ class SpeculativeDecoder:
         self.stats.num_drafts += 1
         self.stats.num_draft_tokens += depth
         self.stats.num_accepted_tokens += n
+        self.stats.num_tree_nodes += tree.num_nodes
         self.policy.record(seq.request_id, depth, n)
 
     def finish(self, seq: Sequence) -> None:
