@@ -68,7 +68,7 @@ def test_restricted_draft_vocabulary_proposes_only_its_tokens(mlp_small_vocab_di
     assert set(tokens.flatten().tolist()) <= set(vocab.tolist())
 
 
-@pytest.mark.parametrize("speculator", ["ngram", "mlp", "mlp+ngram", "mlp-small-vocab"])
+@pytest.mark.parametrize("speculator", ["ngram", "mlp", "mlp+ngram", "mlp-small-vocab", "mlp-width-1", "mlp-width-5"])
 def test_greedy_output_identical_with_speculation(
     model_dir: Path, mlp_dir: Path, mlp_small_vocab_dir: Path, speculator: str
 ) -> None:
@@ -77,9 +77,12 @@ def test_greedy_output_identical_with_speculation(
         "mlp": str(mlp_dir),
         "mlp+ngram": f"{mlp_dir}+ngram",
         "mlp-small-vocab": str(mlp_small_vocab_dir),
+        "mlp-width-1": str(mlp_dir),
+        "mlp-width-5": str(mlp_dir),
     }[speculator]
+    width = int(speculator[-1]) if "width" in speculator else None
     params = SamplingParams(max_tokens=32, ignore_eos=True)
-    assert outputs(model_dir, name, params) == outputs(model_dir, None, params)
+    assert outputs(model_dir, name, params, spec_tree_width=width) == outputs(model_dir, None, params)
 
 
 def test_seeded_sampling_identical_with_speculation(model_dir: Path, mlp_dir: Path) -> None:
@@ -152,5 +155,7 @@ def test_candidates_share_pages_and_only_verified_tokens_are_hashed(model_dir: P
 
 
 def test_speculation_option_errors_are_clear(model_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="spec_tree_width"):
+        EngineConfig(spec_tree_width=0)
     with pytest.raises(FileNotFoundError, match="speculator"):
         LLM(model=str(model_dir), dtype="float32", device="cpu", speculator=str(tmp_path / "missing"))
