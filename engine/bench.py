@@ -100,8 +100,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--num-prompts", type=int, default=3, help="single-stream prompts")
+    ap.add_argument("--spec-prompts", type=int, default=12, help="single-stream prompts of the speculation suite")
     ap.add_argument("--concurrency", type=int, default=16)
-    ap.add_argument("--suite", default="all", choices=["core", "spec", "all"])
+    ap.add_argument(
+        "--suite",
+        default="all",
+        choices=["core", "spec", "all", "load"],
+        help="load: only the speculation on/off comparison at 8 and 16 concurrent conversations",
+    )
     ap.add_argument("--out", default="bench_engine.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -113,7 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     llm = LLM(model=path, dtype=args.dtype, device="cpu", num_threads=args.threads, speculator=None)
     hf = TransformersBaseline(path, getattr(torch, args.dtype))
     convs = _eval_conversations()
-    prompts = [llm.encode(m) for m in _first_user_turns(convs, args.concurrency)]
+    count = max(args.concurrency, args.spec_prompts, args.num_prompts)
+    prompts = [llm.encode(m) for m in _first_user_turns(convs, count)]
     llm.generate(prompts[:2], SamplingParams(max_tokens=8))  # warm-up both engines
     hf.generate(prompts[0], 8)
 
@@ -123,10 +130,14 @@ def main(argv: list[str] | None = None) -> None:
         rows += turn5_ttft(llm, convs, max_tokens=48)
         rows += concurrent(llm, hf, prompts[: args.concurrency], args.max_tokens)
     llm.shutdown()
+    if args.suite == "load":
+        from engine import bench_spec
+
+        rows += bench_spec.under_load(path, args.dtype, args.threads, prompts, args.max_tokens)
     if args.suite in ("spec", "all"):
         from engine import bench_spec
 
-        rows += bench_spec.run(path, args.dtype, args.threads, prompts, args.max_tokens, hf)
+        rows += bench_spec.run(path, args.dtype, args.threads, prompts, args.max_tokens, hf, args.spec_prompts)
     header = (f"engine.bench: {Path(path).name}, {args.dtype}, {args.threads} threads, "
               f"{args.max_tokens} new tokens, torch {torch.__version__}")  # fmt: skip
     table = print_table(rows, header)
