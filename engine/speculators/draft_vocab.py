@@ -6,7 +6,10 @@ distinct tokens (the 2048 most frequent cover over 99 % of the base model's own 
 heads rank only the most frequent ones (FR-Spec, Zhao et al. 2025). Verification is untouched, so output is
 exactly the same; a token outside the set can only be missed as a draft, never emitted wrongly.
 
-    python -m engine.speculators.draft_vocab      # rebuild from the training run's cached replies
+The training run builds it from the stage-2 text, trains the heads' softmax over it and ships it with the
+speculator; this command only rebuilds it (e.g. another --size) from the run's cached replies:
+
+    python -m engine.speculators.draft_vocab
 """
 
 from __future__ import annotations

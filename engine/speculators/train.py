@@ -6,8 +6,10 @@
 The base model is frozen. Stage 1 trains on text (head i predicts the token i + 2 ahead of the hidden state
 it reads), stage 2 on the base model's own replies to the training conversations (see train_data.py).
 Loss: per-head cross-entropy, summed. AdamW (0.9, 0.95), weight decay 0.1, gradient clip 1.0, IBM's
-schedule: warmup then cosine to 10 % in stage 1, a restart at 10 % decaying to 1 % in stage 2; stage 1 to
-stage 2 steps 5:2. For a small base model the speculator's embedding and heads are the base model's own
+schedule: warmup then cosine to 10 % in stage 1, a restart decaying to 10 % of its peak in stage 2. IBM's
+stage 1 is the long one (5:2); here stage 1 is a few hundred conversations and stage 2 the base model's own
+text, which keeps improving acceptance (held-out tree tokens per step 2.97 after 1000 + 8000 steps of 256,
+2.82 after 1000 + 2000). For a small base model the speculator's embedding and heads are the base model's own
 (tie_to_base): only projections and norms train, and each base hidden state is computed once per stage.
 Data: see dataset.py (held out: every tenth training scenario; prompts/eval is never read).
 """
@@ -47,8 +49,8 @@ class TrainConfig:
     n_predict: int = 3
     tie_weights: bool = False
     stage1_steps: int = 1000
-    stage2_steps: int = 400
-    batch_size: int = 128
+    stage2_steps: int = 8000
+    batch_size: int = 256
     lr: float = 1e-3
     # Stage 2's peak learning rate as a fraction of lr. IBM restarts at 0.1 after a huge stage 1; our stage 1
     # is a few hundred conversations unlike the model's own replies, and a full restart learns far more
