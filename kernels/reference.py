@@ -82,12 +82,34 @@ def paged_attention(
         elif q_len > 1:
             mask = _causal_mask(seq_len, q_len, query.device)
         # q_len == 1 without a tree sees every key: no mask at all.
+        if mask is not None and q_len <= SMALL_QUERY:
+            out[start : start + q_len] = _attend_small(q, k, v, mask, scale).to(out.dtype)
+            continue
         o = F.scaled_dot_product_attention(
             q.to(k.dtype), k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
             enable_gqa=num_heads != num_kv_heads,
         )  # fmt: skip
         out[start : start + q_len] = o.transpose(0, 1).to(out.dtype)
     return out
+
+
+SMALL_QUERY = 32
+
+
+def _attend_small(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    # A speculative verification: a few query tokens under a tree mask. Same float32 batched matmuls as the
+    # decode path (SDPA's masked CPU kernel costs several times more at these sizes); every query row of a
+    # kv head's group is one more row of that head's matmul. q [h, q, d], k/v [kvh, s, d], mask [q, s]
+    # (True = attend) -> [q, h, d].
+    num_heads, q_len, head_dim = q.shape
+    num_kv_heads, seq_len = k.shape[0], k.shape[1]
+    group = num_heads // num_kv_heads
+    qf = q.float().reshape(num_kv_heads, group * q_len, head_dim)  # head h = kv head h // group
+    scores = torch.bmm(qf, k.float().transpose(1, 2)) * scale  # [kvh, group * q, s]
+    scores = scores.view(num_kv_heads, group, q_len, seq_len).masked_fill_(~mask, float("-inf"))
+    probs = scores.softmax(-1).view(num_kv_heads, group * q_len, seq_len)
+    o = torch.bmm(probs, v.float())  # [kvh, group * q, d]
+    return o.view(num_heads, q_len, head_dim).transpose(0, 1)
 
 
 def _causal_mask(seq_len: int, q_len: int, device: torch.device) -> torch.Tensor:
