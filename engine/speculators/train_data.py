@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from engine.attention_metadata import AttentionMetadata
+from engine.speculators.tree import common_prefix
 
 IGNORE = -100
 ChatMessages = list[dict[str, str]]
@@ -212,12 +213,3 @@ def positions_of(seq: TokenSequence, hidden: torch.Tensor, n_predict: int) -> Po
         return Positions(hidden[:0], torch.empty(0, n_predict + 1, dtype=torch.int64))
     windows = tokens[js[:, None] + 1 + torch.arange(n_predict + 1)[None, :]]
     return Positions(hidden[js], windows)
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n

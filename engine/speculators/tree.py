@@ -103,3 +103,13 @@ def build_tree(paths: Sequence[Sequence[int]], max_nodes: int | None = None) -> 
 def chain_tree(tokens: Sequence[int]) -> DraftTree:
     """A single path as a tree (plain chain speculation)."""
     return build_tree([tokens])
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n

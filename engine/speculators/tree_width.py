@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from engine.speculators.train_data import common_prefix
+from engine.speculators.tree import common_prefix
 
 
 class StepCost:

@@ -73,17 +73,23 @@ def bot_text(page: Any) -> str:
     return page.locator('#sd-chat [data-testid="bot"]').last.inner_text()
 
 
-def test_type_stream_stop_reload_and_reopen(page: Any, server: RunningServer, service: ChatService) -> None:
-    open_console(page, server.url)
-    page.locator("#sd-message textarea").fill("Hello, I need help with order 48213")
+def send_and_wait_for_tokens(page: Any, message: str) -> float:
+    """Send a customer message and wait until Stop is offered and the reply has begun; returns the deadline
+    (30 s from now) for the caller's further waits."""
+    page.locator("#sd-message textarea").fill(message)
     page.locator("#sd-send").click()
-
-    # Tokens arrive: the reply grows while Stop is offered.
     page.locator("#sd-stop").wait_for(state="visible")
     deadline = time.monotonic() + 30
     while len(bot_text(page).strip(" ▍")) < 5:
         assert time.monotonic() < deadline, "no tokens arrived"
         time.sleep(0.05)
+    return deadline
+
+
+def test_type_stream_stop_reload_and_reopen(page: Any, server: RunningServer, service: ChatService) -> None:
+    open_console(page, server.url)
+    # Tokens arrive: the reply grows while Stop is offered.
+    deadline = send_and_wait_for_tokens(page, "Hello, I need help with order 48213")
     first = len(bot_text(page))
     while len(bot_text(page)) <= first:
         assert time.monotonic() < deadline, "the reply stopped growing before Stop was pressed"
@@ -216,13 +222,7 @@ def test_closing_the_tab_mid_stream_stops_and_keeps_the_partial_reply(
 ) -> None:
     service.settings = Settings(max_tokens=6000, temperature=0.0)
     open_console(page, server.url)
-    page.locator("#sd-message textarea").fill("Please explain my roaming charges")
-    page.locator("#sd-send").click()
-    page.locator("#sd-stop").wait_for(state="visible")
-    deadline = time.monotonic() + 30
-    while len(bot_text(page).strip(" ▍")) < 5:
-        assert time.monotonic() < deadline, "no tokens arrived"
-        time.sleep(0.05)
+    send_and_wait_for_tokens(page, "Please explain my roaming charges")
     page.close()  # the agent closes the tab: Gradio cancels the event and closes the handler
 
     summary = service.repository.list_conversations("roaming charges")[0]

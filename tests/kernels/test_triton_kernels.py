@@ -43,6 +43,7 @@ except ImportError:
     pytest.skip("triton is not installed; the Triton kernels are untestable", allow_module_level=True)
 
 from kernels import ops, reference, triton_attention, triton_kv  # noqa: E402
+from tests.kernels.paged_batches import make_batch  # noqa: E402
 
 if not _CUDA:
     _restore_interpret_env()
@@ -67,65 +68,6 @@ def _interpret_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     if not _CUDA:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     yield
-
-
-def _blocks_needed(seq_len: int, page_size: int) -> int:
-    return -(-seq_len // page_size)
-
-
-def _make_batch(
-    seq_lens: list[int],
-    query_lens: list[int],
-    num_heads: int,
-    num_kv_heads: int,
-    head_dim: int,
-    page_size: int,
-    dtype: torch.dtype,
-    device: str,
-    with_tree: bool = False,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Random query + paged caches holding exactly seq_len written positions per sequence.
-
-    Block 0 is never written (all NaN) and pads every block table; the other block ids are shuffled.
-    The query is a strided slice of a fused QKV tensor, as the model produces it.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    num_blocks = 1 + sum(_blocks_needed(s, page_size) for s in seq_lens) + 2
-    max_blocks = max([_blocks_needed(s, page_size) for s in seq_lens] + [1])
-    shape = (num_blocks, page_size, num_kv_heads, head_dim)
-    k_cache = torch.full(shape, math.nan, dtype=dtype)
-    v_cache = torch.full(shape, math.nan, dtype=dtype)
-    block_tables = torch.zeros(max(len(seq_lens), 1), max_blocks, dtype=torch.int32)
-    free = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()
-    for i, seq_len in enumerate(seq_lens):
-        pages = [free.pop() for _ in range(_blocks_needed(seq_len, page_size))]
-        block_tables[i, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
-        slots = torch.tensor([pages[p // page_size] * page_size + p % page_size for p in range(seq_len)])
-        kv = torch.randn(2, seq_len, num_kv_heads, head_dim, generator=gen).to(dtype)
-        reference.write_kv(kv[0], kv[1], k_cache, v_cache, slots)
-    num_tokens = sum(query_lens)
-    qkv = torch.randn(num_tokens, num_heads + 2 * num_kv_heads, head_dim, generator=gen).to(dtype)
-    tree_mask = None
-    if with_tree:
-        # Random trees: token j sees itself and a random subset of earlier new tokens.
-        tree_mask = torch.zeros(num_tokens, max(query_lens, default=1), dtype=torch.bool)
-        start = 0
-        for q_len in query_lens:
-            sub = torch.rand(q_len, q_len, generator=gen) < 0.5
-            tree_mask[start : start + q_len, :q_len] = sub.tril(-1) | torch.eye(q_len, dtype=torch.bool)
-            start += q_len
-        tree_mask = tree_mask.to(device)
-    return {
-        "query": qkv.to(device)[:, :num_heads],  # non-contiguous token stride
-        "k_cache": k_cache.to(device),
-        "v_cache": v_cache.to(device),
-        "block_tables": block_tables.to(device),
-        "seq_lens": seq_lens,
-        "query_lens": query_lens,
-        "scale": head_dim**-0.5,
-        "tree_mask": tree_mask,
-    }
 
 
 def _check_attention(batch: dict[str, Any], num_splits: int | None = None, pass_tensors: bool = True) -> None:
@@ -172,7 +114,7 @@ HEADS = {"mha": (4, 4), "gqa3": (6, 2), "gqa8": (16, 2), "mqa": (4, 1)}
 def test_paged_attention_fp32(device: str, heads: str, shape: str) -> None:
     seq_lens, query_lens, page_size = SHAPES[shape]
     num_heads, num_kv_heads = HEADS[heads]
-    batch = _make_batch(seq_lens, query_lens, num_heads, num_kv_heads, 64, page_size, torch.float32, device)
+    batch = make_batch(seq_lens, query_lens, num_heads, num_kv_heads, 64, page_size, torch.float32, device)
     _check_attention(batch)
 
 
@@ -182,7 +124,7 @@ def test_paged_attention_fp32(device: str, heads: str, shape: str) -> None:
 @pytest.mark.parametrize("page_size", [16, 32])
 def test_paged_attention_half(device: str, dtype: torch.dtype, head_dim: int, page_size: int) -> None:
     seq_lens, query_lens, _ = SHAPES["mixed"]
-    batch = _make_batch(seq_lens, query_lens, 8, 2, head_dim, page_size, dtype, device, seed=head_dim)
+    batch = make_batch(seq_lens, query_lens, 8, 2, head_dim, page_size, dtype, device, seed=head_dim)
     _check_attention(batch)
 
 
@@ -191,7 +133,7 @@ def test_paged_attention_half(device: str, dtype: torch.dtype, head_dim: int, pa
 @pytest.mark.parametrize("heads", ["mha", "gqa8", "mqa"], ids=str)
 def test_paged_attention_tree_mask(device: str, dtype: torch.dtype, heads: str) -> None:
     num_heads, num_kv_heads = HEADS[heads]
-    batch = _make_batch([20, 33, 9, 48], [4, 6, 1, 5], num_heads, num_kv_heads, 64, 16, dtype, device, with_tree=True)
+    batch = make_batch([20, 33, 9, 48], [4, 6, 1, 5], num_heads, num_kv_heads, 64, 16, dtype, device, with_tree=True)
     _check_attention(batch)
 
 
@@ -202,20 +144,20 @@ def test_paged_attention_split_k(device: str, num_splits: int, shape: str) -> No
     # Split-K only triggers by itself on CUDA with long contexts; force it to test the merge, including
     # splits that get no keys at all (5 splits over a 1-key sequence).
     seq_lens, query_lens, _ = SHAPES["verify" if shape == "tree" else shape]
-    batch = _make_batch(seq_lens, query_lens, 8, 2, 64, 16, torch.float32, device, with_tree=shape == "tree")
+    batch = make_batch(seq_lens, query_lens, 8, 2, 64, 16, torch.float32, device, with_tree=shape == "tree")
     _check_attention(batch, num_splits=num_splits)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_paged_attention_builds_missing_length_tensors(device: str) -> None:
     seq_lens, query_lens, _ = SHAPES["verify"]
-    batch = _make_batch(seq_lens, query_lens, 4, 1, 64, 16, torch.float16, device, seed=3)
+    batch = make_batch(seq_lens, query_lens, 4, 1, 64, 16, torch.float16, device, seed=3)
     _check_attention(batch, pass_tensors=False)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_paged_attention_empty_batch(device: str) -> None:
-    batch = _make_batch([], [], 4, 2, 64, 16, torch.float32, device)
+    batch = make_batch([], [], 4, 2, 64, 16, torch.float32, device)
     result = ops.paged_attention(**batch, backend="triton")
     assert result.shape == (0, 4, 64)
 
@@ -223,15 +165,15 @@ def test_paged_attention_empty_batch(device: str) -> None:
 @pytest.mark.skipif(not _CUDA, reason="long contexts are too slow for the interpreter; auto split-K is CUDA-only")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_paged_attention_long_context_auto_split(dtype: torch.dtype) -> None:
-    batch = _make_batch([4099, 1500], [1, 1], 32, 8, 128, 16, dtype, "cuda")
+    batch = make_batch([4099, 1500], [1, 1], 32, 8, 128, 16, dtype, "cuda")
     _check_attention(batch)
-    batch = _make_batch([3000], [7], 32, 8, 128, 32, dtype, "cuda", with_tree=True)
+    batch = make_batch([3000], [7], 32, 8, 128, 32, dtype, "cuda", with_tree=True)
     _check_attention(batch)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_paged_attention_rejects_bad_inputs(device: str) -> None:
-    batch = _make_batch([5], [1], 4, 2, 64, 16, torch.float32, device)
+    batch = make_batch([5], [1], 4, 2, 64, 16, torch.float32, device)
     with pytest.raises(AssertionError, match="int64"):
         triton_attention.paged_attention(**{**batch, "block_tables": batch["block_tables"].long()})
     with pytest.raises(AssertionError, match="must be contiguous in head_dim"):
@@ -314,38 +256,11 @@ def test_resolve_backend() -> None:
 
 
 def test_torch_backend_matches_reference_and_fills_out() -> None:
-    batch = _make_batch([9, 20], [3, 1], 4, 2, 64, 16, torch.float32, "cpu")
+    batch = make_batch([9, 20], [3, 1], 4, 2, 64, 16, torch.float32, "cpu")
     out = torch.full_like(batch["query"], math.nan)
     result = ops.paged_attention(**batch, backend="torch", out=out)
     assert result is out
     torch.testing.assert_close(out, reference.paged_attention(**batch), atol=0, rtol=0)
-
-
-def test_reference_decode_groups_mixed_lengths_like_one_sequence_at_a_time() -> None:
-    # 20 decoding sequences, one much longer: the reference sorts them into length groups (less padding);
-    # every row must equal the sequence attended alone, whatever group it lands in.
-    lens = [5, 300, 17, 33, 2, 64, 9, 120, 18, 40, 7, 77, 3, 250, 11, 16, 48, 6, 90, 21]
-    batch = _make_batch(lens, [1] * len(lens), 4, 2, 32, 16, torch.float32, "cpu", seed=3)
-    batch.update({name: batch[name].nan_to_num(0.0) for name in ("k_cache", "v_cache")})  # see _check_attention
-    grouped = reference.paged_attention(**batch)
-    for i, n in enumerate(lens):
-        alone = {**batch, "query": batch["query"][i : i + 1], "block_tables": batch["block_tables"][i : i + 1],
-                 "seq_lens": [n], "query_lens": [1]}  # fmt: skip
-        torch.testing.assert_close(grouped[i : i + 1], reference.paged_attention(**alone), atol=1e-5, rtol=1e-5)
-
-
-def test_reference_mixed_prefill_and_decodes_like_one_sequence_at_a_time() -> None:
-    # A prefill chunk on a cached prefix among decoding sequences: decodes take the batched path.
-    lens, q_lens = [40, 7, 90, 25, 3, 60], [1, 1, 12, 1, 3, 1]
-    batch = _make_batch(lens, q_lens, 4, 2, 32, 16, torch.float32, "cpu", seed=4)
-    batch.update({name: batch[name].nan_to_num(0.0) for name in ("k_cache", "v_cache")})
-    mixed = reference.paged_attention(**batch)
-    start = 0
-    for i, (n, q) in enumerate(zip(lens, q_lens, strict=True)):
-        alone = {**batch, "query": batch["query"][start : start + q], "seq_lens": [n], "query_lens": [q],
-                 "block_tables": batch["block_tables"][i : i + 1]}  # fmt: skip
-        torch.testing.assert_close(mixed[start : start + q], reference.paged_attention(**alone), atol=1e-5, rtol=1e-5)
-        start += q
 
 
 # ---------------------------------------------------------------- real compilation without a GPU
