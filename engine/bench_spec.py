@@ -102,13 +102,15 @@ def exactness_float32(path: str, threads: int, prompts: list[list[int]], max_tok
 
 
 def under_load(
-    path: str, dtype: str, threads: int, prompts: list[list[int]], max_tokens: int, reps: int = 2
+    path: str, dtype: str, threads: int, prompts: list[list[int]], max_tokens: int, reps: int = 4
 ) -> list[Row]:
     """8 and 16 concurrent conversations with speculation on (MLP + n-gram) vs off.
 
-    Both engines stay loaded and their runs alternate, `reps` times each: this shared machine drifts by tens
-    of percent within minutes (the same plain run measured 111 and 164 tok/s ten minutes apart), which one
-    run per engine, minutes apart, would report as a difference between them.
+    Both engines stay loaded and their runs alternate, `reps` times each, in the order on-off, off-on, ...:
+    this shared machine drifts by tens of percent within minutes (the same plain run measured 111 and 164
+    tok/s ten minutes apart), which one run per engine, minutes apart, would report as a difference between
+    them, and the mirrored order cancels a steady drift. The speculative steps taken under load are reported
+    too: where the gate keeps speculation off, both engines run the same plain steps.
     """
     engines = {"off": _engine(path, dtype, threads, None), "on": _engine(path, dtype, threads, "default")}
     rows = []
@@ -119,8 +121,10 @@ def under_load(
             params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
             tokens = dict.fromkeys(engines, 0)
             seconds = dict.fromkeys(engines, 0.0)
-            for _ in range(reps):
-                for key, llm in engines.items():
+            drafts = engines["on"].stats().spec_num_drafts
+            for rep in range(reps):
+                for key in ("on", "off") if rep % 2 == 0 else ("off", "on"):
+                    llm = engines[key]
                     start = time.perf_counter()
                     outs = llm.generate(prompts[:n], params)
                     seconds[key] += time.perf_counter() - start
@@ -128,6 +132,8 @@ def under_load(
             on, off = tokens["on"] / seconds["on"], tokens["off"] / seconds["off"]
             rows.append(Row(f"{n} concurrent, speculation on vs off (alternating runs)", on, off,
                             "speculation off", "tok/s", ">= 1x" if n == 16 else ""))  # fmt: skip
+            drafts = (engines["on"].stats().spec_num_drafts - drafts) / reps
+            rows.append(Row(f"  speculative verifications per run, {n} concurrent", drafts, None, "", "verify"))
     finally:
         for llm in engines.values():
             llm.shutdown()

@@ -93,6 +93,31 @@ def test_filter_mixed_rows_match_transformers_row_by_row() -> None:
         assert torch.equal(mine[row], hf_filter(logits[row], p)), row
 
 
+@pytest.mark.parametrize("spread", [6.0, 0.5])  # peaked rows take the top-1024 path, flat ones sort everything
+def test_filter_on_a_real_vocabulary_size_matches_transformers(spread: float) -> None:
+    from engine.sampler import _filter_among_top
+
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(6, 49152, generator=gen) * spread
+    params = [
+        SamplingParams(temperature=0.7, top_p=0.9),
+        SamplingParams(temperature=1.0, top_p=0.5),
+        SamplingParams(temperature=0.8, top_k=50),
+        SamplingParams(temperature=0.9, top_k=40, top_p=0.95),
+        SamplingParams(temperature=1.2, top_p=0.8),
+        SamplingParams(temperature=0.7, top_p=0.9),
+    ]
+    scaled = logits / torch.tensor([p.temperature for p in params])[:, None]
+    assert (_filter_among_top(scaled, params) is not None) == (spread > 1)
+    # top-k past the prefilter renormalizes over its own k tokens: the full sort handles it
+    assert _filter_among_top(scaled, [*params[:5], SamplingParams(temperature=1.2, top_k=2000, top_p=0.8)]) is None
+    mine = filter_logits(logits, params)
+    for row, p in enumerate(params):
+        expected = hf_filter(logits[row], p)
+        assert torch.equal(torch.isinf(mine[row]), torch.isinf(expected)), row
+        assert torch.allclose(mine[row][torch.isfinite(expected)], expected[torch.isfinite(expected)]), row
+
+
 def test_probs_from_logits_greedy_one_hot_and_sampled_softmax() -> None:
     logits = torch.randn(3, 40)
     params = [GREEDY, SamplingParams(temperature=0.8, top_k=7), SamplingParams(temperature=1.2, top_p=0.8)]
