@@ -1,6 +1,7 @@
 """Build prompts/train/conversations.jsonl from hand-written pieces, and prove it disjoint from eval.
 
-Run ``python -m prompts.build_datasets`` after editing ``prompts/train/pieces.json``;
+Run ``python -m prompts.build_datasets`` after editing ``prompts/train/pieces.json`` or
+``prompts/train/written.jsonl``;
 ``--check`` only verifies that the committed file is up to date (used by the tests).
 
 Every training entry is one hand-written scenario (84 of them, 12 domains) told in one of several
@@ -8,6 +9,10 @@ customer tones: angry/polite/confused/anxious wrap the scenario in hand-written 
 terse and non-native English have their own hand-written wording. About half the entries continue
 for one to three more exchanges (agent reply, customer reply) chosen from the scenario's intent
 family, so multi-turn prompts end, like every entry, with the customer's turn to answer.
+
+``written.jsonl`` adds 360 conversations written whole, one situation each (31 domains, 60 % of them
+multi-turn): free-form customer messages, unlike the templated ones, in the style real
+customers write. They follow the templated rows in the output.
 
 The evaluation set (``prompts/eval/conversations.jsonl``) is written by hand, not generated; the
 builder refuses to write a training file that repeats or closely paraphrases any of its customer
@@ -27,6 +32,7 @@ from typing import Any
 
 PROMPTS_DIR = Path(__file__).resolve().parent
 PIECES_PATH = PROMPTS_DIR / "train" / "pieces.json"
+WRITTEN_PATH = PROMPTS_DIR / "train" / "written.jsonl"
 TRAIN_PATH = PROMPTS_DIR / "train" / "conversations.jsonl"
 EVAL_PATH = PROMPTS_DIR / "eval" / "conversations.jsonl"
 
@@ -118,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--check", action="store_true", help="fail if the committed file is stale")
     args = parser.parse_args(argv)
-    train = build_train(json.loads(PIECES_PATH.read_text(encoding="utf-8")))
+    train = build_train(json.loads(PIECES_PATH.read_text(encoding="utf-8"))) + read_jsonl(WRITTEN_PATH)
     eval_rows = read_jsonl(EVAL_PATH)
     check_rows(train, "train")
     check_rows(eval_rows, "eval")
