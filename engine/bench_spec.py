@@ -121,7 +121,7 @@ def under_load(
             params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
             tokens = dict.fromkeys(engines, 0)
             seconds = dict.fromkeys(engines, 0.0)
-            drafts = engines["on"].stats().spec_num_drafts
+            drafts_before = engines["on"].stats().spec_num_drafts
             for rep in range(reps):
                 for key in ("on", "off") if rep % 2 == 0 else ("off", "on"):
                     llm = engines[key]
@@ -132,7 +132,7 @@ def under_load(
             on, off = tokens["on"] / seconds["on"], tokens["off"] / seconds["off"]
             rows.append(Row(f"{n} concurrent, speculation on vs off (alternating runs)", on, off,
                             "speculation off", "tok/s", ">= 1x" if n == 16 else ""))  # fmt: skip
-            drafts = (engines["on"].stats().spec_num_drafts - drafts) / reps
+            drafts = (engines["on"].stats().spec_num_drafts - drafts_before) / reps
             rows.append(Row(f"  speculative verifications per run, {n} concurrent", drafts, None, "", "verify"))
     finally:
         for llm in engines.values():

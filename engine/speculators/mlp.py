@@ -42,6 +42,7 @@ _CONFIG_KEYS = (
     "scale_input",
     "tie_to_base",
 )
+_OWN_KEYS = ("base_checksum", "draft_heads")  # ours, beyond the published config
 _PREFIX = "speculator."
 
 
@@ -53,6 +54,8 @@ class MLPSpeculatorConfig:
     head; left empty it is IBM's [5, 4, 3] (cut or extended with 2s to n_predict).
     tie_to_base: emb_i and head_i are the base model's input embedding and LM head (not saved; re-tied by
     `from_pretrained(path, base_model)`); `base_checksum` fingerprints that embedding to catch a wrong base.
+    draft_heads: > 0 gives each head its own trained [draft_heads, inner_dim] rows over a draft vocabulary
+    of that size (saved as `draft_head.i`; started from the base head's rows) instead of the base's rows.
     """
 
     vocab_size: int
@@ -65,6 +68,7 @@ class MLPSpeculatorConfig:
     scale_input: bool = False
     tie_to_base: bool = False
     base_checksum: float | None = None
+    draft_heads: int = 0
 
     def __post_init__(self) -> None:
         if not self.top_k_tokens_per_head:
@@ -79,6 +83,8 @@ class MLPSpeculatorConfig:
             )
         if self.tie_weights and self.n_predict < 2:
             raise ValueError("tie_weights needs n_predict >= 2 (nothing to share with one head)")
+        if self.draft_heads and (self.tie_weights or not self.tie_to_base):
+            raise ValueError("draft_heads needs tie_to_base and separate heads (no tie_weights)")
         if self.tie_to_base and self.dim != self.emb_dim:
             raise ValueError(f"tie_to_base needs inner_dim == emb_dim (the base hidden size), got {self.inner_dim}")
 
@@ -88,14 +94,14 @@ class MLPSpeculatorConfig:
         return self.inner_dim or self.emb_dim
 
     def to_hf_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in asdict(self).items() if k in (*_CONFIG_KEYS, "base_checksum")}
+        d = {k: v for k, v in asdict(self).items() if k in (*_CONFIG_KEYS, "base_checksum") or (k in _OWN_KEYS and v)}
         return {"architectures": ["MLPSpeculatorPreTrainedModel"], "model_type": "mlp_speculator", **d}
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> MLPSpeculatorConfig:
         if d.get("model_type", "mlp_speculator") != "mlp_speculator":
             raise ValueError(f"not an mlp_speculator config: model_type={d.get('model_type')!r}")
-        keys = {k: d[k] for k in (*_CONFIG_KEYS, "base_checksum") if k in d}
+        keys = {k: d[k] for k in (*_CONFIG_KEYS, *_OWN_KEYS) if k in d}
         return cls(**keys)
 
 
@@ -146,6 +152,8 @@ class MLPSpeculator(nn.Module):
         self.packed_heads: list[PackedLinear] = []
         self.emb = None if config.tie_to_base else shared(lambda: nn.Embedding(v, d), n)
         self.head = None if config.tie_to_base else shared(lambda: nn.Linear(d, v, bias=False), n)
+        rows = config.draft_heads
+        self.draft_head = nn.ParameterList([torch.zeros(rows, d) for _ in range(n)]) if rows else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -184,7 +192,14 @@ class MLPSpeculator(nn.Module):
         return F.embedding(token_ids, self.base_emb)
 
     def restrict_vocab(self, token_ids: torch.Tensor) -> None:
-        """Score only these tokens from now on (see draft_vocab.py): float32 copies of their head rows."""
+        """Score only these tokens from now on (see draft_vocab.py): float32 copies of their head rows, or
+        the speculator's own trained rows (config.draft_heads), which must be for exactly these tokens."""
+        self.packed_heads = []
+        if self.draft_head is not None:
+            if len(token_ids) != self.config.draft_heads:
+                raise ValueError(f"{len(token_ids)} draft tokens for heads trained on {self.config.draft_heads}")
+            self.draft_heads, self.draft_vocab = list(self.draft_head), token_ids.to(self.draft_head[0].device)
+            return
         weights: list[torch.Tensor] = []
         for i in range(self.n_predict):
             w = self.head[i].weight if self.head is not None else self.base_head
@@ -193,7 +208,13 @@ class MLPSpeculator(nn.Module):
         rows: dict[int, torch.Tensor] = {}  # tied heads share one copy
         self.draft_heads = [rows.setdefault(id(w), w.detach()[token_ids].float()) for w in weights]
         self.draft_vocab = token_ids.to(weights[0].device)
-        self.packed_heads = []
+
+    def init_draft_heads(self) -> None:
+        """Start the own draft heads at the base head's rows of the draft vocabulary (after restrict_vocab)."""
+        assert self.draft_head is not None and self.draft_vocab is not None and self.base_head is not None
+        with torch.no_grad():
+            for p in self.draft_head:
+                p.copy_(self.base_head[self.draft_vocab].float())
 
     def pack_for_cpu(self) -> bool:
         """Inference on a bf16 CPU: projections and draft-vocabulary heads prepacked for oneDNN in bf16.

@@ -167,6 +167,30 @@ def test_tie_to_base_saves_only_projections_and_norms(tmp_path: Path) -> None:
     torch.testing.assert_close(again.logits(0, again.step(0, z, toks)), state @ base.model.embed_tokens.weight.T)
 
 
+def test_own_draft_heads_start_at_the_base_rows_and_round_trip(tmp_path: Path) -> None:
+    base, vocab = TinyBase(0), torch.tensor([5, 1, 9, 30, 2, 17])
+    config = MLPSpeculatorConfig(vocab_size=V, emb_dim=E, n_predict=3, tie_to_base=True, draft_heads=len(vocab))
+    spec = MLPSpeculator(config)
+    spec.tie_to_base(base)
+    spec.restrict_vocab(vocab)
+    spec.init_draft_heads()
+    z, toks = torch.randn(2, E), torch.randint(0, V, (2,))
+    with torch.no_grad():
+        state = spec.step(0, z, toks)
+        torch.testing.assert_close(spec.logits(0, state), state @ base.model.embed_tokens.weight[vocab].T)
+        spec.draft_head[1].add_(1.0)  # as if trained: head 1 no longer reads the base rows
+    spec.save_pretrained(tmp_path / "own")
+    assert json.loads((tmp_path / "own" / "config.json").read_text())["draft_heads"] == 6
+    assert "speculator.draft_head.1" in load_file(str(tmp_path / "own" / "model.safetensors"))
+    again = MLPSpeculator.from_pretrained(tmp_path / "own", base_model=base)
+    again.restrict_vocab(vocab)
+    with torch.no_grad():
+        for i in range(3):
+            torch.testing.assert_close(again.logits(i, again.step(i, z, toks)), spec.logits(i, spec.step(i, z, toks)))
+    with pytest.raises(ValueError, match="draft tokens"):
+        again.restrict_vocab(vocab[:5])
+
+
 @torch.no_grad()
 def test_pack_for_cpu_keeps_the_restricted_logits_at_bf16_precision() -> None:
     from engine.models.packed_linear import can_pack

@@ -82,13 +82,20 @@ def test_tiny_end_to_end_run_and_resume(tiny: Path, tmp_path: Path) -> None:
 
 
 def test_held_out_by_whole_scenario() -> None:
-    from engine.speculators.dataset import split_conversations
+    from engine.speculators.dataset import scenario_of, split_conversations
 
     cfg = TrainConfig(max_conversations=80, holdout_every=5)
-    train_set, held = split_conversations(cfg)
-    assert len(train_set) + len(held) == 80 and 0 < len(held) < 40
+    train_set, held, written = split_conversations(cfg)
+    assert len(train_set) + len(held) == 80 and 0 < len(held) < 40 and not written
     seen = {m[0]["content"] for _, m in train_set}
     assert not seen & {m[0]["content"] for _, m in held}
+    # Templated tones of one situation share a scenario; each written conversation is its own.
+    assert scenario_of("train-retail-00-angry") == scenario_of("train-retail-00-polite") == "train-retail-00"
+    assert scenario_of("written-a-001") != scenario_of("written-a-002")
+    train_set, held, written = split_conversations(TrainConfig(holdout_every=10))
+    assert 30 <= len(written) <= 40 and not {m[0]["content"] for _, m in train_set} & {
+        m[0]["content"] for _, m in written
+    }
 
 
 def test_synthetic_briefs_and_cleaning() -> None:
