@@ -130,13 +130,11 @@ def main(argv: list[str] | None = None) -> None:
         rows += turn5_ttft(llm, convs, max_tokens=48)
         rows += concurrent(llm, hf, prompts[: args.concurrency], args.max_tokens)
     llm.shutdown()
-    if args.suite == "load":
-        from engine import bench_spec
+    from engine import bench_spec
 
+    if args.suite == "load":
         rows += bench_spec.under_load(path, args.dtype, args.threads, prompts, args.max_tokens)
     if args.suite in ("spec", "all"):
-        from engine import bench_spec
-
         rows += bench_spec.run(path, args.dtype, args.threads, prompts, args.max_tokens, hf, args.spec_prompts)
     header = (f"engine.bench: {Path(path).name}, {args.dtype}, {args.threads} threads, "
               f"{args.max_tokens} new tokens, torch {torch.__version__}")  # fmt: skip

@@ -201,12 +201,12 @@ def train(cfg: TrainConfig) -> dict[str, object]:
     init_norms_from_base(spec, loaded.model)
     if cfg.draft_vocab_size:
         spec.restrict_vocab(torch.tensor(vocab, dtype=torch.long))
-    heads = list(spec.draft_head) if spec.draft_head is not None else []
-    if heads:
+    if spec.draft_head is not None:
         spec.init_draft_heads()
     params = [p for p in spec.parameters() if p.requires_grad]
-    mlp = [p for p in params if all(p is not h for h in heads)]
-    groups = [{"params": mlp, "lr_scale": 1.0}]
+    trainable = [(k, p) for k, p in spec.named_parameters() if p.requires_grad]
+    heads = [p for k, p in trainable if k.startswith("draft_head.")]
+    groups = [{"params": [p for k, p in trainable if not k.startswith("draft_head.")], "lr_scale": 1.0}]
     if heads:
         groups.append({"params": heads, "lr_scale": 0.1, "weight_decay": 0.0})
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1)
