@@ -5,6 +5,7 @@ Conversations come from prompts/eval (never used to train the speculator).
 
     python -m engine.bench                      # default model, bf16, 2 threads
     python -m engine.bench --dtype float32 --max-tokens 64 --out bench.json
+    python -m engine.bench --device cuda        # the same suite on a GPU (transformers on the GPU too)
 """
 
 from __future__ import annotations
@@ -98,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default=None, help="path or hub id (default: built-in SmolLM2-135M-Instruct)")
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="both engines run here")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--num-prompts", type=int, default=3, help="single-stream prompts")
     ap.add_argument("--spec-prompts", type=int, default=12, help="single-stream prompts of the speculation suite")
@@ -116,8 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     from engine.models.default_model import default_model_path
 
     path = args.model or str(default_model_path())
-    llm = LLM(model=path, dtype=args.dtype, device="cpu", num_threads=args.threads, speculator=None)
-    hf = TransformersBaseline(path, getattr(torch, args.dtype))
+    llm = LLM(model=path, dtype=args.dtype, device=args.device, num_threads=args.threads, speculator=None)
+    hf = TransformersBaseline(path, getattr(torch, args.dtype), args.device)
     convs = _eval_conversations()
     count = max(args.concurrency, args.spec_prompts, args.num_prompts)
     prompts = [llm.encode(m) for m in _first_user_turns(convs, count)]
@@ -133,10 +135,12 @@ def main(argv: list[str] | None = None) -> None:
     from engine import bench_spec
 
     if args.suite == "load":
-        rows += bench_spec.under_load(path, args.dtype, args.threads, prompts, args.max_tokens)
+        rows += bench_spec.under_load(path, args.dtype, args.threads, prompts, args.max_tokens, device=args.device)
     if args.suite in ("spec", "all"):
-        rows += bench_spec.run(path, args.dtype, args.threads, prompts, args.max_tokens, hf, args.spec_prompts)
-    header = (f"engine.bench: {Path(path).name}, {args.dtype}, {args.threads} threads, "
+        rows += bench_spec.run(path, args.dtype, args.threads, prompts, args.max_tokens, hf, args.spec_prompts,
+                               device=args.device)  # fmt: skip
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{args.threads} threads"
+    header = (f"engine.bench: {Path(path).name}, {args.dtype}, {where}, "
               f"{args.max_tokens} new tokens, torch {torch.__version__}")  # fmt: skip
     table = print_table(rows, header)
     result = {"args": vars(args), "table": table,

@@ -11,20 +11,29 @@ import torch
 class TransformersBaseline:
     """transformers `generate` (one request at a time) and `generate_batch` (its continuous batching)."""
 
-    def __init__(self, path: str, dtype: torch.dtype) -> None:
+    def __init__(self, path: str, dtype: torch.dtype, device: str = "cpu") -> None:
         from transformers import AutoModelForCausalLM
 
-        self.model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        self.device = torch.device(device)
+        model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        self.model = model.to(self.device).eval()
+
+    def _sync(self) -> None:
+        # CUDA runs asynchronously: a timer read before the queued kernels finish measures nothing.
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
     def generate(self, prompt_ids: list[int], max_new_tokens: int) -> float:
         """Seconds to produce exactly max_new_tokens tokens greedily (EOS ignored)."""
-        ids = torch.tensor([prompt_ids])
+        ids = torch.tensor([prompt_ids], device=self.device)
+        self._sync()
         start = time.perf_counter()
         self.model.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
             min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0,
         )  # fmt: skip
+        self._sync()
         return time.perf_counter() - start
 
     def decode_tokens_per_s(self, prompt_ids: list[int], max_new_tokens: int) -> float:
@@ -35,13 +44,15 @@ class TransformersBaseline:
 
     def prompt_lookup_tokens_per_s(self, prompt_ids: list[int], max_new_tokens: int) -> float:
         """transformers' assisted generation with prompt lookup (its training-free speculation)."""
-        ids = torch.tensor([prompt_ids])
+        ids = torch.tensor([prompt_ids], device=self.device)
+        self._sync()
         start = time.perf_counter()
         with torch.inference_mode():
             self.model.generate(
                 ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                 min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0, prompt_lookup_num_tokens=10,
             )  # fmt: skip
+        self._sync()
         return max_new_tokens / (time.perf_counter() - start)
 
     def generate_batch_tokens_per_s(self, prompts: list[list[int]], max_new_tokens: int) -> float | None:
@@ -55,6 +66,7 @@ class TransformersBaseline:
         try:
             start = time.perf_counter()
             outs = self.model.generate_batch(inputs=prompts, generation_config=cfg, progress_bar=False)
+            self._sync()
             elapsed = time.perf_counter() - start
         except Exception as exc:  # its paged attention path is CUDA-first; report instead of dying
             print(f"  transformers generate_batch unavailable: {type(exc).__name__}: {exc}")

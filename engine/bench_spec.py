@@ -26,16 +26,25 @@ VARIANTS: dict[str, tuple[str | None, int | None]] = {
 }
 
 
-def _engine(path: str, dtype: str, threads: int, speculator: str | None, width: int | None = None) -> LLM:
+def _engine(
+    path: str, dtype: str, threads: int, speculator: str | None, width: int | None = None, device: str = "cpu"
+) -> LLM:
     from engine.speculation import DEFAULT_SPECULATOR_DIR
 
     spec = str(DEFAULT_SPECULATOR_DIR) if speculator == "default-mlp" else speculator
-    return LLM(model=path, dtype=dtype, device="cpu", num_threads=threads, speculator=spec, kv_cache_memory_gib=0.5,
-               spec_tree_width=width)  # fmt: skip
+    return LLM(model=path, dtype=dtype, device=device, num_threads=threads, speculator=spec,
+               kv_cache_memory_gib=0.5, spec_tree_width=width)  # fmt: skip
 
 
 def run(
-    path: str, dtype: str, threads: int, prompts: list[list[int]], max_tokens: int, hf: Any, num_single: int = 12
+    path: str,
+    dtype: str,
+    threads: int,
+    prompts: list[list[int]],
+    max_tokens: int,
+    hf: Any,
+    num_single: int = 12,
+    device: str = "cpu",
 ) -> list[Row]:
     """Every row of the suite. Acceptance varies a lot from conversation to conversation (1.3 to 3.5 tokens
     per step), so the single-stream rows average `num_single` of them; the slow side rows (transformers
@@ -47,10 +56,10 @@ def run(
     lookup = sum(hf.prompt_lookup_tokens_per_s(ids, max_tokens) for ids in few) / len(few)
     e2e = sum(max_tokens / hf.generate(ids, max_tokens) for ids in few) / len(few)
     rows.append(Row("transformers prompt lookup (end to end)", lookup, e2e, "transformers generate (e2e)", "tok/s"))
-    cpp = _llama_cpp_rate(single, max_tokens, threads)
+    cpp = _llama_cpp_rate(single, max_tokens, threads) if device == "cpu" else None
     reference: list[list[int]] | None = None
     for name, (speculator, width) in VARIANTS.items():
-        llm = _engine(path, dtype, threads, speculator, width)
+        llm = _engine(path, dtype, threads, speculator, width, device)
         try:
             llm.generate(single[:1], SamplingParams(max_tokens=8))  # warm-up
             outs = [llm.generate([ids], params)[0] for ids in single]
@@ -78,17 +87,19 @@ def run(
                                 None, "", "% of a step"))  # fmt: skip
         finally:
             llm.shutdown()
-    rows += under_load(path, dtype, threads, prompts, max_tokens)
-    rows += exactness_float32(path, threads, few, max_tokens)
+    rows += under_load(path, dtype, threads, prompts, max_tokens, device=device)
+    rows += exactness_float32(path, threads, few, max_tokens, device)
     return rows
 
 
-def exactness_float32(path: str, threads: int, prompts: list[list[int]], max_tokens: int) -> list[Row]:
+def exactness_float32(
+    path: str, threads: int, prompts: list[list[int]], max_tokens: int, device: str = "cpu"
+) -> list[Row]:
     """The exactness claim, in float32 (bf16 batch shapes change rounding): every variant vs plain."""
     params = SamplingParams(max_tokens=max_tokens)
     outputs: dict[str, list[list[int]]] = {}
     for name, (speculator, width) in VARIANTS.items():
-        llm = _engine(path, "float32", threads, speculator, width)
+        llm = _engine(path, "float32", threads, speculator, width, device)
         try:
             outputs[name] = [o.token_ids for o in llm.generate(prompts, params)]
         finally:
@@ -102,7 +113,7 @@ def exactness_float32(path: str, threads: int, prompts: list[list[int]], max_tok
 
 
 def under_load(
-    path: str, dtype: str, threads: int, prompts: list[list[int]], max_tokens: int, reps: int = 4
+    path: str, dtype: str, threads: int, prompts: list[list[int]], max_tokens: int, reps: int = 4, device: str = "cpu"
 ) -> list[Row]:
     """8 and 16 concurrent conversations with speculation on (MLP + n-gram) vs off.
 
@@ -112,7 +123,8 @@ def under_load(
     them, and the mirrored order cancels a steady drift. The speculative steps taken under load are reported
     too: where the gate keeps speculation off, both engines run the same plain steps.
     """
-    engines = {"off": _engine(path, dtype, threads, None), "on": _engine(path, dtype, threads, "default")}
+    engines = {"off": _engine(path, dtype, threads, None, device=device),
+               "on": _engine(path, dtype, threads, "default", device=device)}  # fmt: skip
     rows = []
     try:
         for llm in engines.values():

@@ -8,3 +8,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 torch.manual_seed(0)
+
+
+def _run_engines_on(device: str) -> None:
+    """SPECDESK_TEST_DEVICE=cuda re-runs the engine tests on a GPU (the `device` tool's check, never CI):
+    every engine a test builds for the CPU runs there instead, with the backend that device would pick
+    ("auto": Triton on CUDA), so exactness and speculation tests cover the production GPU path."""
+    from engine import config
+
+    post_init = config.EngineConfig.__post_init__
+
+    def moved(self: config.EngineConfig) -> None:
+        if self.device == "cpu":
+            object.__setattr__(self, "device", device)
+            object.__setattr__(self, "attention_backend", "auto")
+        post_init(self)
+
+    config.EngineConfig.__post_init__ = moved  # type: ignore[method-assign]
+
+
+if os.environ.get("SPECDESK_TEST_DEVICE"):
+    _run_engines_on(os.environ["SPECDESK_TEST_DEVICE"])
