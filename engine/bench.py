@@ -23,7 +23,14 @@ from engine.llm import LLM
 from engine.sampling_params import SamplingParams
 
 
-def _eval_conversations() -> list[list[dict[str, str]]]:
+def _eval_conversations(path: str | None = None) -> list[list[dict[str, str]]]:
+    """prompts/eval rendered, or a JSON file holding a list of conversations ([{role, content}, ...] each):
+    the same benchmark on your own chats, or where langchain-core (the templates' renderer) is absent."""
+    if path is not None:
+        convs = json.loads(Path(path).read_text())
+        if not (isinstance(convs, list) and convs and all(isinstance(c, list) and c for c in convs)):
+            raise SystemExit(f"{path}: expected a JSON list of conversations, each a list of messages")
+        return convs
     from prompts.loader import load_conversations
 
     return load_conversations("eval")
@@ -110,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         choices=["core", "spec", "all", "load"],
         help="load: only the speculation on/off comparison at 8 and 16 concurrent conversations",
     )
+    ap.add_argument("--conversations", default=None, help="JSON list of conversations (default: prompts/eval)")
     ap.add_argument("--out", default="bench_engine.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -120,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     path = args.model or str(default_model_path())
     llm = LLM(model=path, dtype=args.dtype, device=args.device, num_threads=args.threads, speculator=None)
     hf = TransformersBaseline(path, getattr(torch, args.dtype), args.device)
-    convs = _eval_conversations()
+    convs = _eval_conversations(args.conversations)
     count = max(args.concurrency, args.spec_prompts, args.num_prompts)
     prompts = [llm.encode(m) for m in _first_user_turns(convs, count)]
     llm.generate(prompts[:2], SamplingParams(max_tokens=8))  # warm-up both engines

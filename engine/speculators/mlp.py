@@ -244,7 +244,8 @@ class MLPSpeculator(nn.Module):
         if self.draft_vocab is not None:
             if self.packed_heads and not torch.is_grad_enabled():
                 return self.packed_heads[i](state.to(torch.bfloat16)).float()
-            return F.linear(state.float(), self.draft_heads[i])
+            rows = self.draft_heads[i]  # trained rows keep the speculator's dtype (bf16 on a GPU)
+            return F.linear(state.to(rows.dtype), rows).float()
         if self.head is not None:
             return self.head[i](state)
         assert self.base_head is not None, "tie_to_base speculator used before tie_to_base(base_model)"
