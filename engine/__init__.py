@@ -1,7 +1,12 @@
 """SpecDesk's in-process LLM engine: paged KV cache, prefix reuse, continuous batching, speculation."""
 
+from typing import TYPE_CHECKING
+
 from engine.outputs import FinishReason, RequestMetrics, RequestOutput, StreamDelta
 from engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from engine.llm import LLM
 
 __all__ = ["LLM", "FinishReason", "RequestMetrics", "RequestOutput", "SamplingParams", "StreamDelta"]
 

@@ -11,9 +11,12 @@ import functools
 import io
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 FAMILIES = ["llama", "mistral", "qwen2", "granite", "gpt_bigcode"]
 
@@ -104,7 +107,7 @@ def _config(family: str, tokenizer: Any, overrides: dict[str, Any]) -> Any:
 
 
 @torch.no_grad()
-def _perturb(model: torch.nn.Module, seed: int, eos_token_id: int) -> None:
+def _perturb(model: PreTrainedModel, seed: int, eos_token_id: int) -> None:
     # transformers initialises biases to 0 and norm weights to 1; randomise them so loading bugs show.
     gen = torch.Generator().manual_seed(seed + 1)
     for name, param in model.named_parameters():

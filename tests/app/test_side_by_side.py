@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -36,7 +37,7 @@ def test_both_sides_stream_concurrently_and_match(llm: LLM) -> None:
 
 
 def test_closing_the_race_aborts_both(llm: LLM) -> None:
-    race = compare(llm, "Tell me a long story about refunds", max_tokens=4000)
+    race = cast(Generator[Comparison], compare(llm, "Tell me a long story about refunds", max_tokens=4000))
     next(race)
     race.close()
     wait_engine_idle(llm)

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Generator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import pytest
 import torch
 
-from engine import LLM, FinishReason, SamplingParams
+from engine import LLM, FinishReason, SamplingParams, StreamDelta
 from tests.tiny_models import FAMILIES, make_tiny_model
+
+if TYPE_CHECKING:
+    from transformers import GenerationMixin
+
+    from engine.scheduler import SchedulerOutput
 
 PROMPTS: list[str | list[int]] = [
     "Hello, thank you for contacting customer care. How can I help you today?",
@@ -33,7 +40,7 @@ def hf_greedy(path: Path, prompt_ids: list[int], max_tokens: int) -> list[int]:
     return out[0, len(prompt_ids) :].tolist()
 
 
-_hf_cache: dict[str, object] = {}
+_hf_cache: dict[str, GenerationMixin] = {}
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -74,7 +81,7 @@ def test_greedy_equals_transformers_every_scheduling_path(family_model: Path) ->
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory: pytest.TempPathFactory) -> LLM:
+def llm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LLM]:
     engine = LLM(model=str(make_tiny_model("llama", tmp_path_factory.mktemp("api"))), dtype="float32", device="cpu")
     yield engine
     engine.shutdown()
@@ -106,7 +113,7 @@ def test_an_engine_failure_fails_live_requests_and_serving_continues(llm: LLM) -
     real_schedule = llm.engine.scheduler.schedule
     calls = {"n": 0}
 
-    def flaky() -> object:
+    def flaky() -> SchedulerOutput:
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("injected")
@@ -128,7 +135,10 @@ def test_unknown_model_path_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_closing_a_stream_aborts_and_frees_pages(llm: LLM) -> None:
-    stream = llm.stream("Hello, thank you for contacting", SamplingParams(max_tokens=200, ignore_eos=True))
+    stream = cast(
+        Generator[StreamDelta],
+        llm.stream("Hello, thank you for contacting", SamplingParams(max_tokens=200, ignore_eos=True)),
+    )
     next(stream)
     next(stream)
     stream.close()
@@ -159,7 +169,7 @@ def test_stop_string_cuts_text_and_tokens(llm: LLM) -> None:
     # A stop string that first occurs mid-text (random weights also emit broken bytes: avoid those).
     starts = [i for i in range(2, len(full.text) - 3) if "\ufffd" not in full.text[i : i + 2]]
     stop = next(full.text[i : i + 2] for i in starts if full.text.index(full.text[i : i + 2]) == i)
-    cut = llm.generate(["Hello, thank you"], SamplingParams(max_tokens=30, ignore_eos=True, stop=[stop]))[0]
+    cut = llm.generate(["Hello, thank you"], SamplingParams(max_tokens=30, ignore_eos=True, stop=(stop,)))[0]
     assert cut.finish_reason == FinishReason.STOP
     assert cut.text == full.text[: full.text.index(stop)]
     assert cut.token_ids == full.token_ids[: len(cut.token_ids)] and len(cut.token_ids) < 30

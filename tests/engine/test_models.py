@@ -56,7 +56,11 @@ class PagedRunner:
 
     def step(self, batch: list[tuple[int, list[int]]], tree_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Run new tokens of several sequences in one forward; returns each sequence's logits [q, vocab]."""
-        input_ids, positions, slots, seq_lens, query_lens = [], [], [], [], []
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        seq_lens: list[int] = []
+        query_lens: list[int] = []
         for seq_id, tokens in batch:
             start = self.lens.get(seq_id, 0)
             table = self.tables.setdefault(seq_id, [])

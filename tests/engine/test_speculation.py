@@ -18,7 +18,12 @@ from engine.speculators.mlp import MLPSpeculator, MLPSpeculatorConfig
 from tests.tiny_models import make_tiny_model
 
 REPETITIVE = "Your order 48213 ships today. Your order 48213 ships today. Your order 48213 ships"
-PROMPTS = [REPETITIVE, "Hello, thank you for contacting customer care.", "My order", [5, 17, 42, 8, 99]]
+PROMPTS: list[str | list[int]] = [
+    REPETITIVE,
+    "Hello, thank you for contacting customer care.",
+    "My order",
+    [5, 17, 42, 8, 99],
+]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +43,7 @@ def mlp_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def outputs(model_dir: Path, speculator: str | None, params: SamplingParams, **kw: object) -> list[list[int]]:
-    llm = LLM(model=str(model_dir), dtype="float32", device="cpu", speculator=speculator, spec_max_batch_size=16, **kw)  # type: ignore[arg-type]
+    llm = LLM(model=str(model_dir), dtype="float32", device="cpu", speculator=speculator, spec_max_batch_size=16, **kw)
     try:
         outs = llm.generate(PROMPTS, params)
         if speculator is not None:
@@ -112,7 +117,7 @@ def test_stop_and_max_tokens_inside_an_accepted_run(model_dir: Path) -> None:
     try:
         full = llm.generate([REPETITIVE], SamplingParams(max_tokens=40, ignore_eos=True))[0]
         stop = full.text[len(full.text) // 2 :][:3]
-        cut = llm.generate([REPETITIVE], SamplingParams(max_tokens=40, ignore_eos=True, stop=[stop]))[0]
+        cut = llm.generate([REPETITIVE], SamplingParams(max_tokens=40, ignore_eos=True, stop=(stop,)))[0]
         assert cut.text == full.text[: full.text.index(stop)]
         assert cut.token_ids == full.token_ids[: len(cut.token_ids)]
     finally:

@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 from pathlib import Path
+from typing import cast
 
 import pytest
 import torch
@@ -144,6 +145,11 @@ class TinyBase(nn.Module):
         nn.init.normal_(self.model.embed_tokens.weight, generator=torch.Generator().manual_seed(seed))
         self.lm_head = None
 
+    @property
+    def embed_weight(self) -> torch.Tensor:
+        """`model.embed_tokens.weight`, typed (attributes set on a plain nn.Module read as `Tensor | Module`)."""
+        return cast(nn.Embedding, self.model.embed_tokens).weight
+
 
 def test_tie_to_base_saves_only_projections_and_norms(tmp_path: Path) -> None:
     base = TinyBase(0)
@@ -164,7 +170,7 @@ def test_tie_to_base_saves_only_projections_and_norms(tmp_path: Path) -> None:
     again = MLPSpeculator.from_pretrained(tmp_path / "tied", base_model=base)
     z, toks = torch.randn(2, E), torch.randint(0, V, (2,))
     state = spec.step(0, spec.scale(z), toks)
-    torch.testing.assert_close(again.logits(0, again.step(0, z, toks)), state @ base.model.embed_tokens.weight.T)
+    torch.testing.assert_close(again.logits(0, again.step(0, z, toks)), state @ base.embed_weight.T)
 
 
 def test_own_draft_heads_start_at_the_base_rows_and_round_trip(tmp_path: Path) -> None:
@@ -177,8 +183,9 @@ def test_own_draft_heads_start_at_the_base_rows_and_round_trip(tmp_path: Path) -
     z, toks = torch.randn(2, E), torch.randint(0, V, (2,))
     with torch.no_grad():
         state = spec.step(0, z, toks)
-        torch.testing.assert_close(spec.logits(0, state), state @ base.model.embed_tokens.weight[vocab].T)
-        spec.draft_head[1].add_(1.0)  # as if trained: head 1 no longer reads the base rows
+        torch.testing.assert_close(spec.logits(0, state), state @ base.embed_weight[vocab].T)
+        draft_head = cast(nn.ParameterList, spec.draft_head)  # not None: config.draft_heads > 0
+        draft_head[1].add_(1.0)  # as if trained: head 1 no longer reads the base rows
     spec.save_pretrained(tmp_path / "own")
     assert json.loads((tmp_path / "own" / "config.json").read_text())["draft_heads"] == 6
     assert "speculator.draft_head.1" in load_file(str(tmp_path / "own" / "model.safetensors"))
