@@ -61,7 +61,10 @@ def run(
     for name, (speculator, width) in VARIANTS.items():
         llm = _engine(path, dtype, threads, speculator, width, device)
         try:
-            llm.generate(single[:1], SamplingParams(max_tokens=8))  # warm-up
+            # Warm-up at full length (on a GPU, Triton compiles a kernel per new tree shape on first use),
+            # then forget its reply: no timed conversation may find its own reply in the n-gram store.
+            llm.generate(prompts[num_single : num_single + 1] or single[:1], params)
+            llm.forget_replies()
             outs = [llm.generate([ids], params)[0] for ids in single]
             rate = sum(o.metrics.decode_tokens_per_s for o in outs) / len(outs)
             steps = sum(o.metrics.num_decode_steps for o in outs)
@@ -121,22 +124,25 @@ def under_load(
     this shared machine drifts by tens of percent within minutes (the same plain run measured 111 and 164
     tok/s ten minutes apart), which one run per engine, minutes apart, would report as a difference between
     them, and the mirrored order cancels a steady drift. The speculative steps taken under load are reported
-    too: where the gate keeps speculation off, both engines run the same plain steps.
+    too: where the gate keeps speculation off, both engines run the same plain steps. Every run repeats
+    the same conversations, so the n-gram store is emptied before each: a run may not look up the replies
+    of an earlier identical one (pessimistic for a long-running server, whose store holds other chats).
     """
     engines = {"off": _engine(path, dtype, threads, None, device=device),
                "on": _engine(path, dtype, threads, "default", device=device)}  # fmt: skip
     rows = []
     try:
-        for llm in engines.values():
-            llm.generate(prompts[:2], SamplingParams(max_tokens=8))  # warm-up
         for n in (8, 16):
             params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+            for llm in engines.values():
+                llm.generate(prompts[:n], params)  # warm-up at the timed shapes (GPU: Triton compiles)
             tokens = dict.fromkeys(engines, 0)
             seconds = dict.fromkeys(engines, 0.0)
             drafts_before = engines["on"].stats().spec_num_drafts
             for rep in range(reps):
                 for key in ("on", "off") if rep % 2 == 0 else ("off", "on"):
                     llm = engines[key]
+                    llm.forget_replies()
                     start = time.perf_counter()
                     outs = llm.generate(prompts[:n], params)
                     seconds[key] += time.perf_counter() - start

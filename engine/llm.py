@@ -167,6 +167,14 @@ class LLM:
             self._inbox.append(("reset", None))
             self._cv.notify()
 
+    def forget_replies(self) -> None:
+        """Drop the finished replies the n-gram speculator looks up (a no-op without one): served text
+        leaves memory, and a benchmark run cannot be sped up by the replies of an earlier identical run.
+        Takes effect before the engine's next step; output never depends on it, only speed."""
+        with self._cv:
+            self._inbox.append(("forget", None))
+            self._cv.notify()
+
     def shutdown(self) -> None:
         with self._cv:
             self._closed = True
@@ -204,6 +212,10 @@ class LLM:
                 self._deliver(delta)
         elif kind == "reset":
             self.engine.block_manager.reset_prefix_cache()
+        elif kind == "forget":
+            spec = self.engine.speculation
+            if spec is not None and spec.ngram is not None:
+                spec.ngram.clear_replies()
 
     def _deliver(self, delta: StreamDelta) -> None:
         for fn in self._listeners:

@@ -273,11 +273,15 @@ def end_to_end(model: str | None, max_tokens: int, speculator: str | None) -> li
             rows.append({"backend": backend, "error": f"{type(exc).__name__}: {exc}"})
             continue
         try:
-            llm.generate([PROMPT], SamplingParams(max_tokens=8, ignore_eos=True))  # compile/warm up
+            for num_prompts in (1, 16):  # compile/warm up at the timed shapes
+                llm.generate([f"Warm-up {i}" for i in range(num_prompts)], SamplingParams(max_tokens=max_tokens))
             for speculate in (False, True):
                 for num_prompts in (1, 16):
                     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, speculate=speculate)
                     prompts = [f"{PROMPT} (ticket {i})" for i in range(num_prompts)]
+                    # Every run repeats the prompts of the one before: without this the n-gram speculator
+                    # would look up the earlier run's identical replies.
+                    llm.forget_replies()
                     start = time.perf_counter()
                     outs = llm.generate(prompts, params)
                     wall = time.perf_counter() - start

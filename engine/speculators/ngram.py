@@ -86,6 +86,11 @@ class NgramSpeculator:
         while len(self._replies) > self.max_replies:
             self._evict_oldest()
 
+    def clear_replies(self) -> None:
+        """Forget every stored reply (running requests keep their own indexes)."""
+        self._replies.clear()
+        self._reply_ends.clear()
+
     @property
     def num_replies(self) -> int:
         return len(self._replies)

@@ -109,6 +109,24 @@ def test_ngram_speculation_takes_several_tokens_per_step(model_dir: Path) -> Non
         llm.shutdown()
 
 
+def test_forget_replies_empties_the_ngram_store_and_changes_only_speed(model_dir: Path) -> None:
+    llm = LLM(model=str(model_dir), dtype="float32", device="cpu", speculator="ngram")
+    try:
+        params = SamplingParams(max_tokens=24, ignore_eos=True)
+        first = llm.generate(["Hello, thank you"], params)[0]
+        speculation = llm.engine.speculation
+        assert speculation is not None and speculation.ngram is not None
+        assert speculation.ngram.num_replies == 1
+        warm = llm.generate(["Hello, thank you"], params)[0]  # its own reply is in the store
+        llm.forget_replies()
+        cold = llm.generate(["Hello, thank you"], params)[0]
+        assert speculation.ngram.num_replies == 1  # cold's reply only: the first two were forgotten
+        assert first.token_ids == warm.token_ids == cold.token_ids
+        assert warm.metrics.num_decode_steps < cold.metrics.num_decode_steps
+    finally:
+        llm.shutdown()
+
+
 def test_stop_and_max_tokens_inside_an_accepted_run(model_dir: Path) -> None:
     plain = outputs(model_dir, None, SamplingParams(max_tokens=37, ignore_eos=True))
     spec = outputs(model_dir, "ngram", SamplingParams(max_tokens=37, ignore_eos=True))

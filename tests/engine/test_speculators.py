@@ -196,6 +196,14 @@ def test_own_draft_heads_start_at_the_base_rows_and_round_trip(tmp_path: Path) -
             torch.testing.assert_close(again.logits(i, again.step(i, z, toks)), spec.logits(i, spec.step(i, z, toks)))
     with pytest.raises(ValueError, match="draft tokens"):
         again.restrict_vocab(vocab[:5])
+    # On a GPU the speculator runs in the model's bf16 (no CPU packing): trained rows and states must agree.
+    half = MLPSpeculator.from_pretrained(tmp_path / "own", base_model=base, dtype=torch.bfloat16)
+    half.restrict_vocab(vocab)
+    with torch.no_grad():
+        for i in range(3):
+            got = half.logits(i, half.step(i, z.bfloat16(), toks))
+            assert got.dtype == torch.float32 and got.shape == (2, 6)
+            torch.testing.assert_close(got, spec.logits(i, spec.step(i, z, toks)), atol=0.1, rtol=0.05)
 
 
 @torch.no_grad()
