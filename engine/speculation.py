@@ -26,6 +26,7 @@ from engine.scheduler import ScheduledSeq
 from engine.sequence import Sequence
 from engine.speculators import draft_vocab
 from engine.speculators.acceptance import Acceptance, accept_greedy, accept_sampled, accepted_tokens
+from engine.speculators.candidates import beam_top_k
 from engine.speculators.candidates import propose as propose_paths
 from engine.speculators.gating import GatingConfig, SpeculationPolicy
 from engine.speculators.mlp import MLPSpeculator
@@ -105,11 +106,14 @@ class SpeculativeDecoder:
         # batch fills the card. On CPU a step's cost grows with every verified token: measured with
         # `python -m engine.bench`, speculation pays at batch 1-2 and costs throughput from batch 8 on.
         max_batch = max_batch_size or (16 if loaded.device.type == "cuda" else 2)
-        self.policy = SpeculationPolicy(GatingConfig(max_tokens=max_tokens, max_batch_size=max_batch))
+        # Candidate paths at most: the speculator's n_candidates, or a fixed width beyond it (a wider beam).
+        pool = max(self.mlp.config.n_candidates, tree_width or 0) if self.mlp else 1
+        gating = GatingConfig(max_tokens=max_tokens, max_batch_size=max_batch, max_candidates=pool)
+        self.policy = SpeculationPolicy(gating)
         # Tree width from measured step costs (CPU: each verified token costs ~4 % of a step at 135M; GPU:
         # nearly free) and retrospective acceptance; see tree_width.py.
         self.step_cost = StepCost(prior=0.04 if loaded.device.type == "cpu" else 0.002)
-        self.width = TreeWidth(self.mlp.config.n_candidates if self.mlp else 1)
+        self.width = TreeWidth(pool)
         self.fixed_width = tree_width
         self.trees: dict[str, DraftTree] = {}
         self.paths: dict[str, tuple[list[list[int]], list[list[int]]]] = {}  # (n-gram, ranked MLP) per tree
@@ -150,7 +154,8 @@ class SpeculativeDecoder:
                     n_cand = self.width.choose(self.step_cost.cost_per_token, n_cand)
                 else:
                     n_cand = min(n_cand, self.fixed_width)
-                cand, _ = propose_paths(self.mlp, hidden, last, n_candidates=n_cand, num_heads=heads)
+                top_k = beam_top_k(self.mlp.config.top_k_tokens_per_head, self.mlp.config.n_candidates, n_cand)
+                cand, _ = propose_paths(self.mlp, hidden, last, top_k, n_candidates=n_cand, num_heads=heads)
                 for s, rows in zip(with_hidden, cand.tolist(), strict=True):
                     ranked = [r[: depth[s.request_id]] for r in rows]
                     paths[s.request_id] += ranked

@@ -19,6 +19,16 @@ import torch.nn.functional as F
 from engine.speculators.mlp import MLPSpeculator
 
 
+def beam_top_k(top_k: list[int], n_candidates: int, width: int) -> list[int]:
+    """Top-k per head for a tree of `width` paths: the speculator's own (IBM's [5, 4, 3]) up to its
+    n_candidates, each k scaled by round((width / n_candidates) ** (1/3)) beyond, so every head widens alike
+    ([10, 8, 6] for 64 paths): a wide tree picks its paths from enough leaves."""
+    if width <= n_candidates:
+        return list(top_k)
+    factor = max(1, round((width / n_candidates) ** (1 / 3)))
+    return [k * factor for k in top_k]
+
+
 @torch.no_grad()
 def propose(
     speculator: MLPSpeculator,

@@ -79,11 +79,15 @@ class TreeWidth:
         """After a verification: `fixed` paths always in the tree (the n-gram draft), `ranked` MLP paths best
         first (the top len(ranked) were verified), `emitted` the accepted tokens plus the base model's own."""
         d = self.decay
-        for m in range(1, min(len(ranked), self.max_candidates) + 1):
-            paths = [*fixed, *ranked[:m]]
+        # The top-m tree grows by one path per m: keep its best match and node set incrementally (a 64-path
+        # tree would otherwise rebuild 64 sets per step).
+        best = max((common_prefix(p, emitted) for p in fixed), default=0)
+        seen = {tuple(p[: i + 1]) for p in fixed for i in range(len(p))}
+        for m, path in enumerate(ranked[: self.max_candidates], start=1):
+            best = max(best, common_prefix(path, emitted))
+            seen.update(tuple(path[: i + 1]) for i in range(len(path)))
             # Capped: a path matching past the verified part of a tree the scheduler cut proves nothing.
-            accepted = min(max(common_prefix(p, emitted) for p in paths), len(emitted) - 1)
-            nodes = len({tuple(p[: i + 1]) for p in paths for i in range(len(p))})
+            accepted, nodes = min(best, len(emitted) - 1), len(seen)
             self._tokens[m] = d * self._tokens[m] + accepted + 1
             self._nodes[m] = d * self._nodes[m] + nodes
             self._weight[m] = d * self._weight[m] + 1

@@ -13,7 +13,7 @@ from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.models.loader import load_model
 from engine.speculators import draft_vocab
-from engine.speculators.candidates import propose
+from engine.speculators.candidates import beam_top_k, propose
 from engine.speculators.mlp import MLPSpeculator, MLPSpeculatorConfig
 from tests.tiny_models import make_tiny_model
 
@@ -63,6 +63,20 @@ def mlp_small_vocab_dir(mlp_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     return out
 
 
+def test_a_fixed_width_beyond_n_candidates_widens_the_beam(model_dir: Path, mlp_dir: Path) -> None:
+    assert beam_top_k([5, 4, 3], 5, 5) == [5, 4, 3] and beam_top_k([5, 4, 3], 5, 1) == [5, 4, 3]
+    assert beam_top_k([5, 4, 3], 5, 64) == [10, 8, 6] and beam_top_k([5, 4, 3], 5, 128) == [15, 12, 9]
+    llm = LLM(model=str(model_dir), dtype="float32", device="cpu", speculator=str(mlp_dir), spec_tree_width=40,
+              spec_max_batch_size=16)  # fmt: skip
+    try:
+        llm.generate(PROMPTS, SamplingParams(max_tokens=16, ignore_eos=True))
+        stats = llm.stats()
+        # IBM's 5 paths of 3 tokens give at most 15 nodes; 40 paths from a [10, 8, 6] beam give far more.
+        assert stats.spec_num_tree_nodes / stats.spec_num_drafts > 15
+    finally:
+        llm.shutdown()
+
+
 def test_restricted_draft_vocabulary_proposes_only_its_tokens(mlp_small_vocab_dir: Path, model_dir: Path) -> None:
     base = load_model(str(model_dir), "float32", "cpu")
     spec = MLPSpeculator.from_pretrained(mlp_small_vocab_dir)
@@ -73,7 +87,9 @@ def test_restricted_draft_vocabulary_proposes_only_its_tokens(mlp_small_vocab_di
     assert set(tokens.flatten().tolist()) <= set(vocab.tolist())
 
 
-@pytest.mark.parametrize("speculator", ["ngram", "mlp", "mlp+ngram", "mlp-small-vocab", "mlp-width-1", "mlp-width-5"])
+@pytest.mark.parametrize(
+    "speculator", ["ngram", "mlp", "mlp+ngram", "mlp-small-vocab", "mlp-width-1", "mlp-width-5", "mlp-width-40"]
+)
 def test_greedy_output_identical_with_speculation(
     model_dir: Path, mlp_dir: Path, mlp_small_vocab_dir: Path, speculator: str
 ) -> None:
@@ -84,8 +100,9 @@ def test_greedy_output_identical_with_speculation(
         "mlp-small-vocab": str(mlp_small_vocab_dir),
         "mlp-width-1": str(mlp_dir),
         "mlp-width-5": str(mlp_dir),
+        "mlp-width-40": str(mlp_dir),  # beyond the speculator's 5 candidates: a wider beam
     }[speculator]
-    width = int(speculator[-1]) if "width" in speculator else None
+    width = int(speculator.rsplit("-", 1)[1]) if "width" in speculator else None
     params = SamplingParams(max_tokens=32, ignore_eos=True)
     assert outputs(model_dir, name, params, spec_tree_width=width) == outputs(model_dir, None, params)
 
