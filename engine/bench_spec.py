@@ -59,26 +59,21 @@ def run(
     params = SamplingParams(max_tokens=max_tokens)
     rows: list[Row] = []
     single, few = prompts[:num_single], prompts[:4]
-    hf_rate = sum(hf.decode_tokens_per_s(ids, max_tokens) for ids in single) / len(single)
     lookup = sum(hf.prompt_lookup_tokens_per_s(ids, max_tokens) for ids in few) / len(few)
     e2e = sum(max_tokens / hf.generate(ids, max_tokens) for ids in few) / len(few)
     rows.append(Row("transformers prompt lookup (end to end)", lookup, e2e, "transformers generate (e2e)", "tok/s"))
     cpp = _llama_cpp_rate(single, max_tokens, threads) if device == "cpu" else None
-    reference: list[list[int]] | None = None
-    for name, (speculator, width) in VARIANTS.items():
-        llm = _engine(path, dtype, threads, speculator, width, device)
-        try:
-            # Warm-up at full length (on a GPU, Triton compiles a kernel per new tree shape on first use),
-            # then forget its reply: no timed conversation may find its own reply in the n-gram store.
-            llm.generate(prompts[num_single : num_single + 1] or single[:1], params)
-            llm.forget_replies()
-            outs = [llm.generate([ids], params)[0] for ids in single]
+    engines = {name: _engine(path, dtype, threads, spec, width, device) for name, (spec, width) in VARIANTS.items()}
+    try:
+        outputs, hf_rates = _interleaved(engines, hf, single, prompts[num_single : num_single + 1], params)
+        hf_rate = sum(hf_rates) / len(hf_rates)
+        reference = [o.token_ids for o in outputs["plain"]]
+        for name, (speculator, _) in VARIANTS.items():
+            outs, llm = outputs[name], engines[name]
             rate = sum(o.metrics.decode_tokens_per_s for o in outs) / len(outs)
             steps = sum(o.metrics.num_decode_steps for o in outs)
             per_step = sum(o.metrics.num_generated_tokens - 1 for o in outs) / max(steps, 1)
-            tokens = [o.token_ids for o in outs]
-            reference = reference or tokens
-            same = sum(a == b for a, b in zip(tokens, reference, strict=True)) / len(tokens)
+            same = sum(o.token_ids == r for o, r in zip(outs, reference, strict=True)) / len(outs)
             rows.append(Row(f"decode, SpecDesk {name}", rate, hf_rate, "transformers generate", "tok/s",
                             ">= 2x plain, >= 3x transformers" if name == "MLP + n-gram" else ""))  # fmt: skip
             rows.append(Row(f"  tokens per base step, {name}", per_step, None, "", "tok/step",
@@ -95,11 +90,36 @@ def run(
                                 "", "nodes"))  # fmt: skip
                 rows.append(Row(f"  measured cost of a verified token, {name}", 100 * st.spec_verify_cost_per_token,
                                 None, "", "% of a step"))  # fmt: skip
-        finally:
+    finally:
+        for llm in engines.values():
             llm.shutdown()
     rows += under_load(path, dtype, threads, prompts, max_tokens, device=device)
     rows += exactness_float32(path, threads, few, max_tokens, device)
     return rows
+
+
+def _interleaved(
+    engines: dict[str, LLM], hf: Any, prompts: list[list[int]], warm: list[list[int]], params: SamplingParams
+) -> tuple[dict[str, list[Any]], list[float]]:
+    """Each conversation through every engine and transformers, in an order rotating by one per
+    conversation: this machine drifts by tens of percent within minutes, which back-to-back blocks of one
+    variant each would report as differences between variants."""
+    for llm in engines.values():
+        # Warm-up at full length (on a GPU, Triton compiles a kernel per new tree shape on first use) on a
+        # conversation outside the timed ones; its reply is then forgotten by the n-gram store.
+        llm.generate(warm or prompts[:1], params)
+        llm.forget_replies()
+    runners = [*engines, "transformers"]
+    outputs: dict[str, list[Any]] = {name: [] for name in engines}
+    hf_rates: list[float] = []
+    for i, ids in enumerate(prompts):
+        shift = i % len(runners)
+        for name in runners[shift:] + runners[:shift]:
+            if name == "transformers":
+                hf_rates.append(hf.decode_tokens_per_s(ids, params.max_tokens))
+            else:
+                outputs[name].append(engines[name].generate([ids], params)[0])
+    return outputs, hf_rates
 
 
 def exactness_float32(
