@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from engine.bench_common import Row, print_table
+from engine.bench_common import Row, aggregate_rate, print_table
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
 
@@ -55,8 +55,7 @@ def single_stream(llm: LLM, hf: Any, prompts: list[list[int]], max_tokens: int) 
                 ours.append(llm.generate([ids], params)[0].metrics.decode_tokens_per_s)
             else:
                 theirs.append(hf.decode_tokens_per_s(ids, max_tokens))
-    mean = sum(ours) / len(ours)
-    base = sum(theirs) / len(theirs)
+    mean, base = aggregate_rate(ours), aggregate_rate(theirs)  # equal token counts: ignore_eos
     return [Row("single-stream decode", mean, base, "transformers generate", "tok/s", ">= 1.5x")]
 
 

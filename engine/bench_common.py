@@ -32,3 +32,11 @@ def print_table(rows: list[Row], header: str) -> str:
     text = "\n".join(lines)
     print(text)
     return text
+
+
+def aggregate_rate(rates: list[float], tokens: list[int] | None = None) -> float:
+    """Total tokens / total time of requests with these rates (tokens each, default equal): what a stream
+    of them achieves. The mean of per-request rates would favour a speculator whose acceptance varies
+    across conversations (a fast request counts as much as a slow one that took twice the time)."""
+    pairs = [(n, r) for n, r in zip(tokens or [1] * len(rates), rates, strict=True) if n > 0 and r > 0]
+    return sum(n for n, _ in pairs) / sum(n / r for n, r in pairs) if pairs else 0.0

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from engine.bench_common import Row
+from engine.bench_common import Row, aggregate_rate
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
 
@@ -66,11 +66,12 @@ def run(
     engines = {name: _engine(path, dtype, threads, spec, width, device) for name, (spec, width) in VARIANTS.items()}
     try:
         outputs, hf_rates = _interleaved(engines, hf, single, prompts[num_single : num_single + 1], params)
-        hf_rate = sum(hf_rates) / len(hf_rates)
+        hf_rate = aggregate_rate(hf_rates)  # every transformers run decodes max_tokens - 1 tokens
         reference = [o.token_ids for o in outputs["plain"]]
         for name, (speculator, _) in VARIANTS.items():
             outs, llm = outputs[name], engines[name]
-            rate = sum(o.metrics.decode_tokens_per_s for o in outs) / len(outs)
+            rate = aggregate_rate([o.metrics.decode_tokens_per_s for o in outs],
+                                  [o.metrics.num_generated_tokens - 1 for o in outs])  # fmt: skip
             steps = sum(o.metrics.num_decode_steps for o in outs)
             per_step = sum(o.metrics.num_generated_tokens - 1 for o in outs) / max(steps, 1)
             same = sum(o.token_ids == r for o, r in zip(outs, reference, strict=True)) / len(outs)
