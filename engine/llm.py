@@ -213,9 +213,7 @@ class LLM:
         elif kind == "reset":
             self.engine.block_manager.reset_prefix_cache()
         elif kind == "forget":
-            spec = self.engine.speculation
-            if spec is not None and spec.ngram is not None:
-                spec.ngram.clear_replies()
+            self.engine.forget_replies()
 
     def _deliver(self, delta: StreamDelta) -> None:
         for fn in self._listeners:

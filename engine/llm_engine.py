@@ -113,6 +113,11 @@ class LLMEngine:
         self.scheduler.add(seq)
         return request_id
 
+    def forget_replies(self) -> None:
+        """Empty the n-gram speculator's store of finished replies (no-op without one)."""
+        if self.speculation is not None and self.speculation.ngram is not None:
+            self.speculation.ngram.clear_replies()
+
     def abort(self, request_id: str) -> StreamDelta | None:
         seq = self.scheduler.abort(request_id)
         return self._finish_delta(seq) if seq is not None else None

@@ -203,8 +203,8 @@ def train(cfg: TrainConfig) -> dict[str, object]:
         spec.restrict_vocab(torch.tensor(vocab, dtype=torch.long))
     if spec.draft_head is not None:
         spec.init_draft_heads()
-    params = [p for p in spec.parameters() if p.requires_grad]
     trainable = [(k, p) for k, p in spec.named_parameters() if p.requires_grad]
+    params = [p for _, p in trainable]
     heads = [p for k, p in trainable if k.startswith("draft_head.")]
     groups = [{"params": [p for k, p in trainable if not k.startswith("draft_head.")], "lr_scale": 1.0}]
     if heads:
