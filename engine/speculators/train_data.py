@@ -213,3 +213,29 @@ def positions_of(seq: TokenSequence, hidden: torch.Tensor, n_predict: int) -> Po
         return Positions(hidden[:0], torch.empty(0, n_predict + 1, dtype=torch.int64))
     windows = tokens[js[:, None] + 1 + torch.arange(n_predict + 1)[None, :]]
     return Positions(hidden[js], windows)
+
+
+def rows_to_end(windows: torch.Tensor) -> torch.Tensor:
+    """For every position, how many rows later the last position of its reply comes (0 at that one).
+
+    A reply's positions are one contiguous run; its last is the one whose head 0 still has a target and whose
+    head 1 has none (IGNORE padding), so this needs n_predict >= 2.
+    """
+    if windows.shape[1] < 3:
+        raise ValueError("reply ends are read from head 1's padding: needs n_predict >= 2")
+    rows = torch.arange(len(windows))
+    ends = torch.where((windows[:, 2] == IGNORE) & (windows[:, 1] != IGNORE), rows, len(windows))
+    next_end = torch.flip(torch.cummin(torch.flip(ends, [0]), 0).values, [0])
+    return next_end - rows
+
+
+def base_distribution(data: Positions, idx: torch.Tensor, ahead: int, to_end: torch.Tensor, head_rows: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The base model's own next-token distribution `ahead` positions after each of idx: softmax of its LM
+    head rows (the draft vocabulary's, or all) at that position's hidden state, [B, rows] float32, and
+    where that position lies within the same reply [B]. For head i (ahead = i + 1) this is the distribution
+    the token head i drafts is verified against, given the reply's actual prefix."""
+    valid = to_end[idx] >= ahead
+    later = torch.where(valid, idx + ahead, idx)
+    logits = data.hidden[later].float() @ head_rows.T
+    return torch.softmax(logits, dim=-1), valid

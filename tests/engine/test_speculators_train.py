@@ -11,7 +11,7 @@ import torch
 from engine.models.loader import load_model
 from engine.speculators import draft_vocab
 from engine.speculators.mlp import MLPSpeculator
-from engine.speculators.train import TrainConfig, lr_factor, parse_args, train
+from engine.speculators.train import TrainConfig, lr_factor, parse_args, train, walk
 from engine.speculators.train_data import IGNORE, HiddenStateExtractor, TokenSequence, positions_of
 from tests.tiny_models import make_tiny_model
 
@@ -37,6 +37,19 @@ def test_positions_pair_each_hidden_state_with_the_tokens_ahead() -> None:
     # Position j reads x_{j+1} and head i targets x_{j+i+2}; j runs from start to L - 3.
     assert pos.hidden[:, 0].tolist() == [1.0, 2.0, 3.0]
     assert pos.windows.tolist() == [[12, 13, 14, 15], [13, 14, 15, IGNORE], [14, 15, IGNORE, IGNORE]]
+
+
+def test_walk_steps_through_each_reply_like_the_engine() -> None:
+    # Two replies, 4 and 3 positions. A step at j emits 1 + accepted[j] tokens and moves to j + 1 + accepted[j];
+    # each reply starts at its own first position (a jump never carries into the next reply).
+    a = positions_of(TokenSequence([1, 2, 3, 4, 5, 6], start=0), torch.zeros(6, 2), n_predict=3)
+    b = positions_of(TokenSequence([7, 8, 9, 10, 11], start=0), torch.zeros(5, 2), n_predict=3)
+    windows = torch.cat([a.windows, b.windows])
+    accepted = torch.tensor([2, 0, 0, 1, 0, 1, 0])
+    # Reply a: j=0 (3 tokens), j=3 (2). Reply b: j=0 (1), j=1 (2). 8 tokens in 4 steps, where the mean over
+    # positions would say 1 + 4/7.
+    assert walk(accepted, windows) == 2.0
+    assert walk(torch.tensor([2, 0, 0, 0, 0, 0, 0]), windows) == pytest.approx(7 / 5)
 
 
 def test_hidden_states_equal_transformers_and_reuse_prefixes(tiny: Path) -> None:
@@ -68,6 +81,7 @@ def test_tiny_end_to_end_run_and_resume(tiny: Path, tmp_path: Path) -> None:
     assert isinstance(held, dict) and set(held) == {"greedy", "sampled"}
     assert len(held["greedy"]["top1_per_head"]) == 3
     assert all(1.0 <= v <= 4.0 for v in held["greedy"]["tree_tokens_per_step"].values())
+    assert all(1.0 <= v <= 4.0 for v in held["greedy"]["walk_tokens_per_step"].values())
     saved = json.loads((tmp_path / "out" / "train_report.json").read_text())
     assert saved["command"].startswith("python -m engine.speculators.train")
     base = load_model(str(tiny), dtype="float32", device="cpu").model
@@ -79,6 +93,11 @@ def test_tiny_end_to_end_run_and_resume(tiny: Path, tmp_path: Path) -> None:
     assert (tmp_path / "work" / "checkpoint.pt").is_file()
     again = train(parse_args([*argv, "--resume", "--stage2-steps", "3"]))
     assert again["positions"] == report["positions"]
+    # --evaluate measures a saved speculator on the same held-out replies without training it.
+    measured = train(parse_args([*argv, "--evaluate", str(tmp_path / "out")]))
+    measured_held = measured["held_out"]
+    assert set(measured) == {"held_out"} and isinstance(measured_held, dict)
+    assert set(measured_held) == {"greedy", "sampled"} and "walk_tokens_per_step" in measured_held["greedy"]
 
 
 def test_held_out_by_whole_scenario() -> None:
