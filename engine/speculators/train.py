@@ -6,13 +6,14 @@
 
 The base model is frozen. Stage 1 trains on text (head i predicts the token i + 2 ahead of the hidden state
 it reads), stage 2 on the base model's own replies to the training conversations (see train_data.py).
-Loss: per-head cross-entropy, summed. AdamW (0.9, 0.95), weight decay 0.1, gradient clip 1.0, IBM's
+Loss: per-head cross-entropy against the base model's own distribution at the drafted position (IBM's
+uses the reply's token; --distill 0), summed. AdamW (0.9, 0.95), weight decay 0.1, gradient clip 1.0, IBM's
 schedule: warmup then cosine to 10 % in stage 1, a restart decaying to 10 % of its peak in stage 2. IBM's
 stage 1 is the long one (5:2); here stage 1 is the training conversations as text and stage 2 the base
 model's own text. For a small base model the speculator's embedding is the base model's own (tie_to_base)
 and each head scores a draft vocabulary with its own rows, started from the base LM head's (train_heads;
-with the frozen base rows instead, held-out written conversations got 2.17 tokens per step, 2.43 with own
-rows, same data and steps). Each base hidden state is computed once per stage and cached.
+with the frozen base rows instead, held-out written conversations got 2.17 tokens per step per position,
+2.43 with own rows, same data and steps). Each base hidden state is computed once per stage and cached.
 Data: see dataset.py (held out: every tenth training scenario; prompts/eval is never read).
 """
 
