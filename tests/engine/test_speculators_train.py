@@ -10,9 +10,17 @@ import torch
 
 from engine.models.loader import load_model
 from engine.speculators import draft_vocab
-from engine.speculators.mlp import MLPSpeculator
-from engine.speculators.train import TrainConfig, lr_factor, parse_args, train, walk
-from engine.speculators.train_data import IGNORE, HiddenStateExtractor, TokenSequence, positions_of
+from engine.speculators.mlp import MLPSpeculator, MLPSpeculatorConfig
+from engine.speculators.train import TrainConfig, head_losses, lr_factor, parse_args, train, walk
+from engine.speculators.train_data import (
+    IGNORE,
+    HiddenStateExtractor,
+    Positions,
+    TokenSequence,
+    base_distribution,
+    positions_of,
+    rows_to_end,
+)
 from tests.tiny_models import make_tiny_model
 
 
@@ -50,6 +58,46 @@ def test_walk_steps_through_each_reply_like_the_engine() -> None:
     # positions would say 1 + 4/7.
     assert walk(accepted, windows) == 2.0
     assert walk(torch.tensor([2, 0, 0, 0, 0, 0, 0]), windows) == pytest.approx(7 / 5)
+
+
+def test_base_distribution_reads_the_hidden_state_ahead_within_the_reply() -> None:
+    a = positions_of(TokenSequence([1, 2, 3, 4, 5, 6], start=0), torch.randn(6, 4), n_predict=3)
+    b = positions_of(TokenSequence([7, 8, 9, 10, 11], start=0), torch.randn(5, 4), n_predict=3)
+    data = Positions.concat([a, b])
+    to_end = rows_to_end(data.windows)
+    assert to_end.tolist() == [3, 2, 1, 0, 2, 1, 0]
+    rows = torch.randn(5, 4)  # a 5-token head
+    idx = torch.tensor([0, 2, 3, 4, 5])
+    probs, valid = base_distribution(data, idx, 1, to_end, rows)
+    assert valid.tolist() == [True, True, False, True, True]  # row 3 ends reply a: nothing after it is a's
+    expected = torch.softmax(data.hidden[torch.tensor([1, 3, 5, 6])].float() @ rows.T, dim=-1)
+    torch.testing.assert_close(probs[valid], expected)
+    _, valid2 = base_distribution(data, idx, 2, to_end, rows)
+    assert valid2.tolist() == [True, False, False, True, False]
+
+
+def test_distillation_loss_is_cross_entropy_against_the_base_distribution() -> None:
+    torch.manual_seed(0)
+    spec = MLPSpeculator(MLPSpeculatorConfig(vocab_size=11, emb_dim=8, n_predict=2))
+    hidden, windows = torch.randn(6, 8), torch.randint(0, 11, (6, 3))
+    windows[5, 2] = IGNORE
+    hard = head_losses(spec, hidden, windows)
+    # One-hot base distributions at the reply's tokens: distillation is exactly the token cross-entropy.
+    one_hot = [(torch.nn.functional.one_hot(windows[:, i + 1].clamp(min=0), 11).float(), windows[:, i + 1] != IGNORE)
+               for i in range(2)]  # fmt: skip
+    for got, want in zip(head_losses(spec, hidden, windows, one_hot, distill=1.0), hard, strict=True):
+        torch.testing.assert_close(got, want)
+    # A uniform base distribution: the loss is the mean of -log_softmax over the vocabulary, whatever the tokens.
+    uniform = [(torch.full((6, 11), 1 / 11), torch.ones(6, dtype=torch.bool)) for _ in range(2)]
+    soft = head_losses(spec, hidden, windows, uniform, distill=1.0)
+    with torch.no_grad():
+        state = spec.step(0, spec.scale(hidden), windows[:, 0])
+        want0 = -torch.log_softmax(spec.logits(0, state).float(), -1).mean(-1).mean()
+    torch.testing.assert_close(soft[0], want0)
+    assert not torch.allclose(soft[0], hard[0])
+    # Half and half is the mean of the two where both exist.
+    mixed = head_losses(spec, hidden, windows, uniform, distill=0.5)
+    torch.testing.assert_close(mixed[0], (soft[0] + hard[0]) / 2)
 
 
 def test_hidden_states_equal_transformers_and_reuse_prefixes(tiny: Path) -> None:
