@@ -74,6 +74,7 @@ class TrainConfig:
     # Weight of the base model's own distribution (self-distillation) against the reply's actual token as
     # each head's target (see head_losses).
     distill: float = 1.0
+    distill_temperature: float = 1.0  # of the base distribution (below 1: sharper, towards greedy's argmax)
     max_conversations: int | None = None
     holdout_every: int = 10
     checkpoint_every: int = 100
@@ -300,7 +301,10 @@ def train(cfg: TrainConfig) -> dict[str, object]:
             )
         soft = None
         if distill:
-            soft = [base_distribution(data, idx, i + 1, to_end[id(data)], base_rows) for i in range(cfg.n_predict)]
+            soft = [
+                base_distribution(data, idx, i + 1, to_end[id(data)], base_rows, cfg.distill_temperature)
+                for i in range(cfg.n_predict)
+            ]
         losses = head_losses(spec, data.hidden[idx], data.windows[idx], soft, distill)
         opt.zero_grad(set_to_none=True)
         sum(losses).backward()  # type: ignore[union-attr]
@@ -367,6 +371,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
     ap.add_argument("--max-conversations", type=int, default=None, help="use only the first N (smoke runs)")
     ap.add_argument("--lr", type=float, default=d.lr)
+    ap.add_argument("--distill-temperature", type=float, default=d.distill_temperature)
     ap.add_argument("--stage2-peak", type=float, default=d.stage2_peak, help="stage 2 peak lr / lr (IBM's: 0.1)")
     ap.add_argument("--sampled-temperature", type=float, default=d.sampled_temperature, help="0 = greedy")
     ap.add_argument("--sampled-top-p", type=float, default=d.sampled_top_p)

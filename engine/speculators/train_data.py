@@ -229,13 +229,13 @@ def rows_to_end(windows: torch.Tensor) -> torch.Tensor:
     return next_end - rows
 
 
-def base_distribution(data: Positions, idx: torch.Tensor, ahead: int, to_end: torch.Tensor, head_rows: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """The base model's own next-token distribution `ahead` positions after each of idx: softmax of its LM
-    head rows (the draft vocabulary's, or all) at that position's hidden state, [B, rows] float32, and
-    where that position lies within the same reply [B]. For head i (ahead = i + 1) this is the distribution
-    the token head i drafts is verified against, given the reply's actual prefix."""
+def base_distribution(data: Positions, idx: torch.Tensor, ahead: int, to_end: torch.Tensor, head_rows: torch.Tensor,
+                      temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The base model's own next-token distribution `ahead` positions after each of idx: softmax (at
+    `temperature`) of its LM head rows (the draft vocabulary's, or all) at that position's hidden state,
+    [B, rows] float32, and where that position lies within the same reply [B]. For head i (ahead = i + 1)
+    this is the distribution the token head i drafts is verified against, given the reply's actual prefix."""
     valid = to_end[idx] >= ahead
     later = torch.where(valid, idx + ahead, idx)
     logits = data.hidden[later].float() @ head_rows.T
-    return torch.softmax(logits, dim=-1), valid
+    return torch.softmax(logits / temperature, dim=-1), valid

@@ -74,6 +74,8 @@ def test_base_distribution_reads_the_hidden_state_ahead_within_the_reply() -> No
     torch.testing.assert_close(probs[valid], expected)
     _, valid2 = base_distribution(data, idx, 2, to_end, rows)
     assert valid2.tolist() == [True, False, False, True, False]
+    sharp, _ = base_distribution(data, idx, 1, to_end, rows, temperature=0.5)
+    torch.testing.assert_close(sharp[valid], torch.softmax(2 * (data.hidden[torch.tensor([1, 3, 5, 6])] @ rows.T), -1))
 
 
 def test_distillation_loss_is_cross_entropy_against_the_base_distribution() -> None:
