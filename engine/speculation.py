@@ -91,12 +91,7 @@ class SpeculativeDecoder:
         if mlp_dir:
             # On CPU the tiny speculator runs in float32: unpacked bf16 matmuls are the slow path there.
             dtype = torch.float32 if loaded.device.type == "cpu" else loaded.dtype
-            self.mlp = MLPSpeculator.from_pretrained(
-                mlp_dir, base_model=loaded.model, dtype=dtype, device=loaded.device
-            )
-            vocab = draft_vocab.load(mlp_dir)
-            if vocab is not None:
-                self.mlp.restrict_vocab(vocab.to(loaded.device))
+            self.mlp = draft_vocab.load_speculator(mlp_dir, loaded.model, dtype, loaded.device)
             if loaded.device.type == "cpu":
                 self.mlp.pack_for_cpu()
         self.ngram = NgramSpeculator() if use_ngram else None

@@ -19,8 +19,14 @@ import json
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from engine.speculators.mlp import MLPSpeculator
 
 FILE_NAME = "draft_vocab.json"
 
@@ -45,6 +51,20 @@ def load(folder: str | Path) -> torch.Tensor | None:
     if not path.is_file():
         return None
     return torch.tensor(json.loads(path.read_text())["token_ids"], dtype=torch.long)
+
+
+def load_speculator(
+    folder: str | Path, base_model: nn.Module, dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> MLPSpeculator:
+    """A speculator folder as the engine serves it: tied to base_model and, where the folder has a draft
+    vocabulary, scoring only those tokens."""
+    from engine.speculators.mlp import MLPSpeculator
+
+    spec = MLPSpeculator.from_pretrained(folder, base_model=base_model, dtype=dtype, device=device)
+    vocab = load(folder)
+    if vocab is not None:
+        spec.restrict_vocab(vocab.to(device))
+    return spec
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -125,15 +125,14 @@ def head_losses(
         target = windows[:, i + 1]
         if columns is not None:
             target = torch.where(target == IGNORE, IGNORE, columns[target.clamp(min=0)])
-        hard = F.cross_entropy(logits, target, ignore_index=IGNORE, reduction="none")
+        loss = F.cross_entropy(logits, target, ignore_index=IGNORE, reduction="none")  # 0 where ignored
         counted = target != IGNORE
         if soft is not None and distill > 0:
             probs, has = soft[i]
-            dist = -(probs * F.log_softmax(logits, dim=-1)).sum(-1)
             weight = has.float() * distill
-            hard = torch.where(counted, (1 - weight) * hard, 0.0) + weight * dist
+            loss = (1 - weight) * loss - weight * (probs * F.log_softmax(logits, dim=-1)).sum(-1)
             counted = counted | has
-        losses.append(hard.sum() / counted.sum().clamp(min=1))
+        losses.append(loss.sum() / counted.sum().clamp(min=1))
     return losses
 
 
@@ -244,10 +243,7 @@ def train(cfg: TrainConfig) -> dict[str, object]:
     loaded = load_model(cfg.model, dtype=cfg.dtype, device="cpu")
     stage1, stage2, held, vocab = build_data(cfg, loaded)
     if cfg.evaluate:
-        saved = MLPSpeculator.from_pretrained(cfg.evaluate, base_model=loaded.model, dtype=torch.float32)
-        saved_vocab = draft_vocab.load(cfg.evaluate)
-        if saved_vocab is not None:
-            saved.restrict_vocab(saved_vocab)
+        saved = draft_vocab.load_speculator(cfg.evaluate, loaded.model, torch.float32)
         return {"held_out": {mode: evaluate(saved, data) for mode, data in held.items()}}
     sizes = {"stage1": len(stage1), "stage2": len(stage2), **{f"held_out_{k}": len(v) for k, v in held.items()}}
     print(f"training positions: {sizes}", file=sys.stderr)
@@ -287,12 +283,13 @@ def train(cfg: TrainConfig) -> dict[str, object]:
     # Self-distillation targets: where each position's reply ends, and the base head rows the heads score.
     assert spec.base_head is not None
     distill = cfg.distill if cfg.n_predict >= 2 else 0.0  # reply ends are read from head 1's padding
-    to_end = {id(d): rows_to_end(d.windows) for d in (stage1, stage2)} if distill else {}
+    to_end = [rows_to_end(d.windows) for d in (stage1, stage2)] if distill else []
     base_rows = (spec.base_head if spec.draft_vocab is None else spec.base_head[spec.draft_vocab]).float()
     g = torch.Generator()
     bar = tqdm(range(step, total), initial=step, total=total, desc="training", unit="step")
     for step in bar:
-        data = stage1 if step < cfg.stage1_steps else stage2
+        stage = 0 if step < cfg.stage1_steps else 1
+        data = (stage1, stage2)[stage]
         g.manual_seed(cfg.seed * 1_000_003 + step)  # the batch depends on the step only: resume-exact
         idx = torch.randint(len(data), (cfg.batch_size,), generator=g)
         for group in opt.param_groups:
@@ -302,7 +299,7 @@ def train(cfg: TrainConfig) -> dict[str, object]:
         soft = None
         if distill:
             soft = [
-                base_distribution(data, idx, i + 1, to_end[id(data)], base_rows, cfg.distill_temperature)
+                base_distribution(data, idx, i + 1, to_end[stage], base_rows, cfg.distill_temperature)
                 for i in range(cfg.n_predict)
             ]
         losses = head_losses(spec, data.hidden[idx], data.windows[idx], soft, distill)
@@ -311,7 +308,7 @@ def train(cfg: TrainConfig) -> dict[str, object]:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         bar.set_postfix(
-            stage=1 if step < cfg.stage1_steps else 2,
+            stage=stage + 1,
             loss=" ".join(f"{x.item():.2f}" for x in losses),
             gnorm=f"{float(grad_norm):.2f}",
         )
