@@ -16,14 +16,15 @@ from engine.bench_common import Row, aggregate_rate
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
 
-# name -> (speculator, fixed tree width or None for the measured choice of speculators/tree_width.py)
-VARIANTS: dict[str, tuple[str | None, int | None]] = {
-    "plain": (None, None),
-    "n-gram": ("ngram", None),
-    "MLP, IBM's 5-path tree": ("default-mlp", 5),
-    "MLP": ("default-mlp", None),
-    "MLP, 64-path tree": ("default-mlp", 64),  # IBM's regime taken further: a [10, 8, 6] beam, ~100 nodes
-    "MLP + n-gram": ("default", None),
+# name -> (speculator, tree kind, fixed tree width or None for the measured choice of speculators/tree_width.py)
+VARIANTS: dict[str, tuple[str | None, str, int | None]] = {
+    "plain": (None, "nodes", None),
+    "n-gram": ("ngram", "nodes", None),
+    "MLP, IBM's 5-path tree": ("default-mlp", "paths", 5),
+    "MLP": ("default-mlp", "nodes", None),
+    # The GPU regime (verified tokens nearly free): the 64 most likely draft nodes.
+    "MLP, 64-node tree": ("default-mlp", "nodes", 64),
+    "MLP + n-gram": ("default", "nodes", None),
 }
 
 
@@ -32,6 +33,7 @@ def _engine(
     dtype: str,
     threads: int,
     speculator: str | None,
+    tree: str = "nodes",
     width: int | None = None,
     device: str = "cpu",
     **kw: Any,
@@ -40,7 +42,7 @@ def _engine(
 
     spec = str(DEFAULT_SPECULATOR_DIR) if speculator == "default-mlp" else speculator
     return LLM(model=path, dtype=dtype, device=device, num_threads=threads, speculator=spec,
-               kv_cache_memory_gib=0.5, spec_tree_width=width, **kw)  # fmt: skip
+               kv_cache_memory_gib=0.5, spec_tree=tree, spec_tree_width=width, **kw)  # fmt: skip
 
 
 def run(
@@ -63,12 +65,12 @@ def run(
     e2e = sum(max_tokens / hf.generate(ids, max_tokens) for ids in few) / len(few)
     rows.append(Row("transformers prompt lookup (end to end)", lookup, e2e, "transformers generate (e2e)", "tok/s"))
     cpp = _llama_cpp_rate(single, max_tokens, threads) if device == "cpu" else None
-    engines = {name: _engine(path, dtype, threads, spec, width, device) for name, (spec, width) in VARIANTS.items()}
+    engines = {name: _engine(path, dtype, threads, *variant, device) for name, variant in VARIANTS.items()}
     try:
         outputs, hf_rates = _interleaved(engines, hf, single, prompts[num_single : num_single + 1], params)
         hf_rate = aggregate_rate(hf_rates)  # every transformers run decodes max_tokens - 1 tokens
         reference = [o.token_ids for o in outputs["plain"]]
-        for name, (speculator, _) in VARIANTS.items():
+        for name, (speculator, _, _) in VARIANTS.items():
             outs, llm = outputs[name], engines[name]
             rate = aggregate_rate([o.metrics.decode_tokens_per_s for o in outs],
                                   [o.metrics.num_generated_tokens - 1 for o in outs])  # fmt: skip
@@ -130,9 +132,9 @@ def exactness_float32(
     params = SamplingParams(max_tokens=max_tokens)
     outputs: dict[str, list[list[int]]] = {}
     verifications: dict[str, int] = {}
-    for name, (speculator, width) in VARIANTS.items():
+    for name, variant in VARIANTS.items():
         # The gate opened for the whole batch: on a CPU it would otherwise keep 4 requests from speculating.
-        llm = _engine(path, "float32", threads, speculator, width, device, spec_max_batch_size=len(prompts))
+        llm = _engine(path, "float32", threads, *variant, device, spec_max_batch_size=len(prompts))
         try:
             outputs[name] = [o.token_ids for o in llm.generate(prompts, params)]
             verifications[name] = llm.stats().spec_num_drafts

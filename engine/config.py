@@ -8,6 +8,7 @@ from typing import Literal
 DType = Literal["float32", "bfloat16", "float16", "auto"]
 Device = Literal["cpu", "cuda", "auto"]
 AttentionBackend = Literal["auto", "torch", "triton"]
+SpecTree = Literal["nodes", "paths"]
 
 
 @dataclass(frozen=True)
@@ -21,8 +22,10 @@ class EngineConfig:
     speculator: "auto" (the shipped MLP speculator + n-gram for the default model, n-gram otherwise),
       "default", "ngram", a folder with an mlp_speculator checkpoint (suffix "+ngram" for both), or None.
     spec_max_batch_size: None = 16 on CUDA (IBM's gate) and 2 on CPU, where every verified token costs.
-    spec_tree_width: MLP candidate paths per step; None = chosen from measured step cost and acceptance
-      (speculators/tree_width.py), an int fixes it (IBM's 5 for comparison).
+    spec_tree: how the MLP draft tree is chosen: "nodes" (the best draft nodes by path probability,
+      speculators/candidates.py `propose_nodes`) or "paths" (IBM's best whole paths, top-k [5, 4, 3]).
+    spec_tree_width: the tree's size, in draft nodes ("nodes") or candidate paths ("paths"); None = chosen
+      per step from measured step cost and acceptance (speculators/tree_width.py), an int fixes it.
     """
 
     model: str | None = None
@@ -38,6 +41,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     speculator: str | None = "auto"
     spec_max_batch_size: int | None = None  # speculate only up to this many running requests (None: auto)
+    spec_tree: SpecTree = "nodes"
     spec_tree_width: int | None = None
     attention_backend: AttentionBackend = "auto"
     num_threads: int | None = None
@@ -56,6 +60,8 @@ class EngineConfig:
             raise ValueError(f"num_blocks must be >= 2, got {self.num_blocks}")
         if self.kv_cache_memory_gib <= 0:
             raise ValueError(f"kv_cache_memory_gib must be > 0, got {self.kv_cache_memory_gib}")
+        if self.spec_tree not in ("nodes", "paths"):
+            raise ValueError(f"spec_tree must be 'nodes' or 'paths', got {self.spec_tree!r}")
         if self.spec_tree_width is not None and self.spec_tree_width < 1:
             raise ValueError(f"spec_tree_width must be >= 1 or None, got {self.spec_tree_width}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:

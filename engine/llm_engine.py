@@ -64,7 +64,13 @@ class LLMEngine:
         mlp_dir, use_ngram = resolve_speculator(config.speculator, config.model is None)
         self.speculation = (
             SpeculativeDecoder(
-                mlp_dir, use_ngram, loaded, self.runner, config.spec_max_batch_size, config.spec_tree_width
+                mlp_dir,
+                use_ngram,
+                loaded,
+                self.runner,
+                config.spec_max_batch_size,
+                config.spec_tree_width,
+                tree=config.spec_tree,
             )
             if mlp_dir or use_ngram
             else None

@@ -26,7 +26,7 @@ from engine.scheduler import ScheduledSeq
 from engine.sequence import Sequence
 from engine.speculators import draft_vocab
 from engine.speculators.acceptance import Acceptance, accept_greedy, accept_sampled, accepted_tokens
-from engine.speculators.candidates import beam_top_k
+from engine.speculators.candidates import beam_top_k, propose_nodes
 from engine.speculators.candidates import propose as propose_paths
 from engine.speculators.gating import GatingConfig, SpeculationPolicy
 from engine.speculators.mlp import MLPSpeculator
@@ -85,6 +85,7 @@ class SpeculativeDecoder:
     def __init__(
         self, mlp_dir: str | None, use_ngram: bool, loaded: LoadedModel, runner: ModelRunner,
         max_batch_size: int | None = None, tree_width: int | None = None, max_ngram_tokens: int = 4,
+        tree: str = "nodes",
     ) -> None:  # fmt: skip
         self.runner = runner
         self.mlp: MLPSpeculator | None = None
@@ -101,8 +102,15 @@ class SpeculativeDecoder:
         # batch fills the card. On CPU a step's cost grows with every verified token: measured with
         # `python -m engine.bench`, speculation pays at batch 1-2 and costs throughput from batch 8 on.
         max_batch = max_batch_size or (16 if loaded.device.type == "cuda" else 2)
-        # Candidate paths at most: the speculator's n_candidates, or a fixed width beyond it (a wider beam).
-        pool = max(self.mlp.config.n_candidates, tree_width or 0) if self.mlp else 1
+        # The widest tree: IBM's n_candidates paths (or a fixed width beyond, a wider beam), or in draft nodes
+        # a fixed width or what pays where verified tokens are nearly free (GPU) or cost ~4 % each (CPU).
+        self.tree = tree
+        if not self.mlp:
+            pool = 1
+        elif tree == "paths":
+            pool = max(self.mlp.config.n_candidates, tree_width or 0)
+        else:
+            pool = tree_width or (64 if loaded.device.type == "cuda" else 12)
         gating = GatingConfig(max_tokens=max_tokens, max_batch_size=max_batch, max_candidates=pool)
         self.policy = SpeculationPolicy(gating)
         # Tree width from measured step costs (CPU: each verified token costs ~4 % of a step at 135M; GPU:
@@ -149,10 +157,14 @@ class SpeculativeDecoder:
                     n_cand = self.width.choose(self.step_cost.cost_per_token, n_cand)
                 else:
                     n_cand = min(n_cand, self.fixed_width)
-                top_k = beam_top_k(self.mlp.config.top_k_tokens_per_head, self.mlp.config.n_candidates, n_cand)
-                cand, _ = propose_paths(self.mlp, hidden, last, top_k, n_candidates=n_cand, num_heads=heads)
-                for s, rows in zip(with_hidden, cand.tolist(), strict=True):
-                    ranked = [r[: depth[s.request_id]] for r in rows]
+                for s, ranked in zip(with_hidden, self._mlp_ranked(hidden, last, n_cand, heads), strict=True):
+                    d = depth[s.request_id]
+                    if self.tree == "nodes":
+                        ranked = [r for r in ranked if len(r) <= d]
+                        # The best deepest node's path first: it takes the slots right after the root.
+                        paths[s.request_id].append(max(ranked, key=len))
+                    else:
+                        ranked = [r[:d] for r in ranked]
                     paths[s.request_id] += ranked
                     self.paths[s.request_id] = (fixed[s.request_id], ranked)
         for s in eligible:
@@ -160,6 +172,14 @@ class SpeculativeDecoder:
                 tree = build_tree(paths[s.request_id])
                 self.trees[s.request_id] = tree
                 s.draft_token_ids = list(tree.tokens)
+
+    def _mlp_ranked(self, hidden: torch.Tensor, last: torch.Tensor, width: int, heads: int) -> list[list[list[int]]]:
+        # Per sequence, the MLP's draft paths best first: whole paths (IBM) or single nodes as their paths.
+        assert self.mlp is not None
+        if self.tree == "nodes":
+            return propose_nodes(self.mlp, hidden, last, width, num_heads=heads)
+        top_k = beam_top_k(self.mlp.config.top_k_tokens_per_head, self.mlp.config.n_candidates, width)
+        return propose_paths(self.mlp, hidden, last, top_k, n_candidates=width, num_heads=heads)[0].tolist()
 
     def tree_for(self, sched: ScheduledSeq) -> DraftTree | None:
         """The (possibly cut) tree the scheduler let this sequence verify, or None."""

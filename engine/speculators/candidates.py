@@ -73,3 +73,71 @@ def propose(
         prev = top_ids.reshape(b, width)
     best_scores, best = scores.topk(n, dim=1)  # sorted: best first
     return paths.gather(1, best[:, :, None].expand(-1, -1, num_heads)), best_scores
+
+
+@torch.no_grad()
+def propose_nodes(
+    speculator: MLPSpeculator,
+    hidden: torch.Tensor,
+    last_tokens: torch.Tensor,
+    num_nodes: int,
+    num_heads: int | None = None,
+    beam: int | None = None,
+) -> list[list[list[int]]]:
+    """The best `num_nodes` draft nodes of each sequence's tree, ranked by cumulative log-probability.
+
+    IBM's scheme keeps whole paths, so every candidate spends a node at each depth although the third
+    guess of a path is far less likely to be accepted than a second-choice first token. Here every node is
+    scored like a path, score(node) = sum of its tokens' log-probabilities, and the tree is the num_nodes
+    best nodes: the set whose sum of path probabilities (the expected accepted length, if the speculator is
+    calibrated) is largest for that many verified tokens. A child never outscores its parent, so the set is
+    a tree (ties broken towards the shallower node). Each depth expands only its `beam` best nodes, each
+    into its top num_nodes children: 1 + 2 beam head evaluations for 3 heads, against IBM's 1 + 5 + 20.
+    The default beam is max(4, num_nodes // 8). On held-out written replies (tokens per step, walked), beam
+    4 vs 8: 2.325 vs 2.332 at 16 nodes, 2.583 vs 2.632 at 64; beam 2 loses at every size (2.307 at 16).
+
+    Returns, per sequence, the chosen nodes as token paths, best first: the first m of them form the best
+    m-node tree (tree_width.TreeWidth measures every m from one verification).
+    """
+    num_heads = num_heads or speculator.n_predict
+    assert 1 <= num_heads <= speculator.n_predict, (num_heads, speculator.n_predict)
+    beam = beam or max(4, num_nodes // 8)
+    b = hidden.shape[0]
+    state = speculator.scale(hidden)[:, None, :]  # [b, parents=1, d]
+    prev = last_tokens[:, None].long()
+    parents = torch.empty(b, 1, 0, dtype=torch.long, device=hidden.device)  # [b, parents, depth]
+    parent_scores = torch.zeros(b, 1, device=hidden.device)
+    node_paths: list[torch.Tensor] = []  # per depth [b, nodes, depth + 1]
+    node_scores: list[torch.Tensor] = []
+    for i in range(num_heads):
+        state = speculator.step(i, state, prev)  # [b, parents, d]
+        logp = F.log_softmax(speculator.logits(i, state).float(), dim=-1)
+        k = min(num_nodes, logp.shape[-1])
+        top_logp, top_cols = logp.topk(k, dim=-1)  # [b, parents, k]
+        width = parents.shape[1] * k
+        paths = torch.cat(
+            [parents[:, :, None, :].expand(-1, -1, k, -1), speculator.vocab_ids(top_cols)[..., None]], dim=-1
+        ).reshape(b, width, i + 1)
+        scores = (parent_scores[:, :, None] + top_logp).reshape(b, width)
+        node_paths.append(paths)
+        node_scores.append(scores - 1e-4 * i)  # the tie-break: a parent before its child
+        if i + 1 < num_heads:
+            keep = scores.topk(min(beam, width), dim=1).indices  # [b, beam]
+            parents = paths.gather(1, keep[:, :, None].expand(-1, -1, i + 1))
+            parent_scores = scores.gather(1, keep)
+            state = state.gather(1, (keep // k)[:, :, None].expand(-1, -1, state.shape[-1]))
+            prev = parents[:, :, -1]
+    best = torch.cat(node_scores, dim=1).topk(min(num_nodes, sum(s.shape[1] for s in node_scores)), dim=1)
+    # Flat node index -> (depth, index within depth); paths to Python lists once per call.
+    offsets = [0]
+    for s in node_scores:
+        offsets.append(offsets[-1] + s.shape[1])
+    per_depth = [p.tolist() for p in node_paths]
+    out = []
+    for row, flat in enumerate(best.indices.tolist()):
+        chosen = []
+        for f in flat:
+            depth = next(d for d in range(num_heads) if f < offsets[d + 1])
+            chosen.append(per_depth[depth][row][f - offsets[depth]])
+        out.append(chosen)
+    return out

@@ -7,9 +7,11 @@ Rather than fixing a width per device, the engine measures both sides of the tra
 
 * `StepCost` fits the wall time of single-sequence steps against the query tokens they verify,
   t = a + b (tokens - 1), giving c = b / a: the cost of one extra verified token relative to a plain step.
-* `TreeWidth` knows, after every verification, how many tokens the top-m candidate paths alone would have
+* `TreeWidth` knows, after every verification, how many tokens the top-m candidates alone would have
   accepted for every m up to the number verified (the accepted path plus the base model's own token is the
   true continuation up to the first mismatch, so any path's accepted prefix is its common prefix with it).
+  A candidate is a whole path (IBM's tree) or one draft node given as its path (`propose_nodes`, where the
+  top m nodes are themselves the best m-node tree), so m counts paths or nodes.
   It keeps moving averages of tokens per step E_m and tree size N_m, and picks the m maximizing
   E_m / (1 + c N_m); every `probe_interval`-th step verifies the full width so wider trees stay measured.
 
@@ -50,7 +52,7 @@ class StepCost:
 
 
 class TreeWidth:
-    """Chooses how many MLP candidate paths to verify from retrospective acceptance (see module doc)."""
+    """Chooses how many MLP candidates (paths or nodes) to verify from retrospective acceptance (module doc)."""
 
     def __init__(self, max_candidates: int, probe_interval: int = 8, decay: float = 0.95):
         self.max_candidates, self.probe_interval, self.decay = max_candidates, probe_interval, decay
@@ -76,7 +78,7 @@ class TreeWidth:
         return best
 
     def record(self, fixed: Sequence[Sequence[int]], ranked: Sequence[Sequence[int]], emitted: Sequence[int]) -> None:
-        """After a verification: `fixed` paths always in the tree (the n-gram draft), `ranked` MLP paths best
+        """After a verification: `fixed` paths always in the tree (the n-gram draft), `ranked` MLP candidates best
         first (the top len(ranked) were verified), `emitted` the accepted tokens plus the base model's own."""
         d = self.decay
         # The top-m tree grows by one path per m: keep its best match and node set incrementally (a 64-path

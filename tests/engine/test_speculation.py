@@ -66,8 +66,8 @@ def mlp_small_vocab_dir(mlp_dir: Path, tmp_path_factory: pytest.TempPathFactory)
 def test_a_fixed_width_beyond_n_candidates_widens_the_beam(model_dir: Path, mlp_dir: Path) -> None:
     assert beam_top_k([5, 4, 3], 5, 5) == [5, 4, 3] and beam_top_k([5, 4, 3], 5, 1) == [5, 4, 3]
     assert beam_top_k([5, 4, 3], 5, 64) == [10, 8, 6] and beam_top_k([5, 4, 3], 5, 128) == [15, 12, 9]
-    llm = LLM(model=str(model_dir), dtype="float32", device="cpu", speculator=str(mlp_dir), spec_tree_width=40,
-              spec_max_batch_size=16)  # fmt: skip
+    llm = LLM(model=str(model_dir), dtype="float32", device="cpu", speculator=str(mlp_dir), spec_tree="paths",
+              spec_tree_width=40, spec_max_batch_size=16)  # fmt: skip
     try:
         llm.generate(PROMPTS, SamplingParams(max_tokens=16, ignore_eos=True))
         stats = llm.stats()
@@ -88,7 +88,8 @@ def test_restricted_draft_vocabulary_proposes_only_its_tokens(mlp_small_vocab_di
 
 
 @pytest.mark.parametrize(
-    "speculator", ["ngram", "mlp", "mlp+ngram", "mlp-small-vocab", "mlp-width-1", "mlp-width-5", "mlp-width-40"]
+    "speculator",
+    ["ngram", "mlp", "mlp+ngram", "mlp-small-vocab", "mlp-nodes-1", "mlp-nodes-40", "mlp-paths-5", "mlp-paths-40"],
 )
 def test_greedy_output_identical_with_speculation(
     model_dir: Path, mlp_dir: Path, mlp_small_vocab_dir: Path, speculator: str
@@ -98,13 +99,12 @@ def test_greedy_output_identical_with_speculation(
         "mlp": str(mlp_dir),
         "mlp+ngram": f"{mlp_dir}+ngram",
         "mlp-small-vocab": str(mlp_small_vocab_dir),
-        "mlp-width-1": str(mlp_dir),
-        "mlp-width-5": str(mlp_dir),
-        "mlp-width-40": str(mlp_dir),  # beyond the speculator's 5 candidates: a wider beam
-    }[speculator]
-    width = int(speculator.rsplit("-", 1)[1]) if "width" in speculator else None
+    }.get(speculator, str(mlp_dir))
+    # "mlp-<tree>-<width>": draft nodes or IBM's paths (40 paths: beyond its 5 candidates, a wider beam).
+    _, tree, width = [*speculator.split("-"), "", ""][:3]
+    kw = {"spec_tree": tree, "spec_tree_width": int(width)} if tree in ("nodes", "paths") else {}
     params = SamplingParams(max_tokens=32, ignore_eos=True)
-    assert outputs(model_dir, name, params, spec_tree_width=width) == outputs(model_dir, None, params)
+    assert outputs(model_dir, name, params, **kw) == outputs(model_dir, None, params)
 
 
 def test_seeded_sampling_identical_with_speculation(model_dir: Path, mlp_dir: Path) -> None:
@@ -197,5 +197,7 @@ def test_candidates_share_pages_and_only_verified_tokens_are_hashed(model_dir: P
 def test_speculation_option_errors_are_clear(model_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="spec_tree_width"):
         EngineConfig(spec_tree_width=0)
+    with pytest.raises(ValueError, match="spec_tree"):
+        EngineConfig(spec_tree="beam")  # type: ignore[arg-type]
     with pytest.raises(FileNotFoundError, match="speculator"):
         LLM(model=str(model_dir), dtype="float32", device="cpu", speculator=str(tmp_path / "missing"))

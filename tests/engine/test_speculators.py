@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from engine.speculators.acceptance import accept_greedy, accepted_tokens
-from engine.speculators.candidates import propose
+from engine.speculators.candidates import propose, propose_nodes
 from engine.speculators.mlp import MLPSpeculator, MLPSpeculatorConfig
 from engine.speculators.tree import build_tree
 from kernels.reference import paged_attention
@@ -249,6 +249,37 @@ def test_propose_equals_brute_force_over_all_leaves() -> None:
         torch.testing.assert_close(scores[b], torch.tensor([s for s, _ in leaves[:5]]))
     short, _ = propose(spec, z, last, [5, 4, 3], 50, num_heads=2)
     assert short.shape == (2, 20, 2)  # capped by the 5 * 4 leaves
+
+
+@torch.no_grad()
+def test_propose_nodes_picks_the_most_likely_nodes_of_the_whole_tree() -> None:
+    torch.manual_seed(1)
+    spec = MLPSpeculator(MLPSpeculatorConfig(vocab_size=V, emb_dim=E, inner_dim=D, n_predict=3))
+    z, last = torch.randn(2, E), torch.tensor([3, 7])
+    ranked = propose_nodes(spec, z, last, 12, beam=V * V)  # a beam past every node: the exact optimum
+    for b in range(2):
+        nodes = {}  # every node of depth <= 3 under the root, scored from scratch
+        for depth in (1, 2, 3):
+            for path in itertools.product(range(V), repeat=depth):
+                if depth > 1 and path[:-1] not in nodes:
+                    continue  # only children of the top-scoring parents can make the cut (a child <= its parent)
+                state, prev, score = spec.scale(z[b : b + 1]), last[b : b + 1], 0.0
+                for i, tok in enumerate(path):
+                    state = spec.step(i, state, prev)
+                    score += float(F.log_softmax(spec.logits(i, state).float(), -1)[0, tok])
+                    prev = torch.tensor([tok])
+                nodes[path] = score
+            nodes = dict(sorted(nodes.items(), key=lambda x: -x[1])[:12])
+        best = sorted(nodes.items(), key=lambda x: -x[1])
+        assert [tuple(p) for p in ranked[b]] == [p for p, _ in best]
+        # Best first, and every prefix of the ranking is a tree: the width chooser measures each size.
+        for m in range(1, 13):
+            top = {tuple(p) for p in ranked[b][:m]}
+            assert all(p[:-1] in top for p in top if len(p) > 1)
+    # A narrow beam expands fewer parents but still returns a tree of the asked size, deepest <= num_heads.
+    narrow = propose_nodes(spec, z, last, 12, num_heads=2, beam=2)
+    assert all(len(r) == 12 and len({tuple(p) for p in r}) == 12 and max(map(len, r)) <= 2 for r in narrow)
+    assert propose_nodes(spec, z, last, 5) == [r[:5] for r in propose_nodes(spec, z, last, 40)]
 
 
 def test_build_tree_merges_prefixes_best_path_first() -> None:

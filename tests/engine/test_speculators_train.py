@@ -10,8 +10,10 @@ import torch
 
 from engine.models.loader import load_model
 from engine.speculators import draft_vocab
+from engine.speculators.candidates import propose
+from engine.speculators.held_out import nodes_run, walk
 from engine.speculators.mlp import MLPSpeculator, MLPSpeculatorConfig
-from engine.speculators.train import TrainConfig, head_losses, lr_factor, parse_args, train, walk
+from engine.speculators.train import TrainConfig, head_losses, lr_factor, parse_args, train
 from engine.speculators.train_data import (
     IGNORE,
     HiddenStateExtractor,
@@ -58,6 +60,22 @@ def test_walk_steps_through_each_reply_like_the_engine() -> None:
     # positions would say 1 + 4/7.
     assert walk(accepted, windows) == 2.0
     assert walk(torch.tensor([2, 0, 0, 0, 0, 0, 0]), windows) == pytest.approx(7 / 5)
+
+
+@torch.no_grad()
+def test_nodes_run_accepts_the_deepest_true_prefix_among_the_best_nodes() -> None:
+    torch.manual_seed(0)
+    spec = MLPSpeculator(MLPSpeculatorConfig(vocab_size=11, emb_dim=8, inner_dim=8, n_predict=3))
+    hidden, first = torch.randn(6, 8).bfloat16().float(), torch.randint(0, 11, (6,))
+    top1 = propose(spec, hidden, first, [1, 1, 1], 1)[0][:, 0, 0]  # head 0's best guess
+    truth = torch.randint(0, 11, (6, 3))
+    truth[:3, 0] = top1[:3]  # the first three start as head 0 guesses, the rest at random
+    data = Positions(hidden, torch.cat([first[:, None], truth], dim=1))
+    by_nodes = nodes_run(spec, data, torch.arange(6), (1, 3, 2000))
+    # One node: head 0's best guess alone. 2000 nodes hold all 11 + 121 + 1331: every continuation is in.
+    assert by_nodes[1].tolist() == [float(t == g) for t, g in zip(truth[:, 0], top1, strict=True)]
+    assert by_nodes[2000].tolist() == [3.0] * 6
+    assert all((by_nodes[1] <= by_nodes[3]) & (by_nodes[3] <= by_nodes[2000]))  # a bigger tree holds the smaller
 
 
 def test_base_distribution_reads_the_hidden_state_ahead_within_the_reply() -> None:
@@ -132,6 +150,7 @@ def test_tiny_end_to_end_run_and_resume(tiny: Path, tmp_path: Path) -> None:
     assert len(held["greedy"]["top1_per_head"]) == 3
     assert all(1.0 <= v <= 4.0 for v in held["greedy"]["tree_tokens_per_step"].values())
     assert all(1.0 <= v <= 4.0 for v in held["greedy"]["walk_tokens_per_step"].values())
+    assert {"best 10 nodes", "best 64 nodes"} <= set(held["greedy"]["walk_tokens_per_step"])
     saved = json.loads((tmp_path / "out" / "train_report.json").read_text())
     assert saved["command"].startswith("python -m engine.speculators.train")
     base = load_model(str(tiny), dtype="float32", device="cpu").model
