@@ -118,7 +118,7 @@ def _causal_mask(seq_len: int, q_len: int, device: torch.device) -> torch.Tensor
     return torch.arange(seq_len, device=device)[None, :] <= q_pos
 
 
-DECODE_GROUP = 8
+DECODE_GROUP = 4
 
 
 def _decode_batched(
@@ -133,10 +133,11 @@ def _decode_batched(
     # on the page dim and attend with two batched matmuls, each kv head serving its group of query heads.
     # On CPU this beats both advanced indexing (cache[table]) and SDPA's masked kernels by several times.
     n = len(seq_lens)
-    if n > DECODE_GROUP and 1.25 * sum(seq_lens) < n * max(seq_lens):
-        # Padding to the longest gathers n * max(seq_lens) keys per layer: with mixed lengths (a long persona
-        # prompt among short chats) mostly padding, and the gather dominates a large batch's step. Sorted by
-        # length and taken DECODE_GROUP at a time, each group pads only to its own longest.
+    if n > DECODE_GROUP:
+        # A few sequences at a time, sorted by length: each group pads only to its own longest (with mixed
+        # lengths, a long persona prompt among short chats, one padded gather is mostly padding), and its
+        # gathered float32 K/V stay in cache between the copies and the two matmuls. One thread, SmolLM2's
+        # 3 kv heads, contexts 500-700: 16 sequences 22 -> 4.5 ms per layer, 48 sequences 75 -> 17 ms.
         order = sorted(range(n), key=seq_lens.__getitem__)
         out = torch.empty_like(query)
         for g in range(0, n, DECODE_GROUP):
