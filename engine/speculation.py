@@ -153,6 +153,9 @@ class SpeculativeDecoder:
                 hidden = torch.stack([self.runner.last_hidden[s.request_id] for s in with_hidden]).to(dtype)
                 last = torch.tensor([s.token_ids[-1] for s in with_hidden], device=hidden.device)
                 n_cand = self.policy.num_candidates(len(running))
+                if self.tree == "nodes":
+                    # The load-based width shrinks to one path under load; in nodes, one chain of full depth.
+                    n_cand = max(n_cand, heads)
                 if self.fixed_width is None:
                     n_cand = self.width.choose(self.step_cost.cost_per_token, n_cand)
                 else:

@@ -133,7 +133,7 @@ def _decode_batched(
     # on the page dim and attend with two batched matmuls, each kv head serving its group of query heads.
     # On CPU this beats both advanced indexing (cache[table]) and SDPA's masked kernels by several times.
     n, group_size = len(seq_lens), DECODE_GROUP * torch.get_num_threads()
-    if n > group_size:
+    if n > group_size and query.device.type == "cpu":
         # A few sequences per thread at a time, sorted by length: each group pads only to its own longest
         # (with mixed lengths, a long persona prompt among short chats, one padded gather is mostly padding),
         # and its gathered float32 K/V stay in cache between the copies and the two matmuls. SmolLM2, 48

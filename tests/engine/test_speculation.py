@@ -75,6 +75,15 @@ def test_a_fixed_width_beyond_n_candidates_widens_the_beam(model_dir: Path, mlp_
         assert stats.spec_num_tree_nodes / stats.spec_num_drafts > 15
     finally:
         llm.shutdown()
+    llm = LLM(model=str(model_dir), dtype="float32", device="cpu", speculator=str(mlp_dir), spec_tree="nodes",
+              spec_tree_width=40, spec_max_batch_size=16)  # fmt: skip
+    try:
+        llm.generate(PROMPTS, SamplingParams(max_tokens=16, ignore_eos=True))
+        stats = llm.stats()
+        # 40 nodes are 40 nodes at most (fewer for a request whose adaptive depth is shorter).
+        assert 15 < stats.spec_num_tree_nodes / stats.spec_num_drafts <= 40
+    finally:
+        llm.shutdown()
 
 
 def test_restricted_draft_vocabulary_proposes_only_its_tokens(mlp_small_vocab_dir: Path, model_dir: Path) -> None:

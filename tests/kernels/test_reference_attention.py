@@ -3,15 +3,19 @@ decode groups and its mixed prefill + decode steps must not change any row."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from kernels import reference
 from tests.kernels.paged_batches import make_batch
 
 
-def test_reference_decode_groups_mixed_lengths_like_one_sequence_at_a_time() -> None:
+def test_reference_decode_groups_mixed_lengths_like_one_sequence_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
     # 20 decoding sequences, one much longer: the reference sorts them into length groups (less padding);
-    # every row must equal the sequence attended alone, whatever group it lands in.
+    # every row must equal the sequence attended alone, whatever group it lands in. Groups of 3 (whatever
+    # the thread count) make several groups and a short last one.
+    monkeypatch.setattr(reference, "DECODE_GROUP", 3)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     lens = [5, 300, 17, 33, 2, 64, 9, 120, 18, 40, 7, 77, 3, 250, 11, 16, 48, 6, 90, 21]
     batch = make_batch(lens, [1] * len(lens), 4, 2, 32, 16, torch.float32, "cpu", seed=3)
     batch.update({name: batch[name].nan_to_num(0.0) for name in ("k_cache", "v_cache")})  # see _check_attention
