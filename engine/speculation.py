@@ -160,7 +160,8 @@ class SpeculativeDecoder:
                     n_cand = self.width.choose(self.step_cost.cost_per_token, n_cand)
                 else:
                     n_cand = min(n_cand, self.fixed_width)
-                for s, ranked in zip(with_hidden, self._mlp_ranked(hidden, last, n_cand, heads), strict=True):
+                depths = [depth[s.request_id] for s in with_hidden]
+                for s, ranked in zip(with_hidden, self._mlp_ranked(hidden, last, n_cand, heads, depths), strict=True):
                     d = depth[s.request_id]
                     if self.tree == "nodes":
                         ranked = [r for r in ranked if len(r) <= d]
@@ -176,11 +177,13 @@ class SpeculativeDecoder:
                 self.trees[s.request_id] = tree
                 s.draft_token_ids = list(tree.tokens)
 
-    def _mlp_ranked(self, hidden: torch.Tensor, last: torch.Tensor, width: int, heads: int) -> list[list[list[int]]]:
+    def _mlp_ranked(
+        self, hidden: torch.Tensor, last: torch.Tensor, width: int, heads: int, depths: list[int]
+    ) -> list[list[list[int]]]:
         # Per sequence, the MLP's draft paths best first: whole paths (IBM) or single nodes as their paths.
         assert self.mlp is not None
         if self.tree == "nodes":
-            return propose_nodes(self.mlp, hidden, last, width, num_heads=heads)
+            return propose_nodes(self.mlp, hidden, last, width, num_heads=heads, max_depth=depths)
         top_k = beam_top_k(self.mlp.config.top_k_tokens_per_head, self.mlp.config.n_candidates, width)
         return propose_paths(self.mlp, hidden, last, top_k, n_candidates=width, num_heads=heads)[0].tolist()
 

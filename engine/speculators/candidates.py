@@ -83,6 +83,7 @@ def propose_nodes(
     num_nodes: int,
     num_heads: int | None = None,
     beam: int | None = None,
+    max_depth: list[int] | None = None,
 ) -> list[list[list[int]]]:
     """The best `num_nodes` draft nodes of each sequence's tree, ranked by cumulative log-probability.
 
@@ -95,6 +96,9 @@ def propose_nodes(
     into its top num_nodes children: 1 + 2 beam head evaluations for 3 heads, against IBM's 1 + 5 + 20.
     The default beam is max(4, num_nodes // 8). On held-out written replies (tokens per step, walked), beam
     4 vs 8: 2.325 vs 2.332 at 16 nodes, 2.583 vs 2.632 at 64; beam 2 loses at every size (2.307 at 16).
+
+    max_depth: per sequence, the deepest node it may take (its adaptive speculation length; <= num_heads),
+    so a shallow request in a deep batch still gets num_nodes nodes within its depth.
 
     Returns, per sequence, the chosen nodes as token paths, best first: the first m of them form the best
     m-node tree (tree_width.TreeWidth measures every m from one verification).
@@ -129,7 +133,12 @@ def propose_nodes(
             state = state.gather(1, (keep // k)[:, :, None].expand(-1, -1, state.shape[-1]))
             prev = parents[:, :, -1]
     # A stable sort over nodes laid out shallowest first puts a parent before a child of equal score.
-    order = torch.cat(node_scores, dim=1).sort(dim=1, descending=True, stable=True).indices[:, :num_nodes]
+    scores = torch.cat(node_scores, dim=1)
+    if max_depth is not None:
+        depth = torch.cat([torch.full((s.shape[1],), i + 1, device=scores.device) for i, s in enumerate(node_scores)])
+        limit = torch.tensor(max_depth, device=scores.device)[:, None]
+        scores = scores.masked_fill(depth[None, :] > limit, float("-inf"))
+    order = scores.sort(dim=1, descending=True, stable=True).indices[:, :num_nodes]
     # Every node's path padded to num_heads with -1, gathered on the device: one transfer for all rows.
     padded = torch.cat([F.pad(p, (0, num_heads - p.shape[2]), value=-1) for p in node_paths], dim=1)
     chosen = padded.gather(1, order[:, :, None].expand(-1, -1, num_heads)).tolist()

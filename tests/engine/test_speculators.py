@@ -280,6 +280,11 @@ def test_propose_nodes_picks_the_most_likely_nodes_of_the_whole_tree() -> None:
     narrow = propose_nodes(spec, z, last, 12, num_heads=2, beam=2)
     assert all(len(r) == 12 and len({tuple(p) for p in r}) == 12 and max(map(len, r)) <= 2 for r in narrow)
     assert propose_nodes(spec, z, last, 5) == [r[:5] for r in propose_nodes(spec, z, last, 40)]
+    # A request limited to depth 1 gets 12 nodes of depth 1, the best first tokens; the other row is as before.
+    limited = propose_nodes(spec, z, last, 12, max_depth=[1, 3])
+    assert limited[1] == propose_nodes(spec, z, last, 12)[1]
+    logp0 = F.log_softmax(spec.logits(0, spec.step(0, spec.scale(z[:1]), last[:1])).float(), -1)[0]
+    assert limited[0] == [[t] for t in logp0.topk(12).indices.tolist()]
 
 
 def test_build_tree_merges_prefixes_best_path_first() -> None:
