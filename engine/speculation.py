@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from engine.config import SpecTree
 from engine.model_runner import ModelRunner
 from engine.models.loader import LoadedModel
 from engine.sampler import probs_from_logits, sample
@@ -85,7 +86,7 @@ class SpeculativeDecoder:
     def __init__(
         self, mlp_dir: str | None, use_ngram: bool, loaded: LoadedModel, runner: ModelRunner,
         max_batch_size: int | None = None, tree_width: int | None = None, max_ngram_tokens: int = 4,
-        tree: str = "nodes",
+        tree: SpecTree = "nodes",
     ) -> None:  # fmt: skip
         self.runner = runner
         self.mlp: MLPSpeculator | None = None
@@ -162,13 +163,11 @@ class SpeculativeDecoder:
                     n_cand = min(n_cand, self.fixed_width)
                 depths = [depth[s.request_id] for s in with_hidden]
                 for s, ranked in zip(with_hidden, self._mlp_ranked(hidden, last, n_cand, heads, depths), strict=True):
-                    d = depth[s.request_id]
-                    if self.tree == "nodes":
-                        ranked = [r for r in ranked if len(r) <= d]
+                    if self.tree == "nodes":  # already within the request's depth
                         # The best deepest node's path first: it takes the slots right after the root.
                         paths[s.request_id].append(max(ranked, key=len))
                     else:
-                        ranked = [r[:d] for r in ranked]
+                        ranked = [r[: depth[s.request_id]] for r in ranked]
                     paths[s.request_id] += ranked
                     self.paths[s.request_id] = (fixed[s.request_id], ranked)
         for s in eligible:

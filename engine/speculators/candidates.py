@@ -60,17 +60,10 @@ def propose(
     paths = torch.empty(b, 1, 0, dtype=torch.long, device=hidden.device)  # [b, branches, depth]
     scores = torch.zeros(b, 1, device=hidden.device)  # [b, branches], float32 sums
     for i, k in enumerate(top_k):
-        state = speculator.step(i, state, prev)  # [b, branches, d]
-        logp = F.log_softmax(speculator.logits(i, state).float(), dim=-1)  # [b, branches, vocab]
-        top_logp, top_cols = logp.topk(k, dim=-1)  # [b, branches, k]
-        top_ids = speculator.vocab_ids(top_cols)
-        # Each branch splits into k children: branch-major order keeps the tree readable.
-        width = paths.shape[1] * k
-        paths = torch.cat([paths[:, :, None, :].expand(-1, -1, k, -1), top_ids[..., None]], dim=-1)
-        paths = paths.reshape(b, width, i + 1)
-        scores = (scores[:, :, None] + top_logp).reshape(b, width)
+        state, paths, scores = _children(speculator, i, state, prev, paths, scores, k)
+        width = paths.shape[1]
         state = state[:, :, None, :].expand(-1, -1, k, -1).reshape(b, width, -1)
-        prev = top_ids.reshape(b, width)
+        prev = paths[:, :, -1]
     best_scores, best = scores.topk(n, dim=1)  # sorted: best first
     return paths.gather(1, best[:, :, None].expand(-1, -1, num_heads)), best_scores
 
@@ -114,20 +107,13 @@ def propose_nodes(
     parent_scores = torch.zeros(b, 1, device=hidden.device)
     node_paths: list[torch.Tensor] = []  # per depth [b, nodes, depth + 1]
     node_scores: list[torch.Tensor] = []
+    k = min(num_nodes, speculator.vocab_size if speculator.draft_vocab is None else len(speculator.draft_vocab))
     for i in range(num_heads):
-        state = speculator.step(i, state, prev)  # [b, parents, d]
-        logp = F.log_softmax(speculator.logits(i, state).float(), dim=-1)
-        k = min(num_nodes, logp.shape[-1])
-        top_logp, top_cols = logp.topk(k, dim=-1)  # [b, parents, k]
-        width = parents.shape[1] * k
-        paths = torch.cat(
-            [parents[:, :, None, :].expand(-1, -1, k, -1), speculator.vocab_ids(top_cols)[..., None]], dim=-1
-        ).reshape(b, width, i + 1)
-        scores = (parent_scores[:, :, None] + top_logp).reshape(b, width)
+        state, paths, scores = _children(speculator, i, state, prev, parents, parent_scores, k)
         node_paths.append(paths)
         node_scores.append(scores)
         if i + 1 < num_heads:
-            keep = scores.topk(min(beam, width), dim=1).indices  # [b, beam]
+            keep = scores.topk(min(beam, paths.shape[1]), dim=1).indices  # [b, beam]
             parents = paths.gather(1, keep[:, :, None].expand(-1, -1, i + 1))
             parent_scores = scores.gather(1, keep)
             state = state.gather(1, (keep // k)[:, :, None].expand(-1, -1, state.shape[-1]))
@@ -138,8 +124,30 @@ def propose_nodes(
         depth = torch.cat([torch.full((s.shape[1],), i + 1, device=scores.device) for i, s in enumerate(node_scores)])
         limit = torch.tensor(max_depth, device=scores.device)[:, None]
         scores = scores.masked_fill(depth[None, :] > limit, float("-inf"))
-    order = scores.sort(dim=1, descending=True, stable=True).indices[:, :num_nodes]
-    # Every node's path padded to num_heads with -1, gathered on the device: one transfer for all rows.
+    best, order = (t[:, :num_nodes] for t in scores.sort(dim=1, descending=True, stable=True))
+    # Every node's path padded to num_heads with -1, gathered on the device: one transfer for all rows. A
+    # node past its row's max_depth (score -inf, when too few lie within it) becomes an empty path.
     padded = torch.cat([F.pad(p, (0, num_heads - p.shape[2]), value=-1) for p in node_paths], dim=1)
-    chosen = padded.gather(1, order[:, :, None].expand(-1, -1, num_heads)).tolist()
-    return [[[t for t in path if t >= 0] for path in row] for row in chosen]
+    chosen = padded.gather(1, order[:, :, None].expand(-1, -1, num_heads))
+    rows = chosen.masked_fill(best.isinf()[:, :, None], -1).tolist()
+    out = []
+    for row in rows:
+        paths_of_row = [[t for t in path if t >= 0] for path in row]
+        out.append([p for p in paths_of_row if p])
+    return out
+
+
+def _children(
+    speculator: MLPSpeculator, i: int, state: torch.Tensor, prev: torch.Tensor, paths: torch.Tensor,
+    scores: torch.Tensor, k: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Head i on every branch: its state [b, branches, d] after the step, and the top-k children of every
+    branch as paths [b, branches * k, i + 1] (branch-major: a branch's children are adjacent) with their
+    summed log-probabilities [b, branches * k]."""
+    state = speculator.step(i, state, prev)  # [b, branches, d]
+    logp = F.log_softmax(speculator.logits(i, state).float(), dim=-1)  # [b, branches, vocab]
+    top_logp, top_cols = logp.topk(k, dim=-1)  # [b, branches, k]
+    b, width = paths.shape[0], paths.shape[1] * k
+    ids = speculator.vocab_ids(top_cols)[..., None]
+    children = torch.cat([paths[:, :, None, :].expand(-1, -1, k, -1), ids], dim=-1).reshape(b, width, i + 1)
+    return state, children, (scores[:, :, None] + top_logp).reshape(b, width)

@@ -110,9 +110,9 @@ def nodes_run(
     deepest prefix of the true continuation among the tree's nodes. One proposal at the largest budget serves
     all, since its first m nodes are the m-node tree."""
     out: dict[int, list[float]] = {m: [] for m in budgets}
+    width = max(budgets)
     for chunk in pick.split(512):
         truth = data.windows[chunk, 1:].tolist()
-        width = max(budgets)
         ranked = propose_nodes(spec, data.hidden[chunk].float(), data.windows[chunk, 0], width)
         for nodes, t in zip(ranked, truth, strict=True):
             for m in budgets:
