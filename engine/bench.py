@@ -119,6 +119,9 @@ def main(argv: list[str] | None = None) -> None:
         choices=["core", "spec", "all", "load"],
         help="load: only the speculation on/off comparison at 8 and 16 concurrent conversations",
     )
+    ap.add_argument("--variants", default=None, help="speculation suite: comma-separated subset of "
+                    "plain, ngram, mlp-paths, mlp, mlp-64, default, unfused (CUDA) (default: all)")  # fmt: skip
+    ap.add_argument("--skip-load", action="store_true", help="speculation suite without the 8/16-concurrent rows")
     ap.add_argument("--conversations", default=None, help="JSON list of conversations (default: prompts/eval)")
     ap.add_argument("--out", default="bench_engine.json")
     args = ap.parse_args(argv)
@@ -147,8 +150,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.suite == "load":
         rows += bench_spec.under_load(path, args.dtype, args.threads, prompts, args.max_tokens, device=args.device)
     if args.suite in ("spec", "all"):
+        variants = bench_spec.select(args.variants, args.device)
         rows += bench_spec.run(path, args.dtype, args.threads, prompts, args.max_tokens, hf, args.spec_prompts,
-                               device=args.device)  # fmt: skip
+                               device=args.device, variants=variants, with_load=not args.skip_load)  # fmt: skip
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"{args.threads} threads"
     header = (f"engine.bench: {Path(path).name}, {args.dtype}, {where}, "
               f"{args.max_tokens} new tokens, torch {torch.__version__}")  # fmt: skip

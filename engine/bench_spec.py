@@ -17,7 +17,8 @@ from engine.llm import LLM
 from engine.sampling_params import SamplingParams
 
 # name -> (speculator, tree kind, fixed tree width or None for the measured choice of speculators/tree_width.py)
-VARIANTS: dict[str, tuple[str | None, str, int | None]] = {
+Variant = tuple[str | None, str, int | None]
+VARIANTS: dict[str, Variant] = {
     "plain": (None, "nodes", None),
     "n-gram": ("ngram", "nodes", None),
     "MLP, IBM's 5-path tree": ("default-mlp", "paths", 5),
@@ -26,6 +27,25 @@ VARIANTS: dict[str, tuple[str | None, str, int | None]] = {
     "MLP, 64-node tree": ("default-mlp", "nodes", 64),
     "MLP + n-gram": ("default", "nodes", None),
 }
+# On CUDA only: plain decoding with the norms, rotary and SwiGLU as separate torch ops instead of the
+# fused Triton kernels (kernels/triton_fused.py), to measure what the fusion saves.
+UNFUSED = "plain, unfused ops"
+# --variants names (plain, the reference, always runs).
+SHORT_NAMES = {"plain": "plain", "ngram": "n-gram", "mlp-paths": "MLP, IBM's 5-path tree", "mlp": "MLP",
+               "mlp-64": "MLP, 64-node tree", "default": "MLP + n-gram", "unfused": UNFUSED}  # fmt: skip
+
+
+def select(names: str | None, device: str) -> dict[str, Variant]:
+    """The variants to run: all (plus the unfused one on CUDA), or `names` (comma-separated SHORT_NAMES)."""
+    every = {**VARIANTS, **({UNFUSED: VARIANTS["plain"]} if device == "cuda" else {})}
+    if not names:
+        return every
+    chosen = {"plain"}
+    for short in names.split(","):
+        if short.strip() not in SHORT_NAMES:
+            raise SystemExit(f"--variants: unknown {short.strip()!r}; choose from {', '.join(SHORT_NAMES)}")
+        chosen.add(SHORT_NAMES[short.strip()])
+    return {name: v for name, v in every.items() if name in chosen}
 
 
 def _engine(
@@ -36,13 +56,18 @@ def _engine(
     tree: str = "nodes",
     width: int | None = None,
     device: str = "cpu",
+    unfused: bool = False,
     **kw: Any,
 ) -> LLM:
+    from engine.models.layers import set_fused_ops
     from engine.speculation import DEFAULT_SPECULATOR_DIR
 
     spec = str(DEFAULT_SPECULATOR_DIR) if speculator == "default-mlp" else speculator
-    return LLM(model=path, dtype=dtype, device=device, num_threads=threads, speculator=spec,
-               kv_cache_memory_gib=0.5, spec_tree=tree, spec_tree_width=width, **kw)  # fmt: skip
+    llm = LLM(model=path, dtype=dtype, device=device, num_threads=threads, speculator=spec,
+              kv_cache_memory_gib=0.5, spec_tree=tree, spec_tree_width=width, **kw)  # fmt: skip
+    if unfused:
+        set_fused_ops(llm.loaded.model, "torch")
+    return llm
 
 
 def run(
@@ -54,6 +79,8 @@ def run(
     hf: Any,
     num_single: int = 12,
     device: str = "cpu",
+    variants: dict[str, Variant] | None = None,
+    with_load: bool = True,
 ) -> list[Row]:
     """Every row of the suite. Acceptance varies a lot from conversation to conversation (1.3 to 3.5 tokens
     per step), so the single-stream rows average `num_single` of them; the slow side rows (transformers
@@ -65,12 +92,13 @@ def run(
     e2e = sum(max_tokens / hf.generate(ids, max_tokens) for ids in few) / len(few)
     rows.append(Row("transformers prompt lookup (end to end)", lookup, e2e, "transformers generate (e2e)", "tok/s"))
     cpp = _llama_cpp_rate(single, max_tokens, threads) if device == "cpu" else None
-    engines = {name: _engine(path, dtype, threads, *variant, device) for name, variant in VARIANTS.items()}
+    variants = variants or select(None, device)
+    engines = {name: _engine(path, dtype, threads, *v, device, unfused=name == UNFUSED) for name, v in variants.items()}
     try:
         outputs, hf_rates = _interleaved(engines, hf, single, prompts[num_single : num_single + 1], params)
         hf_rate = aggregate_rate(hf_rates)  # every transformers run decodes max_tokens - 1 tokens
         reference = [o.token_ids for o in outputs["plain"]]
-        for name, (speculator, _, _) in VARIANTS.items():
+        for name, (speculator, _, _) in variants.items():
             outs, llm = outputs[name], engines[name]
             rate = aggregate_rate([o.metrics.decode_tokens_per_s for o in outs],
                                   [o.metrics.num_generated_tokens - 1 for o in outs])  # fmt: skip
@@ -96,8 +124,9 @@ def run(
     finally:
         for llm in engines.values():
             llm.shutdown()
-    rows += under_load(path, dtype, threads, prompts, max_tokens, device=device)
-    rows += exactness_float32(path, threads, few, max_tokens, device)
+    if with_load:
+        rows += under_load(path, dtype, threads, prompts, max_tokens, device=device)
+    rows += exactness_float32(path, threads, few, max_tokens, device, variants)
     return rows
 
 
@@ -126,13 +155,16 @@ def _interleaved(
 
 
 def exactness_float32(
-    path: str, threads: int, prompts: list[list[int]], max_tokens: int, device: str = "cpu"
-) -> list[Row]:
-    """The exactness claim, in float32 (bf16 batch shapes change rounding): every variant vs plain."""
+    path: str, threads: int, prompts: list[list[int]], max_tokens: int, device: str = "cpu",
+    variants: dict[str, Variant] | None = None,
+) -> list[Row]:  # fmt: skip
+    """The exactness claim, in float32 (bf16 batch shapes change rounding): every speculating variant vs plain."""
     params = SamplingParams(max_tokens=max_tokens)
     outputs: dict[str, list[list[int]]] = {}
     verifications: dict[str, int] = {}
-    for name, variant in VARIANTS.items():
+    for name, variant in (variants or VARIANTS).items():
+        if name == UNFUSED:
+            continue
         # The gate opened for the whole batch: on a CPU it would otherwise keep 4 requests from speculating.
         llm = _engine(path, "float32", threads, *variant, device, spec_max_batch_size=len(prompts))
         try:

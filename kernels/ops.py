@@ -121,3 +121,42 @@ def paged_attention(
 def _check_backend(backend: str) -> None:
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(_BACKENDS)}, got {backend!r}")
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    multiplier: float = 1.0,
+    *,
+    backend: Backend = "torch",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(s), s) for s = residual + x * multiplier (or x); see `kernels.reference.rms_norm`."""
+    if backend == "torch":
+        return reference.rms_norm(x, weight, eps, residual, multiplier)
+    _check_backend(backend)
+    from kernels import triton_fused
+
+    return triton_fused.rms_norm(x, weight, eps, residual, multiplier)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, backend: Backend = "torch") -> torch.Tensor:
+    """x [T, H, D] rotated by cos, sin [T, 1, D // 2]. Triton rotates x in place and returns it; torch
+    returns a new tensor: callers use the result and never read x again."""
+    if backend == "torch":
+        return reference.rotary(x, cos, sin)
+    _check_backend(backend)
+    from kernels import triton_fused
+
+    return triton_fused.rotary(x, cos, sin)
+
+
+def silu_and_mul(gate_up: torch.Tensor, *, backend: Backend = "torch") -> torch.Tensor:
+    """silu(gate) * up for gate_up = [gate | up]; see `kernels.reference.silu_and_mul`."""
+    if backend == "torch":
+        return reference.silu_and_mul(gate_up)
+    _check_backend(backend)
+    from kernels import triton_fused
+
+    return triton_fused.silu_and_mul(gate_up)

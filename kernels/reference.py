@@ -164,3 +164,39 @@ def _decode_batched(
     probs = scores.softmax(-1)
     out = torch.matmul(probs, v.transpose(1, 2))  # [b, kvh, group, head_dim]
     return out.reshape(num_seqs, query.shape[1], head_dim).to(query.dtype)
+
+
+# ---------------------------------------------------------------- fused elementwise ops (Triton twins)
+
+
+def rms_norm(
+    x: torch.Tensor,  # [T, N]
+    weight: torch.Tensor,  # [N]
+    eps: float,
+    residual: torch.Tensor | None = None,  # [T, N]: the residual stream that x (a sublayer's output) joins
+    multiplier: float = 1.0,  # Granite's residual_multiplier on x
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(s), s) for s = residual + x * multiplier, or s = x without a residual.
+
+    Llama's RMSNorm as transformers computes it: in float32 F.rms_norm is one fused kernel; otherwise
+    normalise in float32, cast back, then scale (the order transformers uses, so bf16 rounds alike).
+    """
+    if residual is not None:
+        x = residual + (x * multiplier if multiplier != 1.0 else x)
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps), x
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype), x
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [T, heads, head_dim] by cos, sin [T, 1, head_dim // 2] in transformers' rotate-half layout."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's activation: silu(gate) * up for gate_up = [gate | up], [T, 2 * I] -> [T, I]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up

@@ -88,19 +88,35 @@ class PagedAttention(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """Llama's RMSNorm: normalise in float32, cast back, then scale (the order transformers uses)."""
+    """Llama's RMSNorm: normalise in float32, cast back, then scale (the order transformers uses).
 
-    def __init__(self, hidden_size: int, eps: float):
+    `add_norm` also adds a sublayer's output to the residual stream first; on the Triton backend that is
+    one fused kernel instead of ~9 torch ops (see kernels/triton_fused.py).
+    """
+
+    def __init__(self, hidden_size: int, eps: float, backend: str = "torch"):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        self.fused_ops: ops.Backend = "triton" if backend == "triton" else "torch"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one fused kernel
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return ops.rms_norm(x, self.weight, self.eps, backend=self.fused_ops)[0]
+
+    def add_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, multiplier: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(s), s) for the new residual stream s = residual + x * multiplier."""
+        return ops.rms_norm(x, self.weight, self.eps, residual, multiplier, backend=self.fused_ops)
+
+
+def set_fused_ops(model: nn.Module, backend: ops.Backend) -> None:
+    """Run a model's norms, rotary embeddings and SwiGLU activations on `backend`'s ops ("torch": separate
+    torch ops, "triton": one fused kernel each). Models get their attention backend's at construction;
+    `python -m engine.bench --device cuda` builds a "plain, unfused" engine with this to measure the fusion."""
+    for module in model.modules():
+        if hasattr(module, "fused_ops"):
+            setattr(module, "fused_ops", backend)  # noqa: B010 (a plain attribute, not a submodule)
 
 
 def rope_parameters(hf_config: Any) -> dict[str, Any]:
@@ -202,8 +218,7 @@ class RotaryEmbedding(nn.Module):
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [T, heads, head_dim] by cos, sin [T, 1, head_dim // 2] in transformers' rotate-half layout."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return reference.rotary(x, cos, sin)
 
 
 def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -231,16 +246,23 @@ class MergedLinear(nn.Linear):
 
 
 class SwiGLU(nn.Module):
-    """Llama MLP: down(act(gate(x)) * up(x)) with gate and up fused."""
+    """Llama MLP: down(act(gate(x)) * up(x)) with gate and up fused (and, for silu on Triton, the activation
+    and product in one kernel)."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool, act: str = "silu"):
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool, act: str = "silu", backend: str = "torch"):
         super().__init__()
         self.gate_up_proj = MergedLinear(hidden_size, [intermediate_size, intermediate_size], bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
         self.act = activation(act)
+        self.fused: ops.Backend | None = (
+            ("triton" if backend == "triton" else "torch") if act in ("silu", "swish") else None
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.fused is not None:
+            return self.down_proj(ops.silu_and_mul(gate_up, backend=self.fused))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)
 
 

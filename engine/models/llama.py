@@ -22,10 +22,10 @@ from engine.models.layers import (
     RMSNorm,
     RotaryEmbedding,
     SwiGLU,
-    apply_rotary,
     load_params,
     rope_parameters,
 )
+from kernels import ops
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,7 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(h * d, args.hidden_size, bias=args.o_bias)
         scale = args.attention_scale if args.attention_scale is not None else d**-0.5
         self.attn = PagedAttention(h, kvh, d, scale, backend)
+        self.fused_ops: ops.Backend = "triton" if backend == "triton" else "torch"
 
     def forward(
         self,
@@ -105,33 +106,42 @@ class LlamaAttention(nn.Module):
         num_qk = self.num_heads + self.num_kv_heads
         qkv = self.qkv_proj(x)  # [T, (h + 2 * kvh) * d]
         # q and k heads are adjacent in the fused output: rotate them together.
-        qk = apply_rotary(qkv[:, : num_qk * d].view(num_tokens, num_qk, d), cos, sin)
+        qk = ops.rotary(qkv[:, : num_qk * d].view(num_tokens, num_qk, d), cos, sin, backend=self.fused_ops)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, num_qk * d :].view(num_tokens, self.num_kv_heads, d)
         return self.o_proj(self.attn(q, k, v, kv_cache, meta))
 
 
 class LlamaDecoderLayer(nn.Module):
+    """Pre-norm block. The residual stream travels beside the sublayer output, so each norm also does the
+    add before it (one fused kernel on Triton); on torch the ops and their order are transformers'."""
+
     def __init__(self, args: LlamaArgs, backend: str):
         super().__init__()
         self.self_attn = LlamaAttention(args, backend)
-        self.mlp = SwiGLU(args.hidden_size, args.intermediate_size, args.mlp_bias, args.hidden_act)
-        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.mlp = SwiGLU(args.hidden_size, args.intermediate_size, args.mlp_bias, args.hidden_act, backend)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, backend)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, backend)
         self.residual_multiplier = args.residual_multiplier
 
     def forward(
         self,
-        x: torch.Tensor,
+        x: torch.Tensor,  # the previous layer's MLP output, or the embeddings for the first layer
+        residual: torch.Tensor | None,  # the residual stream before x joins it; None for the first layer
         cos: torch.Tensor,
         sin: torch.Tensor,
         kv_cache: KVCache,
         meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        h = self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
-        x = x + h * self.residual_multiplier if self.residual_multiplier != 1.0 else x + h
-        h = self.mlp(self.post_attention_layernorm(x))
-        return x + h * self.residual_multiplier if self.residual_multiplier != 1.0 else x + h
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's MLP output, the residual stream it joins): the block's output is their sum."""
+        mult = self.residual_multiplier
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm.add_norm(x, residual, mult)
+        h = self.self_attn(h, cos, sin, kv_cache, meta)
+        h, residual = self.post_attention_layernorm.add_norm(h, residual, mult)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -139,7 +149,7 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(args, backend) for _ in range(args.num_layers))
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, backend)
 
 
 class LlamaForCausalLM(CausalLM):
@@ -168,9 +178,12 @@ class LlamaForCausalLM(CausalLM):
         if self.args.embedding_multiplier != 1.0:
             x = x * self.args.embedding_multiplier
         cos, sin = self.rotary(positions, x.dtype)
+        residual: torch.Tensor | None = None
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
-            x = layer(x, cos, sin, kv_cache, meta)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, cos, sin, kv_cache, meta)
+        if residual is None:  # no layers
+            return self.model.norm(x)
+        return self.model.norm.add_norm(x, residual, self.args.residual_multiplier)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[n, hidden_size] -> float32 [n, vocab_size]."""

@@ -227,15 +227,19 @@ from engine.models.loader import load_model
 from pathlib import Path
 device = "cuda" if torch.cuda.is_available() else "cpu"
 path = make_tiny_model("llama", Path(sys.argv[1]))
+from engine.models.layers import set_fused_ops
 out = {}
-for backend in ("torch", "triton"):
-    lm = load_model(str(path), dtype="float32", device=device, attention_backend=backend)
+for backend in ("torch", "triton", "triton-unfused"):
+    lm = load_model(str(path), dtype="float32", device=device, attention_backend=backend.split("-")[0])
+    if backend == "triton-unfused":  # Triton attention, torch norms / rotary / SwiGLU
+        set_fused_ops(lm.model, "torch")
     runner = PagedRunner(lm)
     runner.kv_caches = [(k.to(device), v.to(device)) for k, v in runner.kv_caches]
     a, b = _tokens(lm, 21, 1), _tokens(lm, 9, 2)
     runner.step([(0, a[:14])])
     out[backend] = torch.cat(runner.step([(0, a[14:]), (1, b)]) + runner.step([(0, [3]), (1, [4])])).cpu()
 torch.testing.assert_close(out["triton"], out["torch"], atol=1e-4, rtol=0)
+torch.testing.assert_close(out["triton-unfused"], out["torch"], atol=1e-4, rtol=0)
 print("ok")
 """
 

@@ -278,7 +278,7 @@ try:
 except ImportError as exc:
     print(f"no Triton CUDA backend: {exc}")
     sys.exit(3)
-from kernels import triton_attention as ta, triton_kv as tk
+from kernels import triton_attention as ta, triton_fused as tf, triton_kv as tk
 from kernels.triton_common import attention_block_shape, next_pow2
 
 PTR = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
@@ -314,6 +314,14 @@ build(ta._merge_splits_kernel, {"out_ptr": "*bf16", "part_acc_ptr": "*fp32", "pa
 build(tk._write_kv_kernel, {"key_ptr": "*fp32", "value_ptr": "*fp32", "k_cache_ptr": "*bf16",
       "v_cache_ptr": "*bf16", "slot_mapping_ptr": "*i64", "stride_kc_b": "i64", "stride_vc_b": "i64"},
       dict(NUM_KV_HEADS=3, HEAD_DIM=80, BLOCK_H=4, BLOCK_D=128, PAGE_SIZE=32), 1)
+bf = {n: "*bf16" for n in ("x_ptr", "res_ptr", "w_ptr", "out_ptr", "res_out_ptr", "gate_up_ptr",
+                            "cos_ptr", "sin_ptr")}
+build(tf._rms_norm_kernel, {**bf, "eps": "fp32", "multiplier": "fp32"},
+      dict(HAS_RES=True, HAS_MULT=True, BLOCK=1024), 4)
+build(tf._rms_norm_kernel, {**bf, "x_ptr": "*fp32", "res_ptr": "*fp32", "w_ptr": "*fp32", "out_ptr": "*fp32",
+      "res_out_ptr": "*fp32", "eps": "fp32", "multiplier": "fp32"}, dict(HAS_RES=False, HAS_MULT=False, BLOCK=64), 4)
+build(tf._rotary_kernel, bf, dict(HALF=32, BLOCK_H=16, BLOCK_HALF=32), 4)
+build(tf._silu_and_mul_kernel, bf, dict(BLOCK=1024), 4)
 print("compiled")
 """
 
