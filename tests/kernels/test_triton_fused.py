@@ -82,8 +82,10 @@ def test_rms_norm_with_residual(dtype: torch.dtype, n_cols: int, multiplier: flo
     out, new_res = ops.rms_norm(x, weight, 1e-5, res, multiplier, backend="triton")
     ref_out, ref_res = reference.rms_norm(x, weight, 1e-5, res, multiplier)
     assert out.dtype == dtype and new_res.dtype == dtype
-    exact = _exact(dtype)
-    torch.testing.assert_close(new_res, ref_res, atol=exact, rtol=exact)  # the same two roundings
+    # The same roundings, except that in float32 CUDA contracts residual + x * multiplier into one FMA
+    # (seen on an H100: 1 unit in the last place).
+    exact = 2e-6 if dtype == torch.float32 and multiplier != 1.0 else _exact(dtype)
+    torch.testing.assert_close(new_res, ref_res, atol=exact, rtol=exact)
     tol = _ulps(dtype)
     torch.testing.assert_close(out.float(), ref_out.float(), atol=tol, rtol=tol)
     assert x.equal(_randn(7, n_cols, dtype=dtype, seed=1)) and res.equal(_randn(7, n_cols, dtype=dtype, seed=2))
