@@ -61,12 +61,14 @@ class DraftTree:
     def mask(self, device: torch.device | str | None = None) -> torch.Tensor:
         """bool [num_nodes + 1, num_nodes + 1]: row r sees itself and its ancestors (root row included)."""
         size = self.num_nodes + 1
-        m = torch.zeros(size, size, dtype=torch.bool)
-        m[0, 0] = True
-        for r in range(1, size):
-            # Parents come before children, so the parent's row is complete: inherit it and add self.
-            m[r] = m[self.parents[r - 1]]
-            m[r, r] = True
+        m = torch.eye(size, dtype=torch.bool)
+        rows = torch.arange(size)
+        parent = torch.tensor([0, *self.parents])  # the root is its own parent
+        ancestor = rows
+        # One vectorised hop per level (a few ops) instead of a row copy per node (~5 us each, 64 on a GPU).
+        for _ in range(self.max_depth):
+            ancestor = parent[ancestor]
+            m[rows, ancestor] = True
         return m.to(device) if device is not None else m
 
 
