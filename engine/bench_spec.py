@@ -41,10 +41,12 @@ def select(names: str | None, device: str) -> dict[str, Variant]:
     if not names:
         return every
     chosen = {"plain"}
-    for short in names.split(","):
-        if short.strip() not in SHORT_NAMES:
-            raise SystemExit(f"--variants: unknown {short.strip()!r}; choose from {', '.join(SHORT_NAMES)}")
-        chosen.add(SHORT_NAMES[short.strip()])
+    for short in filter(None, (n.strip() for n in names.split(","))):
+        if short not in SHORT_NAMES:
+            raise SystemExit(f"--variants: unknown {short!r}; choose from {', '.join(SHORT_NAMES)}")
+        if SHORT_NAMES[short] not in every:
+            raise SystemExit(f"--variants: {short!r} only exists on CUDA (the Triton kernels it switches off)")
+        chosen.add(SHORT_NAMES[short])
     return {name: v for name, v in every.items() if name in chosen}
 
 

@@ -7,7 +7,10 @@ residual add + norm, the rotary embedding of q and k, and SwiGLU's activation in
 
 Numerics follow the torch twins op for op, roundings included: every intermediate that torch rounds to the
 activation dtype (bf16/fp16) is rounded here too, and the arithmetic between roundings is float32 as in
-torch's kernels. Only the order of the norm's sum of squares differs (one tree reduction).
+torch's kernels. What still differs: the order of the norm's sum of squares (one tree reduction), the
+compiled exp / rsqrt / division (approximate instructions on CUDA), and, in float32, products that the
+compiler contracts into FMAs (a*cos - b*sin, residual + x*multiplier). Results agree to a unit or so in
+the last place, which the tests bound.
 
 Importing this module imports triton; `kernels.ops` imports it lazily. On CPU it only runs under the
 Triton interpreter (TRITON_INTERPRET=1 set before triton is imported).
@@ -69,6 +72,8 @@ def rms_norm(
     """(norm(residual + x * multiplier), residual + x * multiplier), or (norm(x), x) without a residual."""
     check_device(x, weight, *([] if residual is None else [residual]))
     assert x.dim() == 2 and x.stride(-1) == 1, (x.shape, x.stride())
+    if residual is not None:
+        assert residual.shape == x.shape and residual.stride(-1) == 1, (residual.shape, residual.stride())
     num_tokens, n_cols = x.shape
     out = torch.empty_like(x)
     res_out = out if residual is None else torch.empty_like(x)

@@ -254,14 +254,13 @@ class SwiGLU(nn.Module):
         self.gate_up_proj = MergedLinear(hidden_size, [intermediate_size, intermediate_size], bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
         self.act = activation(act)
-        self.fused: ops.Backend | None = (
-            ("triton" if backend == "triton" else "torch") if act in ("silu", "swish") else None
-        )
+        self.fused_ops: ops.Backend = "triton" if backend == "triton" else "torch"
+        self.fuse_act = act in ("silu", "swish")  # other activations stay separate ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        if self.fused is not None:
-            return self.down_proj(ops.silu_and_mul(gate_up, backend=self.fused))
+        if self.fuse_act:
+            return self.down_proj(ops.silu_and_mul(gate_up, backend=self.fused_ops))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)
 

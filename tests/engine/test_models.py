@@ -233,6 +233,8 @@ for backend in ("torch", "triton", "triton-unfused"):
     lm = load_model(str(path), dtype="float32", device=device, attention_backend=backend.split("-")[0])
     if backend == "triton-unfused":  # Triton attention, torch norms / rotary / SwiGLU
         set_fused_ops(lm.model, "torch")
+        assert {m.fused_ops for m in lm.model.modules() if hasattr(m, "fused_ops")} == {"torch"}
+        assert sum(hasattr(m, "fused_ops") for m in lm.model.modules()) == 2 * 4 + 1  # norms, attn, mlp; final norm
     runner = PagedRunner(lm)
     runner.kv_caches = [(k.to(device), v.to(device)) for k, v in runner.kv_caches]
     a, b = _tokens(lm, 21, 1), _tokens(lm, 9, 2)

@@ -70,14 +70,24 @@ def _exact(dtype: torch.dtype) -> float:
 def _ulps(dtype: torch.dtype) -> float:
     # Kernel and twin round the same intermediates; only sums (norm) and exp/rsqrt approximations may move a
     # result by one unit in the last place of the activation dtype.
+    if dtype == torch.bfloat16 and not _CUDA:
+        return 3.2e-2  # the interpreter's truncations (see _exact) compound over the norm's two roundings
     return {torch.float32: 2e-6, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}[dtype]
+
+
+def _mostly_identical(out: torch.Tensor, ref: torch.Tensor) -> None:
+    # fp16, where the interpreter rounds like CUDA: the kernel rounds every intermediate that torch rounds,
+    # so almost every element is bit-identical (a skipped rounding would move about half of them).
+    if out.dtype == torch.float16:
+        assert (out != ref).float().mean().item() <= 0.02
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n_cols", [64, 576, 80])
 @pytest.mark.parametrize("multiplier", [1.0, 0.22])
 def test_rms_norm_with_residual(dtype: torch.dtype, n_cols: int, multiplier: float) -> None:
-    x, res = _randn(7, n_cols, dtype=dtype, seed=1), _randn(7, n_cols, dtype=dtype, seed=2)
+    x = _randn(7, n_cols, dtype=dtype, seed=1)
+    res = _randn(7, 2 * n_cols, dtype=dtype, seed=2)[:, 1 : n_cols + 1]  # its own row stride and offset
     weight = _randn(n_cols, dtype=dtype, seed=3)
     out, new_res = ops.rms_norm(x, weight, 1e-5, res, multiplier, backend="triton")
     ref_out, ref_res = reference.rms_norm(x, weight, 1e-5, res, multiplier)
@@ -88,7 +98,9 @@ def test_rms_norm_with_residual(dtype: torch.dtype, n_cols: int, multiplier: flo
     torch.testing.assert_close(new_res, ref_res, atol=exact, rtol=exact)
     tol = _ulps(dtype)
     torch.testing.assert_close(out.float(), ref_out.float(), atol=tol, rtol=tol)
-    assert x.equal(_randn(7, n_cols, dtype=dtype, seed=1)) and res.equal(_randn(7, n_cols, dtype=dtype, seed=2))
+    _mostly_identical(out, ref_out)
+    assert x.equal(_randn(7, n_cols, dtype=dtype, seed=1))
+    assert res.equal(_randn(7, 2 * n_cols, dtype=dtype, seed=2)[:, 1 : n_cols + 1])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -128,7 +140,9 @@ def test_silu_and_mul(dtype: torch.dtype, inter: int) -> None:
     gate_up = _randn(3, 2 * inter, dtype=dtype, seed=8)
     out = ops.silu_and_mul(gate_up, backend="triton")
     tol = _ulps(dtype)
-    torch.testing.assert_close(out.float(), reference.silu_and_mul(gate_up).float(), atol=tol, rtol=tol)
+    expected = reference.silu_and_mul(gate_up)
+    torch.testing.assert_close(out.float(), expected.float(), atol=tol, rtol=tol)
+    _mostly_identical(out, expected)
 
 
 def test_no_tokens() -> None:
