@@ -216,11 +216,6 @@ class RotaryEmbedding(nn.Module):
         return self._cos[positions].unsqueeze(1), self._sin[positions].unsqueeze(1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [T, heads, head_dim] by cos, sin [T, 1, head_dim // 2] in transformers' rotate-half layout."""
-    return reference.rotary(x, cos, sin)
-
-
 def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """The activation a config names (transformers' ACT2FN spelling)."""
     if name in ("silu", "swish"):
