@@ -105,14 +105,14 @@ def main(argv: list[str] | None = None) -> None:
 
     use_sync = args.device == "cuda" if args.sync is None else args.sync
     sync = torch.cuda.synchronize if use_sync and args.device == "cuda" else (lambda: None)
+    # Conversations 2 to n + 1, read once for both engines.
+    messages = _first_user_turns(_eval_conversations(args.conversations), args.prompts + 1)[1:]
     results: dict[str, dict[str, float]] = {}
     for name, speculator in (("plain", None), (f"speculative ({args.speculator})", args.speculator)):
         llm = LLM(model=args.model, dtype=args.dtype, device=args.device, num_threads=args.threads,
                   speculator=speculator, spec_tree_width=args.tree_width if speculator else None)  # fmt: skip
         llm.shutdown()  # its serving thread: this process steps the engine itself
-        convs = _eval_conversations(args.conversations)
-        prompts = [llm.encode(m) for m in _first_user_turns(convs, args.prompts + 1)][1:]
-        results[name] = profile(llm, prompts, args.max_tokens, sync)
+        results[name] = profile(llm, [llm.encode(m) for m in messages], args.max_tokens, sync)
     keys = list(dict.fromkeys(k for r in results.values() for k in r))
     print(f"engine.bench_profile: {args.device}, {args.dtype}, ms per engine step (sync: {use_sync})\n")
     print("| phase | " + " | ".join(results) + " |\n|---|" + "---|" * len(results))
