@@ -26,6 +26,9 @@ class EngineConfig:
       speculators/candidates.py `propose_nodes`) or "paths" (IBM's best whole paths, top-k [5, 4, 3]).
     spec_tree_width: the tree's size, in draft nodes ("nodes") or candidate paths ("paths"); None = chosen
       per step from measured step cost and acceptance (speculators/tree_width.py), an int fixes it.
+    enforce_eager: never use CUDA graphs (vLLM's name); on CUDA the speculator's proposal is otherwise one.
+    quantization: None, or "int4" (CPU): the layers' weights in 4 bits, groups of 32 (models/int4_linear.py;
+      GGUF Q4_1's own grid, so near-lossless for the default model, lossy for a full-precision checkpoint).
     """
 
     model: str | None = None
@@ -44,6 +47,8 @@ class EngineConfig:
     spec_tree: SpecTree = "nodes"
     spec_tree_width: int | None = None
     attention_backend: AttentionBackend = "auto"
+    enforce_eager: bool = False
+    quantization: str | None = None
     num_threads: int | None = None
     trust_remote_code: bool = False
 
@@ -64,5 +69,7 @@ class EngineConfig:
             raise ValueError(f"spec_tree must be 'nodes' or 'paths', got {self.spec_tree!r}")
         if self.spec_tree_width is not None and self.spec_tree_width < 1:
             raise ValueError(f"spec_tree_width must be >= 1 or None, got {self.spec_tree_width}")
+        if self.quantization not in (None, "int4"):
+            raise ValueError(f"quantization must be None or 'int4', got {self.quantization!r}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")

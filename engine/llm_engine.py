@@ -71,6 +71,7 @@ class LLMEngine:
                 config.spec_max_batch_size,
                 config.spec_tree_width,
                 tree=config.spec_tree,
+                cuda_graphs=not config.enforce_eager,
             )
             if mlp_dir or use_ngram
             else None
@@ -78,6 +79,7 @@ class LLMEngine:
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self.sequences: dict[str, Sequence] = {}
         self.num_steps = 0
+        self._step_started = 0.0  # perf_counter at the current step's start
         self._ids = itertools.count()
 
     def validate_prompt(self, prompt_token_ids: list[int]) -> None:
@@ -134,6 +136,7 @@ class LLMEngine:
 
     def step(self) -> list[StreamDelta]:
         """One engine iteration. Returns a delta for every request that produced text or finished."""
+        self._step_started = time.perf_counter()
         if self.speculation is not None:
             self.speculation.propose(self.scheduler.running, self.block_manager.usage)
         batch = self.scheduler.schedule()
@@ -178,7 +181,6 @@ class LLMEngine:
         """One base-model pass: plain sequences sample one token, speculating ones verify their tree."""
         scheduled = batch.scheduled
         spec = self.speculation
-        started = time.perf_counter()
         trees: list[DraftTree | None] = [spec.tree_for(s) if spec else None for s in scheduled]
         logits, hidden, starts = self.runner.execute(scheduled, trees)
         result: list[list[int]] = [[] for _ in scheduled]
@@ -200,8 +202,9 @@ class LLMEngine:
         lone = scheduled[0] if len(scheduled) == 1 else None
         if spec is not None and lone is not None and lone.num_new_tokens == 1:
             # A lone decode step (the results above are on the host, so the pass is done): what one more
-            # verified token costs, for the tree-width choice.
-            spec.step_cost.record(1 + lone.num_draft_tokens, time.perf_counter() - started)
+            # verified token costs, for the tree-width choice. Timed from the step's start, proposal
+            # included: the width trades a token's cost against the whole step's, not the pass alone's.
+            spec.step_cost.record(1 + lone.num_draft_tokens, time.perf_counter() - self._step_started)
         return result
 
     def _text_delta(self, seq: Sequence, kept: list[int]) -> StreamDelta:

@@ -167,9 +167,10 @@ def _tree_mask(query_lens: list[int], trees: list[DraftTree | None], device: tor
     mask = torch.zeros(sum(query_lens), width, dtype=torch.bool)
     row = 0
     for q_len, tree in zip(query_lens, trees, strict=True):
-        mask[row : row + q_len, :q_len] = torch.ones(q_len, q_len, dtype=torch.bool).tril()
+        n = 0 if tree is None else tree.num_nodes + 1
+        if q_len > n:  # the causal part (a decoding sequence's tree covers all its rows)
+            mask[row : row + q_len, :q_len] = torch.ones(q_len, q_len, dtype=torch.bool).tril()
         if tree is not None:
-            n = tree.num_nodes + 1
             mask[row + q_len - n : row + q_len, q_len - n : q_len] = tree.mask()
         row += q_len
     return mask.to(device)

@@ -29,6 +29,7 @@ from engine.speculators import draft_vocab
 from engine.speculators.acceptance import Acceptance, accept_greedy, accept_sampled, accepted_tokens
 from engine.speculators.candidates import beam_top_k, propose_nodes
 from engine.speculators.candidates import propose as propose_paths
+from engine.speculators.cuda_graph import GraphedNodeRanker
 from engine.speculators.gating import GatingConfig, SpeculationPolicy
 from engine.speculators.mlp import MLPSpeculator
 from engine.speculators.ngram import NgramSpeculator
@@ -86,7 +87,7 @@ class SpeculativeDecoder:
     def __init__(
         self, mlp_dir: str | None, use_ngram: bool, loaded: LoadedModel, runner: ModelRunner,
         max_batch_size: int | None = None, tree_width: int | None = None, max_ngram_tokens: int = 4,
-        tree: SpecTree = "nodes",
+        tree: SpecTree = "nodes", cuda_graphs: bool = True,
     ) -> None:  # fmt: skip
         self.runner = runner
         self.mlp: MLPSpeculator | None = None
@@ -112,6 +113,11 @@ class SpeculativeDecoder:
             pool = max(self.mlp.config.n_candidates, tree_width or 0)
         else:
             pool = tree_width or (64 if loaded.device.type == "cuda" else 12)
+        self.pool = pool
+        # On CUDA the node proposal replays as one graph (launching its ~100 kernels from Python costs more).
+        self.graphed = None
+        if self.mlp is not None and tree == "nodes" and loaded.device.type == "cuda" and cuda_graphs:
+            self.graphed = GraphedNodeRanker(self.mlp, pool)
         gating = GatingConfig(max_tokens=max_tokens, max_batch_size=max_batch, max_candidates=pool)
         self.policy = SpeculationPolicy(gating)
         # Tree width from measured step costs (CPU: each verified token costs ~4 % of a step at 135M; GPU:
@@ -162,14 +168,16 @@ class SpeculativeDecoder:
                 else:
                     n_cand = min(n_cand, self.fixed_width)
                 depths = [depth[s.request_id] for s in with_hidden]
-                for s, ranked in zip(with_hidden, self._mlp_ranked(hidden, last, n_cand, heads, depths), strict=True):
-                    if self.tree == "nodes":  # already within the request's depth
+                # The whole pool is ranked (the top n_cand are verified) so that every width gets measured.
+                for s, pool in zip(with_hidden, self._mlp_ranked(hidden, last, heads, depths), strict=True):
+                    if self.tree == "paths":
+                        pool = [r[: depth[s.request_id]] for r in pool]
+                    ranked = pool[:n_cand]
+                    if self.tree == "nodes" and ranked:  # already within the request's depth
                         # The best deepest node's path first: it takes the slots right after the root.
                         paths[s.request_id].append(max(ranked, key=len))
-                    else:
-                        ranked = [r[: depth[s.request_id]] for r in ranked]
                     paths[s.request_id] += ranked
-                    self.paths[s.request_id] = (fixed[s.request_id], ranked)
+                    self.paths[s.request_id] = (fixed[s.request_id], pool)
         for s in eligible:
             if paths[s.request_id]:
                 tree = build_tree(paths[s.request_id])
@@ -177,14 +185,16 @@ class SpeculativeDecoder:
                 s.draft_token_ids = list(tree.tokens)
 
     def _mlp_ranked(
-        self, hidden: torch.Tensor, last: torch.Tensor, width: int, heads: int, depths: list[int]
+        self, hidden: torch.Tensor, last: torch.Tensor, heads: int, depths: list[int]
     ) -> list[list[list[int]]]:
-        # Per sequence, the MLP's draft paths best first: whole paths (IBM) or single nodes as their paths.
+        # Per sequence, the MLP's pool of draft paths best first: whole paths (IBM) or single nodes as paths.
         assert self.mlp is not None
         if self.tree == "nodes":
-            return propose_nodes(self.mlp, hidden, last, width, num_heads=heads, max_depth=depths)
-        top_k = beam_top_k(self.mlp.config.top_k_tokens_per_head, self.mlp.config.n_candidates, width)
-        return propose_paths(self.mlp, hidden, last, top_k, n_candidates=width, num_heads=heads)[0].tolist()
+            if self.graphed is not None:
+                return self.graphed(hidden, last, depths)
+            return propose_nodes(self.mlp, hidden, last, self.pool, num_heads=heads, max_depth=depths)
+        top_k = beam_top_k(self.mlp.config.top_k_tokens_per_head, self.mlp.config.n_candidates, self.pool)
+        return propose_paths(self.mlp, hidden, last, top_k, n_candidates=self.pool, num_heads=heads)[0].tolist()
 
     def tree_for(self, sched: ScheduledSeq) -> DraftTree | None:
         """The (possibly cut) tree the scheduler let this sequence verify, or None."""

@@ -96,6 +96,19 @@ def propose_nodes(
     Returns, per sequence, the chosen nodes as token paths, best first: the first m of them form the best
     m-node tree (tree_width.TreeWidth measures every m from one verification).
     """
+    limit = None if max_depth is None else torch.tensor(max_depth, device=hidden.device)
+    return node_paths(*rank_nodes(speculator, hidden, last_tokens, num_nodes, num_heads, beam, limit))
+
+
+def rank_nodes(
+    speculator: MLPSpeculator, hidden: torch.Tensor, last_tokens: torch.Tensor, num_nodes: int,
+    num_heads: int | None = None, beam: int | None = None, max_depth: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """`propose_nodes` on the device, without a host sync (so a CUDA graph can capture it).
+
+    max_depth: int64 [b] or None. Returns (paths int64 [b, num_nodes, heads] padded with -1, scores float32
+    [b, num_nodes], -inf where a row has fewer nodes within its depth), best first.
+    """
     num_heads = num_heads or speculator.n_predict
     assert 1 <= num_heads <= speculator.n_predict, (num_heads, speculator.n_predict)
     num_heads = min(num_heads, num_nodes)  # n nodes reach depth n at most
@@ -105,12 +118,12 @@ def propose_nodes(
     prev = last_tokens[:, None].long()
     parents = torch.empty(b, 1, 0, dtype=torch.long, device=hidden.device)  # [b, parents, depth]
     parent_scores = torch.zeros(b, 1, device=hidden.device)
-    node_paths: list[torch.Tensor] = []  # per depth [b, nodes, depth + 1]
+    node_paths_: list[torch.Tensor] = []  # per depth [b, nodes, depth + 1]
     node_scores: list[torch.Tensor] = []
     k = min(num_nodes, speculator.vocab_size if speculator.draft_vocab is None else len(speculator.draft_vocab))
     for i in range(num_heads):
         state, paths, scores = _children(speculator, i, state, prev, parents, parent_scores, k)
-        node_paths.append(paths)
+        node_paths_.append(paths)
         node_scores.append(scores)
         if i + 1 < num_heads:
             keep = scores.topk(min(beam, paths.shape[1]), dim=1).indices  # [b, beam]
@@ -122,14 +135,17 @@ def propose_nodes(
     scores = torch.cat(node_scores, dim=1)
     if max_depth is not None:
         depth = torch.cat([torch.full((s.shape[1],), i + 1, device=scores.device) for i, s in enumerate(node_scores)])
-        limit = torch.tensor(max_depth, device=scores.device)[:, None]
-        scores = scores.masked_fill(depth[None, :] > limit, float("-inf"))
+        scores = scores.masked_fill(depth[None, :] > max_depth[:, None], float("-inf"))
     best, order = (t[:, :num_nodes] for t in scores.sort(dim=1, descending=True, stable=True))
-    # Every node's path padded to num_heads with -1, gathered on the device: one transfer for all rows. A
-    # node past its row's max_depth (score -inf, when too few lie within it) becomes an empty path.
-    padded = torch.cat([F.pad(p, (0, num_heads - p.shape[2]), value=-1) for p in node_paths], dim=1)
-    chosen = padded.gather(1, order[:, :, None].expand(-1, -1, num_heads))
-    rows = chosen.masked_fill(best.isinf()[:, :, None], -1).tolist()
+    # Every node's path padded to num_heads with -1, gathered on the device: one transfer for all rows.
+    padded = torch.cat([F.pad(p, (0, num_heads - p.shape[2]), value=-1) for p in node_paths_], dim=1)
+    return padded.gather(1, order[:, :, None].expand(-1, -1, num_heads)), best
+
+
+def node_paths(paths: torch.Tensor, scores: torch.Tensor) -> list[list[list[int]]]:
+    """`rank_nodes`' tensors as lists of token paths per sequence; a node past its row's max_depth (score
+    -inf, when too few lie within it) is dropped."""
+    rows = paths.masked_fill(scores.isinf()[:, :, None], -1).tolist()
     out = []
     for row in rows:
         paths_of_row = [[t for t in path if t >= 0] for path in row]

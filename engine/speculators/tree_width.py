@@ -8,12 +8,14 @@ Rather than fixing a width per device, the engine measures both sides of the tra
 * `StepCost` fits the wall time of single-sequence steps against the query tokens they verify,
   t = a + b (tokens - 1), giving c = b / a: the cost of one extra verified token relative to a plain step.
 * `TreeWidth` knows, after every verification, how many tokens the top-m candidates alone would have
-  accepted for every m up to the number verified (the accepted path plus the base model's own token is the
-  true continuation up to the first mismatch, so any path's accepted prefix is its common prefix with it).
+  accepted for every m (the accepted path plus the base model's own token is the true continuation up to
+  the first mismatch, so any path's accepted prefix is its common prefix with it). The engine ranks the full
+  pool of candidates every step and verifies the top m, so the wider trees it did not verify are measured
+  too: a path matching the whole known continuation is credited that much, a lower bound.
   A candidate is a whole path (IBM's tree) or one draft node given as its path (`propose_nodes`, where the
   top m nodes are themselves the best m-node tree), so m counts paths or nodes.
   It keeps moving averages of tokens per step E_m and tree size N_m, and picks the m maximizing
-  E_m / (1 + c N_m); every `probe_interval`-th step verifies the full width so wider trees stay measured.
+  E_m / (1 + c N_m).
 
 Output never depends on this: every candidate is verified exactly.
 """
@@ -28,11 +30,16 @@ from engine.speculators.tree import common_prefix
 class StepCost:
     """Online least squares of step seconds against verified tokens, with exponential forgetting."""
 
-    def __init__(self, prior: float, decay: float = 0.98, min_spread: float = 2.0):
-        self.prior, self.decay, self.min_spread = prior, decay, min_spread
+    def __init__(self, prior: float, decay: float = 0.98, min_spread: float = 2.0, outlier_factor: float = 4.0):
+        self.prior, self.decay, self.min_spread, self.outlier_factor = prior, decay, min_spread, outlier_factor
         self._w = self._x = self._y = self._xx = self._xy = 0.0
 
     def record(self, tokens: int, seconds: float) -> None:
+        # A step several times the mean is not the tokens' cost: a Triton kernel compiling for a new tree
+        # size (GPU, ~0.5 s against ~17 ms), a garbage collection. One such step would set the fitted slope
+        # for hundreds of steps (it decays by 0.98 a step), so it is left out.
+        if self._w >= 5 and seconds > self.outlier_factor * self._y / self._w:
+            return
         d, x = self.decay, float(tokens - 1)
         self._w, self._x, self._y = d * self._w + 1, d * self._x + x, d * self._y + seconds
         self._xx, self._xy = d * self._xx + x * x, d * self._xy + x * seconds
@@ -54,18 +61,16 @@ class StepCost:
 class TreeWidth:
     """Chooses how many MLP candidates (paths or nodes) to verify from retrospective acceptance (module doc)."""
 
-    def __init__(self, max_candidates: int, probe_interval: int = 8, decay: float = 0.95):
-        self.max_candidates, self.probe_interval, self.decay = max_candidates, probe_interval, decay
+    def __init__(self, max_candidates: int, decay: float = 0.95):
+        self.max_candidates, self.decay = max_candidates, decay
         self._tokens = [0.0] * (max_candidates + 1)  # index m: moving sums for the top-m tree
         self._nodes = [0.0] * (max_candidates + 1)
         self._weight = [0.0] * (max_candidates + 1)
-        self._steps = 0
 
     def choose(self, cost_per_token: float, limit: int) -> int:
         """Candidates to verify this step (<= limit, e.g. the load-based width)."""
-        self._steps += 1
         limit = min(limit, self.max_candidates)
-        if limit <= 1 or self._steps % self.probe_interval == 0:
+        if limit <= 1:
             return limit
         best, best_gain = limit, -1.0
         for m in range(1, limit + 1):
@@ -79,7 +84,7 @@ class TreeWidth:
 
     def record(self, fixed: Sequence[Sequence[int]], ranked: Sequence[Sequence[int]], emitted: Sequence[int]) -> None:
         """After a verification: `fixed` paths always in the tree (the n-gram draft), `ranked` MLP candidates best
-        first (the top len(ranked) were verified), `emitted` the accepted tokens plus the base model's own."""
+        first (verified or not), `emitted` the accepted tokens plus the base model's own."""
         d = self.decay
         # The top-m tree grows by one path per m: keep its best match and node set incrementally (a 64-path
         # tree would otherwise rebuild 64 sets per step).
@@ -88,8 +93,9 @@ class TreeWidth:
         for m, path in enumerate(ranked[: self.max_candidates], start=1):
             best = max(best, common_prefix(path, emitted))
             seen.update(tuple(path[: i + 1]) for i in range(len(path)))
-            # Capped: a path matching past the verified part of a tree the scheduler cut proves nothing.
-            accepted, nodes = min(best, len(emitted) - 1), len(seen)
+            # emitted is all that is known of the continuation: a path matching all of it (one the tree did
+            # not hold) would accept at least that much and is credited exactly that, a lower bound.
+            accepted, nodes = min(best, len(emitted)), len(seen)
             self._tokens[m] = d * self._tokens[m] + accepted + 1
             self._nodes[m] = d * self._nodes[m] + nodes
             self._weight[m] = d * self._weight[m] + 1

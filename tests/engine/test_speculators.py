@@ -280,6 +280,8 @@ def test_propose_nodes_picks_the_most_likely_nodes_of_the_whole_tree() -> None:
     narrow = propose_nodes(spec, z, last, 12, num_heads=2, beam=2)
     assert all(len(r) == 12 and len({tuple(p) for p in r}) == 12 and max(map(len, r)) <= 2 for r in narrow)
     assert propose_nodes(spec, z, last, 5) == [r[:5] for r in propose_nodes(spec, z, last, 40)]
+    # Fewer heads or a depth limit as data (what a CUDA graph of fixed shape takes) rank the same nodes.
+    assert propose_nodes(spec, z, last, 12, num_heads=2) == propose_nodes(spec, z, last, 12, max_depth=[2, 2])
     # A request limited to depth 1 gets 12 nodes of depth 1, the best first tokens; the other row is as before.
     limited = propose_nodes(spec, z, last, 12, max_depth=[1, 3])
     assert limited[1] == propose_nodes(spec, z, last, 12)[1]

@@ -92,12 +92,14 @@ def test_step_cost_fits_the_slope_and_falls_back_to_the_prior() -> None:
         tokens = 1 + (i % 16)
         cost.record(tokens, 0.040 * (1 + 0.1 * (tokens - 1)))
     assert abs(cost.cost_per_token - 0.1) < 1e-6
+    cost.record(16, 0.5)  # a step that compiled a kernel: ignored, not fitted as the cost of its tokens
+    assert abs(cost.cost_per_token - 0.1) < 1e-6
 
 
 def test_tree_width_measures_every_narrower_tree_and_weighs_cost() -> None:
     from engine.speculators.tree_width import TreeWidth
 
-    width = TreeWidth(max_candidates=3, probe_interval=1000)
+    width = TreeWidth(max_candidates=3)
     assert width.choose(0.05, limit=3) == 3  # nothing measured: explore at full width
     truth = [7, 8, 9, 4]  # accepted 7, 8, 9 and the base model's own 4
     for _ in range(20):
