@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--data-dir", type=Path, help="where the default database lives")
         sub.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the model runs")
         sub.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="weights' dtype")
+        sub.add_argument("--quantization", choices=["int4"], help="int4: 4-bit layer weights (CPU; ~1.6x faster)")
         sub.add_argument("--max-tokens", type=int, help="longest drafted reply, in tokens")
         sub.add_argument("--temperature", type=float, help="0 for greedy drafts (default 0.7)")
     serve.add_argument("--host", help="interface to bind (default 127.0.0.1)")
@@ -55,7 +56,8 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None 
     api_keys = getattr(args, "api_keys", None)
     return settings.with_overrides(
         model=args.model, speculator=args.speculator, db_url=args.db_url, data_dir=args.data_dir,
-        device=args.device, dtype=args.dtype, max_tokens=args.max_tokens, temperature=args.temperature,
+        device=args.device, dtype=args.dtype, quantization=args.quantization, max_tokens=args.max_tokens,
+        temperature=args.temperature,
         host=getattr(args, "host", None),
         port=getattr(args, "port", None), api_keys=tuple(api_keys) if api_keys else None,
         agents=agents or None,

@@ -52,6 +52,7 @@ class Settings:
     top_p: float = 0.9
     device: str = "auto"
     dtype: str = "auto"
+    quantization: str | None = None  # "int4": the layers' weights in 4 bits on CPU (EngineConfig.quantization)
     engine_kwargs: Mapping[str, Any] = field(default_factory=dict)  # extra EngineConfig fields (tests)
 
     def __post_init__(self) -> None:
@@ -92,6 +93,8 @@ class Settings:
         `speculator=None` keeps the engine's own default; "none" or "off" turns speculation off.
         """
         kwargs: dict[str, Any] = {"device": self.device, "dtype": self.dtype}
+        if self.quantization is not None:
+            kwargs["quantization"] = self.quantization
         if self.speculator is not None:
             off = self.speculator.strip().lower() in ("none", "off")
             kwargs["speculator"] = None if off else self.speculator
@@ -171,4 +174,5 @@ _ENV_FIELDS: tuple[tuple[str, str, Any], ...] = (
     ("SPECDESK_AGENT_NAME", "agent_name", str),
     ("SPECDESK_DEVICE", "device", str),
     ("SPECDESK_DTYPE", "dtype", str),
+    ("SPECDESK_QUANTIZATION", "quantization", str),
 )

@@ -30,14 +30,22 @@ VARIANTS: dict[str, Variant] = {
 # On CUDA only: plain decoding with the norms, rotary and SwiGLU as separate torch ops instead of the
 # fused Triton kernels (kernels/triton_fused.py), to measure what the fusion saves.
 UNFUSED = "plain, unfused ops"
+# On CPU only: the layers' weights in 4 bits (EngineConfig.quantization="int4"); "int4" in a name sets it,
+# and those variants are compared with the int4 plain one (their own numerics).
+INT4_PLAIN, INT4_DEFAULT = "plain, int4 weights", "MLP + n-gram, int4 weights"
 # --variants names (plain, the reference, always runs).
 SHORT_NAMES = {"plain": "plain", "ngram": "n-gram", "mlp-paths": "MLP, IBM's 5-path tree", "mlp": "MLP",
-               "mlp-64": "MLP, 64-node tree", "default": "MLP + n-gram", "unfused": UNFUSED}  # fmt: skip
+               "mlp-64": "MLP, 64-node tree", "default": "MLP + n-gram", "unfused": UNFUSED,
+               "int4": INT4_PLAIN, "default-int4": INT4_DEFAULT}  # fmt: skip
 
 
 def select(names: str | None, device: str) -> dict[str, Variant]:
-    """The variants to run: all (plus the unfused one on CUDA), or `names` (comma-separated SHORT_NAMES)."""
-    every = {**VARIANTS, **({UNFUSED: VARIANTS["plain"]} if device == "cuda" else {})}
+    """The variants to run: all (plus the unfused ones on CUDA, the int4 ones on CPU), or `names`
+    (comma-separated SHORT_NAMES)."""
+    if device == "cuda":
+        every = {**VARIANTS, UNFUSED: VARIANTS["plain"]}
+    else:
+        every = {**VARIANTS, INT4_PLAIN: VARIANTS["plain"], INT4_DEFAULT: VARIANTS["MLP + n-gram"]}
     if not names:
         return every
     chosen = {"plain"}
@@ -45,7 +53,7 @@ def select(names: str | None, device: str) -> dict[str, Variant]:
         if short not in SHORT_NAMES:
             raise SystemExit(f"--variants: unknown {short!r}; choose from {', '.join(SHORT_NAMES)}")
         if SHORT_NAMES[short] not in every:
-            raise SystemExit(f"--variants: {short!r} only exists on CUDA (the Triton kernels it switches off)")
+            raise SystemExit(f"--variants: {short!r} does not run on {device}")
         chosen.add(SHORT_NAMES[short])
     return {name: v for name, v in every.items() if name in chosen}
 
@@ -59,6 +67,7 @@ def _engine(
     width: int | None = None,
     device: str = "cpu",
     unfused: bool = False,
+    int4: bool = False,
     **kw: Any,
 ) -> LLM:
     from engine.models.layers import set_fused_ops
@@ -66,7 +75,8 @@ def _engine(
 
     spec = str(DEFAULT_SPECULATOR_DIR) if speculator == "default-mlp" else speculator
     llm = LLM(model=path, dtype=dtype, device=device, num_threads=threads, speculator=spec,
-              kv_cache_memory_gib=0.5, spec_tree=tree, spec_tree_width=width, **kw)  # fmt: skip
+              kv_cache_memory_gib=0.5, spec_tree=tree, spec_tree_width=width,
+              quantization="int4" if int4 else None, **kw)  # fmt: skip
     if unfused:
         set_fused_ops(llm.loaded.model, "torch")
     return llm
@@ -95,13 +105,14 @@ def run(
     rows.append(Row("transformers prompt lookup (end to end)", lookup, e2e, "transformers generate (e2e)", "tok/s"))
     cpp = _llama_cpp_rate(single, max_tokens, threads) if device == "cpu" else None
     variants = variants or select(None, device)
-    engines = {name: _engine(path, dtype, threads, *v, device, unfused=name == UNFUSED) for name, v in variants.items()}
+    engines = {name: _engine(path, dtype, threads, *v, device, unfused=name == UNFUSED, int4="int4" in name)
+               for name, v in variants.items()}  # fmt: skip
     try:
         outputs, hf_rates = _interleaved(engines, hf, single, prompts[num_single : num_single + 1], params)
         hf_rate = aggregate_rate(hf_rates)  # every transformers run decodes max_tokens - 1 tokens
-        reference = [o.token_ids for o in outputs["plain"]]
         for name, (speculator, _, _) in variants.items():
             outs, llm = outputs[name], engines[name]
+            reference = [o.token_ids for o in outputs[_reference(name, outputs)]]
             rate = aggregate_rate([o.metrics.decode_tokens_per_s for o in outs],
                                   [o.metrics.num_generated_tokens - 1 for o in outs])  # fmt: skip
             steps = sum(o.metrics.num_decode_steps for o in outs)
@@ -111,7 +122,8 @@ def run(
                             ">= 2x plain, >= 3x transformers" if name == "MLP + n-gram" else ""))  # fmt: skip
             rows.append(Row(f"  tokens per base step, {name}", per_step, None, "", "tok/step",
                             ">= 2.5" if name.startswith("MLP") and "n-gram" not in name else ""))  # fmt: skip
-            rows.append(Row(f"  greedy output identical to plain ({dtype}), {name}", 100 * same, None, "", "%"))
+            rows.append(Row(f"  greedy output identical to {_reference(name, outputs)} ({dtype}), {name}", 100 * same,
+                            None, "", "%"))  # fmt: skip
             if cpp is not None:
                 rows.append(Row(f"decode, SpecDesk {name}", rate, cpp, "llama.cpp (same GGUF)", "tok/s"))
             if speculator is not None:
@@ -156,6 +168,11 @@ def _interleaved(
     return outputs, hf_rates
 
 
+def _reference(name: str, outputs: dict[str, Any]) -> str:
+    """The plain variant a variant's output must equal: int4 variants have their own numerics."""
+    return INT4_PLAIN if "int4" in name and INT4_PLAIN in outputs else "plain"
+
+
 def exactness_float32(
     path: str, threads: int, prompts: list[list[int]], max_tokens: int, device: str = "cpu",
     variants: dict[str, Variant] | None = None,
@@ -168,18 +185,19 @@ def exactness_float32(
         if name == UNFUSED:
             continue
         # The gate opened for the whole batch: on a CPU it would otherwise keep 4 requests from speculating.
-        llm = _engine(path, "float32", threads, *variant, device, spec_max_batch_size=len(prompts))
+        llm = _engine(path, "float32", threads, *variant, device, int4="int4" in name,
+                      spec_max_batch_size=len(prompts))  # fmt: skip
         try:
             outputs[name] = [o.token_ids for o in llm.generate(prompts, params)]
             verifications[name] = llm.stats().spec_num_drafts
         finally:
             llm.shutdown()
-    plain = outputs["plain"]
     rows = []
     for name, out in outputs.items():
-        if name != "plain":
-            same = 100 * sum(a == b for a, b in zip(out, plain, strict=True)) / len(plain)
-            rows.append(Row(f"greedy output identical to plain (float32), {name}", same, None, "", "%", "100 %"))
+        ref = _reference(name, outputs)
+        if name != ref:
+            same = 100 * sum(a == b for a, b in zip(out, outputs[ref], strict=True)) / len(out)
+            rows.append(Row(f"greedy output identical to {ref} (float32), {name}", same, None, "", "%", "100 %"))
             rows.append(Row(f"  speculative verifications checked, {name}", verifications[name], None, "", "verify"))
     return rows
 

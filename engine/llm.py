@@ -37,7 +37,7 @@ class LLM:
             self.config.model, dtype=self.config.dtype, device=self.config.device,
             attention_backend=resolve_backend(self.config.attention_backend, resolve_device(self.config.device)),
             max_model_len=self.config.max_model_len, tokenizer=self.config.tokenizer,
-            trust_remote_code=self.config.trust_remote_code,
+            trust_remote_code=self.config.trust_remote_code, quantization=self.config.quantization,
         )  # fmt: skip
         self.tokenizer = self.loaded.tokenizer
         self.engine = LLMEngine(self.config, self.loaded)

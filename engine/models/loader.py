@@ -17,6 +17,7 @@ import torch
 
 from engine.models import CausalLM, model_class, pack_for_cpu
 from engine.models.default_model import DEFAULT_MODEL_NAME, default_model_path
+from engine.models.int4_linear import can_quantize, quantize_linears
 from kernels.ops import resolve_backend
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -71,11 +72,13 @@ def load_model(
     attention_backend: str = "torch",
     max_model_len: int | None = None,
     trust_remote_code: bool = False,
+    quantization: str | None = None,
 ) -> LoadedModel:
     """Load a supported causal LM and its tokenizer.
 
     model: a checkpoint directory, a .gguf file, a Hugging Face hub id, or None for the default model.
     attention_backend: "torch", "triton" or "auto" (kernels.ops.resolve_backend picks for the device).
+    quantization: None or "int4" (CPU only; see models/int4_linear.py).
     Raises FileNotFoundError when nothing is found, ValueError for an unsupported architecture or a
     max_model_len beyond what the model supports.
     """
@@ -83,6 +86,8 @@ def load_model(
 
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    if quantization == "int4" and not can_quantize(torch_device):
+        raise ValueError(f"quantization='int4' runs on CPU (torch >= 2.6), not on {torch_device}")
     path, gguf_file = resolve_checkpoint(model)
     gguf_kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     hf_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **gguf_kwargs)
@@ -98,7 +103,10 @@ def load_model(
     net = net.to(torch_dtype).to_empty(device=torch_device)
     net.load_weights(_checkpoint_weights(path, gguf_file))
     net.eval().requires_grad_(False)
-    pack_for_cpu(net, torch_dtype, torch_device)
+    if quantization == "int4":
+        lm_head = getattr(net, "lm_head", None)
+        quantize_linears(net, skip=lm_head if isinstance(lm_head, torch.nn.Module) else None)
+    pack_for_cpu(net, torch_dtype, torch_device)  # whatever is left: the output projection at least
 
     tok = AutoTokenizer.from_pretrained(
         tokenizer or path, trust_remote_code=trust_remote_code, **({} if tokenizer else gguf_kwargs)

@@ -71,3 +71,12 @@ def test_speculator_default_is_the_engines() -> None:
     assert "speculator" not in Settings().engine_config()
     assert Settings(speculator="none").engine_config()["speculator"] is None
     assert Settings(speculator="ngram").engine_config()["speculator"] == "ngram"
+
+
+def test_quantization_flag_reaches_the_engine_config() -> None:
+    assert "quantization" not in Settings().engine_config()
+    args = build_parser().parse_args(["serve", "--quantization", "int4"])
+    assert settings_from_args(args, {}).engine_config()["quantization"] == "int4"
+    assert Settings.from_env({"SPECDESK_QUANTIZATION": "int4"}).quantization == "int4"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--quantization", "int8"])

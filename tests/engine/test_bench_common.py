@@ -18,3 +18,20 @@ def test_aggregate_rate_is_total_tokens_over_total_time() -> None:
 def test_aggregate_rate_skips_requests_that_decoded_nothing() -> None:
     assert aggregate_rate([0.0, 30.0], [0, 60]) == pytest.approx(30.0)
     assert aggregate_rate([]) == 0.0
+
+
+def test_bench_variants_per_device_and_their_references() -> None:
+    from engine import bench_spec
+
+    cpu = bench_spec.select("int4,default-int4", "cpu")
+    assert list(cpu) == ["plain", bench_spec.INT4_PLAIN, bench_spec.INT4_DEFAULT]
+    assert bench_spec.UNFUSED in bench_spec.select(None, "cuda") and bench_spec.INT4_PLAIN not in bench_spec.select(
+        None, "cuda"
+    )
+    for names, device in (("int4", "cuda"), ("unfused", "cpu"), ("nope", "cpu")):
+        with pytest.raises(SystemExit):
+            bench_spec.select(names, device)
+    # int4 variants are compared with int4 plain decoding when it ran, everything else with plain.
+    assert bench_spec._reference(bench_spec.INT4_DEFAULT, cpu) == bench_spec.INT4_PLAIN
+    assert bench_spec._reference(bench_spec.INT4_DEFAULT, {"plain": 1}) == "plain"
+    assert bench_spec._reference("MLP", cpu) == "plain"
