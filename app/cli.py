@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the model runs")
         sub.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="weights' dtype")
         sub.add_argument("--quantization", choices=["int4"], help="int4: 4-bit layer weights (CPU; ~1.6x faster)")
+        sub.add_argument("--enforce-eager", action="store_true", default=None, help="no CUDA graphs (GPU)")
         sub.add_argument("--max-tokens", type=int, help="longest drafted reply, in tokens")
         sub.add_argument("--temperature", type=float, help="0 for greedy drafts (default 0.7)")
     serve.add_argument("--host", help="interface to bind (default 127.0.0.1)")
@@ -57,7 +58,7 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None 
     return settings.with_overrides(
         model=args.model, speculator=args.speculator, db_url=args.db_url, data_dir=args.data_dir,
         device=args.device, dtype=args.dtype, quantization=args.quantization, max_tokens=args.max_tokens,
-        temperature=args.temperature,
+        temperature=args.temperature, enforce_eager=args.enforce_eager,
         host=getattr(args, "host", None),
         port=getattr(args, "port", None), api_keys=tuple(api_keys) if api_keys else None,
         agents=agents or None,

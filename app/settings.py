@@ -53,6 +53,7 @@ class Settings:
     device: str = "auto"
     dtype: str = "auto"
     quantization: str | None = None  # "int4": the layers' weights in 4 bits on CPU (EngineConfig.quantization)
+    enforce_eager: bool = False  # no CUDA graphs (EngineConfig.enforce_eager)
     engine_kwargs: Mapping[str, Any] = field(default_factory=dict)  # extra EngineConfig fields (tests)
 
     def __post_init__(self) -> None:
@@ -93,8 +94,10 @@ class Settings:
         `speculator=None` keeps the engine's own default; "none" or "off" turns speculation off.
         """
         kwargs: dict[str, Any] = {"device": self.device, "dtype": self.dtype}
-        if self.quantization is not None:
+        if self.quantization is not None and self.quantization.strip().lower() not in ("", "none", "off"):
             kwargs["quantization"] = self.quantization
+        if self.enforce_eager:
+            kwargs["enforce_eager"] = True
         if self.speculator is not None:
             off = self.speculator.strip().lower() in ("none", "off")
             kwargs["speculator"] = None if off else self.speculator

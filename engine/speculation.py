@@ -117,7 +117,8 @@ class SpeculativeDecoder:
         # On CUDA the node proposal replays as one graph (launching its ~100 kernels from Python costs more).
         self.graphed = None
         if self.mlp is not None and tree == "nodes" and loaded.device.type == "cuda" and cuda_graphs:
-            self.graphed = GraphedNodeRanker(self.mlp, pool)
+            dtype = next(self.mlp.parameters()).dtype
+            self.graphed = GraphedNodeRanker(self.mlp, pool, range(1, max_batch + 1), loaded.device, dtype)
         gating = GatingConfig(max_tokens=max_tokens, max_batch_size=max_batch, max_candidates=pool)
         self.policy = SpeculationPolicy(gating)
         # Tree width from measured step costs (CPU: each verified token costs ~4 % of a step at 135M; GPU:

@@ -80,3 +80,7 @@ def test_quantization_flag_reaches_the_engine_config() -> None:
     assert Settings.from_env({"SPECDESK_QUANTIZATION": "int4"}).quantization == "int4"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--quantization", "int8"])
+    assert "quantization" not in Settings(quantization="none").engine_config()
+    assert "enforce_eager" not in settings_from_args(build_parser().parse_args(["serve"]), {}).engine_config()
+    args = build_parser().parse_args(["chat", "--enforce-eager"])
+    assert settings_from_args(args, {}).engine_config()["enforce_eager"] is True
