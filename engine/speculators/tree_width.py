@@ -30,16 +30,30 @@ from engine.speculators.tree import common_prefix
 class StepCost:
     """Online least squares of step seconds against verified tokens, with exponential forgetting."""
 
-    def __init__(self, prior: float, decay: float = 0.98, min_spread: float = 2.0, outlier_factor: float = 4.0):
+    def __init__(
+        self, prior: float, decay: float = 0.98, min_spread: float = 2.0, outlier_factor: float = 4.0,
+        burn_in: int = 3, max_outliers: int = 5,
+    ) -> None:  # fmt: skip
         self.prior, self.decay, self.min_spread, self.outlier_factor = prior, decay, min_spread, outlier_factor
+        self.burn_in, self.max_outliers = burn_in, max_outliers
         self._w = self._x = self._y = self._xx = self._xy = 0.0
+        self._seen = self._outliers = 0
 
     def record(self, tokens: int, seconds: float) -> None:
         # A step several times the mean is not the tokens' cost: a Triton kernel compiling for a new tree
         # size (GPU, ~0.5 s against ~17 ms), a garbage collection. One such step would set the fitted slope
-        # for hundreds of steps (it decays by 0.98 a step), so it is left out.
-        if self._w >= 5 and seconds > self.outlier_factor * self._y / self._w:
+        # for hundreds of steps (it decays by 0.98 a step), so it is left out; the first few steps (where
+        # compiles cluster) are not fitted at all. A cost that really rose (a busier machine) shows as
+        # outliers in a row: after `max_outliers` of them the fit starts over from the new level.
+        self._seen += 1
+        if self._seen <= self.burn_in:
             return
+        if self._w >= 5 and seconds > self.outlier_factor * self._y / self._w:
+            self._outliers += 1
+            if self._outliers < self.max_outliers:
+                return
+            self._w = self._x = self._y = self._xx = self._xy = 0.0
+        self._outliers = 0
         d, x = self.decay, float(tokens - 1)
         self._w, self._x, self._y = d * self._w + 1, d * self._x + x, d * self._y + seconds
         self._xx, self._xy = d * self._xx + x * x, d * self._xy + x * seconds

@@ -94,6 +94,10 @@ def test_step_cost_fits_the_slope_and_falls_back_to_the_prior() -> None:
     assert abs(cost.cost_per_token - 0.1) < 1e-6
     cost.record(16, 0.5)  # a step that compiled a kernel: ignored, not fitted as the cost of its tokens
     assert abs(cost.cost_per_token - 0.1) < 1e-6
+    for i in range(200):  # the machine got 5x slower for good and a token costs 20 %: the fit follows
+        tokens = 1 + (i % 16)
+        cost.record(tokens, 0.200 * (1 + 0.2 * (tokens - 1)))
+    assert abs(cost.cost_per_token - 0.2) < 1e-6
 
 
 def test_tree_width_measures_every_narrower_tree_and_weighs_cost() -> None:
@@ -113,3 +117,16 @@ def test_tree_width_measures_every_narrower_tree_and_weighs_cost() -> None:
     assert width.tokens_per_step(1) == pytest.approx(3.0, abs=0.01)
     assert width.tokens_per_step(2) == pytest.approx(4.0, abs=0.01)
     assert width.choose(0.05, limit=3) == 2  # same tokens, fewer nodes
+
+
+def test_tree_width_credits_unverified_wider_trees_with_what_is_known() -> None:
+    from engine.speculators.tree_width import TreeWidth
+
+    width = TreeWidth(max_candidates=3)
+    # Only the top path was verified: it accepted 7 and the base model added 8. The third (unverified)
+    # candidate holds 7, 8: it would have accepted both, so at least 3 tokens, but no more is known.
+    width.record(fixed=[], ranked=[[7, 1], [2, 2], [7, 8, 9]], emitted=[7, 8])
+    assert width.tokens_per_step(1) == pytest.approx(2.0)
+    assert width.tokens_per_step(2) == pytest.approx(2.0)
+    assert width.tokens_per_step(3) == pytest.approx(3.0)
+    assert width.choose(0.0, limit=3) == 3
