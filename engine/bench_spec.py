@@ -55,6 +55,8 @@ def select(names: str | None, device: str) -> dict[str, Variant]:
         if SHORT_NAMES[short] not in every:
             raise SystemExit(f"--variants: {short!r} does not run on {device}")
         chosen.add(SHORT_NAMES[short])
+    if any("int4" in name for name in chosen):
+        chosen.add(INT4_PLAIN)  # their reference
     return {name: v for name, v in every.items() if name in chosen}
 
 

@@ -59,7 +59,7 @@ class Int4Linear(nn.Module):
         self.out_features, self.dtype = weight.shape[0], weight.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1]).to(self.dtype)
+        flat = x.reshape(-1, x.shape[-1]).to(self.dtype).contiguous()  # the kernel reads rows densely
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP, self.scales_and_zeros)
         if self.bias is not None:
             out = out + self.bias
