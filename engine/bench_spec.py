@@ -113,8 +113,8 @@ def run(
         outputs, hf_rates = _interleaved(engines, hf, single, prompts[num_single : num_single + 1], params)
         hf_rate = aggregate_rate(hf_rates)  # every transformers run decodes max_tokens - 1 tokens
         for name, (speculator, _, _) in variants.items():
-            outs, llm = outputs[name], engines[name]
-            reference = [o.token_ids for o in outputs[_reference(name, outputs)]]
+            outs, llm, ref = outputs[name], engines[name], _reference(name, outputs)
+            reference = [o.token_ids for o in outputs[ref]]
             rate = aggregate_rate([o.metrics.decode_tokens_per_s for o in outs],
                                   [o.metrics.num_generated_tokens - 1 for o in outs])  # fmt: skip
             steps = sum(o.metrics.num_decode_steps for o in outs)
@@ -124,8 +124,7 @@ def run(
                             ">= 2x plain, >= 3x transformers" if name == "MLP + n-gram" else ""))  # fmt: skip
             rows.append(Row(f"  tokens per base step, {name}", per_step, None, "", "tok/step",
                             ">= 2.5" if name.startswith("MLP") and "n-gram" not in name else ""))  # fmt: skip
-            rows.append(Row(f"  greedy output identical to {_reference(name, outputs)} ({dtype}), {name}", 100 * same,
-                            None, "", "%"))  # fmt: skip
+            rows.append(Row(f"  greedy output identical to {ref} ({dtype}), {name}", 100 * same, None, "", "%"))
             if cpp is not None:
                 rows.append(Row(f"decode, SpecDesk {name}", rate, cpp, "llama.cpp (same GGUF)", "tok/s"))
             if speculator is not None:

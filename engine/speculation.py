@@ -170,15 +170,15 @@ class SpeculativeDecoder:
                     n_cand = min(n_cand, self.fixed_width)
                 depths = [depth[s.request_id] for s in with_hidden]
                 # The whole pool is ranked (the top n_cand are verified) so that every width gets measured.
-                for s, pool in zip(with_hidden, self._mlp_ranked(hidden, last, heads, depths), strict=True):
+                for s, candidates in zip(with_hidden, self._mlp_ranked(hidden, last, heads, depths), strict=True):
                     if self.tree == "paths":
-                        pool = [r[: depth[s.request_id]] for r in pool]
-                    ranked = pool[:n_cand]
+                        candidates = [r[: depth[s.request_id]] for r in candidates]
+                    ranked = candidates[:n_cand]
                     if self.tree == "nodes" and ranked:  # already within the request's depth
                         # The best deepest node's path first: it takes the slots right after the root.
                         paths[s.request_id].append(max(ranked, key=len))
                     paths[s.request_id] += ranked
-                    self.paths[s.request_id] = (fixed[s.request_id], pool)
+                    self.paths[s.request_id] = (fixed[s.request_id], candidates)
         for s in eligible:
             if paths[s.request_id]:
                 tree = build_tree(paths[s.request_id])

@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from engine.models.packed_linear import replace_linears
+
 GROUP = 32
 
 
@@ -69,12 +71,4 @@ class Int4Linear(nn.Module):
 def quantize_linears(model: nn.Module, skip: nn.Module | None = None) -> int:
     """Swap every nn.Linear below model (but `skip`) for an Int4Linear in place where the kernel takes its
     shape (input size a multiple of GROUP, output size of 16); returns how many."""
-    swaps = [
-        (parent, name, child)
-        for parent in model.modules()
-        for name, child in parent.named_children()
-        if isinstance(child, nn.Linear) and child is not skip and supported(child.in_features, child.out_features)
-    ]
-    for parent, name, child in swaps:
-        setattr(parent, name, Int4Linear(child.weight, child.bias))
-    return len(swaps)
+    return replace_linears(model, Int4Linear, skip, lambda lin: supported(lin.in_features, lin.out_features))

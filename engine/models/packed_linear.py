@@ -6,6 +6,8 @@ more than the matmul itself; packing once at load time gives the same numbers se
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -34,14 +36,25 @@ class PackedLinear(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
-def pack_linears(model: nn.Module, skip: nn.Module | None = None) -> int:
-    """Swap every nn.Linear below model (but `skip`) for a PackedLinear in place; returns how many."""
+def replace_linears(
+    model: nn.Module,
+    make: Callable[[torch.Tensor, torch.Tensor | None], nn.Module],
+    skip: nn.Module | None = None,
+    where: Callable[[nn.Linear], bool] = lambda _: True,
+) -> int:
+    """Swap every nn.Linear below model (but `skip`, and only those `where` accepts) for make(weight, bias)
+    in place; returns how many."""
     swaps = [
         (parent, name, child)
         for parent in model.modules()
         for name, child in parent.named_children()
-        if isinstance(child, nn.Linear) and child is not skip
+        if isinstance(child, nn.Linear) and child is not skip and where(child)
     ]
     for parent, name, child in swaps:
-        setattr(parent, name, PackedLinear(child.weight, child.bias))
+        setattr(parent, name, make(child.weight, child.bias))
     return len(swaps)
+
+
+def pack_linears(model: nn.Module, skip: nn.Module | None = None) -> int:
+    """Swap every nn.Linear below model (but `skip`) for a PackedLinear in place; returns how many."""
+    return replace_linears(model, PackedLinear, skip)

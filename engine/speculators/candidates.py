@@ -118,12 +118,12 @@ def rank_nodes(
     prev = last_tokens[:, None].long()
     parents = torch.empty(b, 1, 0, dtype=torch.long, device=hidden.device)  # [b, parents, depth]
     parent_scores = torch.zeros(b, 1, device=hidden.device)
-    node_paths_: list[torch.Tensor] = []  # per depth [b, nodes, depth + 1]
+    per_depth: list[torch.Tensor] = []  # per depth [b, nodes, depth + 1]
     node_scores: list[torch.Tensor] = []
     k = min(num_nodes, speculator.vocab_size if speculator.draft_vocab is None else len(speculator.draft_vocab))
     for i in range(num_heads):
         state, paths, scores = _children(speculator, i, state, prev, parents, parent_scores, k)
-        node_paths_.append(paths)
+        per_depth.append(paths)
         node_scores.append(scores)
         if i + 1 < num_heads:
             keep = scores.topk(min(beam, paths.shape[1]), dim=1).indices  # [b, beam]
@@ -138,7 +138,7 @@ def rank_nodes(
         scores = scores.masked_fill(depth[None, :] > max_depth[:, None], float("-inf"))
     best, order = (t[:, :num_nodes] for t in scores.sort(dim=1, descending=True, stable=True))
     # Every node's path padded to num_heads with -1, gathered on the device: one transfer for all rows.
-    padded = torch.cat([F.pad(p, (0, num_heads - p.shape[2]), value=-1) for p in node_paths_], dim=1)
+    padded = torch.cat([F.pad(p, (0, num_heads - p.shape[2]), value=-1) for p in per_depth], dim=1)
     return padded.gather(1, order[:, :, None].expand(-1, -1, num_heads)), best
 
 
