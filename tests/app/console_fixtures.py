@@ -6,10 +6,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from app.chat_service import ChatService
-from app.settings import Settings
-from db import ChatRepository, make_engine
-from engine.llm import LLM
+from specdesk.app.chat_service import ChatService
+from specdesk.app.settings import Settings
+from specdesk.db import ChatRepository, make_engine
+from specdesk.engine.llm import LLM
 from tests.tiny_models import make_tiny_model
 
 # The personas' system prompts are long in the tiny tokenizer (~1.8k tokens): give the context room.

@@ -12,8 +12,8 @@ from pathlib import Path
 import uvicorn
 from fastapi import FastAPI
 
-from engine.llm import LLM
-from engine.outputs import StreamDelta
+from specdesk.engine.llm import LLM
+from specdesk.engine.outputs import StreamDelta
 from tests.tiny_models import make_tiny_model
 
 NUM_BLOCKS = 96  # small pool: "every page is free again" is a meaningful check

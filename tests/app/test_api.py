@@ -14,9 +14,9 @@ import pytest
 from fastapi import FastAPI
 from openai.types.chat import ChatCompletionMessageParam
 
-from app.api import mount_openai_api
-from engine.llm import LLM
-from engine.outputs import FinishReason
+from specdesk.app.api import mount_openai_api
+from specdesk.engine.llm import LLM
+from specdesk.engine.outputs import FinishReason
 from tests.app.live_server import FinalDeltas, serve, tiny_llm, wait_idle
 
 MODEL = "specdesk-tiny"
@@ -273,7 +273,7 @@ def test_mounts_on_a_gradio_console(llm: LLM, tmp_path: Path) -> None:
 def test_loadtest_against_the_server(url: str, llm: LLM) -> None:
     import asyncio
 
-    from app.loadtest import main, run, summarize
+    from benchmarks.loadtest import main, run, summarize
 
     summary = summarize(asyncio.run(run(url, clients=3, duration_s=1.0, max_tokens=8, grace_s=10)))
     assert summary["requests"] >= 3 and summary["errors"] == 0 and summary["unfinished"] == 0

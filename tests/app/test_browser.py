@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 
-from app.chat_service import ChatService
-from app.server import RunningServer, create_app, start_in_thread
-from app.settings import Settings
-from db import MessageStatus, Role
-from engine.llm import LLM
+from specdesk.app.chat_service import ChatService
+from specdesk.app.server import RunningServer, create_app, start_in_thread
+from specdesk.app.settings import Settings
+from specdesk.db import MessageStatus, Role
+from specdesk.engine.llm import LLM
 from tests.app.console_fixtures import make_service, tiny_console_llm, wait_engine_idle
 
 CHROMIUM = "/usr/bin/chromium"

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from app.chat_service import ChatService
-from app.turns import TurnState, TurnUpdate
-from db import ChatRepository, MessageStatus, NotFoundError, Role, make_engine
-from engine.llm import LLM
+from specdesk.app.chat_service import ChatService
+from specdesk.app.turns import TurnState, TurnUpdate
+from specdesk.db import ChatRepository, MessageStatus, NotFoundError, Role, make_engine
+from specdesk.engine.llm import LLM
 from tests.app.console_fixtures import make_service, tiny_console_llm, wait_engine_idle
 
 

@@ -9,17 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from app.cli import build_parser, main, run_chat
-from app.settings import Settings
-from db import ChatRepository, Role, make_engine
+from specdesk.app.cli import build_parser, main, run_chat
+from specdesk.app.settings import Settings
+from specdesk.db import ChatRepository, Role, make_engine
 from tests.app.console_fixtures import CONTEXT_TOKENS
 from tests.tiny_models import make_tiny_model
 
 
 def test_importing_the_app_loads_no_model() -> None:
     code = (
-        "import sys, app.cli, app.server, app.ui, app.chat_service;"
-        "heavy = [m for m in ('torch', 'transformers', 'engine.llm') if m in sys.modules];"
+        "import sys, specdesk, specdesk.app.cli, specdesk.app.server, specdesk.app.ui, specdesk.app.chat_service;"
+        "heavy = [m for m in ('torch', 'transformers', 'specdesk.engine.llm') if m in sys.modules];"
         "print(','.join(heavy))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)

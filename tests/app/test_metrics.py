@@ -10,10 +10,10 @@ import pytest
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.metrics import EngineMetrics, mount_metrics
-from engine.llm import LLM
-from engine.outputs import FinishReason, RequestMetrics, StreamDelta
-from engine.sampling_params import SamplingParams
+from specdesk.app.metrics import EngineMetrics, mount_metrics
+from specdesk.engine.llm import LLM
+from specdesk.engine.outputs import FinishReason, RequestMetrics, StreamDelta
+from specdesk.engine.sampling_params import SamplingParams
 from tests.app.live_server import NUM_BLOCKS, serve, tiny_llm, wait_idle
 
 

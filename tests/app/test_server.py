@@ -13,11 +13,11 @@ import httpx
 import pytest
 from gradio_client import Client
 
-from app.chat_service import ChatService
-from app.server import RunningServer, create_app, start_in_thread
-from app.settings import Settings
-from db import MessageStatus, Role
-from engine.llm import LLM
+from specdesk.app.chat_service import ChatService
+from specdesk.app.server import RunningServer, create_app, start_in_thread
+from specdesk.app.settings import Settings
+from specdesk.db import MessageStatus, Role
+from specdesk.engine.llm import LLM
 from tests.app.console_fixtures import make_service, tiny_console_llm, wait_engine_idle
 
 NUM_AGENTS = 8
@@ -143,7 +143,7 @@ def test_login_is_required_when_agents_are_configured(service: ChatService) -> N
 
 def test_build_demo_does_not_touch_the_engine(tmp_path: Path) -> None:
     """build_demo only lays out components: a service whose engine is never called is enough."""
-    from app.ui import build_demo
+    from specdesk.app.ui import build_demo
 
     class NoEngine:
         def __getattr__(self, name: str) -> Any:

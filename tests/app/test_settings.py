@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from app.cli import build_parser, settings_from_args
-from app.settings import Settings, load_agents_file
+from specdesk.app.cli import build_parser, settings_from_args
+from specdesk.app.settings import Settings, load_agents_file
 
 
 def test_defaults_use_a_sqlite_file_in_the_data_dir(tmp_path: Path) -> None:

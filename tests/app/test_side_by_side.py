@@ -8,8 +8,8 @@ from typing import cast
 
 import pytest
 
-from app.side_by_side import LEFT, RIGHT, Comparison, SideState, compare
-from engine.llm import LLM
+from specdesk.app.side_by_side import LEFT, RIGHT, Comparison, SideState, compare
+from specdesk.engine.llm import LLM
 from tests.app.console_fixtures import tiny_console_llm, wait_engine_idle
 
 

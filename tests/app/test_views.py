@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from app import views
-from app.turns import TurnState, TurnUpdate
-from db import ConversationRecord, ConversationStatus, FeedbackRecord, MessageRecord, MessageStatus, Role
+from specdesk.app import views
+from specdesk.app.turns import TurnState, TurnUpdate
+from specdesk.db import ConversationRecord, ConversationStatus, FeedbackRecord, MessageRecord, MessageStatus, Role
 
 NOW = datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
 

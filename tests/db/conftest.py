@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
-from db import ChatRepository, make_engine
+from specdesk.db import ChatRepository, make_engine
 
 
 @pytest.fixture

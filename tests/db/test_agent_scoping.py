@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import pytest
 
-from db import ChatRepository, NotFoundError, Role
+from specdesk.db import ChatRepository, NotFoundError, Role
 
 
 def _two_agents(repo: ChatRepository) -> tuple[int, int, int]:

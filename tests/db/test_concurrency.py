@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from db import ChatRepository, MessageStatus, Role
+from specdesk.db import ChatRepository, MessageStatus, Role
 
 NUM_THREADS = 8
 NUM_TURNS = 10

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Connection, text
 
-from db import ChatRepository, MessageStatus, make_engine
-from db.migrations import (
+from specdesk.db import ChatRepository, MessageStatus, make_engine
+from specdesk.db.migrations import (
     MIGRATIONS,
     Migration,
     SchemaTooNewError,
@@ -17,7 +17,7 @@ from db.migrations import (
     latest_version,
     upgrade_schema,
 )
-from db.session import writer
+from specdesk.db.session import writer
 
 # The shape of a pre-versioning file: no schema_version, no feedback table, no customer_name / persona
 # on conversations, no error / metrics on messages, no index on updated_at.

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from db import ChatRepository, ConversationStatus, MessageStatus, NotFoundError, Role, make_engine
+from specdesk.db import ChatRepository, ConversationStatus, MessageStatus, NotFoundError, Role, make_engine
 
 
 def _count(db_path: Path, table: str) -> int:

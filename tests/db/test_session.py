@@ -8,8 +8,8 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 
-from db import ChatRepository, Role, make_engine
-from db.session import BUSY_TIMEOUT_MS
+from specdesk.db import ChatRepository, Role, make_engine
+from specdesk.db.session import BUSY_TIMEOUT_MS
 
 
 def test_creates_parent_directory_and_schema(db_path: Path, engine: Engine) -> None:

@@ -1,8 +1,8 @@
 """Block manager: hash chain, sharing, reference counts, eviction order, copy-on-write."""
 
-from engine.block_manager import BlockManager
-from engine.sampling_params import SamplingParams
-from engine.sequence import Sequence
+from specdesk.engine.block_manager import BlockManager
+from specdesk.engine.sampling_params import SamplingParams
+from specdesk.engine.sequence import Sequence
 
 BS = 4
 

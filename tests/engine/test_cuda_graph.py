@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.speculators.candidates import propose_nodes
-from engine.speculators.cuda_graph import GraphedNodeRanker
-from engine.speculators.mlp import MLPSpeculator, MLPSpeculatorConfig
+from specdesk.engine.speculators.candidates import propose_nodes
+from specdesk.engine.speculators.cuda_graph import GraphedNodeRanker
+from specdesk.engine.speculators.mlp import MLPSpeculator, MLPSpeculatorConfig
 
 
 def _speculator(device: str) -> MLPSpeculator:

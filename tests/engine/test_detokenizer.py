@@ -15,8 +15,8 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from transformers import LlamaTokenizer, PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import generate_merges
 
-from engine.detokenizer import IncrementalDetokenizer
-from engine.sampling_params import SamplingParams
+from specdesk.engine.detokenizer import IncrementalDetokenizer
+from specdesk.engine.sampling_params import SamplingParams
 
 COMMON = (
     "Hello world! Thank you for contacting support, your order #1234 has shipped.\n"

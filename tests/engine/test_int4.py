@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
-from engine.config import EngineConfig
-from engine.models.int4_linear import GROUP, Int4Linear, can_quantize, quantize
+from specdesk.engine import LLM, SamplingParams
+from specdesk.engine.config import EngineConfig
+from specdesk.engine.models.int4_linear import GROUP, Int4Linear, can_quantize, quantize
 from tests.tiny_models import make_tiny_model
 
 pytestmark = pytest.mark.skipif(not can_quantize(torch.device("cpu")), reason="torch without the CPU int4 matmul")

@@ -11,9 +11,9 @@ import pytest
 from langchain_core.language_models import LanguageModelInput
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, SystemMessage, ToolMessage
 
-from engine.langchain import ChatSpecDesk, to_chat_dicts
-from engine.llm import LLM
-from engine.sampling_params import SamplingParams
+from specdesk.engine.llm import LLM
+from specdesk.engine.sampling_params import SamplingParams
+from specdesk.langchain import ChatSpecDesk, to_chat_dicts
 from tests.tiny_models import make_tiny_model
 
 

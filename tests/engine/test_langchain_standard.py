@@ -15,8 +15,8 @@ import pytest
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
 
-from engine.langchain import ChatSpecDesk
-from engine.llm import LLM
+from specdesk.engine.llm import LLM
+from specdesk.langchain import ChatSpecDesk
 from tests.tiny_models import make_tiny_model
 
 # The suites' async tests carry no marker of their own (langchain projects run asyncio_mode=auto), and

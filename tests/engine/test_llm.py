@@ -10,13 +10,13 @@ from typing import TYPE_CHECKING, cast
 import pytest
 import torch
 
-from engine import LLM, FinishReason, SamplingParams, StreamDelta
+from specdesk.engine import LLM, FinishReason, SamplingParams, StreamDelta
 from tests.tiny_models import FAMILIES, make_tiny_model
 
 if TYPE_CHECKING:
     from transformers import GenerationMixin
 
-    from engine.scheduler import SchedulerOutput
+    from specdesk.engine.scheduler import SchedulerOutput
 
 PROMPTS: list[str | list[int]] = [
     "Hello, thank you for contacting customer care. How can I help you today?",
@@ -216,7 +216,7 @@ def test_many_threads_stream_at_once(llm: LLM) -> None:
 
 @pytest.mark.slow
 def test_default_model_greedy_equals_transformers() -> None:
-    from engine.models.default_model import default_model_path
+    from specdesk.engine.models.default_model import default_model_path
 
     path = default_model_path()
     llm = LLM(dtype="float32", device="cpu")

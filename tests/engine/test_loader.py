@@ -11,16 +11,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.models import ARCHITECTURES
-from engine.models.default_model import (
+from specdesk.engine.models import ARCHITECTURES
+from specdesk.engine.models.default_model import (
     DEFAULT_MODEL_NAME,
     GGUF_FILE,
     cache_root,
     default_model_path,
     extract_gguf,
 )
-from engine.models.llama import LlamaForCausalLM
-from engine.models.loader import load_model, resolve_dtype
+from specdesk.engine.models.llama import LlamaForCausalLM
+from specdesk.engine.models.loader import load_model, resolve_dtype
 from tests.tiny_models import CORPUS, FAMILIES, make_tiny_gguf, make_tiny_model, train_sentencepiece
 
 TEXTS = [CORPUS.splitlines()[0], "Zebra quartz 1234 — naïve café 🙂, words the corpus never saw."]
@@ -162,7 +162,7 @@ def test_default_model_conversion(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         calls.append(scratch)
         return gguf
 
-    monkeypatch.setattr("engine.models.default_model.locate_gguf", fake_locate)
+    monkeypatch.setattr("specdesk.engine.models.default_model.locate_gguf", fake_locate)
     path = default_model_path(tmp_path / "cache")
     assert path == tmp_path / "cache" / "models" / DEFAULT_MODEL_NAME
     assert [p.name for p in path.parent.iterdir()] == [DEFAULT_MODEL_NAME]  # no staging dir left behind
@@ -191,7 +191,7 @@ def test_default_model_path_reuses_a_finished_conversion(tmp_path: Path, monkeyp
     def no_conversion(*args: object) -> None:
         raise AssertionError("must not convert again")
 
-    monkeypatch.setattr("engine.models.default_model.locate_gguf", no_conversion)
+    monkeypatch.setattr("specdesk.engine.models.default_model.locate_gguf", no_conversion)
     assert default_model_path(tmp_path) == done
     monkeypatch.setenv("SPECDESK_CACHE_DIR", str(tmp_path))
     assert default_model_path() == done

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 import torch
 
-from engine.attention_metadata import AttentionMetadata
-from engine.models.layers import rope_inv_freq, rope_parameters
-from engine.models.loader import LoadedModel, load_model
+from specdesk.engine.attention_metadata import AttentionMetadata
+from specdesk.engine.models.layers import rope_inv_freq, rope_parameters
+from specdesk.engine.models.loader import LoadedModel, load_model
 from tests.tiny_models import make_tiny_model
 
 BLOCK_SIZE = 16
@@ -223,11 +223,11 @@ _TRITON_SCRIPT = """
 import sys, torch
 from tests.engine.test_models import VARIANTS, PagedRunner, _tokens
 from tests.tiny_models import make_tiny_model
-from engine.models.loader import load_model
+from specdesk.engine.models.loader import load_model
 from pathlib import Path
 device = "cuda" if torch.cuda.is_available() else "cpu"
 path = make_tiny_model("llama", Path(sys.argv[1]))
-from engine.models.layers import set_fused_ops
+from specdesk.engine.models.layers import set_fused_ops
 out = {}
 for backend in ("torch", "triton", "triton-unfused"):
     lm = load_model(str(path), dtype="float32", device=device, attention_backend=backend.split("-")[0])
@@ -266,7 +266,7 @@ def test_triton_backend_matches_torch_backend(tmp_path: Path) -> None:
 def test_default_model_matches_transformers() -> None:
     from transformers import AutoModelForCausalLM
 
-    from engine.models.default_model import default_model_path
+    from specdesk.engine.models.default_model import default_model_path
 
     lm = load_model(None, dtype="float32", device="cpu")
     hf = AutoModelForCausalLM.from_pretrained(default_model_path(), dtype=torch.float32).eval()

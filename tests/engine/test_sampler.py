@@ -10,8 +10,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from engine.sampler import filter_logits, make_generator, probs_from_logits, sample, sample_from_probs
-from engine.sampling_params import SamplingParams
+from specdesk.engine.sampler import filter_logits, make_generator, probs_from_logits, sample, sample_from_probs
+from specdesk.engine.sampling_params import SamplingParams
 
 GREEDY = SamplingParams()
 
@@ -95,7 +95,7 @@ def test_filter_mixed_rows_match_transformers_row_by_row() -> None:
 
 @pytest.mark.parametrize("spread", [6.0, 0.5])  # peaked rows take the top-1024 path, flat ones sort everything
 def test_filter_on_a_real_vocabulary_size_matches_transformers(spread: float) -> None:
-    from engine.sampler import _filter_among_top
+    from specdesk.engine.sampler import _filter_among_top
 
     gen = torch.Generator().manual_seed(5)
     logits = torch.randn(6, 49152, generator=gen) * spread

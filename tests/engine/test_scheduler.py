@@ -1,10 +1,10 @@
 """Scheduler: continuous batching, chunked prefill in a token budget, preemption, abort. No model needed."""
 
-from engine.block_manager import BlockManager
-from engine.outputs import FinishReason
-from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler, SchedulerOutput
-from engine.sequence import Sequence, SequenceStatus
+from specdesk.engine.block_manager import BlockManager
+from specdesk.engine.outputs import FinishReason
+from specdesk.engine.sampling_params import SamplingParams
+from specdesk.engine.scheduler import Scheduler, SchedulerOutput
+from specdesk.engine.sequence import Sequence, SequenceStatus
 
 
 def make(num_blocks: int = 64, budget: int = 32, max_seqs: int = 8, bs: int = 4) -> Scheduler:

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.models.loader import load_model
-from engine.speculators import draft_vocab
-from engine.speculators.candidates import beam_top_k, propose
-from engine.speculators.mlp import MLPSpeculator, MLPSpeculatorConfig
+from specdesk.engine import LLM, SamplingParams
+from specdesk.engine.config import EngineConfig
+from specdesk.engine.llm_engine import LLMEngine
+from specdesk.engine.models.loader import load_model
+from specdesk.engine.speculators.candidates import beam_top_k, propose
+from specdesk.engine.speculators.mlp import MLPSpeculator, MLPSpeculatorConfig
+from specdesk.training import draft_vocab
 from tests.tiny_models import make_tiny_model
 
 REPETITIVE = "Your order 48213 ships today. Your order 48213 ships today. Your order 48213 ships"

@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from engine.speculators.acceptance import accept_greedy, accepted_tokens
-from engine.speculators.candidates import propose, propose_nodes
-from engine.speculators.mlp import MLPSpeculator, MLPSpeculatorConfig
-from engine.speculators.tree import build_tree
-from kernels.reference import paged_attention
+from specdesk.engine.speculators.acceptance import accept_greedy, accepted_tokens
+from specdesk.engine.speculators.candidates import propose, propose_nodes
+from specdesk.engine.speculators.mlp import MLPSpeculator, MLPSpeculatorConfig
+from specdesk.engine.speculators.tree import build_tree
+from specdesk.kernels.reference import paged_attention
 
 V, E, D = 37, 12, 16  # vocab, base hidden, inner dim
 
@@ -208,7 +208,7 @@ def test_own_draft_heads_start_at_the_base_rows_and_round_trip(tmp_path: Path) -
 
 @torch.no_grad()
 def test_pack_for_cpu_keeps_the_restricted_logits_at_bf16_precision() -> None:
-    from engine.models.packed_linear import can_pack
+    from specdesk.engine.models.packed_linear import can_pack
 
     if not can_pack(torch.bfloat16, torch.device("cpu")):
         pytest.skip("no oneDNN bf16 on this CPU")

@@ -13,9 +13,9 @@ import pytest
 import torch
 from scipy.stats import chi2
 
-from engine.speculators import acceptance
-from engine.speculators.acceptance import accept_sampled, rejection_sample
-from engine.speculators.tree import build_tree
+from specdesk.engine.speculators import acceptance
+from specdesk.engine.speculators.acceptance import accept_sampled, rejection_sample
+from specdesk.engine.speculators.tree import build_tree
 
 VOCAB = 6
 TRIALS = 4000

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from engine.speculators.gating import GatingConfig, SpeculationPolicy, best_num_tokens, expected_tokens
-from engine.speculators.ngram import NgramSpeculator
+from specdesk.engine.speculators.gating import GatingConfig, SpeculationPolicy, best_num_tokens, expected_tokens
+from specdesk.engine.speculators.ngram import NgramSpeculator
 
 
 def test_continues_the_longest_earlier_suffix_in_the_sequence() -> None:
@@ -82,7 +82,7 @@ def test_policy_thresholds_and_adaptive_length() -> None:
 
 
 def test_step_cost_fits_the_slope_and_falls_back_to_the_prior() -> None:
-    from engine.speculators.tree_width import StepCost
+    from specdesk.engine.speculators.tree_width import StepCost
 
     cost = StepCost(prior=0.04)
     for _ in range(40):
@@ -101,7 +101,7 @@ def test_step_cost_fits_the_slope_and_falls_back_to_the_prior() -> None:
 
 
 def test_tree_width_measures_every_narrower_tree_and_weighs_cost() -> None:
-    from engine.speculators.tree_width import TreeWidth
+    from specdesk.engine.speculators.tree_width import TreeWidth
 
     width = TreeWidth(max_candidates=3)
     assert width.choose(0.05, limit=3) == 3  # nothing measured: explore at full width
@@ -120,7 +120,7 @@ def test_tree_width_measures_every_narrower_tree_and_weighs_cost() -> None:
 
 
 def test_tree_width_credits_unverified_wider_trees_with_what_is_known() -> None:
-    from engine.speculators.tree_width import TreeWidth
+    from specdesk.engine.speculators.tree_width import TreeWidth
 
     width = TreeWidth(max_candidates=3)
     # Only the top path was verified: it accepted 7 and the base model added 8. The third (unverified)

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from kernels import reference
+from specdesk.kernels import reference
 
 
 def blocks_needed(seq_len: int, page_size: int) -> int:

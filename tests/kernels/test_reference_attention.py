@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import reference
+from specdesk.kernels import reference
 from tests.kernels.paged_batches import make_batch
 
 

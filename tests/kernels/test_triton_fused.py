@@ -35,7 +35,7 @@ except ImportError:
     _restore_env()
     pytest.skip("triton is not installed", allow_module_level=True)
 
-from kernels import ops, reference, triton_fused  # noqa: E402
+from specdesk.kernels import ops, reference, triton_fused  # noqa: E402
 
 if not _CUDA:
     if type(tl.zeros).__name__ != "InterpretedFunction":
@@ -162,8 +162,8 @@ def test_no_tokens() -> None:
 
 
 def test_gpu_script_checks_the_fused_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
-    # `python -m kernels.bench` (the prepared GPU script) checks these kernels too; its check passes here.
-    from kernels import bench
+    # `python -m benchmarks.kernels_gpu` (the prepared GPU script) checks these kernels too; its check passes here.
+    from benchmarks import kernels_gpu as bench
 
     monkeypatch.setattr(bench, "DEVICE", DEVICE)
     rows = bench._check_fused()

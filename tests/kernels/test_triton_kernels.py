@@ -42,7 +42,7 @@ except ImportError:
     _restore_interpret_env()
     pytest.skip("triton is not installed; the Triton kernels are untestable", allow_module_level=True)
 
-from kernels import ops, reference, triton_attention, triton_kv  # noqa: E402
+from specdesk.kernels import ops, reference, triton_attention, triton_kv  # noqa: E402
 from tests.kernels.paged_batches import make_batch  # noqa: E402
 
 if not _CUDA:
@@ -278,8 +278,8 @@ try:
 except ImportError as exc:
     print(f"no Triton CUDA backend: {exc}")
     sys.exit(3)
-from kernels import triton_attention as ta, triton_fused as tf, triton_kv as tk
-from kernels.triton_common import attention_block_shape, next_pow2
+from specdesk.kernels import triton_attention as ta, triton_fused as tf, triton_kv as tk
+from specdesk.kernels.triton_common import attention_block_shape, next_pow2
 
 PTR = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
 

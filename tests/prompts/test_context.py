@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from prompts import ContextOverflowError, fit_to_context
+from specdesk.prompts import ContextOverflowError, fit_to_context
 
 SYSTEM = {"role": "system", "content": "s " * 10}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from langchain_core.prompts import ChatPromptTemplate, PromptTemplate
 
-from prompts import (
+from specdesk.prompts import (
     PromptVariables,
     build_messages,
     chat_prompt_template,
@@ -15,7 +15,7 @@ from prompts import (
     render_macro,
     render_system_prompt,
 )
-from prompts.loader import PROMPTS_DIR, VARIABLES, _read_template
+from specdesk.prompts.loader import PROMPTS_DIR, VARIABLES, _read_template
 
 VARS = PromptVariables(company="Globex Mobile", agent_name="Priya", customer_name="Zelda Quux")
 

@@ -1,8 +1,0 @@
-"""`python -m app` starts the console, like `specdesk serve` (extra arguments go to `serve`)."""
-
-import sys
-
-from app.cli import main
-
-if __name__ == "__main__":
-    sys.exit(main(["serve", *sys.argv[1:]]))

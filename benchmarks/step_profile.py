@@ -1,0 +1,127 @@
+"""`python -m benchmarks.step_profile`: where an engine step's time goes, per phase, plain vs speculative.
+
+The engine steps synchronously in this thread (no serving loop) over a few unseen conversations, with
+every phase of a step timed: proposing drafts, scheduling, preparing the batch, the model's layers, the
+logits, sampling or verifying the tree, and the bookkeeping after. On CUDA each timed phase ends with a
+device synchronisation (`--sync`, default there), so device work is charged to the phase that queued it
+rather than to whichever later call happens to wait for it; the total then runs a little slower than
+unprofiled.
+
+    python -m benchmarks.step_profile                                # CPU, default model, plain vs default
+    python -m benchmarks.step_profile --device cuda --tree-width 64  # the GPU's node tree
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from specdesk.engine.llm import LLM
+from specdesk.engine.sampling_params import SamplingParams
+
+Timings = collections.defaultdict[str, float]
+
+
+def _wrap(obj: Any, name: str, key: str, acc: Timings, sync: Callable[[], None]) -> None:
+    inner = getattr(obj, name)
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        result = inner(*args, **kwargs)
+        sync()
+        acc[key] += time.perf_counter() - start
+        return result
+
+    setattr(obj, name, timed)
+
+
+def profile(llm: LLM, prompts: list[list[int]], max_tokens: int, sync: Callable[[], None]) -> dict[str, float]:
+    """ms per step of each phase (nested phases are included in their parents) and tokens per step."""
+    engine = llm.engine
+    acc: Timings = collections.defaultdict(float)
+    phases: list[tuple[Any, str, str]] = [
+        (engine.scheduler, "schedule", "schedule"),
+        (engine.runner, "execute", "execute (pass + logits)"),
+        (engine.runner, "prepare", "  prepare batch"),
+        (engine.loaded.model, "forward", "  model layers"),
+        (engine.loaded.model, "compute_logits", "  logits"),
+        (engine.runner, "sample", "sample (plain rows)"),
+        (engine, "_text_delta", "detokenize + deltas"),
+        (engine.scheduler, "append_tokens", "append tokens"),
+    ]
+    if engine.speculation is not None:
+        spec = engine.speculation
+        phases += [(spec, "propose", "propose drafts"), (spec, "verify", "verify tree"),
+                   (spec.width, "record", "  tree-width record")]  # fmt: skip
+    for obj, name, key in phases:
+        _wrap(obj, name, key, acc, sync)
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+
+    def run(ids: list[int]) -> tuple[int, int]:
+        engine.add_request(ids, params)
+        steps = tokens = 0
+        while engine.has_work:
+            deltas = engine.step()
+            steps += 1
+            tokens += sum(len(d.token_ids) for d in deltas)
+        return steps, tokens
+
+    run(prompts[0])  # warm-up (a GPU compiles its kernels here)
+    acc.clear()
+    steps = tokens = 0
+    start = time.perf_counter()
+    for ids in prompts:
+        s, t = run(ids)
+        steps, tokens = steps + s, tokens + t
+    wall = time.perf_counter() - start
+    out = {"step (total)": 1e3 * wall / steps, "tokens per step": tokens / steps}
+    out.update({k: 1e3 * v / steps for k, v in acc.items()})
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--speculator", default="default", help="the speculative engine's EngineConfig.speculator")
+    ap.add_argument("--tree-width", type=int, default=None, help="fixed node-tree width (default: measured)")
+    ap.add_argument("--prompts", type=int, default=3)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--sync", action=argparse.BooleanOptionalAction, default=None,
+                    help="synchronise the device after every phase (default: on for CUDA)")  # fmt: skip
+    ap.add_argument("--conversations", default=None, help="JSON list of conversations (default: prompts/eval)")
+    ap.add_argument("--out", default=None, help="also write the table as JSON here")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from benchmarks.bench import _eval_conversations, _first_user_turns
+
+    use_sync = args.device == "cuda" if args.sync is None else args.sync
+    sync = torch.cuda.synchronize if use_sync and args.device == "cuda" else (lambda: None)
+    # Conversations 2 to n + 1, read once for both engines.
+    messages = _first_user_turns(_eval_conversations(args.conversations), args.prompts + 1)[1:]
+    results: dict[str, dict[str, float]] = {}
+    for name, speculator in (("plain", None), (f"speculative ({args.speculator})", args.speculator)):
+        llm = LLM(model=args.model, dtype=args.dtype, device=args.device, num_threads=args.threads,
+                  speculator=speculator, spec_tree_width=args.tree_width if speculator else None)  # fmt: skip
+        llm.shutdown()  # its serving thread: this process steps the engine itself
+        results[name] = profile(llm, [llm.encode(m) for m in messages], args.max_tokens, sync)
+    keys = list(dict.fromkeys(k for r in results.values() for k in r))
+    print(f"benchmarks.step_profile: {args.device}, {args.dtype}, ms per engine step (sync: {use_sync})\n")
+    print("| phase | " + " | ".join(results) + " |\n|---|" + "---|" * len(results))
+    for key in keys:
+        print(f"| {key} | " + " | ".join(f"{r.get(key, 0.0):.2f}" for r in results.values()) + " |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"args": vars(args), "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

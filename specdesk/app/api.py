@@ -1,0 +1,323 @@
+"""OpenAI-compatible `/v1` routes on the console's own FastAPI app, served by the same in-process engine.
+
+    mount_openai_api(demo_app, llm, model_name="specdesk", api_keys=["sk-..."])
+
+    GET  /v1/models, /v1/models/{id}
+    POST /v1/chat/completions, /v1/completions    (JSON, or SSE with "stream": true)
+
+Every request is checked (key, body, model, parameters, prompt length) before anything is queued, so bad
+input gets an HTTP 400 in OpenAI's error shape and never touches the engine (invariant 7). Once queued,
+a request is tied to its HTTP connection: a client that goes away aborts it and its pages are freed
+(invariant 4). Wire details live in app/api_schemas.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
+
+from specdesk.app.api_schemas import (
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    chat_messages,
+    check_context_length,
+    finish_reason,
+    new_id,
+    now_s,
+    parse_request,
+    refuse_unsupported,
+    sampling_params,
+    specdesk_extra,
+    sse,
+    usage,
+)
+from specdesk.engine.async_stream import aiter_deltas
+from specdesk.engine.outputs import RequestMetrics
+
+if TYPE_CHECKING:
+    from specdesk.engine.llm import LLM, Prompt
+
+log = logging.getLogger(__name__)
+
+API_KEYS_ENV = "SPECDESK_API_KEYS"  # comma-separated; read per request, so keys can rotate without restart
+_DISCONNECT_POLL_S = 0.25
+
+
+def mount_openai_api(app: FastAPI, llm: LLM, model_name: str, api_keys: list[str] | None = None) -> None:
+    """Add the `/v1` routes to `app` (a plain FastAPI app or Gradio's), serving `llm` as `model_name`.
+
+    With keys configured (`api_keys` and/or the SPECDESK_API_KEYS environment variable, read at request
+    time), every `/v1` call needs `Authorization: Bearer <key>`; without any, the API is open.
+    """
+    server = _OpenAIServer(llm, model_name, list(api_keys or []))
+    router = APIRouter(prefix="/v1", tags=["openai"])
+    router.add_api_route("/models", server.list_models, methods=["GET"])
+    router.add_api_route("/models/{model_id:path}", server.get_model, methods=["GET"])
+    router.add_api_route("/chat/completions", server.chat_completions, methods=["POST"])
+    router.add_api_route("/completions", server.completions, methods=["POST"])
+    app.include_router(router)
+
+
+@dataclass
+class _Choice:
+    """One engine request behind one response choice."""
+
+    index: int
+    prompt_index: int
+    request_id: str
+    num_prompt_tokens: int
+    text: list[str] = field(default_factory=list)
+    num_tokens: int = 0
+    finish_reason: str | None = None
+    metrics: RequestMetrics | None = None
+
+
+class _OpenAIServer:
+    def __init__(self, llm: LLM, model_name: str, api_keys: list[str]) -> None:
+        self.llm = llm
+        self.model_name = model_name
+        self.api_keys = api_keys
+        self.created = now_s()
+
+    # ---- routes -----------------------------------------------------------------------------------
+    async def list_models(self, request: Request) -> Response:
+        return await self._guard(request, self._models)
+
+    async def get_model(self, request: Request, model_id: str) -> Response:
+        async def one() -> Response:
+            self._check_model(model_id, status=404)
+            return JSONResponse(self._model_card())
+
+        return await self._guard(request, one)
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._guard(request, lambda: self._completion(request, chat=True))
+
+    async def completions(self, request: Request) -> Response:
+        return await self._guard(request, lambda: self._completion(request, chat=False))
+
+    # ---- plumbing ---------------------------------------------------------------------------------
+    async def _guard(self, request: Request, handler: Any) -> Response:
+        """Authorize, run the handler, and turn every failure into OpenAI's error shape."""
+        try:
+            self._authorize(request)
+            response: Response = await handler()
+            return response
+        except ApiError as exc:
+            return JSONResponse(exc.body(), status_code=exc.status)
+        except Exception as exc:  # a bug must still answer in the shape clients parse
+            log.exception("unhandled error in %s", request.url.path)
+            err = ApiError(500, f"internal error: {type(exc).__name__}", type_="server_error")
+            return JSONResponse(err.body(), status_code=500)
+
+    def _authorize(self, request: Request) -> None:
+        keys = [k.strip() for k in (*self.api_keys, *os.environ.get(API_KEYS_ENV, "").split(",")) if k.strip()]
+        if not keys:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        given = token.strip().encode()
+        # compare against every key without short-circuiting: no timing hint about which one matched
+        matches = [hmac.compare_digest(given, k.encode()) for k in keys]
+        if scheme.lower() != "bearer" or not any(matches):
+            raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+
+    def _check_model(self, model: str, status: int = 400) -> None:
+        if model not in (self.model_name, self.llm.loaded.name):
+            raise ApiError(
+                status, f"The model '{model}' does not exist; this server serves '{self.model_name}'.",
+                param="model", code="model_not_found",
+            )  # fmt: skip
+
+    def _model_card(self) -> dict[str, Any]:
+        return {
+            "id": self.model_name, "object": "model", "created": self.created, "owned_by": "specdesk",
+            "root": self.llm.loaded.name, "max_model_len": self.llm.engine.max_model_len,
+        }  # fmt: skip
+
+    async def _models(self) -> Response:
+        return JSONResponse({"object": "list", "data": [self._model_card()]})
+
+    async def _completion(self, request: Request, chat: bool) -> Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise ApiError(400, "the request body is not valid JSON") from None
+        req: ChatCompletionRequest | CompletionRequest
+        req = parse_request(ChatCompletionRequest, body) if chat else parse_request(CompletionRequest, body)
+        self._check_model(req.model)
+        refuse_unsupported(req)
+        choices = await self._submit(req)
+        rids = [c.request_id for c in choices]
+        if req.stream:
+            return StreamingResponse(
+                self._stream(req, choices, chat),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                # Runs even when the client left before the first byte, when the body never started.
+                background=BackgroundTask(self._abort, rids),
+            )
+        collecting = asyncio.ensure_future(self._collect(choices))
+        while not collecting.done():
+            await asyncio.wait({collecting}, timeout=_DISCONNECT_POLL_S)
+            if not collecting.done() and await request.is_disconnected():
+                collecting.cancel()  # closes the delta stream: aborts the requests, frees their pages
+                with contextlib.suppress(asyncio.CancelledError):
+                    await collecting
+                return Response(status_code=499)
+        collecting.result()
+        return JSONResponse(self._response(req, choices, chat))
+
+    async def _submit(self, req: ChatCompletionRequest | CompletionRequest) -> list[_Choice]:
+        """Tokenize, check lengths and queue every choice; all or nothing."""
+        requested = req.max_completion_tokens if isinstance(req, ChatCompletionRequest) else None
+        requested = requested if requested is not None else req.max_tokens
+        sampling_params(req, 1 if requested is None else requested)  # reject bad parameters before tokenizing
+        prompts: list[Prompt]
+        if isinstance(req, ChatCompletionRequest):
+            prompts, param = [chat_messages(req)], "messages"
+        else:
+            prompts, param = _completion_prompts(req.prompt), "prompt"
+        max_len = self.llm.engine.max_model_len
+        choices: list[_Choice] = []
+        try:
+            for p, prompt in enumerate(prompts):
+                try:
+                    ids = await anyio.to_thread.run_sync(self.llm.encode, prompt)
+                except ValueError as exc:
+                    raise ApiError(400, str(exc), param=param) from None
+                check_context_length(len(ids), requested, max_len, param)
+                for j in range(req.n):
+                    params = sampling_params(req, requested or max_len - len(ids), choice=j)
+                    try:
+                        rid = self.llm.submit(ids, params, cache_salt=req.cache_salt)
+                    except ValueError as exc:
+                        raise ApiError(400, str(exc), param=param) from None
+                    except RuntimeError as exc:  # engine shut down
+                        raise ApiError(503, str(exc), type_="server_error") from None
+                    choices.append(_Choice(len(choices), p, rid, len(ids)))
+        except BaseException:
+            self._abort([c.request_id for c in choices])
+            raise
+        return choices
+
+    def _abort(self, request_ids: list[str]) -> None:
+        # Request ids are never reused, so aborting one that already finished is a harmless no-op.
+        for rid in request_ids:
+            self.llm.abort(rid)
+
+    async def _collect(self, choices: list[_Choice]) -> None:
+        by_id = {c.request_id: c for c in choices}
+        async with contextlib.aclosing(aiter_deltas(self.llm, list(by_id))) as deltas:
+            async for delta in deltas:
+                choice = by_id[delta.request_id]
+                if delta.error:
+                    raise ApiError(500, f"generation failed: {delta.error}", type_="server_error")
+                choice.text.append(delta.text)
+                choice.num_tokens += len(delta.token_ids)
+                if delta.finished:
+                    choice.finish_reason = finish_reason(delta.finish_reason)
+                    choice.metrics = delta.metrics
+
+    def _response(self, req: ChatCompletionRequest | CompletionRequest, choices: list[_Choice], chat: bool) -> dict:
+        out = []
+        for c in choices:
+            text = "".join(c.text)
+            body = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+            extra = specdesk_extra(c.metrics)
+            out.append(
+                {
+                    "index": c.index,
+                    **body,
+                    "logprobs": None,
+                    "finish_reason": c.finish_reason,
+                    "specdesk": extra,
+                }
+            )
+        return {
+            "id": new_id("chatcmpl" if chat else "cmpl"),
+            "object": "chat.completion" if chat else "text_completion",
+            "created": now_s(),
+            "model": req.model,
+            "system_fingerprint": None,
+            "choices": out,
+            "usage": _usage(choices),
+        }
+
+    async def _stream(
+        self, req: ChatCompletionRequest | CompletionRequest, choices: list[_Choice], chat: bool
+    ) -> AsyncIterator[str]:
+        """SSE chunks: (chat) a role chunk per choice, content chunks, one finish chunk per choice carrying
+        `finish_reason` and the `specdesk` extras, then with include_usage a `choices: []` usage chunk, then
+        `data: [DONE]`."""
+        base = {
+            "id": new_id("chatcmpl" if chat else "cmpl"),
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": now_s(), "model": req.model, "system_fingerprint": None,
+            **({"usage": None} if req.include_usage else {}),
+        }  # fmt: skip
+
+        def chunk(c: _Choice, text: str, finish: str | None = None, first: bool = False, **extra: Any) -> str:
+            if chat:
+                delta = {"role": "assistant", "content": ""} if first else ({} if finish else {"content": text})
+                body: dict[str, Any] = {"delta": delta}
+            else:
+                body = {"text": text}
+            return sse(
+                {
+                    **base,
+                    "choices": [{"index": c.index, **body, "logprobs": None, "finish_reason": finish, **extra}],
+                }
+            )
+
+        if chat:
+            for c in choices:
+                yield chunk(c, "", first=True)
+        by_id = {c.request_id: c for c in choices}
+        async with contextlib.aclosing(aiter_deltas(self.llm, list(by_id))) as deltas:
+            async for delta in deltas:
+                c = by_id[delta.request_id]
+                if delta.error:
+                    yield sse(ApiError(500, f"generation failed: {delta.error}", type_="server_error").body())
+                    return  # closing the stream aborts the other choices
+                c.num_tokens += len(delta.token_ids)
+                if delta.text and (chat or not delta.finished):
+                    yield chunk(c, delta.text)
+                if delta.finished:
+                    c.metrics = delta.metrics
+                    text = "" if chat else delta.text
+                    yield chunk(c, text, finish_reason(delta.finish_reason), specdesk=specdesk_extra(c.metrics))
+        if req.include_usage:
+            yield sse({**base, "choices": [], "usage": _usage(choices)})
+        yield sse("[DONE]")
+
+
+def _usage(choices: list[_Choice]) -> dict[str, Any]:
+    # n choices of one prompt share it: its tokens count once; cached = what every choice reused.
+    prompts: dict[int, list[_Choice]] = {}
+    for c in choices:
+        prompts.setdefault(c.prompt_index, []).append(c)
+    num_prompt = sum(cs[0].num_prompt_tokens for cs in prompts.values())
+    num_cached = sum(min((c.metrics.num_cached_tokens if c.metrics else 0) for c in cs) for cs in prompts.values())
+    return usage(num_prompt, sum(c.num_tokens for c in choices), num_cached)
+
+
+def _completion_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[Prompt]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise ApiError(400, "prompt is empty", param="prompt")
+    if all(isinstance(t, int) for t in prompt):
+        return [prompt]  # type: ignore[list-item]
+    return list(prompt)  # type: ignore[arg-type]

@@ -1,0 +1,222 @@
+"""OpenAI wire format for app/api.py: request bodies, their translation to SamplingParams, response
+payloads and OpenAI-shaped errors. Pure data: no routes, no engine calls.
+
+Unknown request fields are accepted and ignored (clients send many optional ones); fields we cannot
+honour (tools, logprobs, penalties, echo, ...) are refused with a 400 rather than silently dropped.
+SpecDesk adds `top_k`, `ignore_eos`, `speculate` and `cache_salt` (as vLLM does) to requests and a
+`specdesk` object to responses, which standard clients keep as an unknown extra field.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from specdesk.engine.outputs import FinishReason, RequestMetrics
+from specdesk.engine.sampling_params import SamplingParams
+
+_PARAM_NAMES = ("temperature", "top_k", "top_p", "max_tokens", "seed", "stop")
+
+
+class ApiError(Exception):
+    """An error the client gets back as `{"error": {message, type, param, code}}` with `status`."""
+
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None,
+        type_: str = "invalid_request_error",
+    ) -> None:  # fmt: skip
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+R = TypeVar("R", bound="_Request")
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Request(BaseModel):
+    """Fields shared by /v1/chat/completions and /v1/completions."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = 1
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    user: str | None = None
+    # extensions (vLLM spells them the same way)
+    top_k: int | None = None
+    ignore_eos: bool = False
+    speculate: bool = True
+    cache_salt: str | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(_Request):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    tools: list[dict[str, Any]] | None = None
+    response_format: dict[str, Any] | None = None
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+def parse_request(cls: type[R], body: object) -> R:
+    """Validate a JSON body; pydantic's complaint becomes a 400 naming the first bad field."""
+    try:
+        return cls.model_validate(body)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        param = ".".join(str(p) for p in err["loc"]) or None
+        raise ApiError(400, f"invalid request: {param}: {err['msg']}", param=param) from None
+
+
+def refuse_unsupported(req: _Request) -> None:
+    """400 for features this server does not implement, instead of silently ignoring them."""
+    unsupported: list[tuple[str, bool]] = [
+        ("presence_penalty", bool(req.presence_penalty)),
+        ("frequency_penalty", bool(req.frequency_penalty)),
+        ("n", not 1 <= req.n <= 16),
+    ]
+    if isinstance(req, ChatCompletionRequest):
+        fmt = (req.response_format or {}).get("type", "text")
+        unsupported += [
+            ("logprobs", bool(req.logprobs)),
+            ("tools", bool(req.tools)),
+            ("response_format", fmt != "text"),
+        ]
+    if isinstance(req, CompletionRequest):
+        unsupported += [
+            ("logprobs", req.logprobs is not None), ("echo", req.echo), ("suffix", req.suffix is not None),
+            ("best_of", req.best_of not in (None, 1)),
+        ]  # fmt: skip
+    for param, bad in unsupported:
+        if bad:
+            raise ApiError(400, f"'{param}' with this value is not supported by SpecDesk", param=param)
+
+
+def sampling_params(req: _Request, max_tokens: int, choice: int = 0) -> SamplingParams:
+    """SamplingParams for one choice. Defaults follow OpenAI (temperature 1, top_p 1); the engine's own
+    validation is the single source of truth for ranges, and its message names the parameter."""
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    try:
+        return SamplingParams(
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=req.top_k or 0,
+            max_tokens=max_tokens,
+            # n > 1 with a seed: distinct but reproducible choices.
+            seed=None if req.seed is None else req.seed + choice,
+            stop=tuple(stop),
+            ignore_eos=req.ignore_eos,
+            speculate=req.speculate,
+        )
+    except ValueError as exc:
+        message = str(exc)
+        param = next((p for p in _PARAM_NAMES if message.startswith(p)), None)
+        raise ApiError(400, message, param=param) from None
+
+
+def check_context_length(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int, param: str) -> None:
+    """400 in OpenAI's words when the prompt, or the prompt plus the requested completion, cannot fit."""
+    total = num_prompt_tokens + (max_tokens or 0)
+    if num_prompt_tokens >= max_model_len or total > max_model_len:
+        raise ApiError(
+            400,
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested {total} "
+            f"tokens ({num_prompt_tokens} in the {param}, {max_tokens or 0} in the completion). "
+            "Please reduce the length of the prompt or completion.",
+            param=param,
+            code="context_length_exceeded",
+        )
+
+
+def chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
+    """Role/content dicts for the chat template: text parts joined, `developer` read as `system`."""
+    out: list[dict[str, str]] = []
+    for i, m in enumerate(req.messages):
+        role = "system" if m.role == "developer" else m.role
+        if role not in ("system", "user", "assistant"):
+            raise ApiError(400, f"message role {m.role!r} is not supported", param=f"messages.{i}.role")
+        if isinstance(m.content, list):
+            if any(p.get("type") != "text" for p in m.content):
+                raise ApiError(400, "only text content parts are supported", param=f"messages.{i}.content")
+            content = "".join(str(p.get("text", "")) for p in m.content)
+        else:
+            content = m.content or ""
+        out.append({"role": role, "content": content})
+    return out
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now_s() -> int:
+    return int(time.time())
+
+
+def finish_reason(reason: FinishReason | None) -> str:
+    return "length" if reason is FinishReason.LENGTH else "stop"
+
+
+def usage(num_prompt_tokens: int, num_completion_tokens: int, num_cached_tokens: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": num_prompt_tokens,
+        "completion_tokens": num_completion_tokens,
+        "total_tokens": num_prompt_tokens + num_completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": num_cached_tokens},
+    }
+
+
+def specdesk_extra(metrics: RequestMetrics | None) -> dict[str, Any]:
+    """The extension object: what the engine knows beyond OpenAI's usage."""
+    m = metrics or RequestMetrics()
+    return {
+        "num_cached_tokens": m.num_cached_tokens,
+        "num_draft_tokens": m.num_draft_tokens,
+        "num_accepted_tokens": m.num_accepted_tokens,
+        "tokens_per_step": round(m.tokens_per_step, 4),
+        "ttft_s": None if m.ttft_s is None else round(m.ttft_s, 6),
+        "decode_tokens_per_s": round(m.decode_tokens_per_s, 3),
+        "num_preemptions": m.num_preemptions,
+    }
+
+
+def sse(payload: dict[str, Any] | Literal["[DONE]"]) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {data}\n\n"

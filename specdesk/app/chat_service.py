@@ -1,0 +1,326 @@
+"""The UI-free chat service: one conversation turn from the customer's text to a stored reply.
+
+A turn, in order (DESIGN.md, "One turn, as data"):
+
+1. store the customer message and commit it — invariant 6: it is durable before generation starts;
+2. build the prompt: persona system prompt + history, oldest turns dropped to fit the context window;
+3. store an empty PENDING reply (so a crash mid-stream leaves a trace), then stream from the engine
+   with no database transaction open;
+4. store the reply with how it ended (complete / stopped / error) and its metrics.
+
+Any failure of one turn — bad text, a prompt that cannot fit, an engine error — ends that turn with a
+clear error and never touches another conversation. Thread-safe: Gradio runs turns on many threads.
+
+Every conversation-level method takes an optional ``agent`` (the signed-in login name): given one, it
+acts only on that agent's conversations and raises NotFoundError for anyone else's. ``None`` is the
+console with login off: unscoped.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from specdesk import prompts
+from specdesk.app.settings import Settings
+from specdesk.app.turns import TurnState, TurnUpdate, final_state, metrics_dict
+from specdesk.db import ChatRepository, ConversationRecord, MessageRecord, NotFoundError, Role
+from specdesk.engine import SamplingParams, StreamDelta
+
+if TYPE_CHECKING:
+    from specdesk.engine.llm import LLM
+    from specdesk.engine.llm_engine import EngineStats
+
+
+# What send/retry/edit_last return: iterate it, or close it to stop the turn.
+TurnStream = Generator[TurnUpdate, None, None]
+
+
+@dataclass
+class _ActiveTurn:
+    """What Stop needs to reach a running turn. The request id is None until the engine has it."""
+
+    claimed: bool = False  # a streaming generator owns this turn
+    request_id: str | None = None
+    stop_requested: bool = False
+
+
+@dataclass(frozen=True)
+class PromptPlan:
+    token_ids: list[int]
+    num_dropped_messages: int
+
+
+class ChatService:
+    """Conversations on top of one engine and one repository. Shared by every UI session."""
+
+    def __init__(self, llm: LLM, repository: ChatRepository, settings: Settings | None = None) -> None:
+        self.llm = llm
+        self.repository = repository
+        self.settings = settings or Settings()
+        self._active: dict[int, _ActiveTurn] = {}
+        self._lock = threading.Lock()
+
+    # ---- facts about the engine ------------------------------------------------------------------
+    @property
+    def model_name(self) -> str:
+        return str(getattr(self.llm.loaded, "name", "model"))
+
+    @property
+    def dtype_name(self) -> str:
+        """The weights' dtype ("float32", "bfloat16", ...): greedy outputs are batch-exact in float32 only."""
+        return str(self.llm.loaded.dtype).removeprefix("torch.")
+
+    @property
+    def speculator_name(self) -> str | None:
+        """The configured speculator, or None when every request decodes one token per step."""
+        return self.llm.config.speculator
+
+    @property
+    def max_concurrent_turns(self) -> int:
+        """How many requests the engine batches at once: the UI queue is sized to this."""
+        return self.llm.config.max_num_seqs
+
+    @property
+    def context_window(self) -> int:
+        limit = self.llm.loaded.max_model_len
+        return min(self.llm.config.max_model_len or limit, limit)
+
+    def sampling_params(self, **overrides: Any) -> SamplingParams:
+        """The console's default sampling settings, with per-turn overrides."""
+        values: dict[str, Any] = {
+            "max_tokens": self.settings.max_tokens,
+            "temperature": self.settings.temperature,
+        }
+        values.update(overrides)
+        return SamplingParams(**values)
+
+    # ---- turns ------------------------------------------------------------------------------------
+    def send(
+        self, conversation_id: int, text: str, params: SamplingParams | None = None, *, agent: str | None = None
+    ) -> TurnStream:
+        """Store the customer's `text` (committed now), then return the stream of the drafted reply.
+
+        Raises ValueError (empty or invalid text, a reply already running) and NotFoundError before
+        anything is stored; every later failure arrives as a final update with state ERROR. Iterate the
+        result to the end or close it: closing it stops the reply and stores the partial text.
+        """
+        self._check_idle(conversation_id, agent)
+        if not text.strip():
+            raise ValueError("the customer message is empty: type or paste what the customer wrote")
+        self.repository.add_message(conversation_id, Role.USER, text, agent=agent)  # invariant 6: durable first
+        return self._stream_turn(conversation_id, params or self.sampling_params())
+
+    def retry(
+        self, conversation_id: int, params: SamplingParams | None = None, *, agent: str | None = None
+    ) -> TurnStream:
+        """Draft the reply to the last customer message again (the previous reply is replaced)."""
+        self._check_idle(conversation_id, agent)
+        last_user = self._last_user_message(conversation_id, agent)
+        self.repository.delete_messages_after(conversation_id, last_user.position, agent=agent)
+        return self._stream_turn(conversation_id, params or self.sampling_params())
+
+    def edit_last(
+        self, conversation_id: int, text: str, params: SamplingParams | None = None, *, agent: str | None = None
+    ) -> TurnStream:
+        """Replace the last customer message with `text` and draft a new reply to it."""
+        self._check_idle(conversation_id, agent)
+        if not text.strip():
+            raise ValueError("the customer message is empty: type or paste what the customer wrote")
+        last_user = self._last_user_message(conversation_id, agent)
+        self.repository.update_message_content(last_user.id, text, agent=agent)
+        self.repository.delete_messages_after(conversation_id, last_user.position, agent=agent)
+        return self._stream_turn(conversation_id, params or self.sampling_params())
+
+    def stop(self, conversation_id: int, *, agent: str | None = None) -> bool:
+        """Abort the conversation's running turn; its partial reply is stored as stopped.
+
+        Returns False when nothing was running (or the conversation is not ``agent``'s).
+        """
+        if agent is not None and not self._is_owned(conversation_id, agent):
+            return False
+        with self._lock:
+            turn = self._active.get(conversation_id)
+            if turn is None:
+                return False
+            turn.stop_requested = True
+            request_id = turn.request_id
+        if request_id is not None:
+            self.llm.abort(request_id)
+        return True
+
+    def is_running(self, conversation_id: int) -> bool:
+        with self._lock:
+            return conversation_id in self._active
+
+    def _is_owned(self, conversation_id: int, agent: str) -> bool:
+        try:
+            self.repository.get_conversation(conversation_id, agent=agent)
+        except NotFoundError:
+            return False
+        return True
+
+    def _check_idle(self, conversation_id: int, agent: str | None) -> None:
+        # Ownership first: "still being drafted" would tell another agent the conversation exists.
+        if agent is not None and not self._is_owned(conversation_id, agent):
+            raise NotFoundError("conversation", conversation_id)
+        if self.is_running(conversation_id):
+            raise ValueError("a reply is still being drafted in this conversation: stop it first")
+
+    def _stream_turn(self, conversation_id: int, params: SamplingParams) -> TurnStream:
+        start = time.perf_counter()
+        parts: list[str] = []
+        num_tokens = 0
+        num_dropped = 0
+        reply_id: int | None = None
+        final: TurnUpdate | None = None
+        deltas: Iterator[StreamDelta] | None = None
+
+        def update(state: TurnState, delta: str = "", **extra: Any) -> TurnUpdate:
+            return TurnUpdate(
+                conversation_id, reply_id, state, "".join(parts), delta, num_tokens,
+                time.perf_counter() - start, num_dropped, **extra,
+            )  # fmt: skip
+
+        with self._lock:
+            turn = self._active.setdefault(conversation_id, _ActiveTurn())
+            is_mine = turn.request_id is None and not turn.stop_requested and not turn.claimed
+            turn.claimed = True
+        if not is_mine:  # two tabs sent at the same moment: the second one backs off
+            yield update(TurnState.ERROR, error="a reply is already being drafted in this conversation")
+            return
+        try:
+            reply_id = self.repository.start_assistant_message(conversation_id).id
+            try:
+                plan = self.plan_prompt(self.repository.get_conversation(conversation_id), params)
+                num_dropped = plan.num_dropped_messages
+                request_id = self.llm.submit(plan.token_ids, params)
+            except ValueError as exc:  # too long, bad parameters: this turn fails, nothing else does
+                final = update(TurnState.ERROR, error=str(exc))
+                yield final
+                return
+            with self._lock:
+                turn.request_id = request_id
+                stop_now = turn.stop_requested
+            if stop_now:  # Stop arrived between storing the reply and submitting it
+                self.llm.abort(request_id)
+            deltas = self.llm.deltas(request_id)
+            yield update(TurnState.WAITING)
+            for delta in deltas:
+                parts.append(delta.text)
+                num_tokens += len(delta.token_ids)
+                if not delta.finished:
+                    yield update(TurnState.STREAMING, delta.text)
+                    continue
+                state = final_state(delta.finish_reason, delta.error)
+                metrics = metrics_dict(
+                    delta.metrics, total_s=time.perf_counter() - start, finish_reason=delta.finish_reason,
+                    num_dropped_messages=num_dropped, speculate=params.speculate,
+                )  # fmt: skip
+                error = delta.error or ("the engine failed this request" if state is TurnState.ERROR else None)
+                final = update(state, delta.text, metrics=metrics, error=error)
+            if final is None:
+                final = update(TurnState.ERROR, error="the engine ended the stream without a final update")
+            yield final
+        except Exception as exc:  # an engine or database failure ends this turn only
+            final = update(TurnState.ERROR, error=f"{type(exc).__name__}: {exc}")
+            yield final
+        finally:
+            # Reached on completion, on error, and on GeneratorExit when the browser or Stop closes us.
+            close = getattr(deltas, "close", None)
+            if close is not None:
+                close()  # aborts the engine request if it is still running (frees its pages)
+            if final is None:
+                final = update(TurnState.STOPPED, metrics={"total_s": round(time.perf_counter() - start, 4)})
+            if reply_id is not None:
+                self._store_final(reply_id, final)
+            with self._lock:
+                self._active.pop(conversation_id, None)
+
+    def _store_final(self, reply_id: int, final: TurnUpdate) -> None:
+        try:
+            self.repository.finish_assistant_message(
+                reply_id, final.text, final.state.message_status, final.metrics or None, final.error
+            )
+        except Exception:
+            # The text may be what failed (e.g. lone surrogates): keep the reply's fate on record anyway.
+            self.repository.finish_assistant_message(
+                reply_id, "", final.state.message_status, final.metrics or None, final.error or "not storable"
+            )
+
+    # ---- prompts -----------------------------------------------------------------------------------
+    def plan_prompt(self, conversation: ConversationRecord, params: SamplingParams) -> PromptPlan:
+        """Token ids for the reply to `conversation`, oldest turns dropped to leave room for the reply.
+
+        Raises ValueError (prompts.ContextOverflowError) when even the last customer message cannot fit.
+        """
+        messages = prompts.build_messages(
+            conversation.persona, conversation.history(), variables=self.prompt_variables(conversation)
+        )
+        # Room for the reply: at most max_tokens, and never less than a quarter of the window.
+        reserve = min(params.max_tokens, self.context_window // 4)
+        budget = self.context_window - max(reserve, 1)
+        counted: dict[int, list[int]] = {}
+
+        def count_tokens(candidate: list[dict[str, str]]) -> int:
+            ids = self.llm.apply_chat_template(candidate)
+            counted[len(candidate)] = ids
+            return len(ids)
+
+        kept, num_dropped = prompts.fit_to_context(messages, count_tokens, budget)
+        ids = counted.get(len(kept)) or self.llm.apply_chat_template(kept)
+        return PromptPlan(ids, num_dropped)
+
+    def prompt_variables(self, conversation: ConversationRecord | None) -> prompts.PromptVariables:
+        """Company, agent and customer names for the system prompt and macros."""
+        return prompts.PromptVariables(
+            company=self.settings.company,
+            agent_name=self.settings.agent_name,
+            customer_name=(conversation.customer_name or None) if conversation else None,
+        )
+
+    def _last_user_message(self, conversation_id: int, agent: str | None) -> MessageRecord:
+        conversation = self.repository.get_conversation(conversation_id, agent=agent)
+        for message in reversed(conversation.messages):
+            if message.role is Role.USER:
+                return message
+        raise ValueError("this conversation has no customer message yet")
+
+    # ---- conversations, personas and macros ---------------------------------------------------------
+    def new_conversation(
+        self, persona: str = "general", customer_name: str = "", *, agent: str | None = None
+    ) -> ConversationRecord:
+        """An empty conversation answered with `persona`'s system prompt (KeyError for an unknown one)."""
+        prompts.render_system_prompt(persona)  # fail now, not at the first turn
+        return self.repository.create_conversation(customer_name=customer_name, persona=persona, agent=agent)
+
+    def personas(self) -> list[tuple[str, str]]:
+        """(title, key) pairs for a picker."""
+        return [(info.title, info.key) for info in prompts.list_personas()]
+
+    def macros(self) -> list[tuple[str, str]]:
+        return [(info.title, info.key) for info in prompts.list_macros()]
+
+    def render_macro(self, key: str, conversation: ConversationRecord | None = None) -> str:
+        """A canned reply with the company, agent and customer names filled in."""
+        return prompts.render_macro(key, self.prompt_variables(conversation))
+
+    def add_agent_reply(self, conversation_id: int, text: str, *, agent: str | None = None) -> MessageRecord:
+        """Store a reply the agent wrote or inserted from a macro (no generation)."""
+        self._check_idle(conversation_id, agent)
+        if not text.strip():
+            raise ValueError("the reply is empty")
+        return self.repository.add_message(conversation_id, Role.ASSISTANT, text, agent=agent)
+
+    def engine_stats(self) -> EngineStats:
+        return self.llm.stats()
+
+    def set_feedback(self, message_id: int, rating: int | None, *, agent: str | None = None) -> None:
+        """Thumbs up (+1), down (-1) or cleared (None) on a drafted reply."""
+        if rating is None:
+            self.repository.clear_feedback(message_id, agent=agent)
+        else:
+            self.repository.set_feedback(message_id, rating, agent=agent)

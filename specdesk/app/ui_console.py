@@ -1,0 +1,185 @@
+"""The Console tab: history sidebar, the chat, and the turn's metrics beside it.
+
+Layout only; what each button does lives in app/console_actions.py. Generation events share one
+concurrency group sized to the engine's batch, so every agent's turn runs at once and the engine
+batches them; quick events (Stop, sidebar, feedback) are never queued behind a stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
+
+from specdesk.app import views
+from specdesk.app.chat_service import ChatService
+from specdesk.app.console_actions import ConsoleActions
+
+GENERATION_GROUP = "specdesk-generation"
+
+
+@dataclass
+class ConsoleView:
+    """Every component a handler reads or writes."""
+
+    conversation_id: gr.State
+    message_ids: gr.State
+    editing: gr.State
+    persona: gr.Dropdown
+    customer: gr.Textbox
+    new: gr.Button
+    search: gr.Textbox
+    conversations: gr.Radio
+    rename_text: gr.Textbox
+    rename: gr.Button
+    export_json: gr.Button
+    export_markdown: gr.Button
+    export_file: gr.File
+    delete: gr.Button
+    confirm_box: gr.Group
+    confirm_text: gr.Markdown
+    confirm_delete: gr.Button
+    cancel_delete: gr.Button
+    header: gr.Markdown
+    chatbot: gr.Chatbot
+    status: gr.Markdown
+    message: gr.Textbox
+    send: gr.Button
+    stop: gr.Button
+    retry: gr.Button
+    edit: gr.Button
+    cancel_edit: gr.Button
+    macro: gr.Dropdown
+    macro_text: gr.Textbox
+    macro_add: gr.Button
+    metrics: gr.HTML
+    turns_plot: gr.BarPlot
+    engine: gr.HTML
+
+
+def build_console(service: ChatService) -> ConsoleView:
+    """Lay out the Console tab inside the current Blocks context and wire its events."""
+    personas = service.personas()
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=1, min_width=260, elem_id="sd-sidebar"):
+            new = gr.Button("+ New conversation", variant="primary", elem_id="sd-new")
+            persona = gr.Dropdown(personas, value="general", label="Persona for new conversations")
+            customer = gr.Textbox(label="Customer name", placeholder="optional, used in greetings")
+            search = gr.Textbox(placeholder="Search conversations…", show_label=False, elem_id="sd-search")
+            conversations = gr.Radio(
+                [], label="Conversations", elem_id="sd-conversations", elem_classes="sd-conversations"
+            )
+            with gr.Accordion("Manage conversation", open=False, elem_id="sd-manage"):
+                rename_text = gr.Textbox(label="Title", elem_id="sd-rename-text")
+                rename = gr.Button("Rename", size="sm")
+                with gr.Row():
+                    export_json = gr.Button("Export JSON", size="sm")
+                    export_markdown = gr.Button("Export Markdown", size="sm")
+                export_file = gr.File(label="Export", visible=False, interactive=False, elem_id="sd-export")
+                delete = gr.Button("Delete…", size="sm", variant="stop", elem_id="sd-delete")
+                with gr.Group(visible=False) as confirm_box:
+                    confirm_text = gr.Markdown()
+                    with gr.Row():
+                        confirm_delete = gr.Button(
+                            "Delete for good", variant="stop", size="sm", elem_id="sd-confirm-delete"
+                        )
+                        cancel_delete = gr.Button("Keep it", size="sm")
+
+        with gr.Column(scale=3, min_width=420):
+            header = gr.Markdown(elem_id="sd-header")
+            chatbot = gr.Chatbot(
+                height=560,
+                elem_id="sd-chat",
+                buttons=["copy", "copy_all"],
+                sanitize_html=True,
+                allow_tags=False,
+                latex_delimiters=[],  # "$5 and $10" in a banking chat is money, not LaTeX
+                feedback_options=("Like", "Dislike"),
+                placeholder="Paste the customer's message below. Drafted replies stream here.",
+                show_label=False,
+                layout="bubble",
+                group_consecutive_messages=False,  # one bubble per stored message: feedback maps 1:1
+            )
+            status = gr.Markdown(elem_id="sd-status")
+            with gr.Row(equal_height=True):
+                message = gr.Textbox(
+                    placeholder="Customer's message… (Enter sends, Shift+Enter adds a line)",
+                    show_label=False, lines=2, max_lines=8, scale=6, elem_id="sd-message", autofocus=True,
+                )  # fmt: skip
+                send = gr.Button("Send", variant="primary", scale=1, min_width=90, elem_id="sd-send")
+                stop = gr.Button("■ Stop", variant="stop", scale=1, min_width=90, visible=False, elem_id="sd-stop")
+            with gr.Row():
+                retry = gr.Button("↻ Redraft reply", size="sm", elem_id="sd-retry")
+                edit = gr.Button("✎ Edit last customer message", size="sm", elem_id="sd-edit")
+                cancel_edit = gr.Button("Cancel edit", size="sm", visible=False)
+                macro = gr.Dropdown(
+                    service.macros(), value=None, label="Insert a macro", scale=2, min_width=200,
+                    elem_id="sd-macro",
+                )  # fmt: skip
+            with gr.Row(visible=False) as macro_row:
+                macro_text = gr.Textbox(label="Macro (fill in the [brackets])", lines=3, scale=5)
+                macro_add = gr.Button("Add as agent reply", size="sm", scale=1)
+
+        with gr.Column(scale=1, min_width=240):
+            gr.Markdown("#### This turn")
+            metrics = gr.HTML(elem_id="sd-metrics")
+            turns_plot = gr.BarPlot(
+                views.turns_frame(None), x="turn", y="tokens/s", title="tokens/s per turn", height=220,
+                x_title="turn", y_title=" ", show_label=False, sort="x", tooltip="all",
+                y_lim=[0, None],
+            )  # fmt: skip
+            engine = gr.HTML(elem_classes="sd-engine")
+
+    view = ConsoleView(
+        gr.State(None), gr.State([]), gr.State(False), persona, customer, new, search, conversations,
+        rename_text, rename, export_json, export_markdown, export_file, delete, confirm_box, confirm_text,
+        confirm_delete, cancel_delete, header, chatbot, status, message, send, stop, retry, edit,
+        cancel_edit, macro, macro_text, macro_add, metrics, turns_plot, engine,
+    )  # fmt: skip
+    _wire(view, ConsoleActions(service, view), macro_row, service.max_concurrent_turns)
+    return view
+
+
+def _wire(v: ConsoleView, actions: ConsoleActions, macro_row: gr.Row, batch_size: int) -> None:
+    everything = actions.all_outputs
+    # Only `send` is a documented API endpoint; the OpenAI-compatible /v1 is the programmatic interface.
+    quick: dict[str, Any] = {
+        "concurrency_limit": None,
+        "show_progress": "hidden",
+        "api_visibility": "undocumented",
+    }
+    stream: dict[str, Any] = {
+        "concurrency_limit": batch_size, "concurrency_id": GENERATION_GROUP, "show_progress": "hidden",
+        "api_visibility": "undocumented",
+    }  # fmt: skip
+
+    turn_inputs = [v.message, v.conversation_id, v.editing, v.persona, v.customer, v.search]
+    v.send.click(actions.send, turn_inputs, everything, **{**stream, "api_name": "send", "api_visibility": "public"})
+    v.message.submit(actions.send, turn_inputs, everything, **stream)
+    v.retry.click(actions.retry, [v.conversation_id, v.search], everything, **stream)
+    v.chatbot.retry(actions.retry, [v.conversation_id, v.search], everything, **stream)
+    v.stop.click(actions.stop, [v.conversation_id], None, **quick)
+
+    v.edit.click(actions.start_edit, [v.conversation_id], everything, **quick)
+    v.cancel_edit.click(actions.cancel_edit, None, everything, **quick)
+    v.chatbot.like(actions.feedback, [v.message_ids], None, **quick)
+    # The chat's trash icon clears the view, never the history: it starts a new conversation.
+    v.chatbot.clear(actions.new_conversation, [v.search], everything, **quick)
+
+    v.new.click(actions.new_conversation, [v.search], everything, **quick)
+    v.conversations.input(actions.open, [v.conversations, v.search], everything, **quick)
+    v.search.change(actions.search, [v.search, v.conversation_id], [v.conversations], **quick)
+    v.rename.click(actions.rename, [v.conversation_id, v.rename_text, v.search], everything, **quick)
+    v.export_json.click(actions.export_json, [v.conversation_id], [v.export_file], **quick)
+    v.export_markdown.click(actions.export_markdown, [v.conversation_id], [v.export_file], **quick)
+    v.delete.click(actions.ask_delete, [v.conversation_id], [v.confirm_box, v.confirm_text], **quick)
+    v.cancel_delete.click(lambda: gr.Group(visible=False), None, [v.confirm_box], **quick)
+    v.confirm_delete.click(actions.delete, [v.conversation_id, v.search], everything, **quick)
+
+    v.macro.change(actions.preview_macro, [v.macro, v.conversation_id], [macro_row, v.macro_text], **quick)
+    v.macro_add.click(
+        actions.add_macro, [v.macro_text, v.conversation_id, v.persona, v.customer, v.search],
+        [*everything, macro_row, v.macro], **quick,
+    )  # fmt: skip
+    gr.Timer(3.0).tick(actions.engine_stats, None, [v.engine], **quick)

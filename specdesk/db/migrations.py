@@ -1,0 +1,123 @@
+"""A tiny schema migrator so a newer SpecDesk can open a database file written by an older one.
+
+At every start, inside one write transaction:
+
+1. create the tables and indexes that are missing (a fresh file gets the whole current schema);
+2. add the columns an older file lacks — additive changes need no hand-written step, which is why
+   every NOT NULL column in db/models.py carries a constant ``server_default``;
+3. run the versioned steps above the version stored in ``schema_version``, in order, for changes that
+   are not purely additive (renames, backfills, splitting a column).
+
+A fresh database is stamped with the latest version without running the steps: it already has the
+current shape. A database with tables but no ``schema_version`` row predates versioning: version 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import Connection, Engine, insert, inspect, select, update
+from sqlalchemy.schema import CreateColumn
+
+from specdesk.db.models import Base, schema_version
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int  # the schema version after this step; steps run in increasing order
+    description: str
+    apply: Callable[[Connection], None]
+
+
+def _baseline(conn: Connection) -> None:
+    # Version 1 is the first released schema; steps 1-2 above already bring any older file to it.
+    pass
+
+
+def _conversation_owner(conn: Connection) -> None:
+    # conversations.agent (nullable, indexed) is added by the additive pass; existing rows stay
+    # unowned (NULL), which only an unscoped (login off) console lists. The version bump matters on
+    # its own: an older SpecDesk, which knows nothing of owners and would show every agent everything,
+    # now refuses this file (SchemaTooNewError) instead of opening it.
+    pass
+
+
+# Append new steps here, never edit or reorder released ones.
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "baseline schema", _baseline),
+    Migration(2, "conversations.agent: the owning agent's login name", _conversation_owner),
+)
+
+
+class SchemaTooNewError(RuntimeError):
+    """The database was written by a newer SpecDesk than this one; refusing to guess its shape."""
+
+
+def latest_version(migrations: Sequence[Migration] = MIGRATIONS) -> int:
+    return max((m.version for m in migrations), default=0)
+
+
+def upgrade_schema(engine: Engine, migrations: Sequence[Migration] = MIGRATIONS) -> int:
+    """Bring the database behind ``engine`` to the current schema; returns the version it ends at.
+
+    make_engine passes ``specdesk.db.session.writer(engine)`` so that, on SQLite, two processes starting at
+    once take turns (BEGIN IMMEDIATE) instead of both creating tables.
+    """
+    versions = [m.version for m in migrations]
+    assert versions == sorted(set(versions)), f"migration versions must strictly increase: {versions}"
+    target = latest_version(migrations)
+    with engine.begin() as conn:
+        existing = set(inspect(conn).get_table_names())
+        is_fresh = Base.metadata.tables["conversations"].name not in existing
+        Base.metadata.create_all(conn)  # checkfirst: only the missing tables (and their indexes)
+        _add_missing_columns(conn, existing)
+        _create_missing_indexes(conn)
+        stored = conn.scalar(select(schema_version.c.version))
+        if stored is None:
+            stored = target if is_fresh else 0
+            conn.execute(insert(schema_version).values(version=stored))
+        if stored > target:
+            raise SchemaTooNewError(
+                f"database schema version {stored} is newer than this app's {target}; upgrade SpecDesk"
+            )
+        for migration in migrations:
+            if migration.version > stored:
+                migration.apply(conn)
+                conn.execute(update(schema_version).values(version=migration.version))
+        return target
+
+
+def current_version(engine: Engine) -> int | None:
+    """The version stored in the database, or None when it has never been stamped."""
+    with engine.connect() as conn:
+        if "schema_version" not in inspect(conn).get_table_names():
+            return None
+        return conn.scalar(select(schema_version.c.version))
+
+
+def _add_missing_columns(conn: Connection, existing_tables: set[str]) -> None:
+    inspector = inspect(conn)
+    for table in Base.metadata.sorted_tables:
+        if table.name not in existing_tables:
+            continue  # just created with every column
+        present = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in present:
+                continue
+            if not column.nullable and column.server_default is None:
+                raise RuntimeError(
+                    f"cannot add NOT NULL column {table.name}.{column.name} without a server_default; "
+                    "give it one or write a versioned migration"
+                )
+            # CreateColumn renders "name TYPE DEFAULT ... NOT NULL" with the dialect's quoting.
+            ddl = CreateColumn(column).compile(dialect=conn.dialect)
+            table_name = conn.dialect.identifier_preparer.quote(table.name)
+            conn.exec_driver_sql(f"ALTER TABLE {table_name} ADD COLUMN {ddl}")
+
+
+def _create_missing_indexes(conn: Connection) -> None:
+    # create_all skips indexes of tables that already existed; an older file may lack newer ones.
+    for table in Base.metadata.sorted_tables:
+        for index in table.indexes:
+            index.create(conn, checkfirst=True)

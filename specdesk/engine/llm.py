@@ -1,0 +1,227 @@
+"""The public API: `LLM` runs the engine on one background thread and serves many callers' threads.
+
+from specdesk.engine import LLM, SamplingParams
+llm = LLM()                                    # built-in default model
+outs = llm.generate(["a prompt", [1, 2, 3]], SamplingParams(max_tokens=64))
+for delta in llm.stream(messages, params): print(delta.text, end="")
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from specdesk.engine.config import EngineConfig
+from specdesk.engine.llm_engine import EngineStats, LLMEngine
+from specdesk.engine.models.loader import load_model, resolve_device
+from specdesk.engine.outputs import RequestMetrics, RequestOutput, StreamDelta
+from specdesk.engine.sampling_params import SamplingParams
+from specdesk.kernels.ops import resolve_backend
+
+Prompt = str | list[int] | list[dict[str, Any]]
+
+
+class LLM:
+    """An in-process engine. Thread-safe: `generate`, `stream` and `chat` may be called from any thread."""
+
+    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+        self.config = EngineConfig(model=model, **kwargs)
+        if self.config.num_threads:
+            torch.set_num_threads(self.config.num_threads)
+        self.loaded = load_model(
+            self.config.model, dtype=self.config.dtype, device=self.config.device,
+            attention_backend=resolve_backend(self.config.attention_backend, resolve_device(self.config.device)),
+            max_model_len=self.config.max_model_len, tokenizer=self.config.tokenizer,
+            trust_remote_code=self.config.trust_remote_code, quantization=self.config.quantization,
+        )  # fmt: skip
+        self.tokenizer = self.loaded.tokenizer
+        self.engine = LLMEngine(self.config, self.loaded)
+        self._inbox: list[tuple[str, Any]] = []
+        self._streams: dict[str, queue.Queue[StreamDelta]] = {}
+        self._cv = threading.Condition()
+        self._closed = False
+        self._ids = itertools.count()
+        self._listeners: list[Callable[[StreamDelta], None]] = []
+        self._thread = threading.Thread(target=self._loop, name="specdesk-engine", daemon=True)
+        self._thread.start()
+
+    # ---- prompts ----------------------------------------------------------------------------------
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids for a prompt: a string (tokenized as the model's tokenizer does), ids, or chat messages."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty: give some text")
+            return list(self.tokenizer.encode(prompt))
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+            return self.apply_chat_template(prompt)
+        if isinstance(prompt, list | tuple) and all(isinstance(t, int) for t in prompt):
+            return [int(t) for t in prompt]  # type: ignore[arg-type]
+        return _bad(prompt)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
+        """Render messages with the model's chat template, ready for the assistant's reply.
+
+        The rendered text already carries any BOS the template wants, so no special tokens are added again.
+        """
+        for m in messages:
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise ValueError(f"each message needs 'role' and 'content', got {m!r}")
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise ValueError(f"model {self.loaded.name} has no chat template; pass a plain prompt instead")
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    # ---- serving ----------------------------------------------------------------------------------
+    def submit(self, prompt: Prompt, params: SamplingParams | None = None, cache_salt: str | None = None) -> str:
+        """Queue a request and return its id; its deltas arrive through `deltas(request_id)`."""
+        params = params or SamplingParams()
+        ids = self.encode(prompt)
+        self.engine.validate_prompt(ids)  # fail in the caller's thread, before anything is queued
+        request_id = f"llm-{next(self._ids)}"
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("the engine is shut down")
+            self._streams[request_id] = queue.Queue()
+            self._inbox.append(("add", (request_id, ids, params, cache_salt)))
+            self._cv.notify()
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request; its pages are freed at the next step boundary."""
+        with self._cv:
+            self._inbox.append(("abort", request_id))
+            self._cv.notify()
+
+    def deltas(self, request_id: str) -> Iterator[StreamDelta]:
+        """The deltas of a submitted request until its final one. Closing the iterator early aborts it."""
+        q = self._streams[request_id]
+        finished = False
+        try:
+            while not finished:
+                delta = q.get()
+                finished = delta.finished
+                yield delta
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def stream(
+        self, prompt: Prompt, params: SamplingParams | None = None, cache_salt: str | None = None
+    ) -> Iterator[StreamDelta]:
+        """Stream one request's text as it is verified. Closing the generator (client gone) aborts it."""
+        return self.deltas(self.submit(prompt, params, cache_salt))
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Run a batch of prompts together (continuous batching) and return their outputs in order.
+
+        params: one SamplingParams for all prompts, or one per prompt (as vLLM accepts).
+        """
+        single = isinstance(prompts, str) or (bool(prompts) and isinstance(prompts[0], int | dict))
+        batch: list[Any] = [prompts] if single else list(prompts)
+        per_prompt = list(params) if isinstance(params, Sequence) else [params] * len(batch)
+        if len(per_prompt) != len(batch):
+            raise ValueError(f"{len(per_prompt)} SamplingParams for {len(batch)} prompts")
+        encoded = [self.encode(p) for p in batch]
+        for ids in encoded:
+            self.engine.validate_prompt(ids)
+        request_ids = [self.submit(ids, sp) for ids, sp in zip(encoded, per_prompt, strict=True)]
+        return [self._collect(rid, ids) for rid, ids in zip(request_ids, encoded, strict=True)]
+
+    def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None) -> RequestOutput:
+        """Answer a conversation (role/content dicts) with the model's chat template applied."""
+        return self.generate([messages], params)[0]
+
+    def _collect(self, request_id: str, prompt_ids: list[int]) -> RequestOutput:
+        text: list[str] = []
+        token_ids: list[int] = []
+        last: StreamDelta | None = None
+        for last in self.deltas(request_id):
+            text.append(last.text)
+            token_ids += last.token_ids
+        assert last is not None and last.finished, request_id
+        if last.error:
+            raise RuntimeError(f"request {request_id} failed: {last.error}")
+        metrics = last.metrics or RequestMetrics()
+        return RequestOutput(request_id, prompt_ids, token_ids, "".join(text), last.finish_reason, metrics)
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    def add_listener(self, fn: Callable[[StreamDelta], None]) -> None:
+        """Call fn(delta) for every delta of every request (metrics exporters). Runs on the engine
+        thread: it must be quick and must not raise."""
+        self._listeners.append(fn)
+
+    def reset_prefix_cache(self) -> None:
+        with self._cv:
+            self._inbox.append(("reset", None))
+            self._cv.notify()
+
+    def forget_replies(self) -> None:
+        """Drop the finished replies the n-gram speculator looks up (a no-op without one): served text
+        leaves memory, and a benchmark run cannot be sped up by the replies of an earlier identical run.
+        Takes effect before the engine's next step; output never depends on it, only speed."""
+        with self._cv:
+            self._inbox.append(("forget", None))
+            self._cv.notify()
+
+    def shutdown(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join(timeout=10)
+
+    # ---- the engine thread ------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._inbox and not self.engine.has_work and not self._closed:
+                    self._cv.wait()
+                if self._closed:
+                    return
+                inbox, self._inbox = self._inbox, []
+            for kind, arg in inbox:
+                self._handle(kind, arg)
+            try:
+                deltas = self.engine.step()
+            except Exception as exc:  # a bug must not hang every caller: fail the live requests, keep serving
+                deltas = self.engine.fail_all(f"engine step failed: {type(exc).__name__}: {exc}")
+            for delta in deltas:
+                self._deliver(delta)
+
+    def _handle(self, kind: str, arg: Any) -> None:
+        if kind == "add":
+            request_id, ids, params, salt = arg
+            try:
+                self.engine.add_request(ids, params, request_id, salt)
+            except (ValueError, TypeError) as exc:
+                self._deliver(StreamDelta(request_id, "", [], True, None, None, str(exc)))
+        elif kind == "abort":
+            delta = self.engine.abort(arg)
+            if delta is not None:
+                self._deliver(delta)
+        elif kind == "reset":
+            self.engine.block_manager.reset_prefix_cache()
+        elif kind == "forget":
+            self.engine.forget_replies()
+
+    def _deliver(self, delta: StreamDelta) -> None:
+        for fn in self._listeners:
+            fn(delta)
+        q = self._streams.get(delta.request_id)
+        if q is not None:
+            q.put(delta)
+
+
+def _bad(prompt: object) -> list[int]:
+    raise ValueError(f"a prompt is a string, a list of token ids or a list of chat messages, got {prompt!r:.80}")

@@ -1,0 +1,265 @@
+"""The engine loop: schedule → run → postprocess, one step at a time. Single-threaded by design;
+engine/llm.py drives it from one background thread and hands results to callers' threads.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from specdesk.engine.block_manager import BlockManager
+from specdesk.engine.config import EngineConfig
+from specdesk.engine.detokenizer import IncrementalDetokenizer
+from specdesk.engine.model_runner import ModelRunner
+from specdesk.engine.models.loader import LoadedModel
+from specdesk.engine.outputs import FinishReason, StreamDelta
+from specdesk.engine.sampling_params import SamplingParams
+from specdesk.engine.scheduler import Scheduler, SchedulerOutput
+from specdesk.engine.sequence import Sequence
+from specdesk.engine.speculation import SpecStats, SpeculativeDecoder, resolve_speculator
+from specdesk.engine.speculators.tree import DraftTree
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_blocks: int
+    num_free_blocks: int
+    num_cached_blocks: int
+    num_evicted_blocks: int
+    kv_usage: float
+    prefix_hit_tokens: int
+    prefix_queried_tokens: int
+    num_preemptions: int
+    num_steps: int
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_accepted_per_position: list[int] = field(default_factory=list)
+    spec_verify_cost_per_token: float = 0.0  # measured cost of one more verified token, in plain steps
+    spec_num_tree_nodes: int = 0  # draft nodes verified (candidate trees share prefixes)
+
+    @property
+    def spec_mean_acceptance_length(self) -> float:
+        return 1 + self.spec_num_accepted_tokens / self.spec_num_drafts if self.spec_num_drafts else 0.0
+
+
+class LLMEngine:
+    """Holds the scheduler, the page pool and the model runner; `step()` advances every request once."""
+
+    def __init__(self, config: EngineConfig, loaded: LoadedModel) -> None:
+        self.config = config
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self.runner = ModelRunner(config, loaded)
+        self.max_model_len = min(config.max_model_len or loaded.max_model_len, loaded.max_model_len)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len
+        )
+        mlp_dir, use_ngram = resolve_speculator(config.speculator, config.model is None)
+        self.speculation = (
+            SpeculativeDecoder(
+                mlp_dir,
+                use_ngram,
+                loaded,
+                self.runner,
+                config.spec_max_batch_size,
+                config.spec_tree_width,
+                tree=config.spec_tree,
+                cuda_graphs=not config.enforce_eager,
+            )
+            if mlp_dir or use_ngram
+            else None
+        )
+        self.detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self.sequences: dict[str, Sequence] = {}
+        self.num_steps = 0
+        self._step_started = 0.0  # perf_counter at the current step's start
+        self._ids = itertools.count()
+
+    def validate_prompt(self, prompt_token_ids: list[int]) -> None:
+        """Raise ValueError for a prompt this engine can never serve."""
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise ValueError("prompt is empty: give at least one token")
+        if n >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {n} tokens but the context window is {self.max_model_len}: "
+                "shorten the conversation (at least one token must be left to generate)"
+            )
+        if self.block_manager.blocks_needed(n + 1) > self.block_manager.num_blocks:
+            raise ValueError(
+                f"prompt has {n} tokens but the KV cache holds only "
+                f"{self.block_manager.num_blocks * self.config.block_size}: raise kv_cache_memory_gib"
+            )
+        vocab = self.loaded.vocab_size
+        bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab}), got {bad[:5]}")
+
+    def add_request(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
+        cache_salt: str | None = None,
+    ) -> str:  # fmt: skip
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        params.validate()
+        prompt_token_ids = list(prompt_token_ids)
+        self.validate_prompt(prompt_token_ids)
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self.sequences:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        seq = Sequence(request_id, prompt_token_ids, params, frozenset(self.loaded.eos_token_ids), cache_salt)
+        seq.metrics.arrival_time = time.perf_counter()
+        self.sequences[request_id] = seq
+        self.detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params)
+        self.scheduler.add(seq)
+        return request_id
+
+    def forget_replies(self) -> None:
+        """Empty the n-gram speculator's store of finished replies (no-op without one)."""
+        if self.speculation is not None and self.speculation.ngram is not None:
+            self.speculation.ngram.clear_replies()
+
+    def abort(self, request_id: str) -> StreamDelta | None:
+        seq = self.scheduler.abort(request_id)
+        return self._finish_delta(seq) if seq is not None else None
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    def step(self) -> list[StreamDelta]:
+        """One engine iteration. Returns a delta for every request that produced text or finished."""
+        self._step_started = time.perf_counter()
+        if self.speculation is not None:
+            self.speculation.propose(self.scheduler.running, self.block_manager.usage)
+        batch = self.scheduler.schedule()
+        deltas = [self._finish_delta(s) for s in batch.preempted if s.is_finished]
+        if batch.is_empty:
+            return deltas
+        self.num_steps += 1
+        self.runner.copy_blocks(self.block_manager.take_pending_copies())
+        try:
+            sampled = self._run(batch)
+        except Exception as exc:  # a failed pass fails its requests, never the engine
+            for s in batch.scheduled:
+                self.scheduler.finish(s.seq, FinishReason.ERROR)
+                deltas.append(self._finish_delta(s.seq, error=f"{type(exc).__name__}: {exc}"))
+            return deltas
+        now = time.perf_counter()
+        for s, new_tokens in zip(batch.scheduled, sampled, strict=True):
+            seq = s.seq
+            was_decoding = seq.num_output_tokens > 0
+            kept = self.scheduler.append_tokens(s, new_tokens)
+            if not kept:
+                continue
+            m = seq.metrics
+            m.num_generated_tokens = seq.num_output_tokens
+            if was_decoding:
+                m.num_decode_steps += 1
+            if m.first_token_time is None:
+                m.first_token_time = now
+                m.ttft_s = now - m.arrival_time
+            m.decode_s = now - m.first_token_time
+            deltas.append(self._text_delta(seq, kept))
+        return deltas
+
+    def fail_all(self, error: str) -> list[StreamDelta]:
+        """Finish every live request with an error (the loop's last resort after an unexpected exception)."""
+        live = [*self.scheduler.running, *self.scheduler.waiting]
+        for seq in live:
+            self.scheduler.finish(seq, FinishReason.ERROR)
+        return [self._finish_delta(seq, error=error) for seq in live]
+
+    def _run(self, batch: SchedulerOutput) -> list[list[int]]:
+        """One base-model pass: plain sequences sample one token, speculating ones verify their tree."""
+        scheduled = batch.scheduled
+        spec = self.speculation
+        trees: list[DraftTree | None] = [spec.tree_for(s) if spec else None for s in scheduled]
+        logits, hidden, starts = self.runner.execute(scheduled, trees)
+        result: list[list[int]] = [[] for _ in scheduled]
+        last_rows = [starts[i] + s.num_new_tokens - 1 for i, s in enumerate(scheduled)]
+        plain = [i for i, s in enumerate(scheduled) if s.samples and trees[i] is None]
+        if plain:
+            rows = torch.cat([logits[i] for i in plain])  # type: ignore[misc]
+            for i, tok in zip(plain, self.runner.sample([scheduled[i] for i in plain], rows), strict=True):
+                result[i] = [tok]
+        for i, tree in enumerate(trees):
+            if tree is not None and spec is not None:
+                result[i], accepted_row = spec.verify(scheduled[i], tree, logits[i])  # type: ignore[arg-type]
+                last_rows[i] += accepted_row
+        if self.runner.keep_hidden:
+            # The MLP speculator's next input: the hidden state after the last verified token.
+            for i, s in enumerate(scheduled):
+                if s.samples:
+                    self.runner.last_hidden[s.seq.request_id] = hidden[last_rows[i]].clone()
+        lone = scheduled[0] if len(scheduled) == 1 else None
+        if spec is not None and lone is not None and lone.num_new_tokens == 1:
+            # A lone decode step (the results above are on the host, so the pass is done): what one more
+            # verified token costs, for the tree-width choice. Timed from the step's start, proposal
+            # included: the width trades a token's cost against the whole step's, not the pass alone's.
+            spec.step_cost.record(1 + lone.num_draft_tokens, time.perf_counter() - self._step_started)
+        return result
+
+    def _text_delta(self, seq: Sequence, kept: list[int]) -> StreamDelta:
+        detok = self.detokenizers[seq.request_id]
+        text = detok.add(kept)
+        if detok.stopped_by is not None:
+            # A stop string ended the text: drop the ids after the one that completed it, and finish.
+            n = detok.num_tokens_before_stop
+            assert n is not None, seq.request_id
+            if n < len(kept):
+                del seq.token_ids[n - len(kept) :]
+                kept = kept[:n]
+                seq.metrics.num_generated_tokens = seq.num_output_tokens
+            if seq.is_finished:
+                seq.finish_reason = FinishReason.STOP
+            else:
+                self.scheduler.finish(seq, FinishReason.STOP)
+        if seq.is_finished:
+            if detok.stopped_by is None:
+                text += detok.flush()
+                if detok.stopped_by is not None:  # the held-back tail completed a stop string
+                    seq.finish_reason = FinishReason.STOP
+            return self._finish_delta(seq, text=text, token_ids=kept)
+        return StreamDelta(seq.request_id, text, kept)
+
+    def _finish_delta(
+        self, seq: Sequence, text: str = "", token_ids: list[int] | None = None, error: str | None = None
+    ) -> StreamDelta:
+        self.sequences.pop(seq.request_id, None)
+        self.detokenizers.pop(seq.request_id, None)
+        self.runner.release(seq.request_id)
+        if self.speculation is not None:
+            self.speculation.finish(seq)
+        seq.metrics.finish_time = time.perf_counter()
+        return StreamDelta(seq.request_id, text, token_ids or [], True, seq.finish_reason, seq.metrics, error)
+
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        spec = self.speculation.stats if self.speculation is not None else SpecStats()
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_blocks=bm.num_blocks,
+            num_free_blocks=bm.num_free_blocks,
+            num_cached_blocks=bm.num_cached_blocks,
+            num_evicted_blocks=bm.num_evicted_blocks,
+            kv_usage=bm.usage,
+            prefix_hit_tokens=bm.num_hit_tokens,
+            prefix_queried_tokens=bm.num_queried_tokens,
+            num_preemptions=self.scheduler.num_preemptions,
+            num_steps=self.num_steps,
+            spec_num_drafts=spec.num_drafts,
+            spec_num_draft_tokens=spec.num_draft_tokens,
+            spec_num_accepted_tokens=spec.num_accepted_tokens,
+            spec_accepted_per_position=list(spec.accepted_per_position),
+            spec_verify_cost_per_token=self.speculation.step_cost.cost_per_token if self.speculation else 0.0,
+            spec_num_tree_nodes=spec.num_tree_nodes,
+        )

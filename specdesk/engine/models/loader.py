@@ -1,0 +1,237 @@
+"""Turn a model reference (local dir, hub id, .gguf file, or None for the default) into a ready model.
+
+Weights come straight from the checkpoint's safetensors (or .bin) files, each tensor converted once to the
+target dtype and device; GGUF files go through transformers' GGUF dequantization.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from specdesk.engine.models import CausalLM, model_class, pack_for_cpu
+from specdesk.engine.models.default_model import DEFAULT_MODEL_NAME, default_model_path
+from specdesk.engine.models.int4_linear import can_quantize, quantize_linears
+from specdesk.kernels.ops import resolve_backend
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to serve, with everything the engine needs to size its cache and stop sequences."""
+
+    model: CausalLM
+    tokenizer: Any  # a transformers tokenizer
+    hf_config: Any
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    max_model_len: int
+    eos_token_ids: list[int]
+    dtype: torch.dtype
+    device: torch.device
+    name: str
+
+
+def resolve_device(device: str) -> torch.device:
+    """Device "auto" is cuda when available, else cpu."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """Dtype "auto" is bfloat16 on cuda and on CPUs with native bf16 matmuls (prepacked oneDNN), else float32."""
+    if dtype == "auto":
+        from specdesk.engine.models.packed_linear import can_pack
+
+        fast_bf16 = device.type == "cuda" or can_pack(torch.bfloat16, device)
+        return torch.bfloat16 if fast_bf16 else torch.float32
+    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"dtype must be one of auto, {', '.join(names)}; got {dtype!r}")
+    return names[dtype]
+
+
+def load_model(
+    model: str | None,
+    dtype: str = "auto",
+    device: str = "auto",
+    *,
+    tokenizer: str | None = None,
+    attention_backend: str = "torch",
+    max_model_len: int | None = None,
+    trust_remote_code: bool = False,
+    quantization: str | None = None,
+) -> LoadedModel:
+    """Load a supported causal LM and its tokenizer.
+
+    model: a checkpoint directory, a .gguf file, a Hugging Face hub id, or None for the default model.
+    attention_backend: "torch", "triton" or "auto" (kernels.ops.resolve_backend picks for the device).
+    quantization: None or "int4" (CPU only; see models/int4_linear.py).
+    Raises FileNotFoundError when nothing is found, ValueError for an unsupported architecture or a
+    max_model_len beyond what the model supports.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    if quantization == "int4" and not can_quantize(torch_device):
+        raise ValueError(f"quantization='int4' runs on CPU (torch >= 2.6), not on {torch_device}")
+    path, gguf_file = resolve_checkpoint(model)
+    gguf_kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    hf_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **gguf_kwargs)
+    cls = model_class(hf_config)  # fails on an unsupported architecture before any weight is read
+    limit = model_max_len(hf_config)
+    if max_model_len is not None and max_model_len > limit:
+        raise ValueError(f"max_model_len {max_model_len} exceeds the model's limit of {limit} tokens")
+    if attention_backend == "auto":
+        attention_backend = resolve_backend("auto", torch_device)
+
+    with torch.device("meta"):
+        net = cls(hf_config, backend=attention_backend)
+    net = net.to(torch_dtype).to_empty(device=torch_device)
+    net.load_weights(_checkpoint_weights(path, gguf_file))
+    net.eval().requires_grad_(False)
+    if quantization == "int4":
+        lm_head = getattr(net, "lm_head", None)
+        quantize_linears(net, skip=lm_head if isinstance(lm_head, torch.nn.Module) else None)
+    pack_for_cpu(net, torch_dtype, torch_device)  # whatever is left: the output projection at least
+
+    tok = AutoTokenizer.from_pretrained(
+        tokenizer or path, trust_remote_code=trust_remote_code, **({} if tokenizer else gguf_kwargs)
+    )
+    return LoadedModel(
+        model=net,
+        tokenizer=tok,
+        hf_config=hf_config,
+        num_layers=net.num_layers,
+        num_kv_heads=net.num_kv_heads,
+        head_dim=net.head_dim,
+        hidden_size=net.hidden_size,
+        vocab_size=net.vocab_size,
+        max_model_len=max_model_len or limit,
+        eos_token_ids=eos_token_ids(path, hf_config, tok),
+        dtype=torch_dtype,
+        device=torch_device,
+        name=_display_name(model, path, gguf_file),
+    )
+
+
+def resolve_checkpoint(model: str | None) -> tuple[Path, str | None]:
+    """(checkpoint directory, GGUF file name in it or None). Downloads a hub id unless offline."""
+    if model is None:
+        return default_model_path(), None
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {str(path)!r} does not exist")
+        return path.parent, path.name
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return path, None
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return path, ggufs[0].name
+        raise FileNotFoundError(f"{str(path)!r} has no config.json (nor exactly one .gguf file)")
+    if path.exists():
+        raise ValueError(f"{str(path)!r} is neither a checkpoint directory nor a .gguf file")
+    if not _HUB_ID.match(model) or model.startswith((".", "~")):
+        raise FileNotFoundError(f"model path {model!r} does not exist")
+    return _download(model), None
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        local = Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS))
+        if not any(local.glob("*.safetensors")):  # older repos only have PyTorch .bin weights
+            local = Path(snapshot_download(repo_id, allow_patterns=[*_HUB_PATTERNS, "*.bin"]))
+    except Exception as e:  # offline, unknown repo, gated repo: all "not found" to the caller
+        raise FileNotFoundError(
+            f"model {repo_id!r} is not a local directory or .gguf file, and fetching it from the "
+            f"Hugging Face hub failed: {type(e).__name__}: {e}"
+        ) from e
+    return local
+
+
+def _checkpoint_weights(path: Path, gguf_file: str | None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Hugging Face parameter name, CPU tensor) pairs, one tensor in memory at a time where possible."""
+    if gguf_file:
+        yield from _gguf_weights(path, gguf_file)
+        return
+    from safetensors import safe_open
+
+    for file in _weight_files(path):
+        if file.suffix == ".safetensors":
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for key in f.keys():  # noqa: SIM118 - safe_open handles are not iterable
+                    yield key, f.get_tensor(key)
+        else:
+            yield from torch.load(file, map_location="cpu", weights_only=True, mmap=True).items()
+
+
+def _weight_files(path: Path) -> list[Path]:
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = path / index_name
+        if index.is_file():
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            return [path / name for name in sorted(set(weight_map.values()))]
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (path / single).is_file():
+            return [path / single]
+    files = sorted(p for p in path.glob("*.safetensors") if not p.name.startswith("consolidated"))
+    if not files:
+        raise FileNotFoundError(f"no model.safetensors / pytorch_model.bin weights found in {str(path)!r}")
+    return files
+
+
+def _gguf_weights(path: Path, gguf_file: str) -> Iterable[tuple[str, torch.Tensor]]:
+    from transformers import AutoModelForCausalLM
+
+    # transformers dequantizes and un-permutes GGUF tensors into its own layout; we reuse its state dict.
+    source = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=torch.float32)
+    return source.state_dict().items()
+
+
+def model_max_len(hf_config: Any) -> int:
+    """Longest context the model handles exactly. Sliding-window attention (Mistral v0.1, some Qwen2) is
+    not implemented, so such models are capped at their window, where full attention is equivalent."""
+    limit = int(getattr(hf_config, "max_position_embeddings", None) or hf_config.n_positions)
+    window: int | None = getattr(hf_config, "sliding_window", None)
+    layer_types = getattr(hf_config, "layer_types", None)
+    uses_window = window is not None and (
+        "sliding_attention" in layer_types if layer_types else getattr(hf_config, "use_sliding_window", True)
+    )
+    return min(limit, window) if window is not None and uses_window else limit
+
+
+def eos_token_ids(path: Path, hf_config: Any, tokenizer: Any) -> list[int]:
+    """Every id that ends a generation: generation_config.json's, the config's and the tokenizer's."""
+    ids: list[int] = []
+    gen_path = path / "generation_config.json"
+    gen_eos = json.loads(gen_path.read_text()).get("eos_token_id") if gen_path.is_file() else None
+    for value in (gen_eos, getattr(hf_config, "eos_token_id", None), tokenizer.eos_token_id):
+        for token_id in value if isinstance(value, list) else [value]:
+            if token_id is not None and int(token_id) not in ids:
+                ids.append(int(token_id))
+    return ids
+
+
+def _display_name(model: str | None, path: Path, gguf_file: str | None) -> str:
+    if model is None:
+        return DEFAULT_MODEL_NAME
+    if gguf_file:
+        return Path(gguf_file).stem
+    return model if not Path(model).expanduser().exists() else path.resolve().name

@@ -1,0 +1,173 @@
+"""Next-token sampling as plain functions, the math beside the code.
+
+For one row with logits z over a vocabulary of V tokens:
+
+    greedy (T = 0):  x = argmax_i z_i                      first index of the maximum, as HF `generate`
+    otherwise:       z' = z / T                            temperature
+                     top-k: keep i with z'_i >= z'_(k)     z'_(k) is the k-th largest; ties at it stay (HF)
+                     top-p: sort z' ascending, c_j = cumsum_j softmax(z'); drop j with c_j <= 1 - p.
+                            The kept tail is the smallest top set with mass >= p, and the top token always
+                            stays (HF TopPLogitsWarper; top-p sees the top-k-filtered logits, HF's order)
+                     p = softmax(z')  over the kept set
+                     x = argmax_i p_i / E_i,   E_i ~ Exponential(1)
+
+The last line is the "exponential race": P(argmax_i p_i / E_i = j) = p_j, because E_i / p_i ~ Exp(p_i) and
+the smallest of independent exponentials is j with probability p_j / sum(p). Row i draws its E only from
+`generators[i]` (one draw of V numbers per sampled step), so a seeded request samples the same tokens whatever
+else shares its batch. Rows without a generator share one draw from torch's default generator.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from specdesk.engine.sampling_params import SamplingParams
+
+
+def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
+    """A generator seeded for one request, or None (the request then uses torch's default generator)."""
+    if seed is None:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+def filter_logits(logits: Tensor, params: list[SamplingParams]) -> Tensor:
+    """Temperature-scaled logits with everything outside top-k/top-p set to -inf.
+
+    logits: [n, V]; every row must sample (temperature > 0). Returns a new float32 [n, V] tensor.
+    """
+    assert logits.dim() == 2 and logits.shape[0] == len(params), (tuple(logits.shape), len(params))
+    assert all(not p.is_greedy for p in params), "filter_logits is for sampled rows; greedy rows take argmax"
+    device, vocab_size = logits.device, logits.shape[1]
+    temperatures = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
+    scaled = logits.float() / temperatures.unsqueeze(1)
+    need_top_k = any(0 < p.top_k < vocab_size for p in params)
+    need_top_p = any(p.top_p < 1.0 for p in params)
+    if not (need_top_k or need_top_p):
+        return scaled
+    fast = _filter_among_top(scaled, params)
+    if fast is not None:
+        return fast
+    # One ascending sort serves both filters: masking the smallest values to -inf keeps the order.
+    sorted_logits, order = scaled.sort(dim=-1)
+    if need_top_k:
+        # k == 0 (off) or k >= V keeps everything: the "k-th largest" is then the smallest value.
+        top_ks = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
+        kth_index = torch.tensor([vocab_size - k for k in top_ks], device=device).unsqueeze(1)
+        kth_largest = sorted_logits.gather(1, kth_index)  # [n, 1]
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth_largest, float("-inf"))
+    if need_top_p:
+        # Rows with top_p == 1 get threshold -1 so nothing is dropped (HF skips the warper for them).
+        thresholds = [1.0 - p.top_p if p.top_p < 1.0 else -1.0 for p in params]
+        threshold = torch.tensor(thresholds, dtype=torch.float32, device=device).unsqueeze(1)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative <= threshold
+        drop[:, -1] = False  # the top token always survives
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(scaled).scatter_(1, order, sorted_logits)
+
+
+PREFILTER = 1024  # the fast path filters each row's top this-many tokens only
+
+
+def _filter_among_top(scaled: Tensor, params: list[SamplingParams]) -> Tensor | None:
+    """filter_logits over each row's top PREFILTER tokens (a partial top-k instead of a full sort of the
+    vocabulary: a sampled decode step spent a fifth of its time sorting); None where the kept set could
+    reach past them, and the caller sorts everything.
+
+    In descending order a token survives top-p iff the mass ranked strictly above it is < p (the same rule
+    as c_j <= 1 - p ascending). When the top PREFILTER tokens hold mass >= p, every token past them has at
+    least that much above it and is dropped, so filtering among them is exact. Top-k needs k < PREFILTER and
+    no tie of the k-th value past the prefilter.
+    """
+    vocab_size = scaled.shape[1]
+    if vocab_size <= 2 * PREFILTER:
+        return None
+    top_ks = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
+    has_k_list = [k < PREFILTER for k in top_ks]
+    if any(
+        not has_k and (p.top_p >= 1.0 or k < vocab_size) for k, has_k, p in zip(top_ks, has_k_list, params, strict=True)
+    ):
+        return None  # the row keeps (almost) the whole vocabulary, or its top-k reaches past the prefilter
+    device = scaled.device
+    values, order = scaled.topk(PREFILTER, dim=-1)  # descending
+    has_k = torch.tensor(has_k_list, device=device).unsqueeze(1)
+    kth = values.gather(1, torch.tensor([min(k, PREFILTER) - 1 for k in top_ks], device=device).unsqueeze(1))
+    if bool((has_k & (values[:, -1:] >= kth)).any()):
+        return None  # ties at the k-th largest value may continue past the prefilter
+    masked = torch.where(has_k & (values < kth), float("-inf"), values)
+    # Normalize over what top-k left: the slice for top-k rows, the whole row otherwise.
+    log_norm = torch.where(has_k, masked.logsumexp(-1, keepdim=True), scaled.logsumexp(-1, keepdim=True))
+    probs = (masked - log_norm).exp()
+    top_p = torch.tensor([p.top_p if p.top_p < 1.0 else 2.0 for p in params], device=device).unsqueeze(1)
+    if bool((~has_k & (probs.sum(-1, keepdim=True) < top_p)).any()):
+        return None  # the top-p set reaches past the prefilter
+    drop = probs.cumsum(-1) - probs >= top_p
+    drop[:, 0] = False  # the top token always survives
+    kept = masked.masked_fill(drop, float("-inf"))
+    return torch.full_like(scaled, float("-inf")).scatter_(1, order, kept)
+
+
+def probs_from_logits(logits: Tensor, params: list[SamplingParams]) -> Tensor:
+    """The target distribution each row samples from, as full [n, V] float32 probabilities.
+
+    Sampled rows: softmax(filter_logits(...)). Greedy rows: one-hot at the argmax (a point mass), so the
+    speculative rejection sampler can treat greedy and sampled rows alike.
+    """
+    assert logits.dim() == 2 and logits.shape[0] == len(params), (tuple(logits.shape), len(params))
+    probs = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
+    greedy_rows = [i for i, p in enumerate(params) if p.is_greedy]
+    sampled_rows = [i for i, p in enumerate(params) if not p.is_greedy]
+    if greedy_rows:
+        index = torch.tensor(greedy_rows, device=logits.device)
+        probs[index, logits[index].argmax(dim=-1)] = 1.0
+    if sampled_rows:
+        index = torch.tensor(sampled_rows, device=logits.device)
+        probs[index] = filter_logits(logits[index], [params[i] for i in sampled_rows]).softmax(dim=-1)
+    return probs
+
+
+def sample_from_probs(probs: Tensor, generators: list[torch.Generator | None]) -> Tensor:
+    """Draw one token per row of `probs` [n, V] by the exponential race; row i uses only generators[i].
+
+    Returns int64 [n]. Rows need not be normalized (the race is scale-free per row).
+    """
+    assert probs.dim() == 2 and probs.shape[0] == len(generators), (tuple(probs.shape), len(generators))
+    race = torch.empty_like(probs, dtype=torch.float32)
+    unseeded_rows = [i for i, g in enumerate(generators) if g is None]
+    if len(unseeded_rows) == len(generators):
+        race.exponential_()
+    else:
+        for i, generator in enumerate(generators):
+            if generator is not None:
+                race[i].exponential_(generator=generator)
+        if unseeded_rows:
+            index = torch.tensor(unseeded_rows, device=probs.device)
+            race[index] = torch.empty_like(race[index]).exponential_()
+    # A draw of exactly 0 would make p / E inf (or nan for p = 0) and could pick a zero-probability token.
+    race.clamp_(min=torch.finfo(torch.float32).tiny)
+    return (probs / race).argmax(dim=-1)
+
+
+def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> Tensor:
+    """Pick the next token of every row: argmax for greedy rows, a seeded draw for the others.
+
+    logits: [n, V] float32 (other float dtypes are upcast); params, generators: one per row.
+    Returns int64 [n]. An all-greedy batch is a single argmax with no per-row work.
+    """
+    assert logits.dim() == 2 and logits.shape[0] == len(params) == len(generators), (
+        tuple(logits.shape),
+        len(params),
+        len(generators),
+    )
+    next_ids = logits.argmax(dim=-1)
+    sampled_rows = [i for i, p in enumerate(params) if not p.is_greedy]
+    if not sampled_rows:
+        return next_ids
+    index = torch.tensor(sampled_rows, device=logits.device)
+    probs = filter_logits(logits[index], [params[i] for i in sampled_rows]).softmax(dim=-1)
+    next_ids[index] = sample_from_probs(probs, [generators[i] for i in sampled_rows])
+    return next_ids
