@@ -39,7 +39,6 @@ class BlockManager:
         self.free_ids: deque[int] = deque(range(num_blocks))  # unhashed and unreferenced: used first
         self.evictable: OrderedDict[int, None] = OrderedDict()  # hashed, unreferenced; least recent first
         self.hash_to_block: dict[int, int] = {}
-        self.pending_copies: list[tuple[int, int]] = []  # (src, dst) page copies the runner must do
         self.num_evicted_blocks = 0
         self.num_hit_tokens = 0
         self.num_queried_tokens = 0
@@ -110,30 +109,17 @@ class BlockManager:
 
     def _num_blocks_to_append(self, seq: Sequence, num_new_tokens: int) -> int:
         end = seq.num_computed_tokens + num_new_tokens
-        need = self.blocks_needed(end) - len(seq.block_table)
-        if self._first_write_block_is_shared(seq):
-            need += 1
-        return max(need, 0)
-
-    def _first_write_block_is_shared(self, seq: Sequence) -> bool:
-        idx = seq.num_computed_tokens // self.block_size
-        return idx < len(seq.block_table) and self.blocks[seq.block_table[idx]].ref_count > 1
+        return max(self.blocks_needed(end) - len(seq.block_table), 0)
 
     def append_slots(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Make room for KV of token positions [num_computed_tokens, num_computed_tokens + num_new_tokens).
 
-        Returns False (and changes nothing) if the pool is short of pages. A shared page that would be
-        written (a forked sequence's partly filled last page) is copied first: copy-on-write.
+        Returns False (and changes nothing) if the pool is short of pages. Writes never land in a shared
+        page: only full pages are shared, and a prefix hit stops one token short of the prompt's end, so the
+        first position written is always past every shared page (no copy-on-write is needed).
         """
         if not self.can_append(seq, num_new_tokens):
             return False
-        if self._first_write_block_is_shared(seq):
-            idx = seq.num_computed_tokens // self.block_size
-            src = seq.block_table[idx]
-            dst = self._take_free_block()
-            self.blocks[src].ref_count -= 1  # still referenced by the other owner(s)
-            seq.block_table[idx] = dst
-            self.pending_copies.append((src, dst))
         end = seq.num_computed_tokens + num_new_tokens
         while len(seq.block_table) < self.blocks_needed(end):
             seq.block_table.append(self._take_free_block())
@@ -195,19 +181,6 @@ class BlockManager:
                 self.evictable[block_id] = None
             else:
                 self.free_ids.append(block_id)
-
-    def fork(self, parent: Sequence, child: Sequence) -> None:
-        """Let child share all of parent's pages by reference (its first write into a shared page copies it)."""
-        assert not child.block_table, child.request_id
-        for block_id in parent.block_table:
-            self.blocks[block_id].ref_count += 1
-        child.block_table = list(parent.block_table)
-        child.block_hashes = list(parent.block_hashes)
-        child.num_computed_tokens = parent.num_computed_tokens
-
-    def take_pending_copies(self) -> list[tuple[int, int]]:
-        copies, self.pending_copies = self.pending_copies, []
-        return copies
 
     def reset_prefix_cache(self) -> None:
         """Forget every unreferenced cached page (benchmarks measure cold starts with this)."""

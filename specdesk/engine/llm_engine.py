@@ -144,7 +144,6 @@ class LLMEngine:
         if batch.is_empty:
             return deltas
         self.num_steps += 1
-        self.runner.copy_blocks(self.block_manager.take_pending_copies())
         try:
             sampled = self._run(batch)
         except Exception as exc:  # a failed pass fails its requests, never the engine

@@ -38,12 +38,6 @@ class ModelRunner:
         self.keep_hidden = False
         self.last_hidden: dict[str, torch.Tensor] = {}
 
-    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
-        if copies:
-            src = torch.tensor([s for s, _ in copies], device=self.device)
-            dst = torch.tensor([d for _, d in copies], device=self.device)
-            self.kv_pool[:, :, dst] = self.kv_pool[:, :, src]
-
     def release(self, request_id: str) -> None:
         self.last_hidden.pop(request_id, None)
 

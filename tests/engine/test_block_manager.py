@@ -1,4 +1,4 @@
-"""Block manager: hash chain, sharing, reference counts, eviction order, copy-on-write."""
+"""Block manager: hash chain, sharing, reference counts, eviction order, no write into a shared page."""
 
 from specdesk.engine.block_manager import BlockManager
 from specdesk.engine.sampling_params import SamplingParams
@@ -106,24 +106,18 @@ def test_append_slots_refuses_without_changing_anything() -> None:
     assert len(s.block_table) == 2
 
 
-def test_copy_on_write_for_shared_partial_page() -> None:
+def test_writes_never_land_in_a_shared_page() -> None:
+    # Why no copy-on-write is needed: a whole-prompt hit still leaves its last token to compute, and the
+    # page that token is written to is never one of the shared pages.
     bm = BlockManager(8, BS)
-    parent = seq(list(range(6)), "p")  # one full page, one page holding 2 tokens
-    run_prefill(bm, parent)
-    parent.token_ids.append(50)
-    child = seq(list(range(6)), "c")
-    child.token_ids.append(60)
-    bm.fork(parent, child)
-    assert child.block_table == parent.block_table
-    assert bm.blocks[parent.block_table[1]].ref_count == 2
-    assert bm.append_slots(child, 1)
-    # The full page stays shared; the partly filled page is copied before the child writes into it.
-    assert child.block_table[0] == parent.block_table[0]
-    assert child.block_table[1] != parent.block_table[1]
-    assert bm.take_pending_copies() == [(parent.block_table[1], child.block_table[1])]
-    assert bm.blocks[parent.block_table[1]].ref_count == 1
-    assert bm.append_slots(parent, 1)  # the parent now owns its page alone: no copy
-    assert bm.take_pending_copies() == []
+    a = seq(list(range(8)), "a")  # exactly two full pages
+    run_prefill(bm, a)
+    b = seq(list(range(8)), "b")
+    assert bm.allocate_prefix(b) == 4  # one page short of the whole prompt
+    shared = set(b.block_table)
+    assert bm.append_slots(b, b.num_tokens - b.num_computed_tokens + 1)
+    first_written = b.block_table[b.num_computed_tokens // BS]
+    assert first_written not in shared and bm.blocks[first_written].ref_count == 1
 
 
 def test_trim_reclaims_draft_pages_and_free_returns_all() -> None:
