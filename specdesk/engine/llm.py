@@ -157,6 +157,29 @@ class LLM:
     def stats(self) -> EngineStats:
         return self.engine.stats()
 
+    # ---- what the app may know about the engine (it never reaches into `engine` or `loaded`) ----------
+    @property
+    def model_name(self) -> str:
+        """The model's display name (folder or hub id; the built-in model's own name)."""
+        return self.loaded.name
+
+    @property
+    def dtype_name(self) -> str:
+        """The weights' dtype as a string ("bfloat16", "float32", ...)."""
+        return str(self.loaded.dtype).removeprefix("torch.")
+
+    @property
+    def max_model_len(self) -> int:
+        """The context window the engine serves: prompt and reply tokens together."""
+        return self.engine.max_model_len
+
+    @property
+    def error(self) -> str | None:
+        """None while the engine thread serves; otherwise why it stopped (then every request fails)."""
+        if self._thread.is_alive() or self._closed:
+            return None
+        return "the engine thread has stopped"
+
     def add_listener(self, fn: Callable[[StreamDelta], None]) -> None:
         """Call fn(delta) for every delta of every request (metrics exporters). Runs on the engine
         thread: it must be quick and must not raise."""
