@@ -36,7 +36,7 @@ from specdesk.training.train_data import (
 )
 
 if TYPE_CHECKING:
-    from specdesk.training.train import TrainConfig
+    from specdesk.training.config import TrainConfig
 
 Conversation = tuple[str, list[dict[str, str]]]
 

@@ -33,7 +33,7 @@ def save(folder: Path, token_ids: list[int]) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from specdesk.training.train import DEFAULT_OUT, TrainConfig
+    from specdesk.training.config import DEFAULT_OUT, TrainConfig
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--replies", type=Path, default=Path(TrainConfig().work_dir) / "replies.json")

@@ -11,9 +11,9 @@ uses the reply's token; --distill 0), summed. AdamW (0.9, 0.95), weight decay 0.
 schedule: warmup then cosine to 10 % in stage 1, a restart decaying to 10 % of its peak in stage 2. IBM's
 stage 1 is the long one (5:2); here stage 1 is the training conversations as text and stage 2 the base
 model's own text. For a small base model the speculator's embedding is the base model's own (tie_to_base)
-and each head scores a draft vocabulary with its own rows, started from the base LM head's (train_heads;
-with the frozen base rows instead, held-out written conversations got 2.17 tokens per step per position,
-2.43 with own rows, same data and steps). Each base hidden state is computed once per stage and cached.
+and each head scores a draft vocabulary with its own rows, started from the base LM head's (train_heads:
+own rows accept more than the frozen base rows; docs/benchmarks.md has the measurement). Each base hidden
+state is computed once per stage and cached.
 Data: see dataset.py (held out: every tenth training scenario; prompts/eval is never read).
 """
 
@@ -25,64 +25,20 @@ import math
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from specdesk.engine.speculators import DEFAULT_SPECULATOR_DIR, draft_vocab
+from specdesk.engine.speculators import draft_vocab
 from specdesk.engine.speculators.mlp import MLPSpeculator, MLPSpeculatorConfig, SpeculatorNorm
 from specdesk.training import draft_vocab as vocab_builder
+from specdesk.training.config import TrainConfig
 from specdesk.training.dataset import build_data
 from specdesk.training.held_out import evaluate
 from specdesk.training.train_data import IGNORE, base_distribution, rows_to_end
-
-DEFAULT_OUT = DEFAULT_SPECULATOR_DIR  # training writes where the engine loads from
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that shapes a run (recorded next to the result)."""
-
-    model: str | None = None
-    out: str = str(DEFAULT_OUT)
-    work_dir: str = str(Path.home() / ".cache" / "specdesk" / "speculator-train")
-    dtype: str = "bfloat16"
-    n_predict: int = 3
-    tie_weights: bool = False
-    stage1_steps: int = 1000
-    stage2_steps: int = 5000
-    batch_size: int = 256
-    lr: float = 1e-3
-    # Stage 2's peak learning rate as a fraction of lr. IBM restarts at 0.1 after a huge stage 1; our stage 1
-    # is a few hundred conversations unlike the model's own replies, and a full restart learns far more
-    # (held-out greedy tree acceptance 2.29 vs 1.44 tokens/step in a 40-conversation trial).
-    stage2_peak: float = 1.0
-    max_reply_tokens: int = 128
-    sampled_temperature: float = 0.7  # persona prompts are sampled like the console does; plain ones greedy
-    sampled_top_p: float = 0.9
-    persona_every: int = 3  # persona-prompt replies for every k-th training conversation (5x longer prompts)
-    samples_per_prompt: int = 1  # extra sampled replies per training conversation (varied trajectories)
-    # Customer messages the base model writes, then answers (synth.py). Off by default: the 135M model's
-    # messages are poor, and the written conversations in prompts/train cover real customers' style.
-    synthetic_messages: int = 0
-    draft_vocab_size: int = 4096  # heads score (and train on) only the most frequent stage-2 tokens
-    # Each head trains its own draft-vocabulary rows (from the base head's, at a tenth of the learning rate, no
-    # weight decay) instead of reading the frozen base rows: 3 x 4096 x 576 more parameters (+14 MB in bf16).
-    train_heads: bool = True
-    # Weight of the base model's own distribution (self-distillation) against the reply's actual token as
-    # each head's target (see head_losses).
-    distill: float = 1.0
-    distill_temperature: float = 1.0  # of the base distribution (below 1: sharper, towards greedy's argmax)
-    max_conversations: int | None = None
-    holdout_every: int = 10
-    checkpoint_every: int = 100
-    seed: int = 0
-    threads: int = 2
-    resume: bool = False
-    evaluate: str | None = None  # a saved speculator folder: only measure it on the held-out replies
 
 
 def lr_factor(step: int, stage1_steps: int, stage2_steps: int, stage2_peak: float = 0.1) -> float:
