@@ -1,30 +1,62 @@
 """Paged KV cache bookkeeping: pages (blocks), reference counts, prefix caching. Plain Python: no torch.
 
 A page holds `block_size` consecutive positions of one sequence. Every *full* page whose tokens are all
-verified gets a chained hash: hash(parent page's hash, this page's token ids). Two requests whose token
-ids start the same way therefore map to the same chain, and the second reuses the first one's pages
-instead of prefilling them: a conversation's earlier turns, its generated answers, a shared system prompt.
+verified gets a chained key: SHA-256 over the parent page's key and this page's token ids, the chain
+starting from a root that carries the request's cache salt. Two requests whose token ids (and salt) start
+the same way therefore map to the same chain, and the second reuses the first one's pages instead of
+prefilling them: a conversation's earlier turns, its generated answers, a shared system prompt.
+
+Why a cryptographic hash: a page's key stands for its whole prefix and its tenant, so two different
+prefixes with equal keys would serve one prompt another prompt's KV (and, with salts, another tenant's).
+A 64-bit `hash()` makes that a matter of luck; SHA-256 makes it infeasible, even for inputs chosen to
+collide. On top of that a published page keeps its own token ids and salt, and a hit compares them, so
+no key collision, whatever the hash, can hand out a page holding other tokens or another tenant's KV.
 
 Invariants (asserted below):
   * a page is in exactly one of: referenced by >= 1 sequence, the free list, the evictable LRU;
   * only full pages of verified tokens are hashed (speculative drafts live past num_computed_tokens in
     private pages and are never hashed);
-  * a page is written only while its ref count is 1 (a shared partly filled page is copied first).
+  * a page is written only while its ref count is 1: only full pages are shared, and a prefix hit stops
+    short of the last prompt token, so every write lands past the shared pages.
 """
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict, deque
+from collections.abc import Sequence as IntSequence
 from dataclasses import dataclass
 
 from specdesk.engine.sequence import Sequence
+
+_ROOT = b"specdesk prefix cache v1\0"
+
+
+def root_hash(cache_salt: str | None) -> bytes:
+    """The chain's start for one tenant: no salt and the empty salt are different tenants."""
+    salt = b"\0" if cache_salt is None else b"\1" + cache_salt.encode("utf-8", "surrogatepass")
+    return hashlib.sha256(_ROOT + salt).digest()
+
+
+def page_hash(parent: bytes, token_ids: IntSequence[int]) -> bytes:
+    """A full page's key: SHA-256 of the parent's 32-byte key and the page's ids as fixed-width int64."""
+    return hashlib.sha256(parent + array("q", token_ids).tobytes()).digest()
 
 
 @dataclass
 class Block:
     block_id: int
     ref_count: int = 0
-    block_hash: int | None = None
+    # Set while the page is published in the prefix cache: its key, and what a hit must match exactly.
+    block_hash: bytes | None = None
+    token_ids: tuple[int, ...] | None = None
+    cache_salt: str | None = None
+
+    def unpublish(self) -> None:
+        self.block_hash = None
+        self.token_ids = None
+        self.cache_salt = None
 
 
 class BlockManager:
@@ -38,7 +70,7 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_ids: deque[int] = deque(range(num_blocks))  # unhashed and unreferenced: used first
         self.evictable: OrderedDict[int, None] = OrderedDict()  # hashed, unreferenced; least recent first
-        self.hash_to_block: dict[int, int] = {}
+        self.hash_to_block: dict[bytes, int] = {}
         self.num_evicted_blocks = 0
         self.num_hit_tokens = 0
         self.num_queried_tokens = 0
@@ -65,8 +97,11 @@ class BlockManager:
         """Extend seq.block_hashes to cover every full page within token_ids[:num_tokens]."""
         bs = self.block_size
         for i in range(len(seq.block_hashes), num_tokens // bs):
-            parent = seq.block_hashes[i - 1] if i else hash(("specdesk-root", seq.cache_salt))
-            seq.block_hashes.append(hash((parent, tuple(seq.token_ids[i * bs : (i + 1) * bs]))))
+            parent = seq.block_hashes[i - 1] if i else root_hash(seq.cache_salt)
+            seq.block_hashes.append(page_hash(parent, seq.token_ids[i * bs : (i + 1) * bs]))
+
+    def _page_tokens(self, seq: Sequence, index: int) -> tuple[int, ...]:
+        return tuple(seq.token_ids[index * self.block_size : (index + 1) * self.block_size])
 
     def match_prefix(self, seq: Sequence) -> list[int]:
         """Cached pages (ids, in order) that hold a prefix of seq's tokens. No side effects on pages.
@@ -78,9 +113,13 @@ class BlockManager:
         max_hit_blocks = (seq.num_tokens - 1) // self.block_size
         self._hash_full_blocks(seq, max_hit_blocks * self.block_size)
         hits: list[int] = []
-        for h in seq.block_hashes[:max_hit_blocks]:
+        for i, h in enumerate(seq.block_hashes[:max_hit_blocks]):
             block_id = self.hash_to_block.get(h)
             if block_id is None:
+                break
+            block = self.blocks[block_id]
+            # Equal keys must mean equal content: check the page's own tokens and tenant exactly.
+            if block.token_ids != self._page_tokens(seq, i) or block.cache_salt != seq.cache_salt:
                 break
             hits.append(block_id)
         return hits
@@ -135,7 +174,7 @@ class BlockManager:
             assert block.block_hash is not None, block_id
             if self.hash_to_block.get(block.block_hash) == block_id:
                 del self.hash_to_block[block.block_hash]
-            block.block_hash = None
+            block.unpublish()
             self.num_evicted_blocks += 1
         block = self.blocks[block_id]
         assert block.ref_count == 0, (block_id, block.ref_count)
@@ -157,6 +196,8 @@ class BlockManager:
             # keep the first; this copy stays private and is freed normally.
             if h not in self.hash_to_block:
                 block.block_hash = h
+                block.token_ids = self._page_tokens(seq, i)
+                block.cache_salt = seq.cache_salt
                 self.hash_to_block[h] = block.block_id
 
     def trim(self, seq: Sequence) -> None:
@@ -189,5 +230,5 @@ class BlockManager:
             block = self.blocks[block_id]
             if block.block_hash is not None and self.hash_to_block.get(block.block_hash) == block_id:
                 del self.hash_to_block[block.block_hash]
-            block.block_hash = None
+            block.unpublish()
             self.free_ids.append(block_id)

@@ -32,8 +32,8 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
-    # Hashes of the full pages at the head of block_table, in order (a chain; see BlockManager).
-    block_hashes: list[int] = field(default_factory=list)
+    # Keys of the full pages at the head of block_table, in order (a SHA-256 chain; see BlockManager).
+    block_hashes: list[bytes] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
     # Set by the speculator for this step: tokens to verify after the last verified one.

@@ -1,6 +1,9 @@
 """Block manager: hash chain, sharing, reference counts, eviction order, no write into a shared page."""
 
-from specdesk.engine.block_manager import BlockManager
+import pytest
+
+from specdesk.engine import block_manager
+from specdesk.engine.block_manager import BlockManager, page_hash, root_hash
 from specdesk.engine.sampling_params import SamplingParams
 from specdesk.engine.sequence import Sequence
 
@@ -29,6 +32,23 @@ def test_hash_chain_depends_on_whole_prefix() -> None:
     assert a.block_hashes[0] != b.block_hashes[0]
     assert a.block_hashes[1] != b.block_hashes[1]
     assert len(a.block_hashes) == 2
+    # The chain is SHA-256 over the parent's key and the page's ids, starting from the tenant's root.
+    assert a.block_hashes[0] == page_hash(root_hash(None), [1, 2, 3, 4])
+    assert a.block_hashes[1] == page_hash(a.block_hashes[0], [5, 6, 7, 8])
+    assert len({root_hash(None), root_hash(""), root_hash("acme")}) == 3  # no salt is not the empty salt
+
+
+def test_a_key_collision_never_serves_other_tokens_or_another_tenant(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The worst hash there is: every page of every prompt gets the same key.
+    monkeypatch.setattr(block_manager, "page_hash", lambda parent, token_ids: b"same key")
+    bm = BlockManager(16, BS)
+    run_prefill(bm, seq(list(range(9)), "a", salt="acme"))
+    assert bm.num_cached_blocks == 1  # page 2's key is taken by page 1: it stays private
+    assert bm.allocate_prefix(seq([9, 9, 9, 9, 4, 5, 6, 7, 8], "other prompt", salt="acme")) == 0
+    assert bm.allocate_prefix(seq(list(range(9)), "other tenant", salt="globex")) == 0
+    assert bm.allocate_prefix(seq(list(range(9)), "no tenant")) == 0
+    # The same prompt and tenant still hit its first page; page 2's key names page 1's tokens: a miss.
+    assert bm.allocate_prefix(seq(list(range(9)), "same", salt="acme")) == BS
 
 
 def test_prefix_shared_and_ref_counted() -> None:
