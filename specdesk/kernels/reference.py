@@ -136,9 +136,9 @@ def _decode_batched(
     if n > group_size and query.device.type == "cpu":
         # A few sequences per thread at a time, sorted by length: each group pads only to its own longest
         # (with mixed lengths, a long persona prompt among short chats, one padded gather is mostly padding),
-        # and its gathered float32 K/V stay in cache between the copies and the two matmuls. SmolLM2, 48
-        # sequences generating together, one thread: 16 % more tokens/s than one gather for the batch; with
-        # two threads groups of 4 cost 11 % (too little work to split), groups of 8 break even (+2 %).
+        # and its gathered float32 K/V stay in cache between the copies and the two matmuls. The group size
+        # scales with threads: fewer sequences per thread leave too little work to split
+        # (docs/benchmarks.md, "Measurements behind design choices").
         order = sorted(range(n), key=seq_lens.__getitem__)
         out = torch.empty_like(query)
         for g in range(0, n, group_size):

@@ -6,10 +6,10 @@ engine: greedy replies to the training conversations (as `benchmarks.bench` send
 (`--synthetic-messages N`) the model's replies to customer messages it wrote itself from briefs (synth.py).
 
 Held out: every tenth *scenario* with all its tones, so the held-out figure measures conversations whose
-situation the speculator never saw (holding out single tones of seen scenarios overstated acceptance:
-2.8 tokens per step there, 2.0 on prompts/eval). The written conversations (each its own scenario) are
-also reported alone: they resemble real customers far more than the templated ones (2.2 vs 2.9 tokens per
-step for the same speculator). prompts/eval is never read.
+situation the speculator never saw (holding out single tones of seen scenarios overstated acceptance). The
+written conversations (each its own scenario) are also reported alone: they resemble real customers far
+more than the templated ones, and accept less. prompts/eval is never read. docs/benchmarks.md has the
+figures.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """Weight-only int4 linears for the CPU: a quarter of the bf16 weight bytes per decode step.
 
-A CPU decode step at batch 1 is bound by reading the weights from memory. For SmolLM2-135M in bf16 that is
-~270 MB a step (~31 ms on one core here); the layers' weights in 4 bits read 4x fewer bytes
-(`torch.ops.aten._weight_int4pack_mm_for_cpu`, measured ~3x faster per step for 30 layers at one token).
+A CPU decode step at batch 1 is bound by reading the weights from memory; the layers' weights in 4 bits read
+4x fewer bytes (`torch.ops.aten._weight_int4pack_mm_for_cpu`; docs/benchmarks.md has the measured gain).
 
 Quantization is groupwise along the input dimension, 32 weights a group, asymmetric round-to-nearest:
 
