@@ -4,12 +4,15 @@ A turn, in order (DESIGN.md, "One turn, as data"):
 
 1. store the customer message and commit it — invariant 6: it is durable before generation starts;
 2. build the prompt: persona system prompt + history, oldest turns dropped to fit the context window;
-3. store an empty PENDING reply (so a crash mid-stream leaves a trace), then stream from the engine
-   with no database transaction open;
-4. store the reply with how it ended (complete / stopped / error) and its metrics.
+3. store an empty PENDING reply, then stream from the engine with no database transaction open,
+   checkpointing the text so far into that reply about once a second (a crash loses at most that;
+   the next start marks the reply interrupted and keeps its text);
+4. store the reply with how it ended (complete / stopped / error) and its metrics, free the
+   conversation for its next turn, and only then hand out the final update.
 
-Any failure of one turn — bad text, a prompt that cannot fit, an engine error — ends that turn with a
-clear error and never touches another conversation. Thread-safe: Gradio runs turns on many threads.
+Any failure of one turn — bad text, a prompt that cannot fit, an engine or database error, even the
+final write failing — ends that turn with a clear error, leaves the conversation usable and never
+touches another conversation. Thread-safe: Gradio runs turns on many threads.
 
 Every conversation-level method takes an optional ``agent`` (the signed-in login name): given one, it
 acts only on that agent's conversations and raises NotFoundError for anyone else's. ``None`` is the
@@ -18,17 +21,19 @@ console with login off: unscoped.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import threading
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from specdesk import prompts
 from specdesk.app.settings import Settings
-from specdesk.app.turns import TurnState, TurnUpdate, final_state, metrics_dict
+from specdesk.app.turns import TurnProgress, TurnState, TurnUpdate, final_state, metrics_dict
 from specdesk.db import ChatRepository, ConversationRecord, MessageRecord, NotFoundError, Role
-from specdesk.engine import SamplingParams, StreamDelta
+from specdesk.engine import SamplingParams
 
 if TYPE_CHECKING:
     from specdesk.engine.llm import LLM
@@ -37,6 +42,9 @@ if TYPE_CHECKING:
 
 # What send/retry/edit_last return: iterate it, or close it to stop the turn.
 TurnStream = Generator[TurnUpdate, None, None]
+# How often the streamed text is written into the PENDING reply: a crash loses at most this much.
+CHECKPOINT_INTERVAL_S = 1.0
+log = logging.getLogger("specdesk")
 
 
 @dataclass
@@ -57,22 +65,30 @@ class PromptPlan:
 class ChatService:
     """Conversations on top of one engine and one repository. Shared by every UI session."""
 
-    def __init__(self, llm: LLM, repository: ChatRepository, settings: Settings | None = None) -> None:
+    def __init__(
+        self,
+        llm: LLM,
+        repository: ChatRepository,
+        settings: Settings | None = None,
+        *,
+        checkpoint_interval_s: float = CHECKPOINT_INTERVAL_S,
+    ) -> None:
         self.llm = llm
         self.repository = repository
         self.settings = settings or Settings()
+        self.checkpoint_interval_s = checkpoint_interval_s
         self._active: dict[int, _ActiveTurn] = {}
         self._lock = threading.Lock()
 
     # ---- facts about the engine ------------------------------------------------------------------
     @property
     def model_name(self) -> str:
-        return str(getattr(self.llm.loaded, "name", "model"))
+        return self.llm.model_name
 
     @property
     def dtype_name(self) -> str:
         """The weights' dtype ("float32", "bfloat16", ...): greedy outputs are batch-exact in float32 only."""
-        return str(self.llm.loaded.dtype).removeprefix("torch.")
+        return self.llm.dtype_name
 
     @property
     def speculator_name(self) -> str | None:
@@ -86,8 +102,8 @@ class ChatService:
 
     @property
     def context_window(self) -> int:
-        limit = self.llm.loaded.max_model_len
-        return min(self.llm.config.max_model_len or limit, limit)
+        """Prompt and reply tokens together, as the engine serves them."""
+        return self.llm.max_model_len
 
     def sampling_params(self, **overrides: Any) -> SamplingParams:
         """The console's default sampling settings, with per-turn overrides."""
@@ -171,81 +187,115 @@ class ChatService:
             raise ValueError("a reply is still being drafted in this conversation: stop it first")
 
     def _stream_turn(self, conversation_id: int, params: SamplingParams) -> TurnStream:
-        start = time.perf_counter()
-        parts: list[str] = []
-        num_tokens = 0
-        num_dropped = 0
-        reply_id: int | None = None
-        final: TurnUpdate | None = None
-        deltas: Iterator[StreamDelta] | None = None
-
-        def update(state: TurnState, delta: str = "", **extra: Any) -> TurnUpdate:
-            return TurnUpdate(
-                conversation_id, reply_id, state, "".join(parts), delta, num_tokens,
-                time.perf_counter() - start, num_dropped, **extra,
-            )  # fmt: skip
-
+        progress = TurnProgress(conversation_id)
         with self._lock:
             turn = self._active.setdefault(conversation_id, _ActiveTurn())
             is_mine = turn.request_id is None and not turn.stop_requested and not turn.claimed
             turn.claimed = True
         if not is_mine:  # two tabs sent at the same moment: the second one backs off
-            yield update(TurnState.ERROR, error="a reply is already being drafted in this conversation")
+            yield progress.update(TurnState.ERROR, error="a reply is already being drafted in this conversation")
             return
         try:
-            reply_id = self.repository.start_assistant_message(conversation_id).id
-            try:
-                plan = self.plan_prompt(self.repository.get_conversation(conversation_id), params)
-                num_dropped = plan.num_dropped_messages
-                request_id = self.llm.submit(plan.token_ids, params)
-            except ValueError as exc:  # too long, bad parameters: this turn fails, nothing else does
-                final = update(TurnState.ERROR, error=str(exc))
-                yield final
-                return
-            with self._lock:
-                turn.request_id = request_id
-                stop_now = turn.stop_requested
-            if stop_now:  # Stop arrived between storing the reply and submitting it
-                self.llm.abort(request_id)
-            deltas = self.llm.deltas(request_id)
-            yield update(TurnState.WAITING)
-            for delta in deltas:
-                parts.append(delta.text)
-                num_tokens += len(delta.token_ids)
-                if not delta.finished:
-                    yield update(TurnState.STREAMING, delta.text)
-                    continue
-                state = final_state(delta.finish_reason, delta.error)
-                metrics = metrics_dict(
-                    delta.metrics, total_s=time.perf_counter() - start, finish_reason=delta.finish_reason,
-                    num_dropped_messages=num_dropped, speculate=params.speculate,
-                )  # fmt: skip
-                error = delta.error or ("the engine failed this request" if state is TurnState.ERROR else None)
-                final = update(state, delta.text, metrics=metrics, error=error)
-            if final is None:
-                final = update(TurnState.ERROR, error="the engine ended the stream without a final update")
-            yield final
+            final = yield from self._generate(turn, progress, params)
         except Exception as exc:  # an engine or database failure ends this turn only
-            final = update(TurnState.ERROR, error=f"{type(exc).__name__}: {exc}")
-            yield final
-        finally:
-            # Reached on completion, on error, and on GeneratorExit when the browser or Stop closes us.
-            close = getattr(deltas, "close", None)
+            final = progress.update(TurnState.ERROR, error=f"{type(exc).__name__}: {exc}")
+        except BaseException:  # GeneratorExit: the browser or Stop closed the stream mid-reply
+            self._finish(progress, None)
+            raise
+        # Stored and released before the final update goes out: whoever sees it may start the next turn.
+        yield self._finish(progress, final)
+
+    def _generate(
+        self, turn: _ActiveTurn, progress: TurnProgress, params: SamplingParams
+    ) -> Generator[TurnUpdate, None, TurnUpdate]:
+        """Yield the turn's WAITING and STREAMING updates; return its final update (not yet stored)."""
+        conversation_id = progress.conversation_id
+        # This turn holds the conversation, so any reply still PENDING in it is a leftover whose final
+        # write failed: mark it interrupted (its checkpointed text stays) instead of leaving it hidden.
+        self.repository.fail_pending_messages(conversation_id=conversation_id)
+        progress.reply_id = self.repository.start_assistant_message(conversation_id).id
+        try:
+            plan = self.plan_prompt(self.repository.get_conversation(conversation_id), params)
+            progress.num_dropped_messages = plan.num_dropped_messages
+            request_id = self.llm.submit(plan.token_ids, params)
+        except ValueError as exc:  # too long, bad parameters: this turn fails, nothing else does
+            return progress.update(TurnState.ERROR, error=str(exc))
+        with self._lock:
+            turn.request_id = request_id
+            stop_now = turn.stop_requested
+        if stop_now:  # Stop arrived between storing the reply and submitting it
+            self.llm.abort(request_id)
+        progress.deltas = self.llm.deltas(request_id)
+        yield progress.update(TurnState.WAITING)
+        for delta in progress.deltas:
+            progress.parts.append(delta.text)
+            progress.num_tokens += len(delta.token_ids)
+            if not delta.finished:
+                self._checkpoint(progress)
+                yield progress.update(TurnState.STREAMING, delta.text)
+                continue
+            state = final_state(delta.finish_reason, delta.error)
+            metrics = metrics_dict(
+                delta.metrics, total_s=progress.elapsed_s(), finish_reason=delta.finish_reason,
+                num_dropped_messages=progress.num_dropped_messages, speculate=params.speculate,
+            )  # fmt: skip
+            error = delta.error or ("the engine failed this request" if state is TurnState.ERROR else None)
+            return progress.update(state, delta.text, metrics=metrics, error=error)
+        return progress.update(TurnState.ERROR, error="the engine ended the stream without a final update")
+
+    def _checkpoint(self, progress: TurnProgress) -> None:
+        """Write the text streamed so far into the PENDING reply, at most once per interval.
+
+        Each checkpoint is its own short transaction; none is open while tokens stream. A failed
+        checkpoint only costs durability (logged), never the reply: the final write still comes.
+        """
+        now = time.perf_counter()
+        if progress.reply_id is None or now - progress.checkpointed_at < self.checkpoint_interval_s:
+            return
+        progress.checkpointed_at = now
+        text = progress.text
+        if text == progress.checkpointed_text:
+            return
+        try:
+            self.repository.save_partial_reply(progress.reply_id, text)
+            progress.checkpointed_text = text
+        except Exception as exc:
+            log.warning("checkpoint of reply %s failed: %s: %s", progress.reply_id, type(exc).__name__, exc)
+
+    def _finish(self, progress: TurnProgress, final: TurnUpdate | None) -> TurnUpdate:
+        """End the turn whatever happened: stop the engine request, store the reply, free the conversation.
+
+        Never raises. ``final`` None means the stream was closed mid-reply (stopped). When the reply
+        cannot be stored the returned update is an ERROR saying so, with the drafted text in it.
+        """
+        try:
+            close = getattr(progress.deltas, "close", None)
             if close is not None:
                 close()  # aborts the engine request if it is still running (frees its pages)
-            if final is None:
-                final = update(TurnState.STOPPED, metrics={"total_s": round(time.perf_counter() - start, 4)})
-            if reply_id is not None:
-                self._store_final(reply_id, final)
+        except Exception as exc:
+            log.warning("closing the engine stream failed: %s: %s", type(exc).__name__, exc)
+        if final is None:
+            final = progress.update(TurnState.STOPPED, metrics={"total_s": round(progress.elapsed_s(), 4)})
+        try:
+            if progress.reply_id is not None:
+                self._store_final(progress.reply_id, final)
+        except Exception as exc:
+            final = dataclasses.replace(
+                final,
+                state=TurnState.ERROR,
+                error=f"the reply could not be saved ({type(exc).__name__}: {exc}); copy the text if you need it",
+            )
+        finally:
             with self._lock:
-                self._active.pop(conversation_id, None)
+                self._active.pop(progress.conversation_id, None)  # usable again, whatever failed
+        return final
 
     def _store_final(self, reply_id: int, final: TurnUpdate) -> None:
         try:
             self.repository.finish_assistant_message(
                 reply_id, final.text, final.state.message_status, final.metrics or None, final.error
             )
-        except Exception:
+        except ValueError:
             # The text may be what failed (e.g. lone surrogates): keep the reply's fate on record anyway.
             self.repository.finish_assistant_message(
                 reply_id, "", final.state.message_status, final.metrics or None, final.error or "not storable"

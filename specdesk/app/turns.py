@@ -6,12 +6,14 @@ how the reply ended. Metrics are flattened into JSON-ready numbers, the shape st
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 from specdesk.db import MessageStatus
-from specdesk.engine import FinishReason, RequestMetrics
+from specdesk.engine import FinishReason, RequestMetrics, StreamDelta
 
 
 class TurnState(str, Enum):
@@ -48,6 +50,34 @@ class TurnUpdate:
     num_dropped_messages: int = 0  # oldest history messages left out to fit the context window
     metrics: dict[str, Any] = field(default_factory=dict)  # final update only
     error: str | None = None
+
+
+@dataclass
+class TurnProgress:
+    """The mutable state of one running turn, from which every TurnUpdate is built."""
+
+    conversation_id: int
+    start: float = field(default_factory=time.perf_counter)
+    parts: list[str] = field(default_factory=list)
+    num_tokens: int = 0
+    num_dropped_messages: int = 0
+    reply_id: int | None = None  # the PENDING reply row, once stored
+    deltas: Iterator[StreamDelta] | None = None  # the engine stream, once submitted
+    checkpointed_at: float = 0.0  # perf_counter of the last checkpoint of the streamed text
+    checkpointed_text: str = ""
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def elapsed_s(self) -> float:
+        return time.perf_counter() - self.start
+
+    def update(self, state: TurnState, delta: str = "", **extra: Any) -> TurnUpdate:
+        return TurnUpdate(
+            self.conversation_id, self.reply_id, state, self.text, delta, self.num_tokens, self.elapsed_s(),
+            self.num_dropped_messages, **extra,
+        )  # fmt: skip
 
 
 # The metrics stored per assistant message and shown beside the chat. Names carry their unit.

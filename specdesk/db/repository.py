@@ -3,7 +3,8 @@
 Each method is one short transaction. Writes take the write lock up front (see db.session.writer)
 and commit before returning, so the customer's message is durable before generation starts and no
 write transaction is ever open while tokens stream: the chat service calls start_assistant_message,
-streams, then finish_assistant_message.
+streams (checkpointing the text so far with save_partial_reply, each its own short transaction, so a
+crash loses little), then finish_assistant_message.
 
 Scoping: conversation-level methods take an optional ``agent`` (a login name). Given one, they only see
 that agent's conversations, and another agent's conversation raises NotFoundError exactly like a
@@ -42,6 +43,8 @@ from specdesk.db.records import (
 from specdesk.db.session import writer
 
 DEFAULT_TITLE = "New conversation"
+# What a reply left PENDING (the process died, or its final write failed) is marked with.
+INTERRUPTED_ERROR = "interrupted: the reply stopped before it was saved; the text drafted so far is kept"
 
 
 class ChatRepository:
@@ -244,14 +247,32 @@ class ChatRepository:
                 raise NotFoundError("message", message_id)
             return row.to_record()
 
-    def fail_pending_messages(self, error: str = "interrupted: the server stopped mid-reply") -> int:
-        """Mark replies left PENDING by a crash as errors (call once at start); returns how many."""
+    def save_partial_reply(self, message_id: int, content: str) -> bool:
+        """Checkpoint the text streamed so far into a PENDING reply (one short transaction).
+
+        Only a reply that is still PENDING is touched, so a late checkpoint never overwrites a finished
+        one. Returns whether a row was updated.
+        """
+        _check_text(content, "content")
         with self._write() as session:
             result = session.execute(
                 update(Message)
-                .where(Message.status == MessageStatus.PENDING)
-                .values(status=MessageStatus.ERROR, error=error)
+                .where(Message.id == message_id, Message.status == MessageStatus.PENDING)
+                .values(content=content)
             )
+            return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    def fail_pending_messages(self, error: str = INTERRUPTED_ERROR, *, conversation_id: int | None = None) -> int:
+        """Mark replies left PENDING as errors, keeping their checkpointed text; returns how many.
+
+        Called once at start (a crash left them) and, for one conversation, when a new turn starts in
+        it (a reply whose final write failed). The caller guarantees no turn is streaming into them.
+        """
+        stmt = update(Message).where(Message.status == MessageStatus.PENDING)
+        if conversation_id is not None:
+            stmt = stmt.where(Message.conversation_id == conversation_id)
+        with self._write() as session:
+            result = session.execute(stmt.values(status=MessageStatus.ERROR, error=_check_text(error, "error")))
             return int(result.rowcount)  # type: ignore[attr-defined]
 
     # -- feedback ------------------------------------------------------------------------------------
