@@ -1,0 +1,127 @@
+"""Padded static-buffer passes (what the CUDA graphs replay) against the eager ragged pass, float32.
+
+On CPU `PassGraphs(capture=False)` runs the same padded computation eagerly, so these tests check that
+padding sequences, dummy tree nodes and the scratch page change no real row's logits and no real K/V.
+The capture itself runs where CUDA is present (skipped here, with the reason).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from specdesk.engine.attention_metadata import AttentionMetadata
+from specdesk.engine.models.loader import LoadedModel, load_model
+from specdesk.engine.pass_graphs import Bucket, PassGraphs, bucket_sizes
+from specdesk.engine.speculators.tree import build_tree
+from tests.tiny_models import make_tiny_model
+
+BS = 16
+NUM_BLOCKS = 24  # real pages; page NUM_BLOCKS is the scratch page
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    path = make_tiny_model("llama", Path(tmp_path_factory.mktemp("tiny")))
+    return load_model(str(path), dtype="float32", device="cpu")
+
+
+def _caches(lm: LoadedModel) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    shape = (NUM_BLOCKS + 1, BS, lm.num_kv_heads, lm.head_dim)
+    gen = torch.Generator().manual_seed(0)
+    return [(torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)) for _ in range(lm.num_layers)]
+
+
+def _eager(lm, caches, ids, pos, slots, tables, seq_lens, query_lens, tree_mask=None) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    width = max(len(t) for t in tables)
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots), block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables],
+        dtype=torch.int32), seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        query_start_loc=torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32),
+        seq_lens_list=seq_lens, query_lens_list=query_lens, block_size=BS, tree_mask=tree_mask,
+    )  # fmt: skip
+    with torch.inference_mode():
+        return lm.model.compute_logits(lm.model(torch.tensor(ids), torch.tensor(pos), caches, meta))
+
+
+def _graphs(lm: LoadedModel, caches, buckets: list[Bucket]) -> PassGraphs:  # type: ignore[no-untyped-def]
+    return PassGraphs(lm.model, caches, BS, max_blocks_per_seq=8, max_model_len=128, pad_block=NUM_BLOCKS,
+                      buckets=buckets, device=torch.device("cpu"), capture=False)  # fmt: skip
+
+
+def _assert_real_pages_alike(caches, ref_caches) -> None:  # type: ignore[no-untyped-def]
+    # A padded token writing into a real page would leave an O(1) difference (the pages start random);
+    # the written real slots differ from the eager pass by float32 rounding at most (other matmul shapes).
+    for (k, v), (rk, rv) in zip(caches, ref_caches, strict=True):
+        torch.testing.assert_close(k[:NUM_BLOCKS], rk[:NUM_BLOCKS], atol=1e-5, rtol=0)
+        torch.testing.assert_close(v[:NUM_BLOCKS], rv[:NUM_BLOCKS], atol=1e-5, rtol=0)
+
+
+def test_bucket_ladder_and_choice(lm: LoadedModel) -> None:
+    assert bucket_sizes(32) == [1, 2, 4, 8, 16, 24, 32]
+    assert bucket_sizes(3) == [1, 2, 3]
+    graphs = _graphs(lm, _caches(lm), [Bucket(1, 1), Bucket(4, 1), Bucket(2, 9), Bucket(4, 9), Bucket(2, 17)])
+    assert graphs.bucket_for(3, 1) == Bucket(4, 1)
+    assert graphs.bucket_for(5, 1) is None  # larger than every decode bucket: eager
+    assert graphs.bucket_for(2, 5) == Bucket(2, 9)
+    assert graphs.bucket_for(2, 12) == Bucket(2, 17)
+    assert graphs.bucket_for(3, 9) == Bucket(4, 9)
+    assert graphs.bucket_for(1, 1) == Bucket(1, 1)  # decode never pads into a tree bucket
+
+
+def test_padded_decode_matches_eager_and_writes_only_real_slots(lm: LoadedModel) -> None:
+    caches = _caches(lm)
+    tables = [[3, 7], [11, 2, 5]]
+    seq_lens = [20, 40]  # this step's token is the last of each context
+    ids, pos = [5, 9], [19, 39]
+    slots = [tables[0][19 // BS] * BS + 19 % BS, tables[1][39 // BS] * BS + 39 % BS]
+    ref_caches = copy.deepcopy(caches)
+    want = _eager(lm, ref_caches, ids, pos, slots, tables, seq_lens, [1, 1])
+    graphs = _graphs(lm, caches, [Bucket(4, 1)])
+    _, logits, rows = graphs.run(Bucket(4, 1), ids, pos, slots, tables, seq_lens, [1, 1])
+    assert rows == [0, 1]
+    torch.testing.assert_close(logits[rows], want, atol=1e-5, rtol=0)
+    _assert_real_pages_alike(caches, ref_caches)
+
+
+def test_padded_tree_verification_matches_eager(lm: LoadedModel) -> None:
+    caches = _caches(lm)
+    # Sequence 0 verifies a 4-node tree from its root at position 30; sequence 1 decodes plainly at 17.
+    tree = build_tree([[4, 8, 15], [4, 16], [23]])
+    root_pos = 30
+    tables = [[1, 6, 9], [12, 4]]
+    q0 = tree.num_nodes + 1
+    ids = [7, *tree.tokens, 3]
+    pos = [root_pos, *(root_pos + d for d in tree.depths), 17]
+    slots = [tables[0][p // BS] * BS + p % BS for p in range(root_pos, root_pos + q0)]
+    slots.append(tables[1][17 // BS] * BS + 17 % BS)
+    seq_lens, query_lens = [root_pos + q0, 18], [q0, 1]
+    mask = torch.zeros(q0 + 1, q0, dtype=torch.bool)
+    mask[:q0, :q0] = tree.mask()
+    mask[q0, 0] = True
+    ref_caches = copy.deepcopy(caches)
+    want = _eager(lm, ref_caches, ids, pos, slots, tables, seq_lens, query_lens, mask)
+    bucket = Bucket(4, 9)  # room for 8 nodes: 4 dummy nodes in sequence 0, 8 in sequence 1, 2 padded sequences
+    graphs = _graphs(lm, caches, [bucket])
+    _, logits, rows = graphs.run(bucket, ids, pos, slots, tables, seq_lens, query_lens, [tree.mask(), None])
+    assert rows == [*range(q0), 9]
+    torch.testing.assert_close(logits[rows], want, atol=1e-5, rtol=0)
+    _assert_real_pages_alike(caches, ref_caches)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a CUDA device")
+def test_captured_graph_matches_eager_on_cuda(lm: LoadedModel) -> None:
+    model = copy.deepcopy(lm.model).cuda()
+    caches = [(k.cuda(), v.cuda()) for k, v in _caches(lm)]
+    tables, seq_lens, ids, pos = [[3, 7]], [20], [5], [19]
+    slots = [tables[0][1] * BS + 3]
+    ref_caches = [(k.clone(), v.clone()) for k, v in caches]
+    cuda_lm = copy.copy(lm)
+    cuda_lm.model = model
+    want = _eager(cuda_lm, ref_caches, ids, pos, slots, tables, seq_lens, [1])
+    graphs = PassGraphs(model, caches, BS, 8, 128, NUM_BLOCKS, [Bucket(2, 1)], torch.device("cuda"), capture=True)
+    _, logits, rows = graphs.run(Bucket(2, 1), ids, pos, slots, tables, seq_lens, [1])
+    torch.testing.assert_close(logits[rows], want, atol=1e-4, rtol=0)
