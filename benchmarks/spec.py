@@ -73,7 +73,7 @@ def _engine(
     **kw: Any,
 ) -> LLM:
     from specdesk.engine.models.layers import set_fused_ops
-    from specdesk.engine.speculation import DEFAULT_SPECULATOR_DIR
+    from specdesk.engine.speculators import DEFAULT_SPECULATOR_DIR
 
     spec = str(DEFAULT_SPECULATOR_DIR) if speculator == "default-mlp" else speculator
     llm = LLM(model=path, dtype=dtype, device=device, num_threads=threads, speculator=spec,

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from specdesk.engine import llm_engine
 from specdesk.engine.llm import LLM
 from specdesk.engine.sampling_params import SamplingParams
 
@@ -51,14 +52,15 @@ def profile(llm: LLM, prompts: list[list[int]], max_tokens: int, sync: Callable[
         (engine.runner, "prepare", "  prepare batch"),
         (engine.loaded.model, "forward", "  model layers"),
         (engine.loaded.model, "compute_logits", "  logits"),
-        (engine.runner, "sample", "sample (plain rows)"),
+        (llm_engine, "verify_step", "sample + verify (all rows)"),
         (engine, "_text_delta", "detokenize + deltas"),
         (engine.scheduler, "append_tokens", "append tokens"),
     ]
     if engine.speculation is not None:
         spec = engine.speculation
-        phases += [(spec, "propose", "propose drafts"), (spec, "verify", "verify tree"),
+        phases += [(spec, "propose", "propose drafts"), (spec, "accept", "accept (KV moves, stats, hidden)"),
                    (spec.width, "record", "  tree-width record")]  # fmt: skip
+    verify_step = llm_engine.verify_step  # a module function: unwrapped again below, for the next engine
     for obj, name, key in phases:
         _wrap(obj, name, key, acc, sync)
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
@@ -80,6 +82,7 @@ def profile(llm: LLM, prompts: list[list[int]], max_tokens: int, sync: Callable[
         s, t = run(ids)
         steps, tokens = steps + s, tokens + t
     wall = time.perf_counter() - start
+    llm_engine.verify_step = verify_step  # type: ignore[attr-defined]
     out = {"step (total)": 1e3 * wall / steps, "tokens per step": tokens / steps}
     out.update({k: 1e3 * v / steps for k, v in acc.items()})
     return out

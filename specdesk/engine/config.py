@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
+
+from specdesk.engine.speculators import DEFAULT_SPECULATOR_DIR
 
 DType = Literal["float32", "bfloat16", "float16", "auto"]
 Device = Literal["cpu", "cuda", "auto"]
@@ -26,6 +29,11 @@ class EngineConfig:
       speculators/candidates.py `propose_nodes`) or "paths" (IBM's best whole paths, top-k [5, 4, 3]).
     spec_tree_width: the tree's size, in draft nodes ("nodes") or candidate paths ("paths"); None = chosen
       per step from measured step cost and acceptance (speculators/tree_width.py), an int fixes it.
+    spec_pool_size: draft nodes the "nodes" tree ranks every step when spec_tree_width is None (the widest
+      tree it may choose); None = the device default (SpecConfig). spec_max_kv_usage: speculate only while at
+      most this fraction of KV pages is in use. spec_step_cost_prior: the cost of one more verified token, in
+      plain steps, assumed until it is measured; None = the device default. spec_max_ngram_tokens: the
+      n-gram draft's length at most.
     enforce_eager: never use CUDA graphs (vLLM's name); on CUDA the speculator's proposal is otherwise one.
     quantization: None, or "int4" (CPU): the layers' weights in 4 bits, groups of 32 (models/int4_linear.py;
       GGUF Q4_1's own grid, so near-lossless for the default model, lossy for a full-precision checkpoint).
@@ -46,6 +54,10 @@ class EngineConfig:
     spec_max_batch_size: int | None = None  # speculate only up to this many running requests (None: auto)
     spec_tree: SpecTree = "nodes"
     spec_tree_width: int | None = None
+    spec_pool_size: int | None = None
+    spec_max_kv_usage: float = 0.75
+    spec_step_cost_prior: float | None = None
+    spec_max_ngram_tokens: int = 4
     attention_backend: AttentionBackend = "auto"
     enforce_eager: bool = False
     quantization: str | None = None
@@ -69,7 +81,110 @@ class EngineConfig:
             raise ValueError(f"spec_tree must be 'nodes' or 'paths', got {self.spec_tree!r}")
         if self.spec_tree_width is not None and self.spec_tree_width < 1:
             raise ValueError(f"spec_tree_width must be >= 1 or None, got {self.spec_tree_width}")
+        if self.spec_max_batch_size is not None and self.spec_max_batch_size < 0:
+            raise ValueError(f"spec_max_batch_size must be >= 1 or None (auto), got {self.spec_max_batch_size}")
+        if self.spec_pool_size is not None and self.spec_pool_size < 1:
+            raise ValueError(f"spec_pool_size must be >= 1 or None, got {self.spec_pool_size}")
+        if not 0.0 <= self.spec_max_kv_usage <= 1.0:
+            raise ValueError(f"spec_max_kv_usage must be in [0, 1], got {self.spec_max_kv_usage}")
+        if self.spec_step_cost_prior is not None and not 0.0 <= self.spec_step_cost_prior <= 1.0:
+            raise ValueError(f"spec_step_cost_prior must be in [0, 1] or None, got {self.spec_step_cost_prior}")
+        if self.spec_max_ngram_tokens < 1:
+            raise ValueError(f"spec_max_ngram_tokens must be >= 1, got {self.spec_max_ngram_tokens}")
         if self.quantization not in (None, "int4"):
             raise ValueError(f"quantization must be None or 'int4', got {self.quantization!r}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+
+
+@dataclass(frozen=True)
+class _DeviceDefaults:
+    node_pool_size: int
+    max_batch_size: int
+    step_cost_prior: float
+
+
+# Where verifying an extra query token is nearly free until the batch fills the card (a GPU), speculation
+# pays up to IBM's batch of 16 and a wide node tree; on a CPU every verified token costs compute, so the
+# gate closes after batch 2 and the tree stays narrow. The prior is the cost of one more verified token
+# in plain steps, used until StepCost has measured it.
+_DEVICE_DEFAULTS = {
+    "cuda": _DeviceDefaults(node_pool_size=64, max_batch_size=16, step_cost_prior=0.002),
+    "cpu": _DeviceDefaults(node_pool_size=12, max_batch_size=2, step_cost_prior=0.04),
+}
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    """Speculative decoding's settings, resolved once from an EngineConfig and the device.
+
+    mlp_dir / use_ngram: the speculators (see `resolve_speculator`). tree, tree_width: EngineConfig's
+    spec_tree and spec_tree_width. node_pool_size: draft nodes the "nodes" tree ranks every step (a fixed
+    width ranks exactly that many); the "paths" tree ranks max(n_candidates, tree_width) paths, which needs
+    the speculator's own config. max_batch_size, max_kv_usage: the gate (speculate only up to that many
+    running requests and that KV usage). step_cost_prior: the cost of one verified token in plain steps
+    until it is measured. cuda_graphs: capture the node proposal as CUDA graphs (CUDA, not enforce_eager).
+    """
+
+    mlp_dir: str | None
+    use_ngram: bool
+    tree: SpecTree = "nodes"
+    tree_width: int | None = None
+    node_pool_size: int = 12
+    max_batch_size: int = 2
+    max_kv_usage: float = 0.75
+    step_cost_prior: float = 0.04
+    max_ngram_tokens: int = 4
+    cuda_graphs: bool = False
+
+    @classmethod
+    def resolve(cls, config: EngineConfig, device_type: str) -> SpecConfig | None:
+        """The settings for an engine on `device_type` ("cuda" or "cpu"); None when speculation is off."""
+        mlp_dir, use_ngram = resolve_speculator(config.speculator, config.model is None)
+        if mlp_dir is None and not use_ngram:
+            return None
+        defaults = _DEVICE_DEFAULTS["cuda" if device_type == "cuda" else "cpu"]
+        prior = config.spec_step_cost_prior
+        return cls(
+            mlp_dir=mlp_dir,
+            use_ngram=use_ngram,
+            tree=config.spec_tree,
+            tree_width=config.spec_tree_width,
+            node_pool_size=config.spec_tree_width or config.spec_pool_size or defaults.node_pool_size,
+            max_batch_size=config.spec_max_batch_size or defaults.max_batch_size,
+            max_kv_usage=config.spec_max_kv_usage,
+            step_cost_prior=defaults.step_cost_prior if prior is None else prior,
+            max_ngram_tokens=config.spec_max_ngram_tokens,
+            cuda_graphs=device_type == "cuda" and not config.enforce_eager,
+        )
+
+
+def resolve_speculator(name: str | None, is_default_model: bool) -> tuple[str | None, bool]:
+    """(MLP speculator folder or None, use n-gram) for an EngineConfig.speculator value.
+
+    "auto": the shipped speculator + n-gram for the default model, n-gram alone otherwise; "default":
+    the shipped one (+ n-gram); "ngram": n-gram alone; "mlp:<dir>" or "<dir>": that MLP speculator alone;
+    "<dir>+ngram": both; None / "none": off.
+    """
+    if name is None or name == "none":
+        return None, False
+    if name == "auto":
+        return (str(DEFAULT_SPECULATOR_DIR), True) if is_default_model and _has_default() else (None, True)
+    if name == "default":
+        if not _has_default():
+            raise FileNotFoundError(f"no shipped speculator in {DEFAULT_SPECULATOR_DIR}")
+        return str(DEFAULT_SPECULATOR_DIR), True
+    if name == "ngram":
+        return None, True
+    with_ngram = name.endswith("+ngram")
+    path = name.removesuffix("+ngram").removeprefix("mlp:")
+    if not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(
+            f"speculator {name!r}: expected 'auto', 'default', 'ngram', None, or a folder with an "
+            f"mlp_speculator config.json (optionally suffixed '+ngram')"
+        )
+    return path, with_ngram
+
+
+def _has_default() -> bool:
+    return (DEFAULT_SPECULATOR_DIR / "config.json").is_file()

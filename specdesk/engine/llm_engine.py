@@ -8,19 +8,17 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from specdesk.engine.block_manager import BlockManager
-from specdesk.engine.config import EngineConfig
+from specdesk.engine.config import EngineConfig, SpecConfig
 from specdesk.engine.detokenizer import IncrementalDetokenizer
 from specdesk.engine.model_runner import ModelRunner
 from specdesk.engine.models.loader import LoadedModel
 from specdesk.engine.outputs import FinishReason, StreamDelta
 from specdesk.engine.sampling_params import SamplingParams
-from specdesk.engine.scheduler import Scheduler, SchedulerOutput
+from specdesk.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from specdesk.engine.sequence import Sequence
-from specdesk.engine.speculation import SpecStats, SpeculativeDecoder, resolve_speculator
-from specdesk.engine.speculators.tree import DraftTree
+from specdesk.engine.speculators.decoder import SpecStats, SpeculativeDecoder
+from specdesk.engine.speculators.verifier import Verdict, verify_step
 
 
 @dataclass
@@ -61,20 +59,9 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len
         )
-        mlp_dir, use_ngram = resolve_speculator(config.speculator, config.model is None)
+        self.spec_config = SpecConfig.resolve(config, loaded.device.type)
         self.speculation = (
-            SpeculativeDecoder(
-                mlp_dir,
-                use_ngram,
-                loaded,
-                self.runner,
-                config.spec_max_batch_size,
-                config.spec_tree_width,
-                tree=config.spec_tree,
-                cuda_graphs=not config.enforce_eager,
-            )
-            if mlp_dir or use_ngram
-            else None
+            SpeculativeDecoder(self.spec_config, loaded, self.runner) if self.spec_config is not None else None
         )
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self.sequences: dict[str, Sequence] = {}
@@ -141,33 +128,41 @@ class LLMEngine:
             self.speculation.propose(self.scheduler.running, self.block_manager.usage)
         batch = self.scheduler.schedule()
         deltas = [self._finish_delta(s) for s in batch.preempted if s.is_finished]
+        if self.speculation is not None:
+            for seq in batch.preempted:
+                self.speculation.preempted(seq)
         if batch.is_empty:
             return deltas
         self.num_steps += 1
         try:
-            sampled = self._run(batch)
+            verdicts = self._run(batch)
         except Exception as exc:  # a failed pass fails its requests, never the engine
-            for s in batch.scheduled:
-                self.scheduler.finish(s.seq, FinishReason.ERROR)
-                deltas.append(self._finish_delta(s.seq, error=f"{type(exc).__name__}: {exc}"))
-            return deltas
+            error = f"{type(exc).__name__}: {exc}"
+            verdicts = [Verdict([], error=error) for _ in batch.scheduled]
         now = time.perf_counter()
-        for s, new_tokens in zip(batch.scheduled, sampled, strict=True):
-            seq = s.seq
-            was_decoding = seq.num_output_tokens > 0
-            kept = self.scheduler.append_tokens(s, new_tokens)
-            if not kept:
-                continue
-            m = seq.metrics
-            m.num_generated_tokens = seq.num_output_tokens
-            if was_decoding:
-                m.num_decode_steps += 1
-            if m.first_token_time is None:
-                m.first_token_time = now
-                m.ttft_s = now - m.arrival_time
-            m.decode_s = now - m.first_token_time
-            deltas.append(self._text_delta(seq, kept))
+        for s, verdict in zip(batch.scheduled, verdicts, strict=True):
+            if verdict.error is not None:  # this request alone failed; the others carry on
+                self.scheduler.finish(s.seq, FinishReason.ERROR)
+                deltas.append(self._finish_delta(s.seq, error=verdict.error))
+            else:
+                deltas += self._append(s, verdict.tokens, now)
         return deltas
+
+    def _append(self, s: ScheduledSeq, new_tokens: list[int], now: float) -> list[StreamDelta]:
+        seq = s.seq
+        was_decoding = seq.num_output_tokens > 0
+        kept = self.scheduler.append_tokens(s, new_tokens)
+        if not kept:
+            return []
+        m = seq.metrics
+        m.num_generated_tokens = seq.num_output_tokens
+        if was_decoding:
+            m.num_decode_steps += 1
+        if m.first_token_time is None:
+            m.first_token_time = now
+            m.ttft_s = now - m.arrival_time
+        m.decode_s = now - m.first_token_time
+        return [self._text_delta(seq, kept)]
 
     def fail_all(self, error: str) -> list[StreamDelta]:
         """Finish every live request with an error (the loop's last resort after an unexpected exception)."""
@@ -176,35 +171,22 @@ class LLMEngine:
             self.scheduler.finish(seq, FinishReason.ERROR)
         return [self._finish_delta(seq, error=error) for seq in live]
 
-    def _run(self, batch: SchedulerOutput) -> list[list[int]]:
+    def _run(self, batch: SchedulerOutput) -> list[Verdict]:
         """One base-model pass: plain sequences sample one token, speculating ones verify their tree."""
         scheduled = batch.scheduled
         spec = self.speculation
-        trees: list[DraftTree | None] = [spec.tree_for(s) if spec else None for s in scheduled]
-        logits, hidden, starts = self.runner.execute(scheduled, trees)
-        result: list[list[int]] = [[] for _ in scheduled]
-        last_rows = [starts[i] + s.num_new_tokens - 1 for i, s in enumerate(scheduled)]
-        plain = [i for i, s in enumerate(scheduled) if s.samples and trees[i] is None]
-        if plain:
-            rows = torch.cat([logits[i] for i in plain])  # type: ignore[misc]
-            for i, tok in zip(plain, self.runner.sample([scheduled[i] for i in plain], rows), strict=True):
-                result[i] = [tok]
-        for i, tree in enumerate(trees):
-            if tree is not None and spec is not None:
-                result[i], accepted_row = spec.verify(scheduled[i], tree, logits[i])  # type: ignore[arg-type]
-                last_rows[i] += accepted_row
-        if self.runner.keep_hidden:
-            # The MLP speculator's next input: the hidden state after the last verified token.
-            for i, s in enumerate(scheduled):
-                if s.samples:
-                    self.runner.last_hidden[s.seq.request_id] = hidden[last_rows[i]].clone()
-        lone = scheduled[0] if len(scheduled) == 1 else None
-        if spec is not None and lone is not None and lone.num_new_tokens == 1:
-            # A lone decode step (the results above are on the host, so the pass is done): what one more
-            # verified token costs, for the tree-width choice. Timed from the step's start, proposal
-            # included: the width trades a token's cost against the whole step's, not the pass alone's.
-            spec.step_cost.record(1 + lone.num_draft_tokens, time.perf_counter() - self._step_started)
-        return result
+        trees = [spec.tree_for(s) if spec is not None else None for s in scheduled]
+        out = self.runner.execute(scheduled, trees)
+        verdicts = verify_step(scheduled, trees, out, self.runner.generator_for)
+        if spec is not None:
+            spec.accept(scheduled, trees, verdicts, out)
+            lone = scheduled[0] if len(scheduled) == 1 else None
+            if lone is not None and lone.num_new_tokens == 1:
+                # A lone decode step (the verdicts are on the host, so the pass is done): what one more
+                # verified token costs, for the tree-width choice. Timed from the step's start, proposal
+                # included: the width trades a token's cost against the whole step's, not the pass alone's.
+                spec.step_cost.record(1 + lone.num_draft_tokens, time.perf_counter() - self._step_started)
+        return verdicts
 
     def _text_delta(self, seq: Sequence, kept: list[int]) -> StreamDelta:
         detok = self.detokenizers[seq.request_id]
@@ -234,7 +216,6 @@ class LLMEngine:
     ) -> StreamDelta:
         self.sequences.pop(seq.request_id, None)
         self.detokenizers.pop(seq.request_id, None)
-        self.runner.release(seq.request_id)
         if self.speculation is not None:
             self.speculation.finish(seq)
         seq.metrics.finish_time = time.perf_counter()

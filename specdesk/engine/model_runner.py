@@ -1,19 +1,39 @@
-"""Turns a scheduled batch into tensors, runs the model over the paged KV cache and samples.
+"""Turns a scheduled batch into tensors and runs the model over the paged KV cache.
 
-The only engine module besides models/sampler/speculators that touches torch.
+It returns logits and hidden states and keeps no per-request state: sampling and verification happen in
+speculators/verifier.py, the speculator's hidden states live in its decoder. The only engine module besides
+models/sampler/speculators that touches torch.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from specdesk.engine.attention_metadata import AttentionMetadata
 from specdesk.engine.config import EngineConfig
 from specdesk.engine.models.loader import LoadedModel
-from specdesk.engine.sampler import make_generator, sample
+from specdesk.engine.sampler import make_generator
 from specdesk.engine.scheduler import ScheduledSeq
 from specdesk.engine.sequence import Sequence
 from specdesk.engine.speculators.tree import DraftTree
+
+
+@dataclass
+class ForwardOutput:
+    """What one pass yields, for the rows that decide tokens only (a prefill chunk that samples nothing has
+    none): per sampling sequence, one row after its last token, or the root and every node of its draft tree.
+
+    Sequence i of the batch owns rows row_starts[i] : row_starts[i + 1] of both tensors, in tree-row order.
+    """
+
+    logits: torch.Tensor  # float32 [num_rows, vocab]
+    hidden: torch.Tensor  # [num_rows, hidden]: the final hidden states the logits were computed from
+    row_starts: list[int]  # len(batch) + 1 cumulative row counts
+
+    def rows_of(self, i: int) -> slice:
+        return slice(self.row_starts[i], self.row_starts[i + 1])
 
 
 class ModelRunner:
@@ -28,18 +48,12 @@ class ModelRunner:
         bytes_per_block = 2 * loaded.num_layers * self.block_size * loaded.num_kv_heads * loaded.head_dim
         bytes_per_block *= torch.tensor([], dtype=self.dtype).element_size()
         self.num_blocks = config.num_blocks or max(2, int(config.kv_cache_memory_gib * 2**30) // bytes_per_block)
-        # One allocation for every layer keeps page copies (copy-on-write) a single indexing op.
+        # One allocation for every layer keeps a page copy (accepted tree nodes) a single indexing op.
         self.kv_pool = torch.zeros(
             loaded.num_layers, 2, self.num_blocks, self.block_size, loaded.num_kv_heads, loaded.head_dim,
             dtype=self.dtype, device=self.device,
         )  # fmt: skip
         self.kv_caches = [(self.kv_pool[i, 0], self.kv_pool[i, 1]) for i in range(loaded.num_layers)]
-        # The hidden state that produced each request's last token: the MLP speculator's input.
-        self.keep_hidden = False
-        self.last_hidden: dict[str, torch.Tensor] = {}
-
-    def release(self, request_id: str) -> None:
-        self.last_hidden.pop(request_id, None)
 
     def generator_for(self, seq: Sequence, position: int | None = None) -> torch.Generator | None:
         """The RNG that samples the token at `position` (default: the next one) of a request.
@@ -59,7 +73,9 @@ class ModelRunner:
         return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
 
     def move_kv(self, src_slots: list[int], dst_slots: list[int]) -> None:
-        """Copy K/V of some slots to others in every layer (accepted tree nodes to their path positions)."""
+        """Copy K/V of some slots to others in every layer (accepted tree nodes to their path positions).
+
+        Every copy reads the values from before the call, so a source may be another copy's destination."""
         flat = self.kv_pool.view(*self.kv_pool.shape[:2], -1, *self.kv_pool.shape[-2:])
         src = torch.tensor(src_slots, device=self.device)
         flat[:, :, dst_slots] = flat[:, :, src]
@@ -113,45 +129,25 @@ class ModelRunner:
         return ids, pos_t, meta
 
     @torch.inference_mode()
-    def execute(
-        self, batch: list[ScheduledSeq], trees: list[DraftTree | None]
-    ) -> tuple[list[torch.Tensor | None], torch.Tensor, list[int]]:
-        """Run the base model over the batch.
-
-        Returns, per sequence, float32 logits for the rows that decide its next tokens ([1, vocab] after its
-        last token; [num_nodes + 1, vocab] for a draft tree; None for a prefill chunk that samples nothing),
-        the final hidden states [num_tokens, hidden] and each sequence's first row in them.
-        """
+    def execute(self, batch: list[ScheduledSeq], trees: list[DraftTree | None]) -> ForwardOutput:
+        """Run the base model over the batch; see ForwardOutput for what comes back."""
         ids, pos, meta = self.prepare(batch, trees)
         hidden = self.model(ids, pos, self.kv_caches, meta)
         rows: list[int] = []
-        counts: list[int] = []
-        starts: list[int] = []
-        row = 0
+        row_starts = [0]
+        token = 0  # the sequence's first query token in the flattened batch
         for s, tree, q_len in zip(batch, trees, meta.query_lens_list, strict=True):
-            starts.append(row)
-            if not s.samples:
-                counts.append(0)
-            elif tree is not None:
-                first = row + s.num_new_tokens - 1  # the root: the last verified token
+            if s.samples and tree is not None:
+                first = token + s.num_new_tokens - 1  # the root: the last verified token
                 rows += range(first, first + tree.num_nodes + 1)
-                counts.append(tree.num_nodes + 1)
-            else:
-                rows.append(row + q_len - 1)
-                counts.append(1)
-            row += q_len
-        logits = self.model.compute_logits(hidden[rows]) if rows else hidden.new_empty(0)
-        out: list[torch.Tensor | None] = []
-        offset = 0
-        for n in counts:
-            out.append(logits[offset : offset + n] if n else None)
-            offset += n
-        return out, hidden, starts
-
-    def sample(self, batch: list[ScheduledSeq], logits: torch.Tensor) -> list[int]:
-        """One token per row of logits [len(batch), vocab], with each request's params and RNG."""
-        params = [s.seq.params for s in batch]
-        return sample(logits, params, [self.generator_for(s.seq) for s in batch]).tolist()
+            elif s.samples:
+                rows.append(token + q_len - 1)
+            row_starts.append(len(rows))
+            token += q_len
+        # The rows that decide tokens: gathered once, for the logits and for the speculator's next input.
+        kept = hidden[rows] if rows else hidden[:0]
+        logits = self.model.compute_logits(kept) if rows else kept.new_empty(0, 0, dtype=torch.float32)
+        return ForwardOutput(logits, kept, row_starts)
 
 
 def _tree_mask(query_lens: list[int], trees: list[DraftTree | None], device: torch.device) -> torch.Tensor:

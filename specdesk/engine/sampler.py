@@ -15,11 +15,17 @@ The last line is the "exponential race": P(argmax_i p_i / E_i = j) = p_j, becaus
 the smallest of independent exponentials is j with probability p_j / sum(p). Row i draws its E only from
 `generators[i]` (one draw of V numbers per sampled step), so a seeded request samples the same tokens whatever
 else shares its batch. Rows without a generator share one draw from torch's default generator.
+
+`sample_rows` is what an engine step calls: every row of the pass (plain rows and every draft tree's rows)
+in one call, with one transfer of the results to the host, so verification then needs no device at all.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from specdesk.engine.sampling_params import SamplingParams
@@ -171,3 +177,78 @@ def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.
     probs = filter_logits(logits[index], [params[i] for i in sampled_rows]).softmax(dim=-1)
     next_ids[index] = sample_from_probs(probs, [generators[i] for i in sampled_rows])
     return next_ids
+
+
+@dataclass
+class RowDraws:
+    """Host copies of what `sample_rows` drew for each row of a pass."""
+
+    tokens: list[int]
+    is_finite: list[bool]  # False: the row's logits or probabilities hold NaN/inf, it cannot be sampled
+    child_probs: list[list[float]]  # p(x) of each of the row's children, in order (sampled rows)
+    uniforms: list[list[float]]  # one U(0, 1) draw per child (sampled rows)
+
+
+def sample_rows(
+    logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+    children: list[list[int]],
+) -> RowDraws:  # fmt: skip
+    """Everything verification needs from a pass's logits [n, V], for all rows at once.
+
+    A greedy row gets its argmax. A sampled row with target p = softmax(filter_logits(z)) gets
+
+        tokens[i]      ~ p without the tokens children[i], renormalized (p itself when children[i] is
+                         empty; p if the children hold all its mass, reachable only through rounding)
+        child_probs[i] = [p(x) for x in children[i]],   uniforms[i] = one U(0, 1) per child
+
+    drawn by the exponential race with generators[i]. That is the whole of the lossless tree rejection
+    sampler's randomness (speculators/acceptance.py `accept_sampled`): child x_j is accepted when
+    u_j < p(x_j) / (1 - S_{j-1}) and tokens[i] is the residual draw after all children are rejected.
+    A row decoding plainly has no children and gets a plain draw. A seeded request passes no children and
+    the generator plain decoding would use at that position: its row's token is then exactly the token plain
+    decoding samples there, and verification keeps the child that matches it.
+
+    One argmax over every row, one filter and softmax over the sampled rows, one host transfer.
+    """
+    n = logits.shape[0]
+    assert len(params) == len(generators) == len(children) == n, (n, len(params), len(generators), len(children))
+    device = logits.device
+    best, tokens = logits.max(dim=-1)  # max propagates NaN: a broken row shows in its maximum
+    finite = best.isfinite()
+    width = max((len(c) for c in children), default=0)
+    child_probs = torch.zeros(n, width, device=device)
+    uniforms = torch.zeros(n, width, device=device)
+    sampled = [i for i, p in enumerate(params) if not p.is_greedy]
+    if sampled:
+        index = torch.tensor(sampled, device=device)
+        probs = filter_logits(logits[index], [params[i] for i in sampled]).softmax(dim=-1)
+        finite[index] &= probs.sum(dim=-1).isfinite()
+        target = probs
+        if width:
+            vocab_size = probs.shape[1]
+            # Children padded with V, a column past the vocabulary (see without_tokens).
+            cols = torch.tensor(
+                [children[i] + [vocab_size] * (width - len(children[i])) for i in sampled], device=device
+            )
+            child_probs[index] = F.pad(probs, (0, 1)).gather(1, cols)
+            uniforms[index] = torch.rand(len(sampled), width, device=device)
+            target = without_tokens(probs, cols)
+        tokens[index] = sample_from_probs(target, [generators[i] for i in sampled])
+    # The step's one device-to-host transfer (token ids are exact in float64).
+    packed = torch.cat([tokens[:, None].double(), finite[:, None].double(), child_probs.double(), uniforms.double()], 1)
+    rows = packed.tolist()
+    return RowDraws(
+        tokens=[int(r[0]) for r in rows],
+        is_finite=[r[1] > 0 for r in rows],
+        child_probs=[r[2 : 2 + len(c)] for r, c in zip(rows, children, strict=True)],
+        uniforms=[r[2 + width : 2 + width + len(c)] for r, c in zip(rows, children, strict=True)],
+    )
+
+
+def without_tokens(probs: Tensor, cols: Tensor) -> Tensor:
+    """Each row of probs [n, V] with the tokens cols [n, c] removed (a column index V is padding): the
+    residual max(p - q, 0) of point-mass drafts, unnormalized (the race is scale-free). A row that would be
+    left with no mass (only through rounding: the drafts then held all of it) stays p."""
+    vocab_size = probs.shape[1]
+    residual = F.pad(probs, (0, 1)).scatter_(1, cols, 0.0)[:, :vocab_size]
+    return torch.where(residual.sum(dim=-1, keepdim=True) > 0, residual, probs)

@@ -10,7 +10,14 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from specdesk.engine.sampler import filter_logits, make_generator, probs_from_logits, sample, sample_from_probs
+from specdesk.engine.sampler import (
+    filter_logits,
+    make_generator,
+    probs_from_logits,
+    sample,
+    sample_from_probs,
+    sample_rows,
+)
 from specdesk.engine.sampling_params import SamplingParams
 
 GREEDY = SamplingParams()
@@ -202,3 +209,55 @@ def test_make_generator_none_without_seed() -> None:
     assert make_generator(None, "cpu") is None
     gen = make_generator(5, torch.device("cpu"))
     assert isinstance(gen, torch.Generator) and gen.initial_seed() == 5
+
+
+def test_sample_rows_equals_plain_sampling_row_by_row() -> None:
+    """A step's one call: greedy rows take the argmax, seeded rows draw exactly what `sample` draws alone
+    with the same generator (whatever shares the call, children of other rows included), and sampled rows
+    with children report p of each child and a uniform per child."""
+    torch.manual_seed(0)
+    vocab = 300
+    logits = torch.randn(6, vocab)
+    seeded = SamplingParams(temperature=0.9, top_k=40, seed=5)
+    unseeded = SamplingParams(temperature=1.1, top_p=0.9)
+    params = [GREEDY, seeded, unseeded, seeded, unseeded, GREEDY]
+    children = [[1, 2], [], [7, 8, 9], [], [], [3]]  # a greedy row's children change nothing
+    gens = [None, make_generator(11, "cpu"), None, make_generator(12, "cpu"), None, None]
+    draws = sample_rows(logits, params, gens, children)
+    assert draws.is_finite == [True] * 6
+    assert [draws.tokens[i] for i in (0, 5)] == logits[[0, 5]].argmax(-1).tolist()
+    for row, seed in ((1, 11), (3, 12)):
+        assert draws.tokens[row] == sample(logits[row : row + 1], [seeded], [make_generator(seed, "cpu")]).item()
+    p = filter_logits(logits[2:3], [unseeded]).softmax(-1)[0]
+    torch.testing.assert_close(torch.tensor(draws.child_probs[2], dtype=torch.float64), p[[7, 8, 9]].double())
+    assert len(draws.uniforms[2]) == 3 and all(0.0 <= u < 1.0 for u in draws.uniforms[2])
+    assert draws.child_probs[4] == [] and draws.uniforms[4] == []
+
+
+def test_sample_rows_residual_draw_never_emits_a_child() -> None:
+    torch.manual_seed(0)
+    logits = torch.tensor([[3.0, 2.5, 0.0, -1.0, 0.5]]).expand(4000, -1)
+    draws = sample_rows(logits, [SamplingParams(temperature=1.0)] * 4000, [None] * 4000, [[0, 1]] * 4000)
+    counts = torch.bincount(torch.tensor(draws.tokens), minlength=5).float()
+    assert counts[:2].sum().item() == 0
+    residual = torch.softmax(logits[0], -1)[2:]
+    assert chi_square(counts[2:], residual / residual.sum()) < CHI2_999[3], counts
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "all -inf"])
+def test_sample_rows_flags_a_row_it_cannot_sample_and_only_that_row(bad: str) -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    seeded = SamplingParams(temperature=0.8, seed=3)
+    params = [GREEDY, SamplingParams(temperature=0.7), GREEDY, seeded]
+    broken = logits.clone()
+    if bad == "all -inf":
+        broken[1] = float("-inf")
+        broken[2] = float("-inf")
+    else:
+        broken[1, 5] = float(bad)
+        broken[2, 9] = float(bad)
+    draws = sample_rows(broken, params, [None, None, None, make_generator(3, "cpu")], [[], [4], [], []])
+    assert draws.is_finite == [True, False, False, True]
+    assert draws.tokens[0] == logits[0].argmax().item()
+    assert draws.tokens[3] == sample(logits[3:4], [seeded], [make_generator(3, "cpu")]).item()

@@ -191,8 +191,9 @@ def test_candidates_share_pages_and_only_verified_tokens_are_hashed(model_dir: P
         batch = engine.scheduler.schedule()
         # KV for the tree costs only the pages its own new tokens need: nothing per candidate.
         assert free_before - bm.num_free_blocks == bm.blocks_needed(seq.num_tokens + nodes) - pages_before
-        results = engine._run(batch)
-        engine.scheduler.append_tokens(batch.scheduled[0], results[0])
+        (verdict,) = engine._run(batch)
+        assert verdict.error is None
+        engine.scheduler.append_tokens(batch.scheduled[0], verdict.tokens)
         # Rejected draft slots are reclaimed at once.
         assert len(seq.block_table) == bm.blocks_needed(seq.num_tokens)
     # Every published page holds verified tokens only: its hash is one of the sequence's own chain.

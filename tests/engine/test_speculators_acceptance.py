@@ -13,6 +13,9 @@ import pytest
 import torch
 from scipy.stats import chi2
 
+from specdesk.engine import sampler
+from specdesk.engine.sampler import sample_rows
+from specdesk.engine.sampling_params import SamplingParams
 from specdesk.engine.speculators import acceptance
 from specdesk.engine.speculators.acceptance import accept_sampled, rejection_sample
 from specdesk.engine.speculators.tree import build_tree
@@ -26,6 +29,7 @@ ALPHA = 1e-4
 P_ROOT = torch.tensor([0.30, 0.05, 0.25, 0.10, 0.20, 0.10])
 P_AFTER_2 = torch.tensor([0.10, 0.40, 0.05, 0.15, 0.10, 0.20])  # after the draft token 2 was accepted
 P_OTHER = torch.full((VOCAB,), 1 / VOCAB)
+SAMPLED = SamplingParams(temperature=1.0)  # rows sample from softmax(log p) = p
 
 
 def chi_square(counts: torch.Tensor, p: torch.Tensor) -> tuple[float, float]:
@@ -41,13 +45,19 @@ def tree_trials(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Histogram of the first emitted token, and of the second one given the first was the draft 2.
 
     Tree: the root has children 2, 0, 4 (top-3 of some draft, deterministic); node 2 has children 1, 5.
+    Every trial's rows are drawn in one `sample_rows` call, as an engine step draws a whole batch, and each
+    tree is then walked on the host numbers: the engine's own path.
     """
     tree = build_tree([[2, 1], [2, 5], [0], [4]])  # rows: 1:2 2:1 3:5 4:0 5:4
     probs = torch.stack([P_ROOT, P_AFTER_2, P_OTHER, P_OTHER, P_OTHER, P_OTHER])
-    g = torch.Generator().manual_seed(seed)
+    children = [[tree.token(c) for c in row] for row in tree.children]
+    n = tree.num_nodes + 1
+    torch.manual_seed(seed)
+    draws = sample_rows(probs.log().repeat(TRIALS, 1), [SAMPLED] * n * TRIALS, [None] * n * TRIALS, children * TRIALS)
     first, second = torch.zeros(VOCAB), torch.zeros(VOCAB)
-    for _ in range(TRIALS):
-        acc = accept_sampled(tree, probs, g)
+    for t in range(TRIALS):
+        rows = slice(t * n, (t + 1) * n)
+        acc = accept_sampled(tree, draws.child_probs[rows], draws.uniforms[rows], draws.tokens[rows])
         emitted = [tree.token(r) for r in acc.accepted_rows] + [acc.next_token]
         first[emitted[0]] += 1
         if len(emitted) > 1 and emitted[0] == 2:
@@ -81,14 +91,12 @@ def test_chain_rejection_sampling_keeps_the_target_distribution() -> None:
     assert stat < bound, (stat, bound)
 
 
-def _no_residual(p: torch.Tensor, token: int) -> torch.Tensor:
-    return p  # judge the next sibling (and resample) against p itself: rejected tokens come back
+def _no_renormalization(p_x: float, rejected_mass: float) -> float:
+    return p_x  # judge later siblings against p, not p without the rejected ones: accepted too rarely
 
 
-def _unnormalized_residual(p: torch.Tensor, token: int) -> torch.Tensor:
-    r = p.clone()
-    r[token] = 0.0
-    return r  # max(p - q, 0) without dividing by its mass: later siblings are accepted too rarely
+def _residual_keeps_rejected(probs: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    return probs  # the residual draw after rejecting every child may emit a rejected child again
 
 
 def _generous_accept(p_x: float, q_x: float) -> float:
@@ -99,16 +107,20 @@ def _residual_is_p(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return p
 
 
-BROKEN_TREE: list[tuple[str, Callable]] = [
-    ("residual_without", _no_residual),
-    ("residual_without", _unnormalized_residual),
-    ("accept_probability", _generous_accept),
+BROKEN_TREE: list[tuple[object, str, Callable]] = [
+    (acceptance, "sibling_probability", _no_renormalization),
+    (sampler, "without_tokens", _residual_keeps_rejected),
+    (acceptance, "accept_probability", _generous_accept),
 ]
 
 
-@pytest.mark.parametrize(("name", "broken"), BROKEN_TREE, ids=["p-not-residual", "no-renormalization", "accept-rule"])
-def test_broken_tree_variants_are_caught(monkeypatch: pytest.MonkeyPatch, name: str, broken: Callable) -> None:
-    monkeypatch.setattr(acceptance, name, broken)
+@pytest.mark.parametrize(
+    ("module", "name", "broken"), BROKEN_TREE, ids=["no-renormalization", "rejected-come-back", "accept-rule"]
+)
+def test_broken_tree_variants_are_caught(
+    monkeypatch: pytest.MonkeyPatch, module: object, name: str, broken: Callable
+) -> None:
+    monkeypatch.setattr(module, name, broken)
     first, _ = tree_trials(seed=0)
     stat, bound = chi_square(first, P_ROOT)
     assert stat > bound, (name, stat, bound)
@@ -123,8 +135,25 @@ def test_broken_chain_variants_are_caught(monkeypatch: pytest.MonkeyPatch, name:
 
 def test_all_children_rejected_samples_outside_them() -> None:
     tree = build_tree([[0], [1]])
-    probs = torch.tensor([[0.0, 0.0, 1.0, 0.0, 0.0, 0.0]] * 3)  # the target never emits 0 or 1
-    acc = accept_sampled(tree, probs, torch.Generator().manual_seed(0))
-    assert acc == ([], 2)
+    children = [[0, 1], [], []]
+
+    def walk(probs: torch.Tensor) -> tuple[list[int], int]:
+        draws = sample_rows(probs.log(), [SAMPLED] * 3, [None] * 3, children)
+        return accept_sampled(tree, draws.child_probs, draws.uniforms, draws.tokens)
+
+    torch.manual_seed(0)
+    never = torch.tensor([[0.0, 0.0, 1.0, 0.0, 0.0, 0.0]] * 3)  # the target never emits 0 or 1
+    assert all(walk(never) == ([], 2) for _ in range(50))
     sure = torch.tensor([[0.0, 1.0, 0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0, 0.0, 0.0], [0.0] * 5 + [1.0]])
-    assert accept_sampled(tree, sure, torch.Generator().manual_seed(0)) == ([2], 5)  # certain second child
+    assert all(walk(sure) == ([2], 5) for _ in range(50))  # certain second child, then row 2's own token
+
+
+def test_rounding_that_leaves_no_residual_mass_still_emits_a_target_token() -> None:
+    # The children hold all of p; if rounding rejects them all, the residual draw falls back to p (an
+    # all-zero residual would make the race pick token 0, which p never emits).
+    probs = torch.tensor([[0.0, 0.5, 0.5, 0.0]] * 20)
+    draws = sample_rows(probs.log(), [SAMPLED] * 20, [None] * 20, [[1, 2]] * 20)
+    assert draws.child_probs == [[0.5, 0.5]] * 20 and set(draws.tokens) <= {1, 2}
+    tree = build_tree([[1], [2]])
+    acc = accept_sampled(tree, [[0.5, 0.5], [], []], [[1.0, 1.0], [], []], [draws.tokens[0], 3, 3])
+    assert acc == ([], draws.tokens[0])

@@ -23,6 +23,9 @@ S_j = p(x_1) + ... + p(x_j), sibling l is tried against p / (1 - S_{l-1}) and re
 and after rejecting all of them the final residual p restricted to the other tokens has the remaining
 mass: every token keeps exactly probability p. Accepting a child descends to its row, where p is the base
 distribution given that prefix, and the same rule applies again.
+
+The tree walks run on the host over numbers drawn for every row of a step at once (`sampler.sample_rows`:
+p(x) of each child, a uniform per child, one residual draw per row), so a walk touches no device.
 """
 
 from __future__ import annotations
@@ -89,33 +92,42 @@ def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, r / total.clamp(min=1e-30), p)
 
 
-def residual_without(p: torch.Tensor, token: int) -> torch.Tensor:
-    """The residual for a point-mass draft: normalize(max(p - delta_token, 0)) = p without `token`."""
-    q = torch.zeros_like(p)
-    q[token] = 1.0
-    return residual(p, q)
+def sibling_probability(p_x: float, rejected_mass: float) -> float:
+    """p(x) under the residual left once siblings of total mass S were rejected: p(x) / (1 - S).
 
-
-def accept_sampled(tree: DraftTree, target_probs: torch.Tensor, generator: torch.Generator | None = None) -> Acceptance:
-    """Lossless multi-draft rejection sampling over a tree of deterministic drafts.
-
-    target_probs [num_nodes + 1, vocab]: the base model's next-token distribution after each row, already
-    shaped by temperature / top-k / top-p (the distribution plain decoding would sample from).
+    (p without the rejected tokens, renormalized; 1 when rounding left no mass, as x then holds all of it.)
     """
-    assert target_probs.shape[0] == tree.num_nodes + 1, (target_probs.shape, tree.num_nodes)
+    left = 1.0 - rejected_mass
+    return p_x / left if left > 0 else 1.0
+
+
+def accept_sampled(
+    tree: DraftTree, child_probs: Sequence[Sequence[float]], uniforms: Sequence[Sequence[float]],
+    residual_tokens: Sequence[int],
+) -> Acceptance:  # fmt: skip
+    """Lossless multi-draft rejection sampling over a tree of deterministic drafts, on host data.
+
+    Per tree row r (0 = the root), p_r being the base model's distribution after it as plain decoding would
+    sample it (temperature / top-k / top-p applied): child_probs[r][j] = p_r(x_j) of its j-th child,
+    uniforms[r][j] a U(0, 1) draw per child, residual_tokens[r] a draw from p_r without the row's children
+    (what is left after rejecting all of them; p_r itself for a leaf). `sampler.sample_rows` draws all of
+    them on the device for every row of a step at once.
+    """
+    assert len(child_probs) == len(uniforms) == len(residual_tokens) == tree.num_nodes + 1, (
+        len(child_probs), len(uniforms), len(residual_tokens), tree.num_nodes,
+    )  # fmt: skip
     rows: list[int] = []
     row = 0
     while True:
-        p = target_probs[row].float()
+        rejected = 0.0  # S: the mass of the siblings rejected so far
         accepted = None
-        for child in tree.children[row]:
-            x = tree.token(child)
-            if _uniform(generator, p.device) < accept_probability(float(p[x]), 1.0):
+        for child, p_x, u in zip(tree.children[row], child_probs[row], uniforms[row], strict=True):
+            if u < accept_probability(sibling_probability(p_x, rejected), 1.0):
                 accepted = child
                 break
-            p = residual_without(p, x)  # the next sibling is judged against p with x removed
+            rejected += p_x  # the next sibling is judged against p with x removed
         if accepted is None:
-            return Acceptance(rows, _sample(p, generator))  # leaf or all children rejected
+            return Acceptance(rows, int(residual_tokens[row]))  # leaf or all children rejected
         rows.append(accepted)
         row = accepted
 

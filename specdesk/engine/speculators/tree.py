@@ -102,6 +102,14 @@ def build_tree(paths: Sequence[Sequence[int]], max_nodes: int | None = None) -> 
     return DraftTree(tokens, parents, depths, children)
 
 
+def truncate(tree: DraftTree, num_nodes: int) -> DraftTree:
+    """The first num_nodes nodes of a tree (parents always precede children, so this is a tree)."""
+    if num_nodes == tree.num_nodes:
+        return tree
+    children = [[c for c in row if c <= num_nodes] for row in tree.children[: num_nodes + 1]]
+    return DraftTree(tree.tokens[:num_nodes], tree.parents[:num_nodes], tree.depths[:num_nodes], children)
+
+
 def chain_tree(tokens: Sequence[int]) -> DraftTree:
     """A single path as a tree (plain chain speculation)."""
     return build_tree([tokens])

@@ -1,0 +1,201 @@
+"""Speculative decoding in the engine loop: propose draft trees before a step, take in the verdicts after it.
+
+One step for a speculating sequence (the algorithms are the other modules of this package):
+
+    propose   the MLP speculator (IBM's, reading the hidden state that produced the last token) and/or the
+              n-gram lookup give draft paths; they are merged into one trie (`DraftTree`), best path first.
+              How the MLP's candidates are ranked and chosen is the tree kind's (tree_kind.py).
+    schedule  the root (the last sampled token, KV not yet computed) plus every tree node is one query
+              token; the nodes' KV goes to private slots after the sequence's verified tokens.
+    verify    one base-model pass with the tree mask gives logits after every node; verifier.py accepts a
+              path plus one token of the base model's own, for the whole batch at once.
+    accept    (`accept`, here) accepted nodes off the first branch have their KV moved down to the path's
+              positions; everything past them is garbage that the next step overwrites or
+              `BlockManager.trim` reclaims. Only verified tokens ever get hashed. The hidden state after the
+              last verified token is kept per request: the MLP speculator's next input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from specdesk.engine.config import SpecConfig
+from specdesk.engine.model_runner import ForwardOutput, ModelRunner
+from specdesk.engine.models.loader import LoadedModel
+from specdesk.engine.scheduler import ScheduledSeq
+from specdesk.engine.sequence import Sequence
+from specdesk.engine.speculators import draft_vocab
+from specdesk.engine.speculators.acceptance import Acceptance
+from specdesk.engine.speculators.gating import GatingConfig, SpeculationPolicy
+from specdesk.engine.speculators.mlp import MLPSpeculator
+from specdesk.engine.speculators.ngram import NgramSpeculator
+from specdesk.engine.speculators.tree import DraftTree, build_tree, truncate
+from specdesk.engine.speculators.tree_kind import TreeKind, make_tree_kind
+from specdesk.engine.speculators.tree_width import StepCost, TreeWidth
+from specdesk.engine.speculators.verifier import Verdict
+
+
+@dataclass
+class SpecStats:
+    """Engine-wide speculation counters (vLLM's names: drafts, draft tokens, accepted tokens)."""
+
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+    num_tree_nodes: int = 0
+
+
+class SpeculativeDecoder:
+    """Owns the speculators, the gating policy, the current step's draft trees and each request's last
+    hidden state (what the MLP speculator reads)."""
+
+    def __init__(self, config: SpecConfig, loaded: LoadedModel, runner: ModelRunner) -> None:
+        self.config = config
+        self.runner = runner
+        self.mlp: MLPSpeculator | None = None
+        self.tree_kind: TreeKind | None = None
+        if config.mlp_dir:
+            # On CPU the tiny speculator runs in float32: unpacked bf16 matmuls are the slow path there.
+            dtype = torch.float32 if loaded.device.type == "cpu" else loaded.dtype
+            self.mlp = draft_vocab.load_speculator(config.mlp_dir, loaded.model, dtype, loaded.device)
+            if loaded.device.type == "cpu":
+                self.mlp.pack_for_cpu()
+            self.tree_kind = make_tree_kind(self.mlp, config, loaded.device)
+        self.ngram = NgramSpeculator() if config.use_ngram else None
+        max_tokens = max(self.mlp.n_predict if self.mlp else 0, config.max_ngram_tokens if self.ngram else 0)
+        pool = self.tree_kind.pool if self.tree_kind is not None else 1
+        gating = GatingConfig(
+            max_batch_size=config.max_batch_size, max_kv_usage=config.max_kv_usage, max_tokens=max_tokens,
+            max_candidates=pool,
+        )  # fmt: skip
+        self.policy = SpeculationPolicy(gating)
+        # The tree's width from measured step costs and retrospective acceptance (tree_width.py).
+        self.step_cost = StepCost(prior=config.step_cost_prior)
+        self.width = TreeWidth(pool)
+        self.trees: dict[str, DraftTree] = {}
+        self.paths: dict[str, tuple[list[list[int]], list[list[int]]]] = {}  # (n-gram, ranked MLP) per tree
+        self.hidden: dict[str, torch.Tensor] = {}  # request id -> [hidden]: the state after its last token
+        self.stats = SpecStats(accepted_per_position=[0] * max_tokens)
+
+    # ---- before the step --------------------------------------------------------------------------
+    def propose(self, running: list[Sequence], kv_usage: float) -> None:
+        """Attach a draft tree to each running sequence worth speculating on this step."""
+        self.trees.clear()
+        self.paths.clear()
+        if not self.policy.should_speculate(len(running), kv_usage):
+            return
+        # Decoding sequences only: a prefill chunk has nothing to speculate from yet.
+        eligible = [s for s in running if s.params.speculate and s.num_uncomputed_tokens == 1 and s.num_output_tokens]
+        depth = {s.request_id: self.policy.num_tokens(s.request_id) for s in eligible}
+        eligible = [s for s in eligible if depth[s.request_id] > 0]
+        if not eligible:
+            return
+        self.policy.cost_per_token = self.step_cost.cost_per_token
+        paths: dict[str, list[list[int]]] = {s.request_id: [] for s in eligible}
+        if self.ngram is not None:
+            for s in eligible:
+                k = min(depth[s.request_id] + 1, self.config.max_ngram_tokens)
+                draft = self.ngram.propose(s.request_id, s.token_ids, k)
+                if draft:
+                    paths[s.request_id].append(draft)
+        with_hidden = [s for s in eligible if s.request_id in self.hidden]
+        if self.mlp is not None and self.tree_kind is not None and with_hidden:
+            fixed = {s.request_id: list(paths[s.request_id]) for s in with_hidden}
+            kind = self.tree_kind
+            depths = [depth[s.request_id] for s in with_hidden]
+            heads = min(self.mlp.n_predict, max(depths))
+            width = max(self.policy.num_candidates(len(running)), kind.min_width(heads))
+            if self.config.tree_width is None:
+                width = self.width.choose(self.step_cost.cost_per_token, width)
+            else:
+                width = min(width, self.config.tree_width)
+            dtype = next(self.mlp.parameters()).dtype
+            hidden = torch.stack([self.hidden[s.request_id] for s in with_hidden]).to(dtype)
+            last = torch.tensor([s.token_ids[-1] for s in with_hidden], device=hidden.device)
+            # The whole pool is ranked (the top `width` are verified) so that every width gets measured.
+            for s, ranked in zip(with_hidden, kind.rank(hidden, last, heads, depths), strict=True):
+                paths[s.request_id] += kind.select(ranked, width)
+                self.paths[s.request_id] = (fixed[s.request_id], ranked)
+        for s in eligible:
+            if paths[s.request_id]:
+                tree = build_tree(paths[s.request_id])
+                self.trees[s.request_id] = tree
+                s.draft_token_ids = list(tree.tokens)
+
+    def tree_for(self, sched: ScheduledSeq) -> DraftTree | None:
+        """The (possibly cut) tree the scheduler let this sequence verify, or None."""
+        tree = self.trees.get(sched.seq.request_id)
+        if tree is None or sched.num_draft_tokens == 0:
+            return None
+        return truncate(tree, sched.num_draft_tokens)
+
+    # ---- after the pass ---------------------------------------------------------------------------
+    def accept(
+        self, batch: list[ScheduledSeq], trees: list[DraftTree | None], verdicts: list[Verdict], out: ForwardOutput
+    ) -> None:
+        """Take in a pass's verdicts: move accepted KV, count, and keep each request's next MLP input."""
+        src: list[int] = []
+        dst: list[int] = []
+        hidden_rows: list[int] = []
+        keep: list[str] = []
+        for i, (s, tree, verdict) in enumerate(zip(batch, trees, verdicts, strict=True)):
+            if verdict.error is not None or not s.samples:
+                continue
+            if tree is not None and verdict.acceptance is not None:
+                self._moves(s.seq, verdict.acceptance, src, dst)
+                self._record(s.seq, tree, verdict.acceptance)
+                if s.seq.request_id in self.paths:
+                    self.width.record(*self.paths[s.seq.request_id], verdict.tokens)
+            if self.mlp is not None:
+                hidden_rows.append(out.row_starts[i] + verdict.last_row)
+                keep.append(s.seq.request_id)
+        if src:
+            self.runner.move_kv(src, dst)  # one copy for the whole batch
+        if keep:
+            # One gather: each request's hidden state after its last verified token.
+            rows = out.hidden[hidden_rows]
+            for j, request_id in enumerate(keep):
+                self.hidden[request_id] = rows[j]
+
+    def _moves(self, seq: Sequence, acc: Acceptance, src: list[int], dst: list[int]) -> None:
+        # Node row r sits at position p + r in the pages; its path position is p + depth.
+        p = seq.num_computed_tokens  # the root's position (KV computed this pass)
+        for i, r in enumerate(acc.accepted_rows):
+            if r != i + 1:
+                src.append(self.runner.slot_of(seq, p + r))
+                dst.append(self.runner.slot_of(seq, p + i + 1))
+
+    def _record(self, seq: Sequence, tree: DraftTree, acc: Acceptance) -> None:
+        n, depth = acc.num_accepted, tree.max_depth
+        m = seq.metrics
+        m.num_spec_steps += 1
+        m.num_draft_tokens += depth
+        m.num_accepted_tokens += n
+        if len(m.accepted_per_position) < depth:
+            m.accepted_per_position += [0] * (depth - len(m.accepted_per_position))
+        for i in range(n):
+            m.accepted_per_position[i] += 1
+            if i < len(self.stats.accepted_per_position):
+                self.stats.accepted_per_position[i] += 1
+        self.stats.num_drafts += 1
+        self.stats.num_draft_tokens += depth
+        self.stats.num_accepted_tokens += n
+        self.stats.num_tree_nodes += tree.num_nodes
+        self.policy.record(seq.request_id, depth, n)
+
+    # ---- request lifetime -------------------------------------------------------------------------
+    def preempted(self, seq: Sequence) -> None:
+        """A preempted request recomputes its KV, and its hidden state with it: drop the stale one."""
+        self.hidden.pop(seq.request_id, None)
+
+    def finish(self, seq: Sequence) -> None:
+        """A request ended (finished, stopped, aborted or failed): drop everything kept for it."""
+        self.hidden.pop(seq.request_id, None)
+        self.policy.release(seq.request_id)
+        if self.ngram is not None:
+            self.ngram.release(seq.request_id)
+            if seq.num_output_tokens > 0:
+                self.ngram.observe_reply(seq.output_token_ids)

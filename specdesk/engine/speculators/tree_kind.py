@@ -1,0 +1,79 @@
+"""The two shapes of the MLP speculator's draft tree, each a small strategy chosen once per engine.
+
+* `NodeTree` (spec_tree="nodes", the default): the best draft nodes of the whole tree by path probability
+  (EAGLE-2's selection; `candidates.propose_nodes`). The first m of its ranking are the best m-node tree.
+* `PathTree` (spec_tree="paths"): IBM's best whole paths from a top-k-per-head beam (`candidates.propose`).
+
+Both rank a fixed pool of candidates every step (so `TreeWidth` can measure every width from one
+verification) and the decoder verifies the top `width` of them; what differs is how the pool is ranked,
+how narrow a tree may get under load, and how the chosen candidates are ordered into the tree.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from specdesk.engine.config import SpecConfig
+from specdesk.engine.speculators.candidates import beam_top_k, propose, propose_nodes
+from specdesk.engine.speculators.cuda_graph import GraphedNodeRanker
+from specdesk.engine.speculators.mlp import MLPSpeculator
+
+Paths = list[list[int]]  # draft paths: the tokens after the root
+
+
+class NodeTree:
+    """Single draft nodes, each given as its path; `pool` nodes are ranked per step."""
+
+    def __init__(self, mlp: MLPSpeculator, config: SpecConfig, device: torch.device) -> None:
+        self.mlp, self.pool = mlp, config.node_pool_size
+        # On CUDA the proposal replays as one graph per batch size (launching its kernels one by one from
+        # Python costs more than running them); every batch size the gate admits is captured now.
+        self.graphed: GraphedNodeRanker | None = None
+        if config.cuda_graphs and device.type == "cuda":
+            dtype = next(mlp.parameters()).dtype
+            self.graphed = GraphedNodeRanker(mlp, self.pool, range(1, config.max_batch_size + 1), device, dtype)
+
+    def rank(self, hidden: torch.Tensor, last: torch.Tensor, heads: int, depths: list[int]) -> list[Paths]:
+        """Per sequence, the pool best first, every node within that sequence's depth."""
+        if self.graphed is not None:
+            return self.graphed(hidden, last, depths)
+        return propose_nodes(self.mlp, hidden, last, self.pool, num_heads=heads, max_depth=depths)
+
+    def min_width(self, heads: int) -> int:
+        """The load-based width shrinks to one path under load: in nodes, one chain of full depth."""
+        return heads
+
+    def select(self, ranked: Paths, width: int) -> Paths:
+        """The top `width` nodes, the best deepest one's path first: it takes the slots right after the
+        root, so when it is accepted no KV has to move."""
+        top = ranked[:width]
+        return [max(top, key=len), *top] if top else []
+
+
+class PathTree:
+    """IBM's whole candidate paths; `pool` = max(n_candidates, a fixed width) paths are ranked per step."""
+
+    def __init__(self, mlp: MLPSpeculator, config: SpecConfig) -> None:
+        self.mlp = mlp
+        n_candidates = mlp.config.n_candidates
+        self.pool = max(n_candidates, config.tree_width or 0)
+        # A fixed width beyond n_candidates widens the beam, so the paths are picked from enough leaves.
+        self.top_k = beam_top_k(mlp.config.top_k_tokens_per_head, n_candidates, self.pool)
+
+    def rank(self, hidden: torch.Tensor, last: torch.Tensor, heads: int, depths: list[int]) -> list[Paths]:
+        """Per sequence, the pool best first, every path cut to that sequence's depth."""
+        paths = propose(self.mlp, hidden, last, self.top_k, n_candidates=self.pool, num_heads=heads)[0].tolist()
+        return [[p[:depth] for p in row] for row, depth in zip(paths, depths, strict=True)]
+
+    def min_width(self, heads: int) -> int:
+        return 1
+
+    def select(self, ranked: Paths, width: int) -> Paths:
+        return ranked[:width]
+
+
+TreeKind = NodeTree | PathTree
+
+
+def make_tree_kind(mlp: MLPSpeculator, config: SpecConfig, device: torch.device) -> TreeKind:
+    return NodeTree(mlp, config, device) if config.tree == "nodes" else PathTree(mlp, config)

@@ -1,0 +1,140 @@
+"""One step's sampling and verification, for the whole batch at once (vLLM's rejection sampler, for trees).
+
+The pass yields one flattened logits tensor: one row per plainly decoding sequence, the root and every
+node for each draft tree (`ModelRunner.execute`). All rows are sampled in a single call
+(`sampler.sample_rows`: one argmax, the sampled rows' probabilities once, one transfer to the host); each
+tree is then walked on those host numbers:
+
+    greedy             accept_greedy over the rows' argmax
+    seeded             accept_greedy over tokens each row drew with the generator plain decoding would use
+                       at that row's position (`ModelRunner.generator_for`): the coupled form of rejection
+                       sampling for point-mass drafts, so seeded output equals the non-speculative one
+    sampled, unseeded  accept_sampled: lossless multi-draft rejection sampling (acceptance.py)
+
+A row plain decoding cannot sample (NaN or infinite logits or probabilities) and any error in one
+sequence's walk fail that request alone; if the batched draw itself raises, each sequence is drawn on its
+own so that only the ones that fail alone fail.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+
+from specdesk.engine.model_runner import ForwardOutput
+from specdesk.engine.sampler import RowDraws, sample_rows
+from specdesk.engine.sampling_params import SamplingParams
+from specdesk.engine.scheduler import ScheduledSeq
+from specdesk.engine.sequence import Sequence
+from specdesk.engine.speculators.acceptance import Acceptance, accept_greedy, accept_sampled, accepted_tokens
+from specdesk.engine.speculators.tree import DraftTree
+
+GeneratorFor = Callable[[Sequence, int], torch.Generator | None]
+
+
+class Verdict(NamedTuple):
+    """What one pass decided for one scheduled sequence."""
+
+    tokens: list[int]  # to append: accepted drafts + the base model's own token ([] for a prefill chunk)
+    acceptance: Acceptance | None = None  # the tree walk's outcome, for a sequence that verified a tree
+    error: str | None = None  # set: this request failed (and only this one)
+
+    @property
+    def last_row(self) -> int:
+        """The sequence's row whose hidden state produced its last token (0: the root or its only row)."""
+        rows = self.acceptance.accepted_rows if self.acceptance is not None else []
+        return rows[-1] if rows else 0
+
+
+@dataclass
+class _Rows:
+    """The sampler's inputs for one sampling sequence's rows."""
+
+    index: int  # the sequence's position in the batch
+    tree: DraftTree | None
+    params: list[SamplingParams] = field(default_factory=list)
+    generators: list[torch.Generator | None] = field(default_factory=list)
+    children: list[list[int]] = field(default_factory=list)
+
+
+def verify_step(
+    batch: list[ScheduledSeq], trees: list[DraftTree | None], out: ForwardOutput, generator_for: GeneratorFor
+) -> list[Verdict]:
+    """A verdict for every scheduled sequence, from the pass's logits (see the module doc)."""
+    jobs = [_rows(i, s.seq, tree, generator_for) for i, (s, tree) in enumerate(zip(batch, trees, strict=True))
+            if s.samples]  # fmt: skip
+    verdicts = [Verdict([]) for _ in batch]
+    try:
+        draws = _draw(out.logits, jobs)
+    except Exception as exc:
+        if len(jobs) == 1:
+            verdicts[jobs[0].index] = Verdict([], error=f"sampling failed: {type(exc).__name__}: {exc}")
+            return verdicts
+        # Find the culprit: draw each sequence alone, so that one request's bad input fails it alone.
+        for job in jobs:
+            try:
+                (alone,) = _draw(out.logits[out.rows_of(job.index)], [job])
+                verdicts[job.index] = _walk(job, alone)
+            except Exception as exc:
+                verdicts[job.index] = Verdict([], error=f"sampling failed: {type(exc).__name__}: {exc}")
+        return verdicts
+    for job, job_draws in zip(jobs, draws, strict=True):
+        try:
+            verdicts[job.index] = _walk(job, job_draws)
+        except Exception as exc:
+            verdicts[job.index] = Verdict([], error=f"verification failed: {type(exc).__name__}: {exc}")
+    return verdicts
+
+
+def _rows(index: int, seq: Sequence, tree: DraftTree | None, generator_for: GeneratorFor) -> _Rows:
+    params = seq.params
+    p = seq.num_tokens  # the position the first row's token takes; tree row r decides p + depth(r)
+    offsets = tree.position_offsets if tree is not None else [0]
+    rows = _Rows(index, tree, [params] * len(offsets))
+    if params.seed is not None:
+        rows.generators = [generator_for(seq, p + d) for d in offsets]
+    else:
+        rows.generators = [None] * len(offsets)
+    if tree is not None and not params.is_greedy and params.seed is None:
+        rows.children = [[tree.token(c) for c in row] for row in tree.children]
+    else:
+        rows.children = [[] for _ in offsets]
+    return rows
+
+
+def _draw(logits: torch.Tensor, jobs: list[_Rows]) -> list[RowDraws]:
+    """sample_rows over the jobs' rows (consecutive in logits, in job order), split back per job."""
+    if not jobs:
+        return []
+    assert logits.shape[0] == sum(len(j.params) for j in jobs), (logits.shape, [len(j.params) for j in jobs])
+    draws = sample_rows(
+        logits,
+        [p for j in jobs for p in j.params],
+        [g for j in jobs for g in j.generators],
+        [c for j in jobs for c in j.children],
+    )
+    out: list[RowDraws] = []
+    start = 0
+    for job in jobs:
+        end = start + len(job.params)
+        out.append(RowDraws(draws.tokens[start:end], draws.is_finite[start:end],
+                            draws.child_probs[start:end], draws.uniforms[start:end]))  # fmt: skip
+        start = end
+    return out
+
+
+def _walk(job: _Rows, draws: RowDraws) -> Verdict:
+    if not all(draws.is_finite):
+        bad = draws.is_finite.index(False)
+        return Verdict([], error=f"the model's next-token scores are NaN or infinite (row {bad}): cannot sample")
+    tree = job.tree
+    if tree is None:
+        return Verdict([draws.tokens[0]])
+    if job.params[0].is_greedy or job.params[0].seed is not None:
+        acc = accept_greedy(tree, draws.tokens)
+    else:
+        acc = accept_sampled(tree, draws.child_probs, draws.uniforms, draws.tokens)
+    return Verdict(accepted_tokens(tree, acc), acc)
