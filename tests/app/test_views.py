@@ -35,7 +35,8 @@ def test_chat_messages_escape_customer_and_clean_model_text() -> None:
     shown, ids = views.chat_messages(conv)
     assert ids == [1, 2, 3, 4, 5, 6]  # the pending reply is drawn live by the stream, not from the DB
     text = "\n".join(m["content"] for m in shown)
-    assert "evil.example" not in text.replace("https://evil.example/?q=1", "")  # customer URL shown as text
+    # The customer's URL is shown as text, not even a link (its "://" is an entity).
+    assert "evil.example" not in text.replace("https&#58;//evil.example/?q=1", "")
     assert "<script>" not in text and "&lt;script&gt;" in text
     assert shown[1]["content"].startswith("**Sure** *[image removed: y]*")
     assert "stopped; partial reply kept" in shown[3]["content"]
