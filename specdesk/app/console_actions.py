@@ -7,25 +7,31 @@ never a stack trace in the agent's face.
 With login on, every handler acts as the signed-in agent (`request.username`, which Gradio fills in
 from the session): the sidebar lists only their conversations and anyone else's behaves as missing.
 With login off the username is None and nothing is scoped.
+
+Exports are private files: one 0700 folder per agent under a 0700 root, unguessable names, deleted
+with their conversation and at exit. Gradio serves a returned file from a copy in its cache, at a path
+named by the content's hash (so another signed-in session cannot guess it); that copy is deleted with
+the conversation too, and app/ui.py has Gradio sweep its cache.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import gradio as gr
+from gradio import processing_utils
 
 from specdesk.app import views
 from specdesk.app.chat_service import ChatService
 from specdesk.app.safe_markdown import escape_customer_text
 from specdesk.app.turns import TurnState, TurnUpdate
 from specdesk.db import NotFoundError, Role
+from specdesk.db.export_files import ExportFiles
 from specdesk.db.repository import DEFAULT_TITLE
 
 if TYPE_CHECKING:
@@ -44,7 +50,7 @@ class ConsoleActions:
         self.repo = service.repository
         self.v = view
         self.persona_titles = {key: title for title, key in service.personas()}
-        self._export_dir = Path(tempfile.mkdtemp(prefix="specdesk-export-"))
+        self.exports = ExportFiles()
 
     @property
     def all_outputs(self) -> list[Any]:
@@ -81,10 +87,10 @@ class ConsoleActions:
             else:
                 self._title_from_first_message(conversation_id, text, agent)
                 updates = self.service.send(conversation_id, text, agent=agent)
-        except (ValueError, KeyError, NotFoundError) as exc:
+        except Exception as exc:  # bad text, someone else's conversation, the database failing
             if created is not None:  # nothing was stored in it: leave no empty conversation behind
-                self.repo.delete_conversation(created, agent=agent)
-            gr.Warning(str(exc.args[0]) if isinstance(exc, KeyError) else str(exc))
+                self._safely(lambda: self.repo.delete_conversation(created, agent=agent))
+            gr.Warning(_message(exc))
             return
         yield from self._stream(conversation_id, updates, search, agent, clear_message=True)
 
@@ -105,6 +111,21 @@ class ConsoleActions:
             self.service.stop(conversation_id, agent=_agent(request))
 
     def _stream(
+        self,
+        conversation_id: int,
+        updates: Iterator[TurnUpdate],
+        search: str,
+        agent: str | None,
+        *,
+        clear_message: bool,
+    ) -> Iterator[Updates]:
+        try:
+            yield from self._stream_view(conversation_id, updates, search, agent, clear_message=clear_message)
+        except Exception as exc:  # the database failed around the turn: the service has already ended it
+            gr.Warning(f"The reply failed: {_message(exc)}")
+            yield {self.v.status: f"⚠️ {escape_customer_text(_message(exc))}", **self._busy(False)}
+
+    def _stream_view(
         self,
         conversation_id: int,
         updates: Iterator[TurnUpdate],
@@ -246,8 +267,9 @@ class ConsoleActions:
             if self.service.is_running(conversation_id):
                 gr.Warning("Stop the reply being drafted before deleting this conversation.")
                 return {}
-            self._safely(lambda: self.repo.delete_conversation(conversation_id, agent=agent))
-            gr.Info("Conversation deleted.")
+            if self._safely(lambda: self.repo.delete_conversation(conversation_id, agent=agent)):
+                self.exports.forget(agent, conversation_id)  # its exports go with it
+                gr.Info("Conversation deleted.")
         return {**self._view(None, search, agent), self.v.confirm_box: gr.Group(visible=False)}
 
     def export_json(self, conversation_id: int | None, request: gr.Request) -> Any:
@@ -260,12 +282,18 @@ class ConsoleActions:
         if conversation_id is None:
             gr.Warning("Open a conversation first.")
             return gr.File(visible=False)
-        if kind == "json":
-            body = json.dumps(self.repo.export_json(conversation_id, agent=agent), indent=2, ensure_ascii=False)
-        else:
-            body = self.repo.export_markdown(conversation_id, agent=agent)
-        path = self._export_dir / f"conversation-{conversation_id}.{kind}"
-        path.write_text(body, encoding="utf-8")
+        try:
+            if kind == "json":
+                body = json.dumps(self.repo.export_json(conversation_id, agent=agent), indent=2, ensure_ascii=False)
+            else:
+                body = self.repo.export_markdown(conversation_id, agent=agent)
+        except NotFoundError as exc:
+            gr.Warning(str(exc))
+            return gr.File(visible=False)
+        path = self.exports.write(agent, conversation_id, kind, body)
+        # Gradio serves a copy from its cache, named as processing_utils.save_file_to_cache names it.
+        cached = Path(self.v.export_file.GRADIO_CACHE) / processing_utils.hash_file(path) / path.name
+        self.exports.remove_with(agent, conversation_id, cached)
         return gr.File(value=str(path), visible=True)
 
     # ---- macros --------------------------------------------------------------------------------------
@@ -334,11 +362,23 @@ class ConsoleActions:
             return []
 
     @staticmethod
-    def _safely(action: Callable[[], object]) -> None:
+    def _safely(action: Callable[[], object]) -> bool:
+        """Run `action`; a failure becomes a toast. Returns whether it succeeded."""
         try:
             action()
-        except (ValueError, NotFoundError) as exc:
-            gr.Warning(str(exc))
+        except Exception as exc:
+            gr.Warning(_message(exc))
+            return False
+        return True
+
+
+def _message(exc: BaseException) -> str:
+    """What a toast says: the message of the errors we raise, the type too for anything else."""
+    if isinstance(exc, KeyError):
+        return str(exc.args[0])
+    if isinstance(exc, (ValueError, NotFoundError)):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _agent(request: gr.Request | None) -> str | None:

@@ -1,0 +1,106 @@
+"""With logins on, an agent's page shows only their conversations, and their exports stay theirs."""
+
+from __future__ import annotations
+
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import gradio as gr
+import pytest
+
+from specdesk.app import ui
+from specdesk.app.chat_service import ChatService
+from specdesk.app.console_actions import ConsoleActions
+from specdesk.app.ui_console import build_console
+from specdesk.db import Role
+from specdesk.engine.llm import LLM
+from tests.app.console_fixtures import make_service, tiny_console_llm
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LLM]:
+    engine = tiny_console_llm(tmp_path_factory.mktemp("console-privacy"))
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture
+def service(llm: LLM, tmp_path: Path) -> ChatService:
+    return make_service(llm, tmp_path / "specdesk.db", max_tokens=8)
+
+
+@pytest.fixture
+def actions(service: ChatService) -> Iterator[ConsoleActions]:
+    with gr.Blocks():
+        view = build_console(service)
+    console = ConsoleActions(service, view)
+    yield console
+    console.exports.close()
+
+
+def signed_in(name: str | None) -> Any:
+    return SimpleNamespace(username=name)  # what handlers read from gr.Request
+
+
+def test_page_load_lists_only_the_signed_in_agents_conversations(service: ChatService) -> None:
+    alice = service.new_conversation("retail", "Dana", agent="alice")
+    bob = service.new_conversation("retail", "Eve", agent="bob")
+    choices, who, *_ = ui.page_load(service, "alice")
+    assert [value for _, value in choices.choices] == [alice.id]
+    assert "alice" in who
+    choices, *_ = ui.page_load(service, "bob")
+    assert [value for _, value in choices.choices] == [bob.id]
+    # Login off: the one local agent sees everything.
+    choices, who, *_ = ui.page_load(service, None)
+    assert sorted(value for _, value in choices.choices) == sorted([alice.id, bob.id]) and who == ""
+
+
+def test_sidebar_search_is_scoped(service: ChatService, actions: ConsoleActions) -> None:
+    mine = service.new_conversation("retail", "Dana", agent="alice")
+    service.new_conversation("retail", "Dana", agent="bob")
+    assert [value for _, value in actions.search("Dana", None, signed_in("alice")).choices] == [mine.id]
+
+
+def _exported_path(update: Any) -> Path:
+    value = update.value if not isinstance(update, dict) else update["value"]
+    return Path(value["path"] if isinstance(value, dict) else value)
+
+
+def test_exports_are_private_and_go_with_their_conversation(service: ChatService, actions: ConsoleActions) -> None:
+    conversation = service.new_conversation("retail", "Dana", agent="alice")
+    service.repository.add_message(conversation.id, Role.USER, "Card 4111 1111")
+    # What the browser gets is Gradio's served copy (in its cache, under a content-hash folder).
+    served = [_exported_path(actions.export_json(conversation.id, signed_in("alice")))]
+    served.append(_exported_path(actions.export_markdown(conversation.id, signed_in("alice"))))
+    assert "4111" in served[0].read_text()
+    root = actions.exports.root
+    originals = sorted(p for p in root.rglob("*") if p.is_file())
+    assert len(originals) == 2 and {p.name for p in originals} == {p.name for p in served}
+    assert all(not p.is_relative_to(root) for p in served)
+
+    # Private on disk: 0700 folders (root and the agent's own), 0600 files, names nobody can guess.
+    agent_folder = originals[0].parent
+    assert agent_folder.parent == root and agent_folder.name != "alice"
+    for folder in (root, agent_folder):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    for path in (*originals, *served):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert not path.name.startswith(f"conversation-{conversation.id}.") and len(path.stem) > 30
+
+    # Another agent gets nothing, not even an error that says the conversation exists.
+    assert actions.export_json(conversation.id, signed_in("bob")).visible is False
+
+    # Deleting the conversation deletes every export of it, the served copies included.
+    actions.delete(conversation.id, "", signed_in("alice"))
+    assert not any(p.exists() for p in (*originals, *served))
+
+
+def test_exports_are_deleted_at_shutdown(service: ChatService, actions: ConsoleActions) -> None:
+    conversation = service.new_conversation("retail", "Dana", agent="alice")
+    path = _exported_path(actions.export_markdown(conversation.id, signed_in("alice")))
+    assert path.is_file()
+    actions.exports.close()
+    assert not actions.exports.root.exists()
