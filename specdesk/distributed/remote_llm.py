@@ -26,6 +26,7 @@ from specdesk.distributed import affinity
 from specdesk.distributed.replica import ReplicaDelta, ReplicaInfo
 from specdesk.distributed.stats import sum_stats
 from specdesk.engine.llm_engine import EngineStats
+from specdesk.engine.detokenizer import IncrementalDetokenizer
 from specdesk.engine.outputs import FinishReason, RequestMetrics, RequestOutput, StreamDelta
 from specdesk.engine.sampling_params import SamplingParams
 
@@ -288,6 +289,8 @@ class _RemoteRequest:
         self.replicas: list[str] = []  # every replica that served a part of the reply, in order
         self._response: Any = None
         self._aborted = False
+        self._emitted = ""  # the reply's text as streamed so far
+        self._detokenizer: IncrementalDetokenizer | None = None  # after a failover: the reply's own text
         self._lock = threading.Lock()
 
     def start(self) -> None:
@@ -323,8 +326,7 @@ class _RemoteRequest:
                         self.replicas.append(replica)
                     self.llm._record(replica, rd.stats)
                     generated += rd.delta.token_ids
-                    self._emit(rd.delta, notice, num_before_failover)
-                    if rd.delta.finished:
+                    if self._emit(rd.delta, notice, num_before_failover):
                         return
                 self._finish(FinishReason.ERROR, "the replica ended the stream without a final delta", notice)
                 return
@@ -342,6 +344,8 @@ class _RemoteRequest:
                 num_reroutes += rerouted
                 num_failovers = 1
                 num_before_failover = len(generated)
+                self._detokenizer = IncrementalDetokenizer(self.llm.tokenizer, [], self.params)
+                self._detokenizer.add(list(generated))
                 notice = (
                     f"The engine replica serving this reply stopped after {len(generated)} tokens; "
                     "the reply was continued on another replica."
@@ -358,14 +362,30 @@ class _RemoteRequest:
                 self._finish(FinishReason.ERROR, f"{type(exc).__name__}: {exc}", notice)
                 return
 
-    def _emit(self, delta: StreamDelta, notice: str | None, num_earlier_tokens: int) -> None:
+    def _emit(self, delta: StreamDelta, notice: str | None, num_earlier_tokens: int) -> bool:
+        """Deliver one replica delta as this request's; True when it is the final one."""
         delta = dataclasses.replace(delta, request_id=self.request_id)
+        if self._detokenizer is not None:
+            # The retry's replica decodes its tokens without the ones before them (a character cut at the
+            # seam would garble, a stop string across it would be missed): decode the whole reply here.
+            detok = self._detokenizer
+            detok.add(delta.token_ids)
+            if detok.stopped_by is not None:
+                delta.token_ids = delta.token_ids[: detok.num_tokens_before_stop]
+                if not delta.finished:
+                    self._response.cancel()  # the replica frees the request's pages
+                delta.finished, delta.finish_reason = True, FinishReason.STOP
+            elif delta.finished:
+                detok.flush()
+            delta.text = detok.text[len(self._emitted) :]
+        self._emitted += delta.text
         if notice is not None:
             if delta.metrics is not None:  # the reply's tokens, not only the retry's
                 m = delta.metrics
                 delta.metrics = dataclasses.replace(m, num_generated_tokens=m.num_generated_tokens + num_earlier_tokens)
             delta = FailoverDelta(**{f.name: getattr(delta, f.name) for f in dataclasses.fields(delta)}, notice=notice)
         self.llm._deliver(self, delta)
+        return delta.finished
 
     def _finish(self, reason: FinishReason, error: str | None, notice: str | None) -> None:
         delta = StreamDelta(self.request_id, "", [], True, reason, None, error)
