@@ -19,6 +19,8 @@ CSS = """
 #sd-header p { margin: 0; color: var(--body-text-color-subdued); font-size: 0.92em; }
 #sd-status { min-height: 1.6em; font-size: 0.92em; }
 #sd-status p { margin: 0; }
+.sd-enter-note { font-size: 0.92em; color: var(--body-text-color-subdued); }
+.sd-enter-note p { margin: 0; }
 .metric-grid { display: grid; grid-template-columns: 1fr 1fr; gap: 8px; }
 .metric { border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 6px 8px;
           background: var(--background-fill-secondary); }

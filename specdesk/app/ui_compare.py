@@ -1,8 +1,13 @@
-"""The Side-by-side tab: plain decoding vs speculation + prefix reuse, streaming at the same moment."""
+"""The Side-by-side tab: plain decoding vs speculation + prefix reuse, streaming at the same moment.
+
+Enter in the message box answers (as the button does), Shift+Enter adds a line. While a comparison streams
+the button is disabled and Enter starts nothing and queues nothing; a note under the box says so.
+"""
 
 from __future__ import annotations
 
 import html
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,6 +19,16 @@ from specdesk.app.chat_service import ChatService
 from specdesk.app.side_by_side import LEFT, RIGHT, Comparison, SideState
 from specdesk.app.ui_console import GENERATION_GROUP
 
+_RUN_LABEL = "Answer both ways"
+_ENTER_WHILE_ANSWERING = (
+    "⏳ Both sides are still answering, so Enter started nothing. Press Enter again once they finish, "
+    "or **■ Stop** to end them now."
+)
+# The button is disabled exactly while a comparison streams: the page as the agent sees it.
+_NOTE_IF_ANSWERING_JS = f"""() => {{
+  const run = document.querySelector("#sd-compare-run");
+  return run !== null && run.disabled ? {json.dumps(_ENTER_WHILE_ANSWERING)} : "";
+}}"""
 _MAX_POINTS_PER_SIDE = 200  # enough for a smooth line; the browser need not plot every token
 _EXAMPLE = "Hi, my order 48213 has not arrived yet and the tracking page has not changed in a week. Where is it?"
 
@@ -40,11 +55,16 @@ def build_side_by_side(service: ChatService) -> None:
         )  # fmt: skip
     with gr.Row(equal_height=True):
         persona = gr.Dropdown(service.personas(), value="retail", label="Persona", scale=2, min_width=220)
-        text = gr.Textbox(value=_EXAMPLE, label="Customer message", lines=2, scale=5, elem_id="sd-compare-text")
+        # lines=1 is what makes Gradio answer on Enter; Shift+Enter adds a line and the box grows.
+        text = gr.Textbox(
+            value=_EXAMPLE, label="Customer message", info="Enter answers both ways, Shift+Enter adds a line",
+            lines=1, max_lines=6, scale=5, elem_id="sd-compare-text",
+        )  # fmt: skip
         max_tokens = gr.Slider(16, 512, value=128, step=16, label="Max tokens", scale=1, min_width=140)
+    note = gr.Markdown(elem_id="sd-compare-note", elem_classes="sd-enter-note")
     with gr.Row():
-        run = gr.Button("Answer both ways", variant="primary", elem_id="sd-compare-run")
-        stop = gr.Button("■ Stop", variant="stop")
+        run = gr.Button(_RUN_LABEL, variant="primary", elem_id="sd-compare-run")
+        stop = gr.Button("■ Stop", variant="stop", elem_id="sd-compare-stop")
     with gr.Row(equal_height=True):
         with gr.Column(elem_classes="sd-side"):
             gr.Markdown("#### Plain decoding · no prefix reuse")
@@ -68,7 +88,8 @@ def build_side_by_side(service: ChatService) -> None:
             gr.Warning("Type a customer message to compare.")
             return
         blank = [_stats(None), _text(None), _stats(None), _text(None)]
-        yield [*blank, "⏳ Caching the persona's system prompt, then sending both requests…", _frame(None)]
+        waiting = "⏳ Caching the persona's system prompt, then sending both requests…"
+        yield [*blank, waiting, _frame(None), gr.Button("Answering…", interactive=False)]
         try:
             stream = side_by_side.compare(
                 service.llm, message, persona=persona_key or "general", max_tokens=int(limit),
@@ -76,19 +97,33 @@ def build_side_by_side(service: ChatService) -> None:
             )  # fmt: skip
         except (ValueError, KeyError) as exc:
             gr.Warning(str(exc))
-            yield [*blank, f"⚠️ {html.escape(str(exc))}", _frame(None)]
+            yield [*blank, f"⚠️ {html.escape(str(exc))}", _frame(None), gr.skip()]
             return
         for comparison in stream:
             yield [
                 _stats(comparison.left), _text(comparison.left), _stats(comparison.right),
-                _text(comparison.right), _verdict(comparison, service.dtype_name), _frame(comparison),
+                _text(comparison.right), _verdict(comparison, service.dtype_name), _frame(comparison), gr.skip(),
             ]  # fmt: skip
 
-    event = run.click(
-        answer, [text, persona, max_tokens], outputs, concurrency_limit=service.max_concurrent_turns,
-        concurrency_id=GENERATION_GROUP, show_progress="hidden", api_name="compare",
+    quick: dict[str, Any] = {"concurrency_limit": None, "show_progress": "hidden", "api_visibility": "undocumented"}
+    triggers = [run.click, text.submit]
+    # The browser runs a trigger's listeners in order, each to its end: the note first, before `answer`
+    # starts, so it sees whether a comparison was already streaming. JavaScript only: no round trip.
+    gr.on(triggers, None, None, [note], js=_NOTE_IF_ANSWERING_JS, trigger_mode="multiple", **quick)
+    # One event for the button and Enter, and "once": while it runs the browser drops both, queueing nothing.
+    event = gr.on(
+        triggers, answer, [text, persona, max_tokens], [*outputs, run], trigger_mode="once",
+        concurrency_limit=service.max_concurrent_turns, concurrency_id=GENERATION_GROUP, show_progress="hidden",
+        api_name="compare",
     )  # fmt: skip
-    stop.click(None, None, None, cancels=[event])
+    # However it ends (done, failed, stopped), the button comes back and the note goes.
+    event.then(_ready, None, [run, note], **quick)
+    event.failure(_ready, None, [run, note], **quick)
+    stop.click(_ready, None, [run, note], cancels=[event], **quick)
+
+
+def _ready() -> tuple[Any, str]:
+    return gr.Button(_RUN_LABEL, interactive=True), ""
 
 
 def _stats(side: SideState | None) -> str:

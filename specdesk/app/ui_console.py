@@ -3,10 +3,14 @@
 Layout only; what each button does lives in app/console_actions.py. Generation events share one
 concurrency group sized to the engine's batch, so every agent's turn runs at once and the engine
 batches them; quick events (Stop, sidebar, feedback) are never queued behind a stream.
+
+Keyboard: Enter in the message box sends (as Send does), Shift+Enter adds a line, Enter in the title box
+renames. Enter while a reply streams sends nothing and queues nothing, and a note under the box says so.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +21,15 @@ from specdesk.app.chat_service import ChatService
 from specdesk.app.console_actions import ConsoleActions
 
 GENERATION_GROUP = "specdesk-generation"
+ENTER_WHILE_DRAFTING = (
+    "⏳ A reply is still being drafted, so Enter sent nothing: your text stays in the box. "
+    "Press Enter again once the reply is ready, or **■ Stop** to end it now."
+)
+# Stop replaces Send exactly while a reply streams (ConsoleActions._busy): the page as the agent sees it.
+_NOTE_IF_DRAFTING_JS = f"""() => {{
+  const stop = document.querySelector("#sd-stop");
+  return stop !== null && stop.offsetParent !== null ? {json.dumps(ENTER_WHILE_DRAFTING)} : "";
+}}"""
 
 
 @dataclass
@@ -103,12 +116,15 @@ def build_console(service: ChatService) -> ConsoleView:
             )
             status = gr.Markdown(elem_id="sd-status")
             with gr.Row(equal_height=True):
+                # lines=1 is what makes Gradio send on Enter; a multi-line box sends on Shift+Enter instead.
+                # It still grows to max_lines as Shift+Enter adds lines.
                 message = gr.Textbox(
                     placeholder="Customer's message… (Enter sends, Shift+Enter adds a line)",
-                    show_label=False, lines=2, max_lines=8, scale=6, elem_id="sd-message", autofocus=True,
+                    show_label=False, lines=1, max_lines=8, scale=6, elem_id="sd-message", autofocus=True,
                 )  # fmt: skip
                 send = gr.Button("Send", variant="primary", scale=1, min_width=90, elem_id="sd-send")
                 stop = gr.Button("■ Stop", variant="stop", scale=1, min_width=90, visible=False, elem_id="sd-stop")
+            enter_note = gr.Markdown(elem_id="sd-enter-note", elem_classes="sd-enter-note")
             with gr.Row():
                 retry = gr.Button("↻ Redraft reply", size="sm", elem_id="sd-retry")
                 edit = gr.Button("✎ Edit last customer message", size="sm", elem_id="sd-edit")
@@ -137,11 +153,11 @@ def build_console(service: ChatService) -> ConsoleView:
         confirm_delete, cancel_delete, header, chatbot, status, message, send, stop, retry, edit,
         cancel_edit, macro, macro_text, macro_add, metrics, turns_plot, engine,
     )  # fmt: skip
-    _wire(view, ConsoleActions(service, view), macro_row, service.max_concurrent_turns)
+    _wire(view, ConsoleActions(service, view), macro_row, enter_note, service.max_concurrent_turns)
     return view
 
 
-def _wire(v: ConsoleView, actions: ConsoleActions, macro_row: gr.Row, batch_size: int) -> None:
+def _wire(v: ConsoleView, actions: ConsoleActions, macro_row: gr.Row, enter_note: gr.Markdown, batch_size: int) -> None:
     everything = actions.all_outputs
     # Only `send` is a documented API endpoint; the OpenAI-compatible /v1 is the programmatic interface.
     quick: dict[str, Any] = {
@@ -155,8 +171,16 @@ def _wire(v: ConsoleView, actions: ConsoleActions, macro_row: gr.Row, batch_size
     }  # fmt: skip
 
     turn_inputs = [v.message, v.conversation_id, v.editing, v.persona, v.customer, v.search]
-    v.send.click(actions.send, turn_inputs, everything, **{**stream, "api_name": "send", "api_visibility": "public"})
-    v.message.submit(actions.send, turn_inputs, everything, **stream)
+    send_triggers = [v.send.click, v.message.submit]
+    # The browser runs a trigger's listeners in order, each to its end: the note first, before the send
+    # starts, so it sees whether a reply was already streaming. JavaScript only: no queue, no round trip.
+    gr.on(send_triggers, None, None, [enter_note], js=_NOTE_IF_DRAFTING_JS, trigger_mode="multiple", **quick)
+    # One event for Send and Enter, and "once": while it runs (a reply streams) the browser drops both.
+    sent = gr.on(
+        send_triggers, actions.send, turn_inputs, everything, trigger_mode="once",
+        **{**stream, "api_name": "send", "api_visibility": "public"},
+    )  # fmt: skip
+    sent.then(None, None, [enter_note], js='() => ""', **quick)
     v.retry.click(actions.retry, [v.conversation_id, v.search], everything, **stream)
     v.chatbot.retry(actions.retry, [v.conversation_id, v.search], everything, **stream)
     v.stop.click(actions.stop, [v.conversation_id], None, **quick)
@@ -170,7 +194,8 @@ def _wire(v: ConsoleView, actions: ConsoleActions, macro_row: gr.Row, batch_size
     v.new.click(actions.new_conversation, [v.search], everything, **quick)
     v.conversations.input(actions.open, [v.conversations, v.search], everything, **quick)
     v.search.change(actions.search, [v.search, v.conversation_id], [v.conversations], **quick)
-    v.rename.click(actions.rename, [v.conversation_id, v.rename_text, v.search], everything, **quick)
+    rename_inputs = [v.conversation_id, v.rename_text, v.search]
+    gr.on([v.rename.click, v.rename_text.submit], actions.rename, rename_inputs, everything, **quick)
     v.export_json.click(actions.export_json, [v.conversation_id], [v.export_file], **quick)
     v.export_markdown.click(actions.export_markdown, [v.conversation_id], [v.export_file], **quick)
     v.delete.click(actions.ask_delete, [v.conversation_id], [v.confirm_box, v.confirm_text], **quick)
