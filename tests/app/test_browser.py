@@ -1,5 +1,9 @@
 """The console in headless Debian Chromium, driven by Playwright, as an agent would use it.
 
+Text goes in through the keyboard and is sent with Enter, as the placeholder and the README say; buttons,
+icons and the sidebar are clicked. Enter/Shift+Enter in depth, and the side-by-side tab, are in
+test_browser_keyboard.py.
+
 Needs `apt-get install chromium` and `pip install playwright` (Playwright cannot download its own
 browser here, so it drives /usr/bin/chromium). Screenshots land in artifacts/.
 """
@@ -7,6 +11,7 @@ browser here, so it drives /usr/bin/chromium). Screenshots land in artifacts/.
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 import time
 from collections.abc import Iterator
@@ -24,6 +29,7 @@ from tests.app.console_fixtures import make_service, tiny_console_llm, wait_engi
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
+PERMISSIONS = ["clipboard-read", "clipboard-write"]
 CHROMIUM_ARGS = [
     "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
     "--disable-sync", "--no-first-run",
@@ -57,7 +63,8 @@ def page(server: RunningServer) -> Iterator[Any]:
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1440, "height": 900})
+        # Clipboard access, so a test can check what a copy button copied.
+        page = browser.new_page(viewport={"width": 1440, "height": 900}, permissions=PERMISSIONS)
         page.set_default_timeout(30_000)
         yield page
         browser.close()
@@ -73,11 +80,24 @@ def bot_text(page: Any) -> str:
     return page.locator('#sd-chat [data-testid="bot"]').last.inner_text()
 
 
+def type_into(page: Any, box: Any, text: str, *, replace: bool = False) -> None:
+    """Click into `box` and type `text` key by key, as an agent does (`replace`: select what is there first)."""
+    box.click()
+    if replace:
+        page.keyboard.press("Control+A")
+    page.keyboard.type(text)
+
+
+def type_and_press_enter(page: Any, message: str, *, replace: bool = False) -> None:
+    """Type into the message box and press Enter: the way an agent sends."""
+    type_into(page, page.locator("#sd-message textarea"), message, replace=replace)
+    page.keyboard.press("Enter")
+
+
 def send_and_wait_for_tokens(page: Any, message: str) -> float:
-    """Send a customer message and wait until Stop is offered and the reply has begun; returns the deadline
-    (30 s from now) for the caller's further waits."""
-    page.locator("#sd-message textarea").fill(message)
-    page.locator("#sd-send").click()
+    """Send a customer message with Enter and wait until Stop is offered and the reply has begun; returns the
+    deadline (30 s from now) for the caller's further waits."""
+    type_and_press_enter(page, message)
     page.locator("#sd-stop").wait_for(state="visible")
     deadline = time.monotonic() + 30
     while len(bot_text(page).strip(" ▍")) < 5:
@@ -159,8 +179,7 @@ def test_redraft_edit_macro_feedback_and_history_actions(
         page.locator("#sd-status").get_by_text("Reply ready").wait_for()
 
     open_console(page, server.url)
-    page.locator("#sd-message textarea").fill("My invoice shows a double charge")
-    page.locator("#sd-send").click()
+    type_and_press_enter(page, "My invoice shows a double charge")
     page.locator("#sd-stop").click()  # long replies here: stop, then redraft to a short one
     page.locator("#sd-status").get_by_text("Stopped").wait_for()
     summary = service.repository.list_conversations("double charge")[0]
@@ -174,11 +193,19 @@ def test_redraft_edit_macro_feedback_and_history_actions(
     page.locator("#sd-edit").click()
     expect(page.locator("#sd-message textarea")).to_have_value("My invoice shows a double charge")
     expect(page.locator("#sd-send")).to_have_text("Save & redraft")
-    page.locator("#sd-message textarea").fill("My invoice shows a triple charge")
-    page.locator("#sd-send").click()
+    type_and_press_enter(page, "My invoice shows a triple charge", replace=True)  # Enter saves & redrafts
     wait_ready()
     messages = service.repository.get_conversation(summary.id).messages
     assert len(messages) == 2 and messages[0].content == "My invoice shows a triple charge"
+    expect(page.locator("#sd-send")).to_have_text("Send")
+
+    # Copy (every message has one): the customer's text lands on the clipboard exactly as typed.
+    page.locator('#sd-chat [data-testid="user"]').hover()
+    page.locator('#sd-chat [aria-label="Copy message"]').first.click()
+    assert page.evaluate("() => navigator.clipboard.readText()") == "My invoice shows a triple charge"
+    # 👎 on the drafted reply, stored with it.
+    page.locator('#sd-chat [aria-label="Dislike"]').last.click()
+    wait_for_rating(service, messages[1].id, -1)
 
     page.locator("#sd-macro input").click()
     page.get_by_role("option", name="Greeting").click()
@@ -186,28 +213,38 @@ def test_redraft_edit_macro_feedback_and_history_actions(
     page.locator('#sd-chat [data-testid="bot"]').filter(has_text="thanks for contacting").wait_for()
     page.locator('#sd-chat [aria-label="Like"]').last.click()
     macro_reply = service.repository.get_conversation(summary.id).messages[-1]
-    deadline = time.monotonic() + 10
-    while service.repository.get_message(macro_reply.id).feedback is None:
-        assert time.monotonic() < deadline, "the thumbs-up was not stored"
-        time.sleep(0.05)
-    assert service.repository.get_message(macro_reply.id).feedback.rating == 1  # type: ignore[union-attr]
+    wait_for_rating(service, macro_reply.id, 1)
 
     page.get_by_text("Manage conversation").click()
-    page.locator("#sd-rename-text textarea").fill("Triple charge dispute")
-    page.get_by_role("button", name="Rename").click()
+    type_into(page, page.locator("#sd-rename-text textarea"), "Triple charge dispute", replace=True)
+    page.keyboard.press("Enter")  # Enter in the title box renames, as the Rename button does
     page.locator("#sd-conversations label").filter(has_text="Triple charge dispute").wait_for()
+    assert service.repository.get_conversation(summary.id).title == "Triple charge dispute"
     page.get_by_role("button", name="Export Markdown").click()
-    with page.expect_download() as download:
-        page.locator('#sd-export a[download$=".md"]').click()
-    saved = tmp_path / "export.md"
-    download.value.save_as(saved)
-    assert "# Triple charge dispute" in saved.read_text(encoding="utf-8")
+    assert "# Triple charge dispute" in download(page, ".md", tmp_path)
+    page.get_by_role("button", name="Export JSON").click()
+    exported = json.loads(download(page, ".json", tmp_path))
+    assert exported["conversation"]["title"] == "Triple charge dispute"
+    ratings = [(m["role"], m["feedback"] and m["feedback"]["rating"]) for m in exported["messages"]]
+    assert ratings == [("user", None), ("assistant", -1), ("assistant", 1)]  # 👎 on the draft, 👍 on the macro
+    assert exported["messages"][0]["content"] == "My invoice shows a triple charge"
 
-    page.locator("#sd-search").get_by_role("textbox").fill("triple")
+    search = page.locator("#sd-search").get_by_role("textbox")
+    type_into(page, search, "triple")
     page.locator("#sd-conversations label").filter(has_text="Triple charge dispute").wait_for()
-    page.locator("#sd-search").get_by_role("textbox").fill("no such words anywhere")
+    type_into(page, search, "no such words anywhere", replace=True)
     page.locator("#sd-conversations label").filter(has_text="Triple charge dispute").wait_for(state="detached")
-    page.locator("#sd-search").get_by_role("textbox").fill("")
+    search.click()
+    page.keyboard.press("Control+A")
+    page.keyboard.press("Backspace")
+
+    # New conversation empties the page; opening the old one from the sidebar brings it back.
+    page.locator("#sd-new").click()
+    page.locator("#sd-header").get_by_text("New conversation").wait_for()
+    expect(page.locator('#sd-chat [data-testid="user"]')).to_have_count(0)
+    page.locator("#sd-conversations label").filter(has_text="Triple charge dispute").click()
+    page.locator("#sd-header").get_by_text("Triple charge dispute").wait_for()
+    page.locator('#sd-chat [data-testid="user"]').filter(has_text="triple charge").wait_for()
 
     page.locator("#sd-delete").click()
     page.get_by_text("cannot be undone").wait_for()
@@ -215,6 +252,22 @@ def test_redraft_edit_macro_feedback_and_history_actions(
     page.locator("#sd-header").get_by_text("New conversation").wait_for()
     assert service.repository.list_conversations("triple") == []
     page.screenshot(path=str(ARTIFACTS / "browser-console-history.png"), full_page=True)
+
+
+def wait_for_rating(service: ChatService, message_id: int, rating: int) -> None:
+    deadline = time.monotonic() + 10
+    while (feedback := service.repository.get_message(message_id).feedback) is None or feedback.rating != rating:
+        assert time.monotonic() < deadline, f"the rating {rating} was not stored"
+        time.sleep(0.05)
+
+
+def download(page: Any, suffix: str, folder: Path) -> str:
+    """Click the export's download link and return the downloaded file's text."""
+    with page.expect_download() as started:
+        page.locator(f'#sd-export a[download$="{suffix}"]').click()
+    saved = folder / f"export{suffix}"
+    started.value.save_as(saved)
+    return saved.read_text(encoding="utf-8")
 
 
 def test_closing_the_tab_mid_stream_stops_and_keeps_the_partial_reply(
