@@ -127,7 +127,8 @@ class LLMEngine:
         if self.speculation is not None:
             self.speculation.propose(self.scheduler.running, self.block_manager.usage)
         batch = self.scheduler.schedule()
-        deltas = [self._finish_delta(s) for s in batch.preempted if s.is_finished]
+        # A sequence finished while scheduling found no pages even with nothing else running.
+        deltas = [self._finish_delta(s, error=self._no_room(s)) for s in batch.preempted if s.is_finished]
         if self.speculation is not None:
             for seq in batch.preempted:
                 self.speculation.preempted(seq)
@@ -187,6 +188,13 @@ class LLMEngine:
                 # included: the width trades a token's cost against the whole step's, not the pass alone's.
                 spec.step_cost.record(1 + lone.num_draft_tokens, time.perf_counter() - self._step_started)
         return verdicts
+
+    def _no_room(self, seq: Sequence) -> str:
+        bm = self.block_manager
+        return (
+            f"the KV cache holds {bm.num_blocks * self.config.block_size} tokens, too few for this request's "
+            f"{seq.num_tokens} and the next: raise kv_cache_memory_gib or lower max_tokens"
+        )
 
     def _text_delta(self, seq: Sequence, kept: list[int]) -> StreamDelta:
         detok = self.detokenizers[seq.request_id]

@@ -1,0 +1,101 @@
+"""The speculative decoder in a batch: mixed sampling modes verified together stay exact, and the decoder
+alone holds each request's hidden state, only while the request runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from specdesk.engine import LLM, SamplingParams
+from specdesk.engine.config import EngineConfig
+from specdesk.engine.llm_engine import LLMEngine
+from specdesk.engine.models.loader import load_model
+from specdesk.engine.speculators.mlp import MLPSpeculator, MLPSpeculatorConfig
+from tests.tiny_models import make_tiny_model
+
+PROMPTS = [
+    "Your order 48213 ships today. Your order 48213 ships today. Your order",
+    "Hello, thank you for contacting customer care.",
+    "My order",
+    [5, 17, 42, 8, 99],
+]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model("llama", tmp_path_factory.mktemp("decoder"))
+
+
+@pytest.fixture(scope="module")
+def mlp_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cfg = load_model(str(model_dir), "float32", "cpu").hf_config
+    torch.manual_seed(1)
+    spec = MLPSpeculator(MLPSpeculatorConfig(vocab_size=cfg.vocab_size, emb_dim=cfg.hidden_size, n_predict=3))
+    out = tmp_path_factory.mktemp("mlp") / "speculator"
+    spec.save_pretrained(out)
+    return out
+
+
+def test_greedy_seeded_and_unseeded_rows_verified_in_one_batch(model_dir: Path, mlp_dir: Path) -> None:
+    """Every step samples all rows of all requests in one call: greedy and seeded output stays what plain
+    decoding gives, each seeded row drawing with its own position's generator whatever shares the call."""
+    params = [
+        SamplingParams(max_tokens=24, ignore_eos=True),
+        SamplingParams(temperature=0.8, top_k=40, seed=3, max_tokens=24, ignore_eos=True),
+        SamplingParams(temperature=1.0, top_p=0.9, max_tokens=24, ignore_eos=True),  # unseeded: children drawn
+        SamplingParams(temperature=0.7, top_p=0.8, seed=4, max_tokens=24, ignore_eos=True),
+    ]
+    outs = {}
+    for name, speculator in (("plain", None), ("spec", f"{mlp_dir}+ngram")):
+        llm = LLM(model=str(model_dir), dtype="float32", device="cpu", speculator=speculator, spec_max_batch_size=16)
+        try:
+            outs[name] = [o.token_ids for o in llm.generate(PROMPTS, params)]
+            if speculator is not None:
+                assert llm.stats().spec_num_drafts > 0
+        finally:
+            llm.shutdown()
+    for i in (0, 1, 3):
+        assert outs["spec"][i] == outs["plain"][i], i
+    assert len(outs["spec"][2]) == 24
+
+
+def _engine(model_dir: Path, mlp_dir: Path, **kw: object) -> LLMEngine:
+    config = EngineConfig(model=str(model_dir), dtype="float32", device="cpu", speculator=str(mlp_dir),
+                          spec_max_batch_size=16, **kw)  # type: ignore[arg-type]  # fmt: skip
+    return LLMEngine(config, load_model(config.model, "float32", "cpu"))
+
+
+def test_hidden_states_live_only_while_their_request_runs(model_dir: Path, mlp_dir: Path) -> None:
+    """Kept per running request, dropped on finish, abort and preemption (a tight pool forces preemption)."""
+    params = SamplingParams(max_tokens=32, ignore_eos=True)
+    reference = _engine(model_dir, mlp_dir)
+    encoded = [reference.tokenizer.encode(p) if isinstance(p, str) else p for p in PROMPTS]
+    # Just big enough for the longest request (its drafts included), not for the batch.
+    num_blocks = (max(len(e) for e in encoded) + 32 + 16) // 8 + 1
+    engine = _engine(model_dir, mlp_dir, num_blocks=num_blocks, block_size=8, enable_prefix_caching=False)
+    outputs: dict[str, dict[str, list[int]]] = {}
+    for name, e in (("reference", reference), ("tight", engine)):
+        spec = e.speculation
+        assert spec is not None
+        ids = [e.add_request(prompt, params) for prompt in encoded]
+        tokens: dict[str, list[int]] = {rid: [] for rid in ids}
+        kept = 0
+        while e.has_work:
+            for delta in e.step():
+                assert delta.error is None, delta.error
+                tokens[delta.request_id] += delta.token_ids
+            assert set(spec.hidden) <= {s.request_id for s in e.scheduler.running}
+            kept = max(kept, len(spec.hidden))
+        assert kept > 0 and not spec.hidden
+        outputs[name] = tokens
+    assert engine.scheduler.num_preemptions > 0
+    assert list(outputs["tight"].values()) == list(outputs["reference"].values())
+    # Abort: the request's state goes with it.
+    rid = engine.add_request(engine.tokenizer.encode(PROMPTS[1]), params)
+    engine.step()
+    engine.step()
+    assert engine.speculation is not None and rid in engine.speculation.hidden
+    engine.abort(rid)
+    assert not engine.speculation.hidden
