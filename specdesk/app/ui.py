@@ -35,7 +35,7 @@ def build_demo(service: ChatService) -> gr.Blocks:
             with gr.Tab("Side by side", id="side-by-side"):
                 build_side_by_side(service)
 
-        def on_load(request: gr.Request) -> tuple[object, str, str, str, str]:
+        def on_load(request: gr.Request) -> tuple[gr.Radio, str, str, str, str]:
             return page_load(service, request.username if request else None)
 
         loaded = [console.conversations, signed_in, console.engine, console.header, console.metrics]
@@ -43,7 +43,7 @@ def build_demo(service: ChatService) -> gr.Blocks:
     return demo
 
 
-def page_load(service: ChatService, agent: str | None) -> tuple[object, str, str, str, str]:
+def page_load(service: ChatService, agent: str | None) -> tuple[gr.Radio, str, str, str, str]:
     """What a fresh page shows: the sidebar (only `agent`'s conversations; all with login off, agent
     None), who is signed in, the engine line, an empty header and metrics card."""
     summaries = service.repository.list_conversations(agent=agent)

