@@ -6,7 +6,8 @@
     POST /v1/chat/completions, /v1/completions    (JSON, or SSE with "stream": true)
 
 Every request is checked (key, body, model, parameters, prompt length) before anything is queued, so bad
-input gets an HTTP 400 in OpenAI's error shape and never touches the engine (invariant 7). Once queued,
+input gets an HTTP 4xx in OpenAI's error shape and never touches the engine (invariant 7). Each API key is
+its own prefix-cache tenant (app/auth.py): a caller never gets a cache hit on another key's prompt. Once queued,
 a request is tied to its HTTP connection: a client that goes away aborts it and its pages are freed
 (invariant 4). Wire details live in app/api_schemas.py.
 """
@@ -15,9 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
-import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -33,16 +32,19 @@ from specdesk.app.api_schemas import (
     CompletionRequest,
     chat_messages,
     check_context_length,
+    check_fan_out,
     finish_reason,
     new_id,
     now_s,
     parse_request,
+    read_json_body,
     refuse_unsupported,
     sampling_params,
     specdesk_extra,
     sse,
     usage,
 )
+from specdesk.app.auth import ApiKeys, tenant_cache_salt
 from specdesk.engine.async_stream import aiter_deltas
 from specdesk.engine.outputs import RequestMetrics
 
@@ -51,17 +53,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-API_KEYS_ENV = "SPECDESK_API_KEYS"  # comma-separated; read per request, so keys can rotate without restart
 _DISCONNECT_POLL_S = 0.25
 
 
 def mount_openai_api(app: FastAPI, llm: LLM, model_name: str, api_keys: list[str] | None = None) -> None:
     """Add the `/v1` routes to `app` (a plain FastAPI app or Gradio's), serving `llm` as `model_name`.
 
-    With keys configured (`api_keys` and/or the SPECDESK_API_KEYS environment variable, read at request
-    time), every `/v1` call needs `Authorization: Bearer <key>`; without any, the API is open.
+    With `api_keys` (read once, by the settings), every `/v1` call needs `Authorization: Bearer <key>`;
+    without any, the API is open and all its callers are one cache tenant.
     """
-    server = _OpenAIServer(llm, model_name, list(api_keys or []))
+    server = _OpenAIServer(llm, model_name, ApiKeys(api_keys or []))
     router = APIRouter(prefix="/v1", tags=["openai"])
     router.add_api_route("/models", server.list_models, methods=["GET"])
     router.add_api_route("/models/{model_id:path}", server.get_model, methods=["GET"])
@@ -85,7 +86,7 @@ class _Choice:
 
 
 class _OpenAIServer:
-    def __init__(self, llm: LLM, model_name: str, api_keys: list[str]) -> None:
+    def __init__(self, llm: LLM, model_name: str, api_keys: ApiKeys) -> None:
         self.llm = llm
         self.model_name = model_name
         self.api_keys = api_keys
@@ -93,27 +94,30 @@ class _OpenAIServer:
 
     # ---- routes -----------------------------------------------------------------------------------
     async def list_models(self, request: Request) -> Response:
-        return await self._guard(request, self._models)
+        return await self._guard(request, lambda tenant: self._models())
 
     async def get_model(self, request: Request, model_id: str) -> Response:
-        async def one() -> Response:
+        async def one(tenant: str) -> Response:
             self._check_model(model_id, status=404)
             return JSONResponse(self._model_card())
 
         return await self._guard(request, one)
 
     async def chat_completions(self, request: Request) -> Response:
-        return await self._guard(request, lambda: self._completion(request, chat=True))
+        return await self._guard(request, lambda tenant: self._completion(request, tenant, chat=True))
 
     async def completions(self, request: Request) -> Response:
-        return await self._guard(request, lambda: self._completion(request, chat=False))
+        return await self._guard(request, lambda tenant: self._completion(request, tenant, chat=False))
 
     # ---- plumbing ---------------------------------------------------------------------------------
     async def _guard(self, request: Request, handler: Any) -> Response:
-        """Authorize, run the handler, and turn every failure into OpenAI's error shape."""
+        """Authorize, run the handler with the caller's cache tenant, and turn every failure into OpenAI's
+        error shape."""
         try:
-            self._authorize(request)
-            response: Response = await handler()
+            tenant = self.api_keys.tenant(request.headers.get("authorization"))
+            if tenant is None:
+                raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+            response: Response = await handler(tenant)
             return response
         except ApiError as exc:
             return JSONResponse(exc.body(), status_code=exc.status)
@@ -122,19 +126,8 @@ class _OpenAIServer:
             err = ApiError(500, f"internal error: {type(exc).__name__}", type_="server_error")
             return JSONResponse(err.body(), status_code=500)
 
-    def _authorize(self, request: Request) -> None:
-        keys = [k.strip() for k in (*self.api_keys, *os.environ.get(API_KEYS_ENV, "").split(",")) if k.strip()]
-        if not keys:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        given = token.strip().encode()
-        # compare against every key without short-circuiting: no timing hint about which one matched
-        matches = [hmac.compare_digest(given, k.encode()) for k in keys]
-        if scheme.lower() != "bearer" or not any(matches):
-            raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
-
     def _check_model(self, model: str, status: int = 400) -> None:
-        if model not in (self.model_name, self.llm.loaded.name):
+        if model not in (self.model_name, self.llm.model_name):
             raise ApiError(
                 status, f"The model '{model}' does not exist; this server serves '{self.model_name}'.",
                 param="model", code="model_not_found",
@@ -143,22 +136,19 @@ class _OpenAIServer:
     def _model_card(self) -> dict[str, Any]:
         return {
             "id": self.model_name, "object": "model", "created": self.created, "owned_by": "specdesk",
-            "root": self.llm.loaded.name, "max_model_len": self.llm.engine.max_model_len,
+            "root": self.llm.model_name, "max_model_len": self.llm.max_model_len,
         }  # fmt: skip
 
     async def _models(self) -> Response:
         return JSONResponse({"object": "list", "data": [self._model_card()]})
 
-    async def _completion(self, request: Request, chat: bool) -> Response:
-        try:
-            body = await request.json()
-        except ValueError:
-            raise ApiError(400, "the request body is not valid JSON") from None
+    async def _completion(self, request: Request, tenant: str, chat: bool) -> Response:
+        body = await read_json_body(request)
         req: ChatCompletionRequest | CompletionRequest
         req = parse_request(ChatCompletionRequest, body) if chat else parse_request(CompletionRequest, body)
         self._check_model(req.model)
         refuse_unsupported(req)
-        choices = await self._submit(req)
+        choices = await self._submit(req, tenant_cache_salt(tenant, req.cache_salt))
         rids = [c.request_id for c in choices]
         if req.stream:
             return StreamingResponse(
@@ -179,7 +169,7 @@ class _OpenAIServer:
         collecting.result()
         return JSONResponse(self._response(req, choices, chat))
 
-    async def _submit(self, req: ChatCompletionRequest | CompletionRequest) -> list[_Choice]:
+    async def _submit(self, req: ChatCompletionRequest | CompletionRequest, cache_salt: str) -> list[_Choice]:
         """Tokenize, check lengths and queue every choice; all or nothing."""
         requested = req.max_completion_tokens if isinstance(req, ChatCompletionRequest) else None
         requested = requested if requested is not None else req.max_tokens
@@ -189,7 +179,8 @@ class _OpenAIServer:
             prompts, param = [chat_messages(req)], "messages"
         else:
             prompts, param = _completion_prompts(req.prompt), "prompt"
-        max_len = self.llm.engine.max_model_len
+        check_fan_out(len(prompts), req.n)
+        max_len = self.llm.max_model_len
         choices: list[_Choice] = []
         try:
             for p, prompt in enumerate(prompts):
@@ -201,7 +192,7 @@ class _OpenAIServer:
                 for j in range(req.n):
                     params = sampling_params(req, requested or max_len - len(ids), choice=j)
                     try:
-                        rid = self.llm.submit(ids, params, cache_salt=req.cache_salt)
+                        rid = self.llm.submit(ids, params, cache_salt=cache_salt)
                     except ValueError as exc:
                         raise ApiError(400, str(exc), param=param) from None
                     except RuntimeError as exc:  # engine shut down

@@ -1,6 +1,10 @@
 """OpenAI wire format for app/api.py: request bodies, their translation to SamplingParams, response
 payloads and OpenAI-shaped errors. Pure data: no routes, no engine calls.
 
+Bodies are read under limits before anything is parsed: JSON only (a cross-site form cannot start a
+generation), at most MAX_BODY_BYTES, nested at most MAX_JSON_DEPTH deep, valid Unicode; one call fans out
+to at most MAX_CHOICES engine requests.
+
 Unknown request fields are accepted and ignored (clients send many optional ones); fields we cannot
 honour (tools, logprobs, penalties, echo, ...) are refused with a 400 rather than silently dropped.
 SpecDesk adds `top_k`, `ignore_eos`, `speculate` and `cache_salt` (as vLLM does) to requests and a
@@ -15,11 +19,18 @@ import uuid
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import Request
 
 from specdesk.engine.outputs import FinishReason, RequestMetrics
 from specdesk.engine.sampling_params import SamplingParams
 
 _PARAM_NAMES = ("temperature", "top_k", "top_p", "max_tokens", "seed", "stop")
+
+MAX_BODY_BYTES = 1 << 20  # a context window of text is far smaller; more is a mistake or an attack
+MAX_JSON_DEPTH = 32  # messages -> parts -> text is 5 deep; JSON nested past Python's stack would be a 500
+MAX_PROMPTS = 64  # prompts in one /v1/completions call
+MAX_N = 16  # choices per prompt
+MAX_CHOICES = 64  # prompts x n: engine requests one call may queue
 
 
 class ApiError(Exception):
@@ -95,6 +106,62 @@ class CompletionRequest(_Request):
     best_of: int | None = None
 
 
+async def read_json_body(request: Request) -> object:
+    """The request's JSON body, refused early: 415 unless `application/json`, 413 past MAX_BODY_BYTES
+    (by Content-Length before a byte is read, else while streaming), 400 for bad JSON, JSON nested past
+    MAX_JSON_DEPTH or strings that are not valid Unicode (lone surrogates)."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise ApiError(415, "the request body must be JSON: send 'Content-Type: application/json'")
+    too_large = ApiError(413, f"the request body is over {MAX_BODY_BYTES} bytes", code="request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise too_large
+        chunks.append(chunk)
+    try:
+        body = json.loads(b"".join(chunks))
+    except (ValueError, RecursionError):
+        raise ApiError(400, "the request body is not valid JSON") from None
+    _check_json_value(body)
+    return body
+
+
+def _check_json_value(value: object) -> None:
+    # Iterative on purpose: the check must not itself recurse once per level.
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ApiError(400, f"the request body is nested more than {MAX_JSON_DEPTH} levels deep")
+        if isinstance(item, dict):
+            pending.extend((k, depth) for k in item)
+            pending.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            pending.extend((v, depth + 1) for v in item)
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ApiError(400, "a string in the body is not valid Unicode (lone surrogate)") from None
+
+
+def check_fan_out(num_prompts: int, n: int) -> None:
+    """400 before tokenizing when one call would queue too many engine requests."""
+    if not 1 <= n <= MAX_N:
+        raise ApiError(400, f"n must be between 1 and {MAX_N}, got {n}", param="n")
+    if num_prompts > MAX_PROMPTS:
+        raise ApiError(400, f"at most {MAX_PROMPTS} prompts per request, got {num_prompts}", param="prompt")
+    if num_prompts * n > MAX_CHOICES:
+        raise ApiError(
+            400, f"prompts x n is {num_prompts * n}; at most {MAX_CHOICES} completions per request", param="n"
+        )
+
+
 def parse_request(cls: type[R], body: object) -> R:
     """Validate a JSON body; pydantic's complaint becomes a 400 naming the first bad field."""
     try:
@@ -110,7 +177,6 @@ def refuse_unsupported(req: _Request) -> None:
     unsupported: list[tuple[str, bool]] = [
         ("presence_penalty", bool(req.presence_penalty)),
         ("frequency_penalty", bool(req.frequency_penalty)),
-        ("n", not 1 <= req.n <= 16),
     ]
     if isinstance(req, ChatCompletionRequest):
         fmt = (req.response_format or {}).get("type", "text")

@@ -2,6 +2,7 @@
 
     specdesk serve [--model M] [--speculator S] [--db URL] [--host H] [--port P] [--api-key K]
     specdesk chat  [--model M] [--speculator S] [--db URL] [--persona P] [--customer NAME]
+    specdesk hash-password            (reads the password from stdin, or asks; prints an agents-file entry)
 
 Flags win over SPECDESK_* environment variables (see app/settings.py). Nothing is loaded at import.
 """
@@ -10,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import functools
+import getpass
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+from specdesk.app.auth import hash_password
 from specdesk.app.settings import Settings, load_agents_file
 from specdesk.app.turns import TurnState
 
@@ -27,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="start the web console (Gradio UI, /v1 API, /metrics)")
     chat = commands.add_parser("chat", help="chat in the terminal on the same engine and database")
+    commands.add_parser("hash-password", help="print a scrypt entry for an agents file (password from stdin)")
     for sub in (serve, chat):
         sub.add_argument("--model", help="local checkpoint, GGUF file or hub id (default: built-in model)")
         sub.add_argument("--speculator", help="auto (default), ngram, a checkpoint folder, or none")
@@ -41,7 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="interface to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 7860)")
     serve.add_argument("--api-key", dest="api_keys", action="append", help="key for /v1 (repeatable)")
-    serve.add_argument("--agents-file", type=Path, help="'name:password' lines; enables the login screen")
+    serve.add_argument("--agents-file", type=Path, help="'name:<entry>' lines; enables the login screen")
+    serve.add_argument(
+        "--metrics-key-required", action="store_true", default=None,
+        help="/metrics needs an API key too (always so when logins are on)",
+    )  # fmt: skip
     chat.add_argument("--persona", default="general", help="persona key (see prompts/personas)")
     chat.add_argument("--customer", default="", help="the customer's name, for the system prompt")
     return parser
@@ -61,15 +69,19 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None 
         temperature=args.temperature, enforce_eager=args.enforce_eager,
         host=getattr(args, "host", None),
         port=getattr(args, "port", None), api_keys=tuple(api_keys) if api_keys else None,
-        agents=agents or None,
+        metrics_key_required=getattr(args, "metrics_key_required", None), agents=agents or None,
     )  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `specdesk` console script and of `python -m app`."""
     args = build_parser().parse_args(argv)
+    if args.command == "hash-password":
+        return run_hash_password()
     try:
         settings = settings_from_args(args)
+        if args.command == "serve":
+            settings.check_serving()  # before minutes of model loading
     except ValueError as exc:
         print(f"specdesk: {exc}", file=sys.stderr)
         return 2
@@ -79,6 +91,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         serve(settings)
         return 0
     return run_chat(settings, args.persona, args.customer)
+
+
+def run_hash_password(stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -> int:
+    """Print `scrypt:...` for a password typed at a prompt (twice) or piped in (first line)."""
+    if stdin.isatty():
+        password = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != password:
+            print("specdesk: the passwords differ", file=sys.stderr)
+            return 2
+    else:
+        password = stdin.readline().rstrip("\r\n")
+    try:
+        print(hash_password(password), file=out)
+    except ValueError as exc:
+        print(f"specdesk: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 _HELP = "Commands: /new  /retry  /persona KEY  /personas  /macro KEY  /macros  /quit   (Ctrl-C stops a reply)"

@@ -17,12 +17,13 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from fastapi import FastAPI
-from fastapi.responses import Response
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from specdesk.app.auth import ApiKeys
 from specdesk.engine.outputs import StreamDelta
 
 if TYPE_CHECKING:
@@ -37,16 +38,24 @@ ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 60.0, 120.0, 240.0, 480.0)
 
 
-def mount_metrics(app: FastAPI, llm: LLM) -> None:
+def mount_metrics(app: FastAPI, llm: LLM, api_keys: list[str] | None = None) -> None:
     """Serve Prometheus text format for `llm` at `GET /metrics` on `app` (plain FastAPI or Gradio's).
 
-    Each call gets its own registry, so mounting twice (tests, several apps) never collides.
+    `api_keys`: None leaves /metrics open; otherwise a scrape needs `Authorization: Bearer <one of them>`
+    (Prometheus: `authorization: {credentials: ...}` in the scrape config). Each call gets its own
+    registry, so mounting twice (tests, several apps) never collides.
     """
+    if api_keys is not None and not any(api_keys):
+        raise ValueError("mount_metrics: api_keys is empty; pass None for an open /metrics")
+    keys = ApiKeys(api_keys) if api_keys is not None else None
     registry = CollectorRegistry(auto_describe=True)
     metrics = EngineMetrics(llm, registry)
     llm.add_listener(metrics.on_delta)
 
-    async def scrape() -> Response:
+    async def scrape(request: Request) -> Response:
+        if keys is not None and keys.tenant(request.headers.get("authorization")) is None:
+            error = {"message": "Incorrect API key provided.", "type": "invalid_request_error", "param": None}
+            return JSONResponse({"error": {**error, "code": "invalid_api_key"}}, status_code=401)
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     app.add_api_route("/metrics", scrape, methods=["GET"], include_in_schema=False)
@@ -57,7 +66,7 @@ class EngineMetrics(Collector):
 
     def __init__(self, llm: LLM, registry: CollectorRegistry) -> None:
         self.llm = llm
-        self.model_name = llm.loaded.name
+        self.model_name = llm.model_name
         labels = ["model_name"]
 
         def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:

@@ -4,44 +4,58 @@ Nothing here runs at import time: `Settings.from_env()` reads the environment wh
 
 Environment variables (all optional; CLI flags win):
 
-    SPECDESK_MODEL, SPECDESK_SPECULATOR, SPECDESK_DB, SPECDESK_DATA_DIR, SPECDESK_HOST, SPECDESK_PORT,
-    SPECDESK_API_KEYS (comma separated), SPECDESK_AGENTS ("alice:pw,bob:sha256:<hex>"),
-    SPECDESK_AGENTS_FILE (one "name:password" or "name:sha256:<hex>" per line), SPECDESK_MAX_TOKENS,
-    SPECDESK_TEMPERATURE, SPECDESK_TOP_P, SPECDESK_COMPANY, SPECDESK_AGENT_NAME, SPECDESK_DEVICE,
-    SPECDESK_DTYPE
+    SPECDESK_MODEL, SPECDESK_SPECULATOR, SPECDESK_DEVICE, SPECDESK_DTYPE, SPECDESK_QUANTIZATION (the
+    engine's: see `EngineConfig`; "none", "off" or "" turn speculation or quantization off),
+    SPECDESK_DB, SPECDESK_DATA_DIR, SPECDESK_HOST, SPECDESK_PORT,
+    SPECDESK_API_KEYS (comma separated; required for `serve` when logins are on),
+    SPECDESK_METRICS_KEY_REQUIRED (1/true: /metrics needs an API key too; always so with logins on),
+    SPECDESK_AGENTS ("alice:<entry>,bob:<entry>"), SPECDESK_AGENTS_FILE (one "name:<entry>" per line),
+    where an entry is a `specdesk hash-password` line ("scrypt:..."), or, accepted with a warning, a plain
+    password or "sha256:<hex>",
+    SPECDESK_MAX_TOKENS, SPECDESK_TEMPERATURE, SPECDESK_TOP_P, SPECDESK_COMPANY, SPECDESK_AGENT_NAME
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from specdesk.app.auth import check_password_entry, is_weak_entry, verify_password
+from specdesk.engine.config import EngineConfig  # plain dataclass: no torch
+
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
-_SHA256_PREFIX = "sha256:"
+ENGINE_FIELDS = frozenset(f.name for f in fields(EngineConfig))
+_OFF_WORDS = ("", "none", "off")
+
+
+def none_if_off(raw: str | None) -> str | None:
+    """The one reading of "none", "off" and "" (any case, spaces around): None; anything else stripped."""
+    if raw is None or raw.strip().lower() in _OFF_WORDS:
+        return None
+    return raw.strip()
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything the console needs to start. `model=None` means the engine's built-in default model,
-    `speculator=None` the engine's default speculator ("none" turns speculation off).
+    """Everything the console needs to start. `engine` is the engine's own frozen config, validated
+    when the settings are built, so a bad dtype or device fails before any model loads.
 
-    `agents` maps a login name to a password, either plain or as "sha256:<hex digest>"; empty means no
-    login screen (fine on a laptop, not on a shared host).
+    `agents` maps a login name to a password entry (see app/auth.py); empty means no login screen
+    (fine on a laptop, not on a shared host). `api_keys` guard /v1, and /metrics when
+    `metrics_key_required` or logins are on.
     """
 
-    model: str | None = None
-    speculator: str | None = None
+    engine: EngineConfig = field(default_factory=EngineConfig)
     db_url: str | None = None
     data_dir: Path = field(default_factory=lambda: Path.home() / ".local" / "share" / "specdesk")
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     api_keys: tuple[str, ...] = ()
+    metrics_key_required: bool = False
     agents: Mapping[str, str] = field(default_factory=dict)
     company: str = "Northwind"  # fills {company} in the system prompts and macros
     agent_name: str = "Alex"  # the name the drafted replies sign with
@@ -50,11 +64,6 @@ class Settings:
     # keeps the sampled distribution unchanged (rejection sampling), so it stays on.
     temperature: float = 0.7
     top_p: float = 0.9
-    device: str = "auto"
-    dtype: str = "auto"
-    quantization: str | None = None  # "int4": the layers' weights in 4 bits on CPU (EngineConfig.quantization)
-    enforce_eager: bool = False  # no CUDA graphs (EngineConfig.enforce_eager)
-    engine_kwargs: Mapping[str, Any] = field(default_factory=dict)  # extra EngineConfig fields (tests)
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -68,6 +77,10 @@ class Settings:
         for name, secret in self.agents.items():
             if not name or ":" in name or not secret:
                 raise ValueError(f"agent entries need a name without ':' and a password, got {name!r}")
+            try:
+                check_password_entry(secret)
+            except ValueError as exc:
+                raise ValueError(f"agent {name!r}: {exc}") from None
 
     @property
     def database_url(self) -> str:
@@ -78,35 +91,37 @@ class Settings:
     def auth_required(self) -> bool:
         return bool(self.agents)
 
+    @property
+    def metrics_need_key(self) -> bool:
+        """/metrics shows load and usage: open only on a console without logins, unless asked."""
+        return self.metrics_key_required or self.auth_required
+
+    @property
+    def weak_password_agents(self) -> list[str]:
+        """Agents whose entry is a plain password or an unsalted sha256 (warned about at start)."""
+        return sorted(name for name, entry in self.agents.items() if is_weak_entry(entry))
+
+    def check_serving(self) -> None:
+        """ValueError when serving these settings would leave a door open: /v1 (or /metrics) without a
+        key on a console whose UI needs a login."""
+        if self.auth_required and not self.api_keys:
+            raise ValueError(
+                "logins are on (SPECDESK_AGENTS / --agents-file) but /v1 has no API key: the API would be "
+                "open to anyone who can reach the console. Set SPECDESK_API_KEYS or pass --api-key."
+            )
+        if self.metrics_key_required and not self.api_keys:
+            raise ValueError("--metrics-key-required needs an API key: set SPECDESK_API_KEYS or pass --api-key")
+
     def check_login(self, username: str, password: str) -> bool:
-        """Gradio's auth callback: constant-time comparison against a plain or sha256 password."""
-        expected = self.agents.get(username)
-        if expected is None:
-            return False
-        if expected.startswith(_SHA256_PREFIX):
-            digest = hashlib.sha256(password.encode("utf-8")).hexdigest()
-            return hmac.compare_digest(digest, expected[len(_SHA256_PREFIX) :].lower())
-        return hmac.compare_digest(password.encode("utf-8"), expected.encode("utf-8"))
-
-    def engine_config(self) -> dict[str, Any]:
-        """Keyword arguments for `engine.LLM` (besides the model).
-
-        `speculator=None` keeps the engine's own default; "none" or "off" turns speculation off.
-        """
-        kwargs: dict[str, Any] = {"device": self.device, "dtype": self.dtype}
-        if self.quantization is not None and self.quantization.strip().lower() not in ("", "none", "off"):
-            kwargs["quantization"] = self.quantization
-        if self.enforce_eager:
-            kwargs["enforce_eager"] = True
-        if self.speculator is not None:
-            off = self.speculator.strip().lower() in ("none", "off")
-            kwargs["speculator"] = None if off else self.speculator
-        kwargs.update(self.engine_kwargs)
-        return kwargs
+        """True when `password` matches `username`'s entry (constant time for its kind; slow for scrypt)."""
+        return verify_password(password, self.agents.get(username))
 
     def with_overrides(self, **overrides: Any) -> Settings:
-        """A copy with the non-None overrides applied (CLI flags over environment)."""
-        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+        """A copy with the non-None overrides applied (CLI flags over environment). Engine fields
+        (model, speculator, device, dtype, quantization, enforce_eager, ...) go into `engine`."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        engine = {k: _engine_value(k, given.pop(k)) for k in list(given) if k in ENGINE_FIELDS}
+        return replace(self, engine=replace(self.engine, **engine), **given) if engine else replace(self, **given)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -126,7 +141,21 @@ class Settings:
             agents.update(load_agents_file(Path(agents_file)))
         if agents:
             values["agents"] = agents
-        return cls(**values)
+        engine = {k: values.pop(k) for k in list(values) if k in ENGINE_FIELDS}
+        settings = cls(**values)
+        try:
+            return settings.with_overrides(**engine)
+        except ValueError as exc:  # EngineConfig's own check, e.g. an unknown dtype
+            raise ValueError(f"{', '.join(f'SPECDESK_{k.upper()}' for k in engine)}: {exc}") from None
+
+
+def _engine_value(name: str, value: Any) -> Any:
+    # "none"/"off" spell "no speculator"/"no quantization"; the model name is taken as given.
+    if name in ("speculator", "quantization") and isinstance(value, str):
+        return none_if_off(value)
+    if isinstance(value, str):
+        return value.strip()
+    return value
 
 
 def parse_agents(text: str) -> dict[str, str]:
@@ -144,7 +173,7 @@ def parse_agents(text: str) -> dict[str, str]:
 
 
 def load_agents_file(path: Path) -> dict[str, str]:
-    """Agents from a settings file: one "name:password" or "name:sha256:<hex>" per line."""
+    """Agents from a settings file: one "name:<entry>" per line (see app/auth.py for the entries)."""
     try:
         return parse_agents(path.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -162,20 +191,29 @@ def _positive_int(raw: str) -> int:
     return value
 
 
+def _flag(raw: str) -> bool:
+    word = raw.strip().lower()
+    if word not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise ValueError("must be 1/true/yes/on or 0/false/no/off")
+    return word in ("1", "true", "yes", "on")
+
+
+# An empty variable counts as unset. Engine fields are checked by EngineConfig when the settings are built.
 _ENV_FIELDS: tuple[tuple[str, str, Any], ...] = (
     ("SPECDESK_MODEL", "model", str),
     ("SPECDESK_SPECULATOR", "speculator", str),
+    ("SPECDESK_DEVICE", "device", str),
+    ("SPECDESK_DTYPE", "dtype", str),
+    ("SPECDESK_QUANTIZATION", "quantization", str),
     ("SPECDESK_DB", "db_url", str),
     ("SPECDESK_DATA_DIR", "data_dir", lambda raw: Path(raw).expanduser()),
     ("SPECDESK_HOST", "host", str),
     ("SPECDESK_PORT", "port", _positive_int),
     ("SPECDESK_API_KEYS", "api_keys", _api_keys),
+    ("SPECDESK_METRICS_KEY_REQUIRED", "metrics_key_required", _flag),
     ("SPECDESK_MAX_TOKENS", "max_tokens", _positive_int),
     ("SPECDESK_TEMPERATURE", "temperature", float),
     ("SPECDESK_TOP_P", "top_p", float),
     ("SPECDESK_COMPANY", "company", str),
     ("SPECDESK_AGENT_NAME", "agent_name", str),
-    ("SPECDESK_DEVICE", "device", str),
-    ("SPECDESK_DTYPE", "dtype", str),
-    ("SPECDESK_QUANTIZATION", "quantization", str),
 )

@@ -87,8 +87,12 @@ def compare(
     variables: prompts.PromptVariables | None = None,
     max_tokens: int = 128,
     warm_prefix: bool = True,
+    cache_salt: str | None = None,
 ) -> Iterator[Comparison]:
     """Stream both answers to `text` (greedy, so both sides must produce the same tokens).
+
+    `cache_salt` is the caller's prefix-cache tenant (the console passes the signed-in agent's,
+    `auth.console_cache_salt`): the right side shares pages only within it.
 
     Raises ValueError for an empty message or one too long for the context; closing the iterator
     aborts whatever is still running.
@@ -100,9 +104,9 @@ def compare(
     base = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     if warm_prefix:
         system_only = llm.apply_chat_template(messages[:1])
-        for _ in llm.stream(system_only, replace(base, max_tokens=1, speculate=False)):
+        for _ in llm.stream(system_only, replace(base, max_tokens=1, speculate=False), cache_salt):
             pass
-    right_id = llm.submit(ids, replace(base, speculate=True))
+    right_id = llm.submit(ids, replace(base, speculate=True), cache_salt)
     left_id = llm.submit(ids, replace(base, speculate=False), cache_salt=f"side-by-side-{uuid.uuid4().hex}")
     return _stream(llm, {left_id: LEFT, right_id: RIGHT})
 

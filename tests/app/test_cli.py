@@ -12,6 +12,7 @@ import pytest
 from specdesk.app.cli import build_parser, main, run_chat
 from specdesk.app.settings import Settings
 from specdesk.db import ChatRepository, Role, make_engine
+from specdesk.engine.config import EngineConfig
 from tests.app.console_fixtures import CONTEXT_TOKENS
 from tests.tiny_models import make_tiny_model
 
@@ -40,7 +41,8 @@ def test_help_and_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
 def test_terminal_chat_streams_and_stores(tmp_path: Path) -> None:
     model = make_tiny_model("llama", tmp_path, max_position_embeddings=CONTEXT_TOKENS)
     db_url = f"sqlite:///{tmp_path / 'chat.db'}"
-    settings = Settings(model=str(model), db_url=db_url, device="cpu", dtype="float32", max_tokens=12, temperature=0.0)
+    engine = EngineConfig(model=str(model), device="cpu", dtype="float32")
+    settings = Settings(engine=engine, db_url=db_url, max_tokens=12, temperature=0.0)
     typed = "/personas\nHello, where is my order?\n/macro greeting\n/macro nope\n/retry\n/quit\n"
     out = io.StringIO()
     assert run_chat(settings, "retail", "Dana", stdin=io.StringIO(typed), out=out) == 0

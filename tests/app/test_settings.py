@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 
 from specdesk.app.cli import build_parser, settings_from_args
-from specdesk.app.settings import Settings, load_agents_file
+from specdesk.app.settings import Settings, load_agents_file, none_if_off
+from specdesk.engine.config import EngineConfig
 
 
 def test_defaults_use_a_sqlite_file_in_the_data_dir(tmp_path: Path) -> None:
     settings = Settings.from_env({"SPECDESK_DATA_DIR": str(tmp_path)})
     assert settings.database_url == f"sqlite:///{tmp_path / 'specdesk.db'}"
-    assert settings.model is None and not settings.auth_required
+    assert settings.engine == EngineConfig() and not settings.auth_required
     assert settings.host == "127.0.0.1" and settings.port == 7860
 
 
@@ -56,7 +57,7 @@ def test_cli_flags_override_environment(tmp_path: Path, monkeypatch: pytest.Monk
     flags = ["serve", "--port", "8123", "--db", "sqlite:///y.db", "--api-key", "a", "--api-key", "b"]
     args = build_parser().parse_args([*flags, "--agents-file", str(agents)])
     settings = settings_from_args(args)
-    assert settings.port == 8123 and settings.model == "from-env" and settings.db_url == "sqlite:///y.db"
+    assert settings.port == 8123 and settings.engine.model == "from-env" and settings.db_url == "sqlite:///y.db"
     assert settings.api_keys == ("a", "b") and settings.check_login("alice", "pw")
 
 
@@ -68,19 +69,40 @@ def test_invalid_values_are_rejected() -> None:
 
 
 def test_speculator_default_is_the_engines() -> None:
-    assert "speculator" not in Settings().engine_config()
-    assert Settings(speculator="none").engine_config()["speculator"] is None
-    assert Settings(speculator="ngram").engine_config()["speculator"] == "ngram"
+    assert Settings().engine.speculator == EngineConfig().speculator == "auto"
+    for off in ("none", "OFF", " none "):
+        assert Settings.from_env({"SPECDESK_SPECULATOR": off}).engine.speculator is None
+        assert (
+            settings_from_args(build_parser().parse_args(["serve", "--speculator", off]), {}).engine.speculator is None
+        )
+    assert Settings.from_env({"SPECDESK_SPECULATOR": ""}).engine.speculator == "auto"  # empty = unset
+    assert Settings.from_env({"SPECDESK_SPECULATOR": "ngram"}).engine.speculator == "ngram"
 
 
 def test_quantization_flag_reaches_the_engine_config() -> None:
-    assert "quantization" not in Settings().engine_config()
+    assert Settings().engine.quantization is None
     args = build_parser().parse_args(["serve", "--quantization", "int4"])
-    assert settings_from_args(args, {}).engine_config()["quantization"] == "int4"
-    assert Settings.from_env({"SPECDESK_QUANTIZATION": "int4"}).quantization == "int4"
+    assert settings_from_args(args, {}).engine.quantization == "int4"
+    assert Settings.from_env({"SPECDESK_QUANTIZATION": "int4"}).engine.quantization == "int4"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--quantization", "int8"])
-    assert "quantization" not in Settings(quantization="none").engine_config()
-    assert "enforce_eager" not in settings_from_args(build_parser().parse_args(["serve"]), {}).engine_config()
+    assert Settings.from_env({"SPECDESK_QUANTIZATION": "none"}).engine.quantization is None
+    assert settings_from_args(build_parser().parse_args(["serve"]), {}).engine.enforce_eager is False
     args = build_parser().parse_args(["chat", "--enforce-eager"])
-    assert settings_from_args(args, {}).engine_config()["enforce_eager"] is True
+    assert settings_from_args(args, {}).engine.enforce_eager is True
+
+
+def test_settings_hold_one_engine_config() -> None:
+    env = {"SPECDESK_MODEL": "m", "SPECDESK_DEVICE": "cpu", "SPECDESK_DTYPE": "float32"}
+    settings = Settings.from_env(env)
+    assert settings.engine == EngineConfig(model="m", device="cpu", dtype="float32")
+    # EngineConfig's own validation runs when the settings are built, naming the variable.
+    with pytest.raises(ValueError, match=r"SPECDESK_DTYPE.*dtype must be"):
+        Settings.from_env({"SPECDESK_DTYPE": "float8"})
+    flags = build_parser().parse_args(["serve", "--device", "cpu", "--model", "x"])
+    assert settings_from_args(flags, env).engine == EngineConfig(model="x", device="cpu", dtype="float32")
+
+
+def test_one_reading_of_off() -> None:
+    assert [none_if_off(w) for w in (None, "", "  ", "none", "None", "off", " OFF ")] == [None] * 7
+    assert none_if_off(" int4 ") == "int4"
