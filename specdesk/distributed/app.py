@@ -44,22 +44,24 @@ class ClusterConfig:
 
 def engine_deployment(settings: Settings, cluster: ClusterConfig) -> Any:
     """The engine deployment, bound to its `EngineConfig`: one `LLM` per replica, at most a batch in flight."""
-    router = (
-        RequestRouterConfig(request_router_class="ray.serve.experimental.round_robin_router.RoundRobinRouter")
+    router: dict[str, Any] = (
+        {"request_router_class": "ray.serve.experimental.round_robin_router.RoundRobinRouter"}
         if cluster.round_robin
-        else RequestRouterConfig(request_router_class=AffinityRouter, request_router_kwargs={"load_factor": cluster.load_factor})
+        else {"request_router_class": AffinityRouter, "request_router_kwargs": {"load_factor": cluster.load_factor}}
     )
     actor_options: dict[str, Any] = {"num_cpus": cluster.num_cpus_per_replica}
     if cluster.num_gpus_per_replica:
         actor_options["num_gpus"] = cluster.num_gpus_per_replica
-    deployment = serve.deployment(EngineReplica).options(
+    deployment: Any = serve.deployment(EngineReplica)
+    deployment = deployment.options(
         name="EngineReplica",
         num_replicas=cluster.num_replicas,
         max_ongoing_requests=settings.engine.max_num_seqs,
-        # Queued requests wait in the replica's engine, not in Ray: prompts there are already rendered.
+        # Requests past every replica's batch wait in the caller's router (unbounded), not in an engine's
+        # queue: there they still go to whichever replica frees a slot first when affinity allows.
         max_queued_requests=-1,
         ray_actor_options=actor_options,
-        request_router_config=router,
+        request_router_config=RequestRouterConfig(**router),
         health_check_period_s=10,
         health_check_timeout_s=30,
     )
@@ -69,10 +71,11 @@ def engine_deployment(settings: Settings, cluster: ClusterConfig) -> Any:
 def build_app(settings: Settings, cluster: ClusterConfig | None = None) -> Any:
     """The whole application: `Frontend` (ingress) bound to the engine deployment."""
     cluster = cluster or ClusterConfig()
-    frontend = serve.deployment(Frontend).options(
-        name="Frontend", num_replicas=cluster.num_frontends, ray_actor_options={"num_cpus": 0}
+    frontend: Any = serve.deployment(Frontend)
+    frontend = frontend.options(name="Frontend", num_replicas=cluster.num_frontends, ray_actor_options={"num_cpus": 0})
+    return frontend.bind(
+        engine_deployment(settings, cluster), settings, cluster.num_replicas, cluster.num_frontends == 1
     )
-    return frontend.bind(engine_deployment(settings, cluster), settings, cluster.num_replicas, cluster.num_frontends == 1)
 
 
 def app_builder(args: dict[str, str]) -> Any:
@@ -85,7 +88,9 @@ def app_builder(args: dict[str, str]) -> Any:
     values: dict[str, Any] = {}
     for name, text in args.items():
         kind = fields[name]
-        values[name] = text.lower() in ("1", "true", "yes") if kind in (bool, "bool") else (
-            int(text) if kind in (int, "int") else float(text)
+        values[name] = (
+            text.lower() in ("1", "true", "yes")
+            if kind in (bool, "bool")
+            else (int(text) if kind in (int, "int") else float(text))
         )
     return build_app(Settings.from_env(), ClusterConfig(**values))

@@ -33,7 +33,7 @@ MAX_ROUTED_BODY_BYTES = 1 << 20
 class Frontend:
     """One front-end replica: a `ChatService` on a `RemoteLLM` and the repository of `settings`."""
 
-    async def __init__(self, engine: Any, settings: Settings, num_engine_replicas: int, fail_pending: bool) -> None:
+    async def __init__(self, engine: Any, settings: Settings, num_engine_replicas: int, fail_pending: bool) -> None:  # type: ignore[misc]  # Ray Serve awaits an async constructor
         self.settings = settings
         self.llm = await RemoteLLM.connect(engine, num_replicas=num_engine_replicas)
         repository = ChatRepository(make_engine(settings.database_url))

@@ -25,8 +25,8 @@ from typing import Any
 from specdesk.distributed import affinity
 from specdesk.distributed.replica import ReplicaDelta, ReplicaInfo
 from specdesk.distributed.stats import sum_stats
-from specdesk.engine.llm_engine import EngineStats
 from specdesk.engine.detokenizer import IncrementalDetokenizer
+from specdesk.engine.llm_engine import EngineStats
 from specdesk.engine.outputs import FinishReason, RequestMetrics, RequestOutput, StreamDelta
 from specdesk.engine.sampling_params import SamplingParams
 
@@ -111,7 +111,9 @@ class RemoteLLM:
     def _facts(self) -> _EngineFacts:
         i = self.info
         # Every replica batches max_num_seqs requests: the front end may keep all of them busy.
-        return _EngineFacts(i.model_name, i.dtype_name, i.max_model_len, i.max_num_seqs * self._num_replicas, i.speculator)
+        return _EngineFacts(
+            i.model_name, i.dtype_name, i.max_model_len, i.max_num_seqs * self._num_replicas, i.speculator
+        )
 
     # ---- prompts (rendered here; identical to LLM.encode / LLM.apply_chat_template) ----------------
     def encode(self, prompt: Prompt) -> list[int]:
@@ -120,7 +122,7 @@ class RemoteLLM:
                 raise ValueError("prompt is empty: give some text")
             return list(self.tokenizer.encode(prompt))
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
-            return self.apply_chat_template(prompt)  # type: ignore[arg-type]
+            return self.apply_chat_template(prompt)
         if isinstance(prompt, list | tuple) and all(isinstance(t, int) for t in prompt):
             return [int(t) for t in prompt]  # type: ignore[arg-type]
         raise ValueError(f"a prompt is a string, a list of token ids or a list of chat messages, got {prompt!r:.80}")

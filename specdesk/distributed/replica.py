@@ -54,7 +54,7 @@ class EngineReplica:
         context = serve.get_replica_context()
         self.name = context.replica_id.unique_id
         rank = getattr(context, "rank", None)
-        self.rank: int | None = getattr(rank, "rank", rank)  # type: ignore[arg-type]
+        self.rank: int | None = getattr(rank, "rank", rank)
 
     def info(self) -> ReplicaInfo:
         config = self.llm.config

@@ -79,9 +79,7 @@ def test_a_replica_dying_mid_reply(llm: Any) -> None:
     # go there and the survivor's stay.
     def replaced() -> bool:
         now = placement(llm, 8)
-        return all(
-            now[i] == survivor if before[i] == survivor else now[i] not in (dead, survivor) for i in before
-        )
+        return all(now[i] == survivor if before[i] == survivor else now[i] not in (dead, survivor) for i in before)
 
     wait_for(replaced, 120, "the replacement replica to take the dead replica's conversations")
 
