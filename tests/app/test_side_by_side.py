@@ -56,3 +56,13 @@ def test_first_difference_finds_where_the_sides_part() -> None:
     assert Comparison(left, SideState(RIGHT, token_ids=(1, 2), is_finished=True)).first_difference == 2
     same = Comparison(left, SideState(RIGHT, token_ids=(1, 2, 3, 4), is_finished=True))
     assert same.first_difference is None and same.texts_match is True
+
+
+def test_the_cached_side_shares_only_within_its_tenant(llm: LLM) -> None:
+    """The console passes the agent's cache salt: the right side reuses that agent's pages, never another's."""
+    text = "My tenant test parcel 31337 is late"
+    first = list(compare(llm, text, max_tokens=4, cache_salt="console:tenant-a"))[-1]
+    assert first.right.num_cached_tokens > 0.8 * first.right.num_prompt_tokens  # warmed within tenant a
+    other = list(compare(llm, text, max_tokens=4, warm_prefix=False, cache_salt="console:tenant-b"))[-1]
+    assert other.right.num_cached_tokens == 0  # tenant a's pages (same prompt) are not tenant b's
+    wait_engine_idle(llm)
