@@ -30,9 +30,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from specdesk import prompts
+from specdesk.app.auth import console_cache_salt
 from specdesk.app.settings import Settings
 from specdesk.app.turns import TurnProgress, TurnState, TurnUpdate, final_state, metrics_dict
 from specdesk.db import ChatRepository, ConversationRecord, MessageRecord, NotFoundError, Role
+from specdesk.distributed.affinity import routing_scope
 from specdesk.engine import SamplingParams
 
 if TYPE_CHECKING:
@@ -215,9 +217,13 @@ class ChatService:
         self.repository.fail_pending_messages(conversation_id=conversation_id)
         progress.reply_id = self.repository.start_assistant_message(conversation_id).id
         try:
-            plan = self.plan_prompt(self.repository.get_conversation(conversation_id), params)
+            conversation = self.repository.get_conversation(conversation_id)
+            plan = self.plan_prompt(conversation, params)
             progress.num_dropped_messages = plan.num_dropped_messages
-            request_id = self.llm.submit(plan.token_ids, params)
+            # Each agent is a cache tenant of their own (cached pages never reveal another agent's
+            # prompts); on a cluster every turn of a conversation goes to the replica holding its pages.
+            with routing_scope(f"conversation:{conversation_id}"):
+                request_id = self.llm.submit(plan.token_ids, params, cache_salt=console_cache_salt(conversation.agent))
         except ValueError as exc:  # too long, bad parameters: this turn fails, nothing else does
             return progress.update(TurnState.ERROR, error=str(exc))
         with self._lock:
@@ -230,6 +236,7 @@ class ChatService:
         for delta in progress.deltas:
             progress.parts.append(delta.text)
             progress.num_tokens += len(delta.token_ids)
+            progress.notice = getattr(delta, "notice", None) or progress.notice  # a replica failover's note
             if not delta.finished:
                 self._checkpoint(progress)
                 yield progress.update(TurnState.STREAMING, delta.text)

@@ -50,6 +50,7 @@ class TurnUpdate:
     num_dropped_messages: int = 0  # oldest history messages left out to fit the context window
     metrics: dict[str, Any] = field(default_factory=dict)  # final update only
     error: str | None = None
+    notice: str | None = None  # something the agent should know that did not fail the turn (a failover)
 
 
 @dataclass
@@ -65,6 +66,7 @@ class TurnProgress:
     deltas: Iterator[StreamDelta] | None = None  # the engine stream, once submitted
     checkpointed_at: float = 0.0  # perf_counter of the last checkpoint of the streamed text
     checkpointed_text: str = ""
+    notice: str | None = None  # the engine's last word on how the reply was produced (e.g. a failover)
 
     @property
     def text(self) -> str:
@@ -76,7 +78,7 @@ class TurnProgress:
     def update(self, state: TurnState, delta: str = "", **extra: Any) -> TurnUpdate:
         return TurnUpdate(
             self.conversation_id, self.reply_id, state, self.text, delta, self.num_tokens, self.elapsed_s(),
-            self.num_dropped_messages, **extra,
+            self.num_dropped_messages, **{"notice": self.notice, **extra},
         )  # fmt: skip
 
 

@@ -15,6 +15,7 @@ import gradio as gr
 import pandas as pd
 
 from specdesk.app import side_by_side
+from specdesk.app.auth import console_cache_salt
 from specdesk.app.chat_service import ChatService
 from specdesk.app.side_by_side import LEFT, RIGHT, Comparison, SideState
 from specdesk.app.ui_console import GENERATION_GROUP
@@ -83,7 +84,7 @@ def build_side_by_side(service: ChatService) -> None:
 
     outputs = [left_stats, left_text, right_stats, right_text, verdict, chart]
 
-    def answer(message: str, persona_key: str, limit: float) -> Iterator[list[Any]]:
+    def answer(message: str, persona_key: str, limit: float, request: gr.Request) -> Iterator[list[Any]]:
         if not message.strip():
             gr.Warning("Type a customer message to compare.")
             return
@@ -94,6 +95,7 @@ def build_side_by_side(service: ChatService) -> None:
             stream = side_by_side.compare(
                 service.llm, message, persona=persona_key or "general", max_tokens=int(limit),
                 variables=service.prompt_variables(None),
+                cache_salt=console_cache_salt(getattr(request, "username", None)),  # the agent's cache tenant
             )  # fmt: skip
         except (ValueError, KeyError) as exc:
             gr.Warning(str(exc))

@@ -79,6 +79,8 @@ def status_line(update: TurnUpdate) -> str:
             f"ℹ️ {update.num_dropped_messages} oldest message(s) left out so the conversation fits the "
             "model's context window."
         )
+    if update.notice:
+        notes.append(f"ℹ️ {escape_customer_text(update.notice)}")
     m = update.metrics
     if update.state is TurnState.WAITING:
         head = "⏳ Waiting for the engine…"

@@ -104,3 +104,21 @@ def test_exports_are_deleted_at_shutdown(service: ChatService, actions: ConsoleA
     assert path.is_file()
     actions.exports.close()
     assert not actions.exports.root.exists()
+
+
+def _cached_tokens(service: ChatService, conversation_id: int, text: str, agent: str) -> int:
+    updates = list(service.send(conversation_id, text, agent=agent))
+    return int(updates[-1].metrics.get("num_cached_tokens") or 0)
+
+
+def test_each_agent_is_a_prefix_cache_tenant_of_their_own(service: ChatService) -> None:
+    # Same persona and customer text: without per-agent salts bob's first turn would reuse alice's pages,
+    # and the cached-token count would tell bob what alice's customer wrote.
+    service.llm.reset_prefix_cache()
+    text = "My parcel never arrived and the tracking page has said 'in transit' for nine days now."
+    first = service.new_conversation("retail", "Dana", agent="alice")
+    assert _cached_tokens(service, first.id, text, "alice") == 0
+    again = service.new_conversation("retail", "Dana", agent="alice")
+    assert _cached_tokens(service, again.id, text, "alice") > 0  # alice's own pages are reused
+    other = service.new_conversation("retail", "Dana", agent="bob")
+    assert _cached_tokens(service, other.id, text, "bob") == 0
