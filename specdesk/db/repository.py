@@ -174,6 +174,9 @@ class ChatRepository:
         if role is Role.USER and not content.strip():
             raise ValueError("a customer message cannot be empty")
         with self._write() as session:
+            # The next position is read, then written: writers to one conversation must take turns. SQLite's
+            # BEGIN IMMEDIATE already serializes them; elsewhere (PostgreSQL) the conversation's row lock does.
+            session.execute(select(Conversation.id).where(Conversation.id == conversation_id).with_for_update())
             conversation = _get_conversation(session, conversation_id, agent)
             last = session.scalar(select(func.max(Message.position)).where(Message.conversation_id == conversation_id))
             row = Message(

@@ -63,13 +63,8 @@ def test_repository_on_postgres(case: Callable[[ChatRepository], Any], pg_repo: 
     case(pg_repo)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="specdesk/db computes a message's position by read-then-write; on SQLite BEGIN IMMEDIATE "
-    "serializes writers, on PostgreSQL that option is ignored and two writers can pick the same position "
-    "(needs a row lock on the conversation, e.g. SELECT ... FOR UPDATE, or a retry on the unique violation)",
-)
 def test_concurrent_writers_get_distinct_positions(pg_repo: ChatRepository) -> None:
+    # Positions are read-then-written: on PostgreSQL the conversation's row lock makes writers take turns.
     conversation = pg_repo.create_conversation("busy")
     errors: list[BaseException] = []
 
