@@ -21,21 +21,19 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import gradio as gr
 from gradio import processing_utils
 
 from specdesk.app import views
 from specdesk.app.chat_service import ChatService
+from specdesk.app.console_view import ConsoleView
 from specdesk.app.safe_markdown import escape_customer_text
 from specdesk.app.turns import TurnState, TurnUpdate
 from specdesk.db import NotFoundError, Role
 from specdesk.db.export_files import ExportFiles
 from specdesk.db.repository import DEFAULT_TITLE
-
-if TYPE_CHECKING:
-    from specdesk.app.ui_console import ConsoleView
 
 Updates = dict[Any, Any]
 # Streaming updates to the browser at most this often: tokens arrive faster than anyone reads.

@@ -11,7 +11,6 @@ renames. Enter while a reply streams sends nothing and queues nothing, and a not
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
@@ -19,6 +18,7 @@ import gradio as gr
 from specdesk.app import views
 from specdesk.app.chat_service import ChatService
 from specdesk.app.console_actions import ConsoleActions
+from specdesk.app.console_view import ConsoleView
 
 GENERATION_GROUP = "specdesk-generation"
 ENTER_WHILE_DRAFTING = (
@@ -30,45 +30,6 @@ _NOTE_IF_DRAFTING_JS = f"""() => {{
   const stop = document.querySelector("#sd-stop");
   return stop !== null && stop.offsetParent !== null ? {json.dumps(ENTER_WHILE_DRAFTING)} : "";
 }}"""
-
-
-@dataclass
-class ConsoleView:
-    """Every component a handler reads or writes."""
-
-    conversation_id: gr.State
-    message_ids: gr.State
-    editing: gr.State
-    persona: gr.Dropdown
-    customer: gr.Textbox
-    new: gr.Button
-    search: gr.Textbox
-    conversations: gr.Radio
-    rename_text: gr.Textbox
-    rename: gr.Button
-    export_json: gr.Button
-    export_markdown: gr.Button
-    export_file: gr.File
-    delete: gr.Button
-    confirm_box: gr.Group
-    confirm_text: gr.Markdown
-    confirm_delete: gr.Button
-    cancel_delete: gr.Button
-    header: gr.Markdown
-    chatbot: gr.Chatbot
-    status: gr.Markdown
-    message: gr.Textbox
-    send: gr.Button
-    stop: gr.Button
-    retry: gr.Button
-    edit: gr.Button
-    cancel_edit: gr.Button
-    macro: gr.Dropdown
-    macro_text: gr.Textbox
-    macro_add: gr.Button
-    metrics: gr.HTML
-    turns_plot: gr.BarPlot
-    engine: gr.HTML
 
 
 def build_console(service: ChatService) -> ConsoleView:
