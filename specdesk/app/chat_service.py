@@ -1,6 +1,6 @@
 """The UI-free chat service: one conversation turn from the customer's text to a stored reply.
 
-A turn, in order (DESIGN.md, "One turn, as data"):
+A turn, in order (docs/design.md, "One turn, as data"):
 
 1. store the customer message and commit it — invariant 6: it is durable before generation starts;
 2. build the prompt: persona system prompt + history, oldest turns dropped to fit the context window;

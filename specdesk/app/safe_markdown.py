@@ -1,6 +1,6 @@
 """Text that is safe to hand to the chat's Markdown renderer.
 
-Two rules (REFERENCES.md, "Markdown images in chat can exfiltrate data"):
+Two rules (a Markdown image in a reply is a request to any host, so it can exfiltrate the conversation):
 
 * customer text is shown as typed: every Markdown and HTML construct in it is escaped;
 * model Markdown keeps its formatting (lists, bold, code, links to http/https/mailto) but loses raw
