@@ -8,7 +8,9 @@ for delta in llm.stream(messages, params): print(delta.text, end="")
 
 from __future__ import annotations
 
+import inspect
 import itertools
+import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -19,11 +21,16 @@ import torch
 from specdesk.engine.config import EngineConfig
 from specdesk.engine.llm_engine import EngineStats, LLMEngine
 from specdesk.engine.models.loader import load_model, resolve_device
-from specdesk.engine.outputs import RequestMetrics, RequestOutput, StreamDelta
+from specdesk.engine.outputs import FinishReason, RequestMetrics, RequestOutput, StreamDelta
 from specdesk.engine.sampling_params import SamplingParams
 from specdesk.kernels.ops import resolve_backend
 
 Prompt = str | list[int] | list[dict[str, Any]]
+
+log = logging.getLogger(__name__)
+# How often a caller blocked on a stream checks that the engine thread still lives (a last resort: the
+# thread finishes every open stream itself before it stops).
+_LIVENESS_POLL_S = 1.0
 
 
 class LLM:
@@ -45,6 +52,7 @@ class LLM:
         self._streams: dict[str, queue.Queue[StreamDelta]] = {}
         self._cv = threading.Condition()
         self._closed = False
+        self._error: str | None = None  # why the engine thread stopped serving, once it has
         self._ids = itertools.count()
         self._listeners: list[Callable[[StreamDelta], None]] = []
         self._thread = threading.Thread(target=self._loop, name="specdesk-engine", daemon=True)
@@ -66,13 +74,29 @@ class LLM:
     def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
         """Render messages with the model's chat template, ready for the assistant's reply.
 
-        The rendered text already carries any BOS the template wants, so no special tokens are added again.
+        Only the template's own control tokens (`<|im_start|>`, BOS, ...) become control token ids. Text
+        that merely spells one inside a message is encoded as ordinary text: otherwise a customer could
+        close their turn and open a system turn by typing its markers. The rendered text already carries
+        any BOS the template wants, so no special tokens are added again.
         """
         for m in messages:
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise ValueError(f"each message needs 'role' and 'content', got {m!r}")
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise ValueError(f"model {self.loaded.name} has no chat template; pass a plain prompt instead")
+        if "sanitize_control_tokens" in inspect.signature(self.tokenizer.apply_chat_template).parameters:
+            # transformers marks control-token text in the messages before rendering, then encodes the
+            # marked spans as plain text; a conversation without any encodes exactly as plain rendering.
+            encoded = self.tokenizer.apply_chat_template(
+                messages, tokenize=True, add_generation_prompt=True, sanitize_control_tokens=True
+            )
+            return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+        # An older transformers cannot keep such text apart from the template's markers: refuse it.
+        added = [t for t in getattr(self.tokenizer, "added_tokens_encoder", {}) if t.strip()]
+        for m in messages:
+            found = next((t for t in added if isinstance(m["content"], str) and t in m["content"]), None)
+            if found is not None:
+                raise ValueError(f"a {m['role']} message contains the control token {found!r}: remove it")
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
@@ -84,6 +108,8 @@ class LLM:
         self.engine.validate_prompt(ids)  # fail in the caller's thread, before anything is queued
         request_id = f"llm-{next(self._ids)}"
         with self._cv:
+            if self._error is not None:
+                raise RuntimeError(f"the engine has stopped serving: {self._error}")
             if self._closed:
                 raise RuntimeError("the engine is shut down")
             self._streams[request_id] = queue.Queue()
@@ -98,12 +124,15 @@ class LLM:
             self._cv.notify()
 
     def deltas(self, request_id: str) -> Iterator[StreamDelta]:
-        """The deltas of a submitted request until its final one. Closing the iterator early aborts it."""
+        """The deltas of a submitted request until its final one. Closing the iterator early aborts it.
+
+        Never blocks forever: should the engine thread stop serving, the stream ends with an error delta.
+        """
         q = self._streams[request_id]
         finished = False
         try:
             while not finished:
-                delta = q.get()
+                delta = self._next_delta(request_id, q)
                 finished = delta.finished
                 yield delta
         finally:
@@ -175,14 +204,17 @@ class LLM:
 
     @property
     def error(self) -> str | None:
-        """None while the engine thread serves; otherwise why it stopped (then every request fails)."""
-        if self._thread.is_alive() or self._closed:
-            return None
-        return "the engine thread has stopped"
+        """None while the engine serves (or after a clean shutdown); otherwise why it stopped serving.
+
+        Once set it stays: every open request has ended with this error and `submit` refuses new ones.
+        """
+        if self._error is None and not self._closed and not self._thread.is_alive():
+            return "the engine thread has stopped"
+        return self._error
 
     def add_listener(self, fn: Callable[[StreamDelta], None]) -> None:
         """Call fn(delta) for every delta of every request (metrics exporters). Runs on the engine
-        thread: it must be quick and must not raise."""
+        thread, so it must be quick. One that raises is logged and removed: it never stops serving."""
         self._listeners.append(fn)
 
     def reset_prefix_cache(self) -> None:
@@ -206,21 +238,67 @@ class LLM:
 
     # ---- the engine thread ------------------------------------------------------------------------
     def _loop(self) -> None:
+        """Serve until shutdown. Anything raised outside a step (handling an abort or a reset, delivering,
+        or failing a broken step's requests) leaves the engine in an unknown state: it stops serving, and
+        every open request ends with the reason instead of waiting forever."""
+        try:
+            while self._serve_once():
+                pass
+        except BaseException as exc:  # whatever it was, no caller may be left waiting
+            log.exception("the engine thread failed; every open request is ended with an error")
+            self._stop_serving(f"the engine thread failed: {type(exc).__name__}: {exc}", failed=True)
+            return
+        self._stop_serving("the engine was shut down", failed=False)
+
+    def _serve_once(self) -> bool:
+        """Handle the inbox and run one step; False once shut down."""
+        with self._cv:
+            while not self._inbox and not self.engine.has_work and not self._closed:
+                self._cv.wait()
+            if self._closed:
+                return False
+            inbox, self._inbox = self._inbox, []
+        for kind, arg in inbox:
+            self._handle(kind, arg)
+        try:
+            deltas = self.engine.step()
+        except Exception as exc:  # a bug must not hang every caller: fail the live requests, keep serving
+            deltas = self.engine.fail_all(f"engine step failed: {type(exc).__name__}: {exc}")
+        for delta in deltas:
+            self._deliver(delta)
+        return True
+
+    def _stop_serving(self, reason: str, failed: bool) -> None:
+        """End every open stream with `reason`; after a failure, refuse new requests from now on."""
+        with self._cv:
+            if failed:
+                self._error = reason
+            self._inbox = []
+            open_ids = list(self._streams)
+        finals: list[StreamDelta] = []
+        try:
+            finals = self.engine.fail_all(reason)  # frees their pages and keeps their metrics, if it can
+        except Exception:  # the engine is broken; the streams still get their final delta
+            log.exception("could not fail the engine's live requests cleanly")
+        ended = {d.request_id for d in finals}
+        finals += [_error_delta(rid, reason) for rid in open_ids if rid not in ended]
+        for delta in finals:
+            self._notify_listeners(delta)
+            q = self._streams.get(delta.request_id)
+            if q is not None:
+                q.put(delta)
+
+    def _next_delta(self, request_id: str, q: queue.Queue[StreamDelta]) -> StreamDelta:
         while True:
-            with self._cv:
-                while not self._inbox and not self.engine.has_work and not self._closed:
-                    self._cv.wait()
-                if self._closed:
-                    return
-                inbox, self._inbox = self._inbox, []
-            for kind, arg in inbox:
-                self._handle(kind, arg)
             try:
-                deltas = self.engine.step()
-            except Exception as exc:  # a bug must not hang every caller: fail the live requests, keep serving
-                deltas = self.engine.fail_all(f"engine step failed: {type(exc).__name__}: {exc}")
-            for delta in deltas:
-                self._deliver(delta)
+                return q.get(timeout=_LIVENESS_POLL_S)
+            except queue.Empty:
+                if self._thread.is_alive():
+                    continue
+            try:  # the thread is gone: take what it left, else end the stream here
+                return q.get_nowait()
+            except queue.Empty:
+                return _error_delta(request_id, self.error or "the engine was shut down")
 
     def _handle(self, kind: str, arg: Any) -> None:
         if kind == "add":
@@ -228,7 +306,7 @@ class LLM:
             try:
                 self.engine.add_request(ids, params, request_id, salt)
             except (ValueError, TypeError) as exc:
-                self._deliver(StreamDelta(request_id, "", [], True, None, None, str(exc)))
+                self._deliver(_error_delta(request_id, str(exc)))
         elif kind == "abort":
             delta = self.engine.abort(arg)
             if delta is not None:
@@ -239,11 +317,22 @@ class LLM:
             self.engine.forget_replies()
 
     def _deliver(self, delta: StreamDelta) -> None:
-        for fn in self._listeners:
-            fn(delta)
+        self._notify_listeners(delta)
         q = self._streams.get(delta.request_id)
         if q is not None:
             q.put(delta)
+
+    def _notify_listeners(self, delta: StreamDelta) -> None:
+        for fn in list(self._listeners):
+            try:
+                fn(delta)
+            except Exception:  # an observer's bug must not end anyone's request
+                log.exception("delta listener %r raised; it is removed", fn)
+                self._listeners.remove(fn)
+
+
+def _error_delta(request_id: str, error: str) -> StreamDelta:
+    return StreamDelta(request_id, "", [], True, FinishReason.ERROR, None, error)
 
 
 def _bad(prompt: object) -> list[int]:
