@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +34,41 @@ class AttentionMetadata:
     # plain causal rule there). None = plain causal.
     tree_mask: torch.Tensor | None = None
 
+    @classmethod
+    def build(
+        cls,
+        block_tables: Sequence[Sequence[int]],
+        seq_lens: Sequence[int],
+        query_lens: Sequence[int],
+        block_size: int,
+        device: torch.device | str = "cpu",
+        tree_mask: torch.Tensor | None = None,
+    ) -> AttentionMetadata:
+        """The metadata of one pass from plain lists, one entry per sequence.
+
+        Sequence i's query_lens[i] new tokens sit at positions seq_lens[i] - query_lens[i] .. seq_lens[i] - 1
+        and are written to those positions' slots in its pages (block_tables[i], enough pages for seq_lens[i]);
+        tables are padded with page 0 to the longest. This is the one place that turns a batch into slots.
+        """
+        assert len(block_tables) == len(seq_lens) == len(query_lens), (block_tables, seq_lens, query_lens)
+        slots: list[int] = []
+        for table, seq_len, query_len in zip(block_tables, seq_lens, query_lens, strict=True):
+            assert 0 <= query_len <= seq_len <= len(table) * block_size, (query_len, seq_len, len(table))
+            slots += slot_mapping(table, seq_len - query_len, seq_len, block_size)
+        width = max((len(t) for t in block_tables), default=1)
+        tables = [[*t, *[0] * (width - len(t))] for t in block_tables]
+        return cls(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=device).reshape(len(tables), width),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+            query_start_loc=torch.tensor(list(itertools.accumulate(query_lens, initial=0)), dtype=torch.int32,
+                                         device=device),
+            seq_lens_list=list(seq_lens),
+            query_lens_list=list(query_lens),
+            block_size=block_size,
+            tree_mask=tree_mask,
+        )  # fmt: skip
+
     @property
     def num_seqs(self) -> int:
         return len(self.seq_lens_list)
@@ -47,3 +84,8 @@ class AttentionMetadata:
     @property
     def is_decode_only(self) -> bool:
         return all(q == 1 for q in self.query_lens_list)
+
+
+def slot_mapping(block_table: Sequence[int], start: int, end: int, block_size: int) -> list[int]:
+    """Flat slots (page * block_size + offset) of positions start .. end - 1 of a sequence with these pages."""
+    return [block_table[p // block_size] * block_size + p % block_size for p in range(start, end)]

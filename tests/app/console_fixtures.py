@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 from specdesk.app.chat_service import ChatService
 from specdesk.app.settings import Settings
 from specdesk.db import ChatRepository, make_engine
 from specdesk.engine.llm import LLM
+from tests.helpers import wait_idle
 from tests.tiny_models import make_tiny_model
 
 # The personas' system prompts are long in the tiny tokenizer (~1.8k tokens): give the context room.
@@ -28,19 +27,5 @@ def make_service(llm: LLM, db_path: Path, **settings: object) -> ChatService:
     return ChatService(llm, repository, Settings(**{"temperature": 0.0, **settings}))  # type: ignore[arg-type]
 
 
-def wait_until(condition: Callable[[], bool], timeout_s: float = 15.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
-
-
-def wait_engine_idle(llm: LLM, timeout_s: float = 15.0) -> None:
-    """Nothing running or waiting, and every page free again (cached pages count as free)."""
-
-    def idle() -> bool:
-        s = llm.stats()
-        return s.num_running == 0 and s.num_waiting == 0 and s.num_free_blocks == s.num_blocks
-
-    wait_until(idle, timeout_s, f"the engine to go idle ({llm.stats()})")
+# The console tests' name for the shared wait (tests/helpers.py).
+wait_engine_idle = wait_idle

@@ -14,6 +14,7 @@ from fastapi import FastAPI
 
 from specdesk.engine.llm import LLM
 from specdesk.engine.outputs import StreamDelta
+from tests.helpers import wait_idle as wait_idle  # re-exported: the API and metrics tests import it here
 from tests.tiny_models import make_tiny_model
 
 NUM_BLOCKS = 96  # small pool: "every page is free again" is a meaningful check
@@ -67,14 +68,3 @@ class FinalDeltas:
                 return new
             time.sleep(0.01)
         raise AssertionError("no request finished in time")
-
-
-def wait_idle(llm: LLM, timeout_s: float = 10.0) -> None:
-    """Wait until nothing runs or waits and every page is free (cached pages count as free)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        s = llm.stats()
-        if s.num_running == 0 and s.num_waiting == 0 and s.num_free_blocks == s.num_blocks:
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"engine still busy: {llm.stats()}")

@@ -14,6 +14,7 @@ from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, Sys
 from specdesk.engine.llm import LLM
 from specdesk.engine.sampling_params import SamplingParams
 from specdesk.langchain import ChatSpecDesk, to_chat_dicts
+from tests.helpers import wait_idle
 from tests.tiny_models import make_tiny_model
 
 
@@ -28,13 +29,6 @@ def llm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LLM]:
 @pytest.fixture
 def chat(llm: LLM) -> ChatSpecDesk:
     return ChatSpecDesk(llm=llm, max_tokens=6)
-
-
-def wait_idle(llm: LLM) -> None:
-    deadline = time.monotonic() + 10
-    while (s := llm.stats()).num_running or s.num_waiting or s.num_free_blocks != s.num_blocks:
-        assert time.monotonic() < deadline, s
-        time.sleep(0.01)
 
 
 def test_invoke_matches_the_engine(chat: ChatSpecDesk, llm: LLM) -> None:

@@ -58,7 +58,6 @@ class PagedRunner:
         """Run new tokens of several sequences in one forward; returns each sequence's logits [q, vocab]."""
         input_ids: list[int] = []
         positions: list[int] = []
-        slots: list[int] = []
         seq_lens: list[int] = []
         query_lens: list[int] = []
         for seq_id, tokens in batch:
@@ -66,25 +65,13 @@ class PagedRunner:
             table = self.tables.setdefault(seq_id, [])
             while len(table) * BLOCK_SIZE < start + len(tokens):
                 table.append(self.free.pop())
-            for pos in range(start, start + len(tokens)):
-                slots.append(table[pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE)
             input_ids += tokens
             positions += range(start, start + len(tokens))
             self.lens[seq_id] = start + len(tokens)
             seq_lens.append(start + len(tokens))
             query_lens.append(len(tokens))
-        width = max(len(self.tables[s]) for s, _ in batch)
-        tables = [self.tables[s] + [0] * (width - len(self.tables[s])) for s, _ in batch]
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64),
-            block_tables=torch.tensor(tables, dtype=torch.int32),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-            query_start_loc=torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32),
-            seq_lens_list=seq_lens,
-            query_lens_list=query_lens,
-            block_size=BLOCK_SIZE,
-            tree_mask=tree_mask,
-        )
+        tables = [self.tables[s] for s, _ in batch]
+        meta = AttentionMetadata.build(tables, seq_lens, query_lens, BLOCK_SIZE, tree_mask=tree_mask)
         with torch.inference_mode():
             hidden = self.lm.model(torch.tensor(input_ids), torch.tensor(positions), self.kv_caches, meta)
             assert hidden.shape == (len(input_ids), self.lm.hidden_size)

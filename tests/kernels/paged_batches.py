@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from specdesk.engine.attention_metadata import slot_mapping
 from specdesk.kernels import reference
 
 
@@ -42,7 +43,7 @@ def make_batch(
     for i, seq_len in enumerate(seq_lens):
         pages = [free.pop() for _ in range(blocks_needed(seq_len, page_size))]
         block_tables[i, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
-        slots = torch.tensor([pages[p // page_size] * page_size + p % page_size for p in range(seq_len)])
+        slots = torch.tensor(slot_mapping(pages, 0, seq_len, page_size))
         kv = torch.randn(2, seq_len, num_kv_heads, head_dim, generator=gen).to(dtype)
         reference.write_kv(kv[0], kv[1], k_cache, v_cache, slots)
     num_tokens = sum(query_lens)

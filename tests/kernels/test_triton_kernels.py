@@ -42,6 +42,7 @@ except ImportError:
     _restore_interpret_env()
     pytest.skip("triton is not installed; the Triton kernels are untestable", allow_module_level=True)
 
+from specdesk.engine.attention_metadata import AttentionMetadata  # noqa: E402
 from specdesk.kernels import ops, reference, triton_attention, triton_kv  # noqa: E402
 from tests.kernels.paged_batches import make_batch  # noqa: E402
 
@@ -79,12 +80,10 @@ def _check_attention(batch: dict[str, Any], num_splits: int | None = None, pass_
     expected = reference.paged_attention(**{**batch, **clean})
     extra: dict[str, Any] = {}
     if pass_tensors:
-        device = query.device
-        starts = [0]
-        for q_len in batch["query_lens"]:
-            starts.append(starts[-1] + q_len)
-        extra["seq_lens_t"] = torch.tensor(batch["seq_lens"], dtype=torch.int32, device=device)
-        extra["query_start_loc"] = torch.tensor(starts, dtype=torch.int32, device=device)
+        # The tensors the model runner would pass (page 0 pads the tables, as in the batch).
+        seq_lens, tables, page_size = batch["seq_lens"], batch["block_tables"].tolist(), batch["k_cache"].shape[1]
+        meta = AttentionMetadata.build(tables[: len(seq_lens)], seq_lens, batch["query_lens"], page_size, query.device)
+        extra["seq_lens_t"], extra["query_start_loc"] = meta.seq_lens, meta.query_start_loc
     if num_splits is None:
         result = ops.paged_attention(**batch, backend="triton", out=out, **extra)
     else:
