@@ -32,6 +32,8 @@ from specdesk.db import ChatRepository, make_engine
 
 log = logging.getLogger("specdesk")
 
+logger = logging.getLogger(__name__)
+
 
 def build_service(settings: Settings) -> ChatService:
     """Load the model, open (and migrate) the database, and fail replies a crash left pending."""
@@ -61,9 +63,11 @@ def create_app(service: ChatService, settings: Settings) -> fastapi.FastAPI:
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> fastapi.Response:
         # Unauthenticated on purpose (container health checks), so it says nothing but whether it serves.
+        # The engine's own error (an exception's text) goes to the log, never to an anonymous caller.
         error = service.llm.error
         if error is not None:
-            return JSONResponse({"status": "error", "error": error}, status_code=503)
+            logger.error("healthz: the engine is not serving: %s", error)
+            return JSONResponse({"status": "error", "error": "the engine is not serving"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     _mount_api(app, service, settings)
