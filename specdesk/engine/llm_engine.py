@@ -54,7 +54,7 @@ class LLMEngine:
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.runner = ModelRunner(config, loaded)
-        self.max_model_len = min(config.max_model_len or loaded.max_model_len, loaded.max_model_len)
+        self.max_model_len = self.runner.max_model_len
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len
@@ -62,6 +62,10 @@ class LLMEngine:
         self.spec_config = SpecConfig.resolve(config, loaded.device.type)
         self.speculation = (
             SpeculativeDecoder(self.spec_config, loaded, self.runner) if self.spec_config is not None else None
+        )
+        self.runner.capture_graphs(
+            max_tree_nodes=self.speculation.max_tree_nodes if self.speculation is not None else 0,
+            max_spec_batch=self.speculation.config.max_batch_size if self.speculation is not None else 0,
         )
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self.sequences: dict[str, Sequence] = {}

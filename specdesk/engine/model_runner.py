@@ -7,6 +7,7 @@ models/sampler/speculators that touches torch.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,7 @@ import torch
 from specdesk.engine.attention_metadata import AttentionMetadata
 from specdesk.engine.config import EngineConfig
 from specdesk.engine.models.loader import LoadedModel
+from specdesk.engine.pass_graphs import Bucket, PassGraphs, bucket_sizes
 from specdesk.engine.sampler import make_generator
 from specdesk.engine.scheduler import ScheduledSeq
 from specdesk.engine.sequence import Sequence
@@ -48,12 +50,35 @@ class ModelRunner:
         bytes_per_block = 2 * loaded.num_layers * self.block_size * loaded.num_kv_heads * loaded.head_dim
         bytes_per_block *= torch.tensor([], dtype=self.dtype).element_size()
         self.num_blocks = config.num_blocks or max(2, int(config.kv_cache_memory_gib * 2**30) // bytes_per_block)
-        # One allocation for every layer keeps a page copy (accepted tree nodes) a single indexing op.
+        # One allocation for every layer keeps a page copy (accepted tree nodes) a single indexing op. The
+        # pages the block manager hands out are 0 .. num_blocks - 1; one more is the graphs' scratch page
+        # (padded tokens write their K/V there), never given to a sequence.
+        self.pad_block = self.num_blocks
         self.kv_pool = torch.zeros(
-            loaded.num_layers, 2, self.num_blocks, self.block_size, loaded.num_kv_heads, loaded.head_dim,
+            loaded.num_layers, 2, self.num_blocks + 1, self.block_size, loaded.num_kv_heads, loaded.head_dim,
             dtype=self.dtype, device=self.device,
         )  # fmt: skip
         self.kv_caches = [(self.kv_pool[i, 0], self.kv_pool[i, 1]) for i in range(loaded.num_layers)]
+        self.max_model_len = min(config.max_model_len or loaded.max_model_len, loaded.max_model_len)
+        self.graphs: PassGraphs | None = None
+
+    def capture_graphs(self, max_tree_nodes: int, max_spec_batch: int) -> None:
+        """Capture the decode pass (every padded batch size up to max_num_seqs) and, when speculating, the
+        verification pass (batch sizes up to max_spec_batch, trees up to max_tree_nodes) as CUDA graphs.
+        A no-op on CPU or with enforce_eager; raises RuntimeError (with the way out) if a capture fails."""
+        if self.device.type == "cuda" and not self.config.enforce_eager:
+            self.graphs = self.pass_graphs(max_tree_nodes, max_spec_batch, capture=True)
+
+    def pass_graphs(self, max_tree_nodes: int, max_spec_batch: int, capture: bool) -> PassGraphs:
+        """The padded passes `capture_graphs` uses; capture=False runs them eagerly (CPU tests)."""
+        buckets = [Bucket(b, 1) for b in bucket_sizes(self.config.max_num_seqs)]
+        if max_tree_nodes > 0:
+            sizes = bucket_sizes(min(max_spec_batch, self.config.max_num_seqs))
+            buckets += [Bucket(b, q) for b in sizes for q in tree_query_lens(max_tree_nodes)]
+        return PassGraphs(
+            self.model, self.kv_caches, self.block_size, -(-self.max_model_len // self.block_size),
+            self.max_model_len, self.pad_block, buckets, self.device, capture=capture,
+        )  # fmt: skip
 
     def generator_for(self, seq: Sequence, position: int | None = None) -> torch.Generator | None:
         """The RNG that samples the token at `position` (default: the next one) of a request.
@@ -130,7 +155,15 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledSeq], trees: list[DraftTree | None]) -> ForwardOutput:
-        """Run the base model over the batch; see ForwardOutput for what comes back."""
+        """Run the base model over the batch; see ForwardOutput for what comes back.
+
+        A batch of decoding sequences (one new token each, with or without a draft tree) replays a captured
+        graph when one fits; prefill chunks and larger shapes run eagerly, with the same results."""
+        if self.graphs is not None and all(s.num_new_tokens == 1 and s.samples for s in batch):
+            query_len = max(1 + (t.num_nodes if t is not None else 0) for t in trees)
+            bucket = self.graphs.bucket_for(len(batch), query_len)
+            if bucket is not None:
+                return self._execute_graphed(bucket, batch, trees)
         ids, pos, meta = self.prepare(batch, trees)
         hidden = self.model(ids, pos, self.kv_caches, meta)
         rows: list[int] = []
@@ -148,6 +181,44 @@ class ModelRunner:
         kept = hidden[rows] if rows else hidden[:0]
         logits = self.model.compute_logits(kept) if rows else kept.new_empty(0, 0, dtype=torch.float32)
         return ForwardOutput(logits, kept, row_starts)
+
+    def _execute_graphed(
+        self, bucket: Bucket, batch: list[ScheduledSeq], trees: list[DraftTree | None]
+    ) -> ForwardOutput:
+        assert self.graphs is not None
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        seq_lens: list[int] = []
+        query_lens: list[int] = []
+        bs = self.block_size
+        for s, tree in zip(batch, trees, strict=True):
+            seq, p = s.seq, s.seq.num_computed_tokens  # the root: the last verified token, at position p
+            input_ids.append(seq.token_ids[p])
+            positions.append(p)
+            n = 0
+            if tree is not None:
+                input_ids += tree.tokens
+                positions += [p + d for d in tree.depths]
+                n = tree.num_nodes
+            table = seq.block_table
+            slots += [table[q // bs] * bs + q % bs for q in range(p, p + n + 1)]
+            seq_lens.append(p + n + 1)
+            query_lens.append(n + 1)
+        masks = [t.mask() if t is not None else None for t in trees] if bucket.query_len > 1 else None
+        hidden, logits, rows = self.graphs.run(
+            bucket, input_ids, positions, slots, [s.seq.block_table for s in batch], seq_lens, query_lens, masks
+        )
+        index = torch.tensor(rows, device=self.device)
+        # Gathered copies: the graph's outputs are overwritten by the next replay.
+        return ForwardOutput(logits[index], hidden[index], list(itertools.accumulate(query_lens, initial=0)))
+
+
+def tree_query_lens(max_tree_nodes: int) -> list[int]:
+    """Query tokens per sequence of the captured verification buckets: the root plus 4, 8, 16, ... nodes,
+    and the largest tree the decoder can propose."""
+    sizes = [n for n in (4, 8, 16, 32, 64, 128, 256) if n < max_tree_nodes] + [max_tree_nodes]
+    return [1 + n for n in sizes]
 
 
 def _tree_mask(query_lens: list[int], trees: list[DraftTree | None], device: torch.device) -> torch.Tensor:

@@ -14,8 +14,12 @@ import pytest
 import torch
 
 from specdesk.engine.attention_metadata import AttentionMetadata
+from specdesk.engine.config import EngineConfig
+from specdesk.engine.llm_engine import LLMEngine
 from specdesk.engine.models.loader import LoadedModel, load_model
 from specdesk.engine.pass_graphs import Bucket, PassGraphs, bucket_sizes
+from specdesk.engine.sampling_params import SamplingParams
+from specdesk.engine.speculators.mlp import MLPSpeculator, MLPSpeculatorConfig
 from specdesk.engine.speculators.tree import build_tree
 from tests.tiny_models import make_tiny_model
 
@@ -125,3 +129,49 @@ def test_captured_graph_matches_eager_on_cuda(lm: LoadedModel) -> None:
     graphs = PassGraphs(model, caches, BS, 8, 128, NUM_BLOCKS, [Bucket(2, 1)], torch.device("cuda"), capture=True)
     _, logits, rows = graphs.run(Bucket(2, 1), ids, pos, slots, tables, seq_lens, [1])
     torch.testing.assert_close(logits[rows], want, atol=1e-4, rtol=0)
+
+
+def _run_engine(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+    ids = [engine.add_request(p, params) for p in prompts]
+    out: dict[str, list[int]] = {rid: [] for rid in ids}
+    while engine.has_work:
+        for delta in engine.step():
+            out[delta.request_id] += delta.token_ids
+    return [out[rid] for rid in ids]
+
+
+@pytest.mark.parametrize("seeded", [False, True])
+def test_engine_through_padded_passes_gives_identical_output(tmp_path: Path, seeded: bool) -> None:
+    # The whole engine (prefill eager, decode and tree verification through the padded passes the CUDA
+    # graphs replay) against the plain eager engine: same tokens, greedy and seeded, speculating.
+    model_dir = make_tiny_model("llama", tmp_path / "model")
+    cfg = load_model(str(model_dir), "float32", "cpu").hf_config
+    torch.manual_seed(1)
+    spec = MLPSpeculator(MLPSpeculatorConfig(vocab_size=cfg.vocab_size, emb_dim=cfg.hidden_size, n_predict=3))
+    spec.save_pretrained(tmp_path / "mlp")
+    params = (
+        SamplingParams(temperature=0.8, top_k=40, seed=7, max_tokens=24, ignore_eos=True)
+        if seeded
+        else SamplingParams(max_tokens=24, ignore_eos=True)
+    )
+
+    def engine(speculator: str | None) -> LLMEngine:
+        config = EngineConfig(model=str(model_dir), dtype="float32", device="cpu", speculator=speculator,
+                              spec_max_batch_size=4, max_num_seqs=4)  # fmt: skip
+        return LLMEngine(config, load_model(config.model, "float32", "cpu"))
+
+    def through_padded_passes(speculator: str | None) -> tuple[list[list[int]], list[Bucket]]:
+        llm = engine(speculator)
+        nodes = llm.speculation.max_tree_nodes if llm.speculation is not None else 0
+        graphs = llm.runner.graphs = llm.runner.pass_graphs(nodes, 4, capture=False)
+        runs: list[Bucket] = []
+        run = graphs.run
+        graphs.run = lambda bucket, *a: runs.append(bucket) or run(bucket, *a)  # type: ignore[method-assign]
+        return _run_engine(llm, prompts, params), runs
+
+    prompts = [[5, 17, 42, 8, 99, 5, 17, 42], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5], [7, 7, 7]]
+    eager = _run_engine(engine(None), prompts, params)
+    plain, plain_runs = through_padded_passes(None)
+    assert plain == eager and plain_runs and all(b.query_len == 1 for b in plain_runs)
+    speculating, spec_runs = through_padded_passes(f"{tmp_path / 'mlp'}+ngram")
+    assert speculating == eager and any(b.query_len > 1 for b in spec_runs), spec_runs

@@ -79,6 +79,12 @@ class SpeculativeDecoder:
         self.paths: dict[str, tuple[list[list[int]], list[list[int]]]] = {}  # (n-gram, ranked MLP) per tree
         self.hidden: dict[str, torch.Tensor] = {}  # request id -> [hidden]: the state after its last token
         self.stats = SpecStats(accepted_per_position=[0] * max_tokens)
+        # The largest tree a step can verify: the n-gram draft plus the MLP's ranked pool (a node tree's top
+        # nodes are closed under ancestors, so m nodes make an m-node trie; IBM's paths are n_predict deep).
+        mlp_nodes = 0 if self.tree_kind is None or self.mlp is None else self.tree_kind.pool
+        if config.tree == "paths" and self.mlp is not None:
+            mlp_nodes *= self.mlp.n_predict
+        self.max_tree_nodes = mlp_nodes + (config.max_ngram_tokens if self.ngram is not None else 0)
 
     # ---- before the step --------------------------------------------------------------------------
     def propose(self, running: list[Sequence], kv_usage: float) -> None:
