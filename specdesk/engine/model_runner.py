@@ -159,9 +159,12 @@ class ModelRunner:
 
         A batch of decoding sequences (one new token each, with or without a draft tree) replays a captured
         graph when one fits; prefill chunks and larger shapes run eagerly, with the same results."""
-        if self.graphs is not None and all(s.num_new_tokens == 1 and s.samples for s in batch):
+        graphs = self.graphs
+        if graphs is not None and all(
+            s.num_new_tokens == 1 and s.samples and len(s.seq.block_table) <= graphs.max_blocks_per_seq for s in batch
+        ):
             query_len = max(1 + (t.num_nodes if t is not None else 0) for t in trees)
-            bucket = self.graphs.bucket_for(len(batch), query_len)
+            bucket = graphs.bucket_for(len(batch), query_len)
             if bucket is not None:
                 return self._execute_graphed(bucket, batch, trees)
         ids, pos, meta = self.prepare(batch, trees)

@@ -136,7 +136,9 @@ class PassGraphs:
         ids += [0] * pad_tokens
         pos += [0] * pad_tokens
         slot += [self.pad_slot] * pad_tokens
-        width = self.max_blocks_per_seq
+        # Only the columns this batch uses are rewritten: the kernel reads a row's pages up to its length,
+        # so older columns beyond it are never read (a padded row reads its first ceil(q / block) columns).
+        width = max(max(len(t) for t in block_tables), -(-q // self.block_size))
         tables = [t + [self.pad_block] * (width - len(t)) for t in block_tables]
         tables += [[self.pad_block] * width] * (bucket.num_seqs - num_seqs)
         # The kernel sees q query tokens at each context's end; the real ones come first.
@@ -145,7 +147,7 @@ class PassGraphs:
         buf.input_ids.copy_(torch.tensor(ids, dtype=torch.int64))
         buf.positions.copy_(torch.tensor(pos, dtype=torch.int64))
         buf.slot_mapping.copy_(torch.tensor(slot, dtype=torch.int64))
-        buf.block_tables.copy_(torch.tensor(tables, dtype=torch.int32))
+        buf.block_tables[:, :width].copy_(torch.tensor(tables, dtype=torch.int32))
         buf.seq_lens.copy_(torch.tensor(lens, dtype=torch.int32))
         if buf.tree_mask is not None:
             buf.tree_mask.copy_(_padded_tree_mask(bucket, query_lens, tree_masks or [None] * num_seqs))
