@@ -52,7 +52,7 @@ def profile(llm: LLM, prompts: list[list[int]], max_tokens: int, sync: Callable[
         (engine.runner, "prepare", "  prepare batch"),
         (engine.loaded.model, "forward", "  model layers"),
         (engine.loaded.model, "compute_logits", "  logits"),
-        (llm_engine, "verify_step", "sample + verify (all rows)"),
+        (llm_engine, "verify_step", "verify tree"),  # every row of the step: plain rows and trees
         (engine, "_text_delta", "detokenize + deltas"),
         (engine.scheduler, "append_tokens", "append tokens"),
     ]
@@ -82,7 +82,7 @@ def profile(llm: LLM, prompts: list[list[int]], max_tokens: int, sync: Callable[
         s, t = run(ids)
         steps, tokens = steps + s, tokens + t
     wall = time.perf_counter() - start
-    llm_engine.verify_step = verify_step  # type: ignore[attr-defined]
+    llm_engine.verify_step = verify_step
     out = {"step (total)": 1e3 * wall / steps, "tokens per step": tokens / steps}
     out.update({k: 1e3 * v / steps for k, v in acc.items()})
     return out

@@ -81,7 +81,7 @@ PREFILTER = 1024  # the fast path filters each row's top this-many tokens only
 
 def _filter_among_top(scaled: Tensor, params: list[SamplingParams]) -> Tensor | None:
     """filter_logits over each row's top PREFILTER tokens (a partial top-k instead of a full sort of the
-    vocabulary: a sampled decode step spent a fifth of its time sorting); None where the kept set could
+    vocabulary, a large share of a sampled decode step otherwise); None where the kept set could
     reach past them, and the caller sorts everything.
 
     In descending order a token survives top-p iff the mass ranked strictly above it is < p (the same rule

@@ -220,7 +220,7 @@ class MLPSpeculator(nn.Module):
         """Inference on a bf16 CPU: projections and draft-vocabulary heads prepacked for oneDNN in bf16.
 
         Proposing reads every weight once per step at 1-20 rows, where float32 matmuls are bound by that
-        read: packed bf16 is 4-7x faster for the heads. Drafts may differ in the last bits (verification,
+        read: packed bf16 is several times faster for the heads. Drafts may differ in the last bits (verification,
         hence output, does not). Returns whether it packed (False where oneDNN bf16 is unavailable).
         """
         if not can_pack(torch.bfloat16, next(self.parameters()).device):

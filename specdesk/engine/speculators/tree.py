@@ -65,7 +65,7 @@ class DraftTree:
         rows = torch.arange(size)
         parent = torch.tensor([0, *self.parents])  # the root is its own parent
         ancestor = rows
-        # One vectorised hop per level (a few ops) instead of a row copy per node (~5 us each, 64 on a GPU).
+        # One vectorised hop per level (a few ops) instead of a row copy per node (a GPU tree has many).
         for _ in range(self.max_depth):
             ancestor = parent[ancestor]
             m[rows, ancestor] = True

@@ -1,8 +1,8 @@
 """How wide a draft tree pays, measured while serving.
 
 IBM's candidate tree (top-k [5, 4, 3], 5 paths) is sized for a GPU, where verifying 15 extra query tokens
-costs about as much as verifying one. On a CPU every verified token costs compute: for SmolLM2-135M on one
-core a 16-token pass takes about 1.6x a plain step, so the fifth candidate path rarely earns its nodes.
+costs about as much as verifying one. On a CPU every verified token costs compute, so a 16-token pass
+costs clearly more than a plain step and the last candidate paths rarely earn their nodes.
 Rather than fixing a width per device, the engine measures both sides of the trade:
 
 * `StepCost` fits the wall time of single-sequence steps against the query tokens they verify,
@@ -41,7 +41,7 @@ class StepCost:
 
     def record(self, tokens: int, seconds: float) -> None:
         # A step several times the mean is not the tokens' cost: a Triton kernel compiling for a new tree
-        # size (GPU, ~0.5 s against ~17 ms), a garbage collection. One such step would set the fitted slope
+        # size (on a GPU, far longer than a step), a garbage collection. One such step would set the fitted slope
         # for hundreds of steps (it decays by 0.98 a step), so it is left out; the first few steps (where
         # compiles cluster) are not fitted at all. A cost that really rose (a busier machine) shows as
         # outliers in a row: after `max_outliers` of them the fit starts over from the new level.
