@@ -81,10 +81,6 @@ class AttentionMetadata:
     def max_seq_len(self) -> int:
         return max(self.seq_lens_list, default=0)
 
-    @property
-    def is_decode_only(self) -> bool:
-        return all(q == 1 for q in self.query_lens_list)
-
 
 def slot_mapping(block_table: Sequence[int], start: int, end: int, block_size: int) -> list[int]:
     """Flat slots (page * block_size + offset) of positions start .. end - 1 of a sequence with these pages."""

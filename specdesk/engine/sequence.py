@@ -65,10 +65,5 @@ class Sequence:
         return self.num_tokens - self.num_computed_tokens
 
     @property
-    def is_prefilling(self) -> bool:
-        # More than the last sampled token still lacks KV: the prompt (or a recompute) is unfinished.
-        return self.num_uncomputed_tokens > 1 or self.num_output_tokens == 0
-
-    @property
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED

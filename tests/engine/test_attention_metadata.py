@@ -16,7 +16,7 @@ def test_build_writes_each_query_token_to_its_position_slot() -> None:
     assert meta.block_tables.tolist() == [[3, 1], [2, 0], [5, 0]] and meta.block_tables.dtype == torch.int32
     assert meta.seq_lens.tolist() == [20, 5, 7] and meta.query_start_loc.tolist() == [0, 4, 9, 9]
     assert meta.seq_lens_list == [20, 5, 7] and meta.query_lens_list == [4, 5, 0]
-    assert meta.max_query_len == 5 and meta.max_seq_len == 20 and not meta.is_decode_only
+    assert meta.max_query_len == 5 and meta.max_seq_len == 20
 
 
 def test_build_of_an_empty_batch_and_a_batch_short_of_pages() -> None:

@@ -57,11 +57,6 @@ def accepted_tokens(tree: DraftTree, acceptance: Acceptance) -> list[int]:
     return [tree.token(r) for r in acceptance.accepted_rows] + [acceptance.next_token]
 
 
-def acceptance_by_depth(num_accepted: int, num_depths: int) -> list[int]:
-    """Per-depth acceptance counts for metrics: depth d (1-based) counts 1 when d <= num_accepted."""
-    return [1 if d < num_accepted else 0 for d in range(num_depths)]
-
-
 # ---- greedy -------------------------------------------------------------------------------------------
 def accept_greedy(tree: DraftTree, target_argmax: Sequence[int] | torch.Tensor) -> Acceptance:
     """target_argmax[r]: the base model's argmax after row r (row 0 = the root), num_nodes + 1 entries."""

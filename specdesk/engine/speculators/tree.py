@@ -110,11 +110,6 @@ def truncate(tree: DraftTree, num_nodes: int) -> DraftTree:
     return DraftTree(tree.tokens[:num_nodes], tree.parents[:num_nodes], tree.depths[:num_nodes], children)
 
 
-def chain_tree(tokens: Sequence[int]) -> DraftTree:
-    """A single path as a tree (plain chain speculation)."""
-    return build_tree([tokens])
-
-
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """Length of the longest common prefix of two token lists."""
     n = 0
