@@ -163,8 +163,9 @@ class ModelRunner:
         if graphs is not None and all(
             s.num_new_tokens == 1 and s.samples and len(s.seq.block_table) <= graphs.max_blocks_per_seq for s in batch
         ):
-            query_len = max(1 + (t.num_nodes if t is not None else 0) for t in trees)
-            bucket = graphs.bucket_for(len(batch), query_len)
+            query_lens = [1 + (t.num_nodes if t is not None else 0) for t in trees]
+            min_seq_len = min(s.seq.num_computed_tokens + q for s, q in zip(batch, query_lens, strict=True))
+            bucket = graphs.bucket_for(len(batch), max(query_lens), min_seq_len)
             if bucket is not None:
                 return self._execute_graphed(bucket, batch, trees)
         ids, pos, meta = self.prepare(batch, trees)

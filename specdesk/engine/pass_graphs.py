@@ -7,10 +7,14 @@ pass reads its inputs from static buffers and covers a *bucket*: `num_seqs` sequ
 to the bucket) that each bring exactly `query_len` query tokens, 1 for plain decoding and 1 + n for a draft
 tree of n nodes (smaller trees padded with dummy nodes).
 
-Padding never touches real K/V: every padded token writes its K/V to one reserved scratch slot (`pad_slot`,
-a page the block manager never hands out), a padded sequence reads only that page, and a dummy tree node
-is visible to no real node (the tree mask). Prefill chunks and any shape beyond the captured buckets run
-eagerly, with the same results.
+Padding never touches real K/V and never lengthens a context: a sequence's dummy tokens come *first* in
+its q query slots, so the kernel, which places a sequence's q query tokens at the end of its context,
+sees the dummies at positions of the real context just before the root (keys it reads from the pages as
+usual, visible to the real rows through the tree mask) and reads nothing past the sequence's end. Every
+padded token writes its K/V to one reserved scratch slot (`pad_slot`, a page the block manager never
+hands out); a padded sequence reads only that page. A bucket needs each context to be at least its query
+length long; shorter contexts, prefill chunks and shapes beyond the captured buckets run eagerly, with
+the same results.
 
 The attention kernel picks its split-K count from the host-side sequence lengths; a graph is captured with
 the longest context the engine serves, so it splits for the worst case and splits past a sequence's end
@@ -93,12 +97,14 @@ class PassGraphs:
                     "EngineConfig(enforce_eager=True) (specdesk --enforce-eager) runs without graphs"
                 ) from exc
 
-    def bucket_for(self, num_seqs: int, query_len: int) -> Bucket | None:
-        """The smallest captured bucket that holds num_seqs sequences of query_len tokens, or None."""
+    def bucket_for(self, num_seqs: int, query_len: int, min_seq_len: int) -> Bucket | None:
+        """The smallest captured bucket that holds num_seqs sequences of at most query_len tokens each, whose
+        contexts (this pass's tokens included) are all at least min_seq_len long; or None."""
         # Plain decoding (query_len 1) only uses decode buckets: a tree bucket would multiply its work.
         fits = [
             b for b in self.buckets
-            if b.num_seqs >= num_seqs and (b.query_len == 1 if query_len == 1 else b.query_len >= query_len > 1)
+            if b.num_seqs >= num_seqs and b.query_len <= min_seq_len
+            and (b.query_len == 1 if query_len == 1 else b.query_len >= query_len > 1)
         ]  # fmt: skip
         return min(fits, key=lambda b: (b.num_tokens, b.num_seqs), default=None)
 
@@ -115,7 +121,7 @@ class PassGraphs:
         tree's ancestor mask); None for plain decoding. Outputs are overwritten by the next run."""
         buf = self._buffers[bucket]
         num_seqs, q = len(seq_lens), bucket.query_len
-        assert num_seqs <= bucket.num_seqs and max(query_lens) <= q, (bucket, num_seqs, query_lens)
+        assert num_seqs <= bucket.num_seqs and max(query_lens) <= q <= min(seq_lens), (bucket, query_lens, seq_lens)
         assert (buf.tree_mask is not None) == (q > 1), bucket
         # Flat host lists first, one tensor each (a tensor per sequence would cost more than the pass).
         ids: list[int] = []
@@ -124,13 +130,11 @@ class PassGraphs:
         rows: list[int] = []
         start = 0
         for i, q_len in enumerate(query_lens):
-            rows += range(i * q, i * q + q_len)
-            ids += input_ids[start : start + q_len]
-            ids += [0] * (q - q_len)
-            pos += positions[start : start + q_len]
-            pos += [positions[start] + 1] * (q - q_len)  # dummy tree nodes sit one past the root
-            slot += slots[start : start + q_len]
-            slot += [self.pad_slot] * (q - q_len)  # their K/V goes to the scratch page
+            dummies = q - q_len  # first, over the context just before the root; their K/V goes to scratch
+            rows += range(i * q + dummies, (i + 1) * q)
+            ids += [0] * dummies + input_ids[start : start + q_len]
+            pos += [positions[start]] * dummies + positions[start : start + q_len]
+            slot += [self.pad_slot] * dummies + slots[start : start + q_len]
             start += q_len
         pad_tokens = (bucket.num_seqs - num_seqs) * q
         ids += [0] * pad_tokens
@@ -141,9 +145,7 @@ class PassGraphs:
         width = max(max(len(t) for t in block_tables), -(-q // self.block_size))
         tables = [t + [self.pad_block] * (width - len(t)) for t in block_tables]
         tables += [[self.pad_block] * width] * (bucket.num_seqs - num_seqs)
-        # The kernel sees q query tokens at each context's end; the real ones come first.
-        lens = [n - q_len + q for n, q_len in zip(seq_lens, query_lens, strict=True)]
-        lens += [q] * (bucket.num_seqs - num_seqs)
+        lens = [*seq_lens, *[q] * (bucket.num_seqs - num_seqs)]
         buf.input_ids.copy_(torch.tensor(ids, dtype=torch.int64))
         buf.positions.copy_(torch.tensor(pos, dtype=torch.int64))
         buf.slot_mapping.copy_(torch.tensor(slot, dtype=torch.int64))
@@ -206,14 +208,14 @@ class PassGraphs:
 
 
 def _padded_tree_mask(bucket: Bucket, query_lens: list[int], masks: list[torch.Tensor | None]) -> torch.Tensor:
-    # bool [num_tokens, q]: sequence i's real rows see its own tree (or causal) mask; dummy rows see their
-    # root (column 0) and themselves, and no real row sees a dummy.
+    # bool [num_tokens, q]: sequence i's q slots hold d = q - q_i dummies, then its real tokens. Real rows see
+    # the dummy columns (they are real context positions, read from the pages) and, among the real tokens,
+    # their tree (or causal) mask. A dummy row sees column 0 only; a padded sequence's rows likewise.
     q = bucket.query_len
     out = torch.zeros(bucket.num_seqs, q, q, dtype=torch.bool)
-    out[:, torch.arange(q), torch.arange(q)] = True
     out[:, :, 0] = True
     for i, (q_len, mask) in enumerate(zip(query_lens, masks, strict=True)):
-        real = torch.ones(q_len, q_len, dtype=torch.bool).tril() if mask is None else mask.cpu()
-        out[i, :q_len, :] = False
-        out[i, :q_len, :q_len] = real
+        d = q - q_len
+        out[i, d:, :d] = True
+        out[i, d:, d:] = torch.ones(q_len, q_len, dtype=torch.bool).tril() if mask is None else mask.cpu()
     return out.view(bucket.num_tokens, q)

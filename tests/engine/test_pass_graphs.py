@@ -60,20 +60,23 @@ def _assert_real_pages_alike(caches, ref_caches) -> None:  # type: ignore[no-unt
     # A padded token writing into a real page would leave an O(1) difference (the pages start random);
     # the written real slots differ from the eager pass by float32 rounding at most (other matmul shapes).
     for (k, v), (rk, rv) in zip(caches, ref_caches, strict=True):
-        torch.testing.assert_close(k[:NUM_BLOCKS], rk[:NUM_BLOCKS], atol=1e-5, rtol=0)
-        torch.testing.assert_close(v[:NUM_BLOCKS], rv[:NUM_BLOCKS], atol=1e-5, rtol=0)
+        torch.testing.assert_close(k[:NUM_BLOCKS], rk[:NUM_BLOCKS], atol=1e-5, rtol=0, equal_nan=True)
+        torch.testing.assert_close(v[:NUM_BLOCKS], rv[:NUM_BLOCKS], atol=1e-5, rtol=0, equal_nan=True)
 
 
 def test_bucket_ladder_and_choice(lm: LoadedModel) -> None:
     assert bucket_sizes(32) == [1, 2, 4, 8, 16, 24, 32]
     assert bucket_sizes(3) == [1, 2, 3]
     graphs = _graphs(lm, _caches(lm), [Bucket(1, 1), Bucket(4, 1), Bucket(2, 9), Bucket(4, 9), Bucket(2, 17)])
-    assert graphs.bucket_for(3, 1) == Bucket(4, 1)
-    assert graphs.bucket_for(5, 1) is None  # larger than every decode bucket: eager
-    assert graphs.bucket_for(2, 5) == Bucket(2, 9)
-    assert graphs.bucket_for(2, 12) == Bucket(2, 17)
-    assert graphs.bucket_for(3, 9) == Bucket(4, 9)
-    assert graphs.bucket_for(1, 1) == Bucket(1, 1)  # decode never pads into a tree bucket
+    assert graphs.bucket_for(3, 1, 50) == Bucket(4, 1)
+    assert graphs.bucket_for(5, 1, 50) is None  # larger than every decode bucket: eager
+    assert graphs.bucket_for(2, 5, 50) == Bucket(2, 9)
+    assert graphs.bucket_for(2, 12, 50) == Bucket(2, 17)
+    assert graphs.bucket_for(3, 9, 50) == Bucket(4, 9)
+    assert graphs.bucket_for(1, 1, 50) == Bucket(1, 1)  # decode never pads into a tree bucket
+    # Dummy slots sit over the context before the root: a context shorter than the bucket runs eagerly.
+    assert graphs.bucket_for(2, 5, 8) is None
+    assert graphs.bucket_for(2, 10, 16) is None
 
 
 def test_padded_decode_matches_eager_and_writes_only_real_slots(lm: LoadedModel) -> None:
@@ -103,6 +106,9 @@ def test_padded_tree_verification_matches_eager(lm: LoadedModel) -> None:
     slots = [tables[0][p // BS] * BS + p % BS for p in range(root_pos, root_pos + q0)]
     slots.append(tables[1][17 // BS] * BS + 17 % BS)
     seq_lens, query_lens = [root_pos + q0, 18], [q0, 1]
+    for k, v in caches:  # stale NaN past sequence 0's end in its last page: a masked key must stay unread
+        k[tables[0][2], (root_pos + q0) % BS :] = float("nan")
+        v[tables[0][2], (root_pos + q0) % BS :] = float("nan")
     mask = torch.zeros(q0 + 1, q0, dtype=torch.bool)
     mask[:q0, :q0] = tree.mask()
     mask[q0, 0] = True
@@ -111,7 +117,8 @@ def test_padded_tree_verification_matches_eager(lm: LoadedModel) -> None:
     bucket = Bucket(4, 9)  # room for 8 nodes: 4 dummy nodes in sequence 0, 8 in sequence 1, 2 padded sequences
     graphs = _graphs(lm, caches, [bucket])
     _, logits, rows = graphs.run(bucket, ids, pos, slots, tables, seq_lens, query_lens, [tree.mask(), None])
-    assert rows == [*range(q0), 9]
+    assert rows == [*range(9 - q0, 9), 17]  # dummies first in each sequence's 9 slots
+    assert torch.isfinite(want).all()
     torch.testing.assert_close(logits[rows], want, atol=1e-5, rtol=0)
     _assert_real_pages_alike(caches, ref_caches)
 
@@ -131,13 +138,38 @@ def test_captured_graph_matches_eager_on_cuda(lm: LoadedModel) -> None:
     torch.testing.assert_close(logits[rows], want, atol=1e-4, rtol=0)
 
 
-def _run_engine(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+def _run_engine(
+    engine: LLMEngine, prompts: list[list[int]], params: SamplingParams, errors: list[str] | None = None
+) -> list[list[int]]:
     ids = [engine.add_request(p, params) for p in prompts]
     out: dict[str, list[int]] = {rid: [] for rid in ids}
     while engine.has_work:
         for delta in engine.step():
             out[delta.request_id] += delta.token_ids
+            if delta.error is not None and errors is not None:
+                errors.append(delta.error)
     return [out[rid] for rid in ids]
+
+
+def test_padded_passes_at_the_end_of_the_context(tmp_path: Path) -> None:
+    # Near max_model_len the trees shrink to a few nodes while the smallest tree bucket keeps its width:
+    # the padded pass must read nothing past a context's end (it once did, and failed the whole batch).
+    model_dir = make_tiny_model("llama", tmp_path / "model")
+    params = SamplingParams(max_tokens=200, ignore_eos=True)
+    prompts = [[5, 17, 42, 8, 99, 5, 17, 42] * 3, [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]]
+
+    def engine(speculator: str | None) -> LLMEngine:
+        config = EngineConfig(model=str(model_dir), dtype="float32", device="cpu", speculator=speculator,
+                              max_model_len=64, spec_max_batch_size=4, max_num_seqs=4)  # fmt: skip
+        return LLMEngine(config, load_model(config.model, "float32", "cpu", max_model_len=64))
+
+    padded = engine("ngram")
+    assert padded.speculation is not None
+    padded.runner.graphs = padded.runner.pass_graphs(padded.speculation.max_tree_nodes, 4, capture=False)
+    errors: list[str] = []
+    got = _run_engine(padded, prompts, params, errors)
+    assert not errors and [len(p) + len(g) for p, g in zip(prompts, got, strict=True)] == [64, 64]
+    assert got == _run_engine(engine(None), prompts, params)
 
 
 @pytest.mark.parametrize("seeded", [False, True])
