@@ -164,7 +164,16 @@ class LLM:
         for ids in encoded:
             self.engine.validate_prompt(ids)
         request_ids = [self.submit(ids, sp) for ids, sp in zip(encoded, per_prompt, strict=True)]
-        return [self._collect(rid, ids) for rid, ids in zip(request_ids, encoded, strict=True)]
+        outputs: list[RequestOutput] = []
+        try:
+            for rid, ids in zip(request_ids, encoded, strict=True):
+                outputs.append(self._collect(rid, ids))
+        finally:
+            # One failed request raises here: the batch's uncollected requests stop and leave no stream.
+            for rid in request_ids[len(outputs) + 1 :]:
+                if self._streams.pop(rid, None) is not None:
+                    self.abort(rid)
+        return outputs
 
     def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None) -> RequestOutput:
         """Answer a conversation (role/content dicts) with the model's chat template applied."""

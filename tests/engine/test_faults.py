@@ -220,3 +220,20 @@ def test_a_raising_listener_is_dropped_and_serving_goes_on(llm: LLM) -> None:
     assert seen[-1].finished  # the other listener got every delta
     assert llm.error is None
     wait_idle(llm)
+
+
+@pytest.mark.timeout(60)
+def test_generate_with_one_failing_request_stops_the_rest_and_keeps_no_stream(llm: LLM) -> None:
+    add = llm.engine.add_request
+    marker = llm.encode("Yes")
+
+    def refuse_one(ids: list[int], *args: Any, **kwargs: Any) -> str:
+        if list(ids) == marker:
+            raise ValueError("injected: this request is refused")
+        return add(ids, *args, **kwargs)
+
+    llm.engine.add_request = refuse_one  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="injected"):
+        llm.generate(["Hello, thank you", "Yes", "Hello, thank you again"], LONG)
+    wait_idle(llm)  # the third request was aborted, not left running to its end
+    assert llm.stats().num_running == 0 and not llm._streams

@@ -91,6 +91,8 @@ class SpeculativeDecoder:
         """Attach a draft tree to each running sequence worth speculating on this step."""
         self.trees.clear()
         self.paths.clear()
+        for s in running:  # last step's drafts of a sequence the budget left out must not be scheduled now
+            s.draft_token_ids = []
         if not self.policy.should_speculate(len(running), kv_usage):
             return
         # Decoding sequences only: a prefill chunk has nothing to speculate from yet.
