@@ -44,6 +44,16 @@ def engine_settings(tiny_model: Path) -> EngineConfig:
 
 
 @pytest.fixture(scope="package")
+def persona_engine_settings(tmp_path_factory: pytest.TempPathFactory) -> EngineConfig:
+    """A tiny model with room for the console's persona system prompts (thousands of tiny-tokenizer tokens)."""
+    model = make_tiny_model("llama", tmp_path_factory.mktemp("tiny-4k"), max_position_embeddings=4096)
+    return EngineConfig(
+        model=str(model), device="cpu", dtype="float32", num_threads=1, kv_cache_memory_gib=0.05,
+        max_num_seqs=4, speculator=None,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="package")
 def http_port() -> int:
     return free_port()
 
@@ -76,6 +86,33 @@ def connect(handle: Any, num_replicas: int) -> Any:
 
 def settings_for(engine: EngineConfig, database_url: str = "sqlite://") -> Settings:
     return Settings(engine=engine, db_url=database_url)
+
+
+def record_requests(llm: Any, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Every request `llm` (a RemoteLLM) is given from now on; each one's `replicas` say who served it."""
+    requests: list[Any] = []
+    submit = llm.submit
+
+    def recording_submit(*args: Any, **kwargs: Any) -> str:
+        request_id = submit(*args, **kwargs)
+        requests.append(llm._requests[request_id])
+        return str(request_id)
+
+    monkeypatch.setattr(llm, "submit", recording_submit)
+    return requests
+
+
+def kill_replica(replica: str) -> None:
+    """Kill the Serve replica actor whose id is `replica` (as a crash would: no restart by Ray itself)."""
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if replica in a["name"]]
+    assert len(names) == 1, names
+    ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+
+
+def replica_states(app: str, deployment: str) -> tuple[str, dict[str, int]]:
+    """What `serve.status()` says of a deployment: its status, and how many replicas are in each state."""
+    overview = serve.status().applications[app].deployments[deployment]
+    return str(overview.status.value), {str(k.value): v for k, v in overview.replica_states.items()}
 
 
 def wait_for(condition: Any, timeout_s: float = 60.0, what: str = "condition") -> None:

@@ -12,7 +12,8 @@ import pytest
 
 from specdesk.engine import FinishReason, SamplingParams
 from specdesk.engine.config import EngineConfig
-from tests.distributed.conftest import connect, deploy, ray, serve, wait_for
+from tests.distributed.conftest import connect, deploy, serve, wait_for
+from tests.distributed.conftest import kill_replica as kill
 from tests.distributed.test_replicas import opening, turn
 
 pytestmark = pytest.mark.timeout(300)
@@ -34,12 +35,6 @@ def llm(ray_cluster: None, engine_settings: EngineConfig) -> Iterator[Any]:
     yield remote
     remote.shutdown()
     serve.delete(APP)
-
-
-def kill(replica: str) -> None:
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if replica in a["name"]]
-    assert len(names) == 1, names
-    ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
 
 
 def placement(llm: Any, num: int) -> dict[int, str]:
