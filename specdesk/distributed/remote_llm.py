@@ -25,14 +25,14 @@ from typing import Any
 from specdesk.distributed import affinity
 from specdesk.distributed.replica import ReplicaDelta, ReplicaInfo
 from specdesk.distributed.stats import sum_stats
+from specdesk.engine.client import EngineClient, Prompt, check_prompt_ids
 from specdesk.engine.detokenizer import IncrementalDetokenizer
 from specdesk.engine.llm_engine import EngineStats
-from specdesk.engine.outputs import FinishReason, RequestMetrics, RequestOutput, StreamDelta
+from specdesk.engine.outputs import FinishReason, StreamDelta
 from specdesk.engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
-Prompt = str | list[int] | list[dict[str, Any]]
 
 # How many times a failover may be re-routed when the replacement choice dies before its first delta
 # (the router may not yet know the first replica is gone); the reply itself is retried once.
@@ -57,7 +57,7 @@ class _EngineFacts:
     speculator: str | None
 
 
-class RemoteLLM:
+class RemoteLLM(EngineClient):
     """An `LLM` look-alike whose engine runs in Ray Serve replicas. Thread-safe, like `LLM`."""
 
     def __init__(self, handle: Any, info: ReplicaInfo, tokenizer: Any, *, num_replicas: int = 1) -> None:
@@ -155,7 +155,7 @@ class RemoteLLM:
         """Send a request to its replica and return its id; its deltas arrive through `deltas(request_id)`."""
         params = params or SamplingParams()
         ids = self.encode(prompt)
-        self._validate(ids)
+        self._check_prompt(ids)
         if self._closed:
             raise RuntimeError("the engine is shut down")
         request_id = f"remote-{next(self._ids)}"
@@ -165,18 +165,12 @@ class RemoteLLM:
         request.start()
         return request_id
 
-    def _validate(self, ids: list[int]) -> None:
-        n = len(ids)
-        if n == 0:
-            raise ValueError("prompt is empty: give at least one token")
-        if n >= self.max_model_len:
-            raise ValueError(
-                f"prompt has {n} tokens but the context window is {self.max_model_len}: "
-                "shorten the conversation (at least one token must be left to generate)"
-            )
-        bad = [t for t in ids if not 0 <= t < self.info.vocab_size]
-        if bad:
-            raise ValueError(f"token ids out of the vocabulary (size {self.info.vocab_size}): {bad[:5]}")
+    def _check_prompt(self, token_ids: list[int]) -> None:
+        check_prompt_ids(token_ids, self.max_model_len, self.info.vocab_size)
+
+    def _discard(self, request_id: str) -> bool:
+        with self._lock:
+            return self._requests.pop(request_id, None) is not None
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -198,41 +192,6 @@ class RemoteLLM:
                 self._requests.pop(request_id, None)
             if not finished:
                 request.abort()
-
-    def stream(
-        self, prompt: Prompt, params: SamplingParams | None = None, cache_salt: str | None = None
-    ) -> Iterator[StreamDelta]:
-        return self.deltas(self.submit(prompt, params, cache_salt))
-
-    def generate(
-        self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None
-    ) -> list[RequestOutput]:
-        single = isinstance(prompts, str) or (bool(prompts) and isinstance(prompts[0], int | dict))
-        batch: list[Any] = [prompts] if single else list(prompts)
-        per_prompt = list(params) if isinstance(params, Sequence) else [params] * len(batch)
-        if len(per_prompt) != len(batch):
-            raise ValueError(f"{len(per_prompt)} SamplingParams for {len(batch)} prompts")
-        encoded = [self.encode(p) for p in batch]
-        for ids in encoded:
-            self._validate(ids)
-        request_ids = [self.submit(ids, sp) for ids, sp in zip(encoded, per_prompt, strict=True)]
-        return [self._collect(rid, ids) for rid, ids in zip(request_ids, encoded, strict=True)]
-
-    def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None) -> RequestOutput:
-        return self.generate([messages], params)[0]
-
-    def _collect(self, request_id: str, prompt_ids: list[int]) -> RequestOutput:
-        text: list[str] = []
-        token_ids: list[int] = []
-        last: StreamDelta | None = None
-        for last in self.deltas(request_id):
-            text.append(last.text)
-            token_ids += last.token_ids
-        assert last is not None and last.finished, request_id
-        if last.error:
-            raise RuntimeError(f"request {request_id} failed: {last.error}")
-        metrics = last.metrics or RequestMetrics()
-        return RequestOutput(request_id, prompt_ids, token_ids, "".join(text), last.finish_reason, metrics)
 
     def stats(self) -> EngineStats:
         """The sum over live replicas of the stats each sent with its latest finished request (never blocks:

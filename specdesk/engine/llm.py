@@ -13,19 +13,18 @@ import itertools
 import logging
 import queue
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
+from specdesk.engine.client import EngineClient, Prompt
 from specdesk.engine.config import EngineConfig
 from specdesk.engine.llm_engine import EngineStats, LLMEngine
 from specdesk.engine.models.loader import load_model, resolve_device
-from specdesk.engine.outputs import FinishReason, RequestMetrics, RequestOutput, StreamDelta
+from specdesk.engine.outputs import FinishReason, StreamDelta
 from specdesk.engine.sampling_params import SamplingParams
 from specdesk.kernels.ops import resolve_backend
-
-Prompt = str | list[int] | list[dict[str, Any]]
 
 log = logging.getLogger(__name__)
 # How often a caller blocked on a stream checks that the engine thread still lives (a last resort: the
@@ -33,7 +32,7 @@ log = logging.getLogger(__name__)
 _LIVENESS_POLL_S = 1.0
 
 
-class LLM:
+class LLM(EngineClient):
     """An in-process engine. Thread-safe: `generate`, `stream` and `chat` may be called from any thread."""
 
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
@@ -117,6 +116,12 @@ class LLM:
             self._cv.notify()
         return request_id
 
+    def _check_prompt(self, token_ids: list[int]) -> None:
+        self.engine.validate_prompt(token_ids)
+
+    def _discard(self, request_id: str) -> bool:
+        return self._streams.pop(request_id, None) is not None
+
     def abort(self, request_id: str) -> None:
         """Stop a request; its pages are freed at the next step boundary."""
         with self._cv:
@@ -139,58 +144,6 @@ class LLM:
             self._streams.pop(request_id, None)
             if not finished:
                 self.abort(request_id)
-
-    def stream(
-        self, prompt: Prompt, params: SamplingParams | None = None, cache_salt: str | None = None
-    ) -> Iterator[StreamDelta]:
-        """Stream one request's text as it is verified. Closing the generator (client gone) aborts it."""
-        return self.deltas(self.submit(prompt, params, cache_salt))
-
-    def generate(
-        self,
-        prompts: Prompt | Sequence[Prompt],
-        params: SamplingParams | Sequence[SamplingParams] | None = None,
-    ) -> list[RequestOutput]:
-        """Run a batch of prompts together (continuous batching) and return their outputs in order.
-
-        params: one SamplingParams for all prompts, or one per prompt (as vLLM accepts).
-        """
-        single = isinstance(prompts, str) or (bool(prompts) and isinstance(prompts[0], int | dict))
-        batch: list[Any] = [prompts] if single else list(prompts)
-        per_prompt = list(params) if isinstance(params, Sequence) else [params] * len(batch)
-        if len(per_prompt) != len(batch):
-            raise ValueError(f"{len(per_prompt)} SamplingParams for {len(batch)} prompts")
-        encoded = [self.encode(p) for p in batch]
-        for ids in encoded:
-            self.engine.validate_prompt(ids)
-        request_ids = [self.submit(ids, sp) for ids, sp in zip(encoded, per_prompt, strict=True)]
-        outputs: list[RequestOutput] = []
-        try:
-            for rid, ids in zip(request_ids, encoded, strict=True):
-                outputs.append(self._collect(rid, ids))
-        finally:
-            # One failed request raises here: the batch's uncollected requests stop and leave no stream.
-            for rid in request_ids[len(outputs) + 1 :]:
-                if self._streams.pop(rid, None) is not None:
-                    self.abort(rid)
-        return outputs
-
-    def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None) -> RequestOutput:
-        """Answer a conversation (role/content dicts) with the model's chat template applied."""
-        return self.generate([messages], params)[0]
-
-    def _collect(self, request_id: str, prompt_ids: list[int]) -> RequestOutput:
-        text: list[str] = []
-        token_ids: list[int] = []
-        last: StreamDelta | None = None
-        for last in self.deltas(request_id):
-            text.append(last.text)
-            token_ids += last.token_ids
-        assert last is not None and last.finished, request_id
-        if last.error:
-            raise RuntimeError(f"request {request_id} failed: {last.error}")
-        metrics = last.metrics or RequestMetrics()
-        return RequestOutput(request_id, prompt_ids, token_ids, "".join(text), last.finish_reason, metrics)
 
     def stats(self) -> EngineStats:
         return self.engine.stats()

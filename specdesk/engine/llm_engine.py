@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 
 from specdesk.engine.block_manager import BlockManager
+from specdesk.engine.client import check_prompt_ids
 from specdesk.engine.config import EngineConfig, SpecConfig
 from specdesk.engine.detokenizer import IncrementalDetokenizer
 from specdesk.engine.model_runner import ModelRunner
@@ -75,23 +76,12 @@ class LLMEngine:
 
     def validate_prompt(self, prompt_token_ids: list[int]) -> None:
         """Raise ValueError for a prompt this engine can never serve."""
-        n = len(prompt_token_ids)
-        if n == 0:
-            raise ValueError("prompt is empty: give at least one token")
-        if n >= self.max_model_len:
+        check_prompt_ids(prompt_token_ids, self.max_model_len, self.loaded.vocab_size)
+        if self.block_manager.blocks_needed(len(prompt_token_ids) + 1) > self.block_manager.num_blocks:
             raise ValueError(
-                f"prompt has {n} tokens but the context window is {self.max_model_len}: "
-                "shorten the conversation (at least one token must be left to generate)"
-            )
-        if self.block_manager.blocks_needed(n + 1) > self.block_manager.num_blocks:
-            raise ValueError(
-                f"prompt has {n} tokens but the KV cache holds only "
+                f"prompt has {len(prompt_token_ids)} tokens but the KV cache holds only "
                 f"{self.block_manager.num_blocks * self.config.block_size}: raise kv_cache_memory_gib"
             )
-        vocab = self.loaded.vocab_size
-        bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab}), got {bad[:5]}")
 
     def add_request(
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
