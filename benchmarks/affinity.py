@@ -18,8 +18,9 @@ each, as agents work side by side); a conversation's turns run one after another
 
 Per router it reports the share of prompt tokens served from cache on turns >= 2 (where affinity
 matters: turn 1 can at most reuse a persona's system prompt) and on all turns, turn latency p50/p90
-(submit to the final delta, seen by the caller), time to first token p50, and the turns each replica
-served; `--out` writes those and every turn's record as JSON.
+(submit to the final delta, seen by the caller), time to first token p50, the turns each replica served,
+and the turns that went to another replica than their conversation's previous turn ("moved"); `--out`
+writes those and every turn's record as JSON.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import itertools
 import json
 import math
 import threading
@@ -78,7 +80,11 @@ class TurnRecord:
 def scripts(num_conversations: int, num_turns: int) -> list[Script]:
     """The evaluation set's conversations (repeating past its end), each padded to `num_turns` messages."""
     personas = {p.key for p in prompts.list_personas()}
-    entries = prompts.load_dataset("eval")
+    by_domain: dict[str, list[prompts.DatasetEntry]] = {}
+    for entry in prompts.load_dataset("eval"):
+        by_domain.setdefault(entry.domain, []).append(entry)
+    # Domains interleaved (the set is grouped by domain), so a few conversations already mix personas.
+    entries = [e for row in itertools.zip_longest(*by_domain.values()) for e in row if e is not None]
     out = []
     for i in range(num_conversations):
         entry = entries[i % len(entries)]
@@ -161,10 +167,14 @@ def summarize(router: str, records: Sequence[TurnRecord]) -> dict[str, Any]:
         "latency_p90_s": percentile([r.latency_s for r in records], 90),
         "ttft_p50_s": percentile(ttfts, 50) if ttfts else None,
         "turns_per_replica": sorted(replicas.values(), reverse=True),
-        "conversations_on_one_replica": sum(
-            len({r.replica for r in records if r.conversation == c}) == 1 for c in {r.conversation for r in records}
-        ),
+        "turns_moved": len(moved_turns(records)),
     }
+
+
+def moved_turns(records: Sequence[TurnRecord]) -> list[TurnRecord]:
+    """Turns served by another replica than their conversation's previous turn (so mostly uncached)."""
+    previous = {(r.conversation, r.turn): r.replica for r in records}
+    return [r for r in records if r.turn >= 2 and previous.get((r.conversation, r.turn - 1), r.replica) != r.replica]
 
 
 def _share(records: Sequence[TurnRecord]) -> float:
@@ -244,12 +254,12 @@ def main() -> None:
     print(f"{args.conversations} conversations x {args.turns} turns, {args.replicas} replicas, "
           f"{args.max_tokens} tokens per reply")  # fmt: skip
     print(f"{'router':<12} {'cached, turns>=2':>17} {'cached, all':>12} {'p50 s':>7} {'p90 s':>7} "
-          f"{'ttft p50 s':>11} {'turns per replica':>18}")  # fmt: skip
+          f"{'ttft p50 s':>11} {'turns per replica':>18} {'moved':>6}")  # fmt: skip
     for row in rows:
         ttft = f"{row['ttft_p50_s']:.3f}" if row["ttft_p50_s"] is not None else "-"
         print(f"{row['router']:<12} {row['cached_share_turn2plus']:>17.1%} {row['cached_share_all']:>12.1%} "
               f"{row['latency_p50_s']:>7.3f} {row['latency_p90_s']:>7.3f} {ttft:>11} "
-              f"{'/'.join(map(str, row['turns_per_replica'])):>18}")  # fmt: skip
+              f"{'/'.join(map(str, row['turns_per_replica'])):>18} {row['turns_moved']:>6}")  # fmt: skip
     if args.out is not None:
         config = {
             "model": args.model or "default", "replicas": args.replicas, "conversations": args.conversations,

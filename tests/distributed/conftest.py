@@ -45,11 +45,12 @@ def engine_settings(tiny_model: Path) -> EngineConfig:
 
 @pytest.fixture(scope="package")
 def persona_engine_settings(tmp_path_factory: pytest.TempPathFactory) -> EngineConfig:
-    """A tiny model with room for the console's persona system prompts (thousands of tiny-tokenizer tokens)."""
+    """A tiny model with room for the console's persona system prompts (thousands of tiny-tokenizer tokens),
+    batching 8 requests per replica, as the benchmark's engines do."""
     model = make_tiny_model("llama", tmp_path_factory.mktemp("tiny-4k"), max_position_embeddings=4096)
     return EngineConfig(
         model=str(model), device="cpu", dtype="float32", num_threads=1, kv_cache_memory_gib=0.05,
-        max_num_seqs=4, speculator=None,
+        max_num_seqs=8, speculator=None,
     )  # fmt: skip
 
 
@@ -112,7 +113,8 @@ def kill_replica(replica: str) -> None:
 def replica_states(app: str, deployment: str) -> tuple[str, dict[str, int]]:
     """What `serve.status()` says of a deployment: its status, and how many replicas are in each state."""
     overview = serve.status().applications[app].deployments[deployment]
-    return str(overview.status.value), {str(k.value): v for k, v in overview.replica_states.items()}
+    states = {str(getattr(state, "value", state)): n for state, n in overview.replica_states.items()}
+    return str(getattr(overview.status, "value", overview.status)), states
 
 
 def wait_for(condition: Any, timeout_s: float = 60.0, what: str = "condition") -> None:

@@ -34,23 +34,26 @@ def llm(ray_cluster: None, persona_engine_settings: EngineConfig) -> Iterator[An
 
 @pytest.mark.timeout(300)
 def test_later_turns_are_served_from_cache(llm: Any) -> None:
-    from benchmarks.affinity import play, scripts, summarize
+    from benchmarks.affinity import moved_turns, play, scripts, summarize
 
     workload = scripts(10, 4)
     assert len({s.persona for s in workload}) >= 3  # several personas' system prompts, not one
     records = play(llm, workload, SamplingParams(max_tokens=8, ignore_eos=True))
     summary = summarize("affinity", records)
+    print(summary)
 
     assert summary["num_turns"] == 40
     assert summary["cached_share_turn2plus"] >= 0.8, summary
-    # What makes it so: each conversation stayed on one replica, and both replicas took conversations.
-    assert summary["conversations_on_one_replica"] == 10, summary
-    assert len(summary["turns_per_replica"]) == 2, summary
-    # Every later turn reused at least its conversation's earlier prompt, not just the system prompt.
-    first = {r.conversation: r for r in records if r.turn == 1}
-    for r in records:
-        if r.turn >= 2:
-            assert r.num_cached_tokens > first[r.conversation].num_prompt_tokens - 16, r
+    assert len(summary["turns_per_replica"]) == 2, summary  # both replicas took conversations
+    # A turn on its conversation's replica reuses the whole earlier prompt (less its last partial page),
+    # not just the persona's system prompt. (The router's load bound may move a turn under a burst.)
+    block = llm.info.block_size
+    moved = moved_turns(records)
+    previous = {(r.conversation, r.turn): r for r in records}
+    stayed = [r for r in records if r.turn >= 2 and r not in moved]
+    assert len(stayed) >= 20, summary
+    for r in stayed:
+        assert r.num_cached_tokens > previous[r.conversation, r.turn - 1].num_prompt_tokens - block, r
 
 
 @pytest.mark.timeout(300)
