@@ -1,7 +1,7 @@
 """Conversation affinity vs Ray Serve's default routing: cached prompt tokens and turn latency.
 
     python -m benchmarks.affinity [--model PATH] [--replicas 2] [--conversations 10] [--turns 4]
-                                  [--routers affinity,default] [--max-tokens 32] [--out affinity.json]
+                                  [--routers affinity,default,round-robin] [--max-tokens 32] [--out affinity.json]
 
 Starts a local Ray cluster (127.0.0.1 only) with `--replicas` CPU engine replicas and runs the same
 multi-turn conversations once per router, on fresh replicas each time (no run starts with a warm cache):
@@ -47,7 +47,6 @@ from specdesk.engine.config import EngineConfig
 from specdesk.engine.sampling_params import SamplingParams
 
 ROUTERS = ("affinity", "default", "round-robin")
-APP = "affinity-bench"
 FOLLOW_UPS = (
     "Thanks. Can you check again? I still have not heard anything since Monday.",
     "Is there anything I need to do on my side, or will you sort it out?",
@@ -203,7 +202,13 @@ def deploy(settings: Settings, num_replicas: int, router: str) -> Any:
     if router == "default":
         # ClusterConfig offers affinity or round-robin; Ray's default is the same deployment, router unset.
         app = Application(app._bound_deployment.options(request_router_config=RequestRouterConfig()))
-    return serve.run(app, name=APP, route_prefix=None)
+    # One application name per router: a process keeps one router per deployment id for its handles, so
+    # a second run under the same name would still be routed by the first run's router.
+    return serve.run(app, name=app_name(router), route_prefix=None)
+
+
+def app_name(router: str) -> str:
+    return f"affinity-bench-{router}"
 
 
 def run(engine: EngineConfig, num_replicas: int, router: str, workload: Sequence[Script], max_tokens: int) -> dict:
@@ -220,7 +225,7 @@ def run(engine: EngineConfig, num_replicas: int, router: str, workload: Sequence
         wall_s = time.perf_counter() - start
     finally:
         llm.shutdown()
-        serve.delete(APP)
+        serve.delete(app_name(router))
     return {**summarize(router, records), "wall_s": wall_s, "turns": [dataclasses.asdict(r) for r in records]}
 
 
@@ -231,7 +236,7 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=10)
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=32, help="reply length per turn (EOS ignored)")
-    parser.add_argument("--routers", default="affinity,default", help=f"comma-separated, of {', '.join(ROUTERS)}")
+    parser.add_argument("--routers", default=",".join(ROUTERS), help=f"comma-separated, of {', '.join(ROUTERS)}")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args()
     routers = [r.strip() for r in args.routers.split(",") if r.strip()]

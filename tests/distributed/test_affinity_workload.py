@@ -40,7 +40,6 @@ def test_later_turns_are_served_from_cache(llm: Any) -> None:
     assert len({s.persona for s in workload}) >= 3  # several personas' system prompts, not one
     records = play(llm, workload, SamplingParams(max_tokens=8, ignore_eos=True))
     summary = summarize("affinity", records)
-    print(summary)
 
     assert summary["num_turns"] == 40
     assert summary["cached_share_turn2plus"] >= 0.8, summary
