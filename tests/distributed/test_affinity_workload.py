@@ -44,13 +44,15 @@ def test_later_turns_are_served_from_cache(llm: Any) -> None:
     assert summary["num_turns"] == 40
     assert summary["cached_share_turn2plus"] >= 0.8, summary
     assert len(summary["turns_per_replica"]) == 2, summary  # both replicas took conversations
-    # A turn on its conversation's replica reuses the whole earlier prompt (less its last partial page),
-    # not just the persona's system prompt. (The router's load bound may move a turn under a burst.)
+    # The persona's system prompt is most of a tiny-tokenizer prompt and any replica may have it cached,
+    # so what shows affinity is this: later turns stay on their conversation's replica (random routing
+    # would keep about half of the 30; the load bound may move a few under a burst), and a turn that
+    # stayed reuses its whole earlier prompt (less its last partial page).
     block = llm.info.block_size
     moved = moved_turns(records)
     previous = {(r.conversation, r.turn): r for r in records}
     stayed = [r for r in records if r.turn >= 2 and r not in moved]
-    assert len(stayed) >= 20, summary
+    assert len(stayed) >= 22, summary
     for r in stayed:
         assert r.num_cached_tokens > previous[r.conversation, r.turn - 1].num_prompt_tokens - block, r
 
