@@ -31,6 +31,7 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 import threading
 import time
 from collections import Counter
@@ -248,6 +249,10 @@ def main() -> None:
     engine = EngineConfig(model=args.model, device="cpu", num_threads=1, max_num_seqs=8, speculator=None)
     workload = scripts(args.conversations, args.turns)
     env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    # Every Ray process talks over loopback: by default its processes reach each other through the
+    # host's network address (get_node_ip_address), which a loopback-only run must never use.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray.init(
         num_cpus=args.replicas + 1, include_dashboard=False, _node_ip_address="127.0.0.1",
         runtime_env={"env_vars": env},

@@ -47,7 +47,10 @@ def engine_deployment(settings: Settings, cluster: ClusterConfig) -> Any:
     router: dict[str, Any] = (
         {"request_router_class": "ray.serve.experimental.round_robin_router.RoundRobinRouter"}
         if cluster.round_robin
-        else {"request_router_class": AffinityRouter, "request_router_kwargs": {"load_factor": cluster.load_factor}}
+        else {
+            "request_router_class": AffinityRouter,
+            "request_router_kwargs": {"load_factor": cluster.load_factor, "batch_size": settings.engine.max_num_seqs},
+        }
     )
     actor_options: dict[str, Any] = {"num_cpus": cluster.num_cpus_per_replica}
     if cluster.num_gpus_per_replica:

@@ -8,12 +8,14 @@ changes for an engine that caches KV pages per replica:
   the one it replaces, so when a replica dies only its conversations move (to the ring's next replica),
   and they come back when the replacement is up; every other conversation stays where its pages are.
   A replica that reports no rank falls back to its id (Ray's default behaviour).
-* A load bound (consistent hashing with bounded loads): a replica whose queue is longer than
-  `load_factor` × the mean queue (+1) is tried after the others, so a burst of hot conversations that
-  happen to share a replica spills over instead of queueing behind each other.
+* A load bound (consistent hashing with bounded loads): a replica whose queue has reached both its engine's
+  batch (`batch_size`: until then a new turn joins the running batch at no wait) and `load_factor` × the
+  mean queue (+1) is tried after the others, so a burst of hot conversations that happen to share a
+  replica spills over instead of queueing behind each other, while a turn never leaves its cached pages
+  for a replica that merely has a shorter queue.
 
 Configured through `RequestRouterConfig(request_router_class=AffinityRouter,
-request_router_kwargs={"load_factor": 1.5, "num_virtual_nodes": 100, "num_fallback_replicas": 2})`.
+request_router_kwargs={"load_factor": 1.5, "batch_size": 32, "num_virtual_nodes": 100, "num_fallback_replicas": 2})`.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class AffinityRouter(ConsistentHashRouter):
         if not isinstance(load_factor, int | float) or load_factor < 1:
             raise ValueError(f"load_factor must be a number >= 1, got {load_factor!r}")
         self._load_factor = float(load_factor)
+        self._batch_size = int(kwargs.pop("batch_size", 1))
         super().initialize_state(**kwargs)
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
@@ -68,7 +71,7 @@ class AffinityRouter(ConsistentHashRouter):
 
     def _load_bound(self, replicas: list[RunningReplica]) -> float:
         mean = sum(self._queue_len(r) for r in replicas) / max(1, len(replicas))
-        return math.ceil(self._load_factor * mean) + 1
+        return max(math.ceil(self._load_factor * mean) + 1, self._batch_size)
 
     def _queue_len(self, replica: RunningReplica) -> int:
         return self.replica_queue_len_cache.get(replica.replica_id) or 0

@@ -6,6 +6,7 @@ Skips every test here when `ray[serve]` is not installed (`pip install -e .[dist
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -63,6 +64,10 @@ def http_port() -> int:
 def ray_cluster(http_port: int) -> Iterator[None]:
     """Ray on this machine only (127.0.0.1), with logical CPUs for a few replicas; torch on one thread each."""
     env = {"PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    # Every Ray process talks over loopback: by default its processes reach each other through the
+    # host's network address (get_node_ip_address), which a loopback-only run must never use.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray.init(
         num_cpus=8, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
         runtime_env={"env_vars": env},
