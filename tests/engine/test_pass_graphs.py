@@ -19,9 +19,8 @@ from specdesk.engine.llm_engine import LLMEngine
 from specdesk.engine.models.loader import LoadedModel, load_model
 from specdesk.engine.pass_graphs import Bucket, PassGraphs, bucket_sizes
 from specdesk.engine.sampling_params import SamplingParams
-from specdesk.engine.speculators.mlp import MLPSpeculator, MLPSpeculatorConfig
 from specdesk.engine.speculators.tree import build_tree
-from tests.tiny_models import make_tiny_model
+from tests.tiny_models import make_tiny_model, make_tiny_speculator
 
 BS = 16
 NUM_BLOCKS = 24  # real pages; page NUM_BLOCKS is the scratch page
@@ -177,10 +176,7 @@ def test_engine_through_padded_passes_gives_identical_output(tmp_path: Path, see
     # The whole engine (prefill eager, decode and tree verification through the padded passes the CUDA
     # graphs replay) against the plain eager engine: same tokens, greedy and seeded, speculating.
     model_dir = make_tiny_model("llama", tmp_path / "model")
-    cfg = load_model(str(model_dir), "float32", "cpu").hf_config
-    torch.manual_seed(1)
-    spec = MLPSpeculator(MLPSpeculatorConfig(vocab_size=cfg.vocab_size, emb_dim=cfg.hidden_size, n_predict=3))
-    spec.save_pretrained(tmp_path / "mlp")
+    make_tiny_speculator(model_dir, tmp_path / "mlp")
     params = (
         SamplingParams(temperature=0.8, top_k=40, seed=7, max_tokens=24, ignore_eos=True)
         if seeded

@@ -6,14 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from specdesk.engine import LLM, SamplingParams
 from specdesk.engine.config import EngineConfig
 from specdesk.engine.llm_engine import LLMEngine
 from specdesk.engine.models.loader import load_model
-from specdesk.engine.speculators.mlp import MLPSpeculator, MLPSpeculatorConfig
-from tests.tiny_models import make_tiny_model
+from tests.tiny_models import make_tiny_model, make_tiny_speculator
 
 PROMPTS = [
     "Your order 48213 ships today. Your order 48213 ships today. Your order",
@@ -30,11 +28,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def mlp_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cfg = load_model(str(model_dir), "float32", "cpu").hf_config
-    torch.manual_seed(1)
-    spec = MLPSpeculator(MLPSpeculatorConfig(vocab_size=cfg.vocab_size, emb_dim=cfg.hidden_size, n_predict=3))
-    out = tmp_path_factory.mktemp("mlp") / "speculator"
-    spec.save_pretrained(out)
+    out = make_tiny_speculator(model_dir, tmp_path_factory.mktemp("mlp") / "speculator")
     return out
 
 

@@ -14,9 +14,9 @@ from specdesk.engine.llm_engine import LLMEngine
 from specdesk.engine.models.loader import load_model
 from specdesk.engine.speculators import draft_vocab
 from specdesk.engine.speculators.candidates import beam_top_k, propose
-from specdesk.engine.speculators.mlp import MLPSpeculator, MLPSpeculatorConfig
+from specdesk.engine.speculators.mlp import MLPSpeculator
 from specdesk.training import draft_vocab as vocab_builder
-from tests.tiny_models import make_tiny_model
+from tests.tiny_models import make_tiny_model, make_tiny_speculator
 
 REPETITIVE = "Your order 48213 ships today. Your order 48213 ships today. Your order 48213 ships"
 PROMPTS: list[str | list[int]] = [
@@ -35,11 +35,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def mlp_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-weight MLP speculator in the published format: wrong guesses must never change output."""
-    cfg = load_model(str(model_dir), "float32", "cpu").hf_config
-    torch.manual_seed(1)
-    spec = MLPSpeculator(MLPSpeculatorConfig(vocab_size=cfg.vocab_size, emb_dim=cfg.hidden_size, n_predict=3))
-    out = tmp_path_factory.mktemp("mlp") / "speculator"
-    spec.save_pretrained(out)
+    out = make_tiny_speculator(model_dir, tmp_path_factory.mktemp("mlp") / "speculator")
     return out
 
 

@@ -17,9 +17,8 @@ from specdesk.engine.model_runner import ForwardOutput
 from specdesk.engine.models.loader import load_model
 from specdesk.engine.scheduler import ScheduledSeq
 from specdesk.engine.speculators import verifier
-from specdesk.engine.speculators.mlp import MLPSpeculator, MLPSpeculatorConfig
 from specdesk.engine.speculators.tree import DraftTree
-from tests.tiny_models import make_tiny_model
+from tests.tiny_models import make_tiny_model, make_tiny_speculator
 
 PROMPTS = [
     "Your order 48213 ships today. Your order 48213 ships today. Your order",
@@ -39,11 +38,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def speculator(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
-    cfg = load_model(str(model_dir), "float32", "cpu").hf_config
-    torch.manual_seed(1)
-    spec = MLPSpeculator(MLPSpeculatorConfig(vocab_size=cfg.vocab_size, emb_dim=cfg.hidden_size, n_predict=3))
-    out = tmp_path_factory.mktemp("mlp") / "speculator"
-    spec.save_pretrained(out)
+    out = make_tiny_speculator(model_dir, tmp_path_factory.mktemp("mlp") / "speculator")
     return f"{out}+ngram"
 
 
