@@ -25,7 +25,7 @@ from typing import Any
 from specdesk.distributed import affinity
 from specdesk.distributed.replica import ReplicaDelta, ReplicaInfo
 from specdesk.distributed.stats import sum_stats
-from specdesk.engine.client import EngineClient, Prompt, check_prompt_ids
+from specdesk.engine.client import EngineClient, Prompt, check_prompt_ids, render_chat
 from specdesk.engine.detokenizer import IncrementalDetokenizer
 from specdesk.engine.llm_engine import EngineStats
 from specdesk.engine.outputs import FinishReason, StreamDelta
@@ -115,18 +115,7 @@ class RemoteLLM(EngineClient):
             i.model_name, i.dtype_name, i.max_model_len, i.max_num_seqs * self._num_replicas, i.speculator
         )
 
-    # ---- prompts (rendered here; identical to LLM.encode / LLM.apply_chat_template) ----------------
-    def encode(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt is empty: give some text")
-            return list(self.tokenizer.encode(prompt))
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
-            return self.apply_chat_template(prompt)
-        if isinstance(prompt, list | tuple) and all(isinstance(t, int) for t in prompt):
-            return [int(t) for t in prompt]  # type: ignore[arg-type]
-        raise ValueError(f"a prompt is a string, a list of token ids or a list of chat messages, got {prompt!r:.80}")
-
+    # ---- prompts (rendered here, as the in-process LLM renders them: client.render_chat) -------------
     def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
         """Render messages for the assistant's reply, and remember the conversation's routing key."""
         ids = self._render(messages)
@@ -134,13 +123,7 @@ class RemoteLLM(EngineClient):
         return ids
 
     def _render(self, messages: list[dict[str, Any]]) -> list[int]:
-        for m in messages:
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise ValueError(f"each message needs 'role' and 'content', got {m!r}")
-        if getattr(self.tokenizer, "chat_template", None) is None:
-            raise ValueError(f"model {self.model_name} has no chat template; pass a plain prompt instead")
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        return render_chat(self.tokenizer, messages, self.model_name)
 
     def routing_key(self, token_ids: Sequence[int], cache_salt: str | None = None) -> str:
         """The key a prompt is routed by: the caller's (`affinity.routing_scope`), else the

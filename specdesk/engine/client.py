@@ -6,6 +6,7 @@ collecting and cleaning up after a failed request behave the same in one process
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -17,10 +18,25 @@ Prompt = str | list[int] | list[dict[str, Any]]
 
 
 class EngineClient(ABC):
-    """`stream`, `generate` and `chat` over a subclass's `encode`, `submit`, `deltas` and `abort`."""
+    """`encode`, `stream`, `generate` and `chat` over a subclass's `tokenizer`, `apply_chat_template`,
+    `submit`, `deltas` and `abort`."""
+
+    tokenizer: Any
 
     @abstractmethod
-    def encode(self, prompt: Prompt) -> list[int]: ...
+    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]: ...
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids for a prompt: a string (tokenized as the model's tokenizer does), ids, or chat messages."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty: give some text")
+            return list(self.tokenizer.encode(prompt))
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+            return self.apply_chat_template(prompt)
+        if isinstance(prompt, list | tuple) and all(isinstance(t, int) for t in prompt):
+            return [int(t) for t in prompt]  # type: ignore[arg-type]
+        raise ValueError(f"a prompt is a string, a list of token ids or a list of chat messages, got {prompt!r:.80}")
 
     @abstractmethod
     def submit(self, prompt: Prompt, params: SamplingParams | None = None, cache_salt: str | None = None) -> str: ...
@@ -91,6 +107,36 @@ class EngineClient(ABC):
             raise RuntimeError(f"request {request_id} failed: {last.error}")
         metrics = last.metrics or RequestMetrics()
         return RequestOutput(request_id, prompt_ids, token_ids, "".join(text), last.finish_reason, metrics)
+
+
+def render_chat(tokenizer: Any, messages: list[dict[str, Any]], model_name: str) -> list[int]:
+    """Token ids of messages rendered with the model's chat template, ready for the assistant's reply.
+
+    Only the template's own control tokens (`<|im_start|>`, BOS, ...) become control token ids. Text that
+    merely spells one inside a message is encoded as ordinary text: otherwise a customer could close their
+    turn and open a system turn by typing its markers. The rendered text already carries any BOS the
+    template wants, so no special tokens are added again.
+    """
+    for m in messages:
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ValueError(f"each message needs 'role' and 'content', got {m!r}")
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(f"model {model_name} has no chat template; pass a plain prompt instead")
+    if "sanitize_control_tokens" in inspect.signature(tokenizer.apply_chat_template).parameters:
+        # transformers marks control-token text in the messages before rendering, then encodes the marked
+        # spans as plain text; a conversation without any encodes exactly as plain rendering.
+        encoded = tokenizer.apply_chat_template(
+            messages, tokenize=True, add_generation_prompt=True, sanitize_control_tokens=True
+        )
+        return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+    # An older transformers cannot keep such text apart from the template's markers: refuse it.
+    added = [t for t in getattr(tokenizer, "added_tokens_encoder", {}) if t.strip()]
+    for m in messages:
+        found = next((t for t in added if isinstance(m["content"], str) and t in m["content"]), None)
+        if found is not None:
+            raise ValueError(f"a {m['role']} message contains the control token {found!r}: remove it")
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return list(tokenizer.encode(text, add_special_tokens=False))
 
 
 def check_prompt_ids(token_ids: list[int], max_model_len: int, vocab_size: int) -> None:

@@ -8,7 +8,6 @@ for delta in llm.stream(messages, params): print(delta.text, end="")
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import logging
 import queue
@@ -18,7 +17,7 @@ from typing import Any
 
 import torch
 
-from specdesk.engine.client import EngineClient, Prompt
+from specdesk.engine.client import EngineClient, Prompt, render_chat
 from specdesk.engine.config import EngineConfig
 from specdesk.engine.llm_engine import EngineStats, LLMEngine
 from specdesk.engine.models.loader import load_model, resolve_device
@@ -58,46 +57,10 @@ class LLM(EngineClient):
         self._thread.start()
 
     # ---- prompts ----------------------------------------------------------------------------------
-    def encode(self, prompt: Prompt) -> list[int]:
-        """Token ids for a prompt: a string (tokenized as the model's tokenizer does), ids, or chat messages."""
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt is empty: give some text")
-            return list(self.tokenizer.encode(prompt))
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
-            return self.apply_chat_template(prompt)
-        if isinstance(prompt, list | tuple) and all(isinstance(t, int) for t in prompt):
-            return [int(t) for t in prompt]  # type: ignore[arg-type]
-        return _bad(prompt)
-
     def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
-        """Render messages with the model's chat template, ready for the assistant's reply.
-
-        Only the template's own control tokens (`<|im_start|>`, BOS, ...) become control token ids. Text
-        that merely spells one inside a message is encoded as ordinary text: otherwise a customer could
-        close their turn and open a system turn by typing its markers. The rendered text already carries
-        any BOS the template wants, so no special tokens are added again.
-        """
-        for m in messages:
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise ValueError(f"each message needs 'role' and 'content', got {m!r}")
-        if getattr(self.tokenizer, "chat_template", None) is None:
-            raise ValueError(f"model {self.loaded.name} has no chat template; pass a plain prompt instead")
-        if "sanitize_control_tokens" in inspect.signature(self.tokenizer.apply_chat_template).parameters:
-            # transformers marks control-token text in the messages before rendering, then encodes the
-            # marked spans as plain text; a conversation without any encodes exactly as plain rendering.
-            encoded = self.tokenizer.apply_chat_template(
-                messages, tokenize=True, add_generation_prompt=True, sanitize_control_tokens=True
-            )
-            return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
-        # An older transformers cannot keep such text apart from the template's markers: refuse it.
-        added = [t for t in getattr(self.tokenizer, "added_tokens_encoder", {}) if t.strip()]
-        for m in messages:
-            found = next((t for t in added if isinstance(m["content"], str) and t in m["content"]), None)
-            if found is not None:
-                raise ValueError(f"a {m['role']} message contains the control token {found!r}: remove it")
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        """Render messages with the model's chat template, ready for the assistant's reply; text inside a
+        message never becomes a control token (see `client.render_chat`)."""
+        return render_chat(self.tokenizer, messages, self.loaded.name)
 
     # ---- serving ----------------------------------------------------------------------------------
     def submit(self, prompt: Prompt, params: SamplingParams | None = None, cache_salt: str | None = None) -> str:
@@ -295,7 +258,3 @@ class LLM(EngineClient):
 
 def _error_delta(request_id: str, error: str) -> StreamDelta:
     return StreamDelta(request_id, "", [], True, FinishReason.ERROR, None, error)
-
-
-def _bad(prompt: object) -> list[int]:
-    raise ValueError(f"a prompt is a string, a list of token ids or a list of chat messages, got {prompt!r:.80}")
