@@ -7,13 +7,23 @@ the LangChain chat model; `specdesk serve` (`specdesk.app.cli`) the console, `/v
 
 from typing import TYPE_CHECKING
 
-from specdesk.engine.outputs import FinishReason, RequestMetrics, RequestOutput, StreamDelta
+from specdesk.engine.outputs import FinishReason, RequestMetrics, RequestOutput, StreamDelta, TokenLogprob
 from specdesk.engine.sampling_params import SamplingParams
+from specdesk.engine.structured_output import StructuredOutput
 
 if TYPE_CHECKING:
     from specdesk.engine.llm import LLM
 
-__all__ = ["LLM", "FinishReason", "RequestMetrics", "RequestOutput", "SamplingParams", "StreamDelta"]
+__all__ = [
+    "LLM",
+    "FinishReason",
+    "RequestMetrics",
+    "RequestOutput",
+    "SamplingParams",
+    "StreamDelta",
+    "StructuredOutput",
+    "TokenLogprob",
+]
 
 
 def __getattr__(name: str) -> object:

@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from specdesk.engine.outputs import RequestMetrics, RequestOutput, StreamDelta
+from specdesk.engine.outputs import RequestMetrics, RequestOutput, StreamDelta, TokenLogprob
 from specdesk.engine.sampling_params import SamplingParams
 
 Prompt = str | list[int] | list[dict[str, Any]]
@@ -98,15 +98,18 @@ class EngineClient(ABC):
     def _collect(self, request_id: str, prompt_ids: list[int]) -> RequestOutput:
         text: list[str] = []
         token_ids: list[int] = []
+        logprobs: list[TokenLogprob] | None = None
         last: StreamDelta | None = None
         for last in self.deltas(request_id):
             text.append(last.text)
             token_ids += last.token_ids
+            if last.logprobs is not None:
+                logprobs = (logprobs or []) + last.logprobs
         assert last is not None and last.finished, request_id
         if last.error:
             raise RuntimeError(f"request {request_id} failed: {last.error}")
         metrics = last.metrics or RequestMetrics()
-        return RequestOutput(request_id, prompt_ids, token_ids, "".join(text), last.finish_reason, metrics)
+        return RequestOutput(request_id, prompt_ids, token_ids, "".join(text), last.finish_reason, metrics, logprobs)
 
 
 def render_chat(tokenizer: Any, messages: list[dict[str, Any]], model_name: str) -> list[int]:

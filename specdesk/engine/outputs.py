@@ -51,6 +51,16 @@ class RequestMetrics:
         return d
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One emitted token's log-probability under the model's own distribution (log_softmax of the raw
+    logits at its position), and the `top` most likely tokens there as (token id, logprob), best first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass
 class RequestOutput:
     """The whole result of one request (returned by `LLM.generate` and `LLM.chat`)."""
@@ -61,6 +71,7 @@ class RequestOutput:
     text: str
     finish_reason: FinishReason | None
     metrics: RequestMetrics
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when SamplingParams.logprobs is set
 
 
 @dataclass
@@ -77,3 +88,4 @@ class StreamDelta:
     finish_reason: FinishReason | None = None
     metrics: RequestMetrics | None = None
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when SamplingParams.logprobs is set

@@ -6,6 +6,8 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from specdesk.engine.structured_output import StructuredOutput
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -15,6 +17,18 @@ class SamplingParams:
     top_k == 0 and top_p == 1.0 disable those filters. Every number must be finite; counts are ints, not bools.
     `seed` makes a sampled request reproducible on its own, whatever else is batched with it.
     `speculate=False` turns speculation off for this request only (side-by-side demos).
+
+    Logit processing (engine/logits_processors.py), in this order, each counted over the tokens before the
+    position being decided (speculated positions included), so speculation never changes the outcome:
+      logit_bias          {token id: bias in [-100, 100]} added to the logits (OpenAI's)
+      repetition_penalty  transformers' definition over prompt + output: a seen token's logit z becomes
+                          z / r if z > 0 else z * r (1.0: off; > 1 discourages repeats)
+      frequency_penalty,  OpenAI's over the output only: z -= frequency_penalty * count(token)
+      presence_penalty                                      + presence_penalty * (count(token) > 0)
+      min_p               after temperature/top-k/top-p, drop tokens with p < min_p * max p (0.0: off)
+    logprobs: None (off) or k in [0, 20]: each emitted token's log-probability under the model's own
+      distribution (log_softmax of the raw logits, before any processing: vLLM's default) plus the top k.
+    structured_output: constrain the output to a JSON schema, any JSON object, a regex or an EBNF grammar.
     """
 
     temperature: float = 0.0
@@ -27,17 +41,33 @@ class SamplingParams:
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     speculate: bool = True
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    min_p: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: int | None = None
+    structured_output: StructuredOutput | None = None
     extra: dict[str, object] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         # Lists are accepted for convenience and frozen into tuples so params stay hashable.
         object.__setattr__(self, "stop", _as_tuple("stop", (self.stop,) if isinstance(self.stop, str) else self.stop))
         object.__setattr__(self, "stop_token_ids", _as_tuple("stop_token_ids", self.stop_token_ids))
+        object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
         self.validate()
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        """True when the logits need per-position processing before sampling (logit_processors.py)."""
+        return (
+            self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+            or bool(self.logit_bias)
+        )  # fmt: skip
 
     def validate(self) -> None:
         """Raise ValueError naming the offending parameter (the message starts with its name)."""
@@ -56,6 +86,24 @@ class SamplingParams:
                 raise ValueError(f"stop strings must be non-empty strings, got {s!r}")
         for token_id in self.stop_token_ids:
             _integer("stop_token_ids", token_id, minimum=0)
+        r = _real("repetition_penalty", self.repetition_penalty)
+        if not 0.0 < r <= MAX_REPETITION_PENALTY:
+            raise ValueError(f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}], got {r!r}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2.0 <= _real(name, getattr(self, name)) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
+        if not 0.0 <= _real("min_p", self.min_p) <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        for token_id, bias in self.logit_bias:
+            _integer("logit_bias token ids", token_id, minimum=0)
+            if not -100.0 <= _real("logit_bias values", bias) <= 100.0:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias!r} for token {token_id}")
+        if self.logprobs is not None:
+            _integer("logprobs", self.logprobs, minimum=0, meaning=" or None")
+            if self.logprobs > MAX_LOGPROBS:
+                raise ValueError(f"logprobs must be at most {MAX_LOGPROBS}, got {self.logprobs}")
+        if self.structured_output is not None and not isinstance(self.structured_output, StructuredOutput):
+            raise ValueError(f"structured_output must be a StructuredOutput, got {self.structured_output!r:.80}")
         for name in ("ignore_eos", "skip_special_tokens", "speculate"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -69,6 +117,11 @@ class SamplingParams:
 # it sampling is greedy in all but name: a logit gap of 0.001 already weighs e^100 to 1. So the choice is 0
 # (greedy) or >= 1e-5, nothing in between.
 MIN_TEMPERATURE = 1e-5
+# transformers accepts any positive penalty; past 10 a seen token's logit is all but erased, which no sane
+# request means, and a bound keeps a typo (100 for 1.00) from silently wrecking output.
+MAX_REPETITION_PENALTY = 10.0
+# OpenAI's and vLLM's default cap on top_logprobs.
+MAX_LOGPROBS = 20
 # The largest finite float32: a larger temperature would become inf in the sampler.
 _MAX_FLOAT32 = 3.4028234663852886e38
 
@@ -87,6 +140,29 @@ def _integer(name: str, value: object, minimum: int, meaning: str = "") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}{meaning}, got {value!r}")
     return value
+
+
+def _bias_pairs(bias: object) -> tuple[tuple[int, float], ...]:
+    """logit_bias as sorted (token id, bias) pairs: a dict (OpenAI's shape, string keys allowed) or pairs."""
+    if isinstance(bias, dict):
+        items = list(bias.items())
+    elif isinstance(bias, str | bytes) or not isinstance(bias, Iterable):
+        raise ValueError(f"logit_bias must be a mapping of token ids to biases, got {bias!r:.80}")
+    else:
+        items = [tuple(pair) for pair in bias]
+    pairs: dict[int, float] = {}
+    for item in items:
+        if len(item) != 2:
+            raise ValueError(f"logit_bias must be a mapping of token ids to biases, got {item!r:.80}")
+        key, value = item
+        if isinstance(key, str):
+            if not key.strip().isdigit():
+                raise ValueError(f"logit_bias keys must be token ids, got {key!r:.40}")
+            key = int(key)
+        if isinstance(key, bool) or not isinstance(key, int):
+            raise ValueError(f"logit_bias keys must be token ids, got {key!r:.40}")
+        pairs[key] = value
+    return tuple(sorted(pairs.items()))
 
 
 def _as_tuple(name: str, values: object) -> tuple[object, ...]:
