@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
 
 from specdesk.engine.outputs import FinishReason, RequestMetrics
 from specdesk.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from specdesk.engine.logits_processors import RowConstraint
 
 
 class SequenceStatus(Enum):
@@ -38,6 +42,8 @@ class Sequence:
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
     # Set by the speculator for this step: tokens to verify after the last verified one.
     draft_token_ids: list[int] = field(default_factory=list)
+    # The request's grammar state (structured output), advanced over verified tokens only; None: free text.
+    grammar: RowConstraint | None = None
 
     def __post_init__(self) -> None:
         if not self.token_ids:
