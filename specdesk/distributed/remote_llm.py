@@ -316,6 +316,8 @@ class _RemoteRequest:
             detok.add(delta.token_ids)
             if detok.stopped_by is not None:
                 delta.token_ids = delta.token_ids[: detok.num_tokens_before_stop]
+                if delta.logprobs is not None:
+                    delta.logprobs = delta.logprobs[: detok.num_tokens_before_stop]
                 if not delta.finished:
                     self._response.cancel()  # the replica frees the request's pages
                 delta.finished, delta.finish_reason = True, FinishReason.STOP

@@ -14,7 +14,7 @@ from specdesk.engine.config import EngineConfig, SpecConfig
 from specdesk.engine.detokenizer import IncrementalDetokenizer
 from specdesk.engine.model_runner import ModelRunner
 from specdesk.engine.models.loader import LoadedModel
-from specdesk.engine.outputs import FinishReason, StreamDelta
+from specdesk.engine.outputs import FinishReason, StreamDelta, TokenLogprob
 from specdesk.engine.sampling_params import SamplingParams
 from specdesk.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from specdesk.engine.sequence import Sequence
@@ -140,10 +140,12 @@ class LLMEngine:
                 self.scheduler.finish(s.seq, FinishReason.ERROR)
                 deltas.append(self._finish_delta(s.seq, error=verdict.error))
             else:
-                deltas += self._append(s, verdict.tokens, now)
+                deltas += self._append(s, verdict.tokens, now, verdict.logprobs)
         return deltas
 
-    def _append(self, s: ScheduledSeq, new_tokens: list[int], now: float) -> list[StreamDelta]:
+    def _append(
+        self, s: ScheduledSeq, new_tokens: list[int], now: float, logprobs: list[TokenLogprob] | None = None
+    ) -> list[StreamDelta]:
         seq = s.seq
         was_decoding = seq.num_output_tokens > 0
         kept = self.scheduler.append_tokens(s, new_tokens)
@@ -157,7 +159,7 @@ class LLMEngine:
             m.first_token_time = now
             m.ttft_s = now - m.arrival_time
         m.decode_s = now - m.first_token_time
-        return [self._text_delta(seq, kept)]
+        return [self._text_delta(seq, kept, logprobs[: len(kept)] if logprobs is not None else None)]
 
     def fail_all(self, error: str) -> list[StreamDelta]:
         """Finish every live request with an error (the loop's last resort after an unexpected exception)."""
@@ -190,7 +192,7 @@ class LLMEngine:
             f"{seq.num_tokens} and the next: raise kv_cache_memory_gib or lower max_tokens"
         )
 
-    def _text_delta(self, seq: Sequence, kept: list[int]) -> StreamDelta:
+    def _text_delta(self, seq: Sequence, kept: list[int], logprobs: list[TokenLogprob] | None) -> StreamDelta:
         detok = self.detokenizers[seq.request_id]
         text = detok.add(kept)
         if detok.stopped_by is not None:
@@ -200,6 +202,7 @@ class LLMEngine:
             if n < len(kept):
                 del seq.token_ids[n - len(kept) :]
                 kept = kept[:n]
+                logprobs = logprobs[:n] if logprobs is not None else None
                 seq.metrics.num_generated_tokens = seq.num_output_tokens
             if seq.is_finished:
                 seq.finish_reason = FinishReason.STOP
@@ -210,18 +213,19 @@ class LLMEngine:
                 text += detok.flush()
                 if detok.stopped_by is not None:  # the held-back tail completed a stop string
                     seq.finish_reason = FinishReason.STOP
-            return self._finish_delta(seq, text=text, token_ids=kept)
-        return StreamDelta(seq.request_id, text, kept)
+            return self._finish_delta(seq, text=text, token_ids=kept, logprobs=logprobs)
+        return StreamDelta(seq.request_id, text, kept, logprobs=logprobs)
 
     def _finish_delta(
-        self, seq: Sequence, text: str = "", token_ids: list[int] | None = None, error: str | None = None
-    ) -> StreamDelta:
+        self, seq: Sequence, text: str = "", token_ids: list[int] | None = None, error: str | None = None,
+        logprobs: list[TokenLogprob] | None = None,
+    ) -> StreamDelta:  # fmt: skip
         self.sequences.pop(seq.request_id, None)
         self.detokenizers.pop(seq.request_id, None)
         if self.speculation is not None:
             self.speculation.finish(seq)
         seq.metrics.finish_time = time.perf_counter()
-        return StreamDelta(seq.request_id, text, token_ids or [], True, seq.finish_reason, seq.metrics, error)
+        return StreamDelta(seq.request_id, text, token_ids or [], True, seq.finish_reason, seq.metrics, error, logprobs)
 
     def stats(self) -> EngineStats:
         bm = self.block_manager

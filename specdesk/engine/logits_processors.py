@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import torch
 from torch import Tensor
+
+from specdesk.engine.sampling_params import SamplingParams
 
 
 class RowConstraint(Protocol):
@@ -20,3 +23,48 @@ class RowConstraint(Protocol):
         """bool [len(paths), vocab_size]: row i allows token t iff the grammar, advanced from its current
         state (after the verified tokens) over paths[i], accepts t next. The state itself is unchanged."""
         ...
+
+
+def needs_processing(params: SamplingParams, grammar: RowConstraint | None) -> bool:
+    """True when a request's rows need more than the model's raw logits."""
+    return params.has_penalties or grammar is not None
+
+
+def process_rows(
+    logits: Tensor, params: SamplingParams, history: list[int], num_prompt_tokens: int, paths: list[list[int]],
+    grammar: RowConstraint | None,
+) -> Tensor:  # fmt: skip
+    """One request's rows with bias, penalties and grammar applied (a new float32 [len(paths), V] tensor).
+
+    history: the verified tokens (prompt + output); row i decides the position after history + paths[i].
+    In order (vLLM's): logit_bias, then repetition_penalty over prompt + output (transformers' definition:
+    a seen token's logit z becomes z / r if z > 0 else z * r), then OpenAI's frequency and presence penalties
+    over the output only, then the grammar mask (-inf where the grammar forbids the token).
+    """
+    n, vocab_size = logits.shape
+    assert n == len(paths), (n, len(paths))
+    device = logits.device
+    z = logits.float().clone()
+    if params.logit_bias:
+        ids = [t for t, _ in params.logit_bias if t < vocab_size]
+        bias = torch.tensor([b for t, b in params.logit_bias if t < vocab_size], dtype=torch.float32, device=device)
+        z[:, ids] += bias
+    # Tokens each row adds to the verified history: its path from the root (row-major (row, token) pairs).
+    path_rows = torch.tensor([i for i, path in enumerate(paths) for _ in path], dtype=torch.long, device=device)
+    path_ids = torch.tensor([t for path in paths for t in path], dtype=torch.long, device=device)
+    if params.repetition_penalty != 1.0:
+        seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        seen[torch.tensor(history, dtype=torch.long, device=device)] = True
+        seen_rows = seen.expand(n, vocab_size).clone()
+        seen_rows[path_rows, path_ids] = True
+        r = params.repetition_penalty
+        z = torch.where(seen_rows, torch.where(z > 0, z / r, z * r), z)
+    if params.frequency_penalty != 0.0 or params.presence_penalty != 0.0:
+        output = torch.tensor(history[num_prompt_tokens:], dtype=torch.long, device=device)
+        counts = torch.bincount(output, minlength=vocab_size)[:vocab_size].float().expand(n, vocab_size).clone()
+        counts.index_put_((path_rows, path_ids), torch.ones_like(path_ids, dtype=torch.float32), accumulate=True)
+        z -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float()
+    if grammar is not None:
+        allowed = grammar.allowed_rows(paths, vocab_size).to(device)
+        z = z.masked_fill(~allowed, float("-inf"))
+    return z

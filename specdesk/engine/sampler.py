@@ -41,6 +41,23 @@ def make_generator(seed: int | None, device: torch.device | str) -> torch.Genera
 
 
 def filter_logits(logits: Tensor, params: list[SamplingParams]) -> Tensor:
+    """Temperature-scaled logits with everything outside top-k/top-p/min-p set to -inf."""
+    filtered = _filter_top_k_p(logits, params)
+    if any(p.min_p > 0.0 for p in params):
+        filtered = _filter_min_p(filtered, params)
+    return filtered
+
+
+def _filter_min_p(scaled: Tensor, params: list[SamplingParams]) -> Tensor:
+    """min-p after top-k/top-p (transformers' MinPLogitsWarper and its order): drop tokens with
+    p < min_p * max p. In logits: z < z_max + log(min_p); the top token always stays."""
+    min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=scaled.device).unsqueeze(1)
+    top = scaled.max(dim=-1, keepdim=True).values
+    # log(0) = -inf keeps every token of a row without min_p.
+    return scaled.masked_fill(scaled < top + min_p.log(), float("-inf"))
+
+
+def _filter_top_k_p(logits: Tensor, params: list[SamplingParams]) -> Tensor:
     """Temperature-scaled logits with everything outside top-k/top-p set to -inf.
 
     logits: [n, V]; every row must sample (temperature > 0). Returns a new float32 [n, V] tensor.

@@ -11,6 +11,12 @@ tree is then walked on those host numbers:
                        sampling for point-mass drafts, so seeded output equals the non-speculative one
     sampled, unseeded  accept_sampled: lossless multi-draft rejection sampling (acceptance.py)
 
+Before sampling, a request with penalties, logit bias or a grammar has its rows processed
+(logits_processors.py), each row against the tokens before its own position (its tree path included), so
+every row is judged against exactly the distribution plain decoding would use there. Logprobs of the emitted
+tokens come from the raw logits of the rows that decided them, gathered in one more transfer only when some
+request asks for them.
+
 A row plain decoding cannot sample (NaN or infinite logits or probabilities) and any error in one
 sequence's walk fail that request alone; if the batched draw itself raises, each sequence is drawn on its
 own so that only the ones that fail alone fail.
@@ -24,7 +30,9 @@ from typing import NamedTuple
 
 import torch
 
+from specdesk.engine.logits_processors import needs_processing, process_rows
 from specdesk.engine.model_runner import ForwardOutput
+from specdesk.engine.outputs import TokenLogprob
 from specdesk.engine.sampler import RowDraws, sample_rows
 from specdesk.engine.sampling_params import SamplingParams
 from specdesk.engine.scheduler import ScheduledSeq
@@ -41,6 +49,7 @@ class Verdict(NamedTuple):
     tokens: list[int]  # to append: accepted drafts + the base model's own token ([] for a prefill chunk)
     acceptance: Acceptance | None = None  # the tree walk's outcome, for a sequence that verified a tree
     error: str | None = None  # set: this request failed (and only this one)
+    logprobs: list[TokenLogprob] | None = None  # one per token, when the request asks for logprobs
 
     @property
     def last_row(self) -> int:
@@ -54,6 +63,7 @@ class _Rows:
     """The sampler's inputs for one sampling sequence's rows."""
 
     index: int  # the sequence's position in the batch
+    seq: Sequence
     tree: DraftTree | None
     params: list[SamplingParams] = field(default_factory=list)
     generators: list[torch.Generator | None] = field(default_factory=list)
@@ -67,8 +77,9 @@ def verify_step(
     jobs = [_rows(i, s.seq, tree, generator_for) for i, (s, tree) in enumerate(zip(batch, trees, strict=True))
             if s.samples]  # fmt: skip
     verdicts = [Verdict([]) for _ in batch]
+    logits, failed = _process(out, jobs)
     try:
-        draws = _draw(out.logits, jobs)
+        draws = _draw(logits, jobs)
     except Exception as exc:
         if len(jobs) == 1:
             verdicts[jobs[0].index] = Verdict([], error=f"sampling failed: {type(exc).__name__}: {exc}")
@@ -76,24 +87,87 @@ def verify_step(
         # Find the culprit: draw each sequence alone, so that one request's bad input fails it alone.
         for job in jobs:
             try:
-                (alone,) = _draw(out.logits[out.rows_of(job.index)], [job])
+                (alone,) = _draw(logits[out.rows_of(job.index)], [job])
                 verdicts[job.index] = _walk(job, alone)
             except Exception as exc:
                 verdicts[job.index] = Verdict([], error=f"sampling failed: {type(exc).__name__}: {exc}")
-        return verdicts
-    for job, job_draws in zip(jobs, draws, strict=True):
-        try:
-            verdicts[job.index] = _walk(job, job_draws)
-        except Exception as exc:
-            verdicts[job.index] = Verdict([], error=f"verification failed: {type(exc).__name__}: {exc}")
+    else:
+        for job, job_draws in zip(jobs, draws, strict=True):
+            try:
+                verdicts[job.index] = _walk(job, job_draws)
+            except Exception as exc:
+                verdicts[job.index] = Verdict([], error=f"verification failed: {type(exc).__name__}: {exc}")
+    for index, error in failed.items():
+        verdicts[index] = Verdict([], error=error)
+    _attach_logprobs(verdicts, jobs, out)
     return verdicts
+
+
+def _row_paths(tree: DraftTree | None) -> list[list[int]]:
+    """The draft tokens each row adds to the verified history: [] for the root, root-to-node for a node."""
+    if tree is None:
+        return [[]]
+    return [[]] + [[tree.token(r) for r in tree.path_to(row)] for row in range(1, tree.num_nodes + 1)]
+
+
+def _process(out: ForwardOutput, jobs: list[_Rows]) -> tuple[torch.Tensor, dict[int, str]]:
+    """The pass's logits with each processed request's rows replaced, and the requests whose processing
+    failed (batch index -> error; their rows stay raw, so the others still draw in one call)."""
+    todo = [job for job in jobs if needs_processing(job.seq.params, job.seq.grammar)]
+    if not todo:
+        return out.logits, {}
+    logits = out.logits.clone()
+    failed: dict[int, str] = {}
+    for job in todo:
+        seq = job.seq
+        try:
+            rows = out.rows_of(job.index)
+            logits[rows] = process_rows(
+                out.logits[rows], seq.params, seq.token_ids, seq.num_prompt_tokens, _row_paths(job.tree),
+                seq.grammar,
+            )  # fmt: skip
+        except Exception as exc:
+            failed[job.index] = f"logit processing failed: {type(exc).__name__}: {exc}"
+    return logits, failed
+
+
+def _attach_logprobs(verdicts: list[Verdict], jobs: list[_Rows], out: ForwardOutput) -> None:
+    """Fill Verdict.logprobs for the requests that ask: log_softmax of the raw logits of the row that decided
+    each emitted token (the root for the first, then each accepted node), the token's own and the top k."""
+    wanted = [j for j in jobs if j.seq.params.logprobs is not None and verdicts[j.index].error is None]
+    if not wanted:
+        return
+    rows: list[int] = []
+    tokens: list[int] = []
+    for job in wanted:
+        verdict = verdicts[job.index]
+        decided_at = [0] + (verdict.acceptance.accepted_rows if verdict.acceptance is not None else [])
+        rows += [out.row_starts[job.index] + r for r in decided_at[: len(verdict.tokens)]]
+        tokens += verdict.tokens
+    k = max(j.seq.params.logprobs or 0 for j in wanted)
+    device = out.logits.device
+    logprobs = out.logits[torch.tensor(rows, device=device)].float().log_softmax(dim=-1)
+    own = logprobs.gather(1, torch.tensor(tokens, device=device).unsqueeze(1))
+    top_values, top_ids = logprobs.topk(k, dim=-1) if k else (own[:, :0], own[:, :0].long())
+    # One transfer for every request's logprobs.
+    packed = torch.cat([own.double(), top_values.double(), top_ids.double()], dim=1).tolist()
+    start = 0
+    for job in wanted:
+        verdict = verdicts[job.index]
+        kj = job.seq.params.logprobs or 0
+        entries = []
+        for token, row in zip(verdict.tokens, packed[start : start + len(verdict.tokens)], strict=True):
+            top = tuple((int(row[1 + k + i]), row[1 + i]) for i in range(kj))
+            entries.append(TokenLogprob(token, row[0], top))
+        start += len(verdict.tokens)
+        verdicts[job.index] = verdict._replace(logprobs=entries)
 
 
 def _rows(index: int, seq: Sequence, tree: DraftTree | None, generator_for: GeneratorFor) -> _Rows:
     params = seq.params
     p = seq.num_tokens  # the position the first row's token takes; tree row r decides p + depth(r)
     offsets = tree.position_offsets if tree is not None else [0]
-    rows = _Rows(index, tree, [params] * len(offsets))
+    rows = _Rows(index, seq, tree, [params] * len(offsets))
     if params.seed is not None:
         rows.generators = [generator_for(seq, p + d) for d in offsets]
     else:
