@@ -98,6 +98,12 @@ class ChatService:
         return self.llm.config.speculator
 
     @property
+    def sampling_summary(self) -> str:
+        """The deployment's sampling defaults in words (shown under the engine line)."""
+        s = self.settings
+        return f"temperature {s.temperature:g} · top-p {s.top_p:g} · repetition penalty {s.repetition_penalty:g}"
+
+    @property
     def max_concurrent_turns(self) -> int:
         """How many requests the engine batches at once: the UI queue is sized to this."""
         return self.llm.config.max_num_seqs
@@ -112,6 +118,8 @@ class ChatService:
         values: dict[str, Any] = {
             "max_tokens": self.settings.max_tokens,
             "temperature": self.settings.temperature,
+            "top_p": self.settings.top_p,
+            "repetition_penalty": self.settings.repetition_penalty,
         }
         values.update(overrides)
         return SamplingParams(**values)

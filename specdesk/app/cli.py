@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--enforce-eager", action="store_true", default=None, help="no CUDA graphs (GPU)")
         sub.add_argument("--max-tokens", type=int, help="longest drafted reply, in tokens")
         sub.add_argument("--temperature", type=float, help="0 for greedy drafts (default 0.7)")
+        sub.add_argument(
+            "--repetition-penalty", type=float, help="discourages loops; 1 turns it off (default 1.1)"
+        )  # fmt: skip
     serve.add_argument("--host", help="interface to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 7860)")
     serve.add_argument("--api-key", dest="api_keys", action="append", help="key for /v1 (repeatable)")
@@ -66,7 +69,7 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None 
     return settings.with_overrides(
         model=args.model, speculator=args.speculator, db_url=args.db_url, data_dir=args.data_dir,
         device=args.device, dtype=args.dtype, quantization=args.quantization, max_tokens=args.max_tokens,
-        temperature=args.temperature, enforce_eager=args.enforce_eager,
+        temperature=args.temperature, repetition_penalty=args.repetition_penalty, enforce_eager=args.enforce_eager,
         host=getattr(args, "host", None),
         port=getattr(args, "port", None), api_keys=tuple(api_keys) if api_keys else None,
         metrics_key_required=getattr(args, "metrics_key_required", None), agents=agents or None,

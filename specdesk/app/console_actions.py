@@ -322,7 +322,8 @@ class ConsoleActions:
 
     # ---- shared views --------------------------------------------------------------------------------
     def engine_stats(self) -> str:
-        return views.engine_line(self.service.engine_stats(), self.service.model_name, self.service.speculator_name)
+        s = self.service
+        return views.engine_line(s.engine_stats(), s.model_name, s.speculator_name, s.sampling_summary)
 
     def _view(self, conversation_id: int | None, search: str, agent: str | None, *, busy: bool = False) -> Updates:
         """Everything that shows one conversation (or the empty 'new conversation' page).

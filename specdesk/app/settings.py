@@ -12,7 +12,8 @@ Environment variables (all optional; CLI flags win):
     SPECDESK_AGENTS ("alice:<entry>,bob:<entry>"), SPECDESK_AGENTS_FILE (one "name:<entry>" per line),
     where an entry is a `specdesk hash-password` line ("scrypt:..."), or, accepted with a warning, a plain
     password or "sha256:<hex>",
-    SPECDESK_MAX_TOKENS, SPECDESK_TEMPERATURE, SPECDESK_TOP_P, SPECDESK_COMPANY, SPECDESK_AGENT_NAME
+    SPECDESK_MAX_TOKENS, SPECDESK_TEMPERATURE, SPECDESK_TOP_P, SPECDESK_REPETITION_PENALTY (1 turns it off),
+    SPECDESK_COMPANY, SPECDESK_AGENT_NAME
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ from typing import Any
 from specdesk.app.auth import check_password_entry, is_weak_entry, verify_password
 from specdesk.engine.config import EngineConfig  # plain dataclass: no torch
 
+# The console's and the side-by-side view's default (transformers' repetition penalty): greedy replies of the
+# default model fell into a loop (the same 4 tokens 4 times or more) on a share of held-out customer turns
+# without it; `python -m benchmarks.loops` measures every candidate (docs/benchmarks.md has the figures).
+DEFAULT_REPETITION_PENALTY = 1.1
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 ENGINE_FIELDS = frozenset(f.name for f in fields(EngineConfig))
@@ -64,6 +69,7 @@ class Settings:
     # keeps the sampled distribution unchanged (rejection sampling), so it stays on.
     temperature: float = 0.7
     top_p: float = 0.9
+    repetition_penalty: float = DEFAULT_REPETITION_PENALTY
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -74,6 +80,8 @@ class Settings:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 1.0 <= self.repetition_penalty <= 2.0:
+            raise ValueError(f"repetition_penalty must be in [1, 2] (1 turns it off), got {self.repetition_penalty}")
         for name, secret in self.agents.items():
             if not name or ":" in name or not secret:
                 raise ValueError(f"agent entries need a name without ':' and a password, got {name!r}")
@@ -214,6 +222,7 @@ _ENV_FIELDS: tuple[tuple[str, str, Any], ...] = (
     ("SPECDESK_MAX_TOKENS", "max_tokens", _positive_int),
     ("SPECDESK_TEMPERATURE", "temperature", float),
     ("SPECDESK_TOP_P", "top_p", float),
+    ("SPECDESK_REPETITION_PENALTY", "repetition_penalty", float),
     ("SPECDESK_COMPANY", "company", str),
     ("SPECDESK_AGENT_NAME", "agent_name", str),
 )

@@ -88,8 +88,12 @@ def compare(
     max_tokens: int = 128,
     warm_prefix: bool = True,
     cache_salt: str | None = None,
+    repetition_penalty: float = 1.0,
 ) -> Iterator[Comparison]:
     """Stream both answers to `text` (greedy, so both sides must produce the same tokens).
+
+    `repetition_penalty` is the deployment's (Settings.repetition_penalty): both sides use it, so the speed-up
+    is measured on the replies the console would draft, not on a loop that speculation predicts trivially.
 
     `cache_salt` is the caller's prefix-cache tenant (the console passes the signed-in agent's,
     `auth.console_cache_salt`): the right side shares pages only within it.
@@ -101,7 +105,7 @@ def compare(
         raise ValueError("type a customer message to compare")
     messages = prompts.build_messages(persona, [{"role": "user", "content": text}], variables=variables)
     ids = llm.apply_chat_template(messages)
-    base = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    base = SamplingParams(temperature=0.0, max_tokens=max_tokens, repetition_penalty=repetition_penalty)
     if warm_prefix:
         system_only = llm.apply_chat_template(messages[:1])
         for _ in llm.stream(system_only, replace(base, max_tokens=1, speculate=False), cache_salt):

@@ -48,6 +48,8 @@ def page_load(service: ChatService, agent: str | None) -> tuple[gr.Radio, str, s
     None), who is signed in, the engine line, an empty header and metrics card."""
     summaries = service.repository.list_conversations(agent=agent)
     who = f"Signed in as **{escape_customer_text(agent)}**" if agent else ""
-    stats = views.engine_line(service.engine_stats(), service.model_name, service.speculator_name)
+    stats = views.engine_line(
+        service.engine_stats(), service.model_name, service.speculator_name, service.sampling_summary
+    )
     choices = gr.Radio(choices=views.sidebar_choices(summaries), value=None)
     return choices, who, stats, views.header(None, {}), views.metrics_card(None)

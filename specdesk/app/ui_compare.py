@@ -41,7 +41,9 @@ def build_side_by_side(service: ChatService) -> None:
         "**Left:** plain decoding, one token per step, no prefix reuse. "
         "**Right:** speculative decoding with the shared prefix cache, as the console runs (the persona's "
         "system prompt is cached first, as it is after the day's first conversation). "
-        "Decoding is greedy, so in float32 both sides produce exactly the same tokens: only the speed differs."
+        "Decoding is greedy, so in float32 both sides produce exactly the same tokens: only the speed differs. "
+        f"Both use the deployment's repetition penalty (**{service.settings.repetition_penalty:g}**, "
+        "`--repetition-penalty`), which keeps replies out of loops that would flatter speculation."
     )
     if service.dtype_name != "float32":
         gr.Markdown(
@@ -94,7 +96,7 @@ def build_side_by_side(service: ChatService) -> None:
         try:
             stream = side_by_side.compare(
                 service.llm, message, persona=persona_key or "general", max_tokens=int(limit),
-                variables=service.prompt_variables(None),
+                variables=service.prompt_variables(None), repetition_penalty=service.settings.repetition_penalty,
                 cache_salt=console_cache_salt(getattr(request, "username", None)),  # the agent's cache tenant
             )  # fmt: skip
         except (ValueError, KeyError) as exc:

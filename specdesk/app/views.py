@@ -182,8 +182,9 @@ def _cached(m: dict[str, Any]) -> str:
     return f"{m.get('num_cached_tokens', 0)} of {m['num_prompt_tokens']}"
 
 
-def engine_line(stats: Any, model_name: str, speculator: str | None) -> str:
-    """The engine's load in one muted line: what an agent checks when replies feel slow."""
+def engine_line(stats: Any, model_name: str, speculator: str | None, sampling: str = "") -> str:
+    """The engine's load in one muted line: what an agent checks when replies feel slow; then the sampling
+    defaults every draft uses."""
     queried = stats.prefix_queried_tokens
     hits = f"{stats.prefix_hit_tokens / queried:.0%}" if queried else "—"
     parts = [
@@ -193,4 +194,6 @@ def engine_line(stats: Any, model_name: str, speculator: str | None) -> str:
         f"KV cache {stats.kv_usage:.0%} used",
         f"prefix cache hits {hits}",
     ]
+    if sampling:
+        parts.append(f"sampling: {html.escape(sampling)}")
     return "<br>".join(parts)

@@ -209,3 +209,14 @@ def test_agents_reach_only_their_own_conversations(service: ChatService) -> None
     assert service.repository.list_conversations(agent="bob") == []
     # Login off (agent=None) is unscoped, as before.
     assert run(service.send(mine.id, "And the invoice?"))[-1].state is TurnState.COMPLETE
+
+
+def test_drafts_use_the_deployments_sampling_settings(service: ChatService) -> None:
+    params = service.sampling_params()
+    s = service.settings
+    assert (params.temperature, params.top_p, params.repetition_penalty) == (
+        s.temperature,
+        s.top_p,
+        s.repetition_penalty,
+    )
+    assert f"repetition penalty {s.repetition_penalty:g}" in service.sampling_summary

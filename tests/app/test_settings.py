@@ -106,3 +106,15 @@ def test_settings_hold_one_engine_config() -> None:
 def test_one_reading_of_off() -> None:
     assert [none_if_off(w) for w in (None, "", "  ", "none", "None", "off", " OFF ")] == [None] * 7
     assert none_if_off(" int4 ") == "int4"
+
+
+def test_repetition_penalty_default_env_flag_and_bounds() -> None:
+    from specdesk.app.settings import DEFAULT_REPETITION_PENALTY
+
+    assert Settings().repetition_penalty == DEFAULT_REPETITION_PENALTY > 1.0
+    assert Settings.from_env({"SPECDESK_REPETITION_PENALTY": "1"}).repetition_penalty == 1.0
+    args = build_parser().parse_args(["serve", "--repetition-penalty", "1.2"])
+    assert settings_from_args(args, {}).repetition_penalty == 1.2
+    for bad in (0.5, 2.5):
+        with pytest.raises(ValueError, match="repetition_penalty"):
+            Settings(repetition_penalty=bad)

@@ -66,3 +66,11 @@ def test_the_cached_side_shares_only_within_its_tenant(llm: LLM) -> None:
     other = list(compare(llm, text, max_tokens=4, warm_prefix=False, cache_salt="console:tenant-b"))[-1]
     assert other.right.num_cached_tokens == 0  # tenant a's pages (same prompt) are not tenant b's
     wait_engine_idle(llm)
+
+
+def test_both_sides_use_the_deployments_repetition_penalty(llm: LLM) -> None:
+    plain = list(compare(llm, "Where is my parcel?", persona="retail", max_tokens=32))[-1]
+    penalized = list(compare(llm, "Where is my parcel?", persona="retail", max_tokens=32, repetition_penalty=1.5))[-1]
+    assert penalized.texts_match is True
+    assert penalized.left.token_ids != plain.left.token_ids, "the penalty must reach the requests"
+    wait_engine_idle(llm)
