@@ -9,7 +9,8 @@ Every request is checked (key, body, model, parameters, prompt length) before an
 input gets an HTTP 4xx in OpenAI's error shape and never touches the engine (invariant 7). Each API key is
 its own prefix-cache tenant (app/auth.py): a caller never gets a cache hit on another key's prompt. Once queued,
 a request is tied to its HTTP connection: a client that goes away aborts it and its pages are freed
-(invariant 4). Wire details live in app/api_schemas.py.
+(invariant 4). Wire details live in app/api_schemas.py; tools, tool calls and response_format in
+app/api_tools.py (the model-facing protocol in engine/tool_calls.py); logprobs in app/api_logprobs.py.
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
+from specdesk.app.api_logprobs import TokenTexts, chat_logprobs, completion_logprobs
 from specdesk.app.api_schemas import (
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
-    chat_messages,
     check_context_length,
     check_fan_out,
     finish_reason,
@@ -44,9 +45,11 @@ from specdesk.app.api_schemas import (
     sse,
     usage,
 )
+from specdesk.app.api_tools import ChatPlan, chat_plan, delta_tool_call, message_tool_calls
 from specdesk.app.auth import ApiKeys, tenant_cache_salt
 from specdesk.engine.async_stream import aiter_deltas
-from specdesk.engine.outputs import RequestMetrics
+from specdesk.engine.outputs import RequestMetrics, StreamDelta, TokenLogprob
+from specdesk.engine.tool_calls import ToolCallParser, ToolEvent
 
 if TYPE_CHECKING:
     from specdesk.engine.llm import LLM, Prompt
@@ -79,10 +82,23 @@ class _Choice:
     prompt_index: int
     request_id: str
     num_prompt_tokens: int
+    parser: ToolCallParser | None = None  # chat with tools: reads calls out of the reply
     text: list[str] = field(default_factory=list)
     num_tokens: int = 0
     finish_reason: str | None = None
     metrics: RequestMetrics | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    num_chars: int = 0  # completion characters streamed so far (text_offset of the next logprobs)
+
+    def events(self, delta: StreamDelta) -> list[ToolEvent]:
+        """The delta's text as content and tool-call events (all content without tools)."""
+        if self.parser is None:
+            return [ToolEvent("content", delta.text)] if delta.text else []
+        return self.parser.feed(delta.text) + (self.parser.finish() if delta.finished else [])
+
+    def finish(self, reason: str | None) -> str:
+        has_calls = self.parser is not None and bool(self.parser.calls)
+        return "length" if reason == "length" else ("tool_calls" if has_calls else "stop")
 
 
 class _OpenAIServer:
@@ -91,6 +107,7 @@ class _OpenAIServer:
         self.model_name = model_name
         self.api_keys = api_keys
         self.created = now_s()
+        self.token_texts = TokenTexts(llm.tokenizer)
 
     # ---- routes -----------------------------------------------------------------------------------
     async def list_models(self, request: Request) -> Response:
@@ -175,10 +192,13 @@ class _OpenAIServer:
         requested = requested if requested is not None else req.max_tokens
         sampling_params(req, 1 if requested is None else requested)  # reject bad parameters before tokenizing
         prompts: list[Prompt]
+        plan: ChatPlan | None = None
         if isinstance(req, ChatCompletionRequest):
-            prompts, param = [chat_messages(req)], "messages"
+            plan = chat_plan(req)
+            prompts, param = [plan.messages], "messages"
         else:
             prompts, param = _completion_prompts(req.prompt), "prompt"
+        structured = None if plan is None else plan.structured
         check_fan_out(len(prompts), req.n)
         max_len = self.llm.max_model_len
         choices: list[_Choice] = []
@@ -190,14 +210,15 @@ class _OpenAIServer:
                     raise ApiError(400, str(exc), param=param) from None
                 check_context_length(len(ids), requested, max_len, param)
                 for j in range(req.n):
-                    params = sampling_params(req, requested or max_len - len(ids), choice=j)
+                    params = sampling_params(req, requested or max_len - len(ids), choice=j, structured=structured)
                     try:
                         rid = self.llm.submit(ids, params, cache_salt=cache_salt)
                     except ValueError as exc:
                         raise ApiError(400, str(exc), param=param) from None
                     except RuntimeError as exc:  # engine shut down
                         raise ApiError(503, str(exc), type_="server_error") from None
-                    choices.append(_Choice(len(choices), p, rid, len(ids)))
+                    parser = None if plan is None else plan.parser()
+                    choices.append(_Choice(len(choices), p, rid, len(ids), parser))
         except BaseException:
             self._abort([c.request_id for c in choices])
             raise
@@ -217,6 +238,7 @@ class _OpenAIServer:
                     raise ApiError(500, f"generation failed: {delta.error}", type_="server_error")
                 choice.text.append(delta.text)
                 choice.num_tokens += len(delta.token_ids)
+                choice.logprobs += delta.logprobs or []
                 if delta.finished:
                     choice.finish_reason = finish_reason(delta.finish_reason)
                     choice.metrics = delta.metrics
@@ -225,15 +247,23 @@ class _OpenAIServer:
         out = []
         for c in choices:
             text = "".join(c.text)
-            body = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
-            extra = specdesk_extra(c.metrics)
+            body: dict[str, Any] = {"text": text}
+            if chat:
+                message: dict[str, Any] = {"role": "assistant", "content": text}
+                if c.parser is not None:
+                    events = c.parser.feed(text) + c.parser.finish()
+                    content = "".join(e.text for e in events if e.kind == "content")
+                    if c.parser.calls:
+                        message = {"role": "assistant", "content": content.strip() or None}
+                        message["tool_calls"] = message_tool_calls(c.parser.calls)
+                body = {"message": message}
             out.append(
                 {
                     "index": c.index,
                     **body,
-                    "logprobs": None,
-                    "finish_reason": c.finish_reason,
-                    "specdesk": extra,
+                    "logprobs": self._logprobs(req, c.logprobs, chat),
+                    "finish_reason": c.finish(c.finish_reason),
+                    "specdesk": specdesk_extra(c.metrics),
                 }
             )
         return {
@@ -259,22 +289,18 @@ class _OpenAIServer:
             **({"usage": None} if req.include_usage else {}),
         }  # fmt: skip
 
-        def chunk(c: _Choice, text: str, finish: str | None = None, first: bool = False, **extra: Any) -> str:
-            if chat:
-                delta = {"role": "assistant", "content": ""} if first else ({} if finish else {"content": text})
-                body: dict[str, Any] = {"delta": delta}
-            else:
-                body = {"text": text}
-            return sse(
-                {
-                    **base,
-                    "choices": [{"index": c.index, **body, "logprobs": None, "finish_reason": finish, **extra}],
-                }
-            )
+        def chunk(c: _Choice, delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
+            body = {"delta": delta} if chat else {"text": delta.get("content", "")}
+            lps = self._logprobs(req, c.logprobs, chat, c.num_chars) if c.logprobs else None
+            if c.logprobs and not chat:
+                c.num_chars += sum(len(t) for t in lps["tokens"]) if lps else 0
+            c.logprobs = []
+            payload = {"index": c.index, **body, "logprobs": lps, "finish_reason": finish, **extra}
+            return sse({**base, "choices": [payload]})
 
         if chat:
             for c in choices:
-                yield chunk(c, "", first=True)
+                yield chunk(c, {"role": "assistant", "content": ""})
         by_id = {c.request_id: c for c in choices}
         async with contextlib.aclosing(aiter_deltas(self.llm, list(by_id))) as deltas:
             async for delta in deltas:
@@ -283,15 +309,28 @@ class _OpenAIServer:
                     yield sse(ApiError(500, f"generation failed: {delta.error}", type_="server_error").body())
                     return  # closing the stream aborts the other choices
                 c.num_tokens += len(delta.token_ids)
-                if delta.text and (chat or not delta.finished):
-                    yield chunk(c, delta.text)
+                c.logprobs += delta.logprobs or []  # ride on the next chunk this choice sends
+                for event in c.events(delta):
+                    if event.kind == "content":
+                        yield chunk(c, {"content": event.text})
+                    else:
+                        yield chunk(c, {"tool_calls": [delta_tool_call(event)]})
                 if delta.finished:
                     c.metrics = delta.metrics
-                    text = "" if chat else delta.text
-                    yield chunk(c, text, finish_reason(delta.finish_reason), specdesk=specdesk_extra(c.metrics))
+                    reason = c.finish(finish_reason(delta.finish_reason))
+                    yield chunk(c, {} if chat else {"content": ""}, reason, specdesk=specdesk_extra(c.metrics))
         if req.include_usage:
             yield sse({**base, "choices": [], "usage": _usage(choices)})
         yield sse("[DONE]")
+
+    def _logprobs(
+        self, req: ChatCompletionRequest | CompletionRequest, logprobs: list[TokenLogprob], chat: bool, offset: int = 0
+    ) -> dict[str, Any] | None:
+        if req.logprobs is None or req.logprobs is False:
+            return None
+        if chat:
+            return chat_logprobs(self.token_texts, logprobs)
+        return completion_logprobs(self.token_texts, logprobs, offset)
 
 
 def _usage(choices: list[_Choice]) -> dict[str, Any]:

@@ -6,7 +6,9 @@ generation), at most MAX_BODY_BYTES, nested at most MAX_JSON_DEPTH deep, valid U
 to at most MAX_CHOICES engine requests.
 
 Unknown request fields are accepted and ignored (clients send many optional ones); fields we cannot
-honour (tools, logprobs, penalties, echo, ...) are refused with a 400 rather than silently dropped.
+honour (echo, suffix, best_of) are refused with a 400 rather than silently dropped. Sampling follows
+OpenAI (penalties, logit_bias, logprobs) plus vLLM's `repetition_penalty` and `min_p`; tools and
+response_format are translated in app/api_tools.py, logprobs shaped in app/api_logprobs.py.
 SpecDesk adds `top_k`, `ignore_eos`, `speculate` and `cache_salt` (as vLLM does) to requests and a
 `specdesk` object to responses, which standard clients keep as an unknown extra field.
 """
@@ -23,8 +25,14 @@ from starlette.requests import Request
 
 from specdesk.engine.outputs import FinishReason, RequestMetrics
 from specdesk.engine.sampling_params import SamplingParams
+from specdesk.engine.structured_output import StructuredOutput
 
-_PARAM_NAMES = ("temperature", "top_k", "top_p", "max_tokens", "seed", "stop")
+# SamplingParams' messages start with the parameter's name (longer names first: "top_logprobs" reads as
+# "logprobs" on the engine side).
+_PARAM_NAMES = (
+    "temperature", "top_k", "top_p", "max_tokens", "seed", "stop", "repetition_penalty", "frequency_penalty",
+    "presence_penalty", "min_p", "logit_bias", "logprobs",
+)  # fmt: skip
 
 MAX_BODY_BYTES = 1 << 20  # a context window of text is far smaller; more is a mistake or an attack
 MAX_JSON_DEPTH = 32  # messages -> parts -> text is 5 deep; JSON nested past Python's stack would be a 500
@@ -70,9 +78,12 @@ class _Request(BaseModel):
     seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
     user: str | None = None
     # extensions (vLLM spells them the same way)
     top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
     ignore_eos: bool = False
     speculate: bool = True
     cache_salt: str | None = None
@@ -88,13 +99,18 @@ class ChatMessage(BaseModel):
     role: str
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
 
 
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
+    top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
     response_format: dict[str, Any] | None = None
 
 
@@ -174,31 +190,22 @@ def parse_request(cls: type[R], body: object) -> R:
 
 def refuse_unsupported(req: _Request) -> None:
     """400 for features this server does not implement, instead of silently ignoring them."""
-    unsupported: list[tuple[str, bool]] = [
-        ("presence_penalty", bool(req.presence_penalty)),
-        ("frequency_penalty", bool(req.frequency_penalty)),
-    ]
-    if isinstance(req, ChatCompletionRequest):
-        fmt = (req.response_format or {}).get("type", "text")
-        unsupported += [
-            ("logprobs", bool(req.logprobs)),
-            ("tools", bool(req.tools)),
-            ("response_format", fmt != "text"),
-        ]
     if isinstance(req, CompletionRequest):
-        unsupported += [
-            ("logprobs", req.logprobs is not None), ("echo", req.echo), ("suffix", req.suffix is not None),
-            ("best_of", req.best_of not in (None, 1)),
+        unsupported = [
+            ("echo", req.echo), ("suffix", req.suffix is not None), ("best_of", req.best_of not in (None, 1)),
         ]  # fmt: skip
-    for param, bad in unsupported:
-        if bad:
-            raise ApiError(400, f"'{param}' with this value is not supported by SpecDesk", param=param)
+        for param, bad in unsupported:
+            if bad:
+                raise ApiError(400, f"'{param}' with this value is not supported by SpecDesk", param=param)
 
 
-def sampling_params(req: _Request, max_tokens: int, choice: int = 0) -> SamplingParams:
+def sampling_params(
+    req: _Request, max_tokens: int, choice: int = 0, structured: StructuredOutput | None = None
+) -> SamplingParams:
     """SamplingParams for one choice. Defaults follow OpenAI (temperature 1, top_p 1); the engine's own
     validation is the single source of truth for ranges, and its message names the parameter."""
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    logprobs = _logprobs(req)
     try:
         return SamplingParams(
             temperature=1.0 if req.temperature is None else req.temperature,
@@ -210,11 +217,30 @@ def sampling_params(req: _Request, max_tokens: int, choice: int = 0) -> Sampling
             stop=tuple(stop),
             ignore_eos=req.ignore_eos,
             speculate=req.speculate,
+            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            presence_penalty=req.presence_penalty or 0.0,
+            min_p=req.min_p or 0.0,
+            logit_bias=tuple((req.logit_bias or {}).items()),  # type: ignore[arg-type]  # keys checked there
+            logprobs=logprobs,
+            structured_output=structured,
         )
     except ValueError as exc:
         message = str(exc)
         param = next((p for p in _PARAM_NAMES if message.startswith(p)), None)
+        if param == "logprobs" and isinstance(req, ChatCompletionRequest):
+            param, message = "top_logprobs", "top_" + message
         raise ApiError(400, message, param=param) from None
+
+
+def _logprobs(req: _Request) -> int | None:
+    """The engine's logprobs (top-k count) from chat's `logprobs` + `top_logprobs` or completions' int."""
+    if isinstance(req, CompletionRequest):
+        return req.logprobs
+    assert isinstance(req, ChatCompletionRequest)
+    if req.top_logprobs is not None and not req.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
+    return (req.top_logprobs or 0) if req.logprobs else None
 
 
 def check_context_length(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int, param: str) -> None:
@@ -231,23 +257,6 @@ def check_context_length(num_prompt_tokens: int, max_tokens: int | None, max_mod
         )
 
 
-def chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
-    """Role/content dicts for the chat template: text parts joined, `developer` read as `system`."""
-    out: list[dict[str, str]] = []
-    for i, m in enumerate(req.messages):
-        role = "system" if m.role == "developer" else m.role
-        if role not in ("system", "user", "assistant"):
-            raise ApiError(400, f"message role {m.role!r} is not supported", param=f"messages.{i}.role")
-        if isinstance(m.content, list):
-            if any(p.get("type") != "text" for p in m.content):
-                raise ApiError(400, "only text content parts are supported", param=f"messages.{i}.content")
-            content = "".join(str(p.get("text", "")) for p in m.content)
-        else:
-            content = m.content or ""
-        out.append({"role": role, "content": content})
-    return out
-
-
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
@@ -256,8 +265,10 @@ def now_s() -> int:
     return int(time.time())
 
 
-def finish_reason(reason: FinishReason | None) -> str:
-    return "length" if reason is FinishReason.LENGTH else "stop"
+def finish_reason(reason: FinishReason | None, has_tool_calls: bool = False) -> str:
+    if reason is FinishReason.LENGTH:
+        return "length"
+    return "tool_calls" if has_tool_calls else "stop"
 
 
 def usage(num_prompt_tokens: int, num_completion_tokens: int, num_cached_tokens: int) -> dict[str, Any]:

@@ -167,9 +167,10 @@ def test_bad_requests_get_400(url: str, llm: LLM, overrides: dict[str, Any], par
 
 
 def test_unsupported_features_are_refused(url: str) -> None:
-    for extra in ({"tools": [{"type": "function", "function": {"name": "f"}}]}, {"presence_penalty": 1.0}):
-        body = {"model": MODEL, "messages": MESSAGES, **extra}
-        assert httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30).status_code == 400
+    for extra in ({"echo": True}, {"suffix": "!"}, {"best_of": 2}):
+        body = {"model": MODEL, "prompt": "Hi", **extra}
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == next(iter(extra))
     headers = {"Content-Type": "application/json"}
     assert httpx.post(f"{url}/v1/completions", content=b"{not json", headers=headers, timeout=30).status_code == 400
 
