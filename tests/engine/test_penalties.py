@@ -181,3 +181,45 @@ def test_streamed_logprobs_match_the_streamed_tokens_and_stop_strings_cut_both(e
 
 def test_no_logprobs_unless_asked(engines: dict[str, LLM]) -> None:
     assert engines["mlp"].generate([PROMPTS[0]], SamplingParams(max_tokens=4))[0].logprobs is None
+
+
+@pytest.mark.slow
+def test_default_model_penalized_output_and_logprobs_are_identical_with_speculation() -> None:
+    """The shipped MLP speculator + n-gram on the default model (float32): penalties, min_p and logprobs."""
+    from transformers import AutoModelForCausalLM
+
+    from specdesk.engine.models.default_model import default_model_path
+
+    conversations = [
+        [{"role": "user", "content": "My router keeps dropping the connection every evening. What can I do?"}],
+        [{"role": "system", "content": "You are a support agent for Acme Telecom."},
+         {"role": "user", "content": "I was charged twice for my phone bill this month."}],
+    ]  # fmt: skip
+    plain = LLM(dtype="float32", device="cpu", speculator=None)
+    spec = LLM(dtype="float32", device="cpu", spec_max_batch_size=16)
+    try:
+        for params in (
+            SamplingParams(max_tokens=48, repetition_penalty=1.1, logprobs=2),
+            SamplingParams(max_tokens=48, frequency_penalty=0.4, presence_penalty=0.2),
+            SamplingParams(temperature=0.8, seed=3, max_tokens=48, repetition_penalty=1.1, min_p=0.05),
+        ):
+            want = plain.generate(conversations, params)
+            got = spec.generate(conversations, params)
+            assert [o.token_ids for o in got] == [o.token_ids for o in want], params
+            if params.logprobs is not None:
+                for a, b in zip(want, got, strict=True):
+                    assert [e.logprob for e in b.logprobs or []] == pytest.approx(
+                        [e.logprob for e in a.logprobs or []], abs=1e-4
+                    )
+        assert spec.stats().spec_num_accepted_tokens > 0, "speculation never paid off once: was it on?"
+        hf = AutoModelForCausalLM.from_pretrained(default_model_path(), dtype=torch.float32).eval()
+        ids = plain.encode(conversations[0])
+        ref = hf.generate(
+            torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=32,
+            min_new_tokens=32, do_sample=False, repetition_penalty=1.1, pad_token_id=0,
+        )[0, len(ids) :].tolist()  # fmt: skip
+        params = SamplingParams(max_tokens=32, ignore_eos=True, repetition_penalty=1.1)
+        assert spec.generate([ids], params)[0].token_ids == ref
+    finally:
+        plain.shutdown()
+        spec.shutdown()
