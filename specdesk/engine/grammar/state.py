@@ -1,0 +1,211 @@
+"""One request's grammar: which tokens may come next after its verified output, and after any draft path.
+
+The state always stands after the request's verified tokens (`advance`). Everything else walks forward from
+there and rolls back before returning, so it leaves the state as it found it:
+
+    allowed_rows  the mask for each row of a pass (a plain row: path []; tree row r: the drafts root..r)
+    prune         drops draft nodes the grammar forbids after their parent (and their subtrees) before the
+                  tree is scheduled, so the pass verifies no node that could never be accepted
+    forced_tokens jump-forward: while the mask allows exactly one token, that token. Plain decoding, greedy
+                  or sampled, could only pick it, so appending it without a model step changes no output.
+
+Since a row's mask is a function of the verified tokens and its own path only, masked speculation is
+lossless: each row's distribution is the one constrained plain decoding would use at that position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from specdesk.engine.speculators.tree import DraftTree, build_tree, common_prefix
+
+if TYPE_CHECKING:
+    import llguidance
+
+MAX_FORCED_TOKENS = 32  # jump-forward per step at most (a long forced run is then computed in chunks)
+_SHIFTS = torch.arange(32, dtype=torch.int32)
+
+
+class Walk(Enum):
+    """Where a walk along a path ended."""
+
+    OK = "ok"  # after the whole path
+    ENDED = "ended"  # the path closes with an EOS the grammar allows there: only EOS may follow
+    REJECTED = "rejected"  # some token of the path is not allowed after the ones before it
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """The tokenizer as llguidance sees it; `size` ids (the model's vocabulary may be larger)."""
+
+    tokenizer: llguidance.LLTokenizer
+    size: int
+    eos_token_ids: frozenset[int]
+
+
+class GrammarState:
+    """A request's grammar matcher, standing after its verified output tokens (implements RowConstraint)."""
+
+    def __init__(self, matcher: llguidance.LLMatcher, vocab: Vocabulary) -> None:
+        self._matcher = matcher
+        self._vocab = vocab
+        self._walked: list[int] = []  # tokens consumed past the verified state by the current walk
+        self.num_forced_tokens = 0  # jump-forward tokens appended to this request so far
+        self.is_terminated = False  # an EOS was consumed: the output is complete
+
+    # ---- the RowConstraint protocol -----------------------------------------------------------------
+    def allowed_rows(self, paths: list[list[int]], vocab_size: int) -> Tensor:
+        """bool [len(paths), vocab_size]: row i allows token t iff the grammar accepts t after paths[i].
+
+        Ids past the tokenizer's vocabulary are never allowed; EOS exactly where the grammar may end, and
+        after a path that ends with EOS only EOS (as a matcher past its end). A path the grammar rejects
+        somewhere cannot be reached (its parent row forbids the token), so its row allows every token: any
+        finite row is right there, and an empty one would poison sampling.
+        """
+        bitmask = self._new_bitmask(len(paths))
+        walks = []
+        try:
+            for i, path in enumerate(paths):
+                walks.append(self._walk(path))
+                if walks[-1] == Walk.OK:
+                    self._fill(bitmask, i)
+        finally:
+            self._unwalk()
+        rows = self._to_bool(bitmask, vocab_size)
+        for i, walk in enumerate(walks):
+            if walk == Walk.ENDED:  # what a matcher past its end allows: EOS again
+                rows[i] = False
+                rows[i, [t for t in self._vocab.eos_token_ids if t < vocab_size]] = True
+            elif walk == Walk.REJECTED:
+                rows[i, : min(self._vocab.size, vocab_size)] = True
+        empty = (~rows.any(dim=1)).nonzero().flatten().tolist()
+        if empty:
+            raise RuntimeError(f"the grammar allows no token after path {paths[empty[0]]}: {self.error}")
+        return rows
+
+    # ---- speculation ----------------------------------------------------------------------------------
+    def prune(self, tree: DraftTree) -> DraftTree | None:
+        """The tree without the nodes the grammar forbids after their parent, nor their subtrees.
+
+        Returns the same tree when everything is allowed, None when nothing is. Otherwise the surviving
+        root-to-leaf paths, in their original order, are merged again with `build_tree`, which keeps the
+        tree's invariants (parents before children, the first path in rows 1..len).
+        """
+        keep = [True] * (tree.num_nodes + 1)
+        try:
+            for row in range(1, tree.num_nodes + 1):
+                parent = tree.parents[row - 1]
+                walk = self._walk([tree.token(r) for r in tree.path_to(row)]) if keep[parent] else Walk.REJECTED
+                keep[row] = walk != Walk.REJECTED  # an EOS node stays; its children are rejected walks
+        finally:
+            self._unwalk()
+        if all(keep):
+            return tree
+        paths = []
+        for leaf in range(1, tree.num_nodes + 1):
+            if tree.children[leaf]:
+                continue
+            rows = tree.path_to(leaf)
+            alive = next((i for i, r in enumerate(rows) if not keep[r]), len(rows))
+            if alive:
+                paths.append([tree.token(r) for r in rows[:alive]])
+        return build_tree(paths) if paths else None
+
+    # ---- verified tokens ------------------------------------------------------------------------------
+    def advance(self, tokens: list[int]) -> None:
+        """Move the state past verified tokens (each must be allowed: the sampler masked it)."""
+        assert not self._walked, self._walked
+        for token in tokens:
+            if self.is_terminated:
+                continue  # past the end (ignore_eos): the engine finishes the request
+            if not self._matcher.consume_token(token):
+                raise ValueError(f"token {token} does not match the grammar: {self.error}")
+            self.is_terminated = token in self._vocab.eos_token_ids
+
+    def forced_tokens(self, max_tokens: int = MAX_FORCED_TOKENS) -> list[int]:
+        """The tokens the grammar forces next (each the only one its mask allows), at most max_tokens.
+
+        llguidance's own fast-forward tokens say cheaply whether anything is forced; each candidate is then
+        checked against the full mask, so only a sole allowed token is ever forced (a grammar that ends
+        with a single EOS id forces it, too).
+        """
+        m = self._matcher
+        if self.is_terminated or m.is_error() or (not m.is_stopped() and not m.compute_ff_tokens()):
+            return []
+        forced: list[int] = []
+        bitmask = self._new_bitmask(1)
+        try:
+            while len(forced) < max_tokens:
+                self._fill(bitmask, 0)
+                allowed = self._to_bool(bitmask, self._vocab.size)[0].nonzero().flatten()
+                if len(allowed) != 1:
+                    break
+                token = int(allowed[0])
+                walk = self._walk([*self._walked, token])
+                if walk != Walk.REJECTED:
+                    forced.append(token)
+                if walk != Walk.OK:  # EOS ends the output (or the matcher disagreed with its own mask)
+                    break
+        finally:
+            self._unwalk()
+        return forced
+
+    @property
+    def error(self) -> str:
+        """The matcher's error, first line (llguidance appends a dump of its whole state)."""
+        lines = self._matcher.get_error().strip().splitlines()
+        return lines[0][:300] if lines else "no token can follow"
+
+    # ---- walking and masks ----------------------------------------------------------------------------
+    def _walk(self, path: list[int]) -> Walk:
+        """Stand after `path` (from the verified state), reusing the common prefix of the last walk.
+
+        A token is only consumed once known to be allowed, so the matcher never enters its sticky error
+        state. An EOS is never consumed on a walk (llguidance 1.9 cannot take one back: the matcher rejects
+        everything after rolling it back); where the grammar may end it is allowed as a path's last token.
+        """
+        shared = common_prefix(self._walked, path)
+        if len(self._walked) > shared:
+            ok = self._matcher.rollback(len(self._walked) - shared)
+            assert ok, (self._walked, shared, self.error)
+            del self._walked[shared:]
+        m = self._matcher
+        for i in range(shared, len(path)):
+            token = path[i]
+            if token in self._vocab.eos_token_ids:
+                return Walk.ENDED if i == len(path) - 1 and m.is_accepting() else Walk.REJECTED
+            if m.try_consume_tokens([token]) != 1:
+                return Walk.REJECTED
+            self._walked.append(token)
+        return Walk.OK
+
+    def _unwalk(self) -> None:
+        """Back to the verified state."""
+        if self._walked:
+            ok = self._matcher.rollback(len(self._walked))
+            assert ok, (self._walked, self.error)
+            self._walked.clear()
+
+    def _new_bitmask(self, num_rows: int) -> Tensor:
+        import llguidance.torch
+
+        return llguidance.torch.allocate_token_bitmask(num_rows, self._vocab.size)
+
+    def _fill(self, bitmask: Tensor, row: int) -> None:
+        import llguidance.torch
+
+        llguidance.torch.fill_next_token_bitmask(self._matcher, bitmask, row)
+
+    def _to_bool(self, bitmask: Tensor, vocab_size: int) -> Tensor:
+        """int32 [n, words] (bit b of word w: token 32w + b) -> bool [n, vocab_size]."""
+        n = bitmask.shape[0]
+        bits = ((bitmask.unsqueeze(-1) >> _SHIFTS) & 1).view(n, -1).bool()
+        width = min(self._vocab.size, vocab_size)
+        rows = torch.zeros(n, vocab_size, dtype=torch.bool)
+        rows[:, :width] = bits[:, :width]
+        return rows
