@@ -144,19 +144,22 @@ class Scheduler:
                 return seq
         return None
 
-    def append_tokens(self, sched: ScheduledSeq, new_token_ids: list[int]) -> list[int]:
+    def append_tokens(self, sched: ScheduledSeq, new_token_ids: list[int], num_forced: int = 0) -> list[int]:
         """Record a pass's result: KV computed, accepted tokens appended. Returns the tokens kept.
 
-        new_token_ids are the verified tokens this pass produced (accepted drafts + one sampled token).
+        new_token_ids are the verified tokens this pass produced (accepted drafts + one sampled token), then
+        num_forced jump-forward tokens that the request's grammar forces after them without a model step
+        (engine/grammar/): their KV is not computed, so the next step computes it as a short chunk.
         They are cut at EOS, a stop token id, max_tokens or the context window, which finishes the sequence.
         """
+        assert 0 <= num_forced < max(len(new_token_ids), 1), (num_forced, new_token_ids)
         seq = sched.seq
         if not sched.samples:  # a prefill chunk: no token yet
             seq.num_computed_tokens += sched.num_new_tokens
             self.block_manager.cache_full_blocks(seq)
             return []
         # The accepted drafts' KV was computed in this pass too; the last new token's KV is not yet.
-        seq.num_computed_tokens += sched.num_new_tokens + len(new_token_ids) - 1
+        seq.num_computed_tokens += sched.num_new_tokens + len(new_token_ids) - num_forced - 1
         kept: list[int] = []
         reason: FinishReason | None = None
         p = seq.params

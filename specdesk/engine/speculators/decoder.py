@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from specdesk.engine.config import SpecConfig
+from specdesk.engine.grammar.state import GrammarState
 from specdesk.engine.model_runner import ForwardOutput, ModelRunner
 from specdesk.engine.models.loader import LoadedModel
 from specdesk.engine.scheduler import ScheduledSeq
@@ -130,6 +131,12 @@ class SpeculativeDecoder:
         for s in eligible:
             if paths[s.request_id]:
                 tree = build_tree(paths[s.request_id])
+                if isinstance(s.grammar, GrammarState):
+                    # Nodes the grammar forbids could never be accepted: don't spend the pass on them.
+                    pruned = s.grammar.prune(tree)
+                    if pruned is None:
+                        continue
+                    tree = pruned
                 self.trees[s.request_id] = tree
                 s.draft_token_ids = list(tree.tokens)
 
