@@ -48,27 +48,10 @@ def chat_plan(req: ChatCompletionRequest) -> ChatPlan:
 
 
 def response_format(fmt: dict[str, Any] | None) -> StructuredOutput | None:
-    """OpenAI's response_format: text (no grammar), json_object (any JSON object) or json_schema. With
-    `strict` false the schema still constrains the output: a grammar is the only way we honour a schema."""
-    kind = (fmt or {}).get("type", "text")
-    if kind == "text":
-        return None
-    if kind == "json_object":
-        return StructuredOutput("json_object")
-    if kind == "json_schema":
-        spec = (fmt or {}).get("json_schema")
-        schema = spec.get("schema", {}) if isinstance(spec, dict) else None
-        if not isinstance(schema, dict):
-            raise ApiError(
-                400, "response_format.json_schema.schema must be a JSON schema object", param="response_format"
-            )
-        try:
-            return StructuredOutput("json_schema", json.dumps(schema))
-        except ValueError as exc:
-            raise ApiError(400, str(exc), param="response_format") from None
-    raise ApiError(
-        400, f"response_format type {kind!r} is not one of text, json_object, json_schema", param="response_format"
-    )
+    try:
+        return tool_calls.response_format(fmt)
+    except ValueError as exc:
+        raise ApiError(400, str(exc), param="response_format") from None
 
 
 def _messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:

@@ -132,6 +132,24 @@ def structured_output(
     return StructuredOutput("json_schema", json.dumps(one))
 
 
+def response_format(fmt: dict[str, Any] | None) -> StructuredOutput | None:
+    """OpenAI's response_format: text (no grammar), json_object (any JSON object) or json_schema (ValueError
+    starting with "response_format" otherwise). `strict` false still constrains: a grammar is how we honour
+    a schema at all."""
+    kind = (fmt or {}).get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return StructuredOutput("json_object")
+    if kind != "json_schema":
+        raise ValueError(f"response_format type {kind!r} is not one of text, json_object, json_schema")
+    spec = (fmt or {}).get("json_schema")
+    schema = spec.get("schema", {}) if isinstance(spec, dict) else None
+    if not isinstance(schema, dict):
+        raise ValueError("response_format.json_schema.schema must be a JSON schema object")
+    return StructuredOutput("json_schema", json.dumps(schema))
+
+
 def tools_section(functions: list[dict[str, Any]]) -> str:
     """The system-prompt section that describes the functions and the exact call format."""
     signatures = "\n".join(json.dumps({"type": "function", "function": f}, ensure_ascii=False) for f in functions)

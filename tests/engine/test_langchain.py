@@ -9,7 +9,7 @@ from typing import cast
 
 import pytest
 from langchain_core.language_models import LanguageModelInput
-from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, FunctionMessage, HumanMessage, SystemMessage
 
 from specdesk.engine.llm import LLM
 from specdesk.engine.sampling_params import SamplingParams
@@ -116,7 +116,7 @@ def test_messages_and_validation(llm: LLM) -> None:
     assert merged == [{"role": "system", "content": "a\n\nb"}, {"role": "user", "content": "c\n\nd"}]
     assert to_chat_dicts([HumanMessage([{"type": "text", "text": "hi"}])]) == [{"role": "user", "content": "hi"}]
     with pytest.raises(ValueError, match="not supported"):
-        to_chat_dicts([ToolMessage("42", tool_call_id="t")])
+        to_chat_dicts([FunctionMessage("42", name="f")])
     with pytest.raises(ValueError, match="text"):
         to_chat_dicts([HumanMessage([{"type": "image", "url": "https://x/y.png"}])])
     with pytest.raises(ValueError, match="temperature"):
