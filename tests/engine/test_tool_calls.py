@@ -111,3 +111,50 @@ def test_every_tool_choice_compiles_with_xgrammar() -> None:
     named = json.loads(tool_calls.structured_output(FUNCTIONS, "lookup_order").spec)  # type: ignore[union-attr]
     assert named["properties"]["name"] == {"const": "lookup_order"}
     assert list(named["properties"]) == ["name", "arguments"]
+
+
+@pytest.fixture(scope="module")
+def compiler(tmp_path_factory: pytest.TempPathFactory) -> object:
+    from transformers import AutoTokenizer
+
+    from specdesk.engine.grammar.compiler import GrammarCompiler
+    from tests.tiny_models import make_tiny_model
+
+    tokenizer = AutoTokenizer.from_pretrained(make_tiny_model("qwen2", tmp_path_factory.mktemp("tc")))
+    return GrammarCompiler(tokenizer, [tokenizer.eos_token_id])
+
+
+_CALL = '{"name":"lookup_order","arguments":{"order_id":"48213"}}'
+
+
+@pytest.mark.parametrize(
+    ("choice", "parallel", "reply", "ok"),
+    [
+        ("auto", True, f"Let me look.\n<tool_call>\n{_CALL}\n</tool_call>", True),
+        ("auto", True, "No call needed, thanks!", True),
+        ("auto", True, '<tool_call>\n{"name":"refund","arguments":{}}\n</tool_call>', False),
+        ("auto", False, f"<tool_call>\n{_CALL}\n</tool_call>", True),
+        ("required", False, _CALL, True),
+        ("required", True, f'[{_CALL},{{"name":"escalate_to_human","arguments":{{}}}}]', True),
+        ("required", False, "Sure!", False),
+        ("lookup_order", False, _CALL, True),
+        ("lookup_order", False, '{"name":"escalate_to_human","arguments":{}}', False),
+    ],
+)
+def test_the_engine_grammar_accepts_exactly_the_protocol(
+    compiler: object, choice: str, parallel: bool, reply: str, ok: bool
+) -> None:
+    """The grammar each tool_choice builds, compiled by the engine's own compiler (engine/grammar/), takes
+    the replies the parser reads and refuses the ones tool_choice rules out."""
+    spec = tool_calls.structured_output(FUNCTIONS, choice, parallel)
+    assert spec is not None
+    state = compiler.compile(spec)  # type: ignore[attr-defined]
+    tokens = [*compiler.tokenizer.encode(reply), *compiler.eos_token_ids]  # type: ignore[attr-defined]
+    if not ok:
+        with pytest.raises(ValueError, match="does not match the grammar"):
+            state.advance(tokens)
+        return
+    state.advance(tokens)
+    assert state.is_terminated
+    _, calls = parse_reply(reply, json_mode=choice != "auto")
+    assert (len(calls) > 0) == ("<tool_call>" in reply or choice != "auto")
