@@ -12,9 +12,9 @@ from typing import Any
 from specdesk.db.records import ConversationRecord, FeedbackRecord, MessageRecord, MessageStatus, Role
 
 EXPORT_FORMAT = "specdesk.conversation"
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2  # 2: messages carry tool_calls and tool_call_id; role "tool"
 
-_ROLE_LABELS = {Role.SYSTEM: "System", Role.USER: "Customer", Role.ASSISTANT: "Agent"}
+_ROLE_LABELS = {Role.SYSTEM: "System", Role.USER: "Customer", Role.ASSISTANT: "Agent", Role.TOOL: "Tool result"}
 # A Markdown image or raw HTML tag in customer text would make a viewer fetch a URL of the customer's
 # choosing (data exfiltration); export them as inert text.
 _IMAGE = re.compile(r"!\[")
@@ -54,7 +54,14 @@ def to_markdown(conversation: ConversationRecord) -> str:
         heading = f"## {_ROLE_LABELS[message.role]} · {_human_time(message.created_at)}"
         if message.status is not MessageStatus.COMPLETE:
             heading += f" ({message.status.value})"
-        lines += ["", heading, "", _block(message.content) or "_(empty)_"]
+        if message.tool_call_id:
+            heading += f" · call {_inline(message.tool_call_id)}"
+        body = _block(message.content) or ("" if message.tool_calls else "_(empty)_")
+        lines += ["", heading, *(["", body] if body else [])]
+        for call in message.tool_calls or ():
+            fn = call.get("function") or {}
+            name, arguments = _inline(str(fn.get("name", ""))), _inline(str(fn.get("arguments", "")))
+            lines += ["", f"> Tool call {_inline(str(call.get('id', '')))}: {name} with arguments {arguments}"]
         if message.error:
             lines += ["", f"> Error: {_inline(message.error)}"]
         if message.metrics:
@@ -76,6 +83,8 @@ def _message_dict(message: MessageRecord) -> dict[str, Any]:
         "error": message.error,
         "metrics": message.metrics,
         "created_at": _iso(message.created_at),
+        "tool_calls": message.tool_calls,
+        "tool_call_id": message.tool_call_id,
         "feedback": None
         if feedback is None
         else {

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from sqlalchemy import Connection, Engine, insert, inspect, select, update
 from sqlalchemy.schema import CreateColumn
 
+from specdesk.db.demo_models import DEMO_ORDERS, DemoOrder
 from specdesk.db.models import Base, schema_version
 
 
@@ -43,10 +44,19 @@ def _conversation_owner(conn: Connection) -> None:
     pass
 
 
+def _tool_calls(conn: Connection) -> None:
+    # messages.tool_calls / tool_call_id and the demo tables are added by the additive pass (and the demo
+    # orders seeded with their table). The bump matters again: an older SpecDesk cannot read "tool" messages.
+    pass
+
+
+_NO_DELIVERY = {"carrier": "", "tracking_number": "", "estimated_delivery": ""}  # an order not shipped yet
+
 # Append new steps here, never edit or reorder released ones.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "baseline schema", _baseline),
     Migration(2, "conversations.agent: the owning agent's login name", _conversation_owner),
+    Migration(3, "tool calls on messages; demo orders, tickets and handovers", _tool_calls),
 )
 
 
@@ -73,6 +83,8 @@ def upgrade_schema(engine: Engine, migrations: Sequence[Migration] = MIGRATIONS)
         Base.metadata.create_all(conn)  # checkfirst: only the missing tables (and their indexes)
         _add_missing_columns(conn, existing)
         _create_missing_indexes(conn)
+        if DemoOrder.__tablename__ not in existing:  # created just now: the demo tools' data
+            conn.execute(insert(DemoOrder), [{**_NO_DELIVERY, **order} for order in DEMO_ORDERS])
         stored = conn.scalar(select(schema_version.c.version))
         if stored is None:
             stored = target if is_fresh else 0

@@ -9,6 +9,7 @@ lets db/migrations.py add it to an older database file with a plain ``ALTER TABL
 
 from __future__ import annotations
 
+import copy
 import enum
 from datetime import datetime, timezone
 from typing import Any
@@ -43,6 +44,7 @@ from specdesk.db.records import (
 MAX_TITLE_CHARS = 200
 MAX_NAME_CHARS = 200
 MAX_PERSONA_CHARS = 64
+MAX_CALL_ID_CHARS = 64
 
 
 def utcnow() -> datetime:
@@ -154,6 +156,9 @@ class Message(Base):
     error: Mapped[str | None] = mapped_column(Text, default=None)
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # A reply's proposed tool calls (OpenAI's shape); on a tool message, the id of the call it answers.
+    tool_calls: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, default=None)
+    tool_call_id: Mapped[str | None] = mapped_column(String(MAX_CALL_ID_CHARS), default=None)
 
     conversation: Mapped[Conversation] = relationship(back_populates="messages")
     feedback: Mapped[Feedback | None] = relationship(
@@ -172,6 +177,8 @@ class Message(Base):
             metrics=None if self.metrics is None else dict(self.metrics),
             created_at=self.created_at,
             feedback=None if self.feedback is None else self.feedback.to_record(),
+            tool_calls=copy.deepcopy(self.tool_calls),
+            tool_call_id=self.tool_call_id,
         )
 
 

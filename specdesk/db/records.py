@@ -21,6 +21,7 @@ class Role(str, enum.Enum):
     SYSTEM = "system"
     USER = "user"  # the customer
     ASSISTANT = "assistant"  # the agent's (LLM-drafted) reply
+    TOOL = "tool"  # a tool call's result (or its rejection), answering one call of the reply before it
 
 
 class MessageStatus(str, enum.Enum):
@@ -28,6 +29,7 @@ class MessageStatus(str, enum.Enum):
     STOPPED = "stopped"  # the agent pressed stop or the client went away: content is partial
     ERROR = "error"
     PENDING = "pending"  # generation started, not finished (or the process died mid-stream)
+    REJECTED = "rejected"  # a tool message: the agent rejected the call, which never ran
 
 
 class NotFoundError(LookupError):
@@ -61,6 +63,10 @@ class MessageRecord:
     metrics: dict[str, Any] | None
     created_at: datetime
     feedback: FeedbackRecord | None = None
+    # An assistant reply's proposed tool calls, in OpenAI's shape ({"id", "type", "function": {"name",
+    # "arguments"}}, arguments as JSON text); a tool message's `tool_call_id` names the call it answers.
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -94,7 +100,31 @@ class ConversationRecord:
         """Role/content dicts in order, ready for prompts.build_messages.
 
         Pending and failed replies are left out: the customer never saw them, so the model should not
-        either. Stopped replies stay, because the partial text was shown.
+        either. Stopped replies stay, because the partial text was shown. Tool calls and results are
+        left out too (`tool_history` has them): only a persona with tools renders them.
         """
-        hidden = (MessageStatus.PENDING, MessageStatus.ERROR)
-        return [{"role": m.role.value, "content": m.content} for m in self.messages if m.status not in hidden]
+        return [
+            {"role": m.role.value, "content": m.content}
+            for m in self.messages
+            if m.status not in _HIDDEN and m.role is not Role.TOOL and (m.content or not m.tool_calls)
+        ]
+
+    def tool_history(self) -> list[dict[str, Any]]:
+        """The history in OpenAI's message shape for engine/tool_calls.prompt_messages: replies carry the
+        calls that were answered (run or rejected) and each result is a "tool" message after them. A call
+        never answered (the customer wrote again first) is left out, as is a reply left with nothing."""
+        answered = {m.tool_call_id for m in self.messages if m.role is Role.TOOL}
+        out: list[dict[str, Any]] = []
+        for m in self.messages:
+            if m.status in _HIDDEN:
+                continue
+            if m.role is Role.TOOL:
+                out.append({"role": "tool", "tool_call_id": m.tool_call_id, "content": m.content})
+                continue
+            calls = [c for c in m.tool_calls or () if c.get("id") in answered]
+            if m.content or calls:
+                out.append({"role": m.role.value, "content": m.content, **({"tool_calls": calls} if calls else {})})
+        return out
+
+
+_HIDDEN = (MessageStatus.PENDING, MessageStatus.ERROR)

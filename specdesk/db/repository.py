@@ -51,6 +51,7 @@ class ChatRepository:
     """Conversations, messages and feedback. Safe to share between threads (no session is kept)."""
 
     def __init__(self, engine: Engine) -> None:
+        self.engine = engine  # also behind db/tool_repository.py's ToolRepository
         self._reader = sessionmaker(engine, expire_on_commit=False)
         self._writer = sessionmaker(writer(engine), expire_on_commit=False)
 
@@ -174,22 +175,9 @@ class ChatRepository:
         if role is Role.USER and not content.strip():
             raise ValueError("a customer message cannot be empty")
         with self._write() as session:
-            # The next position is read, then written: writers to one conversation must take turns. SQLite's
-            # BEGIN IMMEDIATE already serializes them; elsewhere (PostgreSQL) the conversation's row lock does.
-            session.execute(select(Conversation.id).where(Conversation.id == conversation_id).with_for_update())
-            conversation = _get_conversation(session, conversation_id, agent)
-            last = session.scalar(select(func.max(Message.position)).where(Message.conversation_id == conversation_id))
-            row = Message(
-                conversation_id=conversation_id,
-                position=0 if last is None else last + 1,
-                role=role,
-                content=content,
-                status=MessageStatus(status),
+            return append_message(
+                session, conversation_id, agent, role=role, content=content, status=MessageStatus(status)
             )
-            session.add(row)
-            conversation.updated_at = utcnow()
-            session.flush()
-            return row.to_record()
 
     def start_assistant_message(self, conversation_id: int, *, agent: str | None = None) -> MessageRecord:
         """An empty PENDING reply, stored before streaming so its id and position are known."""
@@ -202,8 +190,10 @@ class ChatRepository:
         status: MessageStatus = MessageStatus.COMPLETE,
         metrics: Mapping[str, Any] | None = None,
         error: str | None = None,
+        tool_calls: list[dict[str, Any]] | None = None,
     ) -> MessageRecord:
-        """Store the final text, how the reply ended (complete/stopped/error) and its metrics."""
+        """Store the final text, how the reply ended (complete/stopped/error), its metrics and the tool calls
+        it proposes (OpenAI's shape; db/tool_repository.py stores their results)."""
         status = MessageStatus(status)
         if status is MessageStatus.PENDING:
             raise ValueError("finish_assistant_message needs a final status, not pending")
@@ -216,6 +206,7 @@ class ChatRepository:
             row.status = status
             row.error = None if error is None else _check_text(error, "error")
             row.metrics = None if metrics is None else dict(metrics)
+            row.tool_calls = tool_calls or None
             row.conversation.updated_at = utcnow()
             session.flush()
             return row.to_record()
@@ -327,6 +318,20 @@ class ChatRepository:
     def _write(self) -> Iterator[Session]:
         with self._writer.begin() as session:
             yield session
+
+
+def append_message(session: Session, conversation_id: int, agent: str | None, **values: Any) -> MessageRecord:
+    """Add a message at the conversation's next position inside `session`'s write transaction."""
+    # The next position is read, then written: writers to one conversation must take turns. SQLite's
+    # BEGIN IMMEDIATE already serializes them; elsewhere (PostgreSQL) the conversation's row lock does.
+    session.execute(select(Conversation.id).where(Conversation.id == conversation_id).with_for_update())
+    conversation = _get_conversation(session, conversation_id, agent)
+    last = session.scalar(select(func.max(Message.position)).where(Message.conversation_id == conversation_id))
+    row = Message(conversation_id=conversation_id, position=0 if last is None else last + 1, **values)
+    session.add(row)
+    conversation.updated_at = utcnow()
+    session.flush()
+    return row.to_record()
 
 
 def _get(session: Session, model: type[Conversation] | type[Message], row_id: int, kind: str) -> Any:

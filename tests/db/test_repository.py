@@ -190,7 +190,7 @@ def test_export_json(repo: ChatRepository) -> None:
     repo.set_feedback(reply_id, 1, "fast")
     exported = repo.export_json(conversation_id)
     assert json.loads(json.dumps(exported)) == exported  # plain JSON types only
-    assert exported["format"] == "specdesk.conversation" and exported["version"] == 1
+    assert exported["format"] == "specdesk.conversation" and exported["version"] == 2
     assert exported["conversation"]["customer_name"] == "Dana Wu"
     assert [(m["role"], m["content"]) for m in exported["messages"]] == [
         ("user", "Where is order 1234?"),
