@@ -4,6 +4,6 @@ pass, prunes draft trees, follows the verified tokens and forces the tokens the 
 """
 
 from specdesk.engine.grammar.compiler import GrammarCompiler
-from specdesk.engine.grammar.state import GrammarState
+from specdesk.engine.grammar.state import GrammarState, GrammarStats
 
-__all__ = ["GrammarCompiler", "GrammarState"]
+__all__ = ["GrammarCompiler", "GrammarState", "GrammarStats"]

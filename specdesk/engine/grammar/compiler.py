@@ -12,10 +12,11 @@ Everything that can be wrong with a spec (invalid JSON schema, regex or grammar)
 from __future__ import annotations
 
 import json
+import threading
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
-from specdesk.engine.grammar.state import GrammarState, Vocabulary
+from specdesk.engine.grammar.state import GrammarState, GrammarStats, Vocabulary
 from specdesk.engine.grammar.structural_tag import structural_tag_to_lark
 from specdesk.engine.structured_output import StructuredOutput
 
@@ -33,6 +34,7 @@ class GrammarCompiler:
     The llguidance tokenizer (a few tenths of a second to build) is made on first use. Compiled grammars are
     kept in an LRU cache keyed by the spec (equal schemas share one entry); each request gets its own copy
     of the cached, never-advanced matcher, which is cheap (the lexer is built lazily and shared).
+    `compile` is thread-safe: a client may check a spec in its own thread before the engine thread adds it.
     """
 
     def __init__(self, tokenizer: Any, eos_token_ids: list[int], cache_size: int = 64) -> None:
@@ -42,7 +44,9 @@ class GrammarCompiler:
         self.cache_size = cache_size
         self._cache: OrderedDict[StructuredOutput, llguidance.LLMatcher] = OrderedDict()
         self._vocab: Vocabulary | None = None
+        self._lock = threading.Lock()
         self.num_compiled = 0  # cache misses: how many specs were compiled
+        self.stats = GrammarStats()  # every state's costs, summed
 
     @property
     def vocabulary(self) -> Vocabulary:
@@ -59,16 +63,17 @@ class GrammarCompiler:
         """A new grammar state at the start of the output; ValueError if the spec is invalid."""
         if not isinstance(spec, StructuredOutput):
             raise ValueError(f"structured output must be a StructuredOutput, got {type(spec).__name__}")
-        template = self._cache.get(spec)
-        if template is None:
-            template = self._compile(spec)
-            self.num_compiled += 1
-            self._cache[spec] = template
-            if len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
-        else:
-            self._cache.move_to_end(spec)
-        return GrammarState(template.deep_copy(), self.vocabulary)
+        with self._lock:
+            template = self._cache.get(spec)
+            if template is None:
+                template = self._compile(spec)
+                self.num_compiled += 1
+                self._cache[spec] = template
+                if len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+            else:
+                self._cache.move_to_end(spec)
+            return GrammarState(template.deep_copy(), self.vocabulary, self.stats)
 
     def _compile(self, spec: StructuredOutput) -> llguidance.LLMatcher:
         import llguidance

@@ -15,9 +15,12 @@ lossless: each row's distribution is the one constrained plain decoding would us
 
 from __future__ import annotations
 
+import functools
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
 import torch
 from torch import Tensor
@@ -39,6 +42,36 @@ class Walk(Enum):
     REJECTED = "rejected"  # some token of the path is not allowed after the ones before it
 
 
+@dataclass
+class GrammarStats:
+    """Totals over every request of one compiler: what the grammar costs and what jump-forward saves."""
+
+    busy_s: float = 0.0  # wall time in masks, pruning, advancing and jump-forward
+    num_masked_rows: int = 0
+    num_pruned_nodes: int = 0
+    num_forced_tokens: int = 0  # jump-forward tokens the engine appended
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _timed(method: Callable[P, R]) -> Callable[P, R]:
+    """Adds the call's wall time to the state's stats.busy_s (the grammar's overhead per step)."""
+
+    @functools.wraps(method)
+    def timed(*args: P.args, **kwargs: P.kwargs) -> R:
+        start = time.perf_counter()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            state = args[0]
+            assert isinstance(state, GrammarState), state
+            state.stats.busy_s += time.perf_counter() - start
+
+    return timed
+
+
 @dataclass(frozen=True)
 class Vocabulary:
     """The tokenizer as llguidance sees it; `size` ids (the model's vocabulary may be larger)."""
@@ -51,14 +84,15 @@ class Vocabulary:
 class GrammarState:
     """A request's grammar matcher, standing after its verified output tokens (implements RowConstraint)."""
 
-    def __init__(self, matcher: llguidance.LLMatcher, vocab: Vocabulary) -> None:
+    def __init__(self, matcher: llguidance.LLMatcher, vocab: Vocabulary, stats: GrammarStats | None = None) -> None:
         self._matcher = matcher
         self._vocab = vocab
         self._walked: list[int] = []  # tokens consumed past the verified state by the current walk
-        self.num_forced_tokens = 0  # jump-forward tokens appended to this request so far
+        self.stats = stats if stats is not None else GrammarStats()  # shared by the compiler's states
         self.is_terminated = False  # an EOS was consumed: the output is complete
 
     # ---- the RowConstraint protocol -----------------------------------------------------------------
+    @_timed
     def allowed_rows(self, paths: list[list[int]], vocab_size: int) -> Tensor:
         """bool [len(paths), vocab_size]: row i allows token t iff the grammar accepts t after paths[i].
 
@@ -67,6 +101,7 @@ class GrammarState:
         somewhere cannot be reached (its parent row forbids the token), so its row allows every token: any
         finite row is right there, and an empty one would poison sampling.
         """
+        self.stats.num_masked_rows += len(paths)
         bitmask = self._new_bitmask(len(paths))
         walks = []
         try:
@@ -89,6 +124,7 @@ class GrammarState:
         return rows
 
     # ---- speculation ----------------------------------------------------------------------------------
+    @_timed
     def prune(self, tree: DraftTree) -> DraftTree | None:
         """The tree without the nodes the grammar forbids after their parent, nor their subtrees.
 
@@ -106,6 +142,7 @@ class GrammarState:
             self._unwalk()
         if all(keep):
             return tree
+        self.stats.num_pruned_nodes += keep.count(False)
         paths = []
         for leaf in range(1, tree.num_nodes + 1):
             if tree.children[leaf]:
@@ -117,6 +154,7 @@ class GrammarState:
         return build_tree(paths) if paths else None
 
     # ---- verified tokens ------------------------------------------------------------------------------
+    @_timed
     def advance(self, tokens: list[int]) -> None:
         """Move the state past verified tokens (each must be allowed: the sampler masked it)."""
         assert not self._walked, self._walked
@@ -127,6 +165,7 @@ class GrammarState:
                 raise ValueError(f"token {token} does not match the grammar: {self.error}")
             self.is_terminated = token in self._vocab.eos_token_ids
 
+    @_timed
     def forced_tokens(self, max_tokens: int = MAX_FORCED_TOKENS) -> list[int]:
         """The tokens the grammar forces next (each the only one its mask allows), at most max_tokens.
 
