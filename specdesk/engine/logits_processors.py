@@ -49,22 +49,42 @@ def process_rows(
         ids = [t for t, _ in params.logit_bias if t < vocab_size]
         bias = torch.tensor([b for t, b in params.logit_bias if t < vocab_size], dtype=torch.float32, device=device)
         z[:, ids] += bias
-    # Tokens each row adds to the verified history: its path from the root (row-major (row, token) pairs).
-    path_rows = torch.tensor([i for i, path in enumerate(paths) for _ in path], dtype=torch.long, device=device)
-    path_ids = torch.tensor([t for path in paths for t in path], dtype=torch.long, device=device)
-    if params.repetition_penalty != 1.0:
-        seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-        seen[torch.tensor(history, dtype=torch.long, device=device)] = True
-        seen_rows = seen.expand(n, vocab_size).clone()
-        seen_rows[path_rows, path_ids] = True
-        r = params.repetition_penalty
-        z = torch.where(seen_rows, torch.where(z > 0, z / r, z * r), z)
-    if params.frequency_penalty != 0.0 or params.presence_penalty != 0.0:
-        output = torch.tensor(history[num_prompt_tokens:], dtype=torch.long, device=device)
-        counts = torch.bincount(output, minlength=vocab_size)[:vocab_size].float().expand(n, vocab_size).clone()
-        counts.index_put_((path_rows, path_ids), torch.ones_like(path_ids, dtype=torch.float32), accumulate=True)
-        z -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float()
+    if params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0:
+        _penalize(z, params, history, num_prompt_tokens, paths)
     if grammar is not None:
         allowed = grammar.allowed_rows(paths, vocab_size).to(device)
         z = z.masked_fill(~allowed, float("-inf"))
     return z
+
+
+def _penalize(z: Tensor, params: SamplingParams, history: list[int], num_prompt_tokens: int,
+              paths: list[list[int]]) -> None:  # fmt: skip
+    """The penalties, in place, on the columns of the tokens that occur at all (the history's and the paths'):
+    a few hundred columns instead of the whole vocabulary for every row."""
+    n, vocab_size = z.shape
+    device = z.device
+    path_tokens = [t for path in paths for t in path]
+    # Column c of the sub-problem is token cols[c]; `where` maps every token to its column.
+    cols = sorted({t for t in (*history, *path_tokens) if 0 <= t < vocab_size})
+    if not cols:
+        return
+    where = {t: c for c, t in enumerate(cols)}
+    index = torch.tensor(cols, dtype=torch.long, device=device)
+    sub = z[:, index]
+    # Row-major (row, column) pairs of the tokens each row's path adds to the verified history.
+    path_rows = torch.tensor([i for i, path in enumerate(paths) for _ in path], dtype=torch.long, device=device)
+    path_cols = torch.tensor([where[t] for t in path_tokens], dtype=torch.long, device=device)
+    if params.repetition_penalty != 1.0:
+        seen = torch.zeros(n, len(cols), dtype=torch.bool, device=device)
+        seen[:, [where[t] for t in set(history) if t in where]] = True
+        seen[path_rows, path_cols] = True
+        r = params.repetition_penalty
+        sub = torch.where(seen, torch.where(sub > 0, sub / r, sub * r), sub)
+    if params.frequency_penalty != 0.0 or params.presence_penalty != 0.0:
+        counts = torch.zeros(n, len(cols), dtype=torch.float32, device=device)
+        output = [where[t] for t in history[num_prompt_tokens:] if t in where]
+        if output:
+            counts += torch.bincount(torch.tensor(output, device=device), minlength=len(cols)).float()
+        counts.index_put_((path_rows, path_cols), torch.ones(len(path_tokens), device=device), accumulate=True)
+        sub = sub - (params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float())
+    z[:, index] = sub
