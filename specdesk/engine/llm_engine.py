@@ -12,6 +12,8 @@ from specdesk.engine.block_manager import BlockManager
 from specdesk.engine.client import check_prompt_ids
 from specdesk.engine.config import EngineConfig, SpecConfig
 from specdesk.engine.detokenizer import IncrementalDetokenizer
+from specdesk.engine.grammar import GrammarCompiler, GrammarState
+from specdesk.engine.grammar.state import MAX_FORCED_TOKENS
 from specdesk.engine.model_runner import ModelRunner
 from specdesk.engine.models.loader import LoadedModel
 from specdesk.engine.outputs import FinishReason, StreamDelta, TokenLogprob
@@ -41,6 +43,8 @@ class EngineStats:
     spec_accepted_per_position: list[int] = field(default_factory=list)
     spec_verify_cost_per_token: float = 0.0  # measured cost of one more verified token, in plain steps
     spec_num_tree_nodes: int = 0  # draft nodes verified (candidate trees share prefixes)
+    grammar_num_forced_tokens: int = 0  # jump-forward: tokens a grammar forced, appended without a model step
+    grammar_s: float = 0.0  # time spent in grammar masks, pruning, advancing and jump-forward
 
     @property
     def spec_mean_acceptance_length(self) -> float:
@@ -68,6 +72,8 @@ class LLMEngine:
             max_tree_nodes=self.speculation.max_tree_nodes if self.speculation is not None else 0,
             max_spec_batch=self.speculation.config.max_batch_size if self.speculation is not None else 0,
         )
+        # Structured output; llguidance and its view of the tokenizer are loaded by the first such request.
+        self.grammar_compiler = GrammarCompiler(self.tokenizer, loaded.eos_token_ids)
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self.sequences: dict[str, Sequence] = {}
         self.num_steps = 0
@@ -83,6 +89,15 @@ class LLMEngine:
                 f"{self.block_manager.num_blocks * self.config.block_size}: raise kv_cache_memory_gib"
             )
 
+    def compile_grammar(self, params: SamplingParams) -> GrammarState | None:
+        """The request's grammar at the start of its output (None: free text); ValueError for a bad spec.
+
+        Thread-safe: a client calls it in its own thread first, so a bad spec fails there and the compiled
+        grammar is cached for `add_request`."""
+        if params.structured_output is None:
+            return None
+        return self.grammar_compiler.compile(params.structured_output)
+
     def add_request(
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
         cache_salt: str | None = None,
@@ -95,7 +110,9 @@ class LLMEngine:
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.sequences:
             raise ValueError(f"request id {request_id!r} is already in use")
+        grammar = self.compile_grammar(params)  # a bad spec fails here, never inside the loop
         seq = Sequence(request_id, prompt_token_ids, params, frozenset(self.loaded.eos_token_ids), cache_salt)
+        seq.grammar = grammar
         seq.metrics.arrival_time = time.perf_counter()
         self.sequences[request_id] = seq
         self.detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params)
@@ -148,7 +165,16 @@ class LLMEngine:
     ) -> list[StreamDelta]:
         seq = s.seq
         was_decoding = seq.num_output_tokens > 0
-        kept = self.scheduler.append_tokens(s, new_tokens)
+        try:
+            forced = self._follow_grammar(seq, new_tokens)
+        except ValueError as exc:  # a token the grammar forbids got through: this request alone fails
+            self.scheduler.finish(seq, FinishReason.ERROR)
+            return [self._finish_delta(seq, error=str(exc))]
+        kept = self.scheduler.append_tokens(s, new_tokens + forced, len(forced))
+        if forced:
+            self.grammar_compiler.stats.num_forced_tokens += max(0, len(kept) - len(new_tokens))
+        if isinstance(seq.grammar, GrammarState) and seq.grammar.is_terminated and not seq.is_finished:
+            self.scheduler.finish(seq, FinishReason.STOP)  # the output is complete (a request ignoring EOS)
         if not kept:
             return []
         m = seq.metrics
@@ -160,6 +186,25 @@ class LLMEngine:
             m.ttft_s = now - m.arrival_time
         m.decode_s = now - m.first_token_time
         return [self._text_delta(seq, kept, logprobs[: len(kept)] if logprobs is not None else None)]
+
+    def _follow_grammar(self, seq: Sequence, new_tokens: list[int]) -> list[int]:
+        """Advance the request's grammar over its verified tokens; return the tokens it forces next.
+
+        Jump-forward: a forced token is the grammar's only choice, so plain decoding would emit it too;
+        appended without a model step, its KV is computed next step as a short chunk (the sequence does not
+        speculate that step). Off with speculate=False (plain decoding, side by side) and with logprobs (a
+        forced token has no distribution of the model's to report)."""
+        grammar = seq.grammar
+        if not isinstance(grammar, GrammarState) or not new_tokens:
+            return []
+        grammar.advance(new_tokens)
+        p = seq.params
+        room = min(MAX_FORCED_TOKENS, p.max_tokens - seq.num_output_tokens - len(new_tokens))
+        if not p.speculate or p.logprobs is not None or room <= 0:
+            return []
+        forced = grammar.forced_tokens(room)
+        grammar.advance(forced)
+        return forced
 
     def fail_all(self, error: str) -> list[StreamDelta]:
         """Finish every live request with an error (the loop's last resort after an unexpected exception)."""
@@ -248,4 +293,6 @@ class LLMEngine:
             spec_accepted_per_position=list(spec.accepted_per_position),
             spec_verify_cost_per_token=self.speculation.step_cost.cost_per_token if self.speculation else 0.0,
             spec_num_tree_nodes=spec.num_tree_nodes,
+            grammar_num_forced_tokens=self.grammar_compiler.stats.num_forced_tokens,
+            grammar_s=self.grammar_compiler.stats.busy_s,
         )

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
     import llguidance
 
 MAX_FORCED_TOKENS = 32  # jump-forward per step at most (a long forced run is then computed in chunks)
-_SHIFTS = torch.arange(32, dtype=torch.int32)
 
 
 class Walk(Enum):
@@ -118,10 +118,10 @@ class GrammarState:
                 rows[i, [t for t in self._vocab.eos_token_ids if t < vocab_size]] = True
             elif walk == Walk.REJECTED:
                 rows[i, : min(self._vocab.size, vocab_size)] = True
-        empty = (~rows.any(dim=1)).nonzero().flatten().tolist()
-        if empty:
+        empty = np.flatnonzero(~rows.any(axis=1))
+        if len(empty):
             raise RuntimeError(f"the grammar allows no token after path {paths[empty[0]]}: {self.error}")
-        return rows
+        return torch.from_numpy(rows)
 
     # ---- speculation ----------------------------------------------------------------------------------
     @_timed
@@ -181,10 +181,9 @@ class GrammarState:
         try:
             while len(forced) < max_tokens:
                 self._fill(bitmask, 0)
-                allowed = self._to_bool(bitmask, self._vocab.size)[0].nonzero().flatten()
-                if len(allowed) != 1:
+                token = self._sole_token(bitmask)
+                if token is None:
                     break
-                token = int(allowed[0])
                 walk = self._walk([*self._walked, token])
                 if walk != Walk.REJECTED:
                     forced.append(token)
@@ -230,21 +229,35 @@ class GrammarState:
             assert ok, (self._walked, self.error)
             self._walked.clear()
 
-    def _new_bitmask(self, num_rows: int) -> Tensor:
-        import llguidance.torch
+    def _new_bitmask(self, num_rows: int) -> np.ndarray:
+        """int32 [num_rows, words]: bit b of word w allows token 32w + b (llguidance's layout).
 
-        return llguidance.torch.allocate_token_bitmask(num_rows, self._vocab.size)
+        numpy, not llguidance.torch: importing that module compiles a torch function (seconds, once), and
+        torch would split these small host-side ops across its threads, which on a busy CPU makes each op
+        wait for every thread (milliseconds instead of microseconds)."""
+        return np.zeros((num_rows, (self._vocab.size + 31) // 32), dtype=np.int32)
 
-    def _fill(self, bitmask: Tensor, row: int) -> None:
-        import llguidance.torch
+    def _fill(self, bitmask: np.ndarray, row: int) -> None:
+        target = bitmask[row]
+        self._matcher.unsafe_compute_mask_ptr(target.ctypes.data, target.nbytes)
 
-        llguidance.torch.fill_next_token_bitmask(self._matcher, bitmask, row)
-
-    def _to_bool(self, bitmask: Tensor, vocab_size: int) -> Tensor:
-        """int32 [n, words] (bit b of word w: token 32w + b) -> bool [n, vocab_size]."""
-        n = bitmask.shape[0]
-        bits = ((bitmask.unsqueeze(-1) >> _SHIFTS) & 1).view(n, -1).bool()
+    def _to_bool(self, bitmask: np.ndarray, vocab_size: int) -> np.ndarray:
+        """int32 [n, words] -> bool [n, vocab_size] (little-endian words: byte k of word w holds tokens
+        32w + 8k ..)."""
+        bits = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little").view(bool)
         width = min(self._vocab.size, vocab_size)
-        rows = torch.zeros(n, vocab_size, dtype=torch.bool)
+        rows = np.zeros((bitmask.shape[0], vocab_size), dtype=bool)
         rows[:, :width] = bits[:, :width]
         return rows
+
+    def _sole_token(self, bitmask: np.ndarray) -> int | None:
+        """The one token row 0 allows, or None if it allows several (or none)."""
+        words = bitmask[0]
+        nonzero = np.flatnonzero(words)
+        if len(nonzero) != 1:
+            return None
+        word = int(words[nonzero[0]]) & 0xFFFFFFFF
+        if word & (word - 1):  # more than one bit
+            return None
+        token = int(nonzero[0]) * 32 + word.bit_length() - 1
+        return token if token < self._vocab.size else None
