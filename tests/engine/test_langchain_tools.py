@@ -30,10 +30,6 @@ class Intent(BaseModel):
     urgent: bool
 
 
-# Constrained decoding (engine/grammar/) is what makes a random-weight model call tools or write JSON.
-needs_grammar = pytest.mark.xfail(reason="grammar-constrained decoding (engine/grammar/) not landed yet")
-
-
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LLM]:
     # The tools section is long in the tiny tokenizer (about a token per character): a longer context.
@@ -98,9 +94,11 @@ def test_bind_tools_translates_choices(llm: LLM) -> None:
         chat.bind_tools([LookupOrder], tool_choice="nope").invoke("hi")
 
 
-@needs_grammar
 def test_forced_tool_call_invoke_and_stream(llm: LLM) -> None:
-    chat = ChatSpecDesk(llm=llm, max_tokens=48).bind_tools([LookupOrder], tool_choice="any", parallel_tool_calls=False)
+    # strict: no extra properties, so random weights must close the object (a model would choose to)
+    chat = ChatSpecDesk(llm=llm, max_tokens=120).bind_tools(
+        [LookupOrder], tool_choice="any", parallel_tool_calls=False, strict=True
+    )
     reply = chat.invoke("Where is my order 48213?")
     assert isinstance(reply, AIMessage) and len(reply.tool_calls) == 1
     call = reply.tool_calls[0]
@@ -129,12 +127,11 @@ def test_structured_output_include_raw_keeps_parsing_errors(llm: LLM) -> None:
         chat.with_structured_output(Intent, method="xml")  # type: ignore[arg-type]
 
 
-@needs_grammar
 @pytest.mark.parametrize("method", ["json_schema", "function_calling"])
 def test_with_structured_output(llm: LLM, method: Literal["json_schema", "function_calling"]) -> None:
-    chat = ChatSpecDesk(llm=llm, max_tokens=48)
-    result = chat.with_structured_output(Intent, method=method).invoke("I want a refund")
+    chat = ChatSpecDesk(llm=llm, max_tokens=120)
+    result = chat.with_structured_output(Intent, method=method, strict=True).invoke("I want a refund")
     assert isinstance(result, Intent)
-    as_dict = chat.with_structured_output(Intent.model_json_schema(), method=method, include_raw=True)
+    as_dict = chat.with_structured_output(Intent.model_json_schema(), method=method, include_raw=True, strict=True)
     out = as_dict.invoke("I want a refund")
     assert isinstance(out, dict) and out["parsing_error"] is None and Intent.model_validate(out["parsed"])
