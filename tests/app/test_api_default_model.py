@@ -17,8 +17,7 @@ from specdesk.app.api import mount_openai_api
 from specdesk.engine.llm import LLM
 from tests.app.live_server import serve
 
-# xfail until the engine compiles a request's structured_output into its grammar (engine/grammar/ wiring).
-pytestmark = [pytest.mark.slow, pytest.mark.xfail(reason="grammar-constrained decoding not wired in the engine yet")]
+pytestmark = pytest.mark.slow
 
 MODEL = "specdesk"
 LOOKUP: ChatCompletionToolParam = {
