@@ -130,6 +130,12 @@ def test_a_bad_spec_fails_at_add_time_and_leaves_other_requests_alone(model_dir:
         alone.shutdown()
 
 
+def test_llm_refuses_a_bad_spec_in_the_callers_thread(engines: dict[str, LLM]) -> None:
+    with pytest.raises(ValueError, match="structured output regex is invalid"):
+        engines["plain"].submit("My order", params(StructuredOutput("regex", "[z-a]")))
+    assert engines["plain"].generate("My order", params(JSON))[0].finish_reason == FinishReason.STOP
+
+
 def test_the_grammar_ends_a_request_that_ignores_eos(engines: dict[str, LLM]) -> None:
     out = engines["ngram"].generate(PROMPTS[0], params(JSON, ignore_eos=True))[0]
     json.loads(out.text)
