@@ -32,8 +32,11 @@ from typing import TYPE_CHECKING, Any
 from specdesk import prompts
 from specdesk.app.auth import console_cache_salt
 from specdesk.app.settings import Settings
-from specdesk.app.turns import TurnProgress, TurnState, TurnUpdate, final_state, metrics_dict
+from specdesk.app.tools import ToolBox
+from specdesk.app.tools_service import ToolTurns
+from specdesk.app.turns import TurnProgress, TurnState, TurnStream, TurnUpdate, final_state, metrics_dict
 from specdesk.db import ChatRepository, ConversationRecord, MessageRecord, NotFoundError, Role
+from specdesk.db.tool_repository import ToolRepository
 from specdesk.distributed.affinity import routing_scope
 from specdesk.engine import SamplingParams
 
@@ -42,8 +45,6 @@ if TYPE_CHECKING:
     from specdesk.engine.llm_engine import EngineStats
 
 
-# What send/retry/edit_last return: iterate it, or close it to stop the turn.
-TurnStream = Generator[TurnUpdate, None, None]
 # How often the streamed text is written into the PENDING reply: a crash loses at most this much.
 CHECKPOINT_INTERVAL_S = 1.0
 log = logging.getLogger("specdesk")
@@ -64,8 +65,9 @@ class PromptPlan:
     num_dropped_messages: int
 
 
-class ChatService:
-    """Conversations on top of one engine and one repository. Shared by every UI session."""
+class ChatService(ToolTurns):
+    """Conversations on top of one engine and one repository (and the personas' tools, app/tools_service.py).
+    Shared by every UI session."""
 
     def __init__(
         self,
@@ -74,9 +76,12 @@ class ChatService:
         settings: Settings | None = None,
         *,
         checkpoint_interval_s: float = CHECKPOINT_INTERVAL_S,
+        tools: ToolBox | None = None,
     ) -> None:
         self.llm = llm
         self.repository = repository
+        self.tools = tools or ToolBox(ToolRepository(repository.engine))
+        self._tool_lock = threading.Lock()
         self.settings = settings or Settings()
         self.checkpoint_interval_s = checkpoint_interval_s
         self._active: dict[int, _ActiveTurn] = {}
@@ -226,6 +231,7 @@ class ChatService:
         progress.reply_id = self.repository.start_assistant_message(conversation_id).id
         try:
             conversation = self.repository.get_conversation(conversation_id)
+            params, progress.tool_mode = self.tool_params(conversation, params)
             plan = self.plan_prompt(conversation, params)
             progress.num_dropped_messages = plan.num_dropped_messages
             # Each agent is a cache tenant of their own (cached pages never reveal another agent's
@@ -293,7 +299,7 @@ class ChatService:
             final = progress.update(TurnState.STOPPED, metrics={"total_s": round(progress.elapsed_s(), 4)})
         try:
             if progress.reply_id is not None:
-                self._store_final(progress.reply_id, final)
+                self._store_final(progress, final)
         except Exception as exc:
             final = dataclasses.replace(
                 final,
@@ -305,15 +311,16 @@ class ChatService:
                 self._active.pop(progress.conversation_id, None)  # usable again, whatever failed
         return final
 
-    def _store_final(self, reply_id: int, final: TurnUpdate) -> None:
+    def _store_final(self, progress: TurnProgress, final: TurnUpdate) -> None:
+        assert progress.reply_id is not None
+        text, calls = self.split_reply(final, progress.tool_mode)  # a proposed tool call is stored apart
+        status, metrics = final.state.message_status, final.metrics or None
         try:
-            self.repository.finish_assistant_message(
-                reply_id, final.text, final.state.message_status, final.metrics or None, final.error
-            )
+            self.repository.finish_assistant_message(progress.reply_id, text, status, metrics, final.error, calls)
         except ValueError:
             # The text may be what failed (e.g. lone surrogates): keep the reply's fate on record anyway.
             self.repository.finish_assistant_message(
-                reply_id, "", final.state.message_status, final.metrics or None, final.error or "not storable"
+                progress.reply_id, "", status, metrics, final.error or "not storable"
             )
 
     # ---- prompts -----------------------------------------------------------------------------------
@@ -322,9 +329,7 @@ class ChatService:
 
         Raises ValueError (prompts.ContextOverflowError) when even the last customer message cannot fit.
         """
-        messages = prompts.build_messages(
-            conversation.persona, conversation.history(), variables=self.prompt_variables(conversation)
-        )
+        messages = self.prompt_messages(conversation)  # with the persona's tools, if it has any
         # Room for the reply: at most max_tokens, and never less than a quarter of the window.
         reserve = min(params.max_tokens, self.context_window // 4)
         budget = self.context_window - max(reserve, 1)

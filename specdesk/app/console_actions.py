@@ -30,6 +30,7 @@ from specdesk.app import views
 from specdesk.app.chat_service import ChatService
 from specdesk.app.console_view import ConsoleView
 from specdesk.app.safe_markdown import escape_customer_text
+from specdesk.app.tools_card import tool_card
 from specdesk.app.turns import TurnState, TurnUpdate
 from specdesk.db import NotFoundError, Role
 from specdesk.db.export_files import ExportFiles
@@ -56,7 +57,7 @@ class ConsoleActions:
         return [
             v.conversation_id, v.message_ids, v.editing, v.conversations, v.rename_text, v.export_file,
             v.confirm_box, v.header, v.chatbot, v.status, v.message, v.send, v.stop, v.retry, v.edit,
-            v.cancel_edit, v.metrics, v.turns_plot, v.new,
+            v.cancel_edit, v.metrics, v.turns_plot, v.new, v.tool_card, v.tool_title, v.tool_args, v.tool_call_id,
         ]  # fmt: skip
 
     # ---- turns ------------------------------------------------------------------------------------
@@ -351,6 +352,7 @@ class ConsoleActions:
             v.metrics: views.metrics_card(last_metrics),
             v.turns_plot: views.turns_frame(conversation),
             v.status: "",
+            **tool_card(v, None if busy else conversation),  # a call waiting for the agent, once no reply runs
         }
 
     def _choices(self, search: str, agent: str | None) -> list[tuple[str, int]]:

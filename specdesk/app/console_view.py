@@ -44,3 +44,11 @@ class ConsoleView:
     metrics: gr.HTML
     turns_plot: gr.BarPlot
     engine: gr.HTML
+    # The card of a tool call waiting for the agent (app/tools_console.py).
+    tool_card: gr.Group
+    tool_title: gr.Markdown
+    tool_args: gr.Code
+    tool_call_id: gr.State
+    tool_run: gr.Button
+    tool_edit: gr.Button
+    tool_reject: gr.Button

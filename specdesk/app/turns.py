@@ -7,7 +7,7 @@ how the reply ended. Metrics are flattened into JSON-ready numbers, the shape st
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -53,6 +53,10 @@ class TurnUpdate:
     notice: str | None = None  # something the agent should know that did not fail the turn (a failover)
 
 
+# What a turn returns (ChatService.send, retry, edit_last, run_tool_call, ...): iterate it, or close it to stop.
+TurnStream = Generator[TurnUpdate, None, None]
+
+
 @dataclass
 class TurnProgress:
     """The mutable state of one running turn, from which every TurnUpdate is built."""
@@ -67,6 +71,7 @@ class TurnProgress:
     checkpointed_at: float = 0.0  # perf_counter of the last checkpoint of the streamed text
     checkpointed_text: str = ""
     notice: str | None = None  # the engine's last word on how the reply was produced (e.g. a failover)
+    tool_mode: str | None = None  # how the reply may hold tool calls (app/tools_service.py); None: it cannot
 
     @property
     def text(self) -> str:

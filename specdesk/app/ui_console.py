@@ -19,6 +19,7 @@ from specdesk.app import views
 from specdesk.app.chat_service import ChatService
 from specdesk.app.console_actions import ConsoleActions
 from specdesk.app.console_view import ConsoleView
+from specdesk.app.tools_console import ToolActions
 
 GENERATION_GROUP = "specdesk-generation"
 ENTER_WHILE_DRAFTING = (
@@ -75,6 +76,15 @@ def build_console(service: ChatService) -> ConsoleView:
                 layout="bubble",
                 group_consecutive_messages=False,  # one bubble per stored message: feedback maps 1:1
             )
+            with gr.Group(visible=False, elem_id="sd-tool-card") as tool_card:
+                tool_title = gr.Markdown(elem_id="sd-tool-title")
+                tool_args = gr.Code(
+                    language="json", interactive=False, lines=3, label="Arguments", elem_id="sd-tool-args"
+                )
+                with gr.Row():
+                    tool_run = gr.Button("▶ Run", variant="primary", size="sm", elem_id="sd-tool-run")
+                    tool_edit = gr.Button("✎ Edit arguments", size="sm", elem_id="sd-tool-edit")
+                    tool_reject = gr.Button("✕ Reject", variant="stop", size="sm", elem_id="sd-tool-reject")
             status = gr.Markdown(elem_id="sd-status")
             with gr.Row(equal_height=True):
                 # lines=1 is what makes Gradio send on Enter; a multi-line box sends on Shift+Enter instead.
@@ -113,6 +123,7 @@ def build_console(service: ChatService) -> ConsoleView:
         rename_text, rename, export_json, export_markdown, export_file, delete, confirm_box, confirm_text,
         confirm_delete, cancel_delete, header, chatbot, status, message, send, stop, retry, edit,
         cancel_edit, macro, macro_text, macro_add, metrics, turns_plot, engine,
+        tool_card, tool_title, tool_args, gr.State(None), tool_run, tool_edit, tool_reject,
     )  # fmt: skip
     _wire(view, ConsoleActions(service, view), macro_row, enter_note, service.max_concurrent_turns)
     return view
@@ -169,3 +180,8 @@ def _wire(v: ConsoleView, actions: ConsoleActions, macro_row: gr.Row, enter_note
         [*everything, macro_row, v.macro], **quick,
     )  # fmt: skip
     gr.Timer(3.0).tick(actions.engine_stats, None, [v.engine], **quick)
+
+    tools = ToolActions(actions)  # the card of a proposed tool call: Run and Reject continue the reply
+    v.tool_run.click(tools.run, [v.tool_call_id, v.tool_args, v.conversation_id, v.search], everything, **stream)
+    v.tool_reject.click(tools.reject, [v.tool_call_id, v.conversation_id, v.search], everything, **stream)
+    v.tool_edit.click(tools.edit, None, [v.tool_args, v.tool_title], **quick)

@@ -12,7 +12,9 @@ from typing import Any
 
 import pandas as pd
 
+from specdesk.app import tools_view
 from specdesk.app.safe_markdown import clean_model_markdown, escape_customer_text
+from specdesk.app.tools import pending_call
 from specdesk.app.turns import TurnState, TurnUpdate
 from specdesk.db import ConversationRecord, ConversationSummary, MessageRecord, MessageStatus, Role
 
@@ -26,18 +28,25 @@ _STATUS_SUFFIX = {
 
 def chat_messages(
     conversation: ConversationRecord | None, *, include_pending: bool = False
-) -> tuple[list[dict[str, str]], list[int]]:
+) -> tuple[list[dict[str, Any]], list[int]]:
     """(chatbot messages, the message id behind each one) for a conversation.
 
     Customer text is escaped so it shows as typed; drafted replies keep their Markdown, minus HTML
-    and images. System messages never show.
+    and images. System messages never show. Tool calls and results show as titled bubbles (tools_view).
     """
-    shown: list[dict[str, str]] = []
+    shown: list[dict[str, Any]] = []
     ids: list[int] = []
+    names, answers = tools_view.call_facts(conversation)
+    waiting = pending_call(conversation) if conversation else None
     for message in conversation.messages if conversation else ():
         if message.role is Role.SYSTEM:
             continue
         if message.status is MessageStatus.PENDING and not include_pending:
+            continue
+        if message.role is Role.TOOL or message.tool_calls:
+            parts = tools_view.bubbles(message, names, answers, waiting=waiting.call_id if waiting else None)
+            shown += parts
+            ids += [message.id] * len(parts)
             continue
         shown.append({"role": message.role.value, "content": bubble_text(message)})
         ids.append(message.id)
@@ -65,9 +74,13 @@ def feedback_values(conversation: ConversationRecord | None) -> list[str | None]
     """One entry per assistant bubble, in order: what the chatbot shows as already liked/disliked."""
     values: list[str | None] = []
     for message in conversation.messages if conversation else ():
-        if message.role is Role.ASSISTANT and message.status is not MessageStatus.PENDING:
-            rating = message.feedback.rating if message.feedback else 0
-            values.append(LIKE if rating > 0 else DISLIKE if rating < 0 else None)
+        if message.status is MessageStatus.PENDING or message.role not in (Role.ASSISTANT, Role.TOOL):
+            continue
+        if message.role is Role.TOOL or message.tool_calls:  # tool bubbles take no rating
+            values += [None] * (bool(message.content.strip()) + len(message.tool_calls or ()) or 1)
+            continue
+        rating = message.feedback.rating if message.feedback else 0
+        values.append(LIKE if rating > 0 else DISLIKE if rating < 0 else None)
     return values
 
 
