@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from specdesk.engine import LLM, FinishReason, SamplingParams
+from specdesk.engine import LLM, FinishReason, SamplingParams, tool_calls
 from specdesk.engine.config import EngineConfig
 from specdesk.engine.llm_engine import LLMEngine
 from specdesk.engine.models.loader import load_model
@@ -128,6 +128,47 @@ def test_a_bad_spec_fails_at_add_time_and_leaves_other_requests_alone(model_dir:
         assert tokens == alone.generate([prompt], params(JSON, speculate=False))[0].token_ids
     finally:
         alone.shutdown()
+
+
+def test_tool_call_grammars_under_speculation(engines: dict[str, LLM]) -> None:
+    fn = {"name": "lookup_order", "parameters": {"type": "object", "properties": {"order_id": {"type": "string",
+          "pattern": "^[0-9]{5}$"}}, "required": ["order_id"]}}  # fmt: skip
+    auto, required = (tool_calls.structured_output([fn], choice, False) for choice in ("auto", "lookup_order"))
+    assert auto is not None and required is not None
+    for structured in (auto, required):  # free text with a lazy <tool_call> trigger; the call object itself
+        plain = engines["plain"].generate(PROMPTS, params(structured, speculate=False))
+        assert [o.token_ids for o in engines["mlp"].generate(PROMPTS, params(structured))] == [
+            o.token_ids for o in plain
+        ]
+    for out in plain:
+        assert json.loads(out.text)["name"] == "lookup_order"
+
+
+def test_preempted_constrained_requests_resume_their_grammar(model_dir: Path, engines: dict[str, LLM]) -> None:
+    plain = [o.token_ids for o in engines["plain"].generate(PROMPTS, params(JSON, speculate=False))]
+    num_blocks = (max(len(engines["plain"].encode(p)) for p in PROMPTS) + 64) // 16 + 2
+    tight = LLM(model=str(model_dir), dtype="float32", device="cpu", speculator="ngram", num_blocks=num_blocks,
+                enable_prefix_caching=False)  # fmt: skip
+    try:
+        assert [o.token_ids for o in tight.generate(PROMPTS, params(JSON))] == plain
+        assert tight.stats().num_preemptions > 0
+    finally:
+        tight.shutdown()
+
+
+def test_a_jump_forward_is_computed_next_step_as_one_chunk(model_dir: Path) -> None:
+    config = EngineConfig(model=str(model_dir), dtype="float32", device="cpu", speculator="ngram")
+    engine = LLMEngine(config, load_model(config.model, "float32", "cpu"))
+    rid = engine.add_request(engine.tokenizer.encode("My order"), params(JSON))
+    seq = engine.sequences[rid]
+    (delta,) = engine.step()  # prefill: '{"order_number":"' is forced after the first token
+    assert len(delta.token_ids) > 1 and seq.num_uncomputed_tokens == len(delta.token_ids)
+    assert engine.speculation is not None
+    engine.speculation.propose(engine.scheduler.running, engine.block_manager.usage)
+    assert seq.draft_token_ids == []  # several uncomputed tokens: no tree this step
+    batch = engine.scheduler.schedule()
+    (s,) = batch.scheduled
+    assert s.num_new_tokens == len(delta.token_ids) and s.num_draft_tokens == 0 and s.samples
 
 
 def test_llm_refuses_a_bad_spec_in_the_callers_thread(engines: dict[str, LLM]) -> None:
