@@ -149,6 +149,9 @@ def test_a_required_tool_call_runs_from_the_console_end_to_end(
     page.locator("#sd-conversations label").filter(has_text="where is my order NW-1001").click()
     chat.get_by_text(f"Result of {name}").wait_for()
     assert any(f"Tool call · {name} · ran" in t for t in titles(page)) and card.is_hidden()
+    result_key = next(iter(json.loads(messages[2].content)))
+    chat.get_by_text(f'"{result_key}"').first.wait_for(timeout=10_000)  # the stored result, shown again
+    page.wait_for_timeout(1000)  # the reopened cards lay out before the screenshot
     page.screenshot(path=str(ARTIFACTS / "browser-tools-reopened.png"), full_page=True)
 
 
