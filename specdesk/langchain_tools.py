@@ -54,7 +54,10 @@ def plan(messages: list[BaseMessage], kwargs: dict[str, Any]) -> Plan:
     fmt = tool_calls.response_format(kwargs.get("response_format"))
     dicts = to_openai_dicts(messages)
     if choice == "none":
-        return Plan(tool_calls.prompt_messages(dicts, []), fmt, False, False)
+        prompt = tool_calls.prompt_messages(dicts, [])
+        if fmt is not None and fmt.kind == "json_schema":  # as OpenAI's structured outputs tell the model
+            prompt = tool_calls.with_system_section(prompt, tool_calls.schema_section(fmt.spec))
+        return Plan(prompt, fmt, False, False)
     if fmt is not None:
         raise ValueError("response_format cannot constrain a reply that may call tools")
     parallel = kwargs.get("parallel_tool_calls")

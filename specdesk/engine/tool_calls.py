@@ -93,10 +93,18 @@ def _call_schema(fn: dict[str, Any]) -> dict[str, Any]:
     # "name" first: grammars emit properties in schema order, and the streaming parser wants the name early.
     return {
         "type": "object",
-        "properties": {"name": {"const": fn["name"]}, "arguments": fn["parameters"]},
+        "properties": {"name": {"const": fn["name"]}, "arguments": _closed(fn["parameters"])},
         "required": ["name", "arguments"],
         "additionalProperties": False,
     }
+
+
+def _closed(parameters: dict[str, Any]) -> dict[str, Any]:
+    """The arguments schema without undeclared properties, unless it says otherwise (OpenAI's strict
+    mode): a function has no use for them, and a small model otherwise fills calls with schema keywords."""
+    if parameters.get("type", "object") != "object" or "additionalProperties" in parameters:
+        return parameters
+    return {**parameters, "additionalProperties": False}
 
 
 def structured_output(
@@ -150,6 +158,12 @@ def response_format(fmt: dict[str, Any] | None) -> StructuredOutput | None:
     return StructuredOutput("json_schema", json.dumps(schema))
 
 
+def schema_section(schema_json: str) -> str:
+    """The system-prompt note that tells the model the JSON schema its reply must follow (the grammar
+    enforces the form; a model that knows the schema fills it with what the keys mean)."""
+    return f"Reply with one JSON object that follows this JSON schema:\n{schema_json}"
+
+
 def tools_section(functions: list[dict[str, Any]]) -> str:
     """The system-prompt section that describes the functions and the exact call format."""
     signatures = "\n".join(json.dumps({"type": "function", "function": f}, ensure_ascii=False) for f in functions)
@@ -184,13 +198,14 @@ def prompt_messages(messages: list[dict[str, Any]], functions: list[dict[str, An
                 out[-1]["content"] += "\n" + content
                 continue
         out.append({"role": role, "content": content})
-    if functions:
-        section = tools_section(functions)
-        if out and out[0]["role"] == "system":
-            out[0] = {"role": "system", "content": f"{out[0]['content']}\n\n{section}"}
-        else:
-            out.insert(0, {"role": "system", "content": section})
-    return out
+    return with_system_section(out, tools_section(functions)) if functions else out
+
+
+def with_system_section(messages: list[dict[str, str]], section: str) -> list[dict[str, str]]:
+    """`section` appended to the system prompt, or as one when there is none."""
+    if messages and messages[0]["role"] == "system":
+        return [{"role": "system", "content": f"{messages[0]['content']}\n\n{section}"}, *messages[1:]]
+    return [{"role": "system", "content": section}, *messages]
 
 
 @dataclass

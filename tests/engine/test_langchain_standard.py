@@ -88,4 +88,4 @@ class TestChatSpecDeskDefaultModelIntegration(_SpecDeskIntegration):
     @property
     def chat_model_params(self) -> dict[str, Any]:
         # The built-in default model, greedy; room for a call or a short JSON joke.
-        return {"max_tokens": 96, "engine_kwargs": {"device": "cpu"}}
+        return {"max_tokens": 160, "engine_kwargs": {"device": "cpu"}}
