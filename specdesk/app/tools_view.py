@@ -13,6 +13,7 @@ from typing import Any
 
 from specdesk.app.safe_markdown import clean_model_markdown, escape_customer_text
 from specdesk.db import ConversationRecord, MessageRecord, MessageStatus, Role
+from specdesk.engine.tool_calls import CALL_BEGIN
 
 _ANSWER_NOTE = {MessageStatus.COMPLETE: "ran", MessageStatus.REJECTED: "rejected"}
 
@@ -63,6 +64,19 @@ def bubbles(
         title = f"🛠 Tool call · {escape_customer_text(str(fn.get('name', '')))} · {note}"
         out.append(_titled(title, code_block(str(fn.get("arguments", "")))))
     return out
+
+
+def live_call(text: str) -> dict[str, Any] | None:
+    """A streaming reply that is writing a tool call (call JSON, or text then a <tool_call> tag) as one card
+    with what came before; None for plain text."""
+    head, tag, call = text.partition(CALL_BEGIN)
+    if not tag:
+        if not text.lstrip().startswith('{"name"'):
+            return None
+        head, call = "", text
+    before = f"{clean_model_markdown(head.strip())}\n\n" if head.strip() else ""
+    body = clean_model_markdown(f"```json\n{call.strip()}\n```")
+    return _titled("🛠 Drafting a tool call…", before + body)
 
 
 def _titled(title: str, content: str) -> dict[str, Any]:

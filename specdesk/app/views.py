@@ -62,8 +62,11 @@ def bubble_text(message: MessageRecord) -> str:
     return (text or "*(no text)*") + _STATUS_SUFFIX.get(message.status, "")
 
 
-def live_bubble(update: TurnUpdate) -> dict[str, str]:
-    """The reply being drafted, as it streams."""
+def live_bubble(update: TurnUpdate) -> dict[str, Any]:
+    """The reply being drafted, as it streams (a tool call being written shows as a card: tools_view)."""
+    drafting = tools_view.live_call(update.text) if update.text else None
+    if drafting is not None:
+        return drafting
     text = clean_model_markdown(update.text) if update.text else ""
     if not update.state.is_final:
         text += " ▍"  # a caret, so a waiting turn never looks like an empty bubble

@@ -16,7 +16,7 @@ from specdesk.app.chat_service import ChatService
 from specdesk.app.tools import ToolBox, pending_call
 from specdesk.app.tools_service import REJECTED_RESULT
 from specdesk.app.turns import TurnState, TurnUpdate
-from specdesk.app.views import chat_messages, feedback_values
+from specdesk.app.views import chat_messages, feedback_values, live_bubble
 from specdesk.db import MessageStatus, NotFoundError, Role
 from specdesk.engine.llm import LLM
 from tests.app.console_fixtures import make_service, tiny_console_llm
@@ -196,3 +196,16 @@ def test_a_required_choice_makes_the_draft_a_stored_call_through_the_grammar(llm
     assert call["name"] == "lookup_order" and json.loads(call["arguments"])["order_number"].startswith("NW-100")
     assert _final(service.run_tool_call(conversation.id, reply.tool_calls[0]["id"])).state is TurnState.COMPLETE
     assert "error" not in json.loads(service.repository.get_conversation(conversation.id).messages[2].content)
+
+
+def test_a_call_being_written_streams_as_a_card() -> None:
+    def live(text: str) -> dict[str, Any]:
+        return live_bubble(TurnUpdate(1, 2, TurnState.STREAMING, text))
+
+    assert live("Hello there")["content"] == "Hello there ▍" and "metadata" not in live("Hello there")
+    json_call = live('{"name": "lookup_order", "arguments": {"order_number": "NW-1')
+    assert json_call["metadata"]["title"] == "🛠 Drafting a tool call…"
+    assert _only_code(json_call["content"], '"order_number": "NW-1')
+    tagged = live('Let me check. ![x](https://evil.example/)\n<tool_call>\n{"name": "lookup_order"')
+    assert tagged["metadata"]["title"] == "🛠 Drafting a tool call…" and "Let me check." in tagged["content"]
+    assert "![x]" not in tagged["content"] and '{"name": "lookup_order"' in tagged["content"]
