@@ -123,9 +123,9 @@ class ModelRunner:
             seq, start = s.seq, s.seq.num_computed_tokens
             tokens = seq.token_ids[start : start + s.num_new_tokens]
             pos = list(range(start, start + len(tokens)))
-            if tree is not None:
+            if tree is not None:  # the root is the last new token (forced tokens may precede it)
                 tokens = tokens + tree.tokens
-                pos += [start + d for d in tree.depths]
+                pos += [pos[-1] + d for d in tree.depths]
             end = start + len(tokens)
             input_ids += tokens
             positions += pos

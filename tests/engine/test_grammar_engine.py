@@ -158,19 +158,27 @@ def test_preempted_constrained_requests_resume_their_grammar(model_dir: Path, en
         tight.shutdown()
 
 
-def test_a_jump_forward_is_computed_next_step_as_one_chunk(model_dir: Path) -> None:
+def test_a_draft_tree_follows_the_forced_tokens_in_the_next_pass(model_dir: Path, engines: dict[str, LLM]) -> None:
     config = EngineConfig(model=str(model_dir), dtype="float32", device="cpu", speculator="ngram")
     engine = LLMEngine(config, load_model(config.model, "float32", "cpu"))
-    rid = engine.add_request(engine.tokenizer.encode("My order"), params(JSON))
+    prompt = engine.tokenizer.encode('{"order_number":"48213","intent":"refund","urgency":"low"} My order')
+    rid = engine.add_request(prompt, params(JSON))
     seq = engine.sequences[rid]
     (delta,) = engine.step()  # prefill: '{"order_number":"' is forced after the first token
-    assert len(delta.token_ids) > 1 and seq.num_uncomputed_tokens == len(delta.token_ids)
+    tokens = list(delta.token_ids)
+    assert len(tokens) > 1 and seq.num_uncomputed_tokens == len(tokens)
     assert engine.speculation is not None
     engine.speculation.propose(engine.scheduler.running, engine.block_manager.usage)
-    assert seq.draft_token_ids == []  # several uncomputed tokens: no tree this step
+    assert seq.draft_token_ids  # the prompt's own JSON is an n-gram match
     batch = engine.scheduler.schedule()
     (s,) = batch.scheduled
-    assert s.num_new_tokens == len(delta.token_ids) and s.num_draft_tokens == 0 and s.samples
+    assert s.num_new_tokens == len(tokens) and s.num_draft_tokens == len(seq.draft_token_ids)
+    (verdict,) = engine._run(batch)  # the forced tokens' KV and the tree, in one pass
+    assert verdict.error is None and verdict.acceptance is not None
+    tokens += engine._append(s, verdict.tokens, 0.0)[0].token_ids
+    while engine.has_work:
+        tokens += [t for d in engine.step() for t in d.token_ids]
+    assert tokens == engines["plain"].generate([prompt], params(JSON, speculate=False))[0].token_ids
 
 
 def test_llm_refuses_a_bad_spec_in_the_callers_thread(engines: dict[str, LLM]) -> None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from specdesk.engine.config import SpecConfig
-from specdesk.engine.grammar.state import GrammarState
+from specdesk.engine.grammar.state import MAX_FORCED_TOKENS, GrammarState
 from specdesk.engine.model_runner import ForwardOutput, ModelRunner
 from specdesk.engine.models.loader import LoadedModel
 from specdesk.engine.scheduler import ScheduledSeq
@@ -96,8 +96,9 @@ class SpeculativeDecoder:
             s.draft_token_ids = []
         if not self.policy.should_speculate(len(running), kv_usage):
             return
-        # Decoding sequences only: a prefill chunk has nothing to speculate from yet.
-        eligible = [s for s in running if s.params.speculate and s.num_uncomputed_tokens == 1 and s.num_output_tokens]
+        # Decoding sequences only: a prefill chunk has nothing to speculate from yet. A sequence whose
+        # grammar forced tokens last step (jump-forward) computes them in this pass, the tree after them.
+        eligible = [s for s in running if s.params.speculate and s.num_output_tokens and _after_verified(s)]
         depth = {s.request_id: self.policy.num_tokens(s.request_id) for s in eligible}
         eligible = [s for s in eligible if depth[s.request_id] > 0]
         if not eligible:
@@ -110,7 +111,8 @@ class SpeculativeDecoder:
                 draft = self.ngram.propose(s.request_id, s.token_ids, k)
                 if draft:
                     paths[s.request_id].append(draft)
-        with_hidden = [s for s in eligible if s.request_id in self.hidden]
+        # The MLP reads the hidden state after the last token: stale while forced tokens await their pass.
+        with_hidden = [s for s in eligible if s.request_id in self.hidden and s.num_uncomputed_tokens == 1]
         if self.mlp is not None and self.tree_kind is not None and with_hidden:
             fixed = {s.request_id: list(paths[s.request_id]) for s in with_hidden}
             kind = self.tree_kind
@@ -160,7 +162,7 @@ class SpeculativeDecoder:
             if verdict.error is not None or not s.samples:
                 continue
             if tree is not None and verdict.acceptance is not None:
-                self._moves(s.seq, verdict.acceptance, src, dst)
+                self._moves(s, verdict.acceptance, src, dst)
                 self._record(s.seq, tree, verdict.acceptance)
                 if s.seq.request_id in self.paths:
                     self.width.record(*self.paths[s.seq.request_id], verdict.tokens)
@@ -175,9 +177,10 @@ class SpeculativeDecoder:
             for j, request_id in enumerate(keep):
                 self.hidden[request_id] = rows[j]
 
-    def _moves(self, seq: Sequence, acc: Acceptance, src: list[int], dst: list[int]) -> None:
+    def _moves(self, s: ScheduledSeq, acc: Acceptance, src: list[int], dst: list[int]) -> None:
         # Node row r sits at position p + r in the pages; its path position is p + depth.
-        p = seq.num_computed_tokens  # the root's position (KV computed this pass)
+        seq = s.seq
+        p = seq.num_computed_tokens + s.num_new_tokens - 1  # the root's position (KV computed this pass)
         for i, r in enumerate(acc.accepted_rows):
             if r != i + 1:
                 src.append(self.runner.slot_of(seq, p + r))
@@ -214,3 +217,10 @@ class SpeculativeDecoder:
             self.ngram.release(seq.request_id)
             if seq.num_output_tokens > 0:
                 self.ngram.observe_reply(seq.output_token_ids)
+
+
+def _after_verified(seq: Sequence) -> bool:
+    """Whether a draft tree can follow seq's uncomputed tokens this step: its last sampled token alone, or
+    that token plus the ones its grammar forced after it (at most MAX_FORCED_TOKENS, see engine/grammar/)."""
+    n = seq.num_uncomputed_tokens
+    return n == 1 or (seq.grammar is not None and 1 <= n <= MAX_FORCED_TOKENS + 1)
