@@ -184,8 +184,9 @@ def call_text(name: str, arguments: str | dict[str, Any]) -> str:
 
 def prompt_messages(messages: list[dict[str, Any]], functions: list[dict[str, Any]]) -> list[dict[str, str]]:
     """Role/content messages any chat template renders: the tools section joins the system prompt (or opens
-    one), assistant `tool_calls` become call text, and consecutive `tool` results one user turn of
-    <tool_response> blocks. Messages are {"role", "content", "tool_calls"?} with OpenAI's call shape."""
+    one), assistant `tool_calls` become call text, and `tool` results <tool_response> blocks in one user
+    turn with any user message next to them. Messages are {"role", "content", "tool_calls"?}, calls in
+    OpenAI's shape."""
     out: list[dict[str, str]] = []
     for m in messages:
         role, content = m["role"], m.get("content") or ""
@@ -194,9 +195,11 @@ def prompt_messages(messages: list[dict[str, Any]], functions: list[dict[str, An
             content = "\n".join([content, *calls]) if content else "\n".join(calls)
         elif role == "tool":
             role, content = "user", f"<tool_response>\n{content}\n</tool_response>"
-            if out and out[-1]["role"] == "user" and out[-1]["content"].startswith("<tool_response>"):
-                out[-1]["content"] += "\n" + content
-                continue
+        # Tool results are user turns: join them with a user turn beside them, since many templates
+        # refuse two user turns in a row.
+        if out and role == out[-1]["role"] == "user" and "<tool_response>" in out[-1]["content"] + content[:15]:
+            out[-1]["content"] += ("\n" if m["role"] == "tool" else "\n\n") + content
+            continue
         out.append({"role": role, "content": content})
     return with_system_section(out, tools_section(functions)) if functions else out
 

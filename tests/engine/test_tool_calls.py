@@ -73,13 +73,14 @@ def test_prompt_messages_round_trip() -> None:
         {"role": "assistant", "content": "", "tool_calls": [call]},
         {"role": "tool", "content": '{"status": "shipped"}', "tool_call_id": "call_1"},
         {"role": "tool", "content": '{"eta": "Monday"}', "tool_call_id": "call_2"},
+        {"role": "user", "content": "Thanks, and the refund?"},
     ]
     out = tool_calls.prompt_messages(messages, FUNCTIONS)
     assert [m["role"] for m in out] == ["system", "user", "assistant", "user"]
     assert out[0]["content"].startswith("You are a support agent.\n\n# Tools") and '"lookup_order"' in out[0]["content"]
     assert out[2]["content"] == '<tool_call>\n{"name": "lookup_order", "arguments": {"order_id": "7"}}\n</tool_call>'
     assert parse_reply(out[2]["content"])[1][0].arguments == '{"order_id": "7"}'
-    assert out[3]["content"].count("<tool_response>") == 2
+    assert out[3]["content"].count("<tool_response>") == 2 and out[3]["content"].endswith("\n\nThanks, and the refund?")
     assert tool_calls.prompt_messages(messages[:2], []) == messages[:2]
 
 
