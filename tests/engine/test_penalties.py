@@ -202,6 +202,7 @@ def test_default_model_penalized_output_and_logprobs_are_identical_with_speculat
             SamplingParams(max_tokens=48, repetition_penalty=1.1, logprobs=2),
             SamplingParams(max_tokens=48, frequency_penalty=0.4, presence_penalty=0.2),
             SamplingParams(temperature=0.8, seed=3, max_tokens=48, repetition_penalty=1.1, min_p=0.05),
+            SamplingParams(max_tokens=48, logit_bias={plain.encode("Thank")[0]: 8.0, plain.encode(" you")[0]: -5.0}),
         ):
             want = plain.generate(conversations, params)
             got = spec.generate(conversations, params)
