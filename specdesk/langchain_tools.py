@@ -73,8 +73,9 @@ def to_openai_dicts(messages: list[BaseMessage]) -> list[dict[str, Any]]:
     for message in messages:
         kind = message.role if isinstance(message, ChatMessage) else message.type
         content = message.content
-        # An AIMessage's call blocks (LangChain's tool_call, Anthropic's tool_use) repeat its tool_calls.
-        call_blocks = ("tool_call", "tool_use") if isinstance(message, AIMessage) else ()
+        # An AIMessage's call blocks (LangChain's tool_call, Anthropic's tool_use) repeat its tool_calls;
+        # its reasoning blocks (Anthropic's thinking) are not part of the conversation the model reads.
+        call_blocks = ("tool_call", "tool_use", "thinking", "reasoning") if isinstance(message, AIMessage) else ()
         if isinstance(content, list) and any(
             not isinstance(b, str) and b.get("type") not in ("text", *call_blocks) for b in content
         ):  # fmt: skip

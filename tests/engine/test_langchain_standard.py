@@ -8,7 +8,8 @@ suites' properties. The integration suite runs twice:
   that reason: random weights write the tool call or JSON the grammar allows, never the one asked for;
 * on the default model (`slow`), only those tests: `ChatSpecDesk()` as a user builds it.
 
-The suite forbids overriding its tests, so tests/engine/conftest.py sorts them at collection.
+The suite forbids overriding its tests, so tests/engine/conftest.py sorts them at collection and gives every
+remaining skip its reason (text-only models, one model per engine, no network, no environment).
 """
 
 from __future__ import annotations
@@ -74,6 +75,10 @@ class _SpecDeskIntegration(ChatModelIntegrationTests):
     @property
     def supports_json_mode(self) -> bool:
         return True
+
+    @property
+    def supports_anthropic_inputs(self) -> bool:
+        return True  # Anthropic-format tools, tool_use and thinking blocks (text only: no image)
 
 
 class TestChatSpecDeskIntegration(_SpecDeskIntegration):
