@@ -273,10 +273,10 @@ class ChatService(ToolTurns):
         now = time.perf_counter()
         if progress.reply_id is None or now - progress.checkpointed_at < self.checkpoint_interval_s:
             return
-        progress.checkpointed_at = now
         text = progress.text
         if text == progress.checkpointed_text:
-            return
+            return  # nothing new (a token that is not text yet): the next text is written at once
+        progress.checkpointed_at = now
         try:
             self.repository.save_partial_reply(progress.reply_id, text)
             progress.checkpointed_text = text

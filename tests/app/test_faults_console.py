@@ -113,7 +113,7 @@ def test_a_stream_closed_while_the_database_is_down_still_frees_the_conversation
     conversation = service.new_conversation()
     updates = service.send(conversation.id, "Tell me everything", service.sampling_params(max_tokens=4000))
     for update in updates:
-        if update.num_tokens >= 3:
+        if update.num_tokens >= 3 and update.text:  # some text streamed (a token may be part of a character)
             break
     with monkeypatch.context() as patch:
         patch.setattr(service.repository, "finish_assistant_message", _database_down)
