@@ -195,3 +195,16 @@ def test_legacy_structural_tag_format(compiler: GrammarCompiler, tokenizer: Any)
     state = compiler.compile(StructuredOutput("structural_tag", spec))  # type: ignore[arg-type]
     state.advance(tokenizer.encode("ok <f=x>"))
     assert tokenizer.decode(state.forced_tokens())[:1] == "{"
+
+
+def test_a_special_token_trigger_is_matched_as_that_token(compiler: GrammarCompiler, tokenizer: Any) -> None:
+    start = tokenizer.convert_tokens_to_ids("<|im_start|>")  # a special token of the tiny tokenizer
+    call = {"type": "object", "properties": {"urgency": {"enum": ["low"]}}, "required": ["urgency"]}
+    tag = {"begin": "<|im_start|>", "content": {"type": "json_schema", "json_schema": call}, "end": "\n"}
+    spec = {"format": {"type": "triggered_tags", "triggers": ["<|im_start|>"], "tags": [{"type": "tag", **tag}]}}
+    state = compiler.compile(StructuredOutput("structural_tag", spec))  # type: ignore[arg-type]
+    text = tokenizer.encode("Hello")
+    rows = state.allowed_rows([[], text, [*text, start]], len(tokenizer))
+    assert rows[0, start] and rows[1, start]  # free text may open the span with the token itself
+    state.advance([*text, start])
+    assert tokenizer.decode(state.forced_tokens()).startswith('{"urgency":"low"')
