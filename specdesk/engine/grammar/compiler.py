@@ -55,7 +55,10 @@ class GrammarCompiler:
 
             if not self.eos_token_ids:
                 raise ValueError("structured output needs a model with an end-of-sequence token")
-            ll_tokenizer = llguidance.hf.from_tokenizer(self.tokenizer, eos_token=self.eos_token_ids)
+            try:
+                ll_tokenizer = llguidance.hf.from_tokenizer(self.tokenizer, eos_token=self.eos_token_ids)
+            except Exception as exc:  # e.g. a slow (pure-Python) tokenizer: a request error, not an engine one
+                raise ValueError(f"structured output is not supported with this tokenizer: {exc}") from exc
             self._vocab = Vocabulary(ll_tokenizer, ll_tokenizer.vocab_size, frozenset(self.eos_token_ids))
         return self._vocab
 
