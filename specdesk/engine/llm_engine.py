@@ -167,9 +167,9 @@ class LLMEngine:
         was_decoding = seq.num_output_tokens > 0
         try:
             forced = self._follow_grammar(seq, new_tokens)
-        except ValueError as exc:  # a token the grammar forbids got through: this request alone fails
+        except Exception as exc:  # e.g. a token the grammar forbids got through: this request alone fails
             self.scheduler.finish(seq, FinishReason.ERROR)
-            return [self._finish_delta(seq, error=str(exc))]
+            return [self._finish_delta(seq, error=f"grammar: {type(exc).__name__}: {exc}")]
         kept = self.scheduler.append_tokens(s, new_tokens + forced, len(forced))
         if forced:
             self.grammar_compiler.stats.num_forced_tokens += max(0, len(kept) - len(new_tokens))

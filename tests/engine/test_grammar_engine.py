@@ -181,6 +181,31 @@ def test_a_draft_tree_follows_the_forced_tokens_in_the_next_pass(model_dir: Path
     assert tokens == engines["plain"].generate([prompt], params(JSON, speculate=False))[0].token_ids
 
 
+def test_a_failing_grammar_fails_its_request_alone(model_dir: Path, engines: dict[str, LLM]) -> None:
+    config = EngineConfig(model=str(model_dir), dtype="float32", device="cpu", speculator="ngram")
+    engine = LLMEngine(config, load_model(config.model, "float32", "cpu"))
+    prompt = engine.tokenizer.encode(str(PROMPTS[0]))
+    broken, _ = (engine.add_request(prompt, params(structured)) for structured in (JSON, WORDS))
+
+    def fail(*args: object) -> None:
+        raise RuntimeError("matcher broke")
+
+    grammar = engine.sequences[broken].grammar
+    assert grammar is not None
+    grammar.advance = fail  # type: ignore[method-assign]
+    grammar.prune = fail  # type: ignore[method-assign]
+    tokens: list[int] = []
+    errors: list[str | None] = []
+    while engine.has_work:
+        for delta in engine.step():
+            if delta.request_id == broken:
+                errors.append(delta.error)
+            else:
+                tokens += delta.token_ids
+    assert len(errors) == 1 and errors[0] is not None and "matcher broke" in errors[0]
+    assert tokens == engines["plain"].generate([prompt], params(WORDS, speculate=False))[0].token_ids
+
+
 def test_llm_refuses_a_bad_spec_in_the_callers_thread(engines: dict[str, LLM]) -> None:
     with pytest.raises(ValueError, match="structured output regex is invalid"):
         engines["plain"].submit("My order", params(StructuredOutput("regex", "[z-a]")))

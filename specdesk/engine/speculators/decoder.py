@@ -135,7 +135,10 @@ class SpeculativeDecoder:
                 tree = build_tree(paths[s.request_id])
                 if isinstance(s.grammar, GrammarState):
                     # Nodes the grammar forbids could never be accepted: don't spend the pass on them.
-                    pruned = s.grammar.prune(tree)
+                    try:
+                        pruned = s.grammar.prune(tree)
+                    except Exception:  # a broken grammar fails its request in the masks, alone; no tree
+                        continue
                     if pruned is None:
                         continue
                     tree = pruned
