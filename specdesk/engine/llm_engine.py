@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from specdesk.engine.block_manager import BlockManager
@@ -74,6 +75,7 @@ class LLMEngine:
         )
         # Structured output; llguidance and its view of the tokenizer are loaded by the first such request.
         self.grammar_compiler = GrammarCompiler(self.tokenizer, loaded.eos_token_ids)
+        self._grammar_pool = ThreadPoolExecutor(1, thread_name_prefix="specdesk-grammar")  # masks during a pass
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self.sequences: dict[str, Sequence] = {}
         self.num_steps = 0
@@ -146,6 +148,7 @@ class LLMEngine:
         if batch.is_empty:
             return deltas
         self.num_steps += 1
+        self._prefetch_masks(batch)
         try:
             verdicts = self._run(batch)
         except Exception as exc:  # a failed pass fails its requests, never the engine
@@ -186,6 +189,13 @@ class LLMEngine:
             m.ttft_s = now - m.arrival_time
         m.decode_s = now - m.first_token_time
         return [self._text_delta(seq, kept, logprobs[: len(kept)] if logprobs is not None else None)]
+
+    def _prefetch_masks(self, batch: SchedulerOutput) -> None:
+        """Start every constrained sequence's masks for this pass in a worker thread, to overlap the model."""
+        for s in batch.scheduled:
+            if s.samples and isinstance(s.seq.grammar, GrammarState):
+                tree = self.speculation.tree_for(s) if self.speculation is not None else None
+                s.seq.grammar.prefetch(tree, self.loaded.vocab_size, self._grammar_pool)
 
     def _follow_grammar(self, seq: Sequence, new_tokens: list[int]) -> list[int]:
         """Advance the request's grammar over its verified tokens; return the tokens it forces next.

@@ -208,3 +208,25 @@ def test_a_special_token_trigger_is_matched_as_that_token(compiler: GrammarCompi
     assert rows[0, start] and rows[1, start]  # free text may open the span with the token itself
     state.advance([*text, start])
     assert tokenizer.decode(state.forced_tokens()).startswith('{"urgency":"low"')
+
+
+def test_prefetched_rows_equal_rows_computed_on_demand(compiler: GrammarCompiler, tokenizer: Any) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    state = schema_state(compiler)
+    answer = tokenizer.encode(ANSWER)
+    tree = build_tree([answer[:4], [*answer[:2], tokenizer.encode("x")[0]]])
+    paths = [[]] + [[tree.token(r) for r in tree.path_to(row)] for row in range(1, tree.num_nodes + 1)]
+    v = len(tokenizer) + 8
+    expected = state.allowed_rows(paths, v)
+    with ThreadPoolExecutor(1) as pool:
+        used = state.stats.num_prefetched_rows
+        state.prefetch(tree, v, pool)
+        assert torch.equal(state.allowed_rows(paths, v), expected)
+        assert state.stats.num_prefetched_rows == used + len(paths)
+        state.prefetch(tree, v, pool)  # other paths than prefetched: computed afresh
+        assert torch.equal(state.allowed_rows(paths[:2], v), expected[:2])
+        assert state.stats.num_prefetched_rows == used + len(paths)
+        state.prefetch(None, v, pool)  # never asked for: the next change of state waits for it first
+        state.advance(answer[:1])
+    assert torch.equal(state.allowed_rows([[]], v), expected[1:2])

@@ -101,6 +101,8 @@ def test_jump_forward_tokens_count_as_tokens_of_their_step(engines: dict[str, LL
     fast = llm.generate(PROMPTS[1], params(JSON))[0]
     assert fast.token_ids == slow.token_ids
     num_forced = llm.stats().grammar_num_forced_tokens - forced_before
+    stats = llm.engine.grammar_compiler.stats
+    assert stats.num_prefetched_rows == stats.num_masked_rows > 0  # every mask was computed during the pass
     assert num_forced >= 10  # '{"order_number":"', '","intent":"', ... are forced
     assert slow.metrics is not None and fast.metrics is not None
     assert slow.metrics.tokens_per_step == pytest.approx(1.0)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, ParamSpec, TypeVar
@@ -46,8 +47,10 @@ class Walk(Enum):
 class GrammarStats:
     """Totals over every request of one compiler: what the grammar costs and what jump-forward saves."""
 
-    busy_s: float = 0.0  # wall time in masks, pruning, advancing and jump-forward
+    busy_s: float = 0.0  # wall time in masks, pruning, advancing and jump-forward (the engine thread's)
+    overlapped_s: float = 0.0  # wall time of masks computed in a worker while the model ran
     num_masked_rows: int = 0
+    num_prefetched_rows: int = 0  # of them computed while the model ran
     num_pruned_nodes: int = 0
     num_forced_tokens: int = 0  # jump-forward tokens the engine appended
 
@@ -90,6 +93,7 @@ class GrammarState:
         self._walked: list[int] = []  # tokens consumed past the verified state by the current walk
         self.stats = stats if stats is not None else GrammarStats()  # shared by the compiler's states
         self.is_terminated = False  # an EOS was consumed: the output is complete
+        self._pending: Future[tuple[list[list[int]], int, np.ndarray]] | None = None  # see prefetch
 
     # ---- the RowConstraint protocol -----------------------------------------------------------------
     @_timed
@@ -101,7 +105,47 @@ class GrammarState:
         somewhere cannot be reached (its parent row forbids the token), so its row allows every token: any
         finite row is right there, and an empty one would poison sampling.
         """
+        done = self._settle()
+        if done is not None and done[0] == paths and done[1] == vocab_size:
+            rows = done[2]
+            self.stats.num_prefetched_rows += len(paths)
+        else:
+            rows = self._rows(paths, vocab_size)
         self.stats.num_masked_rows += len(paths)
+        return torch.from_numpy(rows)
+
+    # ---- overlap with the forward pass ----------------------------------------------------------------
+    def prefetch(self, tree: DraftTree | None, vocab_size: int, pool: Executor) -> None:
+        """Start this pass's rows (the root's, then each node's of `tree`) in `pool` while the model runs:
+        they depend on the verified tokens and the tree only, and llguidance computes masks without the GIL.
+        `allowed_rows` with the same paths takes the result; every other method first waits for it, so
+        the matcher is never used by two threads at once."""
+        self._settle()
+        paths: list[list[int]] = [[]]
+        if tree is not None:
+            paths += [[tree.token(r) for r in tree.path_to(row)] for row in range(1, tree.num_nodes + 1)]
+        self._pending = pool.submit(self._prefetched, paths, vocab_size)
+
+    def _prefetched(self, paths: list[list[int]], vocab_size: int) -> tuple[list[list[int]], int, np.ndarray]:
+        start = time.perf_counter()
+        try:
+            return paths, vocab_size, self._rows(paths, vocab_size)
+        finally:
+            self.stats.overlapped_s += time.perf_counter() - start
+
+    def _settle(self) -> tuple[list[list[int]], int, np.ndarray] | None:
+        """Wait for a prefetch; its result, or None (none, or it failed: the caller computes afresh and so
+        raises the error in its own thread)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        try:
+            return pending.result()
+        except Exception:
+            return None
+
+    def _rows(self, paths: list[list[int]], vocab_size: int) -> np.ndarray:
+        """allowed_rows as numpy, computed now."""
         bitmask = self._new_bitmask(len(paths))
         walks = []
         try:
@@ -121,7 +165,7 @@ class GrammarState:
         empty = np.flatnonzero(~rows.any(axis=1))
         if len(empty):
             raise RuntimeError(f"the grammar allows no token after path {paths[empty[0]]}: {self.error}")
-        return torch.from_numpy(rows)
+        return rows
 
     # ---- speculation ----------------------------------------------------------------------------------
     @_timed
@@ -132,6 +176,7 @@ class GrammarState:
         root-to-leaf paths, in their original order, are merged again with `build_tree`, which keeps the
         tree's invariants (parents before children, the first path in rows 1..len).
         """
+        self._settle()
         keep = [True] * (tree.num_nodes + 1)
         try:
             for row in range(1, tree.num_nodes + 1):
@@ -157,6 +202,7 @@ class GrammarState:
     @_timed
     def advance(self, tokens: list[int]) -> None:
         """Move the state past verified tokens (each must be allowed: the sampler masked it)."""
+        self._settle()
         assert not self._walked, self._walked
         for token in tokens:
             if self.is_terminated:
@@ -173,6 +219,7 @@ class GrammarState:
         checked against the full mask, so only a sole allowed token is ever forced (a grammar that ends
         with a single EOS id forces it, too).
         """
+        self._settle()
         m = self._matcher
         if self.is_terminated or m.is_error() or (not m.is_stopped() and not m.compute_ff_tokens()):
             return []
