@@ -5,4 +5,6 @@
 * `step_profile` ms per engine step by phase, plain vs speculative
 * `kernels_gpu`  the one prepared GPU script: kernels against their twins, kernel timings, the engine end to end
 * `loadtest`     concurrent `/v1` clients against a running server (loopback only)
+* `structured`   JSON-schema extraction: unconstrained vs grammar-constrained plain vs speculation + jump-forward
+* `grammar_libs` xgrammar vs llguidance on this machine (why the engine's grammars use llguidance)
 """
