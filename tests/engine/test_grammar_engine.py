@@ -265,3 +265,21 @@ class _LLGuidanceProcessor:
         allowed = torch.zeros(scores.shape[-1], dtype=torch.bool)
         allowed[: self.vocab_size] = bits.bool()
         return scores.masked_fill(~allowed, float("-inf"))
+
+
+@pytest.mark.slow
+def test_default_model_constrained_output_is_lossless_with_its_speculator() -> None:
+    llm = LLM(dtype="float32", device="cpu")  # the shipped MLP speculator + n-gram
+    try:
+        chats = [
+            [{"role": "system", "content": "Reply with JSON: order_number (5 digits), intent, urgency."},
+             {"role": "user", "content": text}]
+            for text in ("Order 48213 never arrived and I need it tomorrow!", "How do I reset my password?")
+        ]  # fmt: skip
+        plain = llm.generate(chats, params(JSON, speculate=False))
+        fast = llm.generate(chats, params(JSON))
+        assert [o.token_ids for o in fast] == [o.token_ids for o in plain]
+        assert all(json.loads(o.text)["urgency"] in ("low", "high") for o in fast)
+        assert llm.stats().spec_num_drafts > 0 and llm.stats().grammar_num_forced_tokens > 0
+    finally:
+        llm.shutdown()
