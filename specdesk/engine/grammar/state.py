@@ -8,6 +8,7 @@ there and rolls back before returning, so it leaves the state as it found it:
                   tree is scheduled, so the pass verifies no node that could never be accepted
     forced_tokens jump-forward: while the mask allows exactly one token, that token. Plain decoding, greedy
                   or sampled, could only pick it, so appending it without a model step changes no output.
+    prefetch      allowed_rows for the coming pass, computed in a worker thread while the model runs
 
 Since a row's mask is a function of the verified tokens and its own path only, masked speculation is
 lossless: each row's distribution is the one constrained plain decoding would use at that position.
