@@ -16,8 +16,8 @@ KINDS: tuple[str, ...] = ("json_schema", "json_object", "regex", "ebnf", "struct
 class StructuredOutput:
     """kind and its source text.
 
-    json_schema     spec = the schema as JSON text (a dict is accepted and serialized, keys sorted, so equal
-                    schemas share one compiled grammar)
+    json_schema     spec = the schema as JSON text (a dict is accepted and serialized in its own key order:
+                    properties are generated in the order the schema declares them)
     json_object     spec = "" (any JSON object)
     regex           spec = the pattern
     ebnf            spec = the grammar (GBNF-style EBNF, `root` is the start rule)
@@ -32,7 +32,7 @@ class StructuredOutput:
             raise ValueError(f"structured output kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         spec: object = self.spec
         if isinstance(spec, dict) and self.kind in ("json_schema", "structural_tag"):
-            object.__setattr__(self, "spec", json.dumps(spec, sort_keys=True))
+            object.__setattr__(self, "spec", json.dumps(spec))
         elif not isinstance(spec, str):
             raise ValueError(f"structured output spec must be a string, got {type(spec).__name__}")
         if self.kind in ("json_schema", "structural_tag"):
