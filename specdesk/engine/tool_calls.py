@@ -296,14 +296,20 @@ class ToolCallParser:
         """Consume a call's text; return what follows the call."""
         start = len(self._buf)
         self._buf += text
-        end_at = -1 if self.json_mode else self._buf.find(CALL_END, max(0, start - len(CALL_END)))
         if self._args_from is None:
             m = _NAME_FIRST.match(self._buf)
             if m:
                 self._args_from = self._scanned = m.end()
                 self._start_event(json.loads(f'"{m.group(1)}"'), events)
         if self._args_from is not None and not self._args_done:
-            self._scan_args(events, end_at)
+            # The arguments first: a closing tag inside one of their strings (a customer's pasted text) is
+            # text, not the end of the call.
+            self._scan_args(events, -1)
+        end_at = -1
+        if not self.json_mode and (self._args_from is None or self._args_done):
+            end_at = self._buf.find(
+                CALL_END, self._scanned if self._args_from is not None else max(0, start - len(CALL_END))
+            )
         if self.json_mode and self._args_done:
             close = self._buf.find("}", self._scanned)
             if close >= 0:

@@ -29,7 +29,8 @@ def _feed_in_pieces(text: str, size: int, json_mode: bool = False) -> tuple[list
 
 @pytest.mark.parametrize("size", [1, 2, 5, 1000])
 def test_parser_streams_text_then_name_then_arguments(size: int) -> None:
-    args = {"order_id": '48{2}13 "quoted" </x>', "items": [1, {"a": "}"}]}
+    # A closing tag inside an argument string (a customer's pasted text) is text, not the end of the call.
+    args = {"order_id": '48{2}13 "quoted" </x> </tool_call>', "items": [1, {"a": "}"}]}
     text = f'Let me check.\n<tool_call>\n{{"name": "lookup_order", "arguments": {json.dumps(args)}}}\n</tool_call>'
     events, parser = _feed_in_pieces(text + "\nDone <tool", size)
     kinds = [e.kind for e in events]
