@@ -214,7 +214,7 @@ class _OpenAIServer:
                     try:
                         rid = self.llm.submit(ids, params, cache_salt=cache_salt)
                     except ValueError as exc:
-                        raise ApiError(400, str(exc), param=param) from None
+                        raise ApiError(400, str(exc), param=_param_of(str(exc), req, param)) from None
                     except RuntimeError as exc:  # engine shut down
                         raise ApiError(503, str(exc), type_="server_error") from None
                     parser = None if plan is None else plan.parser()
@@ -351,3 +351,12 @@ def _completion_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -
     if all(isinstance(t, int) for t in prompt):
         return [prompt]  # type: ignore[list-item]
     return list(prompt)  # type: ignore[arg-type]
+
+
+def _param_of(message: str, req: Any, default: str) -> str:
+    """The request field a refused submit was about: the engine's messages start with what they refuse."""
+    if message.startswith("structured output"):
+        return "tools" if getattr(req, "tools", None) else "response_format"
+    if message.startswith("logit_bias"):
+        return "logit_bias"
+    return default

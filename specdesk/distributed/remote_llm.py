@@ -27,6 +27,7 @@ from specdesk.distributed.replica import ReplicaDelta, ReplicaInfo
 from specdesk.distributed.stats import sum_stats
 from specdesk.engine.client import EngineClient, Prompt, check_prompt_ids, render_chat
 from specdesk.engine.detokenizer import IncrementalDetokenizer
+from specdesk.engine.grammar import GrammarCompiler
 from specdesk.engine.llm_engine import EngineStats
 from specdesk.engine.outputs import FinishReason, StreamDelta
 from specdesk.engine.sampling_params import SamplingParams
@@ -73,6 +74,7 @@ class RemoteLLM(EngineClient):
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._closed = False
+        self._grammars: GrammarCompiler | None = None  # validates structured-output specs at submit
         self._error: str | None = None
 
     @classmethod
@@ -139,6 +141,7 @@ class RemoteLLM(EngineClient):
         params = params or SamplingParams()
         ids = self.encode(prompt)
         self._check_prompt(ids)
+        self._check_params(params)
         if self._closed:
             raise RuntimeError("the engine is shut down")
         request_id = f"remote-{next(self._ids)}"
@@ -150,6 +153,20 @@ class RemoteLLM(EngineClient):
 
     def _check_prompt(self, token_ids: list[int]) -> None:
         check_prompt_ids(token_ids, self.max_model_len, self.info.vocab_size)
+
+    def _check_params(self, params: SamplingParams) -> None:
+        """What the in-process engine refuses at submit, refused here too (a replica would fail the request
+        only once it runs: a 500 for what is the caller's 400)."""
+        bad = [t for t, _ in params.logit_bias if t >= self.info.vocab_size]
+        if bad:
+            raise ValueError(
+                f"logit_bias token ids must be below the vocabulary size {self.info.vocab_size}: {bad[:5]}"
+            )
+        if params.structured_output is not None:
+            with self._lock:
+                if self._grammars is None:  # validation only: which token ends the output does not matter
+                    self._grammars = GrammarCompiler(self.tokenizer, [self.tokenizer.eos_token_id or 0])
+            self._grammars.compile(params.structured_output)
 
     def _discard(self, request_id: str) -> bool:
         with self._lock:
@@ -296,6 +313,10 @@ class _RemoteRequest:
                 )
                 log.warning("request %s: %s (%s)", self.request_id, notice, exc)
                 left = self.params.max_tokens - len(generated)
+                if generated and not resumable(self.params):
+                    why = "its replica stopped mid-reply, and a reply under a grammar or output penalties cannot resume"
+                    self._finish(FinishReason.ERROR, why, None)
+                    return
                 if left <= 0 or len(self.ids) + len(generated) >= self.llm.max_model_len:
                     self._finish(FinishReason.LENGTH, None, notice)
                     return
@@ -338,3 +359,10 @@ class _RemoteRequest:
         if notice is not None:
             delta = FailoverDelta(**{f.name: getattr(delta, f.name) for f in dataclasses.fields(delta)}, notice=notice)
         self.llm._deliver(self, delta)
+
+
+def resumable(params: SamplingParams) -> bool:
+    """Whether a reply can continue on another replica with its tokens so far sent as prompt: not under a
+    grammar (the new replica's would restart at the reply's beginning) nor with output-only penalties (they
+    would stop counting the tokens so far); either way the continuation would not be plain decoding's."""
+    return params.structured_output is None and params.frequency_penalty == 0.0 and params.presence_penalty == 0.0

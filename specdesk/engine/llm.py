@@ -68,6 +68,7 @@ class LLM(EngineClient):
         params = params or SamplingParams()
         ids = self.encode(prompt)
         self.engine.validate_prompt(ids)  # fail in the caller's thread, before anything is queued
+        self.engine.check_params(params)
         self.engine.compile_grammar(params)  # likewise a bad structured-output spec (the grammar is then cached)
         request_id = f"llm-{next(self._ids)}"
         with self._cv:

@@ -91,6 +91,14 @@ class LLMEngine:
                 f"{self.block_manager.num_blocks * self.config.block_size}: raise kv_cache_memory_gib"
             )
 
+    def check_params(self, params: SamplingParams) -> None:
+        """Raise ValueError for parameters this model cannot honour (OpenAI's and vLLM's 400s)."""
+        bad = [t for t, _ in params.logit_bias if t >= self.loaded.vocab_size]
+        if bad:
+            raise ValueError(
+                f"logit_bias token ids must be below the vocabulary size {self.loaded.vocab_size}: {bad[:5]}"
+            )
+
     def compile_grammar(self, params: SamplingParams) -> GrammarState | None:
         """The request's grammar at the start of its output (None: free text); ValueError for a bad spec.
 
@@ -112,6 +120,7 @@ class LLMEngine:
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.sequences:
             raise ValueError(f"request id {request_id!r} is already in use")
+        self.check_params(params)
         grammar = self.compile_grammar(params)  # a bad spec fails here, never inside the loop
         seq = Sequence(request_id, prompt_token_ids, params, frozenset(self.loaded.eos_token_ids), cache_salt)
         seq.grammar = grammar

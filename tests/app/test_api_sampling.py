@@ -101,3 +101,16 @@ def test_completion_logprobs_out_of_range(url: str) -> None:  # noqa: F811
     body = {"model": MODEL, "prompt": "Hi", "max_tokens": 2, "logprobs": 21}
     r = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
+
+
+def test_refusals_name_the_field_they_are_about(url: str) -> None:  # noqa: F811
+    bias = {"model": MODEL, "messages": MESSAGES, "max_tokens": 2, "logit_bias": {"99999999": 5}}
+    r = httpx.post(f"{url}/v1/chat/completions", json=bias, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias", r.text
+    schema = {"type": "object", "properties": {"a": {"type": "string", "pattern": "[z-a]"}}}
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 2,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}  # fmt: skip
+    r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30)
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] == "response_format", r.text
+    assert len(error["message"]) > len("structured output json_schema is invalid: regex parse error:") + 5, error

@@ -42,7 +42,14 @@ def mlp_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def engines(model_dir: Path, mlp_dir: Path) -> dict[str, LLM]:
     """float32 engines: plain, n-gram, and MLP + n-gram speculation (random MLP: many wrong drafts)."""
     made = {
-        name: LLM(model=str(model_dir), dtype="float32", device="cpu", speculator=spec, spec_max_batch_size=16)
+        name: LLM(
+            model=str(model_dir),
+            dtype="float32",
+            device="cpu",
+            speculator=spec,
+            spec_max_batch_size=16,
+            kv_cache_memory_gib=0.02,
+        )
         for name, spec in (("plain", None), ("ngram", "ngram"), ("mlp", f"{mlp_dir}+ngram"))
     }
     yield made

@@ -121,5 +121,7 @@ class GrammarCompiler:
 
 
 def _first_line(messages: list[str]) -> str:
-    text = " ".join(m.strip() for m in messages if m.strip()) or "unknown error"
-    return text.splitlines()[0][:300]
+    """The messages on one line, at most 300 characters ("regex parse error:" alone says nothing: the reason
+    is on the lines after it)."""
+    text = " ".join(line.strip() for m in messages for line in m.splitlines() if line.strip()) or "unknown error"
+    return text[:300]
