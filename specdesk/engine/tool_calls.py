@@ -29,6 +29,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from specdesk.engine.json_schema import close_objects
 from specdesk.engine.structured_output import StructuredOutput
 
 CALL_BEGIN = "<tool_call>"
@@ -93,18 +94,10 @@ def _call_schema(fn: dict[str, Any]) -> dict[str, Any]:
     # "name" first: grammars emit properties in schema order, and the streaming parser wants the name early.
     return {
         "type": "object",
-        "properties": {"name": {"const": fn["name"]}, "arguments": _closed(fn["parameters"])},
+        "properties": {"name": {"const": fn["name"]}, "arguments": close_objects(fn["parameters"])},
         "required": ["name", "arguments"],
         "additionalProperties": False,
     }
-
-
-def _closed(parameters: dict[str, Any]) -> dict[str, Any]:
-    """The arguments schema without undeclared properties, unless it says otherwise (OpenAI's strict
-    mode): a function has no use for them, and a small model otherwise fills calls with schema keywords."""
-    if parameters.get("type", "object") != "object" or "additionalProperties" in parameters:
-        return parameters
-    return {**parameters, "additionalProperties": False}
 
 
 def structured_output(
@@ -155,6 +148,10 @@ def response_format(fmt: dict[str, Any] | None) -> StructuredOutput | None:
     schema = spec.get("schema", {}) if isinstance(spec, dict) else None
     if not isinstance(schema, dict):
         raise ValueError("response_format.json_schema.schema must be a JSON schema object")
+    if (
+        isinstance(spec, dict) and spec.get("strict") is True
+    ):  # OpenAI's strict mode: no property the schema does not declare
+        schema = close_objects(schema)
     return StructuredOutput("json_schema", json.dumps(schema))
 
 

@@ -160,3 +160,19 @@ def test_the_engine_grammar_accepts_exactly_the_protocol(
     assert state.is_terminated
     _, calls = parse_reply(reply, json_mode=choice != "auto")
     assert (len(calls) > 0) == ("<tool_call>" in reply or choice != "auto")
+
+
+def test_strict_json_schema_closes_every_object() -> None:
+    inner = {"type": "object", "properties": {"b": {"type": "string"}}}
+    schema = {"type": "object", "properties": {"a": inner, "l": {"type": "array", "items": inner}}}
+    strict = tool_calls.response_format({"type": "json_schema", "json_schema": {"schema": schema, "strict": True}})
+    assert strict is not None
+    closed = json.loads(strict.spec)
+    assert closed["additionalProperties"] is False
+    assert closed["properties"]["a"]["additionalProperties"] is False
+    assert closed["properties"]["l"]["items"]["additionalProperties"] is False
+    loose = tool_calls.response_format({"type": "json_schema", "json_schema": {"schema": schema}})
+    assert loose is not None and json.loads(loose.spec) == schema  # not strict: the schema as given
+    opened = {**schema, "additionalProperties": True}
+    kept = tool_calls.response_format({"type": "json_schema", "json_schema": {"schema": opened, "strict": True}})
+    assert kept is not None and json.loads(kept.spec)["additionalProperties"] is True  # it said otherwise
