@@ -192,9 +192,9 @@ def prompt_messages(messages: list[dict[str, Any]], functions: list[dict[str, An
             content = "\n".join([content, *calls]) if content else "\n".join(calls)
         elif role == "tool":
             role, content = "user", f"<tool_response>\n{content}\n</tool_response>"
-        # Tool results are user turns: join them with a user turn beside them, since many templates
-        # refuse two user turns in a row.
-        if out and role == out[-1]["role"] == "user" and "<tool_response>" in out[-1]["content"] + content[:15]:
+        # Many templates refuse two user turns in a row: tool results join the user turn beside them, and
+        # so does a customer message after a reply that was left out (a call never answered).
+        if out and role == out[-1]["role"] == "user":
             out[-1]["content"] += ("\n" if m["role"] == "tool" else "\n\n") + content
             continue
         out.append({"role": role, "content": content})

@@ -83,6 +83,9 @@ def test_prompt_messages_round_trip() -> None:
     assert parse_reply(out[2]["content"])[1][0].arguments == '{"order_id": "7"}'
     assert out[3]["content"].count("<tool_response>") == 2 and out[3]["content"].endswith("\n\nThanks, and the refund?")
     assert tool_calls.prompt_messages(messages[:2], []) == messages[:2]
+    # A reply left out (its call was never answered) would leave two customer turns in a row: one turn.
+    lapsed = tool_calls.prompt_messages([messages[1], {"role": "user", "content": "Hello?"}], [])
+    assert lapsed == [{"role": "user", "content": "Where is order 7?\n\nHello?"}]
 
 
 def test_tool_choice_and_specs_are_checked() -> None:
