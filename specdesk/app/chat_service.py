@@ -148,10 +148,13 @@ class ChatService(ToolTurns):
     def retry(
         self, conversation_id: int, params: SamplingParams | None = None, *, agent: str | None = None
     ) -> TurnStream:
-        """Draft the reply to the last customer message again (the previous reply is replaced)."""
+        """Draft the reply to the last customer message again (the previous reply is replaced); after a tool
+        result, only what follows it: a run's effects (a ticket) stay, so must its record."""
         self._check_idle(conversation_id, agent)
         last_user = self._last_user_message(conversation_id, agent)
-        self.repository.delete_messages_after(conversation_id, last_user.position, agent=agent)
+        messages = self.repository.get_conversation(conversation_id, agent=agent).messages
+        keep = max([last_user.position] + [m.position for m in messages if m.role is Role.TOOL])
+        self.repository.delete_messages_after(conversation_id, keep, agent=agent)
         return self._stream_turn(conversation_id, params or self.sampling_params())
 
     def edit_last(

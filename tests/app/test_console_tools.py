@@ -94,6 +94,18 @@ def test_run_stores_the_result_and_the_reply_continues(service: ChatService) -> 
         service.run_tool_call(conversation_id, "call_1")
 
 
+def test_retry_after_a_tool_ran_redrafts_only_what_follows_its_result(service: ChatService) -> None:
+    args = {"subject": "Parcel lost", "description": "Trace it", "priority": "high"}
+    conversation_id = _proposal(service, "create_ticket", args)
+    _final(service.run_tool_call(conversation_id, "call_1"))
+    before = service.repository.get_conversation(conversation_id).messages
+    assert _final(service.retry(conversation_id)).state is TurnState.COMPLETE
+    after = service.repository.get_conversation(conversation_id).messages
+    # The ticket exists, so the call and its result stay; only the reply after them was drafted again.
+    assert [m.id for m in after[:3]] == [m.id for m in before[:3]] and after[2].role is Role.TOOL
+    assert len(after) == 4 and after[3].created_at > before[3].created_at  # (SQLite may reuse the id)
+
+
 def test_edited_arguments_are_checked_then_run_and_stored(service: ChatService) -> None:
     conversation_id = _proposal(service, "create_ticket", {"subject": "Trace", "priority": "normal"})
     for bad, message in [("{oops", "not valid JSON"), ('{"subject": "x"}', "missing argument"),
