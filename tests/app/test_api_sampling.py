@@ -114,3 +114,20 @@ def test_refusals_name_the_field_they_are_about(url: str) -> None:  # noqa: F811
     error = r.json()["error"]
     assert r.status_code == 400 and error["param"] == "response_format", r.text
     assert len(error["message"]) > len("structured output json_schema is invalid: regex parse error:") + 5, error
+
+
+@pytest.mark.parametrize("family", ["llama", "granite"])
+def test_logprob_bytes_rebuild_characters_split_across_tokens(
+    family: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    from transformers import AutoTokenizer
+
+    from specdesk.app.api_logprobs import TokenTexts
+    from tests.tiny_models import make_tiny_model
+
+    tokenizer = AutoTokenizer.from_pretrained(make_tiny_model(family, tmp_path_factory.mktemp(family)))
+    texts = TokenTexts(tokenizer)
+    text = "café 😀 ok ✓"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert any("\ufffd" in texts(i) for i in ids), "no token splits a character: the test would not see a bug"
+    assert bytes(b for i in ids for b in texts.bytes_of(i)).decode("utf-8").strip() == text
