@@ -258,10 +258,12 @@ class _RemoteRequest:
         self._call(self.ids, self.params)
         threading.Thread(target=self._pump, name=f"specdesk-{self.request_id}", daemon=True).start()
 
-    def _call(self, ids: list[int], params: SamplingParams) -> None:
+    def _call(self, ids: list[int], params: SamplingParams, output_prefix: list[int] | None = None) -> None:
         handle = self.llm._handle.options(stream=True, session_id=self.routing_key)
         with self._lock:
-            self._response = handle.generate.remote(ids, params, self.cache_salt)
+            # Only a retry passes the prefix, so a first call works with any replica version.
+            args = (ids, params, self.cache_salt) + ((output_prefix,) if output_prefix else ())
+            self._response = handle.generate.remote(*args)
             if self._aborted:
                 self._response.cancel()
 
@@ -276,7 +278,7 @@ class _RemoteRequest:
 
         generated: list[int] = []
         notice: str | None = None
-        num_failovers = num_reroutes = num_before_failover = 0
+        num_failovers = num_reroutes = 0
         while True:
             replica: str | None = None
             try:
@@ -287,7 +289,7 @@ class _RemoteRequest:
                         self.replicas.append(replica)
                     self.llm._record(replica, rd.stats)
                     generated += rd.delta.token_ids
-                    if self._emit(rd.delta, notice, num_before_failover):
+                    if self._emit(rd.delta, notice):
                         return
                 self._finish(FinishReason.ERROR, "the replica ended the stream without a final delta", notice)
                 return
@@ -304,7 +306,6 @@ class _RemoteRequest:
                     return
                 num_reroutes += rerouted
                 num_failovers = 1
-                num_before_failover = len(generated)
                 self._detokenizer = IncrementalDetokenizer(self.llm.tokenizer, [], self.params)
                 self._detokenizer.add(list(generated))
                 notice = (
@@ -313,21 +314,19 @@ class _RemoteRequest:
                 )
                 log.warning("request %s: %s (%s)", self.request_id, notice, exc)
                 left = self.params.max_tokens - len(generated)
-                if generated and not resumable(self.params):
-                    why = "its replica stopped mid-reply, and a reply under a grammar or output penalties cannot resume"
-                    self._finish(FinishReason.ERROR, why, None)
-                    return
                 if left <= 0 or len(self.ids) + len(generated) >= self.llm.max_model_len:
                     self._finish(FinishReason.LENGTH, None, notice)
                     return
                 time.sleep(0.05)  # lets the router hear of the death before it routes the retry
-                self._call(self.ids + generated, dataclasses.replace(self.params, max_tokens=left))
+                # The reply so far goes as the new request's output, not its prompt: the grammar advances over it,
+                # output penalties count it, and the continuation is what one replica would have written.
+                self._call(self.ids, self.params, list(generated))
             except Exception as exc:  # no replica at all, a serialization bug: this request fails alone
                 self.llm._mark_dead(None, f"{type(exc).__name__}: {exc}")
                 self._finish(FinishReason.ERROR, f"{type(exc).__name__}: {exc}", notice)
                 return
 
-    def _emit(self, delta: StreamDelta, notice: str | None, num_earlier_tokens: int) -> bool:
+    def _emit(self, delta: StreamDelta, notice: str | None) -> bool:
         """Deliver one replica delta as this request's; True when it is the final one."""
         delta = dataclasses.replace(delta, request_id=self.request_id)
         if self._detokenizer is not None:
@@ -346,10 +345,7 @@ class _RemoteRequest:
                 detok.flush()
             delta.text = detok.text[len(self._emitted) :]
         self._emitted += delta.text
-        if notice is not None:
-            if delta.metrics is not None:  # the reply's tokens, not only the retry's
-                m = delta.metrics
-                delta.metrics = dataclasses.replace(m, num_generated_tokens=m.num_generated_tokens + num_earlier_tokens)
+        if notice is not None:  # the retry's metrics count the whole reply: it took the rest as output_prefix
             delta = FailoverDelta(**{f.name: getattr(delta, f.name) for f in dataclasses.fields(delta)}, notice=notice)
         self.llm._deliver(self, delta)
         return delta.finished
@@ -359,10 +355,3 @@ class _RemoteRequest:
         if notice is not None:
             delta = FailoverDelta(**{f.name: getattr(delta, f.name) for f in dataclasses.fields(delta)}, notice=notice)
         self.llm._deliver(self, delta)
-
-
-def resumable(params: SamplingParams) -> bool:
-    """Whether a reply can continue on another replica with its tokens so far sent as prompt: not under a
-    grammar (the new replica's would restart at the reply's beginning) nor with output-only penalties (they
-    would stop counting the tokens so far); either way the continuation would not be plain decoding's."""
-    return params.structured_output is None and params.frequency_penalty == 0.0 and params.presence_penalty == 0.0

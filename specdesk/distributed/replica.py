@@ -68,12 +68,14 @@ class EngineReplica:
         return self.llm.tokenizer
 
     async def generate(
-        self, prompt_ids: list[int], params: SamplingParams, cache_salt: str | None = None
-    ) -> AsyncGenerator[ReplicaDelta, None]:
+        self, prompt_ids: list[int], params: SamplingParams, cache_salt: str | None = None,
+        output_prefix: list[int] | None = None,
+    ) -> AsyncGenerator[ReplicaDelta, None]:  # fmt: skip
         """Stream one request's deltas. A caller that cancels the stream (Stop, client gone, front end
-        gone) cancels this generator, and leaving `aiter_deltas` aborts the request (its pages are freed)."""
+        gone) cancels this generator, and leaving `aiter_deltas` aborts the request (its pages are freed).
+        `output_prefix`: the reply so far, when another replica died generating it."""
         try:
-            request_id = self.llm.submit(prompt_ids, params, cache_salt)
+            request_id = self.llm.submit(prompt_ids, params, cache_salt, output_prefix)
         except (ValueError, RuntimeError) as exc:  # the front end checks first; this is the last line
             yield ReplicaDelta(self.name, StreamDelta("", "", [], True, None, None, str(exc)))
             return

@@ -63,8 +63,12 @@ class LLM(EngineClient):
         return render_chat(self.tokenizer, messages, self.loaded.name)
 
     # ---- serving ----------------------------------------------------------------------------------
-    def submit(self, prompt: Prompt, params: SamplingParams | None = None, cache_salt: str | None = None) -> str:
-        """Queue a request and return its id; its deltas arrive through `deltas(request_id)`."""
+    def submit(
+        self, prompt: Prompt, params: SamplingParams | None = None, cache_salt: str | None = None,
+        output_prefix: list[int] | None = None,
+    ) -> str:  # fmt: skip
+        """Queue a request and return its id; its deltas arrive through `deltas(request_id)`.
+        `output_prefix`: reply tokens already generated elsewhere (see `LLMEngine.add_request`)."""
         params = params or SamplingParams()
         ids = self.encode(prompt)
         self.engine.validate_prompt(ids)  # fail in the caller's thread, before anything is queued
@@ -77,7 +81,7 @@ class LLM(EngineClient):
             if self._closed:
                 raise RuntimeError("the engine is shut down")
             self._streams[request_id] = queue.Queue()
-            self._inbox.append(("add", (request_id, ids, params, cache_salt)))
+            self._inbox.append(("add", (request_id, ids, params, cache_salt, output_prefix)))
             self._cv.notify()
         return request_id
 
@@ -229,9 +233,9 @@ class LLM(EngineClient):
 
     def _handle(self, kind: str, arg: Any) -> None:
         if kind == "add":
-            request_id, ids, params, salt = arg
+            request_id, ids, params, salt, prefix = arg
             try:
-                self.engine.add_request(ids, params, request_id, salt)
+                self.engine.add_request(ids, params, request_id, salt, prefix)
             except (ValueError, TypeError) as exc:
                 self._deliver(_error_delta(request_id, str(exc)))
         elif kind == "abort":

@@ -110,8 +110,11 @@ class LLMEngine:
 
     def add_request(
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
-        cache_salt: str | None = None,
+        cache_salt: str | None = None, output_prefix: list[int] | None = None,
     ) -> str:  # fmt: skip
+        """Queue a request. `output_prefix`: tokens of its reply already generated elsewhere (a replica that
+        died mid-reply): they count as output (max_tokens, output penalties, the grammar advances over them)
+        but are not streamed again; generation continues after them as if it had never stopped."""
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
         params.validate()
@@ -122,11 +125,19 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.check_params(params)
         grammar = self.compile_grammar(params)  # a bad spec fails here, never inside the loop
+        prefix = list(output_prefix or [])
+        check_prompt_ids(prompt_token_ids + prefix, self.max_model_len, self.loaded.vocab_size)
+        if len(prefix) >= params.max_tokens:
+            raise ValueError(f"output_prefix has {len(prefix)} tokens, max_tokens is {params.max_tokens}")
+        if grammar is not None:
+            grammar.advance(prefix)  # ValueError: the prefix is not a reply this grammar allows
         seq = Sequence(request_id, prompt_token_ids, params, frozenset(self.loaded.eos_token_ids), cache_salt)
+        seq.token_ids += prefix
         seq.grammar = grammar
         seq.metrics.arrival_time = time.perf_counter()
         self.sequences[request_id] = seq
-        self.detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params)
+        # The prefix is decoding context, not new text: the stream starts after it.
+        self.detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, prompt_token_ids + prefix, params)
         self.scheduler.add(seq)
         return request_id
 

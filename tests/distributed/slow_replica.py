@@ -27,8 +27,9 @@ class SlowReplica(EngineReplica):
         self.delay_s = delay_s
 
     async def generate(
-        self, prompt_ids: list[int], params: SamplingParams, cache_salt: str | None = None
-    ) -> AsyncGenerator[ReplicaDelta, None]:
-        async for item in super().generate(prompt_ids, params, cache_salt):
+        self, prompt_ids: list[int], params: SamplingParams, cache_salt: str | None = None,
+        output_prefix: list[int] | None = None,
+    ) -> AsyncGenerator[ReplicaDelta, None]:  # fmt: skip
+        async for item in super().generate(prompt_ids, params, cache_salt, output_prefix):
             yield item
             await asyncio.sleep(self.delay_s)

@@ -95,21 +95,24 @@ def test_the_retry_failing_too_ends_the_reply_with_an_error(llm: Any) -> None:
     assert sum(len(d.token_ids) for d in received) >= 5  # the partial reply reached the caller
 
 
-def test_a_reply_with_output_penalties_is_not_resumed_elsewhere(llm: Any) -> None:
-    # Its tokens so far would become the new replica's prompt, where output-only penalties (and a grammar)
-    # no longer see them: the continuation would not be what plain decoding gives, so the reply fails.
-    from specdesk.distributed.remote_llm import resumable
+def test_a_reply_under_output_penalties_and_a_grammar_resumes_exactly(llm: Any) -> None:
+    # The reply so far travels as the retry's output (not its prompt): output-only penalties keep counting
+    # it and the grammar stands after it, so the continuation is what one replica would have written.
     from specdesk.engine.structured_output import StructuredOutput
 
-    assert resumable(SamplingParams(repetition_penalty=1.2))
-    assert not resumable(SamplingParams(structured_output=StructuredOutput("json_object")))
-    wait_for(lambda: len(set(placement(llm, 8).values())) == 2, 120, "two replicas")
-    request_id = llm.submit(opening(3), SamplingParams(max_tokens=200, ignore_eos=True, frequency_penalty=0.5))
-    request = llm._requests[request_id]
-    deltas = llm.deltas(request_id)
-    received = [next(deltas) for _ in range(5)]
-    kill(request.replicas[-1])
-    received += list(deltas)
-    final = received[-1]
-    assert final.finish_reason is FinishReason.ERROR and "cannot resume" in (final.error or "")
-    assert len(request.replicas) == 1  # never sent to another replica
+    schema = {"type": "object", "properties": {"note": {"type": "string", "maxLength": 400}}, "required": ["note"]}
+    for params in (
+        SamplingParams(max_tokens=60, ignore_eos=True, frequency_penalty=0.8),
+        SamplingParams(max_tokens=60, structured_output=StructuredOutput("json_schema", schema)),
+    ):
+        wait_for(lambda: len(set(placement(llm, 8).values())) == 2, 120, "two replicas")
+        expected = llm.chat(opening(3), params)
+        request_id = llm.submit(opening(3), params)
+        request = llm._requests[request_id]
+        deltas = llm.deltas(request_id)
+        head = [next(deltas) for _ in range(5)]
+        kill(request.replicas[-1])
+        tail = list(deltas)
+        assert len(request.replicas) == 2 and tail[-1].error is None, (request.replicas, tail[-1].error)
+        assert [t for d in head + tail for t in d.token_ids] == expected.token_ids
+        assert "".join(d.text for d in head + tail) == expected.text
