@@ -196,7 +196,7 @@ class LLMEngine:
         kept = self.scheduler.append_tokens(s, new_tokens + forced, len(forced))
         if forced:
             self.grammar_compiler.stats.num_forced_tokens += max(0, len(kept) - len(new_tokens))
-        if isinstance(seq.grammar, GrammarState) and seq.grammar.is_terminated and not seq.is_finished:
+        if seq.grammar is not None and seq.grammar.is_terminated and not seq.is_finished:
             self.scheduler.finish(seq, FinishReason.STOP)  # the output is complete (a request ignoring EOS)
         if not kept:
             return []
@@ -213,7 +213,7 @@ class LLMEngine:
     def _prefetch_masks(self, batch: SchedulerOutput) -> None:
         """Start every constrained sequence's masks for this pass in a worker thread, to overlap the model."""
         for s in batch.scheduled:
-            if s.samples and isinstance(s.seq.grammar, GrammarState):
+            if s.samples and s.seq.grammar is not None:
                 tree = self.speculation.tree_for(s) if self.speculation is not None else None
                 s.seq.grammar.prefetch(tree, self.loaded.vocab_size, self._grammar_pool)
 
@@ -225,7 +225,7 @@ class LLMEngine:
         speculate that step). Off with speculate=False (plain decoding, side by side) and with logprobs (a
         forced token has no distribution of the model's to report)."""
         grammar = seq.grammar
-        if not isinstance(grammar, GrammarState) or not new_tokens:
+        if grammar is None or not new_tokens:
             return []
         grammar.advance(new_tokens)
         p = seq.params

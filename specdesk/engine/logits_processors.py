@@ -8,31 +8,25 @@ the one plain decoding would use at that position whatever the tree around it: s
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from specdesk.engine.sampling_params import SamplingParams
 
-
-class RowConstraint(Protocol):
-    """A request's grammar (engine/grammar/): which tokens it allows after each of some draft paths."""
-
-    def allowed_rows(self, paths: list[list[int]], vocab_size: int) -> Tensor:
-        """bool [len(paths), vocab_size]: row i allows token t iff the grammar, advanced from its current
-        state (after the verified tokens) over paths[i], accepts t next. The state itself is unchanged."""
-        ...
+if TYPE_CHECKING:
+    from specdesk.engine.grammar import GrammarState
 
 
-def needs_processing(params: SamplingParams, grammar: RowConstraint | None) -> bool:
+def needs_processing(params: SamplingParams, grammar: GrammarState | None) -> bool:
     """True when a request's rows need more than the model's raw logits."""
     return params.has_penalties or grammar is not None
 
 
 def process_rows(
     logits: Tensor, params: SamplingParams, history: list[int], num_prompt_tokens: int, paths: list[list[int]],
-    grammar: RowConstraint | None,
+    grammar: GrammarState | None,
 ) -> Tensor:  # fmt: skip
     """One request's rows with bias, penalties and grammar applied (a new float32 [len(paths), V] tensor).
 

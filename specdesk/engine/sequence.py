@@ -10,7 +10,7 @@ from specdesk.engine.outputs import FinishReason, RequestMetrics
 from specdesk.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from specdesk.engine.logits_processors import RowConstraint
+    from specdesk.engine.grammar import GrammarState
 
 
 class SequenceStatus(Enum):
@@ -43,7 +43,7 @@ class Sequence:
     # Set by the speculator for this step: tokens to verify after the last verified one.
     draft_token_ids: list[int] = field(default_factory=list)
     # The request's grammar state (structured output), advanced over verified tokens only; None: free text.
-    grammar: RowConstraint | None = None
+    grammar: GrammarState | None = None
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -86,7 +86,7 @@ class Vocabulary:
 
 
 class GrammarState:
-    """A request's grammar matcher, standing after its verified output tokens (implements RowConstraint)."""
+    """A request's grammar matcher, standing after its verified output tokens (Sequence.grammar)."""
 
     def __init__(self, matcher: llguidance.LLMatcher, vocab: Vocabulary, stats: GrammarStats | None = None) -> None:
         self._matcher = matcher
@@ -96,7 +96,7 @@ class GrammarState:
         self.is_terminated = False  # an EOS was consumed: the output is complete
         self._pending: Future[tuple[list[list[int]], int, np.ndarray]] | None = None  # see prefetch
 
-    # ---- the RowConstraint protocol -----------------------------------------------------------------
+    # ---- masks for the rows of a pass (logits_processors.process_rows) ---------------------------------
     @_timed
     def allowed_rows(self, paths: list[list[int]], vocab_size: int) -> Tensor:
         """bool [len(paths), vocab_size]: row i allows token t iff the grammar accepts t after paths[i].

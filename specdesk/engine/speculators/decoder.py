@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from specdesk.engine.config import SpecConfig
-from specdesk.engine.grammar.state import MAX_FORCED_TOKENS, GrammarState
+from specdesk.engine.grammar.state import MAX_FORCED_TOKENS
 from specdesk.engine.model_runner import ForwardOutput, ModelRunner
 from specdesk.engine.models.loader import LoadedModel
 from specdesk.engine.scheduler import ScheduledSeq
@@ -133,7 +133,7 @@ class SpeculativeDecoder:
         for s in eligible:
             if paths[s.request_id]:
                 tree = build_tree(paths[s.request_id])
-                if isinstance(s.grammar, GrammarState):
+                if s.grammar is not None:
                     # Nodes the grammar forbids could never be accepted: don't spend the pass on them.
                     try:
                         pruned = s.grammar.prune(tree)
