@@ -108,31 +108,9 @@ class ModelRunner:
     def prepare(
         self, batch: list[ScheduledSeq], trees: list[DraftTree | None]
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """Flatten the ragged batch: input ids, positions and the attention metadata.
-
-        A sequence with a draft tree contributes its root (last verified token) then the tree's nodes;
-        node r is written to the slot of position p + r but rotated as position p + depth(r).
-        """
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        seq_lens: list[int] = []
-        query_lens: list[int] = []
+        """Flatten the ragged batch (`_flatten`): input ids, positions and the attention metadata."""
+        input_ids, positions, slots, seq_lens, query_lens = self._flatten(batch, trees)
         bs = self.block_size
-        for s, tree in zip(batch, trees, strict=True):
-            seq, start = s.seq, s.seq.num_computed_tokens
-            tokens = seq.token_ids[start : start + s.num_new_tokens]
-            pos = list(range(start, start + len(tokens)))
-            if tree is not None:  # the root is the last new token (forced tokens may precede it)
-                tokens = tokens + tree.tokens
-                pos += [pos[-1] + d for d in tree.depths]
-            end = start + len(tokens)
-            input_ids += tokens
-            positions += pos
-            table = seq.block_table
-            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
-            seq_lens.append(end)
-            query_lens.append(len(tokens))
         max_blocks = max(len(s.seq.block_table) for s in batch)
         tables = [s.seq.block_table + [0] * (max_blocks - len(s.seq.block_table)) for s in batch]
         dev = self.device
@@ -152,6 +130,35 @@ class ModelRunner:
         ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
         pos_t = torch.tensor(positions, dtype=torch.int64, device=dev)
         return ids, pos_t, meta
+
+    def _flatten(
+        self, batch: list[ScheduledSeq], trees: list[DraftTree | None]
+    ) -> tuple[list[int], list[int], list[int], list[int], list[int]]:
+        """(input ids, positions, KV slots, sequence lengths, query lengths) of a batch, the eager pass's and
+        the graphed one's alike. A sequence contributes its new tokens, then its tree's nodes after the last
+        of them (the root; forced tokens may precede it): node r takes the slot of position p + r and is
+        rotated as position p + depth(r)."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        seq_lens: list[int] = []
+        query_lens: list[int] = []
+        bs = self.block_size
+        for s, tree in zip(batch, trees, strict=True):
+            seq, start = s.seq, s.seq.num_computed_tokens
+            tokens = seq.token_ids[start : start + s.num_new_tokens]
+            pos = list(range(start, start + len(tokens)))
+            if tree is not None:
+                tokens = tokens + tree.tokens
+                pos += [pos[-1] + d for d in tree.depths]
+            end = start + len(tokens)
+            input_ids += tokens
+            positions += pos
+            table = seq.block_table
+            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+            seq_lens.append(end)
+            query_lens.append(len(tokens))
+        return input_ids, positions, slots, seq_lens, query_lens
 
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledSeq], trees: list[DraftTree | None]) -> ForwardOutput:
@@ -190,25 +197,7 @@ class ModelRunner:
         self, bucket: Bucket, batch: list[ScheduledSeq], trees: list[DraftTree | None]
     ) -> ForwardOutput:
         assert self.graphs is not None
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        seq_lens: list[int] = []
-        query_lens: list[int] = []
-        bs = self.block_size
-        for s, tree in zip(batch, trees, strict=True):
-            seq, p = s.seq, s.seq.num_computed_tokens  # the root: the last verified token, at position p
-            input_ids.append(seq.token_ids[p])
-            positions.append(p)
-            n = 0
-            if tree is not None:
-                input_ids += tree.tokens
-                positions += [p + d for d in tree.depths]
-                n = tree.num_nodes
-            table = seq.block_table
-            slots += [table[q // bs] * bs + q % bs for q in range(p, p + n + 1)]
-            seq_lens.append(p + n + 1)
-            query_lens.append(n + 1)
+        input_ids, positions, slots, seq_lens, query_lens = self._flatten(batch, trees)  # one new token each
         masks = [t.mask() if t is not None else None for t in trees] if bucket.query_len > 1 else None
         hidden, logits, rows = self.graphs.run(
             bucket, input_ids, positions, slots, [s.seq.block_table for s in batch], seq_lens, query_lens, masks
