@@ -25,7 +25,7 @@ from typing import Any
 from specdesk.distributed import affinity
 from specdesk.distributed.replica import ReplicaDelta, ReplicaInfo
 from specdesk.distributed.stats import sum_stats
-from specdesk.engine.client import EngineClient, Prompt, check_prompt_ids, render_chat
+from specdesk.engine.client import EngineClient, Prompt, check_logit_bias, check_prompt_ids, render_chat
 from specdesk.engine.detokenizer import IncrementalDetokenizer
 from specdesk.engine.grammar import GrammarCompiler
 from specdesk.engine.llm_engine import EngineStats
@@ -157,11 +157,7 @@ class RemoteLLM(EngineClient):
     def _check_params(self, params: SamplingParams) -> None:
         """What the in-process engine refuses at submit, refused here too (a replica would fail the request
         only once it runs: a 500 for what is the caller's 400)."""
-        bad = [t for t, _ in params.logit_bias if t >= self.info.vocab_size]
-        if bad:
-            raise ValueError(
-                f"logit_bias token ids must be below the vocabulary size {self.info.vocab_size}: {bad[:5]}"
-            )
+        check_logit_bias(params, self.info.vocab_size)
         if params.structured_output is not None:
             with self._lock:
                 if self._grammars is None:  # validation only: which token ends the output does not matter

@@ -104,7 +104,8 @@ class EngineClient(ABC):
             text.append(last.text)
             token_ids += last.token_ids
             if last.logprobs is not None:
-                logprobs = (logprobs or []) + last.logprobs
+                logprobs = logprobs or []
+                logprobs += last.logprobs
         assert last is not None and last.finished, request_id
         if last.error:
             raise RuntimeError(f"request {request_id} failed: {last.error}")
@@ -155,3 +156,10 @@ def check_prompt_ids(token_ids: list[int], max_model_len: int, vocab_size: int) 
     bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab_size]
     if bad:
         raise ValueError(f"prompt token ids must be integers in the vocabulary [0, {vocab_size}), got {bad[:5]}")
+
+
+def check_logit_bias(params: SamplingParams, vocab_size: int) -> None:
+    """Raise ValueError for logit_bias ids past the vocabulary (OpenAI's and vLLM's 400)."""
+    bad = [t for t, _ in params.logit_bias if t >= vocab_size]
+    if bad:
+        raise ValueError(f"logit_bias token ids must be below the vocabulary size {vocab_size}: {bad[:5]}")

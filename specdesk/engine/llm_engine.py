@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from specdesk.engine.block_manager import BlockManager
-from specdesk.engine.client import check_prompt_ids
+from specdesk.engine.client import check_logit_bias, check_prompt_ids
 from specdesk.engine.config import EngineConfig, SpecConfig
 from specdesk.engine.detokenizer import IncrementalDetokenizer
 from specdesk.engine.grammar import GrammarCompiler, GrammarState
@@ -93,11 +93,7 @@ class LLMEngine:
 
     def check_params(self, params: SamplingParams) -> None:
         """Raise ValueError for parameters this model cannot honour (OpenAI's and vLLM's 400s)."""
-        bad = [t for t, _ in params.logit_bias if t >= self.loaded.vocab_size]
-        if bad:
-            raise ValueError(
-                f"logit_bias token ids must be below the vocabulary size {self.loaded.vocab_size}: {bad[:5]}"
-            )
+        check_logit_bias(params, self.loaded.vocab_size)
 
     def compile_grammar(self, params: SamplingParams) -> GrammarState | None:
         """The request's grammar at the start of its output (None: free text); ValueError for a bad spec.
@@ -126,11 +122,12 @@ class LLMEngine:
         self.check_params(params)
         grammar = self.compile_grammar(params)  # a bad spec fails here, never inside the loop
         prefix = list(output_prefix or [])
-        check_prompt_ids(prompt_token_ids + prefix, self.max_model_len, self.loaded.vocab_size)
-        if len(prefix) >= params.max_tokens:
-            raise ValueError(f"output_prefix has {len(prefix)} tokens, max_tokens is {params.max_tokens}")
-        if grammar is not None:
-            grammar.advance(prefix)  # ValueError: the prefix is not a reply this grammar allows
+        if prefix:  # the prompt is checked above; with the prefix it must still fit and hold known ids
+            check_prompt_ids(prompt_token_ids + prefix, self.max_model_len, self.loaded.vocab_size)
+            if len(prefix) >= params.max_tokens:
+                raise ValueError(f"output_prefix has {len(prefix)} tokens, max_tokens is {params.max_tokens}")
+            if grammar is not None:
+                grammar.advance(prefix)  # ValueError: the prefix is not a reply this grammar allows
         seq = Sequence(request_id, prompt_token_ids, params, frozenset(self.loaded.eos_token_ids), cache_salt)
         seq.token_ids += prefix
         seq.grammar = grammar
