@@ -122,9 +122,7 @@ class GrammarState:
         `allowed_rows` with the same paths takes the result; every other method first waits for it, so
         the matcher is never used by two threads at once."""
         self._settle()
-        paths: list[list[int]] = [[]]
-        if tree is not None:
-            paths += [[tree.token(r) for r in tree.path_to(row)] for row in range(1, tree.num_nodes + 1)]
+        paths = tree.row_paths() if tree is not None else [[]]
         self._pending = pool.submit(self._prefetched, paths, vocab_size)
 
     def _prefetched(self, paths: list[list[int]], vocab_size: int) -> tuple[list[list[int]], int, np.ndarray]:

@@ -58,6 +58,11 @@ class DraftTree:
             row = self.parents[row - 1]
         return rows[::-1]
 
+    def row_paths(self) -> list[list[int]]:
+        """The draft tokens each row adds after the root: [] for the root, then each node's root-to-node path
+        (row r decides the position after them)."""
+        return [[]] + [[self.token(r) for r in self.path_to(row)] for row in range(1, self.num_nodes + 1)]
+
     def mask(self, device: torch.device | str | None = None) -> torch.Tensor:
         """bool [num_nodes + 1, num_nodes + 1]: row r sees itself and its ancestors (root row included)."""
         size = self.num_nodes + 1

@@ -103,13 +103,6 @@ def verify_step(
     return verdicts
 
 
-def _row_paths(tree: DraftTree | None) -> list[list[int]]:
-    """The draft tokens each row adds to the verified history: [] for the root, root-to-node for a node."""
-    if tree is None:
-        return [[]]
-    return [[]] + [[tree.token(r) for r in tree.path_to(row)] for row in range(1, tree.num_nodes + 1)]
-
-
 def _process(out: ForwardOutput, jobs: list[_Rows]) -> tuple[torch.Tensor, dict[int, str]]:
     """The pass's logits with each processed request's rows replaced, and the requests whose processing
     failed (batch index -> error; their rows stay raw, so the others still draw in one call)."""
@@ -122,10 +115,10 @@ def _process(out: ForwardOutput, jobs: list[_Rows]) -> tuple[torch.Tensor, dict[
         seq = job.seq
         try:
             rows = out.rows_of(job.index)
+            paths = job.tree.row_paths() if job.tree is not None else [[]]
             logits[rows] = process_rows(
-                out.logits[rows], seq.params, seq.token_ids, seq.num_prompt_tokens, _row_paths(job.tree),
-                seq.grammar,
-            )  # fmt: skip
+                out.logits[rows], seq.params, seq.token_ids, seq.num_prompt_tokens, paths, seq.grammar
+            )
         except Exception as exc:
             failed[job.index] = f"logit processing failed: {type(exc).__name__}: {exc}"
     return logits, failed
