@@ -14,6 +14,9 @@ AttentionBackend = Literal["auto", "torch", "triton"]
 SpecTree = Literal["nodes", "paths"]
 
 
+QUANTIZATIONS = (None, "int8", "int4", "auto")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything that shapes an engine instance.
@@ -35,8 +38,10 @@ class EngineConfig:
       plain steps, assumed until it is measured; None = the device default. spec_max_ngram_tokens: the
       n-gram draft's length at most.
     enforce_eager: never use CUDA graphs (vLLM's name); on CUDA the speculator's proposal is otherwise one.
-    quantization: None, or "int4" (CPU): the layers' weights in 4 bits, groups of 32 (models/int4_linear.py;
-      GGUF Q4_1's own grid, so near-lossless for the default model, lossy for a full-precision checkpoint).
+    quantization: None, "int8" (CPU): weights and activations in 8 bits, exact int32 sums, so speculation stays
+      exact (models/int8_linear.py; the fastest CPU path), "int4" (CPU): the layers' weights in 4 bits, groups
+      of 32 (models/int4_linear.py), or "auto": int8 on a CPU whose compiled kernel has AVX-512 VNNI when the
+      dtype is not float32 (float32 stays the exact, unquantized oracle), none elsewhere.
     """
 
     model: str | None = None
@@ -91,8 +96,8 @@ class EngineConfig:
             raise ValueError(f"spec_step_cost_prior must be in [0, 1] or None, got {self.spec_step_cost_prior}")
         if self.spec_max_ngram_tokens < 1:
             raise ValueError(f"spec_max_ngram_tokens must be >= 1, got {self.spec_max_ngram_tokens}")
-        if self.quantization not in (None, "int4"):
-            raise ValueError(f"quantization must be None or 'int4', got {self.quantization!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be None, 'int8', 'int4' or 'auto', got {self.quantization!r}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
 

@@ -94,11 +94,11 @@ def pack_for_cpu(model: CausalLM, dtype: torch.dtype, device: torch.device) -> b
         return False
     lm_head = getattr(model, "lm_head", None)
     pack_linears(model, skip=lm_head if isinstance(lm_head, nn.Module) else None)  # packed_head replaces it
-    model.packed_head = PackedLinear(_output_weight(model), None)
+    model.packed_head = PackedLinear(output_weight(model), None)
     return True
 
 
-def _output_weight(model: nn.Module) -> torch.Tensor:
+def output_weight(model: nn.Module) -> torch.Tensor:
     lm_head = getattr(model, "lm_head", None)
     name = "model.embed_tokens" if hasattr(model, "model") else "transformer.wte"  # tied to the input embedding
     weight = lm_head.weight if lm_head is not None else model.get_submodule(name).weight

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from specdesk.engine.attention_metadata import AttentionMetadata
-from specdesk.kernels import ops, reference
+from specdesk.kernels import cpu_attention, ops, reference
 
 # write_fn(key, value, k_cache, v_cache, slot_mapping): scatter K/V into page slots (see kernels.reference).
 # attn_fn(query, k_cache, v_cache, meta, scale) -> [T, num_heads, head_dim]: paged attention over the batch.
@@ -27,7 +27,8 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 def attention_backend(name: str) -> tuple[WriteKVFn, AttentionFn]:
-    """The (write_fn, attn_fn) pair of a backend: "torch" (kernels.reference) or "triton" (kernels.ops).
+    """The (write_fn, attn_fn) pair of a backend: "torch" (kernels.reference), "triton" (kernels.ops) or "cpu"
+    (kernels.cpu_attention, the C kernel that the int8 CPU path uses).
 
     Chosen once at model construction; resolve "auto" first with kernels.ops.resolve_backend.
     """
@@ -35,7 +36,9 @@ def attention_backend(name: str) -> tuple[WriteKVFn, AttentionFn]:
         return reference.write_kv, _torch_attention
     if name == "triton":
         return _triton_write_kv, _triton_attention
-    raise ValueError(f"unknown attention backend {name!r}; available: torch, triton")
+    if name == "cpu":
+        return reference.write_kv, _cpu_attention
+    raise ValueError(f"unknown attention backend {name!r}; available: torch, triton, cpu")
 
 
 def _torch_attention(
@@ -45,6 +48,16 @@ def _torch_attention(
         query, k_cache, v_cache, meta.block_tables, meta.seq_lens_list, meta.query_lens_list, scale,
         meta.tree_mask,
     )  # fmt: skip
+
+
+def _cpu_attention(
+    query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    # The C kernel (kernels/cpu_attention.c) where it takes the dtype and shape, the twin elsewhere.
+    out = cpu_attention.paged_attention(
+        query, k_cache, v_cache, meta.block_tables, meta.seq_lens_list, meta.query_lens_list, scale, meta.tree_mask
+    )
+    return out if out is not None else _torch_attention(query, k_cache, v_cache, meta, scale)
 
 
 def _triton_write_kv(

@@ -15,9 +15,10 @@ from typing import Any
 
 import torch
 
-from specdesk.engine.models import CausalLM, model_class, pack_for_cpu
+from specdesk.engine.models import CausalLM, int8_linear, model_class, output_weight, pack_for_cpu
 from specdesk.engine.models.default_model import DEFAULT_MODEL_NAME, default_model_path
 from specdesk.engine.models.int4_linear import can_quantize, quantize_linears
+from specdesk.kernels import cpu_lib
 from specdesk.kernels.ops import resolve_backend
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -41,6 +42,7 @@ class LoadedModel:
     dtype: torch.dtype
     device: torch.device
     name: str
+    quantization: str | None = None  # what load_model resolved "auto" to
 
 
 def resolve_device(device: str) -> torch.device:
@@ -78,7 +80,8 @@ def load_model(
 
     model: a checkpoint directory, a .gguf file, a Hugging Face hub id, or None for the default model.
     attention_backend: "torch", "triton" or "auto" (kernels.ops.resolve_backend picks for the device).
-    quantization: None or "int4" (CPU only; see models/int4_linear.py).
+    quantization: None, "int8", "int4" (CPU only; models/int8_linear.py, models/int4_linear.py) or "auto"
+    (resolve_quantization).
     Raises FileNotFoundError when nothing is found, ValueError for an unsupported architecture or a
     max_model_len beyond what the model supports.
     """
@@ -86,8 +89,9 @@ def load_model(
 
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    if quantization == "int4" and not can_quantize(torch_device):
-        raise ValueError(f"quantization='int4' runs on CPU (torch >= 2.6), not on {torch_device}")
+    quantization = resolve_quantization(quantization, torch_dtype, torch_device)
+    if quantization == "int8" and attention_backend in ("torch", "auto"):
+        attention_backend = "cpu"  # the C attention beside the C matmuls (kernels/cpu_attention.py)
     path, gguf_file = resolve_checkpoint(model)
     gguf_kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     hf_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **gguf_kwargs)
@@ -103,10 +107,14 @@ def load_model(
     net = net.to(torch_dtype).to_empty(device=torch_device)
     net.load_weights(_checkpoint_weights(path, gguf_file))
     net.eval().requires_grad_(False)
+    lm_head = getattr(net, "lm_head", None)
     if quantization == "int4":
-        lm_head = getattr(net, "lm_head", None)
         quantize_linears(net, skip=lm_head if isinstance(lm_head, torch.nn.Module) else None)
+    elif quantization == "int8":
+        int8_linear.quantize_linears(net, skip=lm_head if isinstance(lm_head, torch.nn.Module) else None)
     pack_for_cpu(net, torch_dtype, torch_device)  # whatever is left: the output projection at least
+    if quantization == "int8":  # the output projection too: a fifth of the default model's weights
+        net.packed_head = int8_linear.Int8Linear(output_weight(net), None)
 
     tok = AutoTokenizer.from_pretrained(
         tokenizer or path, trust_remote_code=trust_remote_code, **({} if tokenizer else gguf_kwargs)
@@ -125,7 +133,22 @@ def load_model(
         dtype=torch_dtype,
         device=torch_device,
         name=_display_name(model, path, gguf_file),
+        quantization=quantization,
     )
+
+
+def resolve_quantization(quantization: str | None, dtype: torch.dtype, device: torch.device) -> str | None:
+    """The quantization to load with: "auto" is "int8" on a CPU whose int8 kernel compiled with AVX-512 VNNI,
+    for a dtype other than float32 (the exact oracle stays unquantized); None elsewhere. An explicit choice
+    that cannot run here raises ValueError."""
+    if quantization == "auto":
+        fast = device.type == "cpu" and dtype != torch.float32 and cpu_lib.has_vnni()
+        return "int8" if fast else None
+    if quantization == "int4" and not can_quantize(device):
+        raise ValueError(f"quantization='int4' runs on CPU (torch >= 2.6), not on {device}")
+    if quantization == "int8" and device.type != "cpu":
+        raise ValueError(f"quantization='int8' runs on CPU, not on {device}")
+    return quantization
 
 
 def resolve_checkpoint(model: str | None) -> tuple[Path, str | None]:

@@ -1,0 +1,41 @@
+"""W8A8 linears for the CPU: int8 weights and int8 activations, summed exactly in int32.
+
+A CPU decode step of a small model is bound by reading weights and by how much a verification pass of
+several tokens costs over a one-token step. `specdesk/kernels/cpu_int8.c` reads each int8 weight (half of
+bf16's bytes) once for every token of a pass, with one AVX-512 VNNI instruction per 64 multiply-adds, so a
+13-token verification costs about 2.5x a one-token step's matmuls instead of 13x.
+
+Weights: symmetric int8, one scale per output channel. Activations: symmetric int8, one scale per token,
+computed from that token alone. Both choices keep a token's result independent of the others in the pass,
+and int32 sums do not depend on summation order, so speculation stays exact on this path: greedy output with
+a draft tree is identical to greedy output without one (tests/engine/test_int8.py). The cost is a small
+quality loss against bf16, measured by `python -m benchmarks.cpu` (agreement of greedy tokens).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from specdesk.engine.models.packed_linear import replace_linears
+from specdesk.kernels import cpu_int8
+
+
+class Int8Linear(nn.Module):
+    """y = x W^T + b with W and x in int8 (see the module doc); y in x's dtype."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.weight_int8 = cpu_int8.quantize_weight(weight)
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+        self.out_features = weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = cpu_int8.linear(x.reshape(-1, x.shape[-1]), self.weight_int8, self.bias)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def quantize_linears(model: nn.Module, skip: nn.Module | None = None) -> int:
+    """Swap every nn.Linear below model (but `skip`) whose shape the kernel takes for an Int8Linear, in
+    place; returns how many."""
+    return replace_linears(model, Int8Linear, skip, lambda lin: cpu_int8.supported(lin.in_features, lin.out_features))

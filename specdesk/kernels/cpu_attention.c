@@ -1,0 +1,156 @@
+/* Paged attention for the CPU's decode and verification passes, straight from the bf16 page pool. The torch
+ * twin is `specdesk.kernels.reference.paged_attention`; `cpu_attention.py` calls this through ctypes.
+ *
+ * Why: the torch path gathers each sequence's pages, converts K/V to float32 and runs a dozen small ops per
+ * layer; a 13-token verification with a tree mask cost about as much as the layer's matmuls. Here one task
+ * per (query token, head) walks the keys it may see in position order, so its result depends only on
+ * which keys those are: a draft-tree node sees its context and its ancestors in the same order, with the
+ * same values, as plain decoding sees the same tokens, and speculation stays exact on this path too.
+ *
+ * Per query: the scores of its visible keys, their max, exp and sum, then the weighted sum of V; float32
+ * throughout, every multiply-add spelled out (-ffp-contract=off), so the arithmetic is fixed by the code.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef void (*task_fn)(const void *args, int64_t part, int64_t parts);
+void run_parallel(task_fn fn, const void *args, int parts); /* cpu_int8.c */
+float sd_from_bf16(uint16_t b);
+uint16_t sd_to_bf16(float f);
+
+#define LANES 16
+
+typedef struct {
+    const uint16_t *q, *k_cache, *v_cache; /* q [T, H, D]; caches [blocks, block_size, KVH, D] */
+    const int32_t *block_tables, *seq_lens, *query_start; /* [S, max_blocks], [S], [S + 1] */
+    const uint8_t *tree_mask; /* [T, width] or NULL: see AttentionMetadata.tree_mask */
+    int64_t width, num_seqs, num_tokens, heads, kv_heads, head_dim, block_size, max_blocks, max_query_len;
+    float scale;
+    uint16_t *out; /* [T, H, D] */
+} attention_args;
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+
+static inline __m512 load_bf16(const uint16_t *p) { /* 16 bf16 -> 16 float32, exactly */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* e^x for x <= 0: 2^n * p(r), r = x - n ln2, a degree-6 polynomial (about 2 ulp); fixed arithmetic. */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
+/* Keys visible to query `i` of its pass: all context keys, then those of the pass's new tokens the causal
+ * rule or the tree mask allows. Returns how many; their page slots in order into `slots`. -1 for a token
+ * of a sequence with more than max_query_len new tokens (a prefill chunk: the caller's). */
+static int64_t visible_slots(const attention_args *A, int64_t token, int64_t *slots) {
+    int64_t seq = 0;
+    while (A->query_start[seq + 1] <= token) seq++;
+    const int64_t seq_len = A->seq_lens[seq], q_start = A->query_start[seq];
+    const int64_t q_len = A->query_start[seq + 1] - q_start, i = token - q_start, context = seq_len - q_len;
+    if (q_len > A->max_query_len) return -1;
+    const int32_t *table = A->block_tables + seq * A->max_blocks;
+    const uint8_t *mask = A->tree_mask ? A->tree_mask + token * A->width : NULL;
+    const int64_t bs = A->block_size;
+    int64_t n = 0;
+    for (int64_t j = 0; j < seq_len; j++) {
+        const int64_t c = j - context; /* the key's index among the pass's new tokens, if it is one */
+        if (c >= 0 && (mask ? !mask[c] : c > i)) continue;
+        slots[n++] = (int64_t)table[j / bs] * bs + j % bs;
+    }
+    return n;
+}
+
+/* One query head of one query token over the keys it may see. */
+static void attend(const attention_args *A, int64_t token, int64_t h, int64_t *slots, float *scores) {
+    const int64_t d = A->head_dim, kvh = h / (A->heads / A->kv_heads), stride = A->kv_heads * d;
+    const int64_t n = visible_slots(A, token, slots);
+    if (n < 0) return;
+    const uint16_t *qh = A->q + (token * A->heads + h) * d, *kbase = A->k_cache + kvh * d, *vbase = A->v_cache + kvh * d;
+    float max = -INFINITY, sum = 0.0f, o[256];
+#ifdef __AVX512F__
+    const int64_t chunks = d / LANES;
+    __m512 q[16], acc[16];
+    for (int64_t c = 0; c < chunks; c++) q[c] = load_bf16(qh + c * LANES), acc[c] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; j++) {
+        const uint16_t *k = kbase + slots[j] * stride;
+        __m512 s = _mm512_mul_ps(q[0], load_bf16(k));
+        for (int64_t c = 1; c < chunks; c++) s = _mm512_fmadd_ps(q[c], load_bf16(k + c * LANES), s);
+        scores[j] = _mm512_reduce_add_ps(s) * A->scale;
+        max = fmaxf(max, scores[j]);
+    }
+    __m512 sums = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; j += LANES) {
+        const __mmask16 live = n - j >= LANES ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
+        const __m512 p = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, scores + j), _mm512_set1_ps(max)));
+        _mm512_mask_storeu_ps(scores + j, live, p);
+        sums = _mm512_add_ps(sums, _mm512_maskz_mov_ps(live, p));
+    }
+    sum = _mm512_reduce_add_ps(sums);
+    for (int64_t j = 0; j < n; j++) {
+        const uint16_t *v = vbase + slots[j] * stride;
+        const __m512 p = _mm512_set1_ps(scores[j]);
+        for (int64_t c = 0; c < chunks; c++) acc[c] = _mm512_fmadd_ps(p, load_bf16(v + c * LANES), acc[c]);
+    }
+    for (int64_t c = 0; c < chunks; c++) _mm512_storeu_ps(o + c * LANES, acc[c]);
+#else
+    for (int64_t e = 0; e < d; e++) o[e] = 0.0f;
+    for (int64_t j = 0; j < n; j++) {
+        float s = 0.0f;
+        for (int64_t e = 0; e < d; e++) s += sd_from_bf16(qh[e]) * sd_from_bf16(kbase[slots[j] * stride + e]);
+        scores[j] = s * A->scale;
+        max = fmaxf(max, scores[j]);
+    }
+    for (int64_t j = 0; j < n; j++) scores[j] = expf(scores[j] - max), sum += scores[j];
+    for (int64_t j = 0; j < n; j++)
+        for (int64_t e = 0; e < d; e++) o[e] += scores[j] * sd_from_bf16(vbase[slots[j] * stride + e]);
+#endif
+    uint16_t *out = A->out + (token * A->heads + h) * d;
+    for (int64_t e = 0; e < d; e++) out[e] = sd_to_bf16(o[e] / sum);
+}
+
+static void attention_part(const void *a, int64_t part, int64_t parts) {
+    const attention_args *A = a;
+    const int64_t tasks = A->num_tokens * A->heads;
+    int64_t longest = 0;
+    for (int64_t s = 0; s < A->num_seqs; s++) longest = A->seq_lens[s] > longest ? A->seq_lens[s] : longest;
+    float *scores = malloc(sizeof(float) * (size_t)(longest + LANES));
+    int64_t *slots = malloc(sizeof(int64_t) * (size_t)(longest + 1));
+    if (scores && slots)
+        for (int64_t t = tasks * part / parts; t < tasks * (part + 1) / parts; t++)
+            attend(A, t / A->heads, t % A->heads, slots, scores);
+    free(scores);
+    free(slots);
+}
+
+/* Returns 0, or -1 for a shape it does not take: head_dim not a multiple of 16 or above 256
+ * (the caller then uses the twin). */
+int sd_paged_attention(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache, const int32_t *block_tables,
+                       const int32_t *seq_lens, const int32_t *query_start, const uint8_t *tree_mask, int64_t width,
+                       int64_t num_seqs, int64_t num_tokens, int64_t heads, int64_t kv_heads, int64_t head_dim,
+                       int64_t block_size, int64_t max_blocks, int64_t max_query_len, float scale, uint16_t *out,
+                       int threads) {
+    if (head_dim % LANES != 0 || head_dim > 256) return -1;
+    const attention_args args = {q, k_cache, v_cache, block_tables, seq_lens, query_start, tree_mask, width,
+                                 num_seqs, num_tokens, heads, kv_heads, head_dim, block_size, max_blocks, max_query_len,
+                                 scale, out};
+    const int64_t tasks = num_tokens * heads;
+    run_parallel(attention_part, &args, (int)(tasks < threads ? tasks : threads));
+    return 0;
+}

@@ -1,0 +1,85 @@
+"""Builds and loads the CPU kernels (`cpu_int8.c`, `cpu_attention.c`) as one shared library, with ctypes.
+
+The C files are compiled on first use with the machine's C compiler and `-march=native` into a per-user
+cache (`SPECDESK_KERNEL_CACHE`, default ~/.cache/specdesk/kernels), keyed by the sources, flags and machine:
+no Python build step and no torch headers (about a second of gcc, once). `library()` is None where no
+compiler works; callers then use the torch twins.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch
+
+_SOURCES = [Path(__file__).with_name(name) for name in ("cpu_int8.c", "cpu_attention.c")]
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-pthread"]
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("SPECDESK_KERNEL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "specdesk", "kernels"
+    )
+    return Path(base)
+
+
+@cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel, built once per source version and machine; None where no C compiler works."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    source = b"".join(path.read_bytes() for path in _SOURCES)
+    key = hashlib.sha256(source + " ".join([compiler, *_FLAGS, os.uname().machine]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"specdesk_cpu_{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Build beside the target and rename: a concurrent process never loads a half-written file.
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            built = Path(tmp) / target.name
+            command = [compiler, *_FLAGS, *map(str, _SOURCES), "-o", str(built), "-lm"]
+            result = subprocess.run(command, capture_output=True)
+            if result.returncode != 0:
+                return None
+            built.replace(target)
+    lib = ctypes.CDLL(str(target))
+    i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.sd_quantize_rows.argtypes = [ptr, c_int, i64, i64, ptr, ptr, c_int]
+    lib.sd_linear.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, c_int, c_int]
+    lib.sd_has_vnni.restype = c_int
+    lib.sd_paged_attention.argtypes = [ptr] * 7 + [i64] * 9 + [ctypes.c_float, ptr, c_int]
+    lib.sd_paged_attention.restype = c_int
+    return lib
+
+
+_threads: int | None = None
+
+
+def set_num_threads(threads: int | None) -> None:
+    """Threads the kernels split a call over (None: torch.get_num_threads() of the calling thread). The
+    engine sets it once: its loop thread runs torch's own ops on one thread (see LLM)."""
+    global _threads
+    _threads = threads
+
+
+def num_threads() -> int:
+    """The threads a kernel call splits over."""
+    return _threads or torch.get_num_threads()
+
+
+def available() -> bool:
+    """True when the C kernel compiled and loaded on this machine."""
+    return library() is not None
+
+
+def has_vnni() -> bool:
+    """True when the loaded kernel uses AVX-512 VNNI (the fast path); False for the portable loop."""
+    lib = library()
+    return lib is not None and bool(lib.sd_has_vnni())
