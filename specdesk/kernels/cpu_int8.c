@@ -1,14 +1,15 @@
-/* W8A8 linear for the CPU: int8 weights (one scale per output channel) times int8 activations (one scale per
- * token), accumulated exactly in int32. The torch twin is `specdesk.kernels.cpu_int8.linear_reference`; the
+/* W8A8 linear for the CPU: int8 weights times int8 activations, both with one scale per group of 32 inputs
+ * (as llama.cpp's Q8_0; per-channel and per-token scales lost 9 points of top-1 agreement with float32 on the
+ * default model, whose GGUF weights have a scale per 32 anyway), each group's sum exact in int32. The torch twin is `specdesk.kernels.cpu_int8.linear_reference`; the
  * Python side (`cpu_int8.py`) compiles this file once per machine with -march=native and calls it by ctypes.
  *
  * Why this shape of kernel: a decode step of a small model on a CPU reads every weight once for a handful of
  * tokens (1 plain, ~10 when verifying a draft tree). Weights are packed so that one AVX-512 VNNI instruction
  * multiplies 4 inputs of one token into 16 output channels (layout [N/16][K/4][16][4]); a block of channels
  * stays in L1 while every token of the pass is multiplied by it, so a 13-token verification reads the weights
- * from memory once, as a 1-token step does. Integer sums do not depend on the order they are added in, so the
- * result of a row never depends on which other rows share the pass (speculation stays exact) nor on whether
- * the vector or the scalar path ran.
+ * from memory once, as a 1-token step does. A group's integer sum does not depend on the order it is added in
+ * and the groups join one float sum in a fixed order, so the result of a row never depends on which other rows
+ * share the pass (speculation stays exact) nor on whether the vector or the scalar path ran.
  *
  * Threads: a small pool of our own (below), not OpenMP. libgomp throttles its workers to a few spins and then
  * sleeps them whenever it manages more threads than there are CPUs, which is always the case when the calls
@@ -17,8 +18,8 @@
  * a second thread as in the main one).
  *
  * Activations enter as unsigned bytes (q + 128, VNNI multiplies unsigned by signed); the kernel subtracts
- * 128 * sum(w[n, :]) per channel afterwards. No floating-point contraction (-ffp-contract=off): the epilogue
- * rounds like torch's separate multiply and add.
+ * 128 * sum(w[n, group]) per channel and group afterwards. No floating-point contraction (-ffp-contract=off):
+ * every multiply and add rounds as torch's separate ones in the twin do.
  */
 #include <math.h>
 #include <pthread.h>
@@ -50,6 +51,7 @@ static inline float from_bf16(uint16_t b) {
 
 typedef void (*task_fn)(const void *args, int64_t part, int64_t parts);
 
+#define GROUP 32 /* inputs per quantization group, of weights and of activations alike */
 #define MAX_WORKERS 255
 #define SPIN_NS 200000 /* a worker spins this long for the next call before it sleeps (a step's gaps are shorter) */
 
@@ -146,39 +148,38 @@ typedef struct {
 float sd_from_bf16(uint16_t b) { return from_bf16(b); }
 uint16_t sd_to_bf16(float f) { return to_bf16(f); }
 
-/* Per-token symmetric quantization of rows [m * part / parts, m * (part + 1) / parts) of x. */
+/* Symmetric int8 quantization of rows [m * part / parts, m * (part + 1) / parts) of x, group by group. */
 static void quantize_part(const void *a, int64_t part, int64_t parts) {
     const quantize_args *q = a;
-    const int64_t k = q->k;
-    for (int64_t r = q->m * part / parts; r < q->m * (part + 1) / parts; r++) {
-        float amax = 0.0f;
-        for (int64_t i = 0; i < k; i++) {
-            float v = q->x_bf16 ? from_bf16(((const uint16_t *)q->x)[r * k + i]) : ((const float *)q->x)[r * k + i];
-            amax = fmaxf(amax, fabsf(v));
+    const int64_t k = q->k, groups = k / GROUP;
+    for (int64_t r = q->m * part / parts; r < q->m * (part + 1) / parts; r++)
+        for (int64_t g = 0; g < groups; g++) {
+            const int64_t base = r * k + g * GROUP;
+            float amax = 0.0f, v[GROUP];
+            for (int i = 0; i < GROUP; i++) {
+                v[i] = q->x_bf16 ? from_bf16(((const uint16_t *)q->x)[base + i]) : ((const float *)q->x)[base + i];
+                amax = fmaxf(amax, fabsf(v[i]));
+            }
+            const float scale = amax / 127.0f;
+            q->scales[r * groups + g] = scale;
+            for (int i = 0; i < GROUP; i++) {
+                float v8 = scale > 0.0f ? nearbyintf(v[i] / scale) : 0.0f;
+                v8 = fminf(fmaxf(v8, -127.0f), 127.0f);
+                q->xu[base + i] = (uint8_t)((int)v8 + 128);
+            }
         }
-        float scale = amax / 127.0f;
-        q->scales[r] = scale;
-        for (int64_t i = 0; i < k; i++) {
-            float v = q->x_bf16 ? from_bf16(((const uint16_t *)q->x)[r * k + i]) : ((const float *)q->x)[r * k + i];
-            float v8 = scale > 0.0f ? nearbyintf(v / scale) : 0.0f;
-            v8 = fminf(fmaxf(v8, -127.0f), 127.0f);
-            q->xu[r * k + i] = (uint8_t)((int)v8 + 128);
-        }
-    }
 }
 
-/* Per-token symmetric quantization of x [m, k] (bf16 if x_bf16, else float32): scale = max|x| / 127,
- * q = round-half-even(x / scale) (0 for an all-zero row), stored as q + 128 in xu [m, k]. */
+/* Symmetric int8 quantization of x [m, k] (bf16 if x_bf16, else float32) in groups of GROUP inputs: scale =
+ * max|x| / 127 of the group, q = round-half-even(x / scale) (0 for an all-zero group), stored as q + 128 in
+ * xu [m, k], scales [m, k / GROUP]. */
 void sd_quantize_rows(const void *x, int x_bf16, int64_t m, int64_t k, uint8_t *xu, float *scales, int threads) {
     const quantize_args args = {x, x_bf16, m, k, xu, scales};
     run_parallel(quantize_part, &args, m >= 16 ? threads : 1);
 }
 
-/* out[r, n] = ((float)acc * xs[r]) * ws[n] (+ bias[n]), to bf16 or float32. */
-static inline void store(void *out, int out_bf16, int64_t idx, int32_t acc, float xs, float ws, const float *bias,
-                         int64_t n) {
-    float v = (float)acc * xs;
-    v = v * ws;
+/* out[r, n] = sum (+ bias[n]), to bf16 or float32. */
+static inline void store(void *out, int out_bf16, int64_t idx, float v, const float *bias, int64_t n) {
     if (bias) v = v + bias[n];
     if (out_bf16)
         ((uint16_t *)out)[idx] = to_bf16(v);
@@ -187,35 +188,43 @@ static inline void store(void *out, int out_bf16, int64_t idx, int32_t acc, floa
 }
 
 #ifdef __AVX512VNNI__
-/* R tokens x B blocks of 16 channels: R * B accumulators in registers, one weight load per block and one
- * broadcast per token for every 4 inputs. R and B are constants at each call site, so the loops unroll. */
+/* R tokens x B blocks of 16 channels: R * B int32 accumulators in registers for one group of GROUP inputs
+ * (one weight load per block and one broadcast per token for every 4 inputs), then each group's sum joins a
+ * float sum: f += float(acc - 128 * wsum) * (xs * ws). R and B are constants at each call site. */
 static inline __attribute__((always_inline)) void tile(const uint8_t *x, int64_t k, const int8_t *wb, int64_t k4,
-                                                       const int R, const int B, int32_t acc[4][2][16]) {
-    __m512i a[4][2];
+                                                       const float *xs, const int32_t *wsum, const float *ws,
+                                                       int64_t n, const int R, const int B, __m512 f[4][2]) {
+    const int64_t groups = k / GROUP;
     for (int r = 0; r < R; r++)
-        for (int b = 0; b < B; b++) a[r][b] = _mm512_setzero_si512();
-    for (int64_t j = 0; j < k4; j++) {
-        __m512i wv[2];
-        for (int b = 0; b < B; b++) wv[b] = _mm512_loadu_si512((const void *)(wb + (b * k4 + j) * 64));
-        for (int r = 0; r < R; r++) {
-            int32_t v;
-            memcpy(&v, x + r * k + 4 * j, 4);
-            const __m512i xv = _mm512_set1_epi32(v);
-            for (int b = 0; b < B; b++) a[r][b] = _mm512_dpbusd_epi32(a[r][b], xv, wv[b]);
+        for (int b = 0; b < B; b++) f[r][b] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        __m512i a[4][2];
+        for (int r = 0; r < R; r++)
+            for (int b = 0; b < B; b++) a[r][b] = _mm512_setzero_si512();
+        for (int64_t j = g * (GROUP / 4); j < (g + 1) * (GROUP / 4); j++) {
+            __m512i wv[2];
+            for (int b = 0; b < B; b++) wv[b] = _mm512_loadu_si512((const void *)(wb + (b * k4 + j) * 64));
+            for (int r = 0; r < R; r++) {
+                int32_t v;
+                memcpy(&v, x + r * k + 4 * j, 4);
+                const __m512i xv = _mm512_set1_epi32(v);
+                for (int b = 0; b < B; b++) a[r][b] = _mm512_dpbusd_epi32(a[r][b], xv, wv[b]);
+            }
+        }
+        for (int b = 0; b < B; b++) {
+            const __m512 wsv = _mm512_loadu_ps(ws + g * n + b * 16);
+            const __m512i offset = _mm512_slli_epi32(_mm512_loadu_si512((const void *)(wsum + g * n + b * 16)), 7);
+            for (int r = 0; r < R; r++) {
+                const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(xs[r * groups + g]), wsv);
+                const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a[r][b], offset)), scale);
+                f[r][b] = _mm512_add_ps(f[r][b], t);
+            }
         }
     }
-    for (int r = 0; r < R; r++)
-        for (int b = 0; b < B; b++) _mm512_storeu_si512((void *)acc[r][b], a[r][b]);
 }
 
-/* The epilogue of 16 channels of one token, vectorized but rounding exactly as store(): int32 -> float,
- * times the token's scale, times the channels' scales, plus the bias, then bf16 by round-to-nearest-even. */
-static inline void store16(void *out, int out_bf16, int64_t idx, const int32_t *acc, const int32_t *wsum, float xs,
-                           const float *ws, const float *bias) {
-    __m512i a = _mm512_sub_epi32(_mm512_loadu_si512((const void *)acc),
-                                 _mm512_slli_epi32(_mm512_loadu_si512((const void *)wsum), 7));
-    __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(a), _mm512_set1_ps(xs));
-    v = _mm512_mul_ps(v, _mm512_loadu_ps(ws));
+/* store() for 16 channels of one token: plus the bias, then bf16 by round-to-nearest-even (as to_bf16). */
+static inline void store16(void *out, int out_bf16, int64_t idx, __m512 v, const float *bias) {
     if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias));
     if (!out_bf16) {
         _mm512_storeu_ps((float *)out + idx, v);
@@ -229,16 +238,17 @@ static inline void store16(void *out, int out_bf16, int64_t idx, const int32_t *
     _mm256_storeu_si256((__m256i *)((uint16_t *)out + idx), _mm512_cvtepi32_epi16(r));
 }
 
-#define TILE_ROWS(B)                                       \
-    switch (rows) {                                        \
-        case 1: tile(x, k, wb, k4, 1, B, acc); break;      \
-        case 2: tile(x, k, wb, k4, 2, B, acc); break;      \
-        case 3: tile(x, k, wb, k4, 3, B, acc); break;      \
-        default: tile(x, k, wb, k4, 4, B, acc); break;     \
+#define TILE_ROWS(B)                                                                         \
+    switch (rows) {                                                                          \
+        case 1: tile(x, k, wb, k4, xs + r0 * groups, wsum + col, ws + col, n, 1, B, f); break; \
+        case 2: tile(x, k, wb, k4, xs + r0 * groups, wsum + col, ws + col, n, 2, B, f); break; \
+        case 3: tile(x, k, wb, k4, xs + r0 * groups, wsum + col, ws + col, n, 3, B, f); break; \
+        default: tile(x, k, wb, k4, xs + r0 * groups, wsum + col, ws + col, n, 4, B, f); break; \
     }
 #endif
 
-/* y [m, n] = x [m, k] W^T with W packed [n/16][k/4][16][4] (see cpu_int8.py), wsum[n] = sum_k W[n, k].
+/* y [m, n] = x [m, k] W^T with W packed [n/16][k/4][16][4] (see cpu_int8.py); per group g of GROUP inputs,
+ * ws [k / GROUP, n] the weights' scales and wsum [k / GROUP, n] their sums, xs [m, k / GROUP] the tokens'.
  * Parts split the output channels in pairs of 16-channel blocks; each pair stays in L1 while every
  * token of the pass, 4 at a time, is multiplied by it. */
 typedef struct {
@@ -262,46 +272,41 @@ static void linear_part(const void *a, int64_t part, int64_t parts) {
     const int64_t m = L->m, k = L->k, n = L->n;
     void *out = L->out;
     const int out_bf16 = L->out_bf16;
-    const int64_t nblocks = n / 16, k4 = k / 4, pairs = (nblocks + 1) / 2;
+    const int64_t nblocks = n / 16, k4 = k / 4, pairs = (nblocks + 1) / 2, groups = k / GROUP;
     for (int64_t p = pairs * part / parts; p < pairs * (part + 1) / parts; p++) {
-        const int64_t nb = 2 * p;
+        const int64_t nb = 2 * p, col = nb * 16;
         const int blocks = nb + 1 < nblocks ? 2 : 1;
         const int8_t *wb = w + nb * k4 * 64;
         for (int64_t r0 = 0; r0 < m; r0 += 4) {
             const int rows = m - r0 < 4 ? (int)(m - r0) : 4;
             const uint8_t *x = xu + r0 * k;
-            int32_t acc[4][2][16];
 #ifdef __AVX512VNNI__
+            __m512 f[4][2];
             if (blocks == 2) {
                 TILE_ROWS(2)
             } else {
                 TILE_ROWS(1)
             }
-#else
-            memset(acc, 0, sizeof(acc));
             for (int r = 0; r < rows; r++)
                 for (int b = 0; b < blocks; b++)
-                    for (int64_t j = 0; j < k4; j++)
-                        for (int c = 0; c < 16; c++)
-                            for (int t = 0; t < 4; t++)
-                                acc[r][b][c] += (int32_t)x[r * k + 4 * j + t] * (int32_t)wb[(b * k4 + j) * 64 + c * 4 + t];
-#endif
-#ifdef __AVX512VNNI__
-            for (int r = 0; r < rows; r++)
-                for (int b = 0; b < blocks; b++) {
-                    const int64_t col = (nb + b) * 16;
-                    store16(out, out_bf16, (r0 + r) * n + col, acc[r][b], wsum + col, xs[r0 + r], ws + col,
-                            bias ? bias + col : NULL);
-                }
-            continue;
-#endif
+                    store16(out, out_bf16, (r0 + r) * n + col + b * 16, f[r][b], bias ? bias + col + b * 16 : NULL);
+#else
             for (int r = 0; r < rows; r++)
                 for (int b = 0; b < blocks; b++)
                     for (int c = 0; c < 16; c++) {
-                        const int64_t col = (nb + b) * 16 + c;
-                        store(out, out_bf16, (r0 + r) * n + col, acc[r][b][c] - 128 * wsum[col], xs[r0 + r], ws[col],
-                              bias, col);
+                        const int64_t ch = col + b * 16 + c;
+                        float f = 0.0f;
+                        for (int64_t g = 0; g < groups; g++) {
+                            int32_t acc = 0;
+                            for (int64_t j = g * (GROUP / 4); j < (g + 1) * (GROUP / 4); j++)
+                                for (int t = 0; t < 4; t++)
+                                    acc += (int32_t)x[r * k + 4 * j + t] * (int32_t)wb[(b * k4 + j) * 64 + c * 4 + t];
+                            const float scale = xs[(r0 + r) * groups + g] * ws[g * n + ch];
+                            f = f + (float)(acc - 128 * wsum[g * n + ch]) * scale;
+                        }
+                        store(out, out_bf16, (r0 + r) * n + ch, f, bias, ch);
                     }
+#endif
         }
     }
 }

@@ -17,13 +17,16 @@ import torch
 from specdesk.kernels import cpu_lib
 
 
+GROUP = 32  # inputs per quantization group, of weights and activations alike (cpu_int8.c)
+
+
 @dataclass(frozen=True)
 class Int8Weight:
     """A linear's weight as the kernel reads it (see cpu_int8.c for the layout)."""
 
     packed: torch.Tensor  # int8 [n // 16 * k // 4 * 64]
-    wsum: torch.Tensor  # int32 [n]: sum over k of the int8 weights of each output channel
-    scales: torch.Tensor  # float32 [n]
+    wsum: torch.Tensor  # int32 [k // GROUP, n]: each group's sum of the int8 weights of each output channel
+    scales: torch.Tensor  # float32 [k // GROUP, n]
     q: torch.Tensor  # int8 [n, k] row-major: the twin's operand (and what was packed)
 
     @property
@@ -36,35 +39,45 @@ class Int8Weight:
 
 
 def supported(in_features: int, out_features: int) -> bool:
-    """The packing's shape constraints: output channels in blocks of 16, inputs in groups of 4."""
-    return out_features % 16 == 0 and in_features % 4 == 0
+    """The packing's shape constraints: output channels in blocks of 16, inputs in whole groups."""
+    return out_features % 16 == 0 and in_features % GROUP == 0
+
+
+def _quantize_groups(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # Symmetric int8 per group of GROUP along the last dim: (q [..., k], scales [..., k // GROUP]).
+    groups = x.float().reshape(*x.shape[:-1], -1, GROUP)
+    scales = groups.abs().amax(-1) / 127
+    q = torch.where(scales[..., None] > 0, groups / scales[..., None], 0).round().clamp(-127, 127)
+    return q.to(torch.int8).reshape(x.shape), scales
 
 
 def quantize_weight(weight: torch.Tensor) -> Int8Weight:
-    """Symmetric int8 per output channel: scale = max|w| / 127, q = round(w / scale) (round half to even)."""
-    w = weight.detach().float()
-    n, k = w.shape
+    """Symmetric int8 per group of GROUP inputs of each output channel: scale = max|w| / 127 of the group,
+    q = round(w / scale) (round half to even)."""
+    n, k = weight.shape
     assert supported(k, n), (n, k)
-    scales = w.abs().amax(1) / 127
-    q = torch.where(scales[:, None] > 0, w / scales[:, None], 0).round().clamp(-127, 127).to(torch.int8).contiguous()
+    q, scales = _quantize_groups(weight.detach())
+    q = q.contiguous()
     # The kernel's layout: [n // 16][k // 4][16][4].
     packed = q.view(n // 16, 16, k // 4, 4).permute(0, 2, 1, 3).contiguous().view(-1)
-    return Int8Weight(packed, q.sum(1, dtype=torch.int32), scales.contiguous(), q)
+    wsum = q.view(n, k // GROUP, GROUP).sum(-1, dtype=torch.int32).t().contiguous()
+    return Int8Weight(packed, wsum, scales.t().contiguous(), q)
 
 
 def quantize_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 [m, k], float32 scales [m]): the kernel's per-token quantization in torch."""
-    xf = x.float()
-    scales = xf.abs().amax(1) / 127
-    q = torch.where(scales[:, None] > 0, xf / scales[:, None], 0).round().clamp(-127, 127).to(torch.int8)
-    return q, scales
+    """(int8 [m, k], float32 scales [m, k // GROUP]): the kernel's quantization of activations in torch."""
+    return _quantize_groups(x)
 
 
 def linear_reference(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The kernel's result in torch: exact int32 sums (torch._int_mm), then the same float epilogue."""
+    """The kernel's result in torch: each group's exact integer sum (float32 holds it exactly: 32 products of
+    at most 127 * 127), then the same float sum over groups, in the same order, with the same roundings."""
     q, xs = quantize_rows_reference(x)
-    acc = torch._int_mm(q, w.q.t().contiguous()) if q.shape[0] else q.new_zeros(0, w.out_features, dtype=torch.int32)
-    out = acc.float() * xs[:, None] * w.scales[None, :]
+    m, groups = q.shape[0], q.shape[1] // GROUP
+    xq, wq = q.float().view(m, groups, GROUP), w.q.float().view(-1, groups, GROUP)
+    out = torch.zeros(m, w.out_features)
+    for g in range(groups):
+        out = out + (xq[:, g] @ wq[:, g].T) * (xs[:, g, None] * w.scales[g][None, :])
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype)
@@ -80,7 +93,7 @@ def linear(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | None = None) -> 
     n = w.out_features
     threads = cpu_lib.num_threads()
     xu = torch.empty(m, k, dtype=torch.uint8)
-    xs = torch.empty(m, dtype=torch.float32)
+    xs = torch.empty(m, k // GROUP, dtype=torch.float32)
     is_bf16 = int(x.dtype == torch.bfloat16)
     lib.sd_quantize_rows(x.data_ptr(), is_bf16, m, k, xu.data_ptr(), xs.data_ptr(), threads)
     out = torch.empty(m, n, dtype=x.dtype)

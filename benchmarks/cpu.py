@@ -1,0 +1,248 @@
+"""`python -m benchmarks.cpu`: the CPU paths side by side with llama.cpp and transformers, end to end per turn.
+
+One process per thread count (1 and the machine's default, 2 here), every system on the same prompts: the
+second customer turn of held-out conversations (prompts/eval) under the console's persona system prompt,
+rendered with the chat template. A turn is timed from submit to the last of exactly `--max-tokens` greedy
+tokens (EOS ignored), prefill included, with nothing cached: SpecDesk's prefix cache and the n-gram
+speculator's memory of earlier replies are emptied before each run, llama.cpp's context is reset. Every
+system uses the console's repetition penalty (1.1; llama.cpp's own penalty over its last 64 tokens).
+
+* transformers `generate`, bf16 (the issue's baseline)
+* llama.cpp (`llama-cpp-python`, `pip install -e ".[llama]"`) on the default model's own Q4_1 GGUF file
+* SpecDesk bf16, plain and with the default speculator
+* SpecDesk int8 (the C kernels, `quantization="int8"`; what the console uses on this CPU), plain and with
+  the default speculator
+
+Also reported: int8 with speculation vs int8 plain (identical tokens expected: the path is exact) and int8's
+quality loss against bf16: the share of greedy tokens before the first difference (a harsh measure: one
+near-tie flips the rest of a reply) and teacher-forced top-1 agreement (int8's choice at each position of
+bf16's reply, given bf16's tokens so far). SpecDesk's plain and
+speculative runs alternate per prompt; the systems run one after another in the process (the int8 engine sets
+torch's own ops to one thread, so it runs last).
+
+    python -m benchmarks.cpu --out docs/bench_cpu_llamacpp.json     # ~15 minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from specdesk import prompts
+
+PENALTY = 1.1
+
+
+def second_turns(limit: int) -> list[list[dict[str, str]]]:
+    """Held-out conversations up to their second customer turn, under their persona's system prompt."""
+    personas = {p.key for p in prompts.list_personas()}
+    out = []
+    for entry in prompts.load_dataset("eval"):
+        user_turns = [i for i, m in enumerate(entry.messages) if m["role"] == "user"]
+        if len(user_turns) >= 2:
+            persona = entry.domain if entry.domain in personas else "general"
+            out.append(prompts.build_messages(persona, entry.messages[: user_turns[1] + 1]))
+    return out[:limit]
+
+
+def teacher_forced_top1(llm: Any, prompt_ids: list[list[int]], replies: list[list[int]]) -> float:
+    """Percent of reply positions where this model's greedy choice, given the reference reply so far, is the
+    reference's token (under the same repetition penalty): the per-token quality of a path, without greedy
+    decoding's chain of divergences."""
+    import torch
+
+    from specdesk.engine.attention_metadata import AttentionMetadata
+    from specdesk.engine.config import EngineConfig
+    from specdesk.engine.model_runner import ModelRunner
+
+    longest = max(len(p) + len(r) for p, r in zip(prompt_ids, replies, strict=True))
+    runner = ModelRunner(EngineConfig(num_blocks=longest // 16 + 2), llm.loaded)  # a KV pool of its own
+    same = total = 0
+    with torch.inference_mode():
+        for prompt, reply in zip(prompt_ids, replies, strict=True):
+            ids = prompt + reply
+            meta = AttentionMetadata.build([list(range(len(ids) // 16 + 1))], [len(ids)], [len(ids)], 16)
+            hidden = runner.model(torch.tensor(ids), torch.arange(len(ids)), runner.kv_caches, meta)
+            rows = hidden[len(prompt) - 1 : len(ids) - 1]  # the rows that predict each reply token
+            logits = runner.model.compute_logits(rows)
+            for t in range(len(reply)):  # the replies' repetition penalty (transformers' rule), over the tokens so far
+                seen = torch.tensor(sorted(set(ids[: len(prompt) + t])))
+                row = logits[t, seen]
+                logits[t, seen] = torch.where(row > 0, row / PENALTY, row * PENALTY)
+            choice = logits.argmax(-1).tolist()
+            same += sum(a == b for a, b in zip(choice, reply, strict=True))
+            total += len(reply)
+    return 100 * same / max(total, 1)
+
+
+def _specdesk(
+    quantization: str | None, prompt_ids: list[list[int]], n: int, reference: list[list[int]] | None = None
+) -> dict[str, Any]:
+    from specdesk.engine.llm import LLM
+    from specdesk.engine.sampling_params import SamplingParams
+
+    llm = LLM(dtype="bfloat16", quantization=quantization, spec_max_batch_size=32)
+    params = SamplingParams(max_tokens=n, ignore_eos=True, repetition_penalty=PENALTY)
+    seconds = {False: 0.0, True: 0.0}
+    outputs: dict[bool, list[list[int]]] = {False: [], True: []}
+    try:
+        llm.generate(prompt_ids[:1], replace(params, max_tokens=8))  # warm-up (and the kernels' build)
+        for i, ids in enumerate(prompt_ids):
+            for speculate in (True, False) if i % 2 == 0 else (False, True):
+                llm.reset_prefix_cache()
+                llm.forget_replies()
+                start = time.perf_counter()
+                out = llm.generate([ids], replace(params, speculate=speculate))[0]
+                seconds[speculate] += time.perf_counter() - start
+                outputs[speculate].append(out.token_ids)
+        forced = teacher_forced_top1(llm, prompt_ids, reference) if reference is not None else None
+        stats = llm.stats()
+        steps = stats.spec_num_drafts or 1
+        return {
+            "plain_tok_s": n * len(prompt_ids) / seconds[False],
+            "spec_tok_s": n * len(prompt_ids) / seconds[True],
+            "identical_with_speculation": sum(a == b for a, b in zip(outputs[False], outputs[True], strict=True)),
+            "tokens_per_verification": (stats.spec_num_accepted_tokens + steps) / steps,
+            "plain_tokens": outputs[False],
+            "teacher_forced_top1_vs_bf16_percent": forced,
+        }
+    finally:
+        llm.shutdown()
+
+
+def _transformers(prompt_ids: list[list[int]], n: int) -> float:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from specdesk.engine.models.default_model import default_model_path
+
+    model: Any = AutoModelForCausalLM.from_pretrained(default_model_path(), dtype=torch.bfloat16).eval()
+    seconds = 0.0
+    with torch.inference_mode():
+        for ids in prompt_ids:
+            x = torch.tensor([ids])
+            start = time.perf_counter()
+            model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                           repetition_penalty=PENALTY, pad_token_id=0)  # fmt: skip
+            seconds += time.perf_counter() - start
+    return n * len(prompt_ids) / seconds
+
+
+def _llama_cpp(prompt_ids: list[list[int]], n: int, threads: int) -> float | None:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        print("llama-cpp-python not installed: skipping llama.cpp (pip install -e '.[llama]')", file=sys.stderr)
+        return None
+    from specdesk.engine.models.default_model import locate_gguf
+
+    gguf = locate_gguf(Path(tempfile.mkdtemp()))
+    model = Llama(model_path=str(gguf), n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False)
+    seconds = 0.0
+    for ids in prompt_ids:
+        model.reset()
+        start = time.perf_counter()
+        count = 0
+        for _token in model.generate(ids, temp=0.0, repeat_penalty=PENALTY, reset=True):
+            count += 1
+            if count == n:
+                break
+        seconds += time.perf_counter() - start
+    return n * len(prompt_ids) / seconds
+
+
+def worker(threads: int, turns: int, n: int) -> dict[str, Any]:
+    """Every system at one thread count, in this process."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from specdesk.engine.llm import LLM
+
+    tokenizer_llm = LLM(speculator=None, num_blocks=4)
+    prompt_ids = [tokenizer_llm.apply_chat_template(m) for m in second_turns(turns)]
+    tokenizer_llm.shutdown()
+    result: dict[str, Any] = {"threads": threads, "turns": len(prompt_ids), "max_tokens": n,
+                              "prompt_tokens_mean": sum(map(len, prompt_ids)) / len(prompt_ids)}  # fmt: skip
+    result["transformers_bf16_tok_s"] = _transformers(prompt_ids, n)
+    print(f"[{threads} threads] transformers bf16: {result['transformers_bf16_tok_s']:.1f} tok/s", flush=True)
+    result["llama_cpp_tok_s"] = _llama_cpp(prompt_ids, n, threads)
+    print(f"[{threads} threads] llama.cpp: {result['llama_cpp_tok_s']} tok/s", flush=True)
+    for name, quantization in (("bf16", None), ("int8", "int8")):
+        reference = result["bf16"]["plain_tokens"] if name == "int8" else None
+        result[name] = _specdesk(quantization, prompt_ids, n, reference)
+        print(f"[{threads} threads] SpecDesk {name}: plain {result[name]['plain_tok_s']:.1f}, "
+              f"speculative {result[name]['spec_tok_s']:.1f} tok/s", flush=True)  # fmt: skip
+    result["int8_vs_bf16"] = agreement(result["bf16"].pop("plain_tokens"), result["int8"].pop("plain_tokens"))
+    return result
+
+
+def agreement(reference: list[list[int]], other: list[list[int]]) -> dict[str, float]:
+    """How close greedy replies are: the share of tokens before the first difference, and of replies identical."""
+    prefix = total = same = 0
+    for a, b in zip(reference, other, strict=True):
+        k = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+        prefix, total, same = prefix + k, total + len(a), same + (a == b)
+    return {"tokens_before_first_difference_percent": 100 * prefix / max(total, 1),
+            "identical_replies_percent": 100 * same / max(len(reference), 1)}  # fmt: skip
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    """The headline rows: tok/s end to end per turn, and the ratios the issue names."""
+    lines = ["| threads | transformers bf16 | llama.cpp Q4_1 | SpecDesk bf16 plain / spec | SpecDesk int8 plain / spec "
+             "| int8 spec vs llama.cpp | int8 plain vs transformers | int8 spec vs own plain |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in results:
+        cpp, i8, b16 = r["llama_cpp_tok_s"], r["int8"], r["bf16"]
+        vs_cpp = f"{i8['spec_tok_s'] / cpp:.2f}x" if cpp else "n/a"
+        lines.append(
+            f"| {r['threads']} | {r['transformers_bf16_tok_s']:.1f} | {f'{cpp:.1f}' if cpp else 'n/a'} | "
+            f"{b16['plain_tok_s']:.1f} / {b16['spec_tok_s']:.1f} | {i8['plain_tok_s']:.1f} / {i8['spec_tok_s']:.1f} | "
+            f"{vs_cpp} | "
+            f"{i8['plain_tok_s'] / r['transformers_bf16_tok_s']:.2f}x | {i8['spec_tok_s'] / i8['plain_tok_s']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, nargs="+", default=None, help="default: 1 and the machine's cores")
+    ap.add_argument("--turns", type=int, default=8, help="held-out conversations (their second turn)")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # one thread count, JSON to stdout
+    args = ap.parse_args(argv)
+    if args.worker is not None:
+        print("RESULT " + json.dumps(worker(args.worker, args.turns, args.max_tokens)), flush=True)
+        return
+    threads = args.threads or sorted({1, os.cpu_count() or 1})
+    results = []
+    for t in threads:  # one process each: thread settings and the int8 engine's stay out of the others' way
+        cmd = [sys.executable, "-m", "benchmarks.cpu", "--worker", str(t), "--turns", str(args.turns),
+               "--max-tokens", str(args.max_tokens)]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        sys.stderr.write(proc.stderr[-2000:] if proc.returncode else "")
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        print("\n".join(line for line in proc.stdout.splitlines() if not line.startswith("RESULT ")), flush=True)
+        if not lines:
+            raise SystemExit(f"the {t}-thread run failed (exit {proc.returncode})")
+        results.append(json.loads(lines[-1][len("RESULT ") :]))
+    print(table(results))
+    for r in results:
+        forced = r["int8"]["teacher_forced_top1_vs_bf16_percent"]
+        print(f"[{r['threads']} threads] int8 vs bf16: greedy {r['int8_vs_bf16']}, teacher-forced top-1 {forced:.1f} %;"
+              f" int8 speculation "
+              f"identical to plain on {r['int8']['identical_with_speculation']} of {r['turns']} turns")  # fmt: skip
+    if args.out:
+        Path(args.out).write_text(json.dumps({"results": results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
