@@ -150,9 +150,7 @@ def _llama_cpp(prompt_ids: list[list[int]], n: int, threads: int) -> float | Non
     for ids in prompt_ids:
         model.reset()
         start = time.perf_counter()
-        count = 0
-        for _token in model.generate(ids, temp=0.0, repeat_penalty=PENALTY, reset=True):
-            count += 1
+        for count, _token in enumerate(model.generate(ids, temp=0.0, repeat_penalty=PENALTY, reset=True), 1):
             if count == n:
                 break
         seconds += time.perf_counter() - start

@@ -16,7 +16,6 @@ import torch
 
 from specdesk.kernels import cpu_lib
 
-
 GROUP = 32  # inputs per quantization group, of weights and activations alike (cpu_int8.c)
 
 
