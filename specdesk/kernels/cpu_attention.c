@@ -15,10 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef void (*task_fn)(const void *args, int64_t part, int64_t parts);
-void run_parallel(task_fn fn, const void *args, int parts); /* cpu_int8.c */
-float sd_from_bf16(uint16_t b);
-uint16_t sd_to_bf16(float f);
+#include "cpu_common.h"
 
 #define LANES 16
 
@@ -30,31 +27,6 @@ typedef struct {
     float scale;
     uint16_t *out; /* [T, H, D] */
 } attention_args;
-
-#ifdef __AVX512F__
-#include <immintrin.h>
-
-static inline __m512 load_bf16(const uint16_t *p) { /* 16 bf16 -> 16 float32, exactly */
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
-
-/* e^x for x <= 0: 2^n * p(r), r = x - n ln2, a degree-6 polynomial (about 2 ulp); fixed arithmetic. */
-static inline __m512 exp16(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 720);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
-#endif
 
 /* Keys visible to query `i` of its pass: all context keys, then those of the pass's new tokens the causal
  * rule or the tree mask allows. Returns how many; their page slots in order into `slots`. -1 for a token
@@ -113,16 +85,16 @@ static void attend(const attention_args *A, int64_t token, int64_t h, int64_t *s
     for (int64_t e = 0; e < d; e++) o[e] = 0.0f;
     for (int64_t j = 0; j < n; j++) {
         float s = 0.0f;
-        for (int64_t e = 0; e < d; e++) s += sd_from_bf16(qh[e]) * sd_from_bf16(kbase[slots[j] * stride + e]);
+        for (int64_t e = 0; e < d; e++) s += from_bf16(qh[e]) * from_bf16(kbase[slots[j] * stride + e]);
         scores[j] = s * A->scale;
         max = fmaxf(max, scores[j]);
     }
     for (int64_t j = 0; j < n; j++) scores[j] = expf(scores[j] - max), sum += scores[j];
     for (int64_t j = 0; j < n; j++)
-        for (int64_t e = 0; e < d; e++) o[e] += scores[j] * sd_from_bf16(vbase[slots[j] * stride + e]);
+        for (int64_t e = 0; e < d; e++) o[e] += scores[j] * from_bf16(vbase[slots[j] * stride + e]);
 #endif
     uint16_t *out = A->out + (token * A->heads + h) * d;
-    for (int64_t e = 0; e < d; e++) out[e] = sd_to_bf16(o[e] / sum);
+    for (int64_t e = 0; e < d; e++) out[e] = to_bf16(o[e] / sum);
 }
 
 static void attention_part(const void *a, int64_t part, int64_t parts) {

@@ -27,29 +27,10 @@
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
-#ifdef __AVX512VNNI__
-#include <immintrin.h>
-#endif
 
-/* float -> bfloat16 bits, round to nearest even (torch's .to(torch.bfloat16)); NaN stays NaN. */
-static inline uint16_t to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-static inline float from_bf16(uint16_t b) {
-    uint32_t u = (uint32_t)b << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
+#include "cpu_common.h"
 
 /* ------------------------------------------------------------------------------------------ thread pool */
-
-typedef void (*task_fn)(const void *args, int64_t part, int64_t parts);
 
 #define GROUP 32 /* inputs per quantization group, of weights and of activations alike */
 #define MAX_WORKERS 255
@@ -145,9 +126,6 @@ typedef struct {
     float *scales;
 } quantize_args;
 
-float sd_from_bf16(uint16_t b) { return from_bf16(b); }
-uint16_t sd_to_bf16(float f) { return to_bf16(f); }
-
 /* Symmetric int8 quantization of rows [m * part / parts, m * (part + 1) / parts) of x, group by group. */
 static void quantize_part(const void *a, int64_t part, int64_t parts) {
     const quantize_args *q = a;
@@ -230,12 +208,7 @@ static inline void store16(void *out, int out_bf16, int64_t idx, __m512 v, const
         _mm512_storeu_ps((float *)out + idx, v);
         return;
     }
-    const __m512i u = _mm512_castps_si512(v);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
-    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
-    _mm256_storeu_si256((__m256i *)((uint16_t *)out + idx), _mm512_cvtepi32_epi16(r));
+    _mm256_storeu_si256((__m256i *)((uint16_t *)out + idx), to_bf16_16(v));
 }
 
 #define TILE_ROWS(B)                                                                         \

@@ -1,4 +1,4 @@
-"""Builds and loads the CPU kernels (`cpu_int8.c`, `cpu_attention.c`) as one shared library, with ctypes.
+"""Builds and loads the CPU kernels (`cpu_int8.c`, `cpu_attention.c`, `cpu_fused.c`) as one shared library.
 
 The C files are compiled on first use with the machine's C compiler and `-march=native` into a per-user
 cache (`SPECDESK_KERNEL_CACHE`, default ~/.cache/specdesk/kernels), keyed by the sources, flags and machine:
@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("cpu_int8.c", "cpu_attention.c")]
+_SOURCES = [Path(__file__).with_name(name) for name in ("cpu_int8.c", "cpu_attention.c", "cpu_fused.c")]
+_HEADER = Path(__file__).with_name("cpu_common.h")
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-pthread"]
 
 
@@ -36,7 +37,7 @@ def library() -> ctypes.CDLL | None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return None
-    source = b"".join(path.read_bytes() for path in _SOURCES)
+    source = b"".join(path.read_bytes() for path in [*_SOURCES, _HEADER])
     key = hashlib.sha256(source + " ".join([compiler, *_FLAGS, os.uname().machine]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"specdesk_cpu_{key}.so"
     if not target.exists():
@@ -56,6 +57,9 @@ def library() -> ctypes.CDLL | None:
     lib.sd_has_vnni.restype = c_int
     lib.sd_paged_attention.argtypes = [ptr] * 7 + [i64] * 9 + [ctypes.c_float, ptr, c_int]
     lib.sd_paged_attention.restype = c_int
+    lib.sd_rms_norm.argtypes = [ptr, ptr, ptr, ctypes.c_float, ctypes.c_float, i64, i64, ptr, ptr, c_int]
+    lib.sd_rotary.argtypes = [ptr, i64, ptr, ptr, i64, i64, i64]
+    lib.sd_silu_mul.argtypes = [ptr, i64, i64, ptr, c_int]
     return lib
 
 

@@ -17,9 +17,9 @@ from typing import Literal
 
 import torch
 
-from specdesk.kernels import reference
+from specdesk.kernels import cpu_fused, reference
 
-Backend = Literal["torch", "triton"]
+Backend = Literal["torch", "triton", "cpu"]  # "cpu": the C kernels of the int8 CPU path (fused ops only)
 _BACKENDS = ("torch", "triton")
 
 
@@ -133,6 +133,9 @@ def rms_norm(
     backend: Backend = "torch",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(norm(s), s) for s = residual + x * multiplier (or x); see `specdesk.kernels.reference.rms_norm`."""
+    if backend == "cpu":
+        fused = cpu_fused.rms_norm(x, weight, eps, residual, multiplier)
+        return fused if fused is not None else reference.rms_norm(x, weight, eps, residual, multiplier)
     if backend == "torch":
         return reference.rms_norm(x, weight, eps, residual, multiplier)
     _check_backend(backend)
@@ -142,8 +145,11 @@ def rms_norm(
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, backend: Backend = "torch") -> torch.Tensor:
-    """x [T, H, D] rotated by cos, sin [T, 1, D // 2]. Triton rotates x in place and returns it; torch
+    """x [T, H, D] rotated by cos, sin [T, 1, D // 2]. Triton and cpu rotate x in place and return it; torch
     returns a new tensor: callers use the result and never read x again."""
+    if backend == "cpu":
+        rotated = cpu_fused.rotary(x, cos, sin)
+        return rotated if rotated is not None else reference.rotary(x, cos, sin)
     if backend == "torch":
         return reference.rotary(x, cos, sin)
     _check_backend(backend)
@@ -154,6 +160,9 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, backend: Ba
 
 def silu_and_mul(gate_up: torch.Tensor, *, backend: Backend = "torch") -> torch.Tensor:
     """silu(gate) * up for gate_up = [gate | up]; see `specdesk.kernels.reference.silu_and_mul`."""
+    if backend == "cpu":
+        out = cpu_fused.silu_and_mul(gate_up)
+        return out if out is not None else reference.silu_and_mul(gate_up)
     if backend == "torch":
         return reference.silu_and_mul(gate_up)
     _check_backend(backend)

@@ -15,7 +15,7 @@ from specdesk.engine.config import EngineConfig
 def test_defaults_use_a_sqlite_file_in_the_data_dir(tmp_path: Path) -> None:
     settings = Settings.from_env({"SPECDESK_DATA_DIR": str(tmp_path)})
     assert settings.database_url == f"sqlite:///{tmp_path / 'specdesk.db'}"
-    assert settings.engine == EngineConfig() and not settings.auth_required
+    assert settings.engine == EngineConfig(quantization="auto") and not settings.auth_required
     assert settings.host == "127.0.0.1" and settings.port == 7860
 
 
@@ -80,13 +80,20 @@ def test_speculator_default_is_the_engines() -> None:
 
 
 def test_quantization_flag_reaches_the_engine_config() -> None:
-    assert Settings().engine.quantization is None
-    args = build_parser().parse_args(["serve", "--quantization", "int4"])
-    assert settings_from_args(args, {}).engine.quantization == "int4"
-    assert Settings.from_env({"SPECDESK_QUANTIZATION": "int4"}).engine.quantization == "int4"
+    # The console and `serve` default to "auto" (the fastest CPU path); the library's EngineConfig to None.
+    assert Settings().engine.quantization == "auto"
+    assert settings_from_args(build_parser().parse_args(["serve"]), {}).engine.quantization == "auto"
+    for choice in ("int4", "int8"):
+        args = build_parser().parse_args(["serve", "--quantization", choice])
+        assert settings_from_args(args, {}).engine.quantization == choice
+        assert Settings.from_env({"SPECDESK_QUANTIZATION": choice}).engine.quantization == choice
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["serve", "--quantization", "int8"])
+        build_parser().parse_args(["serve", "--quantization", "int3"])
+    with pytest.raises(ValueError, match="SPECDESK_QUANTIZATION"):
+        Settings.from_env({"SPECDESK_QUANTIZATION": "int3"})
     assert Settings.from_env({"SPECDESK_QUANTIZATION": "none"}).engine.quantization is None
+    args = build_parser().parse_args(["serve", "--quantization", "none"])
+    assert settings_from_args(args, {}).engine.quantization is None
     assert settings_from_args(build_parser().parse_args(["serve"]), {}).engine.enforce_eager is False
     args = build_parser().parse_args(["chat", "--enforce-eager"])
     assert settings_from_args(args, {}).engine.enforce_eager is True
@@ -95,12 +102,12 @@ def test_quantization_flag_reaches_the_engine_config() -> None:
 def test_settings_hold_one_engine_config() -> None:
     env = {"SPECDESK_MODEL": "m", "SPECDESK_DEVICE": "cpu", "SPECDESK_DTYPE": "float32"}
     settings = Settings.from_env(env)
-    assert settings.engine == EngineConfig(model="m", device="cpu", dtype="float32")
+    assert settings.engine == EngineConfig(model="m", device="cpu", dtype="float32", quantization="auto")
     # EngineConfig's own validation runs when the settings are built, naming the variable.
     with pytest.raises(ValueError, match=r"SPECDESK_DTYPE.*dtype must be"):
         Settings.from_env({"SPECDESK_DTYPE": "float8"})
     flags = build_parser().parse_args(["serve", "--device", "cpu", "--model", "x"])
-    assert settings_from_args(flags, env).engine == EngineConfig(model="x", device="cpu", dtype="float32")
+    assert settings_from_args(flags, env).engine == EngineConfig(model="x", device="cpu", dtype="float32", quantization="auto")
 
 
 def test_one_reading_of_off() -> None:

@@ -72,5 +72,5 @@ def test_engine_in_int4_quantizes_the_layers_and_speculation_stays_lossless(tmp_
 
 def test_int4_is_a_cpu_option_with_a_clear_error() -> None:
     with pytest.raises(ValueError, match="quantization"):
-        EngineConfig(quantization="int8")
+        EngineConfig(quantization="int3")
     assert not can_quantize(torch.device("cuda"))

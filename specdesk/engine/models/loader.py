@@ -18,6 +18,7 @@ import torch
 from specdesk.engine.models import CausalLM, int8_linear, model_class, output_weight, pack_for_cpu
 from specdesk.engine.models.default_model import DEFAULT_MODEL_NAME, default_model_path
 from specdesk.engine.models.int4_linear import can_quantize, quantize_linears
+from specdesk.engine.models.layers import set_fused_ops
 from specdesk.kernels import cpu_lib
 from specdesk.kernels.ops import resolve_backend
 
@@ -115,6 +116,7 @@ def load_model(
     pack_for_cpu(net, torch_dtype, torch_device)  # whatever is left: the output projection at least
     if quantization == "int8":  # the output projection too: a fifth of the default model's weights
         net.packed_head = int8_linear.Int8Linear(output_weight(net), None)
+        set_fused_ops(net, "cpu")  # norms, rotary and SwiGLU in C as well (kernels/cpu_fused.py)
 
     tok = AutoTokenizer.from_pretrained(
         tokenizer or path, trust_remote_code=trust_remote_code, **({} if tokenizer else gguf_kwargs)

@@ -1,0 +1,106 @@
+/* The small ops of a decoder layer in bf16 for the CPU path, one call each instead of 3 to 9 torch ops: the
+ * residual add with RMSNorm, the rotary embedding, SwiGLU's activation. Torch twins: `specdesk.kernels.reference`
+ * (rms_norm, rotary, silu_and_mul), which they follow op for op in float32 with the same bf16 roundings
+ * between ops; reductions and exp differ in their last bits, so results agree to a bf16 rounding.
+ *
+ * Why: at batch 1 a 135M model's layer spends about as long dispatching those ~25 small torch ops (a few
+ * microseconds each) as its int8 matmuls take. Every row is computed alone and every element by the same code
+ * whatever the number of rows, so a token's result does not depend on the others in the pass (speculation
+ * stays exact).
+ */
+#include <math.h>
+#include <stdint.h>
+
+#include "cpu_common.h"
+
+typedef struct {
+    const uint16_t *x, *residual, *weight;
+    float eps, multiplier;
+    int64_t m, n;
+    uint16_t *out, *res_out;
+} norm_args;
+
+static void norm_part(const void *a, int64_t part, int64_t parts) {
+    const norm_args *A = a;
+    const int64_t n = A->n;
+    for (int64_t r = A->m * part / parts; r < A->m * (part + 1) / parts; r++) {
+        const uint16_t *xr = A->x + r * n;
+        uint16_t *sr = A->res_out + r * n;
+        float part16[16] = {0};
+        for (int64_t i = 0; i < n; i++) {
+            float s = from_bf16(xr[i]);
+            if (A->residual) {
+                if (A->multiplier != 1.0f) s = round_bf16(s * A->multiplier);
+                s = round_bf16(from_bf16(A->residual[r * n + i]) + s);
+            }
+            sr[i] = to_bf16(s);
+            part16[i % 16] += s * s;
+        }
+        float sum = 0.0f;
+        for (int l = 0; l < 16; l++) sum += part16[l];
+        const float inv = 1.0f / sqrtf(sum / (float)n + A->eps);
+        for (int64_t i = 0; i < n; i++) {
+            const float h = round_bf16(from_bf16(sr[i]) * inv);
+            A->out[r * n + i] = to_bf16(from_bf16(A->weight[i]) * h);
+        }
+    }
+}
+
+/* s = residual + x * multiplier (or x), rounded to bf16 into res_out; out = weight * bf16(s * rsqrt(mean(s^2)
+ * + eps)). x, residual, res_out, out: [m, n] bf16 (residual may be NULL; res_out may alias residual). */
+void sd_rms_norm(const uint16_t *x, const uint16_t *residual, const uint16_t *weight, float eps, float multiplier,
+                 int64_t m, int64_t n, uint16_t *out, uint16_t *res_out, int threads) {
+    const norm_args args = {x, residual, weight, eps, multiplier, m, n, out, res_out};
+    run_parallel(norm_part, &args, m >= 8 ? threads : 1);
+}
+
+/* x [t, heads, d] bf16 (rows row_stride apart, heads contiguous) rotated in place by cos, sin [t, d / 2]
+ * (bf16): rotate-half layout, each product and sum rounded to bf16 as the twin's bf16 torch ops do. */
+void sd_rotary(uint16_t *x, int64_t row_stride, const uint16_t *cos, const uint16_t *sin, int64_t t, int64_t heads,
+               int64_t d) {
+    const int64_t half = d / 2;
+    for (int64_t i = 0; i < t; i++)
+        for (int64_t h = 0; h < heads; h++) {
+            uint16_t *v = x + i * row_stride + h * d;
+            for (int64_t e = 0; e < half; e++) {
+                const float c = from_bf16(cos[i * half + e]), s = from_bf16(sin[i * half + e]);
+                const float x1 = from_bf16(v[e]), x2 = from_bf16(v[e + half]);
+                v[e] = to_bf16(round_bf16(x1 * c) - round_bf16(x2 * s));
+                v[e + half] = to_bf16(round_bf16(x2 * c) + round_bf16(x1 * s));
+            }
+        }
+}
+
+typedef struct {
+    const uint16_t *gate_up;
+    int64_t t, inter;
+    uint16_t *out;
+} silu_args;
+
+static void silu_part(const void *a, int64_t part, int64_t parts) {
+    const silu_args *A = a;
+    const int64_t inter = A->inter;
+    for (int64_t i = A->t * part / parts; i < A->t * (part + 1) / parts; i++) {
+        const uint16_t *g = A->gate_up + i * 2 * inter, *u = g + inter;
+        uint16_t *o = A->out + i * inter;
+        int64_t e = 0;
+#ifdef __AVX512F__
+        for (; e + 16 <= inter; e += 16) {
+            const __m512 gv = load_bf16(g + e);
+            const __m512 act = round16_bf16(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f),
+                                                                            exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv)))));
+            _mm256_storeu_si256((__m256i *)(o + e), to_bf16_16(_mm512_mul_ps(act, load_bf16(u + e))));
+        }
+#endif
+        for (; e < inter; e++) {
+            const float gf = from_bf16(g[e]);
+            o[e] = to_bf16(round_bf16(gf / (1.0f + expf(-gf))) * from_bf16(u[e]));
+        }
+    }
+}
+
+/* out [t, inter] = silu(gate) * up for gate_up [t, 2 * inter] = [gate | up], bf16. */
+void sd_silu_mul(const uint16_t *gate_up, int64_t t, int64_t inter, uint16_t *out, int threads) {
+    const silu_args args = {gate_up, t, inter, out};
+    run_parallel(silu_part, &args, t >= 8 ? threads : 1);
+}
