@@ -107,7 +107,8 @@ def test_settings_hold_one_engine_config() -> None:
     with pytest.raises(ValueError, match=r"SPECDESK_DTYPE.*dtype must be"):
         Settings.from_env({"SPECDESK_DTYPE": "float8"})
     flags = build_parser().parse_args(["serve", "--device", "cpu", "--model", "x"])
-    assert settings_from_args(flags, env).engine == EngineConfig(model="x", device="cpu", dtype="float32", quantization="auto")
+    expected = EngineConfig(model="x", device="cpu", dtype="float32", quantization="auto")
+    assert settings_from_args(flags, env).engine == expected
 
 
 def test_one_reading_of_off() -> None:
