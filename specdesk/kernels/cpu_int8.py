@@ -96,7 +96,7 @@ def linear(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | None = None) -> 
     is_bf16 = int(x.dtype == torch.bfloat16)
     lib.sd_quantize_rows(x.data_ptr(), is_bf16, m, k, xu.data_ptr(), xs.data_ptr(), threads)
     out = torch.empty(m, n, dtype=x.dtype)
-    b = bias.float().contiguous() if bias is not None and bias.dtype != torch.float32 else bias
+    b = bias.float().contiguous() if bias is not None else None  # the kernel reads it densely, as float32
     lib.sd_linear(
         xu.data_ptr(), xs.data_ptr(), m, k, w.packed.data_ptr(), w.wsum.data_ptr(), w.scales.data_ptr(),
         b.data_ptr() if b is not None else None, n, out.data_ptr(), is_bf16, threads,

@@ -19,7 +19,7 @@ from specdesk.engine.models import CausalLM, int8_linear, model_class, output_we
 from specdesk.engine.models.default_model import DEFAULT_MODEL_NAME, default_model_path
 from specdesk.engine.models.int4_linear import can_quantize, quantize_linears
 from specdesk.engine.models.layers import set_fused_ops
-from specdesk.kernels import cpu_lib
+from specdesk.kernels import cpu_int8, cpu_lib
 from specdesk.kernels.ops import resolve_backend
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -114,8 +114,10 @@ def load_model(
     elif quantization == "int8":
         int8_linear.quantize_linears(net, skip=lm_head if isinstance(lm_head, torch.nn.Module) else None)
     pack_for_cpu(net, torch_dtype, torch_device)  # whatever is left: the output projection at least
-    if quantization == "int8":  # the output projection too: a fifth of the default model's weights
-        net.packed_head = int8_linear.Int8Linear(output_weight(net), None)
+    if quantization == "int8":  # the output projection too (where its shape fits): a fifth of the default model
+        head = output_weight(net)
+        if cpu_int8.supported(head.shape[1], head.shape[0]):
+            net.packed_head = int8_linear.Int8Linear(head, None)
         set_fused_ops(net, "cpu")  # norms, rotary and SwiGLU in C as well (kernels/cpu_fused.py)
 
     tok = AutoTokenizer.from_pretrained(
