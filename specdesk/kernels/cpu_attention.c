@@ -20,7 +20,8 @@
 #define LANES 16
 
 typedef struct {
-    const uint16_t *q, *k_cache, *v_cache; /* q [T, H, D]; caches [blocks, block_size, KVH, D] */
+    const uint16_t *q, *k_cache, *v_cache; /* q [T, H, D] (rows q_stride apart); caches [blocks, bs, KVH, D] */
+    int64_t q_stride;
     const int32_t *block_tables, *seq_lens, *query_start; /* [S, max_blocks], [S], [S + 1] */
     const uint8_t *tree_mask; /* [T, width] or NULL: see AttentionMetadata.tree_mask */
     int64_t width, num_seqs, num_tokens, heads, kv_heads, head_dim, block_size, max_blocks, max_query_len;
@@ -54,7 +55,7 @@ static void attend(const attention_args *A, int64_t token, int64_t h, int64_t *s
     const int64_t d = A->head_dim, kvh = h / (A->heads / A->kv_heads), stride = A->kv_heads * d;
     const int64_t n = visible_slots(A, token, slots);
     if (n < 0) return;
-    const uint16_t *qh = A->q + (token * A->heads + h) * d, *kbase = A->k_cache + kvh * d, *vbase = A->v_cache + kvh * d;
+    const uint16_t *qh = A->q + token * A->q_stride + h * d, *kbase = A->k_cache + kvh * d, *vbase = A->v_cache + kvh * d;
     float max = -INFINITY, sum = 0.0f, o[256];
 #ifdef __AVX512F__
     const int64_t chunks = d / LANES;
@@ -113,13 +114,13 @@ static void attention_part(const void *a, int64_t part, int64_t parts) {
 
 /* Returns 0, or -1 for a shape it does not take: head_dim not a multiple of 16 or above 256
  * (the caller then uses the twin). */
-int sd_paged_attention(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache, const int32_t *block_tables,
+int sd_paged_attention(const uint16_t *q, int64_t q_stride, const uint16_t *k_cache, const uint16_t *v_cache, const int32_t *block_tables,
                        const int32_t *seq_lens, const int32_t *query_start, const uint8_t *tree_mask, int64_t width,
                        int64_t num_seqs, int64_t num_tokens, int64_t heads, int64_t kv_heads, int64_t head_dim,
                        int64_t block_size, int64_t max_blocks, int64_t max_query_len, float scale, uint16_t *out,
                        int threads) {
     if (head_dim % LANES != 0 || head_dim > 256) return -1;
-    const attention_args args = {q, k_cache, v_cache, block_tables, seq_lens, query_start, tree_mask, width,
+    const attention_args args = {q, k_cache, v_cache, q_stride, block_tables, seq_lens, query_start, tree_mask, width,
                                  num_seqs, num_tokens, heads, kv_heads, head_dim, block_size, max_blocks, max_query_len,
                                  scale, out};
     const int64_t tasks = num_tokens * heads;

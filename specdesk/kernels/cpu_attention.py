@@ -36,15 +36,16 @@ def paged_attention(
     dtypes = {query.dtype, k_cache.dtype, v_cache.dtype}
     if lib is None or dtypes != {torch.bfloat16} or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         return None
-    query = query.contiguous()
+    if query.stride(2) != 1 or query.stride(1) != query.shape[2]:
+        query = query.contiguous()  # heads must be contiguous within a token's row; rows may be apart
     tables = block_tables.to(torch.int32).contiguous()
     starts = list(itertools.accumulate(query_lens, initial=0))
     lens, starts_t = torch.tensor(seq_lens, dtype=torch.int32), torch.tensor(starts, dtype=torch.int32)
     mask = tree_mask.to(torch.uint8).contiguous() if tree_mask is not None else None
     num_tokens, heads, head_dim = query.shape
-    out = torch.empty_like(query)
+    out = torch.empty(query.shape, dtype=query.dtype)
     status = lib.sd_paged_attention(
-        query.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), lens.data_ptr(),
+        query.data_ptr(), query.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), lens.data_ptr(),
         starts_t.data_ptr(), mask.data_ptr() if mask is not None else None, mask.shape[1] if mask is not None else 0,
         len(seq_lens), num_tokens, heads, k_cache.shape[2], head_dim, k_cache.shape[1], tables.shape[1],
         MAX_QUERY_LEN, scale, out.data_ptr(), cpu_lib.num_threads(),

@@ -14,6 +14,7 @@ import torch
 from specdesk.engine import LLM, SamplingParams
 from specdesk.engine.config import EngineConfig
 from specdesk.engine.models import layers
+from specdesk.engine.models.cpu_stack import CpuStack
 from specdesk.engine.models.int8_linear import Int8Linear
 from specdesk.engine.models.loader import resolve_quantization
 from specdesk.kernels import cpu_attention, cpu_lib
@@ -126,17 +127,23 @@ def test_int8_speculation_is_lossless(
 ) -> None:
     """Greedy, repetition-penalized and seeded-sampled outputs with the n-gram speculator equal those without,
     token for token: each row of a verification pass gets the bits a one-token step gets (int32 sums,
-    per-token activation scales, attention over the same keys in the same order). In bf16 the draft trees'
-    verification passes run in the C attention, not in its twin."""
-    ran: list[tuple[bool, bool]] = []  # (the C kernel answered, under a tree mask) per attention call
+    per-row activation scales, attention over the same keys in the same order). In bf16 the draft trees'
+    verification passes run in C (the whole layer stack, cpu_stack.py), never in the torch twins."""
+    ran: list[tuple[bool, bool]] = []  # (C answered, under a tree mask) per layer stack or attention call
 
-    def spy(*args: Any, **kwargs: Any) -> torch.Tensor | None:
+    def stack_spy(self: CpuStack, *args: Any) -> Any:
+        out = stack_run(self, *args)
+        ran.append((out is not None, args[4].tree_mask is not None))
+        return out
+
+    def attention_spy(*args: Any, **kwargs: Any) -> torch.Tensor | None:
         out = c_attention(*args, **kwargs)
         ran.append((out is not None, (args[7] if len(args) > 7 else kwargs.get("tree_mask")) is not None))
         return out
 
-    c_attention = cpu_attention.paged_attention
-    monkeypatch.setattr(cpu_attention, "paged_attention", spy)
+    stack_run, c_attention = CpuStack.run, cpu_attention.paged_attention
+    monkeypatch.setattr(CpuStack, "run", stack_spy)
+    monkeypatch.setattr(cpu_attention, "paged_attention", attention_spy)
     plain = _generate(models[family], dtype, None)
     spec = _generate(models[family], dtype, "ngram")
     if dtype == "bfloat16":

@@ -178,6 +178,10 @@ class LlamaForCausalLM(CausalLM):
         if self.args.embedding_multiplier != 1.0:
             x = x * self.args.embedding_multiplier
         cos, sin = self.rotary(positions, x.dtype)
+        stack = getattr(self, "cpu_stack", None)  # the int8 CPU path's layers in one C call, where it applies
+        done = stack.run(x, cos, sin, kv_caches, meta) if stack is not None else None
+        if done is not None:
+            return self.model.norm.add_norm(done[0], done[1], self.args.residual_multiplier)[0]
         residual: torch.Tensor | None = None
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
             x, residual = layer(x, residual, cos, sin, kv_cache, meta)

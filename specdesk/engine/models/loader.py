@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from specdesk.engine.models import CausalLM, int8_linear, model_class, output_weight, pack_for_cpu
+from specdesk.engine.models.cpu_stack import CpuStack
 from specdesk.engine.models.default_model import DEFAULT_MODEL_NAME, default_model_path
 from specdesk.engine.models.int4_linear import can_quantize, quantize_linears
 from specdesk.engine.models.layers import set_fused_ops
@@ -119,6 +120,7 @@ def load_model(
         if cpu_int8.supported(head.shape[1], head.shape[0]):
             net.packed_head = int8_linear.Int8Linear(head, None)
         set_fused_ops(net, "cpu")  # norms, rotary and SwiGLU in C as well (kernels/cpu_fused.py)
+        setattr(net, "cpu_stack", CpuStack.build(net))  # noqa: B010 (and, for the Llama family, all layers in one C call)
 
     tok = AutoTokenizer.from_pretrained(
         tokenizer or path, trust_remote_code=trust_remote_code, **({} if tokenizer else gguf_kwargs)

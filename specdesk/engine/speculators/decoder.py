@@ -37,6 +37,12 @@ from specdesk.engine.speculators.tree_kind import TreeKind, make_tree_kind
 from specdesk.engine.speculators.tree_width import StepCost, TreeWidth
 from specdesk.engine.speculators.verifier import Verdict
 
+# Steps the MLP speculator rests once no candidate width pays, before it proposes (and is measured) again.
+MLP_REST_STEPS = 15
+# The cost of one more verified token in plain steps on the int8 CPU path until measured (a 13-token pass
+# costs ~2.4x a one-token step of the default model on 2 cores: its matmuls are compute-bound beyond ~4 tokens).
+INT8_STEP_COST_PRIOR = 0.1
+
 
 @dataclass
 class SpecStats:
@@ -75,7 +81,13 @@ class SpeculativeDecoder:
         self.policy = SpeculationPolicy(gating)
         # The tree's width from measured step costs and retrospective acceptance (tree_width.py).
         self.step_cost = StepCost(prior=config.step_cost_prior)
-        self.width = TreeWidth(pool)
+        # On the int8 CPU path a verified token costs about a tenth of a (fast) step, and no candidate at all
+        # is a choice: speculation then rests, and looks again every MLP_REST_STEPS steps.
+        int8 = getattr(loaded, "quantization", None) == "int8"
+        self.width = TreeWidth(pool, allow_none=int8)
+        self._mlp_rest = 0
+        if int8:
+            self.step_cost.prior = max(self.step_cost.prior, INT8_STEP_COST_PRIOR)
         self.trees: dict[str, DraftTree] = {}
         self.paths: dict[str, tuple[list[list[int]], list[list[int]]]] = {}  # (n-gram, ranked MLP) per tree
         self.hidden: dict[str, torch.Tensor] = {}  # request id -> [hidden]: the state after its last token
@@ -88,6 +100,14 @@ class SpeculativeDecoder:
         self.max_tree_nodes = mlp_nodes + (config.max_ngram_tokens if self.ngram is not None else 0)
 
     # ---- before the step --------------------------------------------------------------------------
+
+    def _mlp_due(self) -> bool:
+        """False while the MLP rests (see MLP_REST_STEPS)."""
+        if self._mlp_rest > 0:
+            self._mlp_rest -= 1
+            return False
+        return True
+
     def propose(self, running: list[Sequence], kv_usage: float) -> None:
         """Attach a draft tree to each running sequence worth speculating on this step."""
         self.trees.clear()
@@ -113,7 +133,7 @@ class SpeculativeDecoder:
                     paths[s.request_id].append(draft)
         # The MLP reads the hidden state after the last token: stale while forced tokens await their pass.
         with_hidden = [s for s in eligible if s.request_id in self.hidden and s.num_uncomputed_tokens == 1]
-        if self.mlp is not None and self.tree_kind is not None and with_hidden:
+        if self.mlp is not None and self.tree_kind is not None and with_hidden and self._mlp_due():
             fixed = {s.request_id: list(paths[s.request_id]) for s in with_hidden}
             kind = self.tree_kind
             depths = [depth[s.request_id] for s in with_hidden]
@@ -121,6 +141,8 @@ class SpeculativeDecoder:
             width = max(self.policy.num_candidates(len(running)), kind.min_width(heads))
             if self.config.tree_width is None:
                 width = self.width.choose(self.step_cost.cost_per_token, width)
+                if width == 0:  # no candidate pays: rest the MLP (its proposal costs a fifth of a CPU step)
+                    self._mlp_rest = MLP_REST_STEPS
             else:
                 width = min(width, self.config.tree_width)
             dtype = next(self.mlp.parameters()).dtype

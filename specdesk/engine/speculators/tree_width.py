@@ -73,10 +73,16 @@ class StepCost:
 
 
 class TreeWidth:
-    """Chooses how many MLP candidates (paths or nodes) to verify from retrospective acceptance (module doc)."""
+    """Chooses how many MLP candidates (paths or nodes) to verify from retrospective acceptance (module doc).
 
-    def __init__(self, max_candidates: int, decay: float = 0.95):
-        self.max_candidates, self.decay = max_candidates, decay
+    allow_none: width 0 (no MLP candidate: a plain step unless the n-gram drafts) is a choice too, taken when
+    no measured width beats a plain step's one token per unit cost. The engine allows it where a verified token
+    costs a tenth of a step (the int8 CPU path); candidates are still ranked every step, so acceptance keeps
+    being measured and speculation comes back when it pays again.
+    """
+
+    def __init__(self, max_candidates: int, decay: float = 0.95, allow_none: bool = False):
+        self.max_candidates, self.decay, self.allow_none = max_candidates, decay, allow_none
         self._tokens = [0.0] * (max_candidates + 1)  # index m: moving sums for the top-m tree
         self._nodes = [0.0] * (max_candidates + 1)
         self._weight = [0.0] * (max_candidates + 1)
@@ -86,7 +92,7 @@ class TreeWidth:
         limit = min(limit, self.max_candidates)
         if limit <= 1:
             return limit
-        best, best_gain = limit, -1.0
+        best, best_gain = (0, 1.0) if self.allow_none else (limit, -1.0)
         for m in range(1, limit + 1):
             w = self._weight[m]
             if w == 0:

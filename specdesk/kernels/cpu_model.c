@@ -1,0 +1,91 @@
+/* A Llama-family decoder stack for the int8 CPU path in one call: every layer's norms, int8 matmuls, rotary,
+ * K/V writes, paged attention and SwiGLU, by the same C functions `specdesk.engine.models.llama` calls one by
+ * one from Python on this path (cpu_int8.c, cpu_fused.c, cpu_attention.c), in the same order, on the same
+ * buffers: the result is bit for bit the per-op path's (tests/kernels/test_cpu_model.py).
+ *
+ * Why: at 1-16 tokens a pass of a 30-layer, 135M model spends about 4 ms in Python between the kernels, a
+ * third of the step; here the layers cost one ctypes call per pass.
+ */
+#include <stdint.h>
+#include <string.h>
+
+#include "cpu_common.h"
+
+void sd_quantize_rows(const void *x, int x_bf16, int64_t m, int64_t k, uint8_t *xu, float *scales, int threads);
+void sd_linear(const uint8_t *xu, const float *xs, int64_t m, int64_t k, const int8_t *w, const int32_t *wsum,
+               const float *ws, const float *bias, int64_t n, void *out, int out_bf16, int threads);
+void sd_rms_norm(const uint16_t *x, const uint16_t *residual, const uint16_t *weight, float eps, float multiplier,
+                 int64_t m, int64_t n, uint16_t *out, uint16_t *res_out, int threads);
+void sd_rotary(uint16_t *x, int64_t row_stride, const uint16_t *cos, const uint16_t *sin, int64_t t, int64_t heads,
+               int64_t d);
+void sd_silu_mul(const uint16_t *gate_up, int64_t t, int64_t inter, uint16_t *out, int threads);
+int sd_paged_attention(const uint16_t *q, int64_t q_stride, const uint16_t *k_cache, const uint16_t *v_cache,
+                       const int32_t *block_tables, const int32_t *seq_lens, const int32_t *query_start,
+                       const uint8_t *tree_mask, int64_t width, int64_t num_seqs, int64_t num_tokens, int64_t heads,
+                       int64_t kv_heads, int64_t head_dim, int64_t block_size, int64_t max_blocks,
+                       int64_t max_query_len, float scale, uint16_t *out, int threads);
+
+typedef struct { /* an Int8Linear (cpu_int8.py's Int8Weight and its float32 bias or NULL) */
+    const int8_t *w;
+    const int32_t *wsum;
+    const float *ws, *bias;
+    int64_t n, k;
+} sd_qlinear;
+
+typedef struct { /* one decoder layer: its two norms' bf16 weights, four linears and its K/V pages */
+    const uint16_t *input_norm, *post_norm;
+    sd_qlinear qkv, o, gate_up, down;
+    uint16_t *k_cache, *v_cache;
+} sd_layer;
+
+typedef struct { /* a pass: t tokens of num_seqs sequences (see AttentionMetadata) */
+    int64_t t, num_seqs, max_blocks, block_size, width;
+    const int64_t *slots;
+    const int32_t *block_tables, *seq_lens, *query_start;
+    const uint8_t *tree_mask;
+    const uint16_t *cos, *sin; /* [t, head_dim / 2] */
+} sd_pass;
+
+typedef struct { /* the model's shape */
+    int64_t hidden, heads, kv_heads, head_dim, inter, max_query_len;
+    float eps, residual_multiplier, scale;
+} sd_shape;
+
+static void linear(const sd_qlinear *L, const uint16_t *x, int64_t t, uint8_t *xu, float *xs, uint16_t *out, int threads) {
+    sd_quantize_rows(x, 1, t, L->k, xu, xs, threads);
+    sd_linear(xu, xs, t, L->k, L->w, L->wsum, L->ws, L->bias, L->n, out, 1, threads);
+}
+
+/* x [t, hidden]: the embeddings in; out, the last layer's MLP output, with residual [t, hidden] the stream it
+ * joins (the model's final add_norm is the caller's). Scratch: h [t, hidden], qkv [t, (heads + 2 kv) d],
+ * attn [t, heads d], gate_up [t, 2 inter], act [t, inter], xu [t, max(hidden, inter)], xs [t, max / 32]. */
+int sd_llama_layers(const sd_layer *layers, int64_t num_layers, const sd_shape *S, const sd_pass *P, uint16_t *x,
+                    uint16_t *residual, uint16_t *h, uint16_t *qkv, uint16_t *attn, uint16_t *gate_up, uint16_t *act,
+                    uint8_t *xu, float *xs, int threads) {
+    const int64_t t = P->t, d = S->head_dim, q_width = (S->heads + 2 * S->kv_heads) * d;
+    const int64_t kv_width = S->kv_heads * d;
+    for (int64_t l = 0; l < num_layers; l++) {
+        const sd_layer *L = layers + l;
+        if (l == 0)
+            sd_rms_norm(x, NULL, L->input_norm, S->eps, 1.0f, t, S->hidden, h, residual, threads);
+        else
+            sd_rms_norm(x, residual, L->input_norm, S->eps, S->residual_multiplier, t, S->hidden, h, residual, threads);
+        linear(&L->qkv, h, t, xu, xs, qkv, threads);
+        sd_rotary(qkv, q_width, P->cos, P->sin, t, S->heads + S->kv_heads, d);
+        for (int64_t i = 0; i < t; i++) { /* write K/V to their page slots (reference.write_kv) */
+            memcpy(L->k_cache + P->slots[i] * kv_width, qkv + i * q_width + S->heads * d, (size_t)kv_width * 2);
+            memcpy(L->v_cache + P->slots[i] * kv_width, qkv + i * q_width + (S->heads + S->kv_heads) * d,
+                   (size_t)kv_width * 2);
+        }
+        if (sd_paged_attention(qkv, q_width, L->k_cache, L->v_cache, P->block_tables, P->seq_lens, P->query_start,
+                               P->tree_mask, P->width, P->num_seqs, t, S->heads, S->kv_heads, d, P->block_size,
+                               P->max_blocks, S->max_query_len, S->scale, attn, threads) != 0)
+            return -1;
+        linear(&L->o, attn, t, xu, xs, x, threads);
+        sd_rms_norm(x, residual, L->post_norm, S->eps, S->residual_multiplier, t, S->hidden, h, residual, threads);
+        linear(&L->gate_up, h, t, xu, xs, gate_up, threads);
+        sd_silu_mul(gate_up, t, S->inter, act, threads);
+        linear(&L->down, act, t, xu, xs, x, threads);
+    }
+    return 0;
+}

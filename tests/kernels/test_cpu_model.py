@@ -1,0 +1,76 @@
+"""The int8 CPU path's one-call layer stack (kernels/cpu_model.c, engine/models/cpu_stack.py) against the same
+kernels called layer by layer from Python: bit for bit, for decode steps, tree verifications and short prefill
+chunks, and the Python path taking over for a long prefill chunk."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specdesk.engine import LLM
+from specdesk.engine.attention_metadata import AttentionMetadata
+from specdesk.kernels import cpu_attention, cpu_lib
+from tests.tiny_models import make_tiny_model
+
+pytestmark = pytest.mark.skipif(not cpu_lib.available(), reason="no C compiler: the CPU kernels did not build")
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory: pytest.TempPathFactory) -> object:
+    previous = torch.get_num_threads()
+    engine = LLM(model=str(make_tiny_model("llama", tmp_path_factory.mktemp("m"))), dtype="bfloat16", device="cpu",
+                 quantization="int8", speculator=None, num_blocks=64)  # fmt: skip
+    yield engine
+    engine.shutdown()
+    torch.set_num_threads(previous)
+    cpu_lib.set_num_threads(None)
+
+
+def _pass(query_lens: list[int], context: list[int], tree: bool) -> tuple[AttentionMetadata, torch.Tensor]:
+    tables, seq_lens, start = [], [], 0
+    for q, c in zip(query_lens, context, strict=True):
+        blocks = -(-(q + c) // 16)
+        tables.append(list(range(start, start + blocks)))
+        seq_lens.append(q + c)
+        start += blocks
+    mask = None
+    if tree:
+        g = torch.Generator().manual_seed(sum(query_lens))
+        mask = torch.zeros(sum(query_lens), max(query_lens), dtype=torch.bool)
+        row = 0
+        for q in query_lens:
+            m = (torch.rand(q, q, generator=g) < 0.5).tril() | torch.eye(q, dtype=torch.bool)
+            m[:, 0] = True
+            mask[row : row + q, :q] = m
+            row += q
+    positions = torch.cat([torch.arange(c, c + q) for q, c in zip(query_lens, context, strict=True)])
+    return AttentionMetadata.build(tables, seq_lens, query_lens, 16, tree_mask=mask), positions
+
+
+@pytest.mark.parametrize(
+    ("query_lens", "context", "tree"),
+    [([1], [40], False), ([1, 1, 1], [5, 70, 33], False), ([9], [50], True), ([4, 7], [20, 3], True),
+     ([30], [0], False), ([cpu_attention.MAX_QUERY_LEN + 5], [10], False)],
+)  # fmt: skip
+def test_stack_equals_the_per_layer_path(llm: LLM, query_lens: list[int], context: list[int], tree: bool) -> None:
+    runner = llm.engine.runner
+    model = runner.model
+    stack = model.cpu_stack
+    assert stack is not None
+    meta, positions = _pass(query_lens, context, tree)
+    ids = torch.randint(0, model.vocab_size, (sum(query_lens),), generator=torch.Generator().manual_seed(1))
+    outs = []
+    with torch.inference_mode():
+        for use_stack in (True, False):
+            torch.manual_seed(0)
+            runner.kv_pool.normal_()  # the same context pages for both
+            model.cpu_stack = stack if use_stack else None
+            try:
+                outs.append(model(ids, positions, runner.kv_caches, meta))
+            finally:
+                model.cpu_stack = stack
+    assert torch.equal(outs[0], outs[1])
+    embeds = model.model.embed_tokens(ids)
+    cos, sin = model.rotary(positions, embeds.dtype)
+    ran = stack.run(embeds, cos, sin, runner.kv_caches, meta)
+    assert (ran is None) == (max(query_lens) > cpu_attention.MAX_QUERY_LEN)  # a long chunk: the Python path
