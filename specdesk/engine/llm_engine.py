@@ -254,7 +254,9 @@ class LLMEngine:
                 # A lone decode step (the verdicts are on the host, so the pass is done): what one more
                 # verified token costs, for the tree-width choice. Timed from the step's start, proposal
                 # included: the width trades a token's cost against the whole step's, not the pass alone's.
-                spec.step_cost.record(1 + lone.num_draft_tokens, time.perf_counter() - self._step_started)
+                seconds = time.perf_counter() - self._step_started
+                spec.step_cost.record(1 + lone.num_draft_tokens, seconds)
+                spec.record_lone_step(len(verdicts[0].tokens), seconds)
         return verdicts
 
     def _no_room(self, seq: Sequence) -> str:

@@ -93,3 +93,31 @@ def test_hidden_states_live_only_while_their_request_runs(model_dir: Path, mlp_d
     assert engine.speculation is not None and rid in engine.speculation.hidden
     engine.abort(rid)
     assert not engine.speculation.hidden
+
+
+def test_the_mlp_rests_where_its_steps_make_fewer_tokens_per_second(model_dir: Path, mlp_dir: Path) -> None:
+    """On the int8 CPU path (resting allowed) the MLP proposes while its steps make at least as many tokens per
+    second as steps without it, rests MLP_REST_STEPS steps when they make fewer, and looks again after; where
+    resting is not allowed (every other path) it always proposes."""
+    from specdesk.engine.speculators import decoder as decoder_module
+
+    config = EngineConfig(model=str(model_dir), dtype="bfloat16", device="cpu", speculator=str(mlp_dir),
+                          spec_max_batch_size=16, quantization="int8")  # fmt: skip
+    engine = LLMEngine(config, load_model(config.model, "bfloat16", "cpu", quantization="int8"))
+    spec = engine.speculation
+    assert spec is not None and spec.width.allow_none
+    for ran, emitted, seconds in [(True, 2, 0.02)] * 10 + [(False, 1, 0.005)] * 3:  # MLP: 100 tok/s, without: 200
+        spec._mlp_ran = ran
+        spec.record_lone_step(emitted, seconds)
+    assert not spec._mlp_pays()
+    engine.add_request([5, 17, 42, 8, 99], SamplingParams(max_tokens=4, ignore_eos=True))
+    while engine.has_work:
+        engine.step()
+    rested = spec._mlp_rest
+    assert 0 < rested <= decoder_module.MLP_REST_STEPS
+    for _ in range(40):  # the faster side wins once its recent steps say so (older steps fade)
+        spec._mlp_ran = True
+        spec.record_lone_step(6, 0.01)
+    assert spec._mlp_pays()
+    plain = _engine(model_dir, mlp_dir).speculation
+    assert plain is not None and not plain.width.allow_none and plain._mlp_pays()

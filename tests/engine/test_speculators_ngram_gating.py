@@ -130,3 +130,19 @@ def test_tree_width_credits_unverified_wider_trees_with_what_is_known() -> None:
     assert width.tokens_per_step(2) == pytest.approx(2.0)
     assert width.tokens_per_step(3) == pytest.approx(3.0)
     assert width.choose(0.0, limit=3) == 3
+
+
+def test_tree_width_may_choose_no_candidate_where_allowed() -> None:
+    """With allow_none, width 0 (a plain step) wins when no measured width beats one token per unit cost;
+    without it the best width is chosen however poor."""
+    from specdesk.engine.speculators.tree_width import TreeWidth
+
+    for allow_none, expected in ((True, 0), (False, 1)):
+        width = TreeWidth(3, allow_none=allow_none)
+        for _ in range(20):  # the continuation is never drafted: every width accepts nothing
+            width.record([], [[7], [8], [9]], [1, 2])
+        assert width.choose(cost_per_token=0.2, limit=3) == expected
+    width = TreeWidth(3, allow_none=True)
+    for _ in range(20):  # the top candidate drafts the whole continuation: it pays
+        width.record([], [[1, 2, 3], [8], [9]], [1, 2, 3, 4])
+    assert width.choose(cost_per_token=0.2, limit=3) == 1

@@ -85,7 +85,10 @@ class SpeculativeDecoder:
         # is a choice: speculation then rests, and looks again every MLP_REST_STEPS steps.
         int8 = getattr(loaded, "quantization", None) == "int8"
         self.width = TreeWidth(pool, allow_none=int8)
-        self._mlp_rest = 0
+        self._mlp_rest, self._mlp_ran = 0, False
+        # Emitted tokens and seconds of lone decode steps with and without the MLP (moving sums): where
+        # resting is allowed, the MLP rests whenever its steps make fewer tokens per second than steps without.
+        self._tokens, self._seconds = {True: 0.0, False: 0.0}, {True: 0.0, False: 0.0}
         if int8:
             self.step_cost.prior = max(self.step_cost.prior, INT8_STEP_COST_PRIOR)
         self.trees: dict[str, DraftTree] = {}
@@ -103,10 +106,26 @@ class SpeculativeDecoder:
 
     def _mlp_due(self) -> bool:
         """False while the MLP rests (see MLP_REST_STEPS)."""
+        self._mlp_ran = self._mlp_rest == 0
         if self._mlp_rest > 0:
             self._mlp_rest -= 1
-            return False
-        return True
+        return self._mlp_ran
+
+    def _mlp_pays(self) -> bool:
+        """Whether steps with the MLP made at least as many tokens per second as steps without, measured (always
+        True where resting is not allowed). Before steps without it are measured, some are tried."""
+        if not self.width.allow_none or self._tokens[True] < 8:
+            return True
+        if self._tokens[False] == 0:
+            return False  # measure the other side once
+        return self._tokens[True] / self._seconds[True] >= self._tokens[False] / self._seconds[False]
+
+    def record_lone_step(self, emitted: int, seconds: float) -> None:
+        """A lone decode step's emitted tokens and wall time (proposal included), for `_mlp_pays`."""
+        decay, ran = 0.9, self._mlp_ran
+        self._tokens[ran] = decay * self._tokens[ran] + emitted
+        self._seconds[ran] = decay * self._seconds[ran] + seconds
+        self._mlp_ran = False
 
     def propose(self, running: list[Sequence], kv_usage: float) -> None:
         """Attach a draft tree to each running sequence worth speculating on this step."""
@@ -141,8 +160,8 @@ class SpeculativeDecoder:
             width = max(self.policy.num_candidates(len(running)), kind.min_width(heads))
             if self.config.tree_width is None:
                 width = self.width.choose(self.step_cost.cost_per_token, width)
-                if width == 0:  # no candidate pays: rest the MLP (its proposal costs a fifth of a CPU step)
-                    self._mlp_rest = MLP_REST_STEPS
+                if width == 0 or not self._mlp_pays():  # rest the MLP (its proposal costs a fifth of a CPU step)
+                    width, self._mlp_rest = 0, MLP_REST_STEPS
             else:
                 width = min(width, self.config.tree_width)
             dtype = next(self.mlp.parameters()).dtype
