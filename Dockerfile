@@ -40,6 +40,11 @@ RUN if ! command -v python3 >/dev/null 2>&1; then \
     fi \
     && python3 -m venv "$VIRTUAL_ENV"
 
+# A C compiler: the int8 CPU path's kernels (specdesk/kernels/cpu_*.c) are built on first use, for the CPU the
+# container runs on (-march=native); without one, the console serves the unquantized bf16 path.
+RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+
 WORKDIR /app
 RUN pip install --index-url "$TORCH_INDEX_URL" "torch==${TORCH_VERSION}"
 
