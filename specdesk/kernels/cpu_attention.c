@@ -24,20 +24,18 @@ typedef struct {
     int64_t q_stride;
     const int32_t *block_tables, *seq_lens, *query_start; /* [S, max_blocks], [S], [S + 1] */
     const uint8_t *tree_mask; /* [T, width] or NULL: see AttentionMetadata.tree_mask */
-    int64_t width, num_seqs, num_tokens, heads, kv_heads, head_dim, block_size, max_blocks, max_query_len;
+    int64_t width, num_seqs, num_tokens, heads, kv_heads, head_dim, block_size, max_blocks;
     float scale;
     uint16_t *out; /* [T, H, D] */
 } attention_args;
 
 /* Keys visible to query `i` of its pass: all context keys, then those of the pass's new tokens the causal
- * rule or the tree mask allows. Returns how many; their page slots in order into `slots`. -1 for a token
- * of a sequence with more than max_query_len new tokens (a prefill chunk: the caller's). */
+ * rule or the tree mask allows. Returns how many; their page slots in order into `slots`. */
 static int64_t visible_slots(const attention_args *A, int64_t token, int64_t *slots) {
     int64_t seq = 0;
     while (A->query_start[seq + 1] <= token) seq++;
     const int64_t seq_len = A->seq_lens[seq], q_start = A->query_start[seq];
     const int64_t q_len = A->query_start[seq + 1] - q_start, i = token - q_start, context = seq_len - q_len;
-    if (q_len > A->max_query_len) return -1;
     const int32_t *table = A->block_tables + seq * A->max_blocks;
     const uint8_t *mask = A->tree_mask ? A->tree_mask + token * A->width : NULL;
     const int64_t bs = A->block_size;
@@ -54,7 +52,6 @@ static int64_t visible_slots(const attention_args *A, int64_t token, int64_t *sl
 static void attend(const attention_args *A, int64_t token, int64_t h, int64_t *slots, float *scores) {
     const int64_t d = A->head_dim, kvh = h / (A->heads / A->kv_heads), stride = A->kv_heads * d;
     const int64_t n = visible_slots(A, token, slots);
-    if (n < 0) return;
     const uint16_t *qh = A->q + token * A->q_stride + h * d, *kbase = A->k_cache + kvh * d, *vbase = A->v_cache + kvh * d;
     float max = -INFINITY, sum = 0.0f, o[256];
 #ifdef __AVX512F__
@@ -117,12 +114,10 @@ static void attention_part(const void *a, int64_t part, int64_t parts) {
 int sd_paged_attention(const uint16_t *q, int64_t q_stride, const uint16_t *k_cache, const uint16_t *v_cache, const int32_t *block_tables,
                        const int32_t *seq_lens, const int32_t *query_start, const uint8_t *tree_mask, int64_t width,
                        int64_t num_seqs, int64_t num_tokens, int64_t heads, int64_t kv_heads, int64_t head_dim,
-                       int64_t block_size, int64_t max_blocks, int64_t max_query_len, float scale, uint16_t *out,
-                       int threads) {
+                       int64_t block_size, int64_t max_blocks, float scale, uint16_t *out, int threads) {
     if (head_dim % LANES != 0 || head_dim > 256) return -1;
     const attention_args args = {q, k_cache, v_cache, q_stride, block_tables, seq_lens, query_start, tree_mask, width,
-                                 num_seqs, num_tokens, heads, kv_heads, head_dim, block_size, max_blocks, max_query_len,
-                                 scale, out};
+                                 num_seqs, num_tokens, heads, kv_heads, head_dim, block_size, max_blocks, scale, out};
     const int64_t tasks = num_tokens * heads;
     run_parallel(attention_part, &args, (int)(tasks < threads ? tasks : threads));
     return 0;

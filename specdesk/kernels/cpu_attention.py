@@ -4,10 +4,10 @@ Same contract as `specdesk.kernels.reference.paged_attention` (the twin it is te
 what the C file takes: bf16 query and pages, head_dim a multiple of 16 up to 256. `paged_attention` returns
 None when it cannot run (no compiler, another dtype or shape), and the caller uses the twin.
 
-The C kernel serves the sequences of a pass with at most MAX_QUERY_LEN new tokens: decode steps, draft-tree
-verifications, forced tokens and short prefill chunks. Longer prefill chunks go to the twin (SDPA's flash
-kernel on a fresh prompt), one sequence at a time: the rule depends on the sequence alone, so a decoding
-sequence computes the same numbers whatever is batched with it.
+It serves every pass, prefill chunks too: on 2 cores it beat the twin at every size measured (per layer of
+the default model: a 512-token fresh prefill 8.2 vs 19.8 ms, a 176-token chunk on 512 cached tokens 4.5 vs
+6.3 ms, a decode step on 700 tokens ~0.07 vs ~0.2 ms), and one kernel for every pass means a token's numbers
+never depend on how its prompt was chunked or batched.
 """
 
 from __future__ import annotations
@@ -16,9 +16,7 @@ import itertools
 
 import torch
 
-from specdesk.kernels import cpu_lib, reference
-
-MAX_QUERY_LEN = 64
+from specdesk.kernels import cpu_lib
 
 
 def paged_attention(
@@ -48,15 +46,6 @@ def paged_attention(
         query.data_ptr(), query.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), lens.data_ptr(),
         starts_t.data_ptr(), mask.data_ptr() if mask is not None else None, mask.shape[1] if mask is not None else 0,
         len(seq_lens), num_tokens, heads, k_cache.shape[2], head_dim, k_cache.shape[1], tables.shape[1],
-        MAX_QUERY_LEN, scale, out.data_ptr(), cpu_lib.num_threads(),
+        scale, out.data_ptr(), cpu_lib.num_threads(),
     )  # fmt: skip
-    if status != 0:
-        return None
-    for i, (seq_len, q_len) in enumerate(zip(seq_lens, query_lens, strict=True)):
-        if q_len > MAX_QUERY_LEN:  # a prefill chunk, left to the twin by the kernel
-            rows = slice(starts[i], starts[i] + q_len)
-            sub_mask = tree_mask[rows, :q_len] if tree_mask is not None else None
-            out[rows] = reference.paged_attention(
-                query[rows], k_cache, v_cache, block_tables[i : i + 1], [seq_len], [q_len], scale, sub_mask
-            )
-    return out
+    return out if status == 0 else None

@@ -55,7 +55,7 @@ def library() -> ctypes.CDLL | None:
     lib.sd_quantize_rows.argtypes = [ptr, c_int, i64, i64, ptr, ptr, c_int]
     lib.sd_linear.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, c_int, c_int]
     lib.sd_has_vnni.restype = c_int
-    lib.sd_paged_attention.argtypes = [ptr, i64, *[ptr] * 6, *[i64] * 9, ctypes.c_float, ptr, c_int]
+    lib.sd_paged_attention.argtypes = [ptr, i64, *[ptr] * 6, *[i64] * 8, ctypes.c_float, ptr, c_int]
     lib.sd_paged_attention.restype = c_int
     lib.sd_rms_norm.argtypes = [ptr, ptr, ptr, ctypes.c_float, ctypes.c_float, i64, i64, ptr, ptr, c_int]
     lib.sd_rotary.argtypes = [ptr, i64, ptr, ptr, i64, i64, i64]

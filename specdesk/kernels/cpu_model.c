@@ -22,8 +22,8 @@ void sd_silu_mul(const uint16_t *gate_up, int64_t t, int64_t inter, uint16_t *ou
 int sd_paged_attention(const uint16_t *q, int64_t q_stride, const uint16_t *k_cache, const uint16_t *v_cache,
                        const int32_t *block_tables, const int32_t *seq_lens, const int32_t *query_start,
                        const uint8_t *tree_mask, int64_t width, int64_t num_seqs, int64_t num_tokens, int64_t heads,
-                       int64_t kv_heads, int64_t head_dim, int64_t block_size, int64_t max_blocks,
-                       int64_t max_query_len, float scale, uint16_t *out, int threads);
+                       int64_t kv_heads, int64_t head_dim, int64_t block_size, int64_t max_blocks, float scale,
+                       uint16_t *out, int threads);
 
 typedef struct { /* an Int8Linear (cpu_int8.py's Int8Weight and its float32 bias or NULL) */
     const int8_t *w;
@@ -47,7 +47,7 @@ typedef struct { /* a pass: t tokens of num_seqs sequences (see AttentionMetadat
 } sd_pass;
 
 typedef struct { /* the model's shape */
-    int64_t hidden, heads, kv_heads, head_dim, inter, max_query_len;
+    int64_t hidden, heads, kv_heads, head_dim, inter;
     float eps, residual_multiplier, scale;
 } sd_shape;
 
@@ -79,7 +79,7 @@ int sd_llama_layers(const sd_layer *layers, int64_t num_layers, const sd_shape *
         }
         if (sd_paged_attention(qkv, q_width, L->k_cache, L->v_cache, P->block_tables, P->seq_lens, P->query_start,
                                P->tree_mask, P->width, P->num_seqs, t, S->heads, S->kv_heads, d, P->block_size,
-                               P->max_blocks, S->max_query_len, S->scale, attn, threads) != 0)
+                               P->max_blocks, S->scale, attn, threads) != 0)
             return -1;
         linear(&L->o, attn, t, xu, xs, x, threads);
         sd_rms_norm(x, residual, L->post_norm, S->eps, S->residual_multiplier, t, S->hidden, h, residual, threads);

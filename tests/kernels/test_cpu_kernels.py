@@ -222,9 +222,9 @@ def test_paged_attention_tree_verification_matches_twin(head_dim: int) -> None:
     _attend_both(batch)
 
 
-def test_paged_attention_long_prefill_chunk_goes_to_the_twin() -> None:
-    """A prefill chunk longer than MAX_QUERY_LEN on top of cached context: the wrapper's twin handles it."""
-    q_len = cpu_attention.MAX_QUERY_LEN + 36
+def test_paged_attention_long_prefill_chunk_matches_twin() -> None:
+    """A 100-token prefill chunk on top of cached context."""
+    q_len = 100
     batch = make_batch([q_len + 70], [q_len], HEADS, KV_HEADS, HEAD_DIM, PAGE, torch.bfloat16, "cpu", seed=13)
     _attend_both(batch)
 
@@ -233,7 +233,7 @@ def test_paged_attention_long_prefill_chunk_goes_to_the_twin() -> None:
 def test_paged_attention_mixed_batch_matches_twin() -> None:
     """Decodes, a short chunk, a tree verification and a long prefill chunk in one pass; decode rows equal
     those of the decodes attended alone."""
-    long = cpu_attention.MAX_QUERY_LEN + 1
+    long = 65
     lens, q_lens = [40, 7, 90, 25, 3, 60, long + 20], [1, 1, 12, 1, 3, 9, long]
     batch = make_batch(lens, q_lens, HEADS, KV_HEADS, HEAD_DIM, PAGE, torch.bfloat16, "cpu", seed=14)
     out = _attend_both(batch)

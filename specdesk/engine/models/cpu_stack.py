@@ -2,9 +2,8 @@
 
 `LlamaForCausalLM.forward` on the int8 CPU path calls the C kernels layer by layer from Python; this runs the
 same kernels in the same order from C, bit for bit the same result, without ~4 ms of Python between them per
-pass of the default model (a third of a decode step). It serves passes whose sequences all bring at most
-`cpu_attention.MAX_QUERY_LEN` new tokens (decode steps, verifications, short prefill chunks); longer prefill
-chunks take the Python path, where their attention goes to SDPA.
+pass of the default model (a third of a decode step). It serves every bf16 pass: decode steps, verifications
+and prefill chunks.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ import torch
 
 from specdesk.engine.attention_metadata import AttentionMetadata
 from specdesk.engine.models.int8_linear import Int8Linear
-from specdesk.kernels import cpu_attention, cpu_int8, cpu_lib
+from specdesk.kernels import cpu_int8, cpu_lib
 
 _p, _i64, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
@@ -38,7 +37,7 @@ class _Pass(ctypes.Structure):
 
 class _Shape(ctypes.Structure):
     _fields_ = [("hidden", _i64), ("heads", _i64), ("kv_heads", _i64), ("head_dim", _i64), ("inter", _i64),
-                ("max_query_len", _i64), ("eps", _f32), ("residual_multiplier", _f32), ("scale", _f32)]  # fmt: skip
+                ("eps", _f32), ("residual_multiplier", _f32), ("scale", _f32)]  # fmt: skip
 
 
 def _qlinear(module: Any) -> _QLinear:
@@ -55,7 +54,7 @@ class CpuStack:
         args = model.args
         attn = model.model.layers[0].self_attn
         self.shape = _Shape(args.hidden_size, args.num_heads, args.num_kv_heads, args.head_dim,
-                            args.intermediate_size, cpu_attention.MAX_QUERY_LEN, args.rms_norm_eps,
+                            args.intermediate_size, args.rms_norm_eps,
                             args.residual_multiplier, attn.attn.scale)  # fmt: skip
         self._layers: tuple[int, Any] | None = None  # (kv pool address, the ctypes layer array)
 
@@ -100,8 +99,8 @@ class CpuStack:
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:  # fmt: skip
         """(the last layer's MLP output, the residual stream it joins) for embeddings x [t, hidden] (bf16), or
-        None for a pass this path does not take (a long prefill chunk, another dtype)."""
-        if x.dtype != torch.bfloat16 or meta.max_query_len > cpu_attention.MAX_QUERY_LEN or x.shape[0] == 0:
+        None for a pass this path does not take (another dtype, no tokens)."""
+        if x.dtype != torch.bfloat16 or x.shape[0] == 0:
             return None
         s, t = self.shape, x.shape[0]
         x = x.contiguous().clone()  # the C call writes each layer's output over it
