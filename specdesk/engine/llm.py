@@ -23,7 +23,6 @@ from specdesk.engine.llm_engine import EngineStats, LLMEngine
 from specdesk.engine.models.loader import load_model, resolve_device
 from specdesk.engine.outputs import FinishReason, StreamDelta
 from specdesk.engine.sampling_params import SamplingParams
-from specdesk.kernels import cpu_lib
 from specdesk.kernels.ops import resolve_backend
 
 log = logging.getLogger(__name__)
@@ -45,13 +44,6 @@ class LLM(EngineClient):
             max_model_len=self.config.max_model_len, tokenizer=self.config.tokenizer,
             trust_remote_code=self.config.trust_remote_code, quantization=self.config.quantization,
         )  # fmt: skip
-        if self.loaded.quantization == "int8":
-            # The C kernels split the matmuls and attention over their own threads. torch's own ops (norms,
-            # sampling) then run on one: two thread pools spinning on the same cores slow each other down
-            # (a decode step took 3x as long), and OpenMP teams started from the engine's loop thread sleep
-            # between every parallel region (kernels/cpu_int8.c says why).
-            cpu_lib.set_num_threads(torch.get_num_threads())
-            torch.set_num_threads(1)
         self.tokenizer = self.loaded.tokenizer
         self.engine = LLMEngine(self.config, self.loaded)
         self._inbox: list[tuple[str, Any]] = []

@@ -20,6 +20,7 @@ from specdesk.engine.sampler import make_generator
 from specdesk.engine.scheduler import ScheduledSeq
 from specdesk.engine.sequence import Sequence
 from specdesk.engine.speculators.tree import DraftTree
+from specdesk.kernels import cpu_lib
 
 
 @dataclass
@@ -43,6 +44,13 @@ class ModelRunner:
 
     def __init__(self, config: EngineConfig, loaded: LoadedModel) -> None:
         self.config = config
+        if loaded.quantization == "int8":
+            # The C kernels split the matmuls and attention over their own threads. torch's own ops (norms,
+            # sampling) then run on one: two thread pools spinning on the same cores slow each other down
+            # (a decode step took 3x as long), and OpenMP teams started from the engine's loop thread sleep
+            # between every parallel region (kernels/cpu_int8.c says why).
+            cpu_lib.set_num_threads(torch.get_num_threads())
+            torch.set_num_threads(1)
         self.model = loaded.model
         self.device = loaded.device
         self.dtype = loaded.dtype

@@ -1,4 +1,4 @@
-"""Paged attention on the CPU in C (`cpu_attention.c`), for decode and verification passes over bf16 pages.
+"""Paged attention on the CPU in C (`cpu_attention.c`) over bf16 pages, for every pass of the int8 path.
 
 Same contract as `specdesk.kernels.reference.paged_attention` (the twin it is tested against), restricted to
 what the C file takes: bf16 query and pages, head_dim a multiple of 16 up to 256. `paged_attention` returns

@@ -80,17 +80,16 @@ class SpeculativeDecoder:
         )  # fmt: skip
         self.policy = SpeculationPolicy(gating)
         # The tree's width from measured step costs and retrospective acceptance (tree_width.py).
-        self.step_cost = StepCost(prior=config.step_cost_prior)
         # On the int8 CPU path a verified token costs about a tenth of a (fast) step, and no candidate at all
         # is a choice: speculation then rests, and looks again every MLP_REST_STEPS steps.
-        int8 = getattr(loaded, "quantization", None) == "int8"
+        int8 = loaded.quantization == "int8"
+        prior = max(config.step_cost_prior, INT8_STEP_COST_PRIOR) if int8 else config.step_cost_prior
+        self.step_cost = StepCost(prior=prior)
         self.width = TreeWidth(pool, allow_none=int8)
         self._mlp_rest, self._mlp_ran = 0, False
         # Emitted tokens and seconds of lone decode steps with and without the MLP (moving sums): where
         # resting is allowed, the MLP rests whenever its steps make fewer tokens per second than steps without.
         self._tokens, self._seconds = {True: 0.0, False: 0.0}, {True: 0.0, False: 0.0}
-        if int8:
-            self.step_cost.prior = max(self.step_cost.prior, INT8_STEP_COST_PRIOR)
         self.trees: dict[str, DraftTree] = {}
         self.paths: dict[str, tuple[list[list[int]], list[list[int]]]] = {}  # (n-gram, ranked MLP) per tree
         self.hidden: dict[str, torch.Tensor] = {}  # request id -> [hidden]: the state after its last token
@@ -125,12 +124,12 @@ class SpeculativeDecoder:
         decay, ran = 0.9, self._mlp_ran
         self._tokens[ran] = decay * self._tokens[ran] + emitted
         self._seconds[ran] = decay * self._seconds[ran] + seconds
-        self._mlp_ran = False
 
     def propose(self, running: list[Sequence], kv_usage: float) -> None:
         """Attach a draft tree to each running sequence worth speculating on this step."""
         self.trees.clear()
         self.paths.clear()
+        self._mlp_ran = False  # until _mlp_due says this step's proposal runs
         for s in running:  # last step's drafts of a sequence the budget left out must not be scheduled now
             s.draft_token_ids = []
         if not self.policy.should_speculate(len(running), kv_usage):
