@@ -9,6 +9,7 @@ unprofiled.
 
     python -m benchmarks.step_profile                                # CPU, default model, plain vs default
     python -m benchmarks.step_profile --device cuda --tree-width 64  # the GPU's node tree
+    python -m benchmarks.step_profile --threads 2 --quantization int8 --tree-width 4  # the CPU's int8 path
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--quantization", default=None, choices=["int8", "int4", "auto"], help="EngineConfig.quantization")
     ap.add_argument("--speculator", default="default", help="the speculative engine's EngineConfig.speculator")
     ap.add_argument("--tree-width", type=int, default=None, help="fixed node-tree width (default: measured)")
     ap.add_argument("--prompts", type=int, default=3)
@@ -113,7 +115,8 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, dict[str, float]] = {}
     for name, speculator in (("plain", None), (f"speculative ({args.speculator})", args.speculator)):
         llm = LLM(model=args.model, dtype=args.dtype, device=args.device, num_threads=args.threads,
-                  speculator=speculator, spec_tree_width=args.tree_width if speculator else None)  # fmt: skip
+                  quantization=args.quantization, speculator=speculator,
+                  spec_tree_width=args.tree_width if speculator else None)  # fmt: skip
         llm.shutdown()  # its serving thread: this process steps the engine itself
         results[name] = profile(llm, [llm.encode(m) for m in messages], args.max_tokens, sync)
     keys = list(dict.fromkeys(k for r in results.values() for k in r))

@@ -1,11 +1,13 @@
-/* Paged attention for the CPU's decode and verification passes, straight from the bf16 page pool. The torch
- * twin is `specdesk.kernels.reference.paged_attention`; `cpu_attention.py` calls this through ctypes.
+/* Paged attention for every pass of the CPU int8 path, straight from the bf16 page pool. The torch twin is
+ * `specdesk.kernels.reference.paged_attention`; `cpu_attention.py` calls this through ctypes.
  *
  * Why: the torch path gathers each sequence's pages, converts K/V to float32 and runs a dozen small ops per
- * layer; a 13-token verification with a tree mask cost about as much as the layer's matmuls. Here one task
- * per (query token, head) walks the keys it may see in position order, so its result depends only on
- * which keys those are: a draft-tree node sees its context and its ancestors in the same order, with the
- * same values, as plain decoding sees the same tokens, and speculation stays exact on this path too.
+ * layer; a 13-token verification with a tree mask cost about as much as the layer's matmuls. Here each query
+ * (token, head) walks the keys it may see in position order, so its result depends only on which keys those
+ * are: a draft-tree node sees its context and its ancestors in the same order, with the same values, as
+ * plain decoding sees the same tokens, and speculation stays exact on this path too. This file holds that
+ * contract, the dispatch and the path of CPUs without AVX-512 BF16 (one task per query); CPUs with it run
+ * cpu_attention_grouped.c, whose tasks share each key's loading among the queries that read it.
  *
  * Per query: the scores of its visible keys, their max, exp and sum, then the weighted sum of V; float32
  * throughout, every multiply-add spelled out (-ffp-contract=off), so the arithmetic is fixed by the code.
@@ -15,19 +17,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu_attention.h"
 #include "cpu_common.h"
 
 #define LANES 16
-
-typedef struct {
-    const uint16_t *q, *k_cache, *v_cache; /* q [T, H, D] (rows q_stride apart); caches [blocks, bs, KVH, D] */
-    int64_t q_stride;
-    const int32_t *block_tables, *seq_lens, *query_start; /* [S, max_blocks], [S], [S + 1] */
-    const uint8_t *tree_mask; /* [T, width] or NULL: see AttentionMetadata.tree_mask */
-    int64_t width, num_seqs, num_tokens, heads, kv_heads, head_dim, block_size, max_blocks;
-    float scale;
-    uint16_t *out; /* [T, H, D] */
-} attention_args;
 
 /* Keys visible to query `i` of its pass: all context keys, then those of the pass's new tokens the causal
  * rule or the tree mask allows. Returns how many; their page slots in order into `slots`. */
@@ -47,6 +40,7 @@ static int64_t visible_slots(const attention_args *A, int64_t token, int64_t *sl
     }
     return n;
 }
+
 
 /* One query head of one query token over the keys it may see. */
 static void attend(const attention_args *A, int64_t token, int64_t h, int64_t *slots, float *scores) {
@@ -118,7 +112,23 @@ int sd_paged_attention(const uint16_t *q, int64_t q_stride, const uint16_t *k_ca
     if (head_dim % LANES != 0 || head_dim > 256) return -1;
     const attention_args args = {q, k_cache, v_cache, q_stride, block_tables, seq_lens, query_start, tree_mask, width,
                                  num_seqs, num_tokens, heads, kv_heads, head_dim, block_size, max_blocks, scale, out};
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+    return grouped_attention(&args, threads);
+#else
     const int64_t tasks = num_tokens * heads;
     run_parallel(attention_part, &args, (int)(tasks < threads ? tasks : threads));
     return 0;
+#endif
+}
+
+/* Which path this build runs (one per build, so a pass's numbers never depend on the batch): 2 the grouped
+ * AVX-512 BF16 tasks (cpu_attention_grouped.c), 1 a task per query with AVX-512, 0 the portable loops. */
+int sd_attention_path(void) {
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+    return 2;
+#elif defined(__AVX512F__)
+    return 1;
+#else
+    return 0;
+#endif
 }

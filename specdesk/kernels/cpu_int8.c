@@ -133,6 +133,27 @@ static void quantize_part(const void *a, int64_t part, int64_t parts) {
     for (int64_t r = q->m * part / parts; r < q->m * (part + 1) / parts; r++)
         for (int64_t g = 0; g < groups; g++) {
             const int64_t base = r * k + g * GROUP;
+#ifdef __AVX512F__
+            /* The same numbers as the loop below, 16 at a time (a verification pass quantizes ~100k inputs). */
+            __m512 v[2];
+            for (int h = 0; h < 2; h++)
+                v[h] = q->x_bf16 ? load_bf16((const uint16_t *)q->x + base + 16 * h)
+                                 : _mm512_loadu_ps((const float *)q->x + base + 16 * h);
+            const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
+            const float scale = amax / 127.0f;
+            q->scales[r * groups + g] = scale;
+            for (int h = 0; h < 2; h++) {
+                __m512i q8 = _mm512_setzero_si512();
+                if (scale > 0.0f) {
+                    const __m512 t = _mm512_roundscale_ps(_mm512_div_ps(v[h], _mm512_set1_ps(scale)),
+                                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                    const __m512 c = _mm512_min_ps(_mm512_max_ps(t, _mm512_set1_ps(-127.0f)), _mm512_set1_ps(127.0f));
+                    q8 = _mm512_cvtps_epi32(c);
+                }
+                _mm_storeu_si128((__m128i *)(q->xu + base + 16 * h),
+                                 _mm512_cvtepi32_epi8(_mm512_add_epi32(q8, _mm512_set1_epi32(128))));
+            }
+#else
             float amax = 0.0f, v[GROUP];
             for (int i = 0; i < GROUP; i++) {
                 v[i] = q->x_bf16 ? from_bf16(((const uint16_t *)q->x)[base + i]) : ((const float *)q->x)[base + i];
@@ -145,6 +166,7 @@ static void quantize_part(const void *a, int64_t part, int64_t parts) {
                 v8 = fminf(fmaxf(v8, -127.0f), 127.0f);
                 q->xu[base + i] = (uint8_t)((int)v8 + 128);
             }
+#endif
         }
 }
 

@@ -19,8 +19,11 @@ from pathlib import Path
 
 import torch
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("cpu_int8.c", "cpu_attention.c", "cpu_fused.c", "cpu_model.c")]
-_HEADER = Path(__file__).with_name("cpu_common.h")
+_SOURCES = [
+    Path(__file__).with_name(name)
+    for name in ("cpu_int8.c", "cpu_attention.c", "cpu_attention_grouped.c", "cpu_fused.c", "cpu_model.c")
+]
+_HEADERS = [Path(__file__).with_name(name) for name in ("cpu_common.h", "cpu_attention.h")]
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-pthread"]
 
 
@@ -37,7 +40,7 @@ def library() -> ctypes.CDLL | None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return None
-    source = b"".join(path.read_bytes() for path in [*_SOURCES, _HEADER])
+    source = b"".join(path.read_bytes() for path in [*_SOURCES, *_HEADERS])
     key = hashlib.sha256(source + " ".join([compiler, *_FLAGS, os.uname().machine]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"specdesk_cpu_{key}.so"
     if not target.exists():
@@ -57,6 +60,7 @@ def library() -> ctypes.CDLL | None:
     lib.sd_has_vnni.restype = c_int
     lib.sd_paged_attention.argtypes = [ptr, i64, *[ptr] * 6, *[i64] * 8, ctypes.c_float, ptr, c_int]
     lib.sd_paged_attention.restype = c_int
+    lib.sd_attention_path.restype = c_int
     lib.sd_rms_norm.argtypes = [ptr, ptr, ptr, ctypes.c_float, ctypes.c_float, i64, i64, ptr, ptr, c_int]
     lib.sd_rotary.argtypes = [ptr, i64, ptr, ptr, i64, i64, i64]
     lib.sd_silu_mul.argtypes = [ptr, i64, i64, ptr, c_int]

@@ -1,0 +1,321 @@
+/* Paged attention with tasks of queries that read the same keys: the path of CPUs with AVX-512 BF16 (the
+ * dispatch is in cpu_attention.c, the arithmetic contract there too).
+ *
+ * Why: one task per (query token, head) loads and converts every visible key and value once per query, and
+ * pays a horizontal sum per key: a 13-token verification on 700 tokens of context cost as much as the layer's
+ * matmuls. Here a task holds up to 32 queries of one sequence and one KV head (the heads of a group, and the
+ * tokens of the pass), so each block of 16 keys is loaded and transposed once for all of them; a query's 16
+ * scores then take 32 bf16 dot-product instructions (vdpbf16ps on key pairs) and no horizontal sum.
+ *
+ * Exactness: a query's arithmetic is a function of its own visible key list only, in the order cpu_attention.c
+ * defines (context, then the pass keys the causal rule or the tree mask lets it see): a key's lane is its
+ * index in that list mod 16, the dot product always runs over four accumulators joined in one fixed order, and
+ * the softmax and the weighted sum of V are those of cpu_attention.c. Which other queries share the task (how
+ * a pass is chunked or batched, how many threads run) never changes a bit, so a draft-tree node gets exactly
+ * what plain decoding of its path gets.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpu_attention.h"
+#include "cpu_common.h"
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+
+#define LANES 16
+#define MAX_QUERIES 32 /* queries per task: how far a block's loading and transposing is shared */
+
+typedef struct {
+    int64_t seq, group, first, count; /* queries first .. first + count - 1 of (seq, KV head group) */
+    int64_t end_cost; /* the estimated cost (query-keys) of this task and all before it */
+} task;
+
+typedef struct {
+    const attention_args *A;
+    const task *tasks;
+    int64_t num_tasks;
+    const uint8_t *causal; /* [num_seqs]: the seq's visible lists are prefixes of one list (no tree, or a causal one) */
+    int64_t longest, widest;
+} grouped_args;
+
+/* Rows r[0..15] of 16 dwords -> r[c] = column c (the standard unpack / shuffle 16 x 16 transpose). */
+static inline void transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) { /* r[4i + c], 128-bit lane L: column 4L + c of rows 4i .. 4i + 3 */
+        r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for (int i = 0; i < 2; i++)
+        for (int c = 0; c < 4; c++) {
+            t[8 * i + c] = _mm512_shuffle_i32x4(r[8 * i + c], r[8 * i + 4 + c], 0x88);
+            t[8 * i + 4 + c] = _mm512_shuffle_i32x4(r[8 * i + c], r[8 * i + 4 + c], 0xdd);
+        }
+    for (int c = 0; c < 8; c++) {
+        r[c] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0x88);
+        r[c + 8] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0xdd);
+    }
+}
+
+/* The key rows of one block of 16 list entries (NULL: past the list, read as zeros), as kt[d / 2][16]: entry e
+ * holds the 16 keys' bf16 pair (2e, 2e + 1), the operand of vdpbf16ps. */
+static void transpose_keys(const uint16_t *const rows[LANES], int64_t d, __m512i *kt) {
+    static const uint16_t zeros[256];
+    for (int64_t c0 = 0; c0 < d / 2; c0 += LANES) {
+        const int64_t live = d / 2 - c0 < LANES ? d / 2 - c0 : LANES;
+        const __mmask16 m = (__mmask16)((1u << live) - 1);
+        __m512i r[LANES];
+        for (int i = 0; i < LANES; i++) r[i] = _mm512_maskz_loadu_epi32(m, (rows[i] ? rows[i] : zeros) + 2 * c0);
+        transpose16(r);
+        for (int64_t c = 0; c < live; c++) kt[c0 + c] = r[c];
+    }
+}
+
+/* 16 scores (times scale) of one query against a transposed block: four accumulators over the key pairs,
+ * joined as (a0 + a1) + (a2 + a3). */
+static inline __m512 block_scores(const uint16_t *qh, const __m512i *kt, int64_t d, float scale) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    const int32_t *q = (const int32_t *)qh; /* d / 2 is a multiple of 8: head_dim is one of 16 */
+    for (int64_t e = 0; e < d / 2; e += 4) {
+        a0 = _mm512_dpbf16_ps(a0, (__m512bh)kt[e], (__m512bh)_mm512_set1_epi32(q[e]));
+        a1 = _mm512_dpbf16_ps(a1, (__m512bh)kt[e + 1], (__m512bh)_mm512_set1_epi32(q[e + 1]));
+        a2 = _mm512_dpbf16_ps(a2, (__m512bh)kt[e + 2], (__m512bh)_mm512_set1_epi32(q[e + 2]));
+        a3 = _mm512_dpbf16_ps(a3, (__m512bh)kt[e + 3], (__m512bh)_mm512_set1_epi32(q[e + 3]));
+    }
+    const __m512 s = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
+    return _mm512_mul_ps(s, _mm512_set1_ps(scale));
+}
+
+/* acc[0 .. chunks * 16) += p[l] * vf[l] for l < live, key by key: `chunks` is a constant at each call site, so
+ * the accumulators stay in registers (the operations are the same whatever the constant). */
+static inline __attribute__((always_inline)) void weigh_values(float *acc, const float *p, const float *vf,
+                                                               int64_t live, int64_t d, const int chunks) {
+    __m512 o[8];
+    for (int c = 0; c < chunks; c++) o[c] = _mm512_loadu_ps(acc + c * LANES);
+    for (int64_t l = 0; l < live; l++) {
+        const __m512 pl = _mm512_set1_ps(p[l]);
+        for (int c = 0; c < chunks; c++) o[c] = _mm512_fmadd_ps(pl, _mm512_loadu_ps(vf + l * d + c * LANES), o[c]);
+    }
+    for (int c = 0; c < chunks; c++) _mm512_storeu_ps(acc + c * LANES, o[c]);
+}
+
+typedef struct { /* one task's view of its sequence */
+    const attention_args *A;
+    int64_t seq, group, context, q_start, stride, shared_len;
+    const int64_t *shared; /* page slots of list entries 0 .. shared_len - 1, the same for every query */
+    const int64_t *tails; /* [tokens of the task][widest]: each token's visible pass keys, when not causal */
+    const int64_t *tail_len;
+    int64_t first_token, widest;
+} view;
+
+/* The page slot of entry j of token ti's visible list (ti: the token's index among the task's tokens), or -1. */
+static inline int64_t slot_of(const view *v, int64_t ti, int64_t j) {
+    if (j < v->shared_len) return v->shared[j];
+    if (!v->tails) return -1;
+    j -= v->context;
+    return j < v->tail_len[ti] ? v->tails[ti * v->widest + j] : -1;
+}
+
+/* The next block's shared rows, on their way to L1 while this block is computed: their slots follow the page
+ * table, which the hardware's stride prefetcher does not follow. */
+static inline void prefetch_rows(const view *v, const uint16_t *base, int64_t j0, int64_t d) {
+    for (int64_t j = j0; j < j0 + LANES && j < v->shared_len; j++)
+        for (int64_t e = 0; e < d; e += 32) _mm_prefetch((const char *)(base + v->shared[j] * v->stride + e), _MM_HINT_T0);
+}
+
+static void run_task(const grouped_args *G, const task *T, int64_t *shared, int64_t *tails, int64_t *tail_len,
+                     float *scores, __m512i *kt, float *vf, float *acc) {
+    const attention_args *A = G->A;
+    const int64_t d = A->head_dim, per_group = A->heads / A->kv_heads, bs = A->block_size;
+    const int64_t seq = T->seq, seq_len = A->seq_lens[seq], q_start = A->query_start[seq];
+    const int64_t q_len = A->query_start[seq + 1] - q_start, context = seq_len - q_len;
+    const int64_t first_token = T->first / per_group, last_token = (T->first + T->count - 1) / per_group;
+    const int32_t *table = A->block_tables + seq * A->max_blocks;
+    const int causal = G->causal[seq];
+    view v = {A, seq, T->group, context, q_start, A->kv_heads * d, causal ? seq_len : context, shared,
+              causal ? NULL : tails, tail_len, first_token, G->widest};
+    for (int64_t j = 0, b = 0; j < v.shared_len; b++) /* no division per key */
+        for (int64_t o = 0; o < bs && j < v.shared_len; o++) shared[j++] = (int64_t)table[b] * bs + o;
+    int64_t n[MAX_QUERIES], longest = 0;
+    for (int64_t t = first_token; t <= last_token; t++) {
+        const int64_t ti = t - first_token, i = t;
+        int64_t visible = context + i + 1;
+        if (!causal) {
+            const uint8_t *mask = A->tree_mask + (q_start + i) * A->width;
+            tail_len[ti] = 0;
+            for (int64_t c = 0; c < q_len; c++)
+                if (mask[c]) tails[ti * G->widest + tail_len[ti]++] = (int64_t)table[(context + c) / bs] * bs + (context + c) % bs;
+            visible = context + tail_len[ti];
+        }
+        for (int64_t qi = 0; qi < T->count; qi++)
+            if ((T->first + qi) / per_group == t) n[qi] = visible;
+        longest = visible > longest ? visible : longest;
+    }
+    const int64_t blocks = (longest + LANES - 1) / LANES, row = (longest + LANES - 1) / LANES * LANES;
+    const uint16_t *kbase = A->k_cache + T->group * d, *vbase = A->v_cache + T->group * d;
+    /* Scores: a block is shared when every query's list holds the same keys there; else one per token. */
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t j0 = b * LANES;
+        const int shared_block = v.tails == NULL || j0 + LANES <= v.shared_len;
+        prefetch_rows(&v, kbase, j0 + 3 * LANES, d);
+        int64_t have = -2; /* which list kt holds: -1 shared, else a token index; -2 none */
+        for (int64_t qi = 0; qi < T->count; qi++) {
+            if (n[qi] <= j0) continue;
+            const int64_t ti = (T->first + qi) / per_group - first_token, want = shared_block ? -1 : ti;
+            if (want != have) {
+                const uint16_t *rows[LANES];
+                for (int l = 0; l < LANES; l++) {
+                    const int64_t s = slot_of(&v, ti, j0 + l);
+                    rows[l] = s >= 0 ? kbase + s * v.stride : NULL;
+                }
+                transpose_keys(rows, d, kt);
+                have = want;
+            }
+            const int64_t token = q_start + first_token + ti, h = (T->first + qi) % per_group + T->group * per_group;
+            _mm512_storeu_ps(scores + qi * row + j0, block_scores(A->q + token * A->q_stride + h * d, kt, d, A->scale));
+        }
+    }
+    /* Softmax per query, as cpu_attention.c: the max, exp by lanes of 16, their sum. */
+    float sum[MAX_QUERIES];
+    for (int64_t qi = 0; qi < T->count; qi++) {
+        float *s = scores + qi * row;
+        __m512 mx = _mm512_set1_ps(-INFINITY), sums = _mm512_setzero_ps();
+        for (int64_t j = 0; j < n[qi]; j += LANES) {
+            const __mmask16 live = n[qi] - j >= LANES ? (__mmask16)0xffff : (__mmask16)((1u << (n[qi] - j)) - 1);
+            mx = _mm512_mask_max_ps(mx, live, mx, _mm512_loadu_ps(s + j));
+        }
+        const float max = _mm512_reduce_max_ps(mx);
+        for (int64_t j = 0; j < n[qi]; j += LANES) {
+            const __mmask16 live = n[qi] - j >= LANES ? (__mmask16)0xffff : (__mmask16)((1u << (n[qi] - j)) - 1);
+            const __m512 p = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, s + j), _mm512_set1_ps(max)));
+            _mm512_mask_storeu_ps(s + j, live, p);
+            sums = _mm512_add_ps(sums, _mm512_maskz_mov_ps(live, p));
+        }
+        sum[qi] = _mm512_reduce_add_ps(sums);
+        memset(acc + qi * d, 0, sizeof(float) * (size_t)d);
+    }
+    /* The weighted sum of V, key by key in list order; each block of rows converted once for its readers. */
+    const int64_t chunks = d / LANES;
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t j0 = b * LANES;
+        const int shared_block = v.tails == NULL || j0 + LANES <= v.shared_len;
+        prefetch_rows(&v, vbase, j0 + 3 * LANES, d);
+        int64_t have = -2;
+        for (int64_t qi = 0; qi < T->count; qi++) {
+            if (n[qi] <= j0) continue;
+            const int64_t ti = (T->first + qi) / per_group - first_token, want = shared_block ? -1 : ti;
+            if (want != have) {
+                for (int l = 0; l < LANES; l++) {
+                    const int64_t s = slot_of(&v, ti, j0 + l);
+                    for (int64_t c = 0; c < chunks; c++)
+                        _mm512_storeu_ps(vf + l * d + c * LANES,
+                                         s >= 0 ? load_bf16(vbase + s * v.stride + c * LANES) : _mm512_setzero_ps());
+                }
+                have = want;
+            }
+            const float *p = scores + qi * row + j0;
+            const int64_t live = n[qi] - j0 < LANES ? n[qi] - j0 : LANES;
+            float *a = acc + qi * d;
+            switch (chunks) {
+                case 2: weigh_values(a, p, vf, live, d, 2); break;
+                case 4: weigh_values(a, p, vf, live, d, 4); break;
+                case 8: weigh_values(a, p, vf, live, d, 8); break;
+                default:
+                    for (int64_t c = 0; c < chunks; c++) weigh_values(a + c * LANES, p, vf + c * LANES, live, d, 1);
+            }
+        }
+    }
+    for (int64_t qi = 0; qi < T->count; qi++) {
+        const int64_t token = q_start + first_token + (T->first + qi) / per_group - first_token;
+        const int64_t h = (T->first + qi) % per_group + T->group * per_group;
+        uint16_t *out = A->out + (token * A->heads + h) * d;
+        for (int64_t e = 0; e < d; e++) out[e] = to_bf16(acc[qi * d + e] / sum[qi]);
+    }
+}
+
+/* Scratch that lives as long as its thread and grows to the largest pass seen: no allocation per call. */
+static void *scratch(void **buf, size_t *cap, size_t bytes) {
+    if (bytes > *cap) {
+        free(*buf);
+        *buf = aligned_alloc(64, (bytes + 63) / 64 * 64);
+        *cap = *buf ? bytes : 0;
+    }
+    return *buf;
+}
+
+static void grouped_part(const void *a, int64_t part, int64_t parts) {
+    static __thread void *bufs[5];
+    static __thread size_t caps[5];
+    const grouped_args *G = a;
+    const int64_t row = (G->longest + LANES - 1) / LANES * LANES;
+    int64_t *shared = scratch(&bufs[0], &caps[0], sizeof(int64_t) * (size_t)(G->longest + 1));
+    int64_t *tails = scratch(&bufs[1], &caps[1], sizeof(int64_t) * (size_t)(MAX_QUERIES * G->widest + 1));
+    float *scores = scratch(&bufs[2], &caps[2], sizeof(float) * (size_t)(MAX_QUERIES * row));
+    float *vf = scratch(&bufs[3], &caps[3], sizeof(float) * LANES * 256);
+    float *acc = scratch(&bufs[4], &caps[4], sizeof(float) * MAX_QUERIES * 256);
+    int64_t tail_len[MAX_QUERIES];
+    __m512i kt[128];
+    if (!(shared && tails && scores && vf && acc)) return;
+    /* A part takes the consecutive tasks whose cost midpoints fall in its share of the total cost: tasks differ
+     * (a causal prefill's later queries see more keys; a group's last task may hold fewer queries). */
+    const int64_t total = G->tasks[G->num_tasks - 1].end_cost;
+    for (int64_t t = 0; t < G->num_tasks; t++) {
+        const int64_t start = t ? G->tasks[t - 1].end_cost : 0, mid2 = start + G->tasks[t].end_cost;
+        if (mid2 * parts >= 2 * total * part && mid2 * parts < 2 * total * (part + 1))
+            run_task(G, G->tasks + t, shared, tails, tail_len, scores, kt, vf, acc);
+    }
+}
+
+/* A sequence's visible lists are prefixes of one list when it has no tree mask or its mask is the causal one. */
+static int is_causal(const attention_args *A, int64_t seq) {
+    if (!A->tree_mask) return 1;
+    const int64_t q0 = A->query_start[seq], q_len = A->query_start[seq + 1] - q0;
+    for (int64_t i = 0; i < q_len; i++)
+        for (int64_t c = 0; c < q_len; c++)
+            if (A->tree_mask[(q0 + i) * A->width + c] != (c <= i)) return 0;
+    return 1;
+}
+
+int grouped_attention(const attention_args *A, int threads) {
+    const int64_t per_group = A->heads / A->kv_heads, total = A->num_tokens * A->heads;
+    /* Queries per task: enough tasks to keep every thread busy (4 per thread), at most MAX_QUERIES. */
+    int64_t size = (total + 4 * threads - 1) / (4 * threads);
+    size = size < 1 ? 1 : size > MAX_QUERIES ? MAX_QUERIES : size;
+    int64_t count = 0, longest = 0, widest = 1;
+    for (int64_t s = 0; s < A->num_seqs; s++) {
+        const int64_t q_len = A->query_start[s + 1] - A->query_start[s];
+        count += A->kv_heads * ((q_len * per_group + size - 1) / size);
+        longest = A->seq_lens[s] > longest ? A->seq_lens[s] : longest;
+        widest = q_len > widest ? q_len : widest;
+    }
+    task *tasks = malloc(sizeof(task) * (size_t)(count + 1));
+    uint8_t *causal = malloc((size_t)A->num_seqs + 1);
+    if (!tasks || !causal) {
+        free(tasks), free(causal);
+        return -1;
+    }
+    int64_t k = 0, cost = 0;
+    for (int64_t s = 0; s < A->num_seqs; s++) {
+        causal[s] = (uint8_t)is_causal(A, s);
+        const int64_t q_len = A->query_start[s + 1] - A->query_start[s], queries = q_len * per_group;
+        for (int64_t g = 0; g < A->kv_heads; g++)
+            for (int64_t f = 0; f < queries; f += size) {
+                const int64_t n = queries - f < size ? queries - f : size, last = (f + n - 1) / per_group;
+                cost += n * (A->seq_lens[s] - q_len + last + 1 + 64); /* + 64: a task's fixed work */
+                tasks[k++] = (task){s, g, f, n, cost};
+            }
+    }
+    const grouped_args G = {A, tasks, k, causal, longest, widest};
+    run_parallel(grouped_part, &G, (int)(k < threads ? k : threads));
+    free(tasks), free(causal);
+    return 0;
+}
+
+#endif
