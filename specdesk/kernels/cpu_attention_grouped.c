@@ -285,8 +285,10 @@ static int is_causal(const attention_args *A, int64_t seq) {
 
 int grouped_attention(const attention_args *A, int threads) {
     const int64_t per_group = A->heads / A->kv_heads, total = A->num_tokens * A->heads;
-    /* Queries per task: enough tasks to keep every thread busy (4 per thread), at most MAX_QUERIES. */
-    int64_t size = (total + 4 * threads - 1) / (4 * threads);
+    /* Queries per task: the more, the more a block's loading is shared; the fewer, the better the parts balance.
+     * Two tasks a thread where that still gives tasks of more than 4 queries, else four. */
+    int64_t size = (total + 2 * threads - 1) / (2 * threads);
+    if (size <= 4) size = (total + 4 * threads - 1) / (4 * threads);
     size = size < 1 ? 1 : size > MAX_QUERIES ? MAX_QUERIES : size;
     int64_t count = 0, longest = 0, widest = 1;
     for (int64_t s = 0; s < A->num_seqs; s++) {
@@ -305,15 +307,16 @@ int grouped_attention(const attention_args *A, int threads) {
     for (int64_t s = 0; s < A->num_seqs; s++) {
         causal[s] = (uint8_t)is_causal(A, s);
         const int64_t q_len = A->query_start[s + 1] - A->query_start[s], queries = q_len * per_group;
+        const int64_t chunks = (queries + size - 1) / size; /* of equal sizes, give or take one */
         for (int64_t g = 0; g < A->kv_heads; g++)
-            for (int64_t f = 0; f < queries; f += size) {
-                const int64_t n = queries - f < size ? queries - f : size, last = (f + n - 1) / per_group;
+            for (int64_t c = 0; c < chunks; c++) {
+                const int64_t f = queries * c / chunks, n = queries * (c + 1) / chunks - f, last = (f + n - 1) / per_group;
                 cost += n * (A->seq_lens[s] - q_len + last + 1 + 64); /* + 64: a task's fixed work */
                 tasks[k++] = (task){s, g, f, n, cost};
             }
     }
     const grouped_args G = {A, tasks, k, causal, longest, widest};
-    run_parallel(grouped_part, &G, (int)(k < threads ? k : threads));
+    if (k > 0) run_parallel(grouped_part, &G, (int)(k < threads ? k : threads));
     free(tasks), free(causal);
     return 0;
 }

@@ -33,6 +33,7 @@
 /* ------------------------------------------------------------------------------------------ thread pool */
 
 #define GROUP 32 /* inputs per quantization group, of weights and of activations alike */
+#define MAX_ROWS 6 /* tokens a tile multiplies by one load of weights: 2 x MAX_ROWS int32 + as many float sums */
 #define MAX_WORKERS 255
 #define SPIN_NS 200000 /* a worker spins this long for the next call before it sleeps (a step's gaps are shorter) */
 
@@ -193,12 +194,12 @@ static inline void store(void *out, int out_bf16, int64_t idx, float v, const fl
  * float sum: f += float(acc - 128 * wsum) * (xs * ws). R and B are constants at each call site. */
 static inline __attribute__((always_inline)) void tile(const uint8_t *x, int64_t k, const int8_t *wb, int64_t k4,
                                                        const float *xs, const int32_t *wsum, const float *ws,
-                                                       int64_t n, const int R, const int B, __m512 f[4][2]) {
+                                                       int64_t n, const int R, const int B, __m512 f[MAX_ROWS][2]) {
     const int64_t groups = k / GROUP;
     for (int r = 0; r < R; r++)
         for (int b = 0; b < B; b++) f[r][b] = _mm512_setzero_ps();
     for (int64_t g = 0; g < groups; g++) {
-        __m512i a[4][2];
+        __m512i a[MAX_ROWS][2];
         for (int r = 0; r < R; r++)
             for (int b = 0; b < B; b++) a[r][b] = _mm512_setzero_si512();
         for (int64_t j = g * (GROUP / 4); j < (g + 1) * (GROUP / 4); j++) {
@@ -233,19 +234,22 @@ static inline void store16(void *out, int out_bf16, int64_t idx, __m512 v, const
     _mm256_storeu_si256((__m256i *)((uint16_t *)out + idx), to_bf16_16(v));
 }
 
-#define TILE_ROWS(B)                                                                         \
-    switch (rows) {                                                                          \
-        case 1: tile(x, k, wb, k4, xs + r0 * groups, wsum + col, ws + col, n, 1, B, f); break; \
-        case 2: tile(x, k, wb, k4, xs + r0 * groups, wsum + col, ws + col, n, 2, B, f); break; \
-        case 3: tile(x, k, wb, k4, xs + r0 * groups, wsum + col, ws + col, n, 3, B, f); break; \
-        default: tile(x, k, wb, k4, xs + r0 * groups, wsum + col, ws + col, n, 4, B, f); break; \
+#define TILE(R, B) tile(x, k, wb, k4, xs + r0 * groups, wsum + col, ws + col, n, R, B, f)
+#define TILE_ROWS(B)                  \
+    switch (rows) {                   \
+        case 1: TILE(1, B); break;    \
+        case 2: TILE(2, B); break;    \
+        case 3: TILE(3, B); break;    \
+        case 4: TILE(4, B); break;    \
+        case 5: TILE(5, B); break;    \
+        default: TILE(6, B); break;   \
     }
 #endif
 
 /* y [m, n] = x [m, k] W^T with W packed [n/16][k/4][16][4] (see cpu_int8.py); per group g of GROUP inputs,
  * ws [k / GROUP, n] the weights' scales and wsum [k / GROUP, n] their sums, xs [m, k / GROUP] the tokens'.
  * Parts split the output channels in pairs of 16-channel blocks; each pair stays in L1 while every
- * token of the pass, 4 at a time, is multiplied by it. */
+ * token of the pass, up to MAX_ROWS at a time, is multiplied by it. */
 typedef struct {
     const uint8_t *xu;
     const float *xs;
@@ -272,11 +276,13 @@ static void linear_part(const void *a, int64_t part, int64_t parts) {
         const int64_t nb = 2 * p, col = nb * 16;
         const int blocks = nb + 1 < nblocks ? 2 : 1;
         const int8_t *wb = w + nb * k4 * 64;
-        for (int64_t r0 = 0; r0 < m; r0 += 4) {
-            const int rows = m - r0 < 4 ? (int)(m - r0) : 4;
+        /* Tiles of at most MAX_ROWS tokens, as even as they come (5 tokens: one tile of 5, not 4 + 1). */
+        const int64_t tiles = (m + MAX_ROWS - 1) / MAX_ROWS;
+        for (int64_t ti = 0, r0 = 0; ti < tiles; ti++, r0 = m * ti / tiles) {
+            const int rows = (int)(m * (ti + 1) / tiles - r0);
             const uint8_t *x = xu + r0 * k;
 #ifdef __AVX512VNNI__
-            __m512 f[4][2];
+            __m512 f[MAX_ROWS][2];
             if (blocks == 2) {
                 TILE_ROWS(2)
             } else {

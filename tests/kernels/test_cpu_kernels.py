@@ -80,7 +80,7 @@ def _inputs(m: int, n: int, k: int, dtype: torch.dtype, seed: int = 0) -> tuple[
 def test_int8_linear_equals_its_twin_bit_for_bit(dtype: torch.dtype, with_bias: bool, n: int, k: int) -> None:
     """Guards the VNNI tile, the odd 16-channel tail block, one or an odd number of 32-input groups (K not a
     multiple of 64), the groups' float sum and the epilogue's rounding."""
-    for m in (1, 3, 4, 5, 13, 64):
+    for m in (1, 3, 4, 5, 6, 11, 13, 64):
         x, w = _inputs(m, n, k, dtype, seed=m)
         bias = torch.randn(n).to(dtype) if with_bias else None
         out = cpu_int8.linear(x, w, bias)
