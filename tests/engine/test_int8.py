@@ -4,7 +4,6 @@ stays lossless on it (greedy, with a repetition penalty, and seeded sampling).""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,8 @@ PARAMS = {
 # sampled tokens and the verifier's sampling must accept them (a random model's sampled reply has no loop).
 PARAMS["seeded, again"] = PARAMS["seeded"]
 
+pytestmark = pytest.mark.usefixtures("restore_threads")
+
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
@@ -42,17 +43,6 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     vocabulary of 400, a multiple of the kernel's 16-channel blocks."""
     tmp = tmp_path_factory.mktemp("int8-models")
     return {family: make_tiny_model(family, tmp) for family in ("mistral", "qwen2")}
-
-
-@pytest.fixture(autouse=True)
-def restore_threads() -> Iterator[None]:
-    """An int8 LLM sets torch's threads to 1 for the whole process: give the next test what this one had."""
-    previous = torch.get_num_threads()
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-        cpu_lib.set_num_threads(None)
 
 
 def _layer_modules(llm: LLM) -> list[torch.nn.Module]:

@@ -16,6 +16,7 @@ from torch import nn
 
 from specdesk.engine.speculators.acceptance import accept_greedy, accepted_tokens
 from specdesk.engine.speculators.candidates import propose, propose_nodes
+from specdesk.engine.speculators.draft_vocab import pack_for_cpu
 from specdesk.engine.speculators.mlp import MLPSpeculator, MLPSpeculatorConfig
 from specdesk.engine.speculators.tree import build_tree
 from specdesk.kernels.reference import paged_attention
@@ -219,7 +220,7 @@ def test_pack_for_cpu_keeps_the_restricted_logits_at_bf16_precision() -> None:
     spec.restrict_vocab(torch.tensor([5, 1, 9, 30, 2, 17]))
     z, toks = torch.randn(4, E), torch.randint(0, V, (4,))
     expected = [spec.logits(i, spec.step(i, z, toks)) for i in range(3)]
-    assert spec.pack_for_cpu()
+    assert pack_for_cpu(spec)
     for i in range(3):
         got = spec.logits(i, spec.step(i, z, toks))
         assert got.dtype == torch.float32 and got.shape == (4, 6)

@@ -63,13 +63,14 @@ class SpeculativeDecoder:
         self.config = config
         self.runner = runner
         self.mlp: MLPSpeculator | None = None
+        self.mlp_dtype = torch.float32  # the speculator's dtype, kept: next(parameters()) took ~50 us a step
         self.tree_kind: TreeKind | None = None
         if config.mlp_dir:
             # On CPU the tiny speculator runs in float32: unpacked bf16 matmuls are the slow path there.
-            dtype = torch.float32 if loaded.device.type == "cpu" else loaded.dtype
-            self.mlp = draft_vocab.load_speculator(config.mlp_dir, loaded.model, dtype, loaded.device)
-            if loaded.device.type == "cpu":
-                self.mlp.pack_for_cpu()
+            self.mlp_dtype = torch.float32 if loaded.device.type == "cpu" else loaded.dtype
+            self.mlp = draft_vocab.load_speculator(config.mlp_dir, loaded.model, self.mlp_dtype, loaded.device)
+            if loaded.device.type == "cpu":  # the int8 path's speculator runs on its kernels too
+                draft_vocab.pack_for_cpu(self.mlp, int8=loaded.quantization == "int8")
             self.tree_kind = make_tree_kind(self.mlp, config, loaded.device)
         self.ngram = NgramSpeculator() if config.use_ngram else None
         max_tokens = max(self.mlp.n_predict if self.mlp else 0, config.max_ngram_tokens if self.ngram else 0)
@@ -163,8 +164,8 @@ class SpeculativeDecoder:
                     width, self._mlp_rest = 0, MLP_REST_STEPS
             else:
                 width = min(width, self.config.tree_width)
-            dtype = next(self.mlp.parameters()).dtype
-            hidden = torch.stack([self.hidden[s.request_id] for s in with_hidden]).to(dtype)
+            states = [self.hidden[s.request_id] for s in with_hidden]  # alone, a view instead of a stack
+            hidden = (states[0][None] if len(states) == 1 else torch.stack(states)).to(self.mlp_dtype)
             last = torch.tensor([s.token_ids[-1] for s in with_hidden], device=hidden.device)
             # The whole pool is ranked (the top `width` are verified) so that every width gets measured.
             for s, ranked in zip(with_hidden, kind.rank(hidden, last, heads, depths), strict=True):

@@ -29,8 +29,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specdesk.engine.models.packed_linear import PackedLinear, can_pack
-
 _CONFIG_KEYS = (
     "vocab_size",
     "emb_dim",
@@ -149,7 +147,7 @@ class MLPSpeculator(nn.Module):
         self.base_head: torch.Tensor | None = None
         self.draft_vocab: torch.Tensor | None = None  # restrict_vocab(): the token ids the heads score
         self.draft_heads: list[torch.Tensor] = []
-        self.packed_heads: list[PackedLinear] = []
+        self.packed_heads: list[nn.Module] = []  # draft_vocab.pack_for_cpu(): float32 in, float32 out
         self.emb = None if config.tie_to_base else shared(lambda: nn.Embedding(v, d), n)
         self.head = None if config.tie_to_base else shared(lambda: nn.Linear(d, v, bias=False), n)
         rows = config.draft_heads
@@ -216,22 +214,6 @@ class MLPSpeculator(nn.Module):
             for p in self.draft_head:
                 p.copy_(self.base_head[self.draft_vocab].float())
 
-    def pack_for_cpu(self) -> bool:
-        """Inference on a bf16 CPU: projections and draft-vocabulary heads prepacked for oneDNN in bf16.
-
-        Proposing reads every weight once per step at 1-20 rows, where float32 matmuls are bound by that
-        read: packed bf16 is several times faster for the heads. Drafts may differ in the last bits (verification,
-        hence output, does not). Returns whether it packed (False where oneDNN bf16 is unavailable).
-        """
-        if not can_pack(torch.bfloat16, next(self.parameters()).device):
-            return False
-        for i, proj in enumerate(self.proj):
-            if isinstance(proj, nn.Linear):
-                self.proj[i] = _CastingPackedLinear(proj.weight.detach().bfloat16(), None)
-        packed: dict[int, PackedLinear] = {}
-        self.packed_heads = [packed.setdefault(id(h), PackedLinear(h.bfloat16(), None)) for h in self.draft_heads]
-        return True
-
     def vocab_ids(self, index: torch.Tensor) -> torch.Tensor:
         """Token ids of logits columns (identity unless the vocabulary is restricted)."""
         return self.draft_vocab[index] if self.draft_vocab is not None else index
@@ -243,7 +225,7 @@ class MLPSpeculator(nn.Module):
         """
         if self.draft_vocab is not None:
             if self.packed_heads and not torch.is_grad_enabled():
-                return self.packed_heads[i](state.to(torch.bfloat16)).float()
+                return self.packed_heads[i](state.float()).float()
             rows = self.draft_heads[i]  # trained rows keep the speculator's dtype (bf16 on a GPU)
             return F.linear(state.to(rows.dtype), rows).float()
         if self.head is not None:
@@ -348,13 +330,6 @@ class MLPSpeculator(nn.Module):
         missing = set(params) - seen
         if missing:
             raise ValueError(f"speculator checkpoint lacks {sorted(missing)}")
-
-
-class _CastingPackedLinear(PackedLinear):
-    """A packed bf16 linear inside a float32 recurrence: casts in and back."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.to(torch.bfloat16)).to(x.dtype)
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from specdesk.engine.config import SpecConfig
-from specdesk.engine.speculators.candidates import beam_top_k, propose, propose_nodes
+from specdesk.engine.speculators.candidates import Int8NodeRanker, beam_top_k, propose, propose_nodes
 from specdesk.engine.speculators.cuda_graph import GraphedNodeRanker
 from specdesk.engine.speculators.mlp import MLPSpeculator
 
@@ -26,6 +26,8 @@ class NodeTree:
 
     def __init__(self, mlp: MLPSpeculator, config: SpecConfig, device: torch.device) -> None:
         self.mlp, self.pool = mlp, config.node_pool_size
+        # On the CPU int8 path the same ranking in fewer ops, with fused int8 weights (candidates.py).
+        self.int8 = Int8NodeRanker(mlp, self.pool) if Int8NodeRanker.fits(mlp) else None
         # On CUDA the proposal replays as one graph per batch size (launching its kernels one by one from
         # Python costs more than running them); every batch size the gate admits is captured now.
         self.graphed: GraphedNodeRanker | None = None
@@ -37,6 +39,8 @@ class NodeTree:
         """Per sequence, the pool best first, every node within that sequence's depth."""
         if self.graphed is not None:
             return self.graphed(hidden, last, depths)
+        if self.int8 is not None:
+            return self.int8(hidden, last, heads, depths)
         return propose_nodes(self.mlp, hidden, last, self.pool, num_heads=heads, max_depth=depths)
 
     def min_width(self, heads: int) -> int:
