@@ -43,7 +43,9 @@ def _wrap(obj: Any, name: str, key: str, acc: Timings, sync: Callable[[], None])
     setattr(obj, name, timed)
 
 
-def profile(llm: LLM, prompts: list[list[int]], max_tokens: int, sync: Callable[[], None]) -> dict[str, float]:
+def profile(
+    llm: LLM, prompts: list[list[int]], max_tokens: int, sync: Callable[[], None], repetition_penalty: float = 1.0
+) -> dict[str, float]:
     """ms per step of each phase (nested phases are included in their parents) and tokens per step."""
     engine = llm.engine
     acc: Timings = collections.defaultdict(float)
@@ -64,7 +66,7 @@ def profile(llm: LLM, prompts: list[list[int]], max_tokens: int, sync: Callable[
     verify_step = llm_engine.verify_step  # a module function: unwrapped again below, for the next engine
     for obj, name, key in phases:
         _wrap(obj, name, key, acc, sync)
-    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, repetition_penalty=repetition_penalty)
 
     def run(ids: list[int]) -> tuple[int, int]:
         engine.add_request(ids, params)
@@ -100,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tree-width", type=int, default=None, help="fixed node-tree width (default: measured)")
     ap.add_argument("--prompts", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--repetition-penalty", type=float, default=1.0, help="1.1: the console's default")
     ap.add_argument("--sync", action=argparse.BooleanOptionalAction, default=None,
                     help="synchronise the device after every phase (default: on for CUDA)")  # fmt: skip
     ap.add_argument("--conversations", default=None, help="JSON list of conversations (default: prompts/eval)")
@@ -118,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
                   quantization=args.quantization, speculator=speculator,
                   spec_tree_width=args.tree_width if speculator else None)  # fmt: skip
         llm.shutdown()  # its serving thread: this process steps the engine itself
-        results[name] = profile(llm, [llm.encode(m) for m in messages], args.max_tokens, sync)
+        results[name] = profile(llm, [llm.encode(m) for m in messages], args.max_tokens, sync, args.repetition_penalty)
     keys = list(dict.fromkeys(k for r in results.values() for k in r))
     print(f"benchmarks.step_profile: {args.device}, {args.dtype}, ms per engine step (sync: {use_sync})\n")
     print("| phase | " + " | ".join(results) + " |\n|---|" + "---|" * len(results))
