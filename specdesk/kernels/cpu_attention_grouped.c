@@ -106,13 +106,11 @@ static inline __attribute__((always_inline)) void weigh_values(float *acc, const
     for (int c = 0; c < chunks; c++) _mm512_storeu_ps(acc + c * LANES, o[c]);
 }
 
-typedef struct { /* one task's view of its sequence */
-    const attention_args *A;
-    int64_t seq, group, context, q_start, stride, shared_len;
+typedef struct { /* one task's key lists */
+    int64_t context, stride, shared_len, widest;
     const int64_t *shared; /* page slots of list entries 0 .. shared_len - 1, the same for every query */
     const int64_t *tails; /* [tokens of the task][widest]: each token's visible pass keys, when not causal */
     const int64_t *tail_len;
-    int64_t first_token, widest;
 } view;
 
 /* The page slot of entry j of token ti's visible list (ti: the token's index among the task's tokens), or -1. */
@@ -121,6 +119,20 @@ static inline int64_t slot_of(const view *v, int64_t ti, int64_t j) {
     if (!v->tails) return -1;
     j -= v->context;
     return j < v->tail_len[ti] ? v->tails[ti * v->widest + j] : -1;
+}
+
+/* Which list token ti reads block j0 from: -1 where every query's list holds the same keys there (the rows are
+ * loaded once for all), else its own. */
+static inline int64_t list_of(const view *v, int64_t ti, int64_t j0) {
+    return v->tails == NULL || j0 + LANES <= v->shared_len ? -1 : ti;
+}
+
+/* Row pointers (base + slot) of the block's 16 list entries, NULL past the list. */
+static inline void block_rows(const view *v, const uint16_t *base, int64_t ti, int64_t j0, const uint16_t *rows[LANES]) {
+    for (int l = 0; l < LANES; l++) {
+        const int64_t s = slot_of(v, ti, j0 + l);
+        rows[l] = s >= 0 ? base + s * v->stride : NULL;
+    }
 }
 
 /* The next block's shared rows, on their way to L1 while this block is computed: their slots follow the page
@@ -139,47 +151,46 @@ static void run_task(const grouped_args *G, const task *T, int64_t *shared, int6
     const int64_t first_token = T->first / per_group, last_token = (T->first + T->count - 1) / per_group;
     const int32_t *table = A->block_tables + seq * A->max_blocks;
     const int causal = G->causal[seq];
-    view v = {A, seq, T->group, context, q_start, A->kv_heads * d, causal ? seq_len : context, shared,
-              causal ? NULL : tails, tail_len, first_token, G->widest};
+    const view v = {context, A->kv_heads * d, causal ? seq_len : context, G->widest, shared, causal ? NULL : tails,
+                    tail_len};
     for (int64_t j = 0, b = 0; j < v.shared_len; b++) /* no division per key */
         for (int64_t o = 0; o < bs && j < v.shared_len; o++) shared[j++] = (int64_t)table[b] * bs + o;
-    int64_t n[MAX_QUERIES], longest = 0;
+    int64_t visible[MAX_QUERIES], longest = 0; /* per token of the task: its list's length */
     for (int64_t t = first_token; t <= last_token; t++) {
-        const int64_t ti = t - first_token, i = t;
-        int64_t visible = context + i + 1;
+        const int64_t ti = t - first_token;
+        visible[ti] = context + t + 1;
         if (!causal) {
-            const uint8_t *mask = A->tree_mask + (q_start + i) * A->width;
+            const uint8_t *mask = A->tree_mask + (q_start + t) * A->width;
             tail_len[ti] = 0;
             for (int64_t c = 0; c < q_len; c++)
                 if (mask[c]) tails[ti * G->widest + tail_len[ti]++] = (int64_t)table[(context + c) / bs] * bs + (context + c) % bs;
-            visible = context + tail_len[ti];
+            visible[ti] = context + tail_len[ti];
         }
-        for (int64_t qi = 0; qi < T->count; qi++)
-            if ((T->first + qi) / per_group == t) n[qi] = visible;
-        longest = visible > longest ? visible : longest;
+        longest = visible[ti] > longest ? visible[ti] : longest;
     }
-    const int64_t blocks = (longest + LANES - 1) / LANES, row = (longest + LANES - 1) / LANES * LANES;
+    int64_t tok[MAX_QUERIES], n[MAX_QUERIES]; /* per query: its token among the task's, its list's length */
+    const uint16_t *qh[MAX_QUERIES];
+    for (int64_t qi = 0; qi < T->count; qi++) {
+        const int64_t t = (T->first + qi) / per_group, h = T->group * per_group + (T->first + qi) % per_group;
+        tok[qi] = t - first_token, n[qi] = visible[t - first_token];
+        qh[qi] = A->q + (q_start + t) * A->q_stride + h * d;
+    }
+    const int64_t blocks = (longest + LANES - 1) / LANES, row = blocks * LANES;
     const uint16_t *kbase = A->k_cache + T->group * d, *vbase = A->v_cache + T->group * d;
-    /* Scores: a block is shared when every query's list holds the same keys there; else one per token. */
-    for (int64_t b = 0; b < blocks; b++) {
+    const uint16_t *rows[LANES];
+    for (int64_t b = 0; b < blocks; b++) { /* the scores */
         const int64_t j0 = b * LANES;
-        const int shared_block = v.tails == NULL || j0 + LANES <= v.shared_len;
         prefetch_rows(&v, kbase, j0 + 3 * LANES, d);
-        int64_t have = -2; /* which list kt holds: -1 shared, else a token index; -2 none */
+        int64_t have = -2; /* which list kt holds (list_of), -2 none */
         for (int64_t qi = 0; qi < T->count; qi++) {
             if (n[qi] <= j0) continue;
-            const int64_t ti = (T->first + qi) / per_group - first_token, want = shared_block ? -1 : ti;
+            const int64_t want = list_of(&v, tok[qi], j0);
             if (want != have) {
-                const uint16_t *rows[LANES];
-                for (int l = 0; l < LANES; l++) {
-                    const int64_t s = slot_of(&v, ti, j0 + l);
-                    rows[l] = s >= 0 ? kbase + s * v.stride : NULL;
-                }
+                block_rows(&v, kbase, tok[qi], j0, rows);
                 transpose_keys(rows, d, kt);
                 have = want;
             }
-            const int64_t token = q_start + first_token + ti, h = (T->first + qi) % per_group + T->group * per_group;
-            _mm512_storeu_ps(scores + qi * row + j0, block_scores(A->q + token * A->q_stride + h * d, kt, d, A->scale));
+            _mm512_storeu_ps(scores + qi * row + j0, block_scores(qh[qi], kt, d, A->scale));
         }
     }
     /* Softmax per query, as cpu_attention.c: the max, exp by lanes of 16, their sum. */
@@ -205,19 +216,17 @@ static void run_task(const grouped_args *G, const task *T, int64_t *shared, int6
     const int64_t chunks = d / LANES;
     for (int64_t b = 0; b < blocks; b++) {
         const int64_t j0 = b * LANES;
-        const int shared_block = v.tails == NULL || j0 + LANES <= v.shared_len;
         prefetch_rows(&v, vbase, j0 + 3 * LANES, d);
         int64_t have = -2;
         for (int64_t qi = 0; qi < T->count; qi++) {
             if (n[qi] <= j0) continue;
-            const int64_t ti = (T->first + qi) / per_group - first_token, want = shared_block ? -1 : ti;
+            const int64_t want = list_of(&v, tok[qi], j0);
             if (want != have) {
-                for (int l = 0; l < LANES; l++) {
-                    const int64_t s = slot_of(&v, ti, j0 + l);
+                block_rows(&v, vbase, tok[qi], j0, rows);
+                for (int l = 0; l < LANES; l++)
                     for (int64_t c = 0; c < chunks; c++)
                         _mm512_storeu_ps(vf + l * d + c * LANES,
-                                         s >= 0 ? load_bf16(vbase + s * v.stride + c * LANES) : _mm512_setzero_ps());
-                }
+                                         rows[l] ? load_bf16(rows[l] + c * LANES) : _mm512_setzero_ps());
                 have = want;
             }
             const float *p = scores + qi * row + j0;
@@ -233,9 +242,8 @@ static void run_task(const grouped_args *G, const task *T, int64_t *shared, int6
         }
     }
     for (int64_t qi = 0; qi < T->count; qi++) {
-        const int64_t token = q_start + first_token + (T->first + qi) / per_group - first_token;
-        const int64_t h = (T->first + qi) % per_group + T->group * per_group;
-        uint16_t *out = A->out + (token * A->heads + h) * d;
+        const int64_t h = T->group * per_group + (T->first + qi) % per_group;
+        uint16_t *out = A->out + ((q_start + first_token + tok[qi]) * A->heads + h) * d;
         for (int64_t e = 0; e < d; e++) out[e] = to_bf16(acc[qi * d + e] / sum[qi]);
     }
 }

@@ -1,5 +1,5 @@
-/* Shared by the CPU kernels (cpu_int8.c, cpu_attention.c, cpu_fused.c): bf16 conversions, the thread pool's
- * entry point, and a fixed-arithmetic exp. */
+/* Shared by the CPU kernels (cpu_int8.c, cpu_attention*.c, cpu_fused.c, cpu_model.c): bf16 conversions, the
+ * thread pool's entry point, the kernels' entry points and a fixed-arithmetic exp. */
 #ifndef SPECDESK_CPU_COMMON_H
 #define SPECDESK_CPU_COMMON_H
 #include <stdint.h>
@@ -29,6 +29,21 @@ static inline float round_bf16(float f) { return from_bf16(to_bf16(f)); }
 /* fn(args, p, parts) for p in 0 .. parts - 1 on the pool's threads (cpu_int8.c); returns when all are done. */
 typedef void (*task_fn)(const void *args, int64_t part, int64_t parts);
 void run_parallel(task_fn fn, const void *args, int parts);
+
+/* The kernels' entry points (cpu_int8.c, cpu_fused.c, cpu_attention.c), which cpu_model.c chains. */
+void sd_quantize_rows(const void *x, int x_bf16, int64_t m, int64_t k, uint8_t *xu, float *scales, int threads);
+void sd_linear(const uint8_t *xu, const float *xs, int64_t m, int64_t k, const int8_t *w, const int32_t *wsum,
+               const float *ws, const float *bias, int64_t n, void *out, int out_bf16, int threads);
+void sd_rms_norm(const uint16_t *x, const uint16_t *residual, const uint16_t *weight, float eps, float multiplier,
+                 int64_t m, int64_t n, uint16_t *out, uint16_t *res_out, int threads);
+void sd_rotary(uint16_t *x, int64_t row_stride, const uint16_t *cos, const uint16_t *sin, int64_t t, int64_t heads,
+               int64_t d);
+void sd_silu_mul(const uint16_t *gate_up, int64_t t, int64_t inter, uint16_t *out, int threads);
+int sd_paged_attention(const uint16_t *q, int64_t q_stride, const uint16_t *k_cache, const uint16_t *v_cache,
+                       const int32_t *block_tables, const int32_t *seq_lens, const int32_t *query_start,
+                       const uint8_t *tree_mask, int64_t width, int64_t num_seqs, int64_t num_tokens, int64_t heads,
+                       int64_t kv_heads, int64_t head_dim, int64_t block_size, int64_t max_blocks, float scale,
+                       uint16_t *out, int threads);
 
 #ifdef __AVX512F__
 static inline __m512 load_bf16(const uint16_t *p) { /* 16 bf16 -> 16 float32, exactly */

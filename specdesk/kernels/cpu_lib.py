@@ -1,4 +1,5 @@
-"""Builds and loads the CPU kernels (`cpu_int8.c`, `cpu_attention.c`, `cpu_fused.c`) as one shared library.
+"""Builds and loads the CPU kernels (`cpu_*.c`: int8 matmul, attention, fused ops, the Llama layer stack) as one
+shared library, with the ctypes signature of every entry point.
 
 The C files are compiled on first use with the machine's C compiler and `-march=native` into a per-user
 cache (`SPECDESK_KERNEL_CACHE`, default ~/.cache/specdesk/kernels), keyed by the sources, flags and machine:
@@ -64,6 +65,8 @@ def library() -> ctypes.CDLL | None:
     lib.sd_rms_norm.argtypes = [ptr, ptr, ptr, ctypes.c_float, ctypes.c_float, i64, i64, ptr, ptr, c_int]
     lib.sd_rotary.argtypes = [ptr, i64, ptr, ptr, i64, i64, i64]
     lib.sd_silu_mul.argtypes = [ptr, i64, i64, ptr, c_int]
+    lib.sd_llama_layers.argtypes = [ptr, i64, ptr, ptr, *[ptr] * 9, c_int]
+    lib.sd_llama_layers.restype = c_int
     return lib
 
 
@@ -72,7 +75,7 @@ _threads: int | None = None
 
 def set_num_threads(threads: int | None) -> None:
     """Threads the kernels split a call over (None: torch.get_num_threads() of the calling thread). The
-    engine sets it once: its loop thread runs torch's own ops on one thread (see LLM)."""
+    engine sets it once: its loop thread runs torch's own ops on one thread (see ModelRunner)."""
     global _threads
     _threads = threads
 

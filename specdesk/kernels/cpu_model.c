@@ -11,20 +11,6 @@
 
 #include "cpu_common.h"
 
-void sd_quantize_rows(const void *x, int x_bf16, int64_t m, int64_t k, uint8_t *xu, float *scales, int threads);
-void sd_linear(const uint8_t *xu, const float *xs, int64_t m, int64_t k, const int8_t *w, const int32_t *wsum,
-               const float *ws, const float *bias, int64_t n, void *out, int out_bf16, int threads);
-void sd_rms_norm(const uint16_t *x, const uint16_t *residual, const uint16_t *weight, float eps, float multiplier,
-                 int64_t m, int64_t n, uint16_t *out, uint16_t *res_out, int threads);
-void sd_rotary(uint16_t *x, int64_t row_stride, const uint16_t *cos, const uint16_t *sin, int64_t t, int64_t heads,
-               int64_t d);
-void sd_silu_mul(const uint16_t *gate_up, int64_t t, int64_t inter, uint16_t *out, int threads);
-int sd_paged_attention(const uint16_t *q, int64_t q_stride, const uint16_t *k_cache, const uint16_t *v_cache,
-                       const int32_t *block_tables, const int32_t *seq_lens, const int32_t *query_start,
-                       const uint8_t *tree_mask, int64_t width, int64_t num_seqs, int64_t num_tokens, int64_t heads,
-                       int64_t kv_heads, int64_t head_dim, int64_t block_size, int64_t max_blocks, float scale,
-                       uint16_t *out, int threads);
-
 typedef struct { /* an Int8Linear (cpu_int8.py's Int8Weight and its float32 bias or NULL) */
     const int8_t *w;
     const int32_t *wsum;

@@ -6,14 +6,12 @@ tasks), whichever other queries and sequences share its pass, and however its pr
 from __future__ import annotations
 
 import ctypes
-import os
-import shlex
-import shutil
 
 import pytest
 import torch
 
 from specdesk.kernels import cpu_attention, cpu_lib, reference
+from tests.kernels.builds import build_with
 from tests.kernels.paged_batches import make_batch
 
 pytestmark = pytest.mark.skipif(
@@ -27,20 +25,6 @@ BUILDS = {"native": None, "avx512": "-mno-avx512bf16", "portable": "-mno-avx512f
 PATHS = {"avx512": 1, "portable": 0}
 
 
-def _build(flag: str, tmp: str) -> ctypes.CDLL | None:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None or os.uname().machine != "x86_64":
-        return None
-    wrapper = os.path.join(tmp, "cc")
-    with open(wrapper, "w") as f:
-        f.write(f'#!/bin/sh\nexec {shlex.quote(compiler)} "$@" {flag}\n')
-    os.chmod(wrapper, 0o755)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CC", wrapper)
-        mp.setenv("SPECDESK_KERNEL_CACHE", tmp)
-        return cpu_lib.library.__wrapped__()
-
-
 @pytest.fixture(scope="module", params=list(BUILDS))
 def build(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     flag = BUILDS[request.param]
@@ -48,7 +32,7 @@ def build(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         lib = cpu_lib.library()
         assert lib is not None
         return lib
-    lib = _build(flag, str(tmp_path_factory.mktemp(f"kernels-{request.param}")))
+    lib = build_with(flag, str(tmp_path_factory.mktemp(f"kernels-{request.param}")))
     if lib is None:
         pytest.skip(f"no x86-64 compiler that takes {flag}")
     assert lib.sd_attention_path() == PATHS[request.param]

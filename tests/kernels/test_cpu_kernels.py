@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import ctypes
 import math
-import os
-import shlex
-import shutil
 import threading
 from typing import Any
 
@@ -18,6 +15,7 @@ import torch
 
 from specdesk.engine.attention_metadata import slot_mapping
 from specdesk.kernels import cpu_attention, cpu_int8, cpu_lib, reference
+from tests.kernels.builds import build_with
 from tests.kernels.paged_batches import make_batch
 
 pytestmark = pytest.mark.skipif(
@@ -29,21 +27,10 @@ HEADS, KV_HEADS, HEAD_DIM, PAGE = 4, 2, 32, 16
 
 @pytest.fixture(scope="module")
 def portable_lib(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
-    """The same sources built without AVX-512 (the loops a machine without VNNI runs), through a compiler
-    wrapper that cpu_lib's own build step calls: same flags otherwise, same argtypes."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None or os.uname().machine != "x86_64":
-        pytest.skip("the portable build is forced with -mno-avx512f, an x86-64 flag")
-    tmp = tmp_path_factory.mktemp("portable-kernels")
-    wrapper = tmp / "cc"
-    wrapper.write_text(f'#!/bin/sh\nexec {shlex.quote(compiler)} "$@" -mno-avx512f\n')
-    wrapper.chmod(0o755)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CC", str(wrapper))
-        mp.setenv("SPECDESK_KERNEL_CACHE", str(tmp))
-        lib = cpu_lib.library.__wrapped__()
+    """The same sources built without AVX-512 (the loops a machine without VNNI runs)."""
+    lib = build_with("-mno-avx512f", str(tmp_path_factory.mktemp("portable-kernels")))
     if lib is None:
-        pytest.skip("the compiler rejected -mno-avx512f")
+        pytest.skip("no x86-64 compiler that takes -mno-avx512f")
     assert not lib.sd_has_vnni()
     return lib
 

@@ -65,7 +65,7 @@ class CpuStack:
         from specdesk.engine.models.llama import LlamaForCausalLM
 
         lib = cpu_lib.library()
-        if lib is None or not isinstance(model, LlamaForCausalLM) or not hasattr(lib, "sd_llama_layers"):
+        if lib is None or not isinstance(model, LlamaForCausalLM):
             return None
         args = model.args
         if args.head_dim % 16 or args.head_dim > 256 or args.hidden_act not in ("silu", "swish"):
@@ -76,8 +76,6 @@ class CpuStack:
             norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
             if not all(isinstance(m, Int8Linear) for m in linears) or any(w.dtype != torch.bfloat16 for w in norms):
                 return None
-        lib.sd_llama_layers.argtypes = [_p, _i64, _p, _p, *[_p] * 9, ctypes.c_int]
-        lib.sd_llama_layers.restype = ctypes.c_int
         return cls(model)
 
     def _layer_array(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:

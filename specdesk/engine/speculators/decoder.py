@@ -39,8 +39,8 @@ from specdesk.engine.speculators.verifier import Verdict
 
 # Steps the MLP speculator rests once no candidate width pays, before it proposes (and is measured) again.
 MLP_REST_STEPS = 15
-# The cost of one more verified token in plain steps on the int8 CPU path until measured (a 13-token pass
-# costs ~2.4x a one-token step of the default model on 2 cores: its matmuls are compute-bound beyond ~4 tokens).
+# The cost of one more verified token in plain steps on the int8 CPU path until measured (a 5-token pass costs
+# ~1.4x a one-token step in the default model's layers on 2 cores: the int8 matmuls turn compute-bound).
 INT8_STEP_COST_PRIOR = 0.1
 
 
@@ -160,7 +160,7 @@ class SpeculativeDecoder:
             width = max(self.policy.num_candidates(len(running)), kind.min_width(heads))
             if self.config.tree_width is None:
                 width = self.width.choose(self.step_cost.cost_per_token, width)
-                if width == 0 or not self._mlp_pays():  # rest the MLP (its proposal costs a fifth of a CPU step)
+                if width == 0 or not self._mlp_pays():  # rest the MLP (its proposal costs ~0.15 of a CPU step)
                     width, self._mlp_rest = 0, MLP_REST_STEPS
             else:
                 width = min(width, self.config.tree_width)
