@@ -31,6 +31,11 @@ class TrainConfig:
     max_reply_tokens: int = 128
     sampled_temperature: float = 0.7  # persona prompts are sampled like the console does; plain ones greedy
     sampled_top_p: float = 0.9
+    # The repetition penalty every reply is generated under and the heads' distilled distribution is penalized
+    # with (train_data.base_distribution). The console verifies drafts against penalized text (1.1,
+    # settings.DEFAULT_REPETITION_PENALTY); the shipped speculator was trained before this option, at 1.0,
+    # which stays the default so that its recorded run reproduces. A 1.1 run is not measured yet.
+    repetition_penalty: float = 1.0
     persona_every: int = 3  # persona-prompt replies for every k-th training conversation (5x longer prompts)
     samples_per_prompt: int = 1  # extra sampled replies per training conversation (varied trajectories)
     # Customer messages the base model writes, then answers (synth.py). Off by default: the 135M model's

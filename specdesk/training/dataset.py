@@ -70,9 +70,9 @@ def data_key(cfg: TrainConfig) -> str:
     """What the cached positions depend on (not the training hyperparameters)."""
     fields = (
         "model dtype max_reply_tokens sampled_temperature sampled_top_p persona_every max_conversations "
-        "holdout_every seed samples_per_prompt synthetic_messages draft_vocab_size"
+        "holdout_every seed samples_per_prompt synthetic_messages draft_vocab_size repetition_penalty"
     )
-    return json.dumps([getattr(cfg, f) for f in fields.split()])
+    return json.dumps([getattr(cfg, f) for f in fields.split()] + ["history"])  # positions carry their history
 
 
 def build_data(cfg: TrainConfig, loaded: Any) -> tuple[Positions, Positions, dict[str, Positions], list[int]]:
@@ -151,6 +151,7 @@ def _generate(
         max_tokens=cfg.max_reply_tokens,
         top_p=cfg.sampled_top_p,
         seed=cfg.seed,
+        repetition_penalty=cfg.repetition_penalty,
     )
     seqs = [TokenSequence(p + r, len(p) - 1) for p, r in zip(prompts, replies, strict=True)]
     bounds = [0, *itertools.accumulate(len(g) for g in groups)]

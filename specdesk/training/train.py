@@ -157,6 +157,7 @@ def train(cfg: TrainConfig) -> dict[str, object]:
     distill = cfg.distill if cfg.n_predict >= 2 else 0.0  # reply ends are read from head 1's padding
     to_end = [rows_to_end(d.windows) for d in (stage1, stage2)] if distill else []
     base_rows = (spec.base_head if spec.draft_vocab is None else spec.base_head[spec.draft_vocab]).float()
+    columns = vocab_columns(spec)
     g = torch.Generator()
     bar = tqdm(range(step, total), initial=step, total=total, desc="training", unit="step")
     for step in bar:
@@ -171,7 +172,9 @@ def train(cfg: TrainConfig) -> dict[str, object]:
         soft = None
         if distill:
             soft = [
-                base_distribution(data, idx, i + 1, to_end[stage], base_rows, cfg.distill_temperature)
+                base_distribution(
+                    data, idx, i + 1, to_end[stage], base_rows, cfg.distill_temperature, cfg.repetition_penalty, columns
+                )
                 for i in range(cfg.n_predict)
             ]
         losses = head_losses(spec, data.hidden[idx], data.windows[idx], soft, distill)
@@ -244,6 +247,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     ap.add_argument("--stage2-peak", type=float, default=d.stage2_peak, help="stage 2 peak lr / lr (IBM's: 0.1)")
     ap.add_argument("--sampled-temperature", type=float, default=d.sampled_temperature, help="0 = greedy")
     ap.add_argument("--sampled-top-p", type=float, default=d.sampled_top_p)
+    ap.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty,
+                    help="applied to every generated reply and to the distilled distribution (1: off)")  # fmt: skip
     ap.add_argument("--tie-weights", action="store_true", help="IBM's tie_weights (heads share proj/ln)")
     ap.add_argument("--train-heads", action=argparse.BooleanOptionalAction, default=d.train_heads,
                     help="train each head's own draft-vocabulary rows")  # fmt: skip

@@ -96,6 +96,39 @@ def test_base_distribution_reads_the_hidden_state_ahead_within_the_reply() -> No
     torch.testing.assert_close(sharp[valid], torch.softmax(2 * (data.hidden[torch.tensor([1, 3, 5, 6])] @ rows.T), -1))
 
 
+def test_penalized_base_distribution_is_the_engines_penalty_at_each_position() -> None:
+    # The distilled distribution under a repetition penalty must be the one the engine verifies against:
+    # process_rows' penalty over x_0..x_j (prompt and reply so far) at the position the head drafts for.
+    from specdesk.engine.logits_processors import process_rows
+    from specdesk.engine.sampling_params import SamplingParams
+
+    torch.manual_seed(0)
+    vocab, dim = 12, 6
+    seqs = [TokenSequence([3, 5, 3, 7, 1, 5, 9, 2], start=2), TokenSequence([4, 4, 11, 0, 6, 4], start=0)]
+    data = Positions.concat([positions_of(s, torch.randn(len(s.tokens), dim), n_predict=3) for s in seqs])
+    spans = [(i, j) for i, s in enumerate(seqs) for j in range(s.start, len(s.tokens) - 2)]
+    head = torch.randn(vocab, dim) * 4  # logits of both signs, large enough that the penalty matters
+    to_end = rows_to_end(data.windows)
+    params = SamplingParams(temperature=0.0, repetition_penalty=1.3)
+    draft = torch.tensor([0, 3, 4, 5, 9, 11])  # a draft vocabulary: token ids of the rows
+    columns = torch.full((vocab,), IGNORE, dtype=torch.long)
+    columns[draft] = torch.arange(len(draft))
+    idx = torch.arange(len(data))
+    for ahead in (1, 2):
+        probs, valid = base_distribution(data, idx, ahead, to_end, head, penalty=1.3)
+        sub, _ = base_distribution(data, idx, ahead, to_end, head[draft], penalty=1.3, columns=columns)
+        plain, _ = base_distribution(data, idx, ahead, to_end, head)
+        assert not torch.allclose(probs[valid], plain[valid])
+        for r in idx[valid].tolist():
+            s, j = spans[r + ahead]
+            assert spans[r][0] == s  # still the same sequence
+            z = process_rows((data.hidden[r + ahead].float() @ head.T)[None], params, seqs[s].tokens[: j + 1],
+                             j + 1, [[]], None)[0]  # fmt: skip
+            # Log-probabilities: a penalized token is often an unlikely one, invisible in probabilities.
+            torch.testing.assert_close(probs[r].log(), torch.log_softmax(z, -1), atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(sub[r].log(), torch.log_softmax(z[draft], -1), atol=1e-4, rtol=1e-4)
+
+
 def test_distillation_loss_is_cross_entropy_against_the_base_distribution() -> None:
     torch.manual_seed(0)
     spec = MLPSpeculator(MLPSpeculatorConfig(vocab_size=11, emb_dim=8, n_predict=2))
