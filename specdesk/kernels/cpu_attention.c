@@ -6,7 +6,8 @@
  * (token, head) walks the keys it may see in position order, so its result depends only on which keys those
  * are: a draft-tree node sees its context and its ancestors in the same order, with the same values, as
  * plain decoding sees the same tokens, and speculation stays exact on this path too. This file holds that
- * contract, the dispatch and the path of CPUs without AVX-512 BF16 (one task per query); CPUs with it run
+ * contract, the dispatch and the paths of CPUs without AVX-512 BF16 (one task per query in AVX-512 or portable
+ * C; on AVX2, tasks of queries sharing each block's conversion, below); CPUs with it run
  * cpu_attention_grouped.c, whose tasks share each key's loading among the queries that read it.
  *
  * Per query: the scores of its visible keys, their max, exp and sum, then the weighted sum of V; float32
@@ -42,6 +43,58 @@ static int64_t visible_slots(const attention_args *A, int64_t token, int64_t *sl
 }
 
 
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+static inline __m256 load8_bf16(const uint16_t *p) { /* 8 bf16 -> 8 float32, exactly */
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+static inline float hsum8(__m256 v) { /* ((0+4) + (2+6)) + ((1+5) + (3+7)): one fixed order */
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* exp16 of cpu_common.h on 8 lanes: the same polynomial; 2^n built from the exponent bits (n in [-126, 127]
+ * after the clamp, so the scaling is exact as scalef's). */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 720);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* scores[0 .. n) -> exp(score - max) in place; returns their sum, added in 8 lanes by list index and then
+ * across lanes (both AVX2 paths call this, so their softmax is one arithmetic). */
+static float softmax8(float *scores, int64_t n, float max) {
+    __m256 sums = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        const __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + j), _mm256_set1_ps(max)));
+        _mm256_storeu_ps(scores + j, p);
+        sums = _mm256_add_ps(sums, p);
+    }
+    if (j < n) { /* the tail through a padded copy: lanes past n add 0 */
+        float tail[8] = {0};
+        for (int64_t t = j; t < n; t++) tail[t - j] = scores[t] - max;
+        _mm256_storeu_ps(tail, exp8(_mm256_loadu_ps(tail)));
+        for (int64_t t = n - j; t < 8; t++) tail[t] = 0.0f;
+        for (int64_t t = j; t < n; t++) scores[t] = tail[t - j];
+        sums = _mm256_add_ps(sums, _mm256_loadu_ps(tail));
+    }
+    return hsum8(sums);
+}
+#endif
+
 /* One query head of one query token over the keys it may see. */
 static void attend(const attention_args *A, int64_t token, int64_t h, int64_t *slots, float *scores) {
     const int64_t d = A->head_dim, kvh = h / (A->heads / A->kv_heads), stride = A->kv_heads * d;
@@ -73,6 +126,25 @@ static void attend(const attention_args *A, int64_t token, int64_t h, int64_t *s
         for (int64_t c = 0; c < chunks; c++) acc[c] = _mm512_fmadd_ps(p, load_bf16(v + c * LANES), acc[c]);
     }
     for (int64_t c = 0; c < chunks; c++) _mm512_storeu_ps(o + c * LANES, acc[c]);
+#elif defined(__AVX2__) && defined(__FMA__)
+    /* The AVX-512 loop's steps, 8 lanes at a time (CPUs with AVX2 only); sums across lanes in a fixed order. */
+    const int64_t chunks = d / 8;
+    __m256 q[32], acc[32];
+    for (int64_t c = 0; c < chunks; c++) q[c] = load8_bf16(qh + c * 8), acc[c] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n; j++) {
+        const uint16_t *k = kbase + slots[j] * stride;
+        __m256 s = _mm256_mul_ps(q[0], load8_bf16(k));
+        for (int64_t c = 1; c < chunks; c++) s = _mm256_fmadd_ps(q[c], load8_bf16(k + c * 8), s);
+        scores[j] = hsum8(s) * A->scale;
+        max = fmaxf(max, scores[j]);
+    }
+    sum = softmax8(scores, n, max);
+    for (int64_t jj = 0; jj < n; jj++) {
+        const uint16_t *v = vbase + slots[jj] * stride;
+        const __m256 p = _mm256_set1_ps(scores[jj]);
+        for (int64_t c = 0; c < chunks; c++) acc[c] = _mm256_fmadd_ps(p, load8_bf16(v + c * 8), acc[c]);
+    }
+    for (int64_t c = 0; c < chunks; c++) _mm256_storeu_ps(o + c * 8, acc[c]);
 #else
     for (int64_t e = 0; e < d; e++) o[e] = 0.0f;
     for (int64_t j = 0; j < n; j++) {
@@ -103,6 +175,154 @@ static void attention_part(const void *a, int64_t part, int64_t parts) {
     free(slots);
 }
 
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__) && !defined(SPECDESK_PER_QUERY)
+#define GROUPED_AVX2 1
+/* Tasks of queries that read the same keys, for AVX2 (the grouped idea of cpu_attention_grouped.c without its
+ * bf16 dot products): up to GQ queries of one sequence and KV head, whose key and value rows are converted to
+ * float32 once per block of KB list entries for every query reading them, instead of once per query. Each
+ * query's arithmetic is `attend`'s AVX2 loop step for step (the same FMA chain per key, softmax8, the same
+ * weighted sum in key order): the per-query build (-DSPECDESK_PER_QUERY) gives the same bits, a test says so. */
+#define GQ 32
+#define KB 16
+
+typedef struct {
+    const attention_args *A;
+    const int64_t *task_seq, *task_first; /* per task: its sequence and first query (query = token * per_group
+                                           * + head within the group, among the sequence's); group and count: */
+    const int64_t *task_group, *task_count, *end_cost;
+    int64_t num_tasks, longest;
+} group_tasks;
+
+/* Rows slots[0 .. live) of the cache at base (a KV head's columns) as float32, kf[l * d ..]. */
+static void convert_rows(const uint16_t *base, int64_t stride, const int64_t *slots, int64_t live, int64_t d, float *kf) {
+    for (int64_t l = 0; l < live; l++)
+        for (int64_t c = 0; c < d; c += 8) _mm256_storeu_ps(kf + l * d + c, load8_bf16(base + slots[l] * stride + c));
+}
+
+/* out[l] = scale * (q . row l) for l < live: `attend`'s AVX2 FMA chain and lane sum, on converted rows. */
+static inline void score_rows(const uint16_t *qh, const float *rows, int64_t live, int64_t d, float scale, float *out) {
+    const int64_t chunks = d / 8;
+    __m256 q[32];
+    for (int64_t c = 0; c < chunks; c++) q[c] = load8_bf16(qh + c * 8);
+    for (int64_t l = 0; l < live; l++) {
+        __m256 sc = _mm256_mul_ps(q[0], _mm256_loadu_ps(rows + l * d));
+        for (int64_t c = 1; c < chunks; c++) sc = _mm256_fmadd_ps(q[c], _mm256_loadu_ps(rows + l * d + c * 8), sc);
+        out[l] = hsum8(sc) * scale;
+    }
+}
+
+/* acc += p[l] * row l for l < live, key by key (each lane's sequence of FMAs is `attend`'s). */
+static inline void weigh_rows(const float *p, const float *rows, int64_t live, int64_t d, float *acc) {
+    for (int64_t c = 0; c < d; c += 8) {
+        __m256 o = _mm256_loadu_ps(acc + c);
+        for (int64_t l = 0; l < live; l++) o = _mm256_fmadd_ps(_mm256_set1_ps(p[l]), _mm256_loadu_ps(rows + l * d + c), o);
+        _mm256_storeu_ps(acc + c, o);
+    }
+}
+
+static void run_group(const group_tasks *G, int64_t t, int64_t *slots, float *scores, float *rows, float *acc) {
+    const attention_args *A = G->A;
+    const int64_t d = A->head_dim, per_group = A->heads / A->kv_heads, stride = A->kv_heads * d;
+    const int64_t seq = G->task_seq[t], group = G->task_group[t], first = G->task_first[t], count = G->task_count[t];
+    const int64_t list = G->longest + 1, row = G->longest + 8, q_start = A->query_start[seq];
+    int64_t n[GQ], most = 0;
+    const uint16_t *qh[GQ];
+    const int64_t *keys[GQ]; /* each query's visible list (page slots); the heads of one token share theirs */
+    for (int64_t qi = 0; qi < count; qi++) {
+        const int64_t token = q_start + (first + qi) / per_group, h = group * per_group + (first + qi) % per_group;
+        qh[qi] = A->q + token * A->q_stride + h * d;
+        if (qi > 0 && (first + qi) % per_group != 0) {
+            keys[qi] = keys[qi - 1], n[qi] = n[qi - 1];
+        } else {
+            keys[qi] = slots + qi * list;
+            n[qi] = visible_slots(A, token, slots + qi * list);
+        }
+        most = n[qi] > most ? n[qi] : most;
+    }
+    float sum[GQ];
+    for (int pass = 0; pass < 2; pass++) { /* the scores, then (after the softmax) the weighted sum of V */
+        if (pass == 1)
+            for (int64_t qi = 0; qi < count; qi++) {
+                float max = -INFINITY;
+                for (int64_t j = 0; j < n[qi]; j++) max = fmaxf(max, scores[qi * row + j]);
+                sum[qi] = softmax8(scores + qi * row, n[qi], max);
+                memset(acc + qi * d, 0, sizeof(float) * (size_t)d);
+            }
+        const uint16_t *base = (pass ? A->v_cache : A->k_cache) + group * d;
+        for (int64_t j0 = 0; j0 < most; j0 += KB) { /* a block of list entries at a time, in list order */
+            const int64_t *have = NULL; /* the slots `rows` holds, for have_live entries */
+            int64_t have_live = 0;
+            for (int64_t qi = 0; qi < count; qi++) {
+                if (n[qi] <= j0) continue;
+                const int64_t live = n[qi] - j0 < KB ? n[qi] - j0 : KB, *sl = keys[qi] + j0;
+                if (!have || have_live < live || (have != sl && memcmp(have, sl, sizeof(int64_t) * (size_t)live))) {
+                    convert_rows(base, stride, sl, live, d, rows);
+                    have = sl, have_live = live;
+                }
+                if (pass == 0)
+                    score_rows(qh[qi], rows, live, d, A->scale, scores + qi * row + j0);
+                else
+                    weigh_rows(scores + qi * row + j0, rows, live, d, acc + qi * d);
+            }
+        }
+    }
+    for (int64_t qi = 0; qi < count; qi++) {
+        const int64_t token = q_start + (first + qi) / per_group, h = group * per_group + (first + qi) % per_group;
+        uint16_t *out = A->out + (token * A->heads + h) * d;
+        for (int64_t e = 0; e < d; e++) out[e] = to_bf16(acc[qi * d + e] / sum[qi]);
+    }
+}
+
+static void group_part(const void *a, int64_t part, int64_t parts) {
+    static __thread void *bufs[4];
+    static __thread size_t caps[4];
+    const group_tasks *G = a;
+    const int64_t d = G->A->head_dim;
+    int64_t *slots = scratch(&bufs[0], &caps[0], sizeof(int64_t) * (size_t)(GQ * (G->longest + 1)));
+    float *scores = scratch(&bufs[1], &caps[1], sizeof(float) * (size_t)(GQ * (G->longest + 8)));
+    float *rows = scratch(&bufs[2], &caps[2], sizeof(float) * (size_t)(KB * d));
+    float *acc = scratch(&bufs[3], &caps[3], sizeof(float) * (size_t)(GQ * d));
+    if (!(slots && scores && rows && acc)) return;
+    const int64_t total = G->end_cost[G->num_tasks - 1]; /* a part: the tasks whose cost midpoints fall in its share */
+    for (int64_t t = 0; t < G->num_tasks; t++) {
+        const int64_t mid2 = (t ? G->end_cost[t - 1] : 0) + G->end_cost[t];
+        if (mid2 * parts >= 2 * total * part && mid2 * parts < 2 * total * (part + 1)) run_group(G, t, slots, scores, rows, acc);
+    }
+}
+
+/* Tasks sized as cpu_attention_grouped.c sizes them (two a thread where that leaves more than 4 queries, else
+ * four), within one sequence and KV head each. Returns -1 if out of memory. */
+static int grouped_avx2(const attention_args *A, int threads) {
+    const int64_t per_group = A->heads / A->kv_heads, total = A->num_tokens * A->heads;
+    int64_t size = (total + 2 * threads - 1) / (2 * threads);
+    if (size <= 4) size = (total + 4 * threads - 1) / (4 * threads);
+    size = size < 1 ? 1 : size > GQ ? GQ : size;
+    int64_t count = 0, longest = 0;
+    for (int64_t s = 0; s < A->num_seqs; s++) {
+        count += A->kv_heads * (((A->query_start[s + 1] - A->query_start[s]) * per_group + size - 1) / size);
+        longest = A->seq_lens[s] > longest ? A->seq_lens[s] : longest;
+    }
+    int64_t *arrays = malloc(sizeof(int64_t) * 5 * (size_t)(count + 1));
+    if (!arrays) return -1;
+    int64_t *seq = arrays, *firsts = seq + count + 1, *groups = firsts + count + 1, *counts = groups + count + 1;
+    int64_t *end_cost = counts + count + 1, k = 0, cost = 0;
+    for (int64_t s = 0; s < A->num_seqs; s++) {
+        const int64_t q_len = A->query_start[s + 1] - A->query_start[s], queries = q_len * per_group;
+        const int64_t pieces = (queries + size - 1) / size;
+        for (int64_t g = 0; g < A->kv_heads; g++)
+            for (int64_t c = 0; c < pieces; c++, k++) {
+                const int64_t f = queries * c / pieces, m = queries * (c + 1) / pieces - f;
+                cost += m * (A->seq_lens[s] - q_len + (f + m - 1) / per_group + 1 + 64);
+                seq[k] = s, firsts[k] = f, groups[k] = g, counts[k] = m, end_cost[k] = cost;
+            }
+    }
+    const group_tasks G = {A, seq, firsts, groups, counts, end_cost, k, longest};
+    if (k > 0) run_parallel(group_part, &G, (int)(k < threads ? k : threads));
+    free(arrays);
+    return 0;
+}
+#endif
+
 /* Returns 0, or -1 for a shape it does not take: head_dim not a multiple of 16 or above 256
  * (the caller then uses the twin). */
 int sd_paged_attention(const uint16_t *q, int64_t q_stride, const uint16_t *k_cache, const uint16_t *v_cache, const int32_t *block_tables,
@@ -114,6 +334,11 @@ int sd_paged_attention(const uint16_t *q, int64_t q_stride, const uint16_t *k_ca
                                  num_seqs, num_tokens, heads, kv_heads, head_dim, block_size, max_blocks, scale, out};
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
     return grouped_attention(&args, threads);
+#elif defined(GROUPED_AVX2)
+    if (grouped_avx2(&args, threads) == 0) return 0;
+    const int64_t tasks = num_tokens * heads; /* out of memory for the tasks' list: one task per query */
+    run_parallel(attention_part, &args, (int)(tasks < threads ? tasks : threads));
+    return 0;
 #else
     const int64_t tasks = num_tokens * heads;
     run_parallel(attention_part, &args, (int)(tasks < threads ? tasks : threads));
@@ -121,12 +346,17 @@ int sd_paged_attention(const uint16_t *q, int64_t q_stride, const uint16_t *k_ca
 #endif
 }
 
-/* Which path this build runs (one per build, so a pass's numbers never depend on the batch): 2 the grouped
- * AVX-512 BF16 tasks (cpu_attention_grouped.c), 1 a task per query with AVX-512, 0 the portable loops. */
+/* Which path this build runs (one per build, so a pass's numbers never depend on the batch): 4 the grouped
+ * AVX-512 BF16 tasks (cpu_attention_grouped.c), 3 a task per query with AVX-512, 2 grouped tasks with AVX2
+ * and FMA, 1 a task per query with them (-DSPECDESK_PER_QUERY; the same bits as 2), 0 the portable loops. */
 int sd_attention_path(void) {
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
-    return 2;
+    return 4;
 #elif defined(__AVX512F__)
+    return 3;
+#elif defined(GROUPED_AVX2)
+    return 2;
+#elif defined(__AVX2__) && defined(__FMA__)
     return 1;
 #else
     return 0;

@@ -1,5 +1,5 @@
-/* What the CPU attention kernels share (cpu_attention.c: one task per query token and head, the path of
- * machines without AVX-512 BF16; cpu_attention_grouped.c: tasks of queries that read the same keys). */
+/* What the CPU attention kernels share (cpu_attention.c: the paths of machines without AVX-512 BF16;
+ * cpu_attention_grouped.c: tasks of queries that read the same keys, with AVX-512 BF16). */
 #ifndef SPECDESK_CPU_ATTENTION_H
 #define SPECDESK_CPU_ATTENTION_H
 #include <stdint.h>

@@ -248,16 +248,6 @@ static void run_task(const grouped_args *G, const task *T, int64_t *shared, int6
     }
 }
 
-/* Scratch that lives as long as its thread and grows to the largest pass seen: no allocation per call. */
-static void *scratch(void **buf, size_t *cap, size_t bytes) {
-    if (bytes > *cap) {
-        free(*buf);
-        *buf = aligned_alloc(64, (bytes + 63) / 64 * 64);
-        *cap = *buf ? bytes : 0;
-    }
-    return *buf;
-}
-
 static void grouped_part(const void *a, int64_t part, int64_t parts) {
     static __thread void *bufs[5];
     static __thread size_t caps[5];

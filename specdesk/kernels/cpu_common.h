@@ -3,8 +3,9 @@
 #ifndef SPECDESK_CPU_COMMON_H
 #define SPECDESK_CPU_COMMON_H
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -25,6 +26,18 @@ static inline float from_bf16(uint16_t b) {
 }
 
 static inline float round_bf16(float f) { return from_bf16(to_bf16(f)); }
+
+/* A buffer of at least `bytes` (64-byte aligned) that lives as long as its owner's pointer and capacity (a
+ * thread's, for the kernels' scratch: no allocation per call), grown when a larger pass comes; NULL if out of
+ * memory. */
+static inline void *scratch(void **buf, size_t *cap, size_t bytes) {
+    if (bytes > *cap) {
+        free(*buf);
+        *buf = aligned_alloc(64, (bytes + 63) / 64 * 64);
+        *cap = *buf ? bytes : 0;
+    }
+    return *buf;
+}
 
 /* fn(args, p, parts) for p in 0 .. parts - 1 on the pool's threads (cpu_int8.c); returns when all are done. */
 typedef void (*task_fn)(const void *args, int64_t part, int64_t parts);

@@ -1,121 +1,32 @@
 /* W8A8 linear for the CPU: int8 weights times int8 activations, both with one scale per group of 32 inputs
  * (as llama.cpp's Q8_0; per-channel and per-token scales lost 9 points of top-1 agreement with float32 on the
- * default model, whose GGUF weights have a scale per 32 anyway), each group's sum exact in int32. The torch twin is `specdesk.kernels.cpu_int8.linear_reference`; the
- * Python side (`cpu_int8.py`) compiles this file once per machine with -march=native and calls it by ctypes.
+ * default model, whose GGUF weights have a scale per 32 anyway), each group's sum exact in int32. The torch
+ * twin is `specdesk.kernels.cpu_int8.linear_reference`; `cpu_lib.py` compiles the C files once per machine with
+ * -march=native, and `cpu_int8.py` calls this one by ctypes.
  *
  * Why this shape of kernel: a decode step of a small model on a CPU reads every weight once for a handful of
  * tokens (1 plain, ~10 when verifying a draft tree). Weights are packed so that one AVX-512 VNNI instruction
  * multiplies 4 inputs of one token into 16 output channels (layout [N/16][K/4][16][4]); a block of channels
  * stays in L1 while every token of the pass is multiplied by it, so a 13-token verification reads the weights
- * from memory once, as a 1-token step does. A group's integer sum does not depend on the order it is added in
+ * from memory once, as a 1-token step does (CPUs with AVX2 but not VNNI: `tile8`, 4 instructions per 32
+ * products instead of 1 per 64, the same integers). A group's integer sum does not depend on the order it is added in
  * and the groups join one float sum in a fixed order, so the result of a row never depends on which other rows
  * share the pass (speculation stays exact) nor on whether the vector or the scalar path ran.
  *
- * Threads: a small pool of our own (below), not OpenMP. libgomp throttles its workers to a few spins and then
- * sleeps them whenever it manages more threads than there are CPUs, which is always the case when the calls
- * come from a thread other than the process's first (the engine's loop thread): every parallel region then
- * pays a futex wake-up, and a decode step has 120 of them (measured: a 3072x576 linear took 2.2x as long in
- * a second thread as in the main one).
+ * Threads: the pool of cpu_pool.c.
  *
  * Activations enter as unsigned bytes (q + 128, VNNI multiplies unsigned by signed); the kernel subtracts
  * 128 * sum(w[n, group]) per channel and group afterwards. No floating-point contraction (-ffp-contract=off):
  * every multiply and add rounds as torch's separate ones in the twin do.
  */
 #include <math.h>
-#include <pthread.h>
-#include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
-#include <time.h>
 
 #include "cpu_common.h"
 
-/* ------------------------------------------------------------------------------------------ thread pool */
-
 #define GROUP 32 /* inputs per quantization group, of weights and of activations alike */
 #define MAX_ROWS 6 /* tokens a tile multiplies by one load of weights: 2 x MAX_ROWS int32 + as many float sums */
-#define MAX_WORKERS 255
-#define SPIN_NS 200000 /* a worker spins this long for the next call before it sleeps (a step's gaps are shorter) */
-
-static struct {
-    pthread_mutex_t mu, call_mu;
-    pthread_cond_t cv;
-    atomic_long generation;
-    atomic_int pending;
-    task_fn fn;
-    const void *args;
-    int parts, workers;
-} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
-
-static int64_t now_ns(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
-}
-
-static void *worker(void *arg) {
-    /* The id (1 .. workers; the caller is part 0) is the low byte, the generation current when the worker was
-     * created the rest: a worker that starts late still takes part in the call that created it. */
-    const int id = (int)((intptr_t)arg & 0xff);
-    long seen = (long)((intptr_t)arg >> 8);
-    for (;;) {
-        long g;
-        const int64_t until = now_ns() + SPIN_NS;
-        for (int spins = 0; (g = atomic_load_explicit(&pool.generation, memory_order_acquire)) == seen; spins++) {
-#if defined(__x86_64__)
-            __builtin_ia32_pause();
-#endif
-            if ((spins & 255) == 255 && now_ns() > until) {
-                pthread_mutex_lock(&pool.mu);
-                while ((g = atomic_load(&pool.generation)) == seen) pthread_cond_wait(&pool.cv, &pool.mu);
-                pthread_mutex_unlock(&pool.mu);
-                break;
-            }
-        }
-        seen = g;
-        if (id < pool.parts) pool.fn(pool.args, id, pool.parts);
-        atomic_fetch_sub_explicit(&pool.pending, 1, memory_order_release);
-    }
-    return NULL;
-}
-
-static void forget_workers(void) { pool.workers = 0; } /* a forked child has none of the parent's threads */
-
-/* fn(args, p, parts) for p in 0 .. parts - 1, on the caller and parts - 1 workers; returns when all are done.
- * Calls from several threads take turns. */
-void run_parallel(task_fn fn, const void *args, int parts) {
-    if (parts > MAX_WORKERS + 1) parts = MAX_WORKERS + 1;
-    if (parts <= 1) {
-        fn(args, 0, 1);
-        return;
-    }
-    pthread_mutex_lock(&pool.call_mu);
-    static int atfork;
-    if (!atfork) atfork = !pthread_atfork(NULL, NULL, forget_workers);
-    while (pool.workers < parts - 1) {
-        pthread_t t;
-        const intptr_t arg = ((intptr_t)atomic_load(&pool.generation) << 8) | (pool.workers + 1);
-        if (pthread_create(&t, NULL, worker, (void *)arg) != 0) break;
-        pthread_detach(t);
-        pool.workers++;
-    }
-    if (parts > pool.workers + 1) parts = pool.workers + 1;
-    pool.fn = fn;
-    pool.args = args;
-    pool.parts = parts;
-    atomic_store(&pool.pending, pool.workers);
-    pthread_mutex_lock(&pool.mu);
-    atomic_fetch_add_explicit(&pool.generation, 1, memory_order_release);
-    pthread_cond_broadcast(&pool.cv);
-    pthread_mutex_unlock(&pool.mu);
-    fn(args, 0, parts);
-    while (atomic_load_explicit(&pool.pending, memory_order_acquire) > 0) {
-#if defined(__x86_64__)
-        __builtin_ia32_pause();
-#endif
-    }
-    pthread_mutex_unlock(&pool.call_mu);
-}
 
 /* ------------------------------------------------------------------------------------------ kernels */
 
@@ -153,6 +64,31 @@ static void quantize_part(const void *a, int64_t part, int64_t parts) {
                 }
                 _mm_storeu_si128((__m128i *)(q->xu + base + 16 * h),
                                  _mm512_cvtepi32_epi8(_mm512_add_epi32(q8, _mm512_set1_epi32(128))));
+            }
+#elif defined(__AVX2__)
+            /* The loop below 8 at a time (a prefill chunk quantizes millions of inputs). */
+            __m256 v[4], m = _mm256_setzero_ps();
+            const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+            for (int h = 0; h < 4; h++) {
+                v[h] = q->x_bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(
+                                       _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)q->x + base + 8 * h))), 16))
+                                 : _mm256_loadu_ps((const float *)q->x + base + 8 * h);
+                m = _mm256_max_ps(m, _mm256_and_ps(v[h], abs_mask));
+            }
+            float lanes[8], amax = 0.0f;
+            _mm256_storeu_ps(lanes, m);
+            for (int i = 0; i < 8; i++) amax = lanes[i] > amax ? lanes[i] : amax;
+            const float scale = amax / 127.0f;
+            q->scales[r * groups + g] = scale;
+            for (int h = 0; h < 4; h++) {
+                int32_t q8[8] = {0};
+                if (scale > 0.0f) {
+                    const __m256 t = _mm256_round_ps(_mm256_div_ps(v[h], _mm256_set1_ps(scale)),
+                                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                    const __m256 c = _mm256_min_ps(_mm256_max_ps(t, _mm256_set1_ps(-127.0f)), _mm256_set1_ps(127.0f));
+                    _mm256_storeu_si256((__m256i *)q8, _mm256_cvtps_epi32(c));
+                }
+                for (int i = 0; i < 8; i++) q->xu[base + 8 * h + i] = (uint8_t)(q8[i] + 128);
             }
 #else
             float amax = 0.0f, v[GROUP];
@@ -244,6 +180,44 @@ static inline void store16(void *out, int out_bf16, int64_t idx, __m512 v, const
         case 5: TILE(5, B); break;    \
         default: TILE(6, B); break;   \
     }
+#elif defined(__AVX2__)
+/* AVX2 without VNNI (most laptop CPUs before AVX-512): one 16-channel block, R tokens, two registers of 8
+ * channels each. Per 4 inputs of a token: vpmaddubsw multiplies |q_x| (unsigned) by the weights with q_x's sign
+ * (vpsignb), adding pairs into int16, and vpmaddwd by 1 adds the pairs into int32. Both factors lie in
+ * [-127, 127], so a pair is at most 2 * 127 * 127 = 32258 and never saturates: each group's integer sum is
+ * exactly the VNNI path's acc - 128 * wsum, and the float sum over groups repeats its operations in order. */
+static inline __attribute__((always_inline)) void tile8(const uint8_t *x, int64_t k, const int8_t *wb,
+                                                        const float *xs, const float *ws, int64_t n, const int R,
+                                                        __m256 f[MAX_ROWS][2]) {
+    const int64_t groups = k / GROUP;
+    const __m256i ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8((char)0x80);
+    for (int r = 0; r < R; r++) f[r][0] = f[r][1] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        __m256i a[MAX_ROWS][2];
+        for (int r = 0; r < R; r++) a[r][0] = a[r][1] = _mm256_setzero_si256();
+        for (int64_t j = g * (GROUP / 4); j < (g + 1) * (GROUP / 4); j++) {
+            const __m256i w0 = _mm256_loadu_si256((const __m256i *)(wb + j * 64));
+            const __m256i w1 = _mm256_loadu_si256((const __m256i *)(wb + j * 64 + 32));
+            for (int r = 0; r < R; r++) {
+                int32_t v;
+                memcpy(&v, x + r * k + 4 * j, 4);
+                const __m256i xv = _mm256_xor_si256(_mm256_set1_epi32(v), flip); /* q_x as signed bytes */
+                const __m256i ax = _mm256_sign_epi8(xv, xv);
+                a[r][0] = _mm256_add_epi32(a[r][0], _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w0, xv)), ones));
+                a[r][1] = _mm256_add_epi32(a[r][1], _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w1, xv)), ones));
+            }
+        }
+        for (int h = 0; h < 2; h++) {
+            const __m256 wsv = _mm256_loadu_ps(ws + g * n + h * 8);
+            for (int r = 0; r < R; r++) {
+                const __m256 scale = _mm256_mul_ps(_mm256_set1_ps(xs[r * groups + g]), wsv);
+                f[r][h] = _mm256_add_ps(f[r][h], _mm256_mul_ps(_mm256_cvtepi32_ps(a[r][h]), scale));
+            }
+        }
+    }
+}
+
+#define TILE8(R) tile8(x, k, wb + b * k4 * 64, xs + r0 * groups, ws + col + b * 16, n, R, f)
 #endif
 
 /* y [m, n] = x [m, k] W^T with W packed [n/16][k/4][16][4] (see cpu_int8.py); per group g of GROUP inputs,
@@ -291,6 +265,25 @@ static void linear_part(const void *a, int64_t part, int64_t parts) {
             for (int r = 0; r < rows; r++)
                 for (int b = 0; b < blocks; b++)
                     store16(out, out_bf16, (r0 + r) * n + col + b * 16, f[r][b], bias ? bias + col + b * 16 : NULL);
+#elif defined(__AVX2__)
+            (void)wsum; /* the AVX2 sums are signed already: no offset to take off */
+            for (int b = 0; b < blocks; b++) {
+                __m256 f[MAX_ROWS][2];
+                switch (rows) {
+                    case 1: TILE8(1); break;
+                    case 2: TILE8(2); break;
+                    case 3: TILE8(3); break;
+                    case 4: TILE8(4); break;
+                    case 5: TILE8(5); break;
+                    default: TILE8(6); break;
+                }
+                for (int r = 0; r < rows; r++) {
+                    float v[16];
+                    _mm256_storeu_ps(v, f[r][0]);
+                    _mm256_storeu_ps(v + 8, f[r][1]);
+                    for (int c = 0; c < 16; c++) store(out, out_bf16, (r0 + r) * n + col + b * 16 + c, v[c], bias, col + b * 16 + c);
+                }
+            }
 #else
             for (int r = 0; r < rows; r++)
                 for (int b = 0; b < blocks; b++)
@@ -321,6 +314,17 @@ void sd_linear(const uint8_t *xu, const float *xs, int64_t m, int64_t k, const i
 /* 1 when this build has the VNNI path (so a caller can say which path it measured). */
 int sd_has_vnni(void) {
 #ifdef __AVX512VNNI__
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* Which matmul path this build runs: 2 AVX-512 VNNI, 1 AVX2, 0 portable C. */
+int sd_int8_path(void) {
+#if defined(__AVX512VNNI__)
+    return 2;
+#elif defined(__AVX2__)
     return 1;
 #else
     return 0;

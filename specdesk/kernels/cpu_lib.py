@@ -22,7 +22,7 @@ import torch
 
 _SOURCES = [
     Path(__file__).with_name(name)
-    for name in ("cpu_int8.c", "cpu_attention.c", "cpu_attention_grouped.c", "cpu_fused.c", "cpu_model.c")
+    for name in ("cpu_pool.c", "cpu_int8.c", "cpu_attention.c", "cpu_attention_grouped.c", "cpu_fused.c", "cpu_model.c")
 ]
 _HEADERS = [Path(__file__).with_name(name) for name in ("cpu_common.h", "cpu_attention.h")]
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-pthread"]
@@ -35,6 +35,16 @@ def _cache_dir() -> Path:
     return Path(base)
 
 
+def _cpu_flags() -> str:
+    """The CPU's feature flags (Linux): -march=native code built on one CPU may not run on another, so a cache
+    shared between machines (a home directory, a volume) keeps one build per instruction set."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
 @cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernel, built once per source version and machine; None where no C compiler works."""
@@ -42,7 +52,8 @@ def library() -> ctypes.CDLL | None:
     if compiler is None:
         return None
     source = b"".join(path.read_bytes() for path in [*_SOURCES, *_HEADERS])
-    key = hashlib.sha256(source + " ".join([compiler, *_FLAGS, os.uname().machine]).encode()).hexdigest()[:16]
+    machine = " ".join([compiler, *_FLAGS, os.uname().machine, _cpu_flags()])
+    key = hashlib.sha256(source + machine.encode()).hexdigest()[:16]
     target = _cache_dir() / f"specdesk_cpu_{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -59,6 +70,7 @@ def library() -> ctypes.CDLL | None:
     lib.sd_quantize_rows.argtypes = [ptr, c_int, i64, i64, ptr, ptr, c_int]
     lib.sd_linear.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, c_int, c_int]
     lib.sd_has_vnni.restype = c_int
+    lib.sd_int8_path.restype = c_int
     lib.sd_paged_attention.argtypes = [ptr, i64, *[ptr] * 6, *[i64] * 8, ctypes.c_float, ptr, c_int]
     lib.sd_paged_attention.restype = c_int
     lib.sd_attention_path.restype = c_int
@@ -91,6 +103,12 @@ def available() -> bool:
 
 
 def has_vnni() -> bool:
-    """True when the loaded kernel uses AVX-512 VNNI (the fast path); False for the portable loop."""
+    """True when the loaded kernel uses AVX-512 VNNI (the fast path); False for the AVX2 or portable loops."""
     lib = library()
     return lib is not None and bool(lib.sd_has_vnni())
+
+
+def int8_path() -> str | None:
+    """The int8 matmul path of the loaded kernel: "vnni" (AVX-512 VNNI), "avx2", "portable", or None."""
+    lib = library()
+    return None if lib is None else ("portable", "avx2", "vnni")[lib.sd_int8_path()]

@@ -1,7 +1,8 @@
-"""The CPU attention's three builds (grouped AVX-512 BF16 tasks, a task per query with AVX-512, the portable
-loops), each against the twin, and the property that keeps a pass's numbers independent of how it was cut:
-the same query gets the same bits whatever the thread count (which changes how queries are grouped into
-tasks), whichever other queries and sequences share its pass, and however its prompt was chunked."""
+"""The CPU attention's builds (grouped AVX-512 BF16 tasks, a task per query with AVX-512, grouped and per-query
+AVX2, the portable loops), each against the twin, and the property that keeps a pass's numbers independent of
+how it was cut: the same query gets the same bits whatever the thread count (which changes how queries are
+grouped into tasks), whichever other queries and sequences share its pass, and however its prompt was
+chunked."""
 
 from __future__ import annotations
 
@@ -19,19 +20,29 @@ pytestmark = pytest.mark.skipif(
 )
 
 PAGE = 16
-# Build flags of each path (appended to cpu_lib's): none, then the one-task-per-query AVX-512 path, then the
-# portable loops. A build the compiler or CPU cannot give is skipped.
-BUILDS = {"native": None, "avx512": "-mno-avx512bf16", "portable": "-mno-avx512f"}
-PATHS = {"avx512": 1, "portable": 0}
+# Build flags of each path (appended to cpu_lib's): none, then the one-task-per-query AVX-512 path, the grouped
+# and the per-query AVX2 paths, then the portable loops. A build the compiler or CPU cannot give is skipped.
+BUILDS = {
+    "native": None,
+    "avx512": "-mno-avx512bf16",
+    "avx2": "-mno-avx512f",
+    "avx2_per_query": "-mno-avx512f -DSPECDESK_PER_QUERY",
+    "portable": "-mno-avx512f -mno-avx2",
+}
+PATHS = {"avx512": 3, "avx2": 2, "avx2_per_query": 1, "portable": 0}
 
 
 @pytest.fixture(scope="module", params=list(BUILDS))
 def build(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     flag = BUILDS[request.param]
+    native = cpu_lib.library()
+    assert native is not None
     if flag is None:
-        lib = cpu_lib.library()
-        assert lib is not None
-        return lib
+        return native
+    if native.sd_attention_path() < PATHS[request.param]:
+        pytest.skip("this CPU lacks the instructions of that path")
+    if request.param == "avx2_per_query" and native.sd_attention_path() < PATHS["avx2"]:
+        pytest.skip("this CPU lacks AVX2 and FMA")
     lib = build_with(flag, str(tmp_path_factory.mktemp(f"kernels-{request.param}")))
     if lib is None:
         pytest.skip(f"no x86-64 compiler that takes {flag}")
@@ -130,3 +141,23 @@ def test_a_prompt_gets_the_same_bits_however_it_is_chunked() -> None:
     assert torch.equal(_attend(causal_tree), whole)
     last = {**batch, "query": batch["query"][-1:], "query_lens": [1]}
     assert torch.equal(_attend(last, threads=1), whole[-1:])
+
+
+def test_grouped_avx2_gives_the_per_query_bits(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The AVX2 tasks share each block's conversion among the queries reading it; each query's arithmetic is
+    the per-query loop's, so both builds agree bit for bit (decodes, tree verifications, prefill chunks)."""
+    grouped = build_with("-mno-avx512f", str(tmp_path_factory.mktemp("grouped-avx2")))
+    per_query = build_with("-mno-avx512f -DSPECDESK_PER_QUERY", str(tmp_path_factory.mktemp("per-query-avx2")))
+    if grouped is None or per_query is None or grouped.sd_attention_path() != PATHS["avx2"]:
+        pytest.skip("no AVX2 and FMA on this CPU, or no compiler for them")
+    assert per_query.sd_attention_path() == PATHS["avx2_per_query"]
+    lens, q_lens = [700, 40, 90, 25, 130], [1, 1, 13, 20, 64]
+    for tree in (False, True):
+        batch = make_batch(lens, q_lens, 9, 3, 64, PAGE, torch.bfloat16, "cpu", with_tree=tree, seed=5)
+        batch = _amplify(batch, [n - q for n, q in zip(lens, q_lens, strict=True)])
+        outs = []
+        for lib in (grouped, per_query):
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(cpu_lib, "library", lambda lib=lib: lib)
+                outs.append(_attend(batch, threads=3))
+        assert torch.equal(outs[0], outs[1]), tree

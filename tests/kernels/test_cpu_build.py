@@ -21,6 +21,10 @@ def test_the_kernels_build_where_there_is_a_compiler() -> None:
         with open("/proc/cpuinfo") as f:
             flags = f.read().split()
     if "avx512_vnni" in flags:
-        assert cpu_lib.has_vnni()
+        assert cpu_lib.has_vnni() and cpu_lib.int8_path() == "vnni"
+    elif "avx2" in flags:
+        assert cpu_lib.int8_path() == "avx2"
     if "avx512_bf16" in flags and "avx512f" in flags:
+        assert lib.sd_attention_path() == 4
+    elif "avx2" in flags and "fma" in flags and "avx512f" not in flags:
         assert lib.sd_attention_path() == 2

@@ -25,21 +25,42 @@ pytestmark = pytest.mark.skipif(
 HEADS, KV_HEADS, HEAD_DIM, PAGE = 4, 2, 32, 16
 
 
-@pytest.fixture(scope="module")
-def portable_lib(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
-    """The same sources built without AVX-512 (the loops a machine without VNNI runs)."""
-    lib = build_with("-mno-avx512f", str(tmp_path_factory.mktemp("portable-kernels")))
-    if lib is None:
-        pytest.skip("no x86-64 compiler that takes -mno-avx512f")
-    assert not lib.sd_has_vnni()
-    return lib
+# Build flags of the int8 matmul's paths below the native one (appended to cpu_lib's): AVX2 without VNNI, and
+# the portable loops. A path this CPU or compiler cannot give is skipped.
+LOWER_BUILDS = {"avx2": ("-mno-avx512f", "avx2"), "portable": ("-mno-avx512f -mno-avx2", "portable")}
 
 
-@pytest.fixture(params=["native", "portable"])
-def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Runs a test on the -march=native build and on the portable (scalar) build of the same C files."""
-    if request.param == "portable":
-        lib = request.getfixturevalue("portable_lib")
+_LOWER: dict[str, ctypes.CDLL | str] = {}  # built once per session: the library, or why it is skipped
+
+
+def _lower_lib(name: str, tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
+    """The same sources built for a lower path (the loops a machine without VNNI, or without AVX2, runs)."""
+    if name not in _LOWER:
+        flag, path = LOWER_BUILDS[name]
+        lib = build_with(flag, str(tmp_path_factory.mktemp(f"{name}-kernels")))
+        if lib is None:
+            _LOWER[name] = f"no x86-64 compiler that takes {flag}"
+        else:
+            got = ("portable", "avx2", "vnni")[lib.sd_int8_path()]
+            assert not lib.sd_has_vnni()
+            if got == path:
+                _LOWER[name] = lib
+            else:
+                assert path == "avx2" and got == "portable", got  # only a CPU without AVX2 may fall short
+                _LOWER[name] = "this CPU has no AVX2"
+    lib_or_reason = _LOWER[name]
+    if isinstance(lib_or_reason, str):
+        pytest.skip(lib_or_reason)
+    return lib_or_reason
+
+
+@pytest.fixture(params=["native", *LOWER_BUILDS])
+def kernels(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> str:
+    """Runs a test on the -march=native build and on each lower path's build of the same C files."""
+    if request.param != "native":
+        lib = _lower_lib(str(request.param), tmp_path_factory)
         monkeypatch.setattr(cpu_lib, "library", lambda: lib)
     return str(request.param)
 
