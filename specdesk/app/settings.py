@@ -55,7 +55,7 @@ class Settings:
     """
 
     # quantization "auto": the console and `specdesk serve` take the fastest CPU path (int8 with the C kernels,
-    # where the CPU has AVX-512 VNNI; see EngineConfig), the library's LLM() stays unquantized by default.
+    # where the CPU has AVX-512 VNNI or AVX2; see EngineConfig), the library's LLM() stays unquantized by default.
     engine: EngineConfig = field(default_factory=lambda: EngineConfig(quantization="auto"))
     db_url: str | None = None
     data_dir: Path = field(default_factory=lambda: Path.home() / ".local" / "share" / "specdesk")

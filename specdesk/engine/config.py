@@ -40,8 +40,9 @@ class EngineConfig:
     enforce_eager: never use CUDA graphs (vLLM's name); on CUDA the speculator's proposal is otherwise one.
     quantization: None, "int8" (CPU): weights and activations in 8 bits, exact int32 sums, so speculation stays
       exact (models/int8_linear.py; the fastest CPU path), "int4" (CPU): the layers' weights in 4 bits, groups
-      of 32 (models/int4_linear.py), or "auto": int8 on a CPU whose compiled kernel has AVX-512 VNNI when the
-      dtype is not float32 (float32 stays the exact, unquantized oracle), none elsewhere.
+      of 32 (models/int4_linear.py), or "auto": int8 on a CPU whose compiled kernel has AVX-512 VNNI or AVX2
+      when the dtype is not float32 (float32 stays the exact, unquantized oracle; dtype "auto" then means
+      bf16 activations even where torch's bf16 matmuls are slow), none elsewhere.
     """
 
     model: str | None = None

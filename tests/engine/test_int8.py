@@ -15,7 +15,7 @@ from specdesk.engine.config import EngineConfig
 from specdesk.engine.models import layers
 from specdesk.engine.models.cpu_stack import CpuStack
 from specdesk.engine.models.int8_linear import Int8Linear
-from specdesk.engine.models.loader import resolve_quantization
+from specdesk.engine.models.loader import resolve_dtype, resolve_quantization
 from specdesk.kernels import cpu_attention, cpu_lib
 from tests.tiny_models import make_tiny_model
 
@@ -168,10 +168,11 @@ def test_int8_engine_threads(models: dict[str, Path]) -> None:
 
 
 def test_resolve_quantization() -> None:
-    """quantization="auto" is int8 on a CPU with VNNI for bf16, never for float32 (the exact oracle) or CUDA;
-    int8 is a CPU option with a clear error; an unknown name is refused at config time."""
+    """quantization="auto" is int8 on a CPU with VNNI or AVX2 for bf16, never for float32 (the exact oracle) or
+    CUDA; int8 is a CPU option with a clear error; an unknown name is refused at config time."""
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert resolve_quantization("auto", torch.bfloat16, cpu) == ("int8" if cpu_lib.has_vnni() else None)
+    vector = cpu_lib.int8_path() in ("vnni", "avx2")
+    assert resolve_quantization("auto", torch.bfloat16, cpu) == ("int8" if vector else None)
     assert resolve_quantization("auto", torch.float32, cpu) is None
     assert resolve_quantization("auto", torch.bfloat16, cuda) is None
     assert resolve_quantization("int8", torch.float32, cpu) == "int8"
@@ -181,3 +182,18 @@ def test_resolve_quantization() -> None:
     with pytest.raises(ValueError, match="quantization"):
         EngineConfig(quantization="int3")
     assert EngineConfig(quantization="int8").quantization == "int8"
+
+
+def test_auto_dtype_and_quantization_take_the_int8_path_where_it_pays(tmp_path: Path) -> None:
+    """The console's defaults (dtype and quantization "auto") load int8 with bf16 activations on any CPU with a
+    vector int8 path, also where dtype "auto" alone means float32 (torch's bf16 matmuls slow, AVX2 only)."""
+    from specdesk.engine.models.loader import int8_pays, load_model
+
+    path = make_tiny_model("llama", tmp_path)
+    lm = load_model(str(path), dtype="auto", device="cpu", quantization="auto")
+    if int8_pays(torch.device("cpu")):
+        assert (lm.quantization, lm.dtype) == ("int8", torch.bfloat16)
+    else:
+        assert lm.quantization is None
+    plain = load_model(str(path), dtype="auto", device="cpu")  # the library's LLM() default: unquantized
+    assert plain.quantization is None and plain.dtype == resolve_dtype("auto", torch.device("cpu"))

@@ -91,6 +91,10 @@ def load_model(
 
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    if dtype == "auto" and quantization == "auto" and int8_pays(torch_device):
+        # float32 is "auto"'s pick where torch's bf16 matmuls are slow; the int8 path does not use them (its C
+        # kernels keep activations in bf16), and on such a CPU it is the fastest path by far.
+        torch_dtype = torch.bfloat16
     quantization = resolve_quantization(quantization, torch_dtype, torch_device)
     if quantization == "int8" and attention_backend in ("torch", "auto"):
         attention_backend = "cpu"  # the C attention beside the C matmuls (kernels/cpu_attention.py)
@@ -143,13 +147,17 @@ def load_model(
     )
 
 
+def int8_pays(device: torch.device) -> bool:
+    """True on a CPU whose compiled int8 kernel has a vector path (AVX-512 VNNI or AVX2): there W8A8 is the
+    fastest way to run a model (docs/benchmarks.md); the portable loops are not."""
+    return device.type == "cpu" and cpu_lib.int8_path() in ("vnni", "avx2")
+
+
 def resolve_quantization(quantization: str | None, dtype: torch.dtype, device: torch.device) -> str | None:
-    """The quantization to load with: "auto" is "int8" on a CPU whose int8 kernel compiled with AVX-512 VNNI,
-    for a dtype other than float32 (the exact oracle stays unquantized); None elsewhere. An explicit choice
-    that cannot run here raises ValueError."""
+    """The quantization to load with: "auto" is "int8" where `int8_pays`, for a dtype other than float32 (the
+    exact oracle stays unquantized); None elsewhere. An explicit choice that cannot run here raises ValueError."""
     if quantization == "auto":
-        fast = device.type == "cpu" and dtype != torch.float32 and cpu_lib.has_vnni()
-        return "int8" if fast else None
+        return "int8" if dtype != torch.float32 and int8_pays(device) else None
     if quantization == "int4" and not can_quantize(device):
         raise ValueError(f"quantization='int4' runs on CPU (torch >= 2.6), not on {device}")
     if quantization == "int8" and device.type != "cpu":
