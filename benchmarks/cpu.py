@@ -7,16 +7,18 @@ tokens (EOS ignored), prefill included, with nothing cached: SpecDesk's prefix c
 speculator's memory of earlier replies are emptied before each run, llama.cpp's context is reset. Every
 system uses the console's repetition penalty (1.1; llama.cpp's own penalty over its last 64 tokens).
 
-* transformers `generate`, bf16 (the issue's baseline)
+* transformers `generate` in the reference dtype: bf16 (the issue's baseline) where the CPU has native bf16
+  matmuls, float32 where it does not (AVX2-only CPUs, where torch's bf16 runs several times slower than
+  float32; what `dtype="auto"` picks there); `--reference-dtype` overrides
 * llama.cpp (`llama-cpp-python`, `pip install -e ".[llama]"`) on the default model's own Q4_1 GGUF file
-* SpecDesk bf16, plain and with the default speculator
-* SpecDesk int8 (the C kernels, `quantization="int8"`; what the console uses on this CPU), plain and with
-  the default speculator
+* SpecDesk unquantized in the reference dtype, plain and with the default speculator
+* SpecDesk int8 (the C kernels, `quantization="int8"`; what the console uses on a CPU with AVX-512 VNNI or
+  AVX2), plain and with the default speculator
 
 Also reported: int8 with speculation vs int8 plain (identical tokens expected: the path is exact) and int8's
-quality loss against bf16: the share of greedy tokens before the first difference (a harsh measure: one
-near-tie flips the rest of a reply) and teacher-forced top-1 agreement (int8's choice at each position of
-bf16's reply, given bf16's tokens so far). SpecDesk's plain and
+quality loss against the reference dtype: the share of greedy tokens before the first difference (a harsh
+measure: one near-tie flips the rest of a reply) and teacher-forced top-1 agreement (int8's choice at each
+position of the reference's reply, given its tokens so far). Which kernel paths ran is recorded. SpecDesk's plain and
 speculative runs alternate per prompt; the systems run one after another in the process (the int8 engine sets
 torch's own ops to one thread, so it runs last).
 
@@ -84,12 +86,13 @@ def teacher_forced_top1(llm: Any, prompt_ids: list[list[int]], replies: list[lis
 
 
 def _specdesk(
-    quantization: str | None, prompt_ids: list[list[int]], n: int, reference: list[list[int]] | None = None
-) -> dict[str, Any]:
+    quantization: str | None, dtype: str, prompt_ids: list[list[int]], n: int,
+    reference: list[list[int]] | None = None,
+) -> dict[str, Any]:  # fmt: skip
     from specdesk.engine.llm import LLM
     from specdesk.engine.sampling_params import SamplingParams
 
-    llm = LLM(dtype="bfloat16", quantization=quantization, spec_max_batch_size=32)
+    llm = LLM(dtype=dtype, quantization=quantization, spec_max_batch_size=32)
     params = SamplingParams(max_tokens=n, ignore_eos=True, repetition_penalty=PENALTY)
     seconds = {False: 0.0, True: 0.0}
     decode_seconds = {False: 0.0, True: 0.0}  # first token to last: the speculation's own ratio, prefill apart
@@ -116,19 +119,19 @@ def _specdesk(
             "identical_with_speculation": sum(a == b for a, b in zip(outputs[False], outputs[True], strict=True)),
             "tokens_per_verification": (stats.spec_num_accepted_tokens + steps) / steps,
             "plain_tokens": outputs[False],
-            "teacher_forced_top1_vs_bf16_percent": forced,
+            "teacher_forced_top1_vs_reference_percent": forced,
         }
     finally:
         llm.shutdown()
 
 
-def _transformers(prompt_ids: list[list[int]], n: int) -> float:
+def _transformers(prompt_ids: list[list[int]], n: int, dtype: str) -> float:
     import torch
     from transformers import AutoModelForCausalLM
 
     from specdesk.engine.models.default_model import default_model_path
 
-    model: Any = AutoModelForCausalLM.from_pretrained(default_model_path(), dtype=torch.bfloat16).eval()
+    model: Any = AutoModelForCausalLM.from_pretrained(default_model_path(), dtype=getattr(torch, dtype)).eval()
     seconds = 0.0
     with torch.inference_mode():
         for ids in prompt_ids:
@@ -161,28 +164,37 @@ def _llama_cpp(prompt_ids: list[list[int]], n: int, threads: int) -> float | Non
     return n * len(prompt_ids) / seconds
 
 
-def worker(threads: int, turns: int, n: int) -> dict[str, Any]:
-    """Every system at one thread count, in this process."""
+def worker(threads: int, turns: int, n: int, dtype: str) -> dict[str, Any]:
+    """Every system at one thread count, in this process; `dtype` the reference's ("auto": resolve_dtype's)."""
     import torch
 
     torch.set_num_threads(threads)
     from specdesk.engine.llm import LLM
+    from specdesk.engine.models.loader import resolve_dtype
+    from specdesk.kernels import cpu_lib
+
+    if dtype == "auto":
+        dtype = str(resolve_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
+    lib = cpu_lib.library()
 
     tokenizer_llm = LLM(speculator=None, num_blocks=4)
     prompt_ids = [tokenizer_llm.apply_chat_template(m) for m in second_turns(turns)]
     tokenizer_llm.shutdown()
     result: dict[str, Any] = {"threads": threads, "turns": len(prompt_ids), "max_tokens": n,
-                              "prompt_tokens_mean": sum(map(len, prompt_ids)) / len(prompt_ids)}  # fmt: skip
-    result["transformers_bf16_tok_s"] = _transformers(prompt_ids, n)
-    print(f"[{threads} threads] transformers bf16: {result['transformers_bf16_tok_s']:.1f} tok/s", flush=True)
+                              "prompt_tokens_mean": sum(map(len, prompt_ids)) / len(prompt_ids),
+                              "reference_dtype": dtype, "int8_path": cpu_lib.int8_path(),
+                              "attention_path": lib.sd_attention_path() if lib else None}  # fmt: skip
+    result["transformers_tok_s"] = _transformers(prompt_ids, n, dtype)
+    print(f"[{threads} threads] transformers {dtype}: {result['transformers_tok_s']:.1f} tok/s", flush=True)
     result["llama_cpp_tok_s"] = _llama_cpp(prompt_ids, n, threads)
     print(f"[{threads} threads] llama.cpp: {result['llama_cpp_tok_s']} tok/s", flush=True)
-    for name, quantization in (("bf16", None), ("int8", "int8")):
-        reference = result["bf16"]["plain_tokens"] if name == "int8" else None
-        result[name] = _specdesk(quantization, prompt_ids, n, reference)
+    for name, quantization in (("unquantized", None), ("int8", "int8")):
+        reference = result["unquantized"]["plain_tokens"] if name == "int8" else None
+        result[name] = _specdesk(quantization, "bfloat16" if quantization else dtype, prompt_ids, n, reference)
         print(f"[{threads} threads] SpecDesk {name}: plain {result[name]['plain_tok_s']:.1f}, "
               f"speculative {result[name]['spec_tok_s']:.1f} tok/s", flush=True)  # fmt: skip
-    result["int8_vs_bf16"] = agreement(result["bf16"].pop("plain_tokens"), result["int8"].pop("plain_tokens"))
+    unquantized, int8 = result["unquantized"].pop("plain_tokens"), result["int8"].pop("plain_tokens")
+    result["int8_vs_reference"] = agreement(unquantized, int8)
     return result
 
 
@@ -198,17 +210,19 @@ def agreement(reference: list[list[int]], other: list[list[int]]) -> dict[str, f
 
 def table(results: list[dict[str, Any]]) -> str:
     """The headline rows: tok/s end to end per turn, and the ratios the issue names."""
-    lines = ["| threads | transformers bf16 | llama.cpp Q4_1 | SpecDesk bf16 plain / spec | SpecDesk int8 plain / spec "
-             "| int8 spec vs llama.cpp | int8 plain vs transformers | int8 spec vs own plain | the same, decode only |",
+    dt = results[0]["reference_dtype"] if results else "?"
+    lines = [f"| threads | transformers {dt} | llama.cpp Q4_1 | SpecDesk {dt} plain / spec "
+             "| SpecDesk int8 plain / spec | int8 spec vs llama.cpp | int8 plain vs transformers "
+             "| int8 spec vs own plain | the same, decode only |",
              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in results:
-        cpp, i8, b16 = r["llama_cpp_tok_s"], r["int8"], r["bf16"]
+        cpp, i8, b16 = r["llama_cpp_tok_s"], r["int8"], r["unquantized"]
         vs_cpp = f"{i8['spec_tok_s'] / cpp:.2f}x" if cpp else "n/a"
         lines.append(
-            f"| {r['threads']} | {r['transformers_bf16_tok_s']:.1f} | {f'{cpp:.1f}' if cpp else 'n/a'} | "
+            f"| {r['threads']} | {r['transformers_tok_s']:.1f} | {f'{cpp:.1f}' if cpp else 'n/a'} | "
             f"{b16['plain_tok_s']:.1f} / {b16['spec_tok_s']:.1f} | {i8['plain_tok_s']:.1f} / {i8['spec_tok_s']:.1f} | "
             f"{vs_cpp} | "
-            f"{i8['plain_tok_s'] / r['transformers_bf16_tok_s']:.2f}x | {i8['spec_tok_s'] / i8['plain_tok_s']:.2f}x | "
+            f"{i8['plain_tok_s'] / r['transformers_tok_s']:.2f}x | {i8['spec_tok_s'] / i8['plain_tok_s']:.2f}x | "
             f"{i8['spec_decode_tok_s'] / i8['plain_decode_tok_s']:.2f}x |"
         )
     return "\n".join(lines)
@@ -220,16 +234,23 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--turns", type=int, default=8, help="held-out conversations (their second turn)")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument(
+        "--reference-dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float32"],
+        help="transformers' and unquantized SpecDesk's dtype (auto: bf16 where the CPU has it natively)",
+    )
     ap.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # one thread count, JSON to stdout
     args = ap.parse_args(argv)
     if args.worker is not None:
-        print("RESULT " + json.dumps(worker(args.worker, args.turns, args.max_tokens)), flush=True)
+        result = worker(args.worker, args.turns, args.max_tokens, args.reference_dtype)
+        print("RESULT " + json.dumps(result), flush=True)
         return
     threads = args.threads or sorted({1, os.cpu_count() or 1})
     results = []
     for t in threads:  # one process each: thread settings and the int8 engine's stay out of the others' way
         cmd = [sys.executable, "-m", "benchmarks.cpu", "--worker", str(t), "--turns", str(args.turns),
-               "--max-tokens", str(args.max_tokens)]  # fmt: skip
+               "--max-tokens", str(args.max_tokens), "--reference-dtype", args.reference_dtype]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         sys.stderr.write(proc.stderr[-2000:] if proc.returncode else "")
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -239,8 +260,9 @@ def main(argv: list[str] | None = None) -> None:
         results.append(json.loads(lines[-1][len("RESULT ") :]))
     print(table(results))
     for r in results:
-        forced = r["int8"]["teacher_forced_top1_vs_bf16_percent"]
-        print(f"[{r['threads']} threads] int8 vs bf16: greedy {r['int8_vs_bf16']}, teacher-forced top-1 {forced:.1f} %;"
+        forced = r["int8"]["teacher_forced_top1_vs_reference_percent"]
+        print(f"[{r['threads']} threads] int8 ({r['int8_path']}) vs {r['reference_dtype']}: greedy "
+              f"{r['int8_vs_reference']}, teacher-forced top-1 {forced:.1f} %;"
               f" int8 speculation "
               f"identical to plain on {r['int8']['identical_with_speculation']} of {r['turns']} turns")  # fmt: skip
     if args.out:
