@@ -175,6 +175,31 @@ static void attention_part(const void *a, int64_t part, int64_t parts) {
     free(slots);
 }
 
+attention_task *plan_tasks(const attention_args *A, int threads, int64_t max_queries, int64_t *count) {
+    const int64_t per_group = A->heads / A->kv_heads, total = A->num_tokens * A->heads;
+    int64_t size = (total + 2 * threads - 1) / (2 * threads);
+    if (size <= 4) size = (total + 4 * threads - 1) / (4 * threads);
+    size = size < 1 ? 1 : size > max_queries ? max_queries : size;
+    int64_t n = 0;
+    for (int64_t s = 0; s < A->num_seqs; s++)
+        n += A->kv_heads * (((A->query_start[s + 1] - A->query_start[s]) * per_group + size - 1) / size);
+    attention_task *tasks = malloc(sizeof(attention_task) * (size_t)(n + 1));
+    if (!tasks) return NULL;
+    int64_t k = 0, cost = 0;
+    for (int64_t s = 0; s < A->num_seqs; s++) {
+        const int64_t q_len = A->query_start[s + 1] - A->query_start[s], queries = q_len * per_group;
+        const int64_t chunks = (queries + size - 1) / size; /* of equal sizes, give or take one */
+        for (int64_t g = 0; g < A->kv_heads; g++)
+            for (int64_t c = 0; c < chunks; c++) {
+                const int64_t f = queries * c / chunks, m = queries * (c + 1) / chunks - f, last = (f + m - 1) / per_group;
+                cost += m * (A->seq_lens[s] - q_len + last + 1 + 64); /* + 64: a task's fixed work */
+                tasks[k++] = (attention_task){s, g, f, m, cost};
+            }
+    }
+    *count = k;
+    return tasks;
+}
+
 #if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__) && !defined(SPECDESK_PER_QUERY)
 #define GROUPED_AVX2 1
 /* Tasks of queries that read the same keys, for AVX2 (the grouped idea of cpu_attention_grouped.c without its
@@ -187,9 +212,7 @@ static void attention_part(const void *a, int64_t part, int64_t parts) {
 
 typedef struct {
     const attention_args *A;
-    const int64_t *task_seq, *task_first; /* per task: its sequence and first query (query = token * per_group
-                                           * + head within the group, among the sequence's); group and count: */
-    const int64_t *task_group, *task_count, *end_cost;
+    const attention_task *tasks;
     int64_t num_tasks, longest;
 } group_tasks;
 
@@ -220,10 +243,11 @@ static inline void weigh_rows(const float *p, const float *rows, int64_t live, i
     }
 }
 
-static void run_group(const group_tasks *G, int64_t t, int64_t *slots, float *scores, float *rows, float *acc) {
+static void run_group(const group_tasks *G, const attention_task *T, int64_t *slots, float *scores, float *rows,
+                      float *acc) {
     const attention_args *A = G->A;
     const int64_t d = A->head_dim, per_group = A->heads / A->kv_heads, stride = A->kv_heads * d;
-    const int64_t seq = G->task_seq[t], group = G->task_group[t], first = G->task_first[t], count = G->task_count[t];
+    const int64_t seq = T->seq, group = T->group, first = T->first, count = T->count;
     const int64_t list = G->longest + 1, row = G->longest + 8, q_start = A->query_start[seq];
     int64_t n[GQ], most = 0;
     const uint16_t *qh[GQ];
@@ -283,42 +307,19 @@ static void group_part(const void *a, int64_t part, int64_t parts) {
     float *rows = scratch(&bufs[2], &caps[2], sizeof(float) * (size_t)(KB * d));
     float *acc = scratch(&bufs[3], &caps[3], sizeof(float) * (size_t)(GQ * d));
     if (!(slots && scores && rows && acc)) return;
-    const int64_t total = G->end_cost[G->num_tasks - 1]; /* a part: the tasks whose cost midpoints fall in its share */
-    for (int64_t t = 0; t < G->num_tasks; t++) {
-        const int64_t mid2 = (t ? G->end_cost[t - 1] : 0) + G->end_cost[t];
-        if (mid2 * parts >= 2 * total * part && mid2 * parts < 2 * total * (part + 1)) run_group(G, t, slots, scores, rows, acc);
-    }
+    for (int64_t t = 0; t < G->num_tasks; t++)
+        if (task_in_part(G->tasks, G->num_tasks, t, part, parts)) run_group(G, G->tasks + t, slots, scores, rows, acc);
 }
 
-/* Tasks sized as cpu_attention_grouped.c sizes them (two a thread where that leaves more than 4 queries, else
- * four), within one sequence and KV head each. Returns -1 if out of memory. */
+/* The pass through tasks of plan_tasks. Returns -1 if out of memory. */
 static int grouped_avx2(const attention_args *A, int threads) {
-    const int64_t per_group = A->heads / A->kv_heads, total = A->num_tokens * A->heads;
-    int64_t size = (total + 2 * threads - 1) / (2 * threads);
-    if (size <= 4) size = (total + 4 * threads - 1) / (4 * threads);
-    size = size < 1 ? 1 : size > GQ ? GQ : size;
-    int64_t count = 0, longest = 0;
-    for (int64_t s = 0; s < A->num_seqs; s++) {
-        count += A->kv_heads * (((A->query_start[s + 1] - A->query_start[s]) * per_group + size - 1) / size);
-        longest = A->seq_lens[s] > longest ? A->seq_lens[s] : longest;
-    }
-    int64_t *arrays = malloc(sizeof(int64_t) * 5 * (size_t)(count + 1));
-    if (!arrays) return -1;
-    int64_t *seq = arrays, *firsts = seq + count + 1, *groups = firsts + count + 1, *counts = groups + count + 1;
-    int64_t *end_cost = counts + count + 1, k = 0, cost = 0;
-    for (int64_t s = 0; s < A->num_seqs; s++) {
-        const int64_t q_len = A->query_start[s + 1] - A->query_start[s], queries = q_len * per_group;
-        const int64_t pieces = (queries + size - 1) / size;
-        for (int64_t g = 0; g < A->kv_heads; g++)
-            for (int64_t c = 0; c < pieces; c++, k++) {
-                const int64_t f = queries * c / pieces, m = queries * (c + 1) / pieces - f;
-                cost += m * (A->seq_lens[s] - q_len + (f + m - 1) / per_group + 1 + 64);
-                seq[k] = s, firsts[k] = f, groups[k] = g, counts[k] = m, end_cost[k] = cost;
-            }
-    }
-    const group_tasks G = {A, seq, firsts, groups, counts, end_cost, k, longest};
+    int64_t k = 0, longest = 0;
+    attention_task *tasks = plan_tasks(A, threads, GQ, &k);
+    if (!tasks) return -1;
+    for (int64_t s = 0; s < A->num_seqs; s++) longest = A->seq_lens[s] > longest ? A->seq_lens[s] : longest;
+    const group_tasks G = {A, tasks, k, longest};
     if (k > 0) run_parallel(group_part, &G, (int)(k < threads ? k : threads));
-    free(arrays);
+    free(tasks);
     return 0;
 }
 #endif

@@ -27,10 +27,7 @@
 #define LANES 16
 #define MAX_QUERIES 32 /* queries per task: how far a block's loading and transposing is shared */
 
-typedef struct {
-    int64_t seq, group, first, count; /* queries first .. first + count - 1 of (seq, KV head group) */
-    int64_t end_cost; /* the estimated cost (query-keys) of this task and all before it */
-} task;
+typedef attention_task task;
 
 typedef struct {
     const attention_args *A;
@@ -261,14 +258,9 @@ static void grouped_part(const void *a, int64_t part, int64_t parts) {
     int64_t tail_len[MAX_QUERIES];
     __m512i kt[128];
     if (!(shared && tails && scores && vf && acc)) return;
-    /* A part takes the consecutive tasks whose cost midpoints fall in its share of the total cost: tasks differ
-     * (a causal prefill's later queries see more keys; a group's last task may hold fewer queries). */
-    const int64_t total = G->tasks[G->num_tasks - 1].end_cost;
-    for (int64_t t = 0; t < G->num_tasks; t++) {
-        const int64_t start = t ? G->tasks[t - 1].end_cost : 0, mid2 = start + G->tasks[t].end_cost;
-        if (mid2 * parts >= 2 * total * part && mid2 * parts < 2 * total * (part + 1))
+    for (int64_t t = 0; t < G->num_tasks; t++)
+        if (task_in_part(G->tasks, G->num_tasks, t, part, parts))
             run_task(G, G->tasks + t, shared, tails, tail_len, scores, kt, vf, acc);
-    }
 }
 
 /* A sequence's visible lists are prefixes of one list when it has no tree mask or its mask is the causal one. */
@@ -282,36 +274,18 @@ static int is_causal(const attention_args *A, int64_t seq) {
 }
 
 int grouped_attention(const attention_args *A, int threads) {
-    const int64_t per_group = A->heads / A->kv_heads, total = A->num_tokens * A->heads;
-    /* Queries per task: the more, the more a block's loading is shared; the fewer, the better the parts balance.
-     * Two tasks a thread where that still gives tasks of more than 4 queries, else four. */
-    int64_t size = (total + 2 * threads - 1) / (2 * threads);
-    if (size <= 4) size = (total + 4 * threads - 1) / (4 * threads);
-    size = size < 1 ? 1 : size > MAX_QUERIES ? MAX_QUERIES : size;
-    int64_t count = 0, longest = 0, widest = 1;
-    for (int64_t s = 0; s < A->num_seqs; s++) {
-        const int64_t q_len = A->query_start[s + 1] - A->query_start[s];
-        count += A->kv_heads * ((q_len * per_group + size - 1) / size);
-        longest = A->seq_lens[s] > longest ? A->seq_lens[s] : longest;
-        widest = q_len > widest ? q_len : widest;
-    }
-    task *tasks = malloc(sizeof(task) * (size_t)(count + 1));
+    int64_t k = 0, longest = 0, widest = 1;
+    task *tasks = plan_tasks(A, threads, MAX_QUERIES, &k);
     uint8_t *causal = malloc((size_t)A->num_seqs + 1);
     if (!tasks || !causal) {
         free(tasks), free(causal);
         return -1;
     }
-    int64_t k = 0, cost = 0;
     for (int64_t s = 0; s < A->num_seqs; s++) {
+        const int64_t q_len = A->query_start[s + 1] - A->query_start[s];
         causal[s] = (uint8_t)is_causal(A, s);
-        const int64_t q_len = A->query_start[s + 1] - A->query_start[s], queries = q_len * per_group;
-        const int64_t chunks = (queries + size - 1) / size; /* of equal sizes, give or take one */
-        for (int64_t g = 0; g < A->kv_heads; g++)
-            for (int64_t c = 0; c < chunks; c++) {
-                const int64_t f = queries * c / chunks, n = queries * (c + 1) / chunks - f, last = (f + n - 1) / per_group;
-                cost += n * (A->seq_lens[s] - q_len + last + 1 + 64); /* + 64: a task's fixed work */
-                tasks[k++] = (task){s, g, f, n, cost};
-            }
+        longest = A->seq_lens[s] > longest ? A->seq_lens[s] : longest;
+        widest = q_len > widest ? q_len : widest;
     }
     const grouped_args G = {A, tasks, k, causal, longest, widest};
     if (k > 0) run_parallel(grouped_part, &G, (int)(k < threads ? k : threads));
