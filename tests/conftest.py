@@ -1,7 +1,9 @@
 """Shared test setup: CPU only, few threads (CI has 2 cores), deterministic."""
 
 import os
+from collections.abc import Iterator
 
+import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -29,3 +31,16 @@ def _run_engines_on(device: str) -> None:
 
 if os.environ.get("SPECDESK_TEST_DEVICE"):
     _run_engines_on(os.environ["SPECDESK_TEST_DEVICE"])
+
+
+@pytest.fixture
+def restore_threads() -> Iterator[None]:
+    """An int8 LLM sets torch's threads to 1 for the whole process: give the next test what this one had."""
+    from specdesk.kernels import cpu_lib
+
+    previous = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+        cpu_lib.set_num_threads(None)

@@ -274,14 +274,16 @@ def _gguf_name(hf_name: str) -> str:
     return f"blk.{parts[2]}.{_GGUF_LAYER['.'.join(parts[3:-1])]}.{parts[-1]}"
 
 
-def make_tiny_speculator(model_dir: Path, out: Path, n_predict: int = 3, seed: int = 1) -> Path:
+def make_tiny_speculator(model_dir: Path, out: Path, n_predict: int = 3, seed: int = 1, **config: Any) -> Path:
     """A random-weight MLP speculator for the tiny model in `model_dir`, saved in the published format to
-    `out`: its guesses are mostly wrong, which must never change any output."""
+    `out`: its guesses are mostly wrong, which must never change any output. config: more MLPSpeculatorConfig."""
     from specdesk.engine.models.loader import load_model
     from specdesk.engine.speculators.mlp import MLPSpeculator, MLPSpeculatorConfig
 
     cfg = load_model(str(model_dir), "float32", "cpu").hf_config
     torch.manual_seed(seed)
-    spec = MLPSpeculator(MLPSpeculatorConfig(vocab_size=cfg.vocab_size, emb_dim=cfg.hidden_size, n_predict=n_predict))
+    spec = MLPSpeculator(
+        MLPSpeculatorConfig(vocab_size=cfg.vocab_size, emb_dim=cfg.hidden_size, n_predict=n_predict, **config)
+    )
     spec.save_pretrained(out)
     return out

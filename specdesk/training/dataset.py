@@ -72,7 +72,10 @@ def data_key(cfg: TrainConfig) -> str:
         "model dtype max_reply_tokens sampled_temperature sampled_top_p persona_every max_conversations "
         "holdout_every seed samples_per_prompt synthetic_messages draft_vocab_size repetition_penalty"
     )
-    return json.dumps([getattr(cfg, f) for f in fields.split()] + ["history"])  # positions carry their history
+    key = [getattr(cfg, f) for f in fields.split()] + ["history"]  # positions carry their history
+    if cfg.quantization:  # keeps the key of caches made before the setting existed
+        key.append(cfg.quantization)
+    return json.dumps(key)
 
 
 def build_data(cfg: TrainConfig, loaded: Any) -> tuple[Positions, Positions, dict[str, Positions], list[int]]:
@@ -148,6 +151,7 @@ def _generate(
         cache_file,
         model=cfg.model,
         dtype=cfg.dtype,
+        quantization=cfg.quantization,
         max_tokens=cfg.max_reply_tokens,
         top_p=cfg.sampled_top_p,
         seed=cfg.seed,

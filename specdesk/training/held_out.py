@@ -5,16 +5,24 @@ Used by `python -m specdesk.training.train` for its report and by `--evaluate DI
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from specdesk.engine.speculators.candidates import propose, propose_nodes
+from specdesk.engine.speculators.draft_penalty import DraftPenalty, penalize
 from specdesk.engine.speculators.mlp import MLPSpeculator
 from specdesk.training.train_data import IGNORE, Positions, rows_to_end
 
 
 @torch.no_grad()
-def evaluate(spec: MLPSpeculator, data: Positions, max_tree_positions: int = 512) -> dict[str, object]:
+def evaluate(
+    spec: MLPSpeculator, data: Positions, penalty: float = 1.0, max_tree_positions: int = 512
+) -> dict[str, object]:
     """Held-out acceptance on the base model's own replies.
+
+    penalty: the repetition penalty the replies were generated under; a `draft_penalty` speculator's heads
+    rank under it, over what each position has seen, as in the engine.
 
     Teacher-forced top-1 per head; the greedy chain accepts head i exactly when heads 0..i are all right.
     For a candidate tree the accepted length at a position is the longest prefix any candidate shares with
@@ -27,12 +35,19 @@ def evaluate(spec: MLPSpeculator, data: Positions, max_tree_positions: int = 512
     n = spec.n_predict
     correct = torch.zeros(len(data), n, dtype=torch.bool)
     valid = data.windows[:, 1:] != IGNORE
+    penalized = spec.config.draft_penalty and penalty != 1.0 and data.history is not None
+    columns = spec.columns()
     for start in range(0, len(data), 512):
         h, w = data.hidden[start : start + 512].float(), data.windows[start : start + 512]
+        rows = torch.arange(start, min(start + 512, len(data)))
         state = spec.scale(h)
         for i in range(n):
             state = spec.step(i, state, w[:, i].clamp(min=0))
-            correct[start : start + 512, i] = spec.vocab_ids(spec.logits(i, state).argmax(-1)) == w[:, i + 1]
+            logits = spec.logits(i, state)
+            if penalized:
+                logits = penalize(logits, data.seen(rows, columns, logits.shape[-1], ahead=i + 1), penalty)
+            correct[start : start + 512, i] = spec.vocab_ids(logits.argmax(-1)) == w[:, i + 1]
+    of = (lambda rows: root_penalty(spec, data, rows, penalty)) if penalized else (lambda rows: None)
     full = valid.all(1)  # positions where every head has a target
     run = torch.cumprod(correct[full].long(), dim=1).sum(1).float()
     top1 = [float(correct[valid[:, i], i].float().mean()) for i in range(n)]
@@ -43,19 +58,19 @@ def evaluate(spec: MLPSpeculator, data: Positions, max_tree_positions: int = 512
     ibm = f"top_k={k},n={spec.config.n_candidates}"
     shapes = {ibm: (k, spec.config.n_candidates), "chain (top_k=1)": ([1] * n, 1)}
     trees = {
-        ibm: tree_run(spec, data, pick, k, spec.config.n_candidates),
+        ibm: tree_run(spec, data, pick, k, spec.config.n_candidates, of),
         # Cheaper trees: the proposal costs 1 + k0 + k0 k1 + ... head evaluations over the whole vocabulary.
-        "top_k=[3, 2, 1],n=3": tree_run(spec, data, pick, [3, 2, 1][:n] + [1] * (n - 3), 3),
-        "chain (top_k=1)": tree_run(spec, data, pick, [1] * n, 1),
+        "top_k=[3, 2, 1],n=3": tree_run(spec, data, pick, [3, 2, 1][:n] + [1] * (n - 3), 3, of),
+        "chain (top_k=1)": tree_run(spec, data, pick, [1] * n, 1, of),
     }
     everywhere = torch.arange(len(data))
     report: dict[str, object] = {"num_positions": len(data)}
     if n >= 2:  # walk finds reply ends from the IGNORE padding of head 1's target (rows_to_end)
         walks = {
-            name: round(walk(tree_run(spec, data, everywhere, top_k, c), data.windows), 3)
+            name: round(walk(tree_run(spec, data, everywhere, top_k, c, of), data.windows), 3)
             for name, (top_k, c) in shapes.items()
         }
-        by_nodes = nodes_run(spec, data, everywhere, NODE_BUDGETS)
+        by_nodes = nodes_run(spec, data, everywhere, NODE_BUDGETS, of)
         walks |= {f"best {m} nodes": round(walk(a, data.windows), 3) for m, a in by_nodes.items()}
         report["walk_tokens_per_step"] = walks
     return report | {
@@ -88,12 +103,26 @@ def walk(accepted: torch.Tensor, windows: torch.Tensor) -> float:
     return tokens / max(steps, 1)
 
 
-def tree_run(spec: MLPSpeculator, data: Positions, pick: torch.Tensor, top_k: list[int], n: int) -> torch.Tensor:
+def root_penalty(spec: MLPSpeculator, data: Positions, rows: torch.Tensor, penalty: float) -> DraftPenalty:
+    """The engine's DraftPenalty at these positions: each has seen x_0..x_{j+1} (its last token included)."""
+    width = spec.vocab_size if spec.draft_vocab is None else len(spec.draft_vocab)
+    seen = data.seen(rows, spec.columns(), width, ahead=1)
+    return DraftPenalty(seen, torch.full((len(rows),), penalty))
+
+
+Penalties = Callable[[torch.Tensor], DraftPenalty | None]
+
+
+def tree_run(
+    spec: MLPSpeculator, data: Positions, pick: torch.Tensor, top_k: list[int], n: int,
+    penalty_of: Penalties = lambda rows: None,
+) -> torch.Tensor:  # fmt: skip
     """Accepted drafts per position when the candidate tree is verified greedily against the true reply:
-    the longest prefix any candidate shares with it."""
+    the longest prefix any candidate shares with it. penalty_of: positions -> their DraftPenalty (or None)."""
     out = []
     for chunk in pick.split(1024):
-        tokens, _ = propose(spec, data.hidden[chunk].float(), data.windows[chunk, 0], top_k, n)
+        hidden, last = data.hidden[chunk].float(), data.windows[chunk, 0]
+        tokens, _ = propose(spec, hidden, last, top_k, n, penalty=penalty_of(chunk))
         truth = data.windows[chunk, 1:]  # [P, n_predict]
         match = torch.cumprod((tokens == truth[:, None, :]).long(), dim=2).sum(2)  # [P, candidates]
         out.append(match.max(1).values.float())
@@ -104,8 +133,9 @@ NODE_BUDGETS = (4, 8, 10, 16, 32, 64)
 
 
 def nodes_run(
-    spec: MLPSpeculator, data: Positions, pick: torch.Tensor, budgets: tuple[int, ...]
-) -> dict[int, torch.Tensor]:
+    spec: MLPSpeculator, data: Positions, pick: torch.Tensor, budgets: tuple[int, ...],
+    penalty_of: Penalties = lambda rows: None,
+) -> dict[int, torch.Tensor]:  # fmt: skip
     """Accepted drafts per position for the best-m-node tree (`propose_nodes`) of every m in budgets: the
     deepest prefix of the true continuation among the tree's nodes. One proposal at the largest budget serves
     all, since its first m nodes are the m-node tree."""
@@ -113,7 +143,9 @@ def nodes_run(
     width = max(budgets)
     for chunk in pick.split(512):
         truth = data.windows[chunk, 1:].tolist()
-        ranked = propose_nodes(spec, data.hidden[chunk].float(), data.windows[chunk, 0], width)
+        ranked = propose_nodes(
+            spec, data.hidden[chunk].float(), data.windows[chunk, 0], width, penalty=penalty_of(chunk)
+        )
         for nodes, t in zip(ranked, truth, strict=True):
             for m in budgets:
                 tree = {tuple(p) for p in nodes[:m]}

@@ -3,6 +3,7 @@
     nice -n 10 python -m specdesk.training.train      # default model -> specdesk/engine/speculators/default
     python -m specdesk.training.train --resume        # continue from the last checkpoint
     python -m specdesk.training.train --evaluate specdesk/engine/speculators/default   # held-out figures only
+    python -m specdesk.training.train --repetition-penalty 1.1 --quantization int8   # for the CPU console's text
 
 The base model is frozen. Stage 1 trains on text (head i predicts the token i + 2 ahead of the hidden state
 it reads), stage 2 on the base model's own replies to the training conversations (see train_data.py).
@@ -13,7 +14,9 @@ stage 1 is the long one (5:2); here stage 1 is the training conversations as tex
 model's own text. For a small base model the speculator's embedding is the base model's own (tie_to_base)
 and each head scores a draft vocabulary with its own rows, started from the base LM head's (train_heads:
 own rows accept more than the frozen base rows; docs/benchmarks.md has the measurement). Each base hidden
-state is computed once per stage and cached.
+state is computed once per stage and cached. Under --repetition-penalty every reply is generated with it, the
+distilled distribution is penalized, and (--draft-penalty, the default there) so are the heads' own logits, over
+what each position has seen, as the engine then ranks them (draft_penalty.py).
 Data: see dataset.py (held out: every tenth training scenario; prompts/eval is never read).
 """
 
@@ -33,6 +36,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from specdesk.engine.speculators import draft_vocab
+from specdesk.engine.speculators.draft_penalty import penalize
 from specdesk.engine.speculators.mlp import MLPSpeculator, MLPSpeculatorConfig, SpeculatorNorm
 from specdesk.training import draft_vocab as vocab_builder
 from specdesk.training.config import TrainConfig
@@ -64,6 +68,8 @@ def head_losses(
     windows: torch.Tensor,
     soft: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     distill: float = 0.0,
+    seen: list[torch.Tensor] | None = None,
+    penalty: float = 1.0,
 ) -> list[torch.Tensor]:
     """Per-head mean loss over a batch: hidden [B, d], windows [B, n_predict + 1].
 
@@ -72,6 +78,8 @@ def head_losses(
     token is one draw from that distribution; the distribution is what verification compares against.
     With a restricted vocabulary the softmax runs over the draft tokens only, exactly what the heads rank
     at inference (and 10x cheaper); a target token outside it can never be drafted and is ignored.
+    seen[i] (a `draft_penalty` speculator): the columns head i's distribution has seen; its logits are
+    penalized over them as the engine will (draft_penalty.py).
     """
     state = spec.scale(hidden.float())
     columns = vocab_columns(spec)
@@ -79,6 +87,8 @@ def head_losses(
     for i in range(spec.n_predict):
         state = spec.step(i, state, windows[:, i].clamp(min=0))  # IGNORE inputs only feed ignored targets
         logits = spec.logits(i, state).float()
+        if seen is not None:
+            logits = penalize(logits, seen[i], penalty)
         target = windows[:, i + 1]
         if columns is not None:
             target = torch.where(target == IGNORE, IGNORE, columns[target.clamp(min=0)])
@@ -112,11 +122,11 @@ def train(cfg: TrainConfig) -> dict[str, object]:
     started = time.time()
     from specdesk.engine.models.loader import load_model
 
-    loaded = load_model(cfg.model, dtype=cfg.dtype, device="cpu")
+    loaded = load_model(cfg.model, dtype=cfg.dtype, device="cpu", quantization=cfg.quantization)
     stage1, stage2, held, vocab = build_data(cfg, loaded)
     if cfg.evaluate:
         saved = draft_vocab.load_speculator(cfg.evaluate, loaded.model, torch.float32)
-        return {"held_out": {mode: evaluate(saved, data) for mode, data in held.items()}}
+        return {"held_out": {mode: evaluate(saved, data, cfg.repetition_penalty) for mode, data in held.items()}}
     sizes = {"stage1": len(stage1), "stage2": len(stage2), **{f"held_out_{k}": len(v) for k, v in held.items()}}
     print(f"training positions: {sizes}", file=sys.stderr)
     spec = MLPSpeculator(
@@ -127,6 +137,7 @@ def train(cfg: TrainConfig) -> dict[str, object]:
             tie_weights=cfg.tie_weights,
             tie_to_base=True,
             draft_heads=len(vocab) if cfg.train_heads and cfg.draft_vocab_size else 0,
+            draft_penalty=cfg.draft_penalty and cfg.repetition_penalty != 1.0,
         )
     )
     spec.tie_to_base(loaded.model)
@@ -169,15 +180,18 @@ def train(cfg: TrainConfig) -> dict[str, object]:
             group["lr"] = (
                 group["lr_scale"] * cfg.lr * lr_factor(step, cfg.stage1_steps, cfg.stage2_steps, cfg.stage2_peak)
             )
+        seen = None  # per head, the columns its distribution has seen (x_0..x_{j+i+1})
+        if spec.config.draft_penalty or (distill and cfg.repetition_penalty != 1.0):
+            seen = [data.seen(idx, columns, len(base_rows), ahead=i + 1) for i in range(cfg.n_predict)]
         soft = None
         if distill:
             soft = [
-                base_distribution(
-                    data, idx, i + 1, to_end[stage], base_rows, cfg.distill_temperature, cfg.repetition_penalty, columns
-                )
+                base_distribution(data, idx, i + 1, to_end[stage], base_rows, cfg.distill_temperature,
+                                  cfg.repetition_penalty, columns, None if seen is None else seen[i])
                 for i in range(cfg.n_predict)
-            ]
-        losses = head_losses(spec, data.hidden[idx], data.windows[idx], soft, distill)
+            ]  # fmt: skip
+        own = seen if spec.config.draft_penalty else None
+        losses = head_losses(spec, data.hidden[idx], data.windows[idx], soft, distill, own, cfg.repetition_penalty)
         opt.zero_grad(set_to_none=True)
         sum(losses).backward()  # type: ignore[union-attr]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -190,7 +204,7 @@ def train(cfg: TrainConfig) -> dict[str, object]:
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total:
             _save_checkpoint(ckpt, spec, opt, step + 1)
     report = {
-        "held_out": {mode: evaluate(spec, data) for mode, data in held.items()},
+        "held_out": {mode: evaluate(spec, data, cfg.repetition_penalty) for mode, data in held.items()},
         "positions": sizes,
         "minutes": round((time.time() - started) / 60, 1),
         "command": "python -m specdesk.training.train " + shlex.join(sys.argv[1:]),
@@ -249,6 +263,10 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     ap.add_argument("--sampled-top-p", type=float, default=d.sampled_top_p)
     ap.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty,
                     help="applied to every generated reply and to the distilled distribution (1: off)")  # fmt: skip
+    ap.add_argument("--quantization", default=d.quantization, choices=["int8"],
+                    help="the base model's weights as the engine quantizes them (replies, hidden states)")  # fmt: skip
+    ap.add_argument("--draft-penalty", action=argparse.BooleanOptionalAction, default=d.draft_penalty,
+                    help="under a repetition penalty, train the heads with it applied to their own logits")  # fmt: skip
     ap.add_argument("--tie-weights", action="store_true", help="IBM's tie_weights (heads share proj/ln)")
     ap.add_argument("--train-heads", action=argparse.BooleanOptionalAction, default=d.train_heads,
                     help="train each head's own draft-vocabulary rows")  # fmt: skip

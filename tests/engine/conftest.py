@@ -3,12 +3,7 @@ the suite forbids overriding its tests, so they are sorted here, at collection),
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
-import torch
-
-from specdesk.kernels import cpu_lib
 
 # Integration tests whose assertions need a model that reads the prompt (tool arguments, JSON content).
 NEEDS_A_REAL_MODEL = (
@@ -78,14 +73,3 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                 item.add_marker(pytest.mark.xfail(reason=_TOO_SMALL[name], strict=False))
         kept.append(item)
     items[:] = kept
-
-
-@pytest.fixture
-def restore_threads() -> Iterator[None]:
-    """An int8 LLM sets torch's threads to 1 for the whole process: give the next test what this one had."""
-    previous = torch.get_num_threads()
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-        cpu_lib.set_num_threads(None)

@@ -153,6 +153,31 @@ def test_distillation_loss_is_cross_entropy_against_the_base_distribution() -> N
     torch.testing.assert_close(mixed[0], (soft[0] + hard[0]) / 2)
 
 
+def test_draft_penalty_loss_penalizes_each_heads_logits_over_what_its_position_has_seen() -> None:
+    # Head i's distribution sees x_0..x_{j+i+1} (Positions.seen with ahead = i + 1); its logits are penalized over
+    # those before the cross-entropy, as the engine will penalize them before ranking.
+    torch.manual_seed(0)
+    seq = TokenSequence([3, 5, 3, 7, 1, 5, 9, 2, 4], start=1)
+    data = positions_of(seq, torch.randn(len(seq.tokens), 8), n_predict=2)
+    rows = torch.arange(len(data))
+    for ahead in (0, 1, 2):
+        seen = data.seen(rows, None, 11, ahead=ahead)
+        for r in rows.tolist():
+            j = seq.start + r
+            assert set(torch.nonzero(seen[r])[:, 0].tolist()) == set(seq.tokens[: j + ahead + 1])
+    spec = MLPSpeculator(MLPSpeculatorConfig(vocab_size=11, emb_dim=8, n_predict=2))
+    seen = [data.seen(rows, None, 11, ahead=i + 1) for i in range(2)]
+    got = head_losses(spec, data.hidden, data.windows, seen=seen, penalty=1.5)
+    plain = head_losses(spec, data.hidden, data.windows)
+    with torch.no_grad():
+        state = spec.step(0, spec.scale(data.hidden), data.windows[:, 0])
+        z = spec.logits(0, state).float()
+        z = torch.where(seen[0], torch.where(z > 0, z / 1.5, z * 1.5), z)
+        want = torch.nn.functional.cross_entropy(z, data.windows[:, 1])
+    torch.testing.assert_close(got[0], want)
+    assert not torch.allclose(got[0], plain[0])
+
+
 def test_hidden_states_equal_transformers_and_reuse_prefixes(tiny: Path) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -200,6 +225,19 @@ def test_tiny_end_to_end_run_and_resume(tiny: Path, tmp_path: Path) -> None:
     measured_held = measured["held_out"]
     assert set(measured) == {"held_out"} and isinstance(measured_held, dict)
     assert set(measured_held) == {"greedy", "sampled"} and "walk_tokens_per_step" in measured_held["greedy"]
+
+
+def test_a_penalized_run_trains_and_records_a_draft_penalty_speculator(tiny: Path, tmp_path: Path) -> None:
+    argv = ["--model", str(tiny), "--work-dir", str(tmp_path / "work"), "--dtype", "float32",
+            "--max-conversations", "6", "--holdout-every", "2", "--max-reply-tokens", "6", "--stage1-steps", "2",
+            "--stage2-steps", "2", "--batch-size", "8", "--samples-per-prompt", "0", "--draft-vocab-size", "64",
+            "--repetition-penalty", "1.2"]  # fmt: skip
+    base = load_model(str(tiny), dtype="float32", device="cpu").model
+    for flag, want in (("--draft-penalty", True), ("--no-draft-penalty", False)):
+        report = train(parse_args([*argv, flag, "--out", str(tmp_path / flag)]))
+        assert MLPSpeculator.from_pretrained(tmp_path / flag, base_model=base).config.draft_penalty is want
+        held = report["held_out"]
+        assert isinstance(held, dict) and all(1.0 <= v <= 4.0 for v in held["greedy"]["walk_tokens_per_step"].values())
 
 
 def test_held_out_by_whole_scenario() -> None:

@@ -17,6 +17,7 @@ from array import array
 import torch
 import torch.nn.functional as F
 
+from specdesk.engine.speculators.draft_penalty import DraftPenalty
 from specdesk.engine.speculators.draft_vocab import Int8LinearKeepingWeight
 from specdesk.engine.speculators.mlp import MLPSpeculator
 from specdesk.kernels import cpu_int8
@@ -40,12 +41,14 @@ def propose(
     top_k_per_head: list[int] | None = None,
     n_candidates: int | None = None,
     num_heads: int | None = None,
+    penalty: DraftPenalty | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Best candidate paths for a batch of sequences.
 
     hidden [b, emb_dim]: the base hidden state (after the final norm) that produced last_tokens [b].
     top_k_per_head / n_candidates default to the speculator config; num_heads (<= n_predict) truncates
-    the paths (adaptive speculation length).
+    the paths (adaptive speculation length). penalty: the sequences' repetition penalties, for a speculator
+    trained with them (`draft_penalty`).
     Returns (tokens int64 [b, n, num_heads], scores float32 [b, n]) with n = min(n_candidates, leaves),
     best path first (scores descending).
     """
@@ -63,7 +66,7 @@ def propose(
     paths = torch.empty(b, 1, 0, dtype=torch.long, device=hidden.device)  # [b, branches, depth]
     scores = torch.zeros(b, 1, device=hidden.device)  # [b, branches], float32 sums
     for i, k in enumerate(top_k):
-        state, paths, scores = _children(speculator, i, state, prev, paths, scores, k)
+        state, paths, scores = _children(speculator, i, state, prev, paths, scores, k, penalty)
         width = paths.shape[1]
         state = state[:, :, None, :].expand(-1, -1, k, -1).reshape(b, width, -1)
         prev = paths[:, :, -1]
@@ -80,6 +83,7 @@ def propose_nodes(
     num_heads: int | None = None,
     beam: int | None = None,
     max_depth: list[int] | None = None,
+    penalty: DraftPenalty | None = None,
 ) -> list[list[list[int]]]:
     """The best `num_nodes` draft nodes of each sequence's tree, ranked by cumulative log-probability.
 
@@ -100,12 +104,13 @@ def propose_nodes(
     m-node tree (tree_width.TreeWidth measures every m from one verification).
     """
     limit = None if max_depth is None else torch.tensor(max_depth, device=hidden.device)
-    return node_paths(*rank_nodes(speculator, hidden, last_tokens, num_nodes, num_heads, beam, limit))
+    return node_paths(*rank_nodes(speculator, hidden, last_tokens, num_nodes, num_heads, beam, limit, penalty))
 
 
 def rank_nodes(
     speculator: MLPSpeculator, hidden: torch.Tensor, last_tokens: torch.Tensor, num_nodes: int,
     num_heads: int | None = None, beam: int | None = None, max_depth: torch.Tensor | None = None,
+    penalty: DraftPenalty | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """`propose_nodes` on the device, without a host sync (so a CUDA graph can capture it).
 
@@ -125,7 +130,7 @@ def rank_nodes(
     node_scores: list[torch.Tensor] = []
     k = min(num_nodes, speculator.vocab_size if speculator.draft_vocab is None else len(speculator.draft_vocab))
     for i in range(num_heads):
-        state, paths, scores = _children(speculator, i, state, prev, parents, parent_scores, k)
+        state, paths, scores = _children(speculator, i, state, prev, parents, parent_scores, k, penalty)
         per_depth.append(paths)
         node_scores.append(scores)
         if i + 1 < num_heads:
@@ -158,13 +163,19 @@ def node_paths(paths: torch.Tensor, scores: torch.Tensor) -> list[list[list[int]
 
 def _children(
     speculator: MLPSpeculator, i: int, state: torch.Tensor, prev: torch.Tensor, paths: torch.Tensor,
-    scores: torch.Tensor, k: int,
+    scores: torch.Tensor, k: int, penalty: DraftPenalty | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Head i on every branch: its state [b, branches, d] after the step, and the top-k children of every
     branch as paths [b, branches * k, i + 1] (branch-major: a branch's children are adjacent) with their
-    summed log-probabilities [b, branches * k]."""
+    summed log-probabilities [b, branches * k]. With a penalty, each branch's path counts as seen."""
     state = speculator.step(i, state, prev)  # [b, branches, d]
-    logp = F.log_softmax(speculator.logits(i, state).float(), dim=-1)  # [b, branches, vocab]
+    logits = speculator.logits(i, state).float()  # [b, branches, vocab]
+    if penalty is not None:
+        b, branches = paths.shape[0], paths.shape[1]
+        rows = torch.arange(b, device=logits.device).repeat_interleave(branches)
+        path_cols = speculator.columns()[paths.reshape(b * branches, -1)]
+        logits = penalty.apply(logits.reshape(b * branches, -1), rows, path_cols).reshape(b, branches, -1)
+    logp = F.log_softmax(logits, dim=-1)
     top_logp, top_cols = logp.topk(k, dim=-1)  # [b, branches, k]
     b, width = paths.shape[0], paths.shape[1] * k
     ids = speculator.vocab_ids(top_cols)[..., None]
@@ -219,9 +230,11 @@ class Int8NodeRanker:
 
     @torch.no_grad()
     def __call__(
-        self, hidden: torch.Tensor, last: torch.Tensor, num_heads: int, max_depth: list[int]
-    ) -> list[list[list[int]]]:
-        """`propose_nodes(spec, hidden, last, num_nodes, num_heads, max_depth=max_depth)` for float32 hidden."""
+        self, hidden: torch.Tensor, last: torch.Tensor, num_heads: int, max_depth: list[int],
+        penalty: DraftPenalty | None = None,
+    ) -> list[list[list[int]]]:  # fmt: skip
+        """`propose_nodes(spec, hidden, last, num_nodes, num_heads, max_depth=max_depth, penalty=penalty)` for
+        float32 hidden."""
         spec, m, vocab = self.spec, self.num_nodes, self.vocab
         assert 1 <= num_heads <= spec.n_predict, (num_heads, spec.n_predict)
         beam, k, b = max(4, m // 8), min(m, vocab), hidden.shape[0]
@@ -232,13 +245,17 @@ class Int8NodeRanker:
         expand: list[list[tuple[int, int]]] = [[(-1, r)] for r in range(b)]
         x = cpu_int8.linear(spec.scale(hidden), self.first) + self.emb_scale * spec.embed(0, last).to(hidden.dtype)
         deepest = min(num_heads, m, max(max_depth))
+        of_seq, path_cols = torch.arange(b), torch.empty(b, 0, dtype=torch.long)  # each row's sequence and path
         for i in range(deepest):
             weight = self.fused[i] if i + 1 < deepest else self.heads[i]
             out = cpu_int8.linear(F.gelu(spec.ln[i](x)), weight)  # [rows, vocab (+ d: proj_{i+1})]
-            top, col = F.log_softmax(out[:, :vocab], dim=-1).topk(k, dim=-1)
+            logits = out[:, :vocab] if penalty is None else penalty.apply(out[:, :vocab], of_seq, path_cols)
+            top, col = F.log_softmax(logits, dim=-1).topk(k, dim=-1)
             logps, cols = top.tolist(), col.tolist()
             rows: list[int] = []  # per node to expand: the row that scored it (its parent's), then its column
             tokens: list[int] = []
+            seqs: list[int] = []  # and, for a penalty, its sequence and its path's columns
+            paths: list[list[int]] = []
             for r, parents in enumerate(expand):
                 first, made_by = len(nodes[r]), []  # made_by: the row that scored each new node
                 for node, row in parents:
@@ -252,9 +269,14 @@ class Int8NodeRanker:
                     expand[r].append((q, len(rows)))
                     rows.append(made_by[q - first])  # its children start from its parent's projected state
                     tokens.append(nodes[r][q][2])
+                    if penalty is not None:
+                        seqs.append(r)
+                        paths.append(self._columns(nodes[r], q))
             if not rows:
                 break
             index = torch.tensor([rows, tokens])
+            if penalty is not None:
+                of_seq, path_cols = torch.tensor(seqs), torch.tensor(paths)
             x = out[:, vocab:].index_select(0, index[0]) + self.tables[i].index_select(0, index[1])
         return [self._paths(n) for n in nodes]
 
@@ -264,6 +286,15 @@ class Int8NodeRanker:
         kept = sorted(range(first, len(nodes)), key=lambda q: -nodes[q][0])[:beam]
         ahead = set(sorted(range(len(nodes)), key=lambda q: -nodes[q][0])[: m - 1])
         return [q for q in kept if q in ahead]
+
+    @staticmethod
+    def _columns(nodes: list[tuple[float, int, int, int]], q: int) -> list[int]:
+        """The draft columns on node q's path, root side first (q's own last)."""
+        cols = []
+        while q >= 0:
+            cols.append(nodes[q][2])
+            q = nodes[q][3]
+        return cols[::-1]
 
     def _paths(self, nodes: list[tuple[float, int, int, int]]) -> list[list[int]]:
         """The best num_nodes nodes as token paths, best first (a stable sort, as rank_nodes'); a node scored

@@ -29,6 +29,7 @@ from specdesk.engine.scheduler import ScheduledSeq
 from specdesk.engine.sequence import Sequence
 from specdesk.engine.speculators import draft_vocab
 from specdesk.engine.speculators.acceptance import Acceptance
+from specdesk.engine.speculators.draft_penalty import DraftPenalty
 from specdesk.engine.speculators.gating import GatingConfig, SpeculationPolicy
 from specdesk.engine.speculators.mlp import MLPSpeculator
 from specdesk.engine.speculators.ngram import NgramSpeculator
@@ -167,8 +168,12 @@ class SpeculativeDecoder:
             states = [self.hidden[s.request_id] for s in with_hidden]  # alone, a view instead of a stack
             hidden = (states[0][None] if len(states) == 1 else torch.stack(states)).to(self.mlp_dtype)
             last = torch.tensor([s.token_ids[-1] for s in with_hidden], device=hidden.device)
+            penalty = None
+            if kind.penalized:  # the heads were trained under the requests' penalties
+                penalties = [s.params.repetition_penalty for s in with_hidden]
+                penalty = DraftPenalty.of([s.token_ids for s in with_hidden], penalties, self.mlp.columns())
             # The whole pool is ranked (the top `width` are verified) so that every width gets measured.
-            for s, ranked in zip(with_hidden, kind.rank(hidden, last, heads, depths), strict=True):
+            for s, ranked in zip(with_hidden, kind.rank(hidden, last, heads, depths, penalty), strict=True):
                 paths[s.request_id] += kind.select(ranked, width)
                 self.paths[s.request_id] = (fixed[s.request_id], ranked)
         for s in eligible:

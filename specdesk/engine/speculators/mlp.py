@@ -40,7 +40,7 @@ _CONFIG_KEYS = (
     "scale_input",
     "tie_to_base",
 )
-_OWN_KEYS = ("base_checksum", "draft_heads")  # ours, beyond the published config
+_OWN_KEYS = ("base_checksum", "draft_heads", "draft_penalty")  # ours, beyond the published config
 _PREFIX = "speculator."
 
 
@@ -54,6 +54,8 @@ class MLPSpeculatorConfig:
     `from_pretrained(path, base_model)`); `base_checksum` fingerprints that embedding to catch a wrong base.
     draft_heads: > 0 gives each head its own trained [draft_heads, inner_dim] rows over a draft vocabulary
     of that size (saved as `draft_head.i`; started from the base head's rows) instead of the base's rows.
+    draft_penalty: trained with each request's repetition penalty applied to the heads' own logits over the
+    tokens seen so far (draft_penalty.py); the engine applies it the same way.
     """
 
     vocab_size: int
@@ -67,6 +69,7 @@ class MLPSpeculatorConfig:
     tie_to_base: bool = False
     base_checksum: float | None = None
     draft_heads: int = 0
+    draft_penalty: bool = False
 
     def __post_init__(self) -> None:
         if not self.top_k_tokens_per_head:
@@ -213,6 +216,17 @@ class MLPSpeculator(nn.Module):
         with torch.no_grad():
             for p in self.draft_head:
                 p.copy_(self.base_head[self.draft_vocab].float())
+
+    def columns(self) -> torch.Tensor:
+        """token id -> logits column, -100 outside a restricted vocabulary (cached per vocabulary)."""
+        from specdesk.engine.speculators.draft_penalty import column_map
+
+        key = None if self.draft_vocab is None else self.draft_vocab.data_ptr()
+        cached = getattr(self, "_columns", None)
+        if cached is None or cached[0] != key:
+            cached = (key, column_map(self.vocab_size, self.draft_vocab))
+            self._columns = cached
+        return cached[1]
 
     def vocab_ids(self, index: torch.Tensor) -> torch.Tensor:
         """Token ids of logits columns (identity unless the vocabulary is restricted)."""

@@ -16,6 +16,7 @@ import torch
 from specdesk.engine.config import SpecConfig
 from specdesk.engine.speculators.candidates import Int8NodeRanker, beam_top_k, propose, propose_nodes
 from specdesk.engine.speculators.cuda_graph import GraphedNodeRanker
+from specdesk.engine.speculators.draft_penalty import DraftPenalty
 from specdesk.engine.speculators.mlp import MLPSpeculator
 
 Paths = list[list[int]]  # draft paths: the tokens after the root
@@ -34,14 +35,18 @@ class NodeTree:
         if config.cuda_graphs and device.type == "cuda":
             dtype = next(mlp.parameters()).dtype
             self.graphed = GraphedNodeRanker(mlp, self.pool, range(1, config.max_batch_size + 1), device, dtype)
+        # Whether rank() applies a draft_penalty speculator's penalty (the CUDA graphs do not take one).
+        self.penalized = mlp.config.draft_penalty and self.graphed is None
 
-    def rank(self, hidden: torch.Tensor, last: torch.Tensor, heads: int, depths: list[int]) -> list[Paths]:
-        """Per sequence, the pool best first, every node within that sequence's depth."""
+    def rank(self, hidden: torch.Tensor, last: torch.Tensor, heads: int, depths: list[int],
+             penalty: DraftPenalty | None = None) -> list[Paths]:  # fmt: skip
+        """Per sequence, the pool best first, every node within that sequence's depth. The CUDA graphs rank
+        without the penalty (a draft_penalty speculator then proposes as if it had been trained without)."""
         if self.graphed is not None:
             return self.graphed(hidden, last, depths)
         if self.int8 is not None:
-            return self.int8(hidden, last, heads, depths)
-        return propose_nodes(self.mlp, hidden, last, self.pool, num_heads=heads, max_depth=depths)
+            return self.int8(hidden, last, heads, depths, penalty)
+        return propose_nodes(self.mlp, hidden, last, self.pool, num_heads=heads, max_depth=depths, penalty=penalty)
 
     def min_width(self, heads: int) -> int:
         """The load-based width shrinks to one path under load: in nodes, one chain of full depth."""
@@ -63,10 +68,12 @@ class PathTree:
         self.pool = max(n_candidates, config.tree_width or 0)
         # A fixed width beyond n_candidates widens the beam, so the paths are picked from enough leaves.
         self.top_k = beam_top_k(mlp.config.top_k_tokens_per_head, n_candidates, self.pool)
+        self.penalized = mlp.config.draft_penalty
 
-    def rank(self, hidden: torch.Tensor, last: torch.Tensor, heads: int, depths: list[int]) -> list[Paths]:
+    def rank(self, hidden: torch.Tensor, last: torch.Tensor, heads: int, depths: list[int],
+             penalty: DraftPenalty | None = None) -> list[Paths]:  # fmt: skip
         """Per sequence, the pool best first, every path cut to that sequence's depth."""
-        paths = propose(self.mlp, hidden, last, self.top_k, n_candidates=self.pool, num_heads=heads)[0].tolist()
+        paths = propose(self.mlp, hidden, last, self.top_k, self.pool, heads, penalty)[0].tolist()
         return [[p[:depth] for p in row] for row, depth in zip(paths, depths, strict=True)]
 
     def min_width(self, heads: int) -> int:

@@ -1,0 +1,128 @@
+"""`python -m benchmarks.speculator_ab A B ...`: speculators side by side on the CPU console's path, end to end.
+
+The turns and settings of `benchmarks.cpu` (the second customer turn of held-out conversations under the
+console's persona prompt, exactly `--max-tokens` greedy tokens, repetition penalty 1.1, nothing cached), on
+the engine the console runs on a CPU (`quantization="auto"`: int8 wherever the kernels have a vector path). One
+engine per speculator, all alive in one process per thread count; each turn runs plain decoding and every
+speculator in an order that rotates from turn to turn. Reported per speculator: tokens/s end to end (submit to
+last token, prefill included) and from the first token to the last, their ratio to plain decoding, tokens per
+verification, and whether its output equals plain decoding's (it must: speculation is exact).
+
+    python -m benchmarks.speculator_ab default /path/to/other/speculator --out docs/bench_speculator_ab.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from benchmarks.cpu import PENALTY, second_turns
+
+
+def worker(threads: int, speculators: list[str], turns: int, n: int, model: str | None = None) -> dict[str, Any]:
+    """Plain decoding and every speculator at one thread count, in this process (model: the default's)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from specdesk.engine.llm import LLM
+    from specdesk.engine.sampling_params import SamplingParams
+
+    engines = {
+        s: LLM(model, quantization="auto", dtype="auto", speculator=s, spec_max_batch_size=32) for s in speculators
+    }
+    first = engines[speculators[0]]
+    prompt_ids = [first.apply_chat_template(m) for m in second_turns(turns)]
+    params = SamplingParams(max_tokens=n, ignore_eos=True, repetition_penalty=PENALTY)
+    names = ["plain", *speculators]
+    seconds = dict.fromkeys(names, 0.0)
+    decode = dict.fromkeys(names, 0.0)
+    tokens: dict[str, list[list[int]]] = {k: [] for k in names}
+    try:
+        for llm in engines.values():
+            llm.generate(prompt_ids[:1], replace(params, max_tokens=8))  # warm-up (and the kernels' build)
+        before = {s: llm.stats() for s, llm in engines.items()}
+        for i, ids in enumerate(prompt_ids):
+            for name in names[i % len(names) :] + names[: i % len(names)]:
+                llm = first if name == "plain" else engines[name]
+                llm.reset_prefix_cache()
+                llm.forget_replies()
+                start = time.perf_counter()
+                out = llm.generate([ids], replace(params, speculate=name != "plain"))[0]
+                seconds[name] += time.perf_counter() - start
+                decode[name] += out.metrics.decode_s
+                tokens[name].append(out.token_ids)
+        result: dict[str, Any] = {"threads": threads, "turns": len(prompt_ids), "max_tokens": n,
+                                  "prompt_tokens_mean": sum(map(len, prompt_ids)) / len(prompt_ids),
+                                  "quantization": first.loaded.quantization}  # fmt: skip
+        for name in names:
+            entry = {"tok_s": n * len(prompt_ids) / seconds[name],
+                     "decode_tok_s": (n - 1) * len(prompt_ids) / decode[name]}  # fmt: skip
+            if name != "plain":
+                stats, old = engines[name].stats(), before[name]
+                steps = (stats.spec_num_drafts - old.spec_num_drafts) or 1
+                accepted = stats.spec_num_accepted_tokens - old.spec_num_accepted_tokens
+                same = sum(a == b for a, b in zip(tokens[name], tokens["plain"], strict=True))
+                entry |= {"tokens_per_verification": (accepted + steps) / steps, "identical_to_plain": same}
+            result[name] = entry
+        return result
+    finally:
+        for llm in engines.values():
+            llm.shutdown()
+
+
+def table(results: list[dict[str, Any]], speculators: list[str]) -> str:
+    lines = ["| threads | plain tok/s | " + " | ".join(f"{s}: tok/s (vs plain), decode vs plain, tokens/verification"
+                                                     for s in speculators) + " |",
+             "|---|---|" + "---|" * len(speculators)]  # fmt: skip
+    for r in results:
+        plain = r["plain"]
+        cells = [
+            f"{r[s]['tok_s']:.1f} ({r[s]['tok_s'] / plain['tok_s']:.2f}x), "
+            f"{r[s]['decode_tok_s'] / plain['decode_tok_s']:.2f}x, {r[s]['tokens_per_verification']:.2f}"
+            for s in speculators
+        ]
+        lines.append(f"| {r['threads']} | {plain['tok_s']:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("speculators", nargs="+", help="EngineConfig.speculator values: 'default' or folders")
+    ap.add_argument("--threads", type=int, nargs="+", default=None, help="default: 1 and the machine's cores")
+    ap.add_argument("--model", default=None, help="default: the built-in default model")
+    ap.add_argument("--turns", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker is not None:
+        result = worker(args.worker, args.speculators, args.turns, args.max_tokens, args.model)
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+    results = []
+    for t in args.threads or sorted({1, os.cpu_count() or 1}):  # one process per thread count, as benchmarks.cpu
+        cmd = [sys.executable, "-m", "benchmarks.speculator_ab", *args.speculators, "--worker", str(t),
+               "--turns", str(args.turns), "--max-tokens", str(args.max_tokens)]  # fmt: skip
+        if args.model:
+            cmd += ["--model", args.model]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if not lines:
+            sys.stderr.write(proc.stderr[-3000:])
+            raise SystemExit(f"the {t}-thread run failed (exit {proc.returncode})")
+        results.append(json.loads(lines[-1][len("RESULT ") :]))
+    print(table(results, args.speculators))
+    if args.out:
+        command = "python -m benchmarks.speculator_ab " + " ".join(argv if argv is not None else sys.argv[1:])
+        Path(args.out).write_text(json.dumps({"command": command, "results": results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""benchmarks.speculator_ab: speculators side by side with plain decoding on the console's turns."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from benchmarks.speculator_ab import table, worker
+from tests.tiny_models import make_tiny_model, make_tiny_speculator
+
+pytestmark = pytest.mark.usefixtures("restore_threads")
+
+
+def test_every_speculator_is_timed_against_plain_decoding_and_gives_its_tokens(tmp_path: Path) -> None:
+    model = make_tiny_model("llama", tmp_path, max_position_embeddings=4096)  # room for persona prompts
+    mlp = make_tiny_speculator(model, tmp_path / "mlp")
+    result = worker(1, ["ngram", str(mlp)], turns=3, n=12, model=str(model))
+    assert result["turns"] == 3 and result["prompt_tokens_mean"] > 100  # persona prompt and two turns
+    for name in ("ngram", str(mlp)):
+        entry = result[name]
+        assert entry["identical_to_plain"] == 3  # speculation is exact
+        assert entry["tok_s"] > 0 and entry["decode_tok_s"] > 0 and entry["tokens_per_verification"] >= 1.0
+    assert result["plain"]["tok_s"] > 0
+    row = table([result], ["ngram", str(mlp)]).splitlines()[-1]
+    assert row.startswith("| 1 | ") and row.count("x, ") == 2
