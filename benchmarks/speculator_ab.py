@@ -34,8 +34,10 @@ def worker(threads: int, speculators: list[str], turns: int, n: int, model: str 
     from specdesk.engine.llm import LLM
     from specdesk.engine.sampling_params import SamplingParams
 
+    # num_threads for each: an int8 engine sets torch's own threads to 1, which a later engine would read as its own.
     engines = {
-        s: LLM(model, quantization="auto", dtype="auto", speculator=s, spec_max_batch_size=32) for s in speculators
+        s: LLM(model, quantization="auto", dtype="auto", speculator=s, spec_max_batch_size=32, num_threads=threads)
+        for s in speculators
     }
     first = engines[speculators[0]]
     prompt_ids = [first.apply_chat_template(m) for m in second_turns(turns)]
@@ -69,7 +71,8 @@ def worker(threads: int, speculators: list[str], turns: int, n: int, model: str 
                 steps = (stats.spec_num_drafts - old.spec_num_drafts) or 1
                 accepted = stats.spec_num_accepted_tokens - old.spec_num_accepted_tokens
                 same = sum(a == b for a, b in zip(tokens[name], tokens["plain"], strict=True))
-                entry |= {"tokens_per_verification": (accepted + steps) / steps, "identical_to_plain": same}
+                entry |= {"tokens_per_verification": (accepted + steps) / steps, "identical_to_plain": same,
+                          "verifications": steps, "accepted_drafts": accepted}  # fmt: skip
             result[name] = entry
         return result
     finally:

@@ -34,7 +34,7 @@ class TrainConfig:
     # The repetition penalty every reply is generated under and the heads' distilled distribution is penalized
     # with (train_data.base_distribution). The console verifies drafts against penalized text (1.1,
     # settings.DEFAULT_REPETITION_PENALTY); the shipped speculator was trained before this option, at 1.0,
-    # which stays the default so that its recorded run reproduces. A 1.1 run is not measured yet.
+    # which stays the default so that its recorded run reproduces. A 1.1 run: speculators/default/README.md.
     repetition_penalty: float = 1.0
     # Under a repetition penalty, apply it to the heads' own logits too, over the tokens each position has seen,
     # in training and in the engine (draft_penalty.py): a hidden state can't tell the heads which tokens the
