@@ -122,6 +122,11 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"the {t}-thread run failed (exit {proc.returncode})")
         results.append(json.loads(lines[-1][len("RESULT ") :]))
     print(table(results, args.speculators))
+    for r in results:  # speculation is exact: a difference is a bug, not a figure
+        for s in args.speculators:
+            if r[s]["identical_to_plain"] != r["turns"]:
+                print(f"[{r['threads']} threads] {s}: only {r[s]['identical_to_plain']} of {r['turns']} turns equal "
+                      "plain decoding's tokens", file=sys.stderr)  # fmt: skip
     if args.out:
         command = "python -m benchmarks.speculator_ab " + " ".join(argv if argv is not None else sys.argv[1:])
         Path(args.out).write_text(json.dumps({"command": command, "results": results}, indent=2) + "\n")

@@ -181,7 +181,7 @@ def train(cfg: TrainConfig) -> dict[str, object]:
                 group["lr_scale"] * cfg.lr * lr_factor(step, cfg.stage1_steps, cfg.stage2_steps, cfg.stage2_peak)
             )
         seen = None  # per head, the columns its distribution has seen (x_0..x_{j+i+1})
-        if spec.config.draft_penalty or (distill and cfg.repetition_penalty != 1.0):
+        if data.history is not None and (spec.config.draft_penalty or (distill and cfg.repetition_penalty != 1.0)):
             seen = [data.seen(idx, columns, len(base_rows), ahead=i + 1) for i in range(cfg.n_predict)]
         soft = None
         if distill:

@@ -164,7 +164,9 @@ def generate_replies(
             return [list(r) for r in cached["replies"]]
     from specdesk.engine.llm import LLM
     from specdesk.engine.sampling_params import SamplingParams
+    from specdesk.kernels import cpu_lib
 
+    threads = torch.get_num_threads()  # an int8 engine sets torch's to 1 for the process: training needs them back
     llm = LLM(model, dtype=dtype, device="cpu", speculator=None, max_num_seqs=48, max_num_batched_tokens=1024,
               quantization=quantization)  # fmt: skip
     try:
@@ -185,6 +187,8 @@ def generate_replies(
             replies.append([t for d in llm.deltas(rid) for t in d.token_ids])
     finally:
         llm.shutdown()
+        torch.set_num_threads(threads)
+        cpu_lib.set_num_threads(None)
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     cache_file.write_text(json.dumps({"key": key, "replies": replies}))
     return replies

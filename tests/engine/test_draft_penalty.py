@@ -35,7 +35,7 @@ def test_penalize_is_the_engines_repetition_penalty() -> None:
 
 
 def test_seen_columns_cover_the_sequence_and_the_draft_path_within_the_draft_vocabulary() -> None:
-    columns = column_map(20, torch.tensor([2, 5, 9, 11]))  # four draft columns
+    columns = column_map(20, torch.tensor([2, 5, 9, 11]), torch.device("cpu"))  # four draft columns
     assert columns.tolist()[:12] == [-100, -100, 0, -100, -100, 1, -100, -100, -100, 2, -100, 3]
     penalty = DraftPenalty.of([[2, 3, 9], [5, 11], [2, 5]], [1.5, 1.2, 1.0], columns)
     assert penalty is not None
@@ -46,6 +46,9 @@ def test_seen_columns_cover_the_sequence_and_the_draft_path_within_the_draft_voc
     want = [[2 / 1.5, -2.0, 3 / 1.5, 4.0], [2 / 1.2, -2.4, 3.0, 4 / 1.2], [2.0, -2.0, 3.0, 4.0]]
     torch.testing.assert_close(got, torch.tensor(want))
     assert DraftPenalty.of([[2, 3]], [1.0], columns) is None  # nobody penalized: nothing to apply
+    # A token past the speculator's vocabulary (a larger tokenizer's) can't be drafted: skipped, not an error.
+    wide = DraftPenalty.of([[2, 25, 9]], [1.5], columns)
+    assert wide is not None and wide.seen.tolist() == [[True, False, True, False]]
 
 
 def _penalized_speculator(seed: int) -> MLPSpeculator:

@@ -240,6 +240,17 @@ def test_a_penalized_run_trains_and_records_a_draft_penalty_speculator(tiny: Pat
         assert isinstance(held, dict) and all(1.0 <= v <= 4.0 for v in held["greedy"]["walk_tokens_per_step"].values())
 
 
+@pytest.mark.usefixtures("restore_threads")
+def test_int8_replies_leave_the_training_its_threads(tiny: Path, tmp_path: Path) -> None:
+    # The int8 engine sets torch's threads to 1 for the whole process; training after it needs its own back.
+    from specdesk.training.train_data import generate_replies
+
+    torch.set_num_threads(2)
+    replies = generate_replies([[5, 9, 13, 2]], [0.0], tmp_path / "r.json", model=str(tiny), dtype="bfloat16",
+                               max_tokens=4, top_p=1.0, seed=0, quantization="int8")  # fmt: skip
+    assert len(replies[0]) == 4 and torch.get_num_threads() == 2
+
+
 def test_held_out_by_whole_scenario() -> None:
     from specdesk.training.dataset import scenario_of, split_conversations
 

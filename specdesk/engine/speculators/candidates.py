@@ -245,7 +245,8 @@ class Int8NodeRanker:
         expand: list[list[tuple[int, int]]] = [[(-1, r)] for r in range(b)]
         x = cpu_int8.linear(spec.scale(hidden), self.first) + self.emb_scale * spec.embed(0, last).to(hidden.dtype)
         deepest = min(num_heads, m, max(max_depth))
-        of_seq, path_cols = torch.arange(b), torch.empty(b, 0, dtype=torch.long)  # each row's sequence and path
+        if penalty is not None:  # each row's sequence and draft path (as columns), depth by depth
+            of_seq, path_cols = torch.arange(b), torch.empty(b, 0, dtype=torch.long)
         for i in range(deepest):
             weight = self.fused[i] if i + 1 < deepest else self.heads[i]
             out = cpu_int8.linear(F.gelu(spec.ln[i](x)), weight)  # [rows, vocab (+ d: proj_{i+1})]

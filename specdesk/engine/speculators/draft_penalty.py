@@ -25,12 +25,13 @@ def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor | f
     return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
-def column_map(spec_vocab_size: int, draft_vocab: torch.Tensor | None) -> torch.Tensor:
-    """token id -> logits column ([vocab_size] int64; OUTSIDE where a draft vocabulary leaves the token out)."""
+def column_map(spec_vocab_size: int, draft_vocab: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """token id -> logits column ([vocab_size] int64 on device; OUTSIDE where a draft vocabulary leaves the token
+    out)."""
     if draft_vocab is None:
-        return torch.arange(spec_vocab_size)
-    columns = torch.full((spec_vocab_size,), OUTSIDE, dtype=torch.long, device=draft_vocab.device)
-    columns[draft_vocab] = torch.arange(len(draft_vocab), device=draft_vocab.device)
+        return torch.arange(spec_vocab_size, device=device)
+    columns = torch.full((spec_vocab_size,), OUTSIDE, dtype=torch.long, device=device)
+    columns[draft_vocab.to(device)] = torch.arange(len(draft_vocab), device=device)
     return columns
 
 
@@ -58,8 +59,9 @@ class DraftPenalty:
         width, device = int(columns.max()) + 1, columns.device
         seen = torch.zeros(len(token_ids), width + 1, dtype=torch.bool, device=device)
         for r, (ids, p) in enumerate(zip(token_ids, penalties, strict=True)):
-            if p != 1.0:
-                cols = columns[torch.tensor(ids, dtype=torch.long, device=device)]
+            if p != 1.0:  # ids past the speculator's vocabulary (a larger tokenizer's) can't be drafted: skipped
+                known = torch.tensor(ids, dtype=torch.long, device=device)
+                cols = columns[known[known < len(columns)]]
                 seen[r, torch.where(cols >= 0, cols, width)] = True  # the spare last column collects the rest
         return cls(seen[:, :width], torch.tensor(penalties, dtype=torch.float32, device=device))
 
@@ -69,5 +71,7 @@ class DraftPenalty:
         seen = self.seen[rows]
         if path_columns is not None and path_columns.numel():
             depth = path_columns.shape[1]
-            seen = mark(seen, torch.arange(len(rows)).repeat_interleave(depth), path_columns.reshape(-1))
+            seen = mark(
+                seen, torch.arange(len(rows), device=rows.device).repeat_interleave(depth), path_columns.reshape(-1)
+            )
         return penalize(logits, seen, self.penalty[rows][:, None])

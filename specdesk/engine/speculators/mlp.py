@@ -221,10 +221,12 @@ class MLPSpeculator(nn.Module):
         """token id -> logits column, -100 outside a restricted vocabulary (cached per vocabulary)."""
         from specdesk.engine.speculators.draft_penalty import column_map
 
-        key = None if self.draft_vocab is None else self.draft_vocab.data_ptr()
+        ref = self.draft_vocab if self.draft_vocab is not None else self.base_emb
+        device = ref.device if ref is not None else next(self.parameters()).device
+        key = (None if self.draft_vocab is None else self.draft_vocab.data_ptr(), device)
         cached = getattr(self, "_columns", None)
         if cached is None or cached[0] != key:
-            cached = (key, column_map(self.vocab_size, self.draft_vocab))
+            cached = (key, column_map(self.vocab_size, self.draft_vocab, device))
             self._columns = cached
         return cached[1]
 
