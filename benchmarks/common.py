@@ -2,7 +2,29 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from dataclasses import dataclass
+from typing import Any
+
+RESULT = "RESULT "  # how a worker process marks its JSON line
+
+
+def worker_result(argv: list[str], what: str) -> dict[str, Any]:
+    """Run `python -m *argv` in a process of its own (a worker printing `RESULT <json>`) and return that JSON.
+
+    Its other output is echoed, its stderr too when it fails. Benchmarks that set thread counts run one
+    worker per count: an engine's thread settings hold for its whole process."""
+    proc = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, check=False)
+    lines = proc.stdout.splitlines()
+    print("\n".join(line for line in lines if not line.startswith(RESULT)), flush=True)
+    results = [line for line in lines if line.startswith(RESULT)]
+    if proc.returncode or not results:
+        sys.stderr.write(proc.stderr[-3000:])
+    if not results:
+        raise SystemExit(f"{what} failed (exit {proc.returncode})")
+    return json.loads(results[-1][len(RESULT) :])
 
 
 @dataclass

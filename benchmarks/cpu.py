@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +37,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import RESULT, worker_result
 from specdesk import prompts
 
 PENALTY = 1.1
@@ -63,6 +63,7 @@ def teacher_forced_top1(llm: Any, prompt_ids: list[list[int]], replies: list[lis
 
     from specdesk.engine.attention_metadata import AttentionMetadata
     from specdesk.engine.config import EngineConfig
+    from specdesk.engine.logits_processors import penalize
     from specdesk.engine.model_runner import ModelRunner
 
     longest = max(len(p) + len(r) for p, r in zip(prompt_ids, replies, strict=True))
@@ -76,9 +77,9 @@ def teacher_forced_top1(llm: Any, prompt_ids: list[list[int]], replies: list[lis
             rows = hidden[len(prompt) - 1 : len(ids) - 1]  # the rows that predict each reply token
             logits = runner.model.compute_logits(rows)
             for t in range(len(reply)):  # the replies' repetition penalty (transformers' rule), over the tokens so far
-                seen = torch.tensor(sorted(set(ids[: len(prompt) + t])))
-                row = logits[t, seen]
-                logits[t, seen] = torch.where(row > 0, row / PENALTY, row * PENALTY)
+                seen = torch.zeros(logits.shape[1], dtype=torch.bool)
+                seen[ids[: len(prompt) + t]] = True
+                logits[t] = penalize(logits[t], seen, PENALTY)
             choice = logits.argmax(-1).tolist()
             same += sum(a == b for a, b in zip(choice, reply, strict=True))
             total += len(reply)
@@ -244,20 +245,14 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.worker is not None:
         result = worker(args.worker, args.turns, args.max_tokens, args.reference_dtype)
-        print("RESULT " + json.dumps(result), flush=True)
+        print(RESULT + json.dumps(result), flush=True)
         return
     threads = args.threads or sorted({1, os.cpu_count() or 1})
     results = []
     for t in threads:  # one process each: thread settings and the int8 engine's stay out of the others' way
-        cmd = [sys.executable, "-m", "benchmarks.cpu", "--worker", str(t), "--turns", str(args.turns),
-               "--max-tokens", str(args.max_tokens), "--reference-dtype", args.reference_dtype]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        sys.stderr.write(proc.stderr[-2000:] if proc.returncode else "")
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        print("\n".join(line for line in proc.stdout.splitlines() if not line.startswith("RESULT ")), flush=True)
-        if not lines:
-            raise SystemExit(f"the {t}-thread run failed (exit {proc.returncode})")
-        results.append(json.loads(lines[-1][len("RESULT ") :]))
+        argv = ["benchmarks.cpu", "--worker", str(t), "--turns", str(args.turns),
+                "--max-tokens", str(args.max_tokens), "--reference-dtype", args.reference_dtype]  # fmt: skip
+        results.append(worker_result(argv, f"the {t}-thread run"))
     print(table(results))
     for r in results:
         forced = r["int8"]["teacher_forced_top1_vs_reference_percent"]

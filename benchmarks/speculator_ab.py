@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import RESULT, worker_result
 from benchmarks.cpu import PENALTY, second_turns
 
 
@@ -107,20 +107,15 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.worker is not None:
         result = worker(args.worker, args.speculators, args.turns, args.max_tokens, args.model)
-        print("RESULT " + json.dumps(result), flush=True)
+        print(RESULT + json.dumps(result), flush=True)
         return
     results = []
     for t in args.threads or sorted({1, os.cpu_count() or 1}):  # one process per thread count, as benchmarks.cpu
-        cmd = [sys.executable, "-m", "benchmarks.speculator_ab", *args.speculators, "--worker", str(t),
-               "--turns", str(args.turns), "--max-tokens", str(args.max_tokens)]  # fmt: skip
+        argv = ["benchmarks.speculator_ab", *args.speculators, "--worker", str(t),
+                "--turns", str(args.turns), "--max-tokens", str(args.max_tokens)]  # fmt: skip
         if args.model:
-            cmd += ["--model", args.model]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if not lines:
-            sys.stderr.write(proc.stderr[-3000:])
-            raise SystemExit(f"the {t}-thread run failed (exit {proc.returncode})")
-        results.append(json.loads(lines[-1][len("RESULT ") :]))
+            argv += ["--model", args.model]
+        results.append(worker_result(argv, f"the {t}-thread run"))
     print(table(results, args.speculators))
     for r in results:  # speculation is exact: a difference is a bug, not a figure
         for s in args.speculators:

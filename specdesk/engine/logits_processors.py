@@ -19,6 +19,13 @@ if TYPE_CHECKING:
     from specdesk.engine.grammar import GrammarState
 
 
+def penalize(logits: Tensor, seen: Tensor, penalty: Tensor | float) -> Tensor:
+    """transformers' repetition penalty: a seen token's logit z becomes z / r if z > 0 else z * r.
+
+    seen: bool, the shape of logits (or broadcasting to it); penalty a float or one per row ([..., 1])."""
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+
 def needs_processing(params: SamplingParams, grammar: GrammarState | None) -> bool:
     """True when a request's rows need more than the model's raw logits."""
     return params.has_penalties or grammar is not None
@@ -72,8 +79,7 @@ def _penalize(z: Tensor, params: SamplingParams, history: list[int], num_prompt_
         seen = torch.zeros(n, len(cols), dtype=torch.bool, device=device)
         seen[:, [where[t] for t in set(history) if t in where]] = True
         seen[path_rows, path_cols] = True
-        r = params.repetition_penalty
-        sub = torch.where(seen, torch.where(sub > 0, sub / r, sub * r), sub)
+        sub = penalize(sub, seen, params.repetition_penalty)
     if params.frequency_penalty != 0.0 or params.presence_penalty != 0.0:
         counts = torch.zeros(n, len(cols), dtype=torch.float32, device=device)
         output = [where[t] for t in history[num_prompt_tokens:] if t in where]

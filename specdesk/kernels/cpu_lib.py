@@ -104,8 +104,7 @@ def available() -> bool:
 
 def has_vnni() -> bool:
     """True when the loaded kernel uses AVX-512 VNNI (the fast path); False for the AVX2 or portable loops."""
-    lib = library()
-    return lib is not None and bool(lib.sd_has_vnni())
+    return int8_path() == "vnni"
 
 
 def int8_path() -> str | None:

@@ -9,8 +9,9 @@ from collections.abc import Callable
 
 import torch
 
+from specdesk.engine.logits_processors import penalize
 from specdesk.engine.speculators.candidates import propose, propose_nodes
-from specdesk.engine.speculators.draft_penalty import DraftPenalty, penalize
+from specdesk.engine.speculators.draft_penalty import DraftPenalty
 from specdesk.engine.speculators.mlp import MLPSpeculator
 from specdesk.training.train_data import IGNORE, Positions, rows_to_end
 

@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from specdesk.engine.logits_processors import penalize
 from specdesk.engine.speculators import draft_vocab
-from specdesk.engine.speculators.draft_penalty import penalize
 from specdesk.engine.speculators.mlp import MLPSpeculator, MLPSpeculatorConfig, SpeculatorNorm
 from specdesk.training import draft_vocab as vocab_builder
 from specdesk.training.config import TrainConfig
@@ -105,11 +105,7 @@ def head_losses(
 
 def vocab_columns(spec: MLPSpeculator) -> torch.Tensor | None:
     """token id -> logits column under a restricted vocabulary (IGNORE outside it); None when unrestricted."""
-    if spec.draft_vocab is None:
-        return None
-    columns = torch.full((spec.vocab_size,), IGNORE, dtype=torch.long)
-    columns[spec.draft_vocab] = torch.arange(len(spec.draft_vocab))
-    return columns
+    return None if spec.draft_vocab is None else spec.columns()
 
 
 def train(cfg: TrainConfig) -> dict[str, object]:

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from specdesk.engine.attention_metadata import AttentionMetadata
-from specdesk.engine.speculators.draft_penalty import penalize
+from specdesk.engine.logits_processors import penalize
 from specdesk.engine.speculators.tree import common_prefix
 
 IGNORE = -100

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from specdesk.engine import LLM, SamplingParams
-from specdesk.engine.logits_processors import process_rows
+from specdesk.engine.logits_processors import penalize, process_rows
 from specdesk.engine.speculators import draft_vocab
 from specdesk.engine.speculators.candidates import Int8NodeRanker, propose, propose_nodes
-from specdesk.engine.speculators.draft_penalty import DraftPenalty, column_map, penalize
+from specdesk.engine.speculators.draft_penalty import DraftPenalty, column_map
 from specdesk.engine.speculators.draft_vocab import pack_for_cpu
 from specdesk.engine.speculators.mlp import MLPSpeculator, MLPSpeculatorConfig
 from tests.engine.test_spec_int8_ranker import DRAFT, E, TinyBase, V

@@ -17,12 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
+from specdesk.engine.logits_processors import penalize
+
 OUTSIDE = -100  # a column map's value for a token outside the draft vocabulary (train_data.IGNORE)
-
-
-def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor | float) -> torch.Tensor:
-    """transformers' repetition penalty: seen [..., vocab] bool; penalty a float or [..., 1] per row."""
-    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
 def column_map(spec_vocab_size: int, draft_vocab: torch.Tensor | None, device: torch.device) -> torch.Tensor:
