@@ -34,7 +34,7 @@ def worker(threads: int, speculators: list[str], turns: int, n: int, model: str 
     from specdesk.engine.llm import LLM
     from specdesk.engine.sampling_params import SamplingParams
 
-    # num_threads for each: an int8 engine sets torch's own threads to 1, which a later engine would read as its own.
+    # num_threads for each: the engines live side by side, and every one's kernels split over `threads`.
     engines = {
         s: LLM(model, quantization="auto", dtype="auto", speculator=s, spec_max_batch_size=32, num_threads=threads)
         for s in speculators

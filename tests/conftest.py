@@ -35,7 +35,7 @@ if os.environ.get("SPECDESK_TEST_DEVICE"):
 
 @pytest.fixture
 def restore_threads() -> Iterator[None]:
-    """An int8 LLM sets torch's threads to 1 for the whole process: give the next test what this one had."""
+    """Give the next test the threads this one had (it may set them, or fail with an int8 LLM still open)."""
     from specdesk.kernels import cpu_lib
 
     previous = torch.get_num_threads()

@@ -166,6 +166,8 @@ class LLM(EngineClient):
             self._closed = True
             self._cv.notify()
         self._thread.join(timeout=10)
+        if not self._thread.is_alive():  # a step still running keeps what it runs on
+            self.engine.close()
 
     # ---- the engine thread ------------------------------------------------------------------------
     def _loop(self) -> None:

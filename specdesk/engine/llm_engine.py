@@ -240,6 +240,10 @@ class LLMEngine:
             self.scheduler.finish(seq, FinishReason.ERROR)
         return [self._finish_delta(seq, error=error) for seq in live]
 
+    def close(self) -> None:
+        """Give back what the engine took from the process (ModelRunner.close); the engine serves no more."""
+        self.runner.close()
+
     def _run(self, batch: SchedulerOutput) -> list[Verdict]:
         """One base-model pass: plain sequences sample one token, speculating ones verify their tree."""
         scheduled = batch.scheduled

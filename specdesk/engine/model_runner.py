@@ -49,8 +49,9 @@ class ModelRunner:
             # sampling) then run on one: two thread pools spinning on the same cores slow each other down
             # (a decode step took 3x as long), and OpenMP teams started from the engine's loop thread sleep
             # between every parallel region (kernels/cpu_int8.c says why).
-            cpu_lib.set_num_threads(torch.get_num_threads())
-            torch.set_num_threads(1)
+            # Until close(): then torch gets its threads back (a process outlives its engines).
+            cpu_lib.claim_threads(config.num_threads)
+        self._claimed = loaded.quantization == "int8"
         self.model = loaded.model
         self.device = loaded.device
         self.dtype = loaded.dtype
@@ -69,6 +70,12 @@ class ModelRunner:
         self.kv_caches = [(self.kv_pool[i, 0], self.kv_pool[i, 1]) for i in range(loaded.num_layers)]
         self.max_model_len = min(config.max_model_len or loaded.max_model_len, loaded.max_model_len)
         self.graphs: PassGraphs | None = None
+
+    def close(self) -> None:
+        """Give back what the runner took from the process (torch's threads, for int8); idempotent."""
+        if self._claimed:
+            self._claimed = False
+            cpu_lib.release_threads()
 
     def capture_graphs(self, max_tree_nodes: int, max_spec_batch: int) -> None:
         """Capture the decode pass (every padded batch size up to max_num_seqs) and, when speculating, the

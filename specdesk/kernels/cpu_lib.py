@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from functools import cache
 from pathlib import Path
 
@@ -83,13 +84,40 @@ def library() -> ctypes.CDLL | None:
 
 
 _threads: int | None = None
+_engines = 0  # int8 engines alive in the process (claim_threads / release_threads)
+_torch_threads = 0  # torch's threads before the first of them took them
+_claims = threading.Lock()
 
 
 def set_num_threads(threads: int | None) -> None:
-    """Threads the kernels split a call over (None: torch.get_num_threads() of the calling thread). The
-    engine sets it once: its loop thread runs torch's own ops on one thread (see ModelRunner)."""
+    """Threads the kernels split a call over (None: torch.get_num_threads() of the calling thread). An int8
+    engine sets it while it lives (claim_threads)."""
     global _threads
     _threads = threads
+
+
+def claim_threads(threads: int | None) -> None:
+    """An int8 engine starts: the kernels split over `threads` (None: torch's threads when no other int8
+    engine lives, else what that one set) and torch's own ops drop to one thread for the process (ModelRunner
+    says why). torch's count is read once, by the first engine: later ones find it at one."""
+    global _engines, _torch_threads
+    with _claims:
+        if _engines == 0:
+            _torch_threads = torch.get_num_threads()
+        if threads or _engines == 0:
+            set_num_threads(threads or _torch_threads)
+        torch.set_num_threads(1)
+        _engines += 1
+
+
+def release_threads() -> None:
+    """An int8 engine has stopped: once none is left, torch gets its threads back and the kernels follow it."""
+    global _engines
+    with _claims:
+        _engines = max(0, _engines - 1)
+        if _engines == 0:
+            torch.set_num_threads(_torch_threads)
+            set_num_threads(None)
 
 
 def num_threads() -> int:

@@ -164,9 +164,7 @@ def generate_replies(
             return [list(r) for r in cached["replies"]]
     from specdesk.engine.llm import LLM
     from specdesk.engine.sampling_params import SamplingParams
-    from specdesk.kernels import cpu_lib
 
-    threads = torch.get_num_threads()  # an int8 engine sets torch's to 1 for the process: training needs them back
     llm = LLM(model, dtype=dtype, device="cpu", speculator=None, max_num_seqs=48, max_num_batched_tokens=1024,
               quantization=quantization)  # fmt: skip
     try:
@@ -186,9 +184,7 @@ def generate_replies(
         for rid in tqdm(request_ids, desc="stage 2: base model replies", unit="reply"):
             replies.append([t for d in llm.deltas(rid) for t in d.token_ids])
     finally:
-        llm.shutdown()
-        torch.set_num_threads(threads)
-        cpu_lib.set_num_threads(None)
+        llm.shutdown()  # an int8 engine gives torch its threads back: training needs them
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     cache_file.write_text(json.dumps({"key": key, "replies": replies}))
     return replies

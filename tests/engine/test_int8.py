@@ -97,7 +97,6 @@ def test_int8_loads_an_output_layer_whose_vocabulary_is_not_a_multiple_of_16(tmp
 
 def _generate(model_dir: Path, dtype: str, speculator: str | None) -> dict[str, tuple[list[list[int]], int]]:
     """Every PARAMS run on one engine: (token ids per prompt, tokens the speculator got accepted)."""
-    previous = torch.get_num_threads()  # both engines of a comparison start from the same threads
     llm = _llm(model_dir, dtype, speculator)
     try:
         runs = {}
@@ -106,9 +105,7 @@ def _generate(model_dir: Path, dtype: str, speculator: str | None) -> dict[str, 
             runs[name] = ([o.token_ids for o in outs], sum(o.metrics.num_accepted_tokens for o in outs))
         return runs
     finally:
-        llm.shutdown()
-        torch.set_num_threads(previous)
-        cpu_lib.set_num_threads(None)
+        llm.shutdown()  # both engines of a comparison start from the same threads
 
 
 @pytest.mark.parametrize(("family", "dtype"), [("mistral", "bfloat16"), ("mistral", "float32"), ("qwen2", "bfloat16")])
@@ -149,19 +146,29 @@ def test_int8_speculation_is_lossless(
 
 
 def test_int8_engine_threads(models: dict[str, Path]) -> None:
-    """The C kernels get the threads torch had; torch's own ops in the process drop to one thread."""
+    """While an int8 engine lives the C kernels get the threads torch had and torch's own ops drop to one; a
+    second engine keeps the kernels' threads (torch is at one by then); after the last shuts down, torch has
+    its threads back and the kernels follow it."""
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
-    before = torch.get_num_threads()
-    llm = None
+    engines: list[LLM] = []
     try:
-        llm = _llm(models["mistral"], "bfloat16")
+        engines.append(_llm(models["mistral"], "bfloat16"))
         assert torch.get_num_threads() == 1
-        assert cpu_lib.num_threads() == before
-        out = llm.generate(PROMPTS[:1], SamplingParams(max_tokens=4, ignore_eos=True))[0]
+        assert cpu_lib.num_threads() == 2
+        engines.append(_llm(models["mistral"], "bfloat16"))
+        assert (torch.get_num_threads(), cpu_lib.num_threads()) == (1, 2)
+        out = engines[1].generate(PROMPTS[:1], SamplingParams(max_tokens=4, ignore_eos=True))[0]
         assert len(out.token_ids) == 4
+        engines.pop(0).shutdown()
+        assert (torch.get_num_threads(), cpu_lib.num_threads()) == (1, 2)  # one engine still lives
+        engines[0].shutdown()
+        engines[0].shutdown()  # a second shutdown gives nothing back twice
+        assert (torch.get_num_threads(), cpu_lib.num_threads()) == (2, 2)
+        torch.set_num_threads(1)
+        assert cpu_lib.num_threads() == 1
     finally:
-        if llm is not None:
+        for llm in engines:
             llm.shutdown()
         torch.set_num_threads(previous)
         cpu_lib.set_num_threads(None)

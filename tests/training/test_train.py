@@ -242,7 +242,7 @@ def test_a_penalized_run_trains_and_records_a_draft_penalty_speculator(tiny: Pat
 
 @pytest.mark.usefixtures("restore_threads")
 def test_int8_replies_leave_the_training_its_threads(tiny: Path, tmp_path: Path) -> None:
-    # The int8 engine sets torch's threads to 1 for the whole process; training after it needs its own back.
+    # An int8 engine takes torch's threads while it lives (kernels/cpu_lib.py); training after it needs them back.
     from specdesk.training.train_data import generate_replies
 
     torch.set_num_threads(2)
