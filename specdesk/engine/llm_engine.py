@@ -60,27 +60,31 @@ class LLMEngine:
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.runner = ModelRunner(config, loaded)
-        self.max_model_len = self.runner.max_model_len
-        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(
-            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len
-        )
-        self.spec_config = SpecConfig.resolve(config, loaded.device.type)
-        self.speculation = (
-            SpeculativeDecoder(self.spec_config, loaded, self.runner) if self.spec_config is not None else None
-        )
-        self.runner.capture_graphs(
-            max_tree_nodes=self.speculation.max_tree_nodes if self.speculation is not None else 0,
-            max_spec_batch=self.speculation.config.max_batch_size if self.speculation is not None else 0,
-        )
-        # Structured output; llguidance and its view of the tokenizer are loaded by the first such request.
-        self.grammar_compiler = GrammarCompiler(self.tokenizer, loaded.eos_token_ids)
-        self._grammar_pool = ThreadPoolExecutor(1, thread_name_prefix="specdesk-grammar")  # masks during a pass
-        self.detokenizers: dict[str, IncrementalDetokenizer] = {}
-        self.sequences: dict[str, Sequence] = {}
-        self.num_steps = 0
-        self._step_started = 0.0  # perf_counter at the current step's start
-        self._ids = itertools.count()
+        try:  # an engine that fails to build gives back what its runner took
+            self.max_model_len = self.runner.max_model_len
+            self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+            self.scheduler = Scheduler(
+                self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len
+            )
+            self.spec_config = SpecConfig.resolve(config, loaded.device.type)
+            self.speculation = (
+                SpeculativeDecoder(self.spec_config, loaded, self.runner) if self.spec_config is not None else None
+            )
+            self.runner.capture_graphs(
+                max_tree_nodes=self.speculation.max_tree_nodes if self.speculation is not None else 0,
+                max_spec_batch=self.speculation.config.max_batch_size if self.speculation is not None else 0,
+            )
+            # Structured output; llguidance and its view of the tokenizer are loaded by the first such request.
+            self.grammar_compiler = GrammarCompiler(self.tokenizer, loaded.eos_token_ids)
+            self._grammar_pool = ThreadPoolExecutor(1, thread_name_prefix="specdesk-grammar")  # masks during a pass
+            self.detokenizers: dict[str, IncrementalDetokenizer] = {}
+            self.sequences: dict[str, Sequence] = {}
+            self.num_steps = 0
+            self._step_started = 0.0  # perf_counter at the current step's start
+            self._ids = itertools.count()
+        except BaseException:
+            self.runner.close()
+            raise
 
     def validate_prompt(self, prompt_token_ids: list[int]) -> None:
         """Raise ValueError for a prompt this engine can never serve."""
@@ -241,7 +245,9 @@ class LLMEngine:
         return [self._finish_delta(seq, error=error) for seq in live]
 
     def close(self) -> None:
-        """Give back what the engine took from the process (ModelRunner.close); the engine serves no more."""
+        """Give back what the engine took from the process (the runner's threads, the grammar thread); the
+        engine serves no more."""
+        self._grammar_pool.shutdown(wait=False)
         self.runner.close()
 
     def _run(self, batch: SchedulerOutput) -> list[Verdict]:

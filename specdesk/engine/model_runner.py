@@ -44,14 +44,6 @@ class ModelRunner:
 
     def __init__(self, config: EngineConfig, loaded: LoadedModel) -> None:
         self.config = config
-        if loaded.quantization == "int8":
-            # The C kernels split the matmuls and attention over their own threads. torch's own ops (norms,
-            # sampling) then run on one: two thread pools spinning on the same cores slow each other down
-            # (a decode step took 3x as long), and OpenMP teams started from the engine's loop thread sleep
-            # between every parallel region (kernels/cpu_int8.c says why).
-            # Until close(): then torch gets its threads back (a process outlives its engines).
-            cpu_lib.claim_threads(config.num_threads)
-        self._claimed = loaded.quantization == "int8"
         self.model = loaded.model
         self.device = loaded.device
         self.dtype = loaded.dtype
@@ -70,6 +62,14 @@ class ModelRunner:
         self.kv_caches = [(self.kv_pool[i, 0], self.kv_pool[i, 1]) for i in range(loaded.num_layers)]
         self.max_model_len = min(config.max_model_len or loaded.max_model_len, loaded.max_model_len)
         self.graphs: PassGraphs | None = None
+        self._claimed = loaded.quantization == "int8"
+        if self._claimed:  # last, so that a runner that fails to build has taken nothing
+            # The C kernels split the matmuls and attention over their own threads. torch's own ops (norms,
+            # sampling) then run on one: two thread pools spinning on the same cores slow each other down
+            # (a decode step took 3x as long), and OpenMP teams started from the engine's loop thread sleep
+            # between every parallel region (kernels/cpu_int8.c says why). Until close(): a process outlives
+            # its engines.
+            cpu_lib.claim_threads(config.num_threads)
 
     def close(self) -> None:
         """Give back what the runner took from the process (torch's threads, for int8); idempotent."""

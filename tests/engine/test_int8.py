@@ -167,6 +167,10 @@ def test_int8_engine_threads(models: dict[str, Path]) -> None:
         assert (torch.get_num_threads(), cpu_lib.num_threads()) == (2, 2)
         torch.set_num_threads(1)
         assert cpu_lib.num_threads() == 1
+        torch.set_num_threads(2)
+        with pytest.raises(FileNotFoundError, match="speculator"):  # raised after the runner took the threads
+            _llm(models["mistral"], "bfloat16", speculator=str(models["mistral"] / "no-such-folder"))
+        assert (torch.get_num_threads(), cpu_lib.num_threads()) == (2, 2)
     finally:
         for llm in engines:
             llm.shutdown()
