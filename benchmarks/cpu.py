@@ -28,6 +28,7 @@ torch's own ops to one thread, so it runs last).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -69,7 +70,7 @@ def teacher_forced_top1(llm: Any, prompt_ids: list[list[int]], replies: list[lis
     longest = max(len(p) + len(r) for p, r in zip(prompt_ids, replies, strict=True))
     runner = ModelRunner(EngineConfig(num_blocks=longest // 16 + 2), llm.loaded)  # a KV pool of its own
     same = total = 0
-    with torch.inference_mode():
+    with torch.inference_mode(), contextlib.closing(runner):
         for prompt, reply in zip(prompt_ids, replies, strict=True):
             ids = prompt + reply
             meta = AttentionMetadata.build([list(range(len(ids) // 16 + 1))], [len(ids)], [len(ids)], 16)

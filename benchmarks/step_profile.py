@@ -120,8 +120,12 @@ def main(argv: list[str] | None = None) -> None:
         llm = LLM(model=args.model, dtype=args.dtype, device=args.device, num_threads=args.threads,
                   quantization=args.quantization, speculator=speculator,
                   spec_tree_width=args.tree_width if speculator else None)  # fmt: skip
-        llm.shutdown()  # its serving thread: this process steps the engine itself
-        results[name] = profile(llm, [llm.encode(m) for m in messages], args.max_tokens, sync, args.repetition_penalty)
+        llm.shutdown(keep_engine=True)  # its serving thread: this process steps the engine itself
+        try:
+            prompts = [llm.encode(m) for m in messages]
+            results[name] = profile(llm, prompts, args.max_tokens, sync, args.repetition_penalty)
+        finally:
+            llm.engine.close()
     keys = list(dict.fromkeys(k for r in results.values() for k in r))
     print(f"benchmarks.step_profile: {args.device}, {args.dtype}, ms per engine step (sync: {use_sync})\n")
     print("| phase | " + " | ".join(results) + " |\n|---|" + "---|" * len(results))

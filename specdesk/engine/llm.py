@@ -161,12 +161,15 @@ class LLM(EngineClient):
             self._inbox.append(("forget", None))
             self._cv.notify()
 
-    def shutdown(self) -> None:
+    def shutdown(self, *, keep_engine: bool = False) -> None:
+        """Stop serving (every open request ends) and give back what the engine took from the process
+        (`LLMEngine.close`); call it from the thread that built the LLM (kernels/cpu_lib.py's ThreadClaim).
+        keep_engine: leave `self.engine` to a caller that steps it itself, and closes it after."""
         with self._cv:
             self._closed = True
             self._cv.notify()
         self._thread.join(timeout=10)
-        if not self._thread.is_alive():  # a step still running keeps what it runs on
+        if not keep_engine:  # even past the timeout: a step still running keeps its own thread's count
             self.engine.close()
 
     # ---- the engine thread ------------------------------------------------------------------------

@@ -62,20 +62,17 @@ class ModelRunner:
         self.kv_caches = [(self.kv_pool[i, 0], self.kv_pool[i, 1]) for i in range(loaded.num_layers)]
         self.max_model_len = min(config.max_model_len or loaded.max_model_len, loaded.max_model_len)
         self.graphs: PassGraphs | None = None
-        self._claimed = loaded.quantization == "int8"
-        if self._claimed:  # last, so that a runner that fails to build has taken nothing
-            # The C kernels split the matmuls and attention over their own threads. torch's own ops (norms,
-            # sampling) then run on one: two thread pools spinning on the same cores slow each other down
-            # (a decode step took 3x as long), and OpenMP teams started from the engine's loop thread sleep
-            # between every parallel region (kernels/cpu_int8.c says why). Until close(): a process outlives
-            # its engines.
-            cpu_lib.claim_threads(config.num_threads)
+        # Last, so that a runner that fails to build has taken nothing. The C kernels split the matmuls and
+        # attention over their own threads. torch's own ops (norms, sampling) then run on one: two thread pools
+        # spinning on the same cores slow each other down (a decode step took 3x as long), and OpenMP teams
+        # started from the engine's loop thread sleep between every parallel region (kernels/cpu_int8.c says
+        # why). Until close(): a process outlives its engines.
+        self._threads = cpu_lib.ThreadClaim(config.num_threads) if loaded.quantization == "int8" else None
 
     def close(self) -> None:
         """Give back what the runner took from the process (torch's threads, for int8); idempotent."""
-        if self._claimed:
-            self._claimed = False
-            cpu_lib.release_threads()
+        if self._threads is not None:
+            self._threads.release()
 
     def capture_graphs(self, max_tree_nodes: int, max_spec_batch: int) -> None:
         """Capture the decode pass (every padded batch size up to max_num_seqs) and, when speculating, the

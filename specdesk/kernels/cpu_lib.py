@@ -84,40 +84,50 @@ def library() -> ctypes.CDLL | None:
 
 
 _threads: int | None = None
-_engines = 0  # int8 engines alive in the process (claim_threads / release_threads)
+_engines = 0  # int8 engines alive in the process (ThreadClaim)
 _torch_threads = 0  # torch's threads before the first of them took them
 _claims = threading.Lock()
 
 
 def set_num_threads(threads: int | None) -> None:
     """Threads the kernels split a call over (None: torch.get_num_threads() of the calling thread). An int8
-    engine sets it while it lives (claim_threads)."""
+    engine sets it while it lives (ThreadClaim)."""
     global _threads
     _threads = threads
 
 
-def claim_threads(threads: int | None) -> None:
-    """An int8 engine starts: the kernels split over `threads` (None: torch's threads when no other int8
-    engine lives, else what that one set) and torch's own ops drop to one thread for the process (ModelRunner
-    says why). torch's count is read once, by the first engine: later ones find it at one."""
-    global _engines, _torch_threads
-    with _claims:
-        if _engines == 0:
-            _torch_threads = torch.get_num_threads()
-        if threads or _engines == 0:
-            set_num_threads(threads or _torch_threads)
-        torch.set_num_threads(1)
-        _engines += 1
+class ThreadClaim:
+    """An int8 engine's hold on the process's threads, from construction to `release()`.
 
+    While any claim is held, the kernels split over the claimed threads and torch's own ops run on one
+    (ModelRunner says why). The first claim reads torch's count and sets the kernels' to `threads` or that
+    count; a later one sets them only when given `threads` (torch is at one by then). Releasing the last claim
+    gives torch its count back and the kernels follow torch again. torch.set_num_threads reaches the calling
+    thread and threads started afterwards, so release from the thread that built the engine.
+    """
 
-def release_threads() -> None:
-    """An int8 engine has stopped: once none is left, torch gets its threads back and the kernels follow it."""
-    global _engines
-    with _claims:
-        _engines = max(0, _engines - 1)
-        if _engines == 0:
-            torch.set_num_threads(_torch_threads)
-            set_num_threads(None)
+    def __init__(self, threads: int | None) -> None:
+        global _engines, _torch_threads
+        with _claims:
+            if _engines == 0:
+                _torch_threads = torch.get_num_threads()
+            if threads or _engines == 0:
+                set_num_threads(threads or _torch_threads)
+            torch.set_num_threads(1)
+            _engines += 1
+            self._held = True
+
+    def release(self) -> None:
+        """Idempotent and thread-safe: a claim is given back once, whoever calls it how often."""
+        global _engines
+        with _claims:
+            if not self._held:
+                return
+            self._held = False
+            _engines -= 1
+            if _engines == 0:
+                torch.set_num_threads(_torch_threads)
+                set_num_threads(None)
 
 
 def num_threads() -> int:

@@ -160,10 +160,11 @@ def test_int8_engine_threads(models: dict[str, Path]) -> None:
         assert (torch.get_num_threads(), cpu_lib.num_threads()) == (1, 2)
         out = engines[1].generate(PROMPTS[:1], SamplingParams(max_tokens=4, ignore_eos=True))[0]
         assert len(out.token_ids) == 4
-        engines.pop(0).shutdown()
+        first = engines.pop(0)
+        first.shutdown()
+        first.shutdown()  # a second shutdown gives nothing back twice
         assert (torch.get_num_threads(), cpu_lib.num_threads()) == (1, 2)  # one engine still lives
         engines[0].shutdown()
-        engines[0].shutdown()  # a second shutdown gives nothing back twice
         assert (torch.get_num_threads(), cpu_lib.num_threads()) == (2, 2)
         torch.set_num_threads(1)
         assert cpu_lib.num_threads() == 1

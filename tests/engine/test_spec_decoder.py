@@ -95,7 +95,9 @@ def test_hidden_states_live_only_while_their_request_runs(model_dir: Path, mlp_d
     assert not engine.speculation.hidden
 
 
-def test_the_mlp_rests_where_its_steps_make_fewer_tokens_per_second(model_dir: Path, mlp_dir: Path) -> None:
+def test_the_mlp_rests_where_its_steps_make_fewer_tokens_per_second(
+    model_dir: Path, mlp_dir: Path, request: pytest.FixtureRequest
+) -> None:
     """On the int8 CPU path (resting allowed) the MLP proposes while its steps make at least as many tokens per
     second as steps without it, rests MLP_REST_STEPS steps when they make fewer, and looks again after; where
     resting is not allowed (every other path) it always proposes."""
@@ -104,6 +106,7 @@ def test_the_mlp_rests_where_its_steps_make_fewer_tokens_per_second(model_dir: P
     config = EngineConfig(model=str(model_dir), dtype="bfloat16", device="cpu", speculator=str(mlp_dir),
                           spec_max_batch_size=16, quantization="int8")  # fmt: skip
     engine = LLMEngine(config, load_model(config.model, "bfloat16", "cpu", quantization="int8"))
+    request.addfinalizer(engine.close)  # the int8 runner holds the process's threads until then
     spec = engine.speculation
     assert spec is not None and spec.width.allow_none
     for ran, emitted, seconds in [(True, 2, 0.02)] * 10 + [(False, 1, 0.005)] * 3:  # MLP: 100 tok/s, without: 200
