@@ -19,6 +19,7 @@
 #include <string.h>
 
 #include "cpu_attention.h"
+#include "cpu_attention_avx2.h"
 #include "cpu_common.h"
 
 #define LANES 16
@@ -32,76 +33,25 @@ static int64_t visible_slots(const attention_args *A, int64_t token, int64_t *sl
     const int64_t q_len = A->query_start[seq + 1] - q_start, i = token - q_start, context = seq_len - q_len;
     const int32_t *table = A->block_tables + seq * A->max_blocks;
     const uint8_t *mask = A->tree_mask ? A->tree_mask + token * A->width : NULL;
-    const int64_t bs = A->block_size;
+    const int64_t bs = A->block_size, last = mask ? seq_len : context + i + 1; /* causal: a prefix of the keys */
     int64_t n = 0;
-    for (int64_t j = 0; j < seq_len; j++) {
-        const int64_t c = j - context; /* the key's index among the pass's new tokens, if it is one */
-        if (c >= 0 && (mask ? !mask[c] : c > i)) continue;
-        slots[n++] = (int64_t)table[j / bs] * bs + j % bs;
-    }
+    for (int64_t j = 0, b = 0; j < last; b++) /* page by page: no division per key */
+        for (int64_t o = 0, page = (int64_t)table[b] * bs; o < bs && j < last; o++, j++) {
+            const int64_t c = j - context; /* the key's index among the pass's new tokens, if it is one */
+            if (c >= 0 && mask && !mask[c]) continue;
+            slots[n++] = page + o;
+        }
     return n;
 }
-
-
-#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
-static inline __m256 load8_bf16(const uint16_t *p) { /* 8 bf16 -> 8 float32, exactly */
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
-}
-
-static inline float hsum8(__m256 v) { /* ((0+4) + (2+6)) + ((1+5) + (3+7)): one fixed order */
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
-/* exp16 of cpu_common.h on 8 lanes: the same polynomial; 2^n built from the exponent bits (n in [-126, 127]
- * after the clamp, so the scaling is exact as scalef's). */
-static inline __m256 exp8(__m256 x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.0f / 720);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-
-/* scores[0 .. n) -> exp(score - max) in place; returns their sum, added in 8 lanes by list index and then
- * across lanes (both AVX2 paths call this, so their softmax is one arithmetic). */
-static float softmax8(float *scores, int64_t n, float max) {
-    __m256 sums = _mm256_setzero_ps();
-    int64_t j = 0;
-    for (; j + 8 <= n; j += 8) {
-        const __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + j), _mm256_set1_ps(max)));
-        _mm256_storeu_ps(scores + j, p);
-        sums = _mm256_add_ps(sums, p);
-    }
-    if (j < n) { /* the tail through a padded copy: lanes past n add 0 */
-        float tail[8] = {0};
-        for (int64_t t = j; t < n; t++) tail[t - j] = scores[t] - max;
-        _mm256_storeu_ps(tail, exp8(_mm256_loadu_ps(tail)));
-        for (int64_t t = n - j; t < 8; t++) tail[t] = 0.0f;
-        for (int64_t t = j; t < n; t++) scores[t] = tail[t - j];
-        sums = _mm256_add_ps(sums, _mm256_loadu_ps(tail));
-    }
-    return hsum8(sums);
-}
-#endif
 
 /* One query head of one query token over the keys it may see. */
 static void attend(const attention_args *A, int64_t token, int64_t h, int64_t *slots, float *scores) {
     const int64_t d = A->head_dim, kvh = h / (A->heads / A->kv_heads), stride = A->kv_heads * d;
     const int64_t n = visible_slots(A, token, slots);
     const uint16_t *qh = A->q + token * A->q_stride + h * d, *kbase = A->k_cache + kvh * d, *vbase = A->v_cache + kvh * d;
-    float max = -INFINITY, sum = 0.0f, o[256];
+    float sum = 0.0f, o[256];
 #ifdef __AVX512F__
+    float max = -INFINITY;
     const int64_t chunks = d / LANES;
     __m512 q[16], acc[16];
     for (int64_t c = 0; c < chunks; c++) q[c] = load_bf16(qh + c * LANES), acc[c] = _mm512_setzero_ps();
@@ -136,9 +86,8 @@ static void attend(const attention_args *A, int64_t token, int64_t h, int64_t *s
         __m256 s = _mm256_mul_ps(q[0], load8_bf16(k));
         for (int64_t c = 1; c < chunks; c++) s = _mm256_fmadd_ps(q[c], load8_bf16(k + c * 8), s);
         scores[j] = hsum8(s) * A->scale;
-        max = fmaxf(max, scores[j]);
     }
-    sum = softmax8(scores, n, max);
+    sum = softmax8(scores, n, max8(scores, n));
     for (int64_t jj = 0; jj < n; jj++) {
         const uint16_t *v = vbase + slots[jj] * stride;
         const __m256 p = _mm256_set1_ps(scores[jj]);
@@ -146,6 +95,7 @@ static void attend(const attention_args *A, int64_t token, int64_t h, int64_t *s
     }
     for (int64_t c = 0; c < chunks; c++) _mm256_storeu_ps(o + c * 8, acc[c]);
 #else
+    float max = -INFINITY;
     for (int64_t e = 0; e < d; e++) o[e] = 0.0f;
     for (int64_t j = 0; j < n; j++) {
         float s = 0.0f;
@@ -222,25 +172,50 @@ static void convert_rows(const uint16_t *base, int64_t stride, const int64_t *sl
         for (int64_t c = 0; c < d; c += 8) _mm256_storeu_ps(kf + l * d + c, load8_bf16(base + slots[l] * stride + c));
 }
 
-/* out[l] = scale * (q . row l) for l < live: `attend`'s AVX2 FMA chain and lane sum, on converted rows. */
+/* out[l] = scale * (q . row l) for l < live: `attend`'s AVX2 FMA chain and lane sum, on converted rows; four
+ * keys' chains side by side (one key's chain is a run of dependent FMAs: alone, it leaves the FMA units idle). */
 static inline void score_rows(const uint16_t *qh, const float *rows, int64_t live, int64_t d, float scale, float *out) {
     const int64_t chunks = d / 8;
     __m256 q[32];
     for (int64_t c = 0; c < chunks; c++) q[c] = load8_bf16(qh + c * 8);
-    for (int64_t l = 0; l < live; l++) {
+    int64_t l = 0;
+    for (; l + 4 <= live; l += 4) {
+        const float *r = rows + l * d;
+        __m256 s0 = _mm256_mul_ps(q[0], _mm256_loadu_ps(r)), s1 = _mm256_mul_ps(q[0], _mm256_loadu_ps(r + d));
+        __m256 s2 = _mm256_mul_ps(q[0], _mm256_loadu_ps(r + 2 * d)), s3 = _mm256_mul_ps(q[0], _mm256_loadu_ps(r + 3 * d));
+        for (int64_t c = 1; c < chunks; c++) {
+            s0 = _mm256_fmadd_ps(q[c], _mm256_loadu_ps(r + c * 8), s0);
+            s1 = _mm256_fmadd_ps(q[c], _mm256_loadu_ps(r + d + c * 8), s1);
+            s2 = _mm256_fmadd_ps(q[c], _mm256_loadu_ps(r + 2 * d + c * 8), s2);
+            s3 = _mm256_fmadd_ps(q[c], _mm256_loadu_ps(r + 3 * d + c * 8), s3);
+        }
+        _mm_storeu_ps(out + l, _mm_mul_ps(hsum8x4(s0, s1, s2, s3), _mm_set1_ps(scale)));
+    }
+    for (; l < live; l++) {
         __m256 sc = _mm256_mul_ps(q[0], _mm256_loadu_ps(rows + l * d));
         for (int64_t c = 1; c < chunks; c++) sc = _mm256_fmadd_ps(q[c], _mm256_loadu_ps(rows + l * d + c * 8), sc);
         out[l] = hsum8(sc) * scale;
     }
 }
 
-/* acc += p[l] * row l for l < live, key by key (each lane's sequence of FMAs is `attend`'s). */
-static inline void weigh_rows(const float *p, const float *rows, int64_t live, int64_t d, float *acc) {
-    for (int64_t c = 0; c < d; c += 8) {
-        __m256 o = _mm256_loadu_ps(acc + c);
-        for (int64_t l = 0; l < live; l++) o = _mm256_fmadd_ps(_mm256_set1_ps(p[l]), _mm256_loadu_ps(rows + l * d + c), o);
-        _mm256_storeu_ps(acc + c, o);
+/* acc[0 .. 8 * chunks) += p[l] * row l for l < live, key by key (each lane's sequence of FMAs is `attend`'s),
+ * with the accumulators in registers: `chunks` is a constant at each call site. */
+static inline __attribute__((always_inline)) void weigh8(const float *p, const float *rows, int64_t live, int64_t d,
+                                                         float *acc, const int chunks) {
+    __m256 o[8];
+    for (int c = 0; c < chunks; c++) o[c] = _mm256_loadu_ps(acc + c * 8);
+    for (int64_t l = 0; l < live; l++) {
+        const __m256 pl = _mm256_set1_ps(p[l]);
+        for (int c = 0; c < chunks; c++) o[c] = _mm256_fmadd_ps(pl, _mm256_loadu_ps(rows + l * d + c * 8), o[c]);
     }
+    for (int c = 0; c < chunks; c++) _mm256_storeu_ps(acc + c * 8, o[c]);
+}
+
+/* acc += p[l] * row l for l < live: weigh8 over the head's columns, 64 at a time. */
+static inline void weigh_rows(const float *p, const float *rows, int64_t live, int64_t d, float *acc) {
+    int64_t c = 0;
+    for (; c + 64 <= d; c += 64) weigh8(p, rows + c, live, d, acc + c, 8);
+    for (; c + 16 <= d; c += 16) weigh8(p, rows + c, live, d, acc + c, 2);
 }
 
 static void run_group(const group_tasks *G, const attention_task *T, int64_t *slots, float *scores, float *rows,
@@ -267,9 +242,7 @@ static void run_group(const group_tasks *G, const attention_task *T, int64_t *sl
     for (int pass = 0; pass < 2; pass++) { /* the scores, then (after the softmax) the weighted sum of V */
         if (pass == 1)
             for (int64_t qi = 0; qi < count; qi++) {
-                float max = -INFINITY;
-                for (int64_t j = 0; j < n[qi]; j++) max = fmaxf(max, scores[qi * row + j]);
-                sum[qi] = softmax8(scores + qi * row, n[qi], max);
+                sum[qi] = softmax8(scores + qi * row, n[qi], max8(scores + qi * row, n[qi]));
                 memset(acc + qi * d, 0, sizeof(float) * (size_t)d);
             }
         const uint16_t *base = (pass ? A->v_cache : A->k_cache) + group * d;

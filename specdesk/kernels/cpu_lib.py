@@ -25,7 +25,7 @@ _SOURCES = [
     Path(__file__).with_name(name)
     for name in ("cpu_pool.c", "cpu_int8.c", "cpu_attention.c", "cpu_attention_grouped.c", "cpu_fused.c", "cpu_model.c")
 ]
-_HEADERS = [Path(__file__).with_name(name) for name in ("cpu_common.h", "cpu_attention.h")]
+_HEADERS = [Path(__file__).with_name(name) for name in ("cpu_common.h", "cpu_attention.h", "cpu_attention_avx2.h")]
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-pthread"]
 
 

@@ -1,0 +1,84 @@
+/* The AVX2 arithmetic of the CPU attention (CPUs with AVX2 and FMA but not AVX-512): what both AVX2 paths of
+ * cpu_attention.c, one task per query and tasks of queries, compute per query, so that the two give the same bits.
+ * Included by cpu_attention.c only. */
+#ifndef SPECDESK_CPU_ATTENTION_AVX2_H
+#define SPECDESK_CPU_ATTENTION_AVX2_H
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+
+static inline __m256 load8_bf16(const uint16_t *p) { /* 8 bf16 -> 8 float32, exactly */
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+static inline float hsum8(__m256 v) { /* ((0+4) + (2+6)) + ((1+5) + (3+7)): one fixed order */
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* hsum8 of four vectors at once, each summed in hsum8's order: lanes i + (i + 4) first, then the 4 x 4
+ * transpose puts each vector's four pair sums in one column, joined as ((0+4) + (2+6)) + ((1+5) + (3+7)). */
+static inline __m128 hsum8x4(__m256 a, __m256 b, __m256 c, __m256 d) {
+    __m128 t0 = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    __m128 t1 = _mm_add_ps(_mm256_castps256_ps128(b), _mm256_extractf128_ps(b, 1));
+    __m128 t2 = _mm_add_ps(_mm256_castps256_ps128(c), _mm256_extractf128_ps(c, 1));
+    __m128 t3 = _mm_add_ps(_mm256_castps256_ps128(d), _mm256_extractf128_ps(d, 1));
+    _MM_TRANSPOSE4_PS(t0, t1, t2, t3); /* t0 = the vectors' lanes 0+4, t1: 1+5, t2: 2+6, t3: 3+7 */
+    return _mm_add_ps(_mm_add_ps(t0, t2), _mm_add_ps(t1, t3));
+}
+
+/* exp16 of cpu_common.h on 8 lanes: the same polynomial; 2^n built from the exponent bits (n in [-126, 127]
+ * after the clamp, so the scaling is exact as scalef's). */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 720);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* The largest of scores[0 .. n) (-inf for none), by lanes of 8: a max is exact in any order. */
+static inline float max8(const float *scores, int64_t n) {
+    __m256 m = _mm256_set1_ps(-INFINITY);
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(scores + j));
+    float lanes[8], max = -INFINITY;
+    _mm256_storeu_ps(lanes, m);
+    for (int i = 0; i < 8; i++) max = lanes[i] > max ? lanes[i] : max;
+    for (; j < n; j++) max = scores[j] > max ? scores[j] : max;
+    return max;
+}
+
+/* scores[0 .. n) -> exp(score - max) in place; returns their sum, added in 8 lanes by list index and then
+ * across lanes (both AVX2 paths call this, so their softmax is one arithmetic). */
+static float softmax8(float *scores, int64_t n, float max) {
+    __m256 sums = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        const __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + j), _mm256_set1_ps(max)));
+        _mm256_storeu_ps(scores + j, p);
+        sums = _mm256_add_ps(sums, p);
+    }
+    if (j < n) { /* the tail through a padded copy: lanes past n add 0 */
+        float tail[8] = {0};
+        for (int64_t t = j; t < n; t++) tail[t - j] = scores[t] - max;
+        _mm256_storeu_ps(tail, exp8(_mm256_loadu_ps(tail)));
+        for (int64_t t = n - j; t < 8; t++) tail[t] = 0.0f;
+        for (int64_t t = j; t < n; t++) scores[t] = tail[t - j];
+        sums = _mm256_add_ps(sums, _mm256_loadu_ps(tail));
+    }
+    return hsum8(sums);
+}
+#endif
+#endif
