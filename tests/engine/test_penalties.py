@@ -101,6 +101,24 @@ def test_a_row_of_a_tree_is_processed_as_plain_decoding_would_after_its_path() -
         torch.testing.assert_close(together[i : i + 1], alone)
 
 
+def test_token_ids_past_the_logits_columns_are_left_out() -> None:
+    """A model whose output layer is smaller than its tokenizer's vocabulary: ids without a column change nothing,
+    and the prompt/output split still counts only the output's tokens."""
+    torch.manual_seed(3)
+    params = SamplingParams(repetition_penalty=1.5, frequency_penalty=0.4, presence_penalty=0.1)
+    history, paths = [2, 40, 5, 7, 41, 7, 3], [[], [44, 5], [7]]  # vocab 32: 40, 41 and 44 have no column
+    logits = torch.randn(len(paths), 32)
+    ours = process_rows(logits, params, history, 3, paths, None)
+    kept = [t for t in history if t < 32]  # [2, 5, 7, 7, 3]: the prompt's valid tokens are [2, 5]
+    for i, path in enumerate(paths):
+        path_kept = [t for t in path if t < 32]
+        expected = RepetitionPenaltyLogitsProcessor(1.5)(torch.tensor([kept + path_kept]), logits[i : i + 1].clone())[0]
+        output = kept[2:] + path_kept
+        for token in set(output):
+            expected[token] -= 0.4 * output.count(token) + 0.1
+        torch.testing.assert_close(ours[i], expected)
+
+
 # ---- end to end: lossless under speculation ----------------------------------------------------------
 @pytest.mark.parametrize("extra", PENALIZED, ids=lambda e: ",".join(e))
 def test_penalized_greedy_output_is_identical_with_and_without_speculation(
