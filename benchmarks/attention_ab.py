@@ -1,0 +1,146 @@
+"""`python -m benchmarks.attention_ab`: the CPU attention kernel of a git revision against the working tree's.
+
+Both builds (the kernels' C sources of `--against`, default HEAD, and of the working tree, each compiled as
+`specdesk.kernels.cpu_lib` compiles them, into a folder of their own) run the same passes, shaped as the
+default model's (9 query heads, 3 KV heads, head_dim 64, pages of 16) on a console turn's context: prefill
+chunks, a decode step, draft-tree verifications and a batch of decodes. They alternate, five rounds, and
+each keeps its fastest round; the table gives ms per layer (a pass runs it 30 times), the ratio, and whether
+the two outputs are the same bits (a kernel change that keeps the arithmetic keeps them).
+
+    python -m benchmarks.attention_ab                  # HEAD vs the working tree, 2 threads
+    python -m benchmarks.attention_ab --against HEAD~3 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from specdesk.kernels import cpu_attention, cpu_lib
+
+ROOT = Path(__file__).resolve().parents[1]
+HEADS, KV_HEADS, HEAD_DIM, PAGE = 9, 3, 64, 16
+# name: (context + new tokens per sequence, new tokens per sequence, draft tree)
+CASES: dict[str, tuple[list[int], list[int], bool]] = {
+    "prefill, 512 new tokens": ([512], [512], False),
+    "prefill, 168 new on 512 cached": ([680], [168], False),
+    "decode, 1 on 680": ([680], [1], False),
+    "verify a tree of 5 on 680": ([680], [5], True),
+    "verify a tree of 11 on 680": ([680], [11], True),
+    "decode 8 sequences, 1 on 700 each": ([700] * 8, [1] * 8, False),
+}
+
+
+def batch(seq_lens: list[int], query_lens: list[int], tree: bool, seed: int = 0) -> dict[str, Any]:
+    """A random pass over shuffled pages: paged_attention's arguments."""
+    gen = torch.Generator().manual_seed(seed)
+    pages = [-(-n // PAGE) for n in seq_lens]
+    order = (torch.randperm(sum(pages), generator=gen)).tolist()
+    tables = torch.zeros(len(seq_lens), max(pages), dtype=torch.int32)
+    for i, n in enumerate(pages):
+        tables[i, :n] = torch.tensor(order[sum(pages[:i]) : sum(pages[: i + 1])], dtype=torch.int32)
+    shape = (sum(pages), PAGE, KV_HEADS, HEAD_DIM)
+    k, v = (torch.randn(shape, generator=gen).to(torch.bfloat16) for _ in range(2))
+    tokens = sum(query_lens)
+    mask = None
+    if tree:  # each new token sees itself and a random half of the new tokens before it
+        mask = torch.zeros(tokens, max(query_lens), dtype=torch.bool)
+        start = 0
+        for q in query_lens:
+            sub = torch.rand(q, q, generator=gen) < 0.5
+            mask[start : start + q, :q] = sub.tril(-1) | torch.eye(q, dtype=torch.bool)
+            start += q
+    query = torch.randn(tokens, HEADS, HEAD_DIM, generator=gen).to(torch.bfloat16)
+    return {"query": query, "k_cache": k, "v_cache": v, "block_tables": tables, "seq_lens": seq_lens,
+            "query_lens": query_lens, "scale": HEAD_DIM**-0.5, "tree_mask": mask}  # fmt: skip
+
+
+def _sources_at(rev: str, folder: Path) -> Path:
+    """The kernels' C files as of `rev`, written into folder (a file the revision lacks is left empty)."""
+    for path in [*cpu_lib._SOURCES, *cpu_lib._HEADERS]:
+        rel = path.relative_to(ROOT).as_posix()
+        shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{rel}"], capture_output=True)
+        (folder / path.name).write_bytes(shown.stdout if shown.returncode == 0 else b"")
+    return folder
+
+
+def _build(sources: Path | None, cache: Path) -> ctypes.CDLL:
+    """cpu_lib's build of the C files in `sources` (None: the working tree's) into cache."""
+    saved = cpu_lib._SOURCES, cpu_lib._HEADERS, os.environ.get("SPECDESK_KERNEL_CACHE")
+    if sources is not None:
+        cpu_lib._SOURCES = [sources / p.name for p in saved[0]]
+        cpu_lib._HEADERS = [sources / p.name for p in saved[1]]
+    os.environ["SPECDESK_KERNEL_CACHE"] = str(cache)
+    try:
+        lib = cpu_lib.library.__wrapped__()
+    finally:
+        cpu_lib._SOURCES, cpu_lib._HEADERS = saved[0], saved[1]
+        if saved[2] is None:
+            os.environ.pop("SPECDESK_KERNEL_CACHE", None)
+        else:
+            os.environ["SPECDESK_KERNEL_CACHE"] = saved[2]
+    if lib is None:
+        raise SystemExit("no C compiler builds the kernels here")
+    return lib
+
+
+def compare(libs: dict[str, ctypes.CDLL], threads: int, rounds: int = 5) -> list[dict[str, Any]]:
+    """Per case: each build's fastest round (ms per call) and whether their outputs are the same bits."""
+    rows = []
+    cpu_lib.set_num_threads(threads)
+    real = cpu_lib.library
+    try:
+        for name, (lens, q_lens, tree) in CASES.items():
+            args = batch(lens, q_lens, tree)
+            reps = max(2, int(2e6 / (sum(lens) * sum(q_lens))))
+            best = {k: float("inf") for k in libs}
+            outs: dict[str, torch.Tensor | None] = {}
+            for _ in range(rounds):
+                for key, lib in libs.items():
+                    cpu_lib.library = lambda lib=lib: lib  # type: ignore[assignment]
+                    start = time.perf_counter()
+                    for _ in range(reps):
+                        outs[key] = cpu_attention.paged_attention(**args)
+                    best[key] = min(best[key], (time.perf_counter() - start) / reps * 1e3)
+            a, b = outs.values()
+            same = a is not None and b is not None and torch.equal(a, b)
+            rows.append({"case": name, **{f"{k}_ms": v for k, v in best.items()}, "same_bits": same})
+    finally:
+        cpu_lib.library = real
+        cpu_lib.set_num_threads(None)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--against", default="HEAD", help="the git revision to compare the working tree with")
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        sources = Path(tmp) / "sources"
+        sources.mkdir()
+        libs = {
+            "old": _build(_sources_at(args.against, sources), Path(tmp) / "old"),
+            "new": _build(None, Path(tmp) / "new"),
+        }
+        rows = compare(libs, args.threads, args.rounds)
+    print(f"benchmarks.attention_ab: {args.against} (old) vs the working tree (new), {args.threads} threads, "
+          f"ms per layer\n\n| pass | old | new | old / new | same bits |\n|---|---|---|---|---|")  # fmt: skip
+    for r in rows:
+        print(
+            f"| {r['case']} | {r['old_ms']:.3f} | {r['new_ms']:.3f} | {r['old_ms'] / r['new_ms']:.2f}x | "
+            f"{'yes' if r['same_bits'] else 'no'} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
