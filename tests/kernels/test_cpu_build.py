@@ -28,3 +28,10 @@ def test_the_kernels_build_where_there_is_a_compiler() -> None:
         assert lib.sd_attention_path() == 4
     elif "avx2" in flags and "fma" in flags and "avx512f" not in flags:
         assert lib.sd_attention_path() == 2
+
+
+def test_every_c_file_and_header_keys_the_build_cache() -> None:
+    """A source or header left out of cpu_lib's lists would not rebuild the cached library when it changes."""
+    folder = cpu_lib._SOURCES[0].parent
+    assert set(cpu_lib._SOURCES) == set(folder.glob("*.c"))
+    assert set(cpu_lib._HEADERS) == set(folder.glob("*.h"))

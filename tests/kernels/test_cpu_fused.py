@@ -1,0 +1,113 @@
+"""The CPU path's small ops in C (kernels/cpu_fused.c: RMSNorm with its residual, rotary, SwiGLU) in every build
+this CPU runs (AVX-512, AVX2, portable C) against their torch twins, to one bf16 rounding; each row computed
+alone gives the bits it gets in a batch; and the builds agree with each other, where SwiGLU's vector exp is
+the AVX-512 one on 8 lanes."""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+import torch
+
+from specdesk.kernels import cpu_fused, cpu_lib, reference
+from tests.kernels.builds import build_with
+
+pytestmark = pytest.mark.skipif(
+    not cpu_lib.available(), reason="no working C compiler: the CPU kernels are not built and callers use the twins"
+)
+BUILDS = {"native": None, "avx2": "-mno-avx512f", "portable": "-mno-avx512f -mno-avx2"}
+ONE_ROUNDING = {"rtol": 2**-7, "atol": 1e-6}  # bf16 keeps 8 significant bits
+
+
+def _has_avx2() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return {"avx2", "fma"} <= set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module", params=list(BUILDS))
+def build(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
+    flag = BUILDS[request.param]
+    if flag is None:
+        lib = cpu_lib.library()
+        assert lib is not None
+        return lib
+    if request.param == "avx2" and not _has_avx2():
+        pytest.skip("this CPU lacks AVX2 and FMA")
+    lib = build_with(flag, str(tmp_path_factory.mktemp(f"fused-{request.param}")))
+    if lib is None:
+        pytest.skip(f"no x86-64 compiler that takes {flag}")
+    return lib
+
+
+@pytest.fixture
+def kernel(build: ctypes.CDLL, monkeypatch: pytest.MonkeyPatch) -> ctypes.CDLL:
+    monkeypatch.setattr(cpu_lib, "library", lambda: build)
+    return build
+
+
+def _gate_up(t: int, inter: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(t * 7 + inter)
+    gate_up = torch.randn(t, 2 * inter, generator=g) * 4
+    gate_up[0, :6] = torch.tensor([-90.0, -30.0, 0.0, -0.0, 30.0, 1e-20])  # exp's clamp, zeros, a tiny gate
+    return gate_up.to(torch.bfloat16)
+
+
+@pytest.mark.usefixtures("kernel")
+@pytest.mark.parametrize("inter", [1536, 44])  # 44: a vector loop and a scalar tail
+def test_silu_and_mul_equals_its_twin_and_rows_are_independent(inter: int) -> None:
+    gate_up = _gate_up(9, inter)
+    out = cpu_fused.silu_and_mul(gate_up)
+    assert out is not None
+    torch.testing.assert_close(out.float(), reference.silu_and_mul(gate_up).float(), **ONE_ROUNDING)
+    for i in (0, 4, 8):
+        alone = cpu_fused.silu_and_mul(gate_up[i : i + 1])
+        assert alone is not None and torch.equal(alone, out[i : i + 1])
+
+
+@pytest.mark.usefixtures("kernel")
+@pytest.mark.parametrize(("with_residual", "multiplier"), [(False, 1.0), (True, 1.0), (True, 0.22)])
+def test_rms_norm_equals_its_twin_and_rows_are_independent(with_residual: bool, multiplier: float) -> None:
+    g = torch.Generator().manual_seed(3)
+    x, weight = (torch.randn(11, 576, generator=g) * 2).bfloat16(), torch.rand(576, generator=g).bfloat16() + 0.5
+    residual = (torch.randn(11, 576, generator=g) * 3).bfloat16() if with_residual else None
+    got = cpu_fused.rms_norm(x, weight, 1e-5, residual, multiplier)
+    assert got is not None
+    want = reference.rms_norm(x, weight, 1e-5, residual, multiplier)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a.float(), b.float(), **ONE_ROUNDING)
+    alone = cpu_fused.rms_norm(x[5:6], weight, 1e-5, residual[5:6] if residual is not None else None, multiplier)
+    assert alone is not None and all(torch.equal(a, b[5:6]) for a, b in zip(alone, got, strict=True))
+
+
+@pytest.mark.usefixtures("kernel")
+def test_rotary_equals_its_twin() -> None:
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(7, 9, 64, generator=g).bfloat16()
+    angles = torch.rand(7, 1, 32, generator=g) * 6
+    cos, sin = angles.cos().bfloat16(), angles.sin().bfloat16()
+    got = cpu_fused.rotary(x.clone(), cos, sin)
+    assert got is not None
+    torch.testing.assert_close(got.float(), reference.rotary(x, cos, sin).float(), **ONE_ROUNDING)
+
+
+def test_the_builds_agree_on_swiglu(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """SwiGLU's vector loops (AVX-512, AVX2) and the portable loop: the same bits on ordinary values (their exps
+    differ by an ulp or two of float32, which bf16 rounding hides but for rare ties)."""
+    outs = {}
+    for name, flag in BUILDS.items():
+        lib = cpu_lib.library() if flag is None else build_with(flag, str(tmp_path_factory.mktemp(f"swiglu-{name}")))
+        if lib is None or (name == "avx2" and not _has_avx2()):
+            continue
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(cpu_lib, "library", lambda lib=lib: lib)
+            outs[name] = cpu_fused.silu_and_mul(_gate_up(64, 1536)[1:])
+    if len(outs) < 2:
+        pytest.skip("one build only")
+    first, *rest = outs.values()
+    for other in rest:
+        assert first is not None and other is not None
+        assert (first != other).float().mean() < 1e-3
