@@ -80,16 +80,21 @@ static void quantize_part(const void *a, int64_t part, int64_t parts) {
             for (int i = 0; i < 8; i++) amax = lanes[i] > amax ? lanes[i] : amax;
             const float scale = amax / 127.0f;
             q->scales[r * groups + g] = scale;
+            __m256i q8[4];
             for (int h = 0; h < 4; h++) {
-                int32_t q8[8] = {0};
+                q8[h] = _mm256_setzero_si256();
                 if (scale > 0.0f) {
                     const __m256 t = _mm256_round_ps(_mm256_div_ps(v[h], _mm256_set1_ps(scale)),
                                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
                     const __m256 c = _mm256_min_ps(_mm256_max_ps(t, _mm256_set1_ps(-127.0f)), _mm256_set1_ps(127.0f));
-                    _mm256_storeu_si256((__m256i *)q8, _mm256_cvtps_epi32(c));
+                    q8[h] = _mm256_cvtps_epi32(c);
                 }
-                for (int i = 0; i < 8; i++) q->xu[base + 8 * h + i] = (uint8_t)(q8[i] + 128);
             }
+            /* 32 int32 in [-127, 127] -> bytes (the packs interleave 128-bit lanes; the permute restores the
+             * order), + 128 as a flip of the top bit. */
+            const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q8[0], q8[1]), _mm256_packs_epi32(q8[2], q8[3]));
+            const __m256i ordered = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256((__m256i *)(q->xu + base), _mm256_xor_si256(ordered, _mm256_set1_epi8((char)0x80)));
 #else
             float amax = 0.0f, v[GROUP];
             for (int i = 0; i < GROUP; i++) {
