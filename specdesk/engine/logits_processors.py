@@ -71,8 +71,8 @@ def _penalize(z: Tensor, params: SamplingParams, history: list[int], num_prompt_
               paths: list[list[int]]) -> None:  # fmt: skip
     """The penalties, in place, on the columns of the tokens that occur at all (the history's and the paths'):
     a few hundred columns instead of the whole vocabulary for every row, found by tensor ops on the host (a
-    Python set and dict over an 800-token history took most of a millisecond a step; on a GPU the columns are
-    then one copy, with no synchronisation)."""
+    Python set and dict over an 800-token history took most of a millisecond a step; on a GPU the ids are
+    then copied, not reduced there)."""
     n, vocab_size = z.shape
     device = z.device
     hist = _ids(history)

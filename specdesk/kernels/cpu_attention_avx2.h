@@ -32,7 +32,7 @@ static inline __m128 hsum8x4(__m256 a, __m256 b, __m256 c, __m256 d) {
 static inline float max8(const float *scores, int64_t n) {
     __m256 m = _mm256_set1_ps(-INFINITY);
     int64_t j = 0;
-    for (; j + 8 <= n; j += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(scores + j));
+    for (; j + 8 <= n; j += 8) m = _mm256_max_ps(_mm256_loadu_ps(scores + j), m); /* a NaN score is skipped, as fmaxf does */
     float lanes[8], max = -INFINITY;
     _mm256_storeu_ps(lanes, m);
     for (int i = 0; i < 8; i++) max = lanes[i] > max ? lanes[i] : max;

@@ -143,7 +143,8 @@ def test_a_prompt_gets_the_same_bits_however_it_is_chunked() -> None:
     assert torch.equal(_attend(last, threads=1), whole[-1:])
 
 
-def test_grouped_avx2_gives_the_per_query_bits(tmp_path_factory: pytest.TempPathFactory) -> None:
+@pytest.mark.parametrize("head_dim", [48, 64, 128])  # the value sums' 16- and 64-column steps
+def test_grouped_avx2_gives_the_per_query_bits(tmp_path_factory: pytest.TempPathFactory, head_dim: int) -> None:
     """The AVX2 tasks share each block's conversion among the queries reading it; each query's arithmetic is
     the per-query loop's, so both builds agree bit for bit (decodes, tree verifications, prefill chunks)."""
     grouped = build_with("-mno-avx512f", str(tmp_path_factory.mktemp("grouped-avx2")))
@@ -153,7 +154,7 @@ def test_grouped_avx2_gives_the_per_query_bits(tmp_path_factory: pytest.TempPath
     assert per_query.sd_attention_path() == PATHS["avx2_per_query"]
     lens, q_lens = [700, 40, 90, 25, 130], [1, 1, 13, 20, 64]
     for tree in (False, True):
-        batch = make_batch(lens, q_lens, 9, 3, 64, PAGE, torch.bfloat16, "cpu", with_tree=tree, seed=5)
+        batch = make_batch(lens, q_lens, 9, 3, head_dim, PAGE, torch.bfloat16, "cpu", with_tree=tree, seed=5)
         batch = _amplify(batch, [n - q for n, q in zip(lens, q_lens, strict=True)])
         outs = []
         for lib in (grouped, per_query):

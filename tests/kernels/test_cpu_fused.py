@@ -95,8 +95,8 @@ def test_rotary_equals_its_twin() -> None:
 
 
 def test_the_builds_agree_on_swiglu(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """SwiGLU's vector loops (AVX-512, AVX2) and the portable loop: the same bits on ordinary values (their exps
-    differ by an ulp or two of float32, which bf16 rounding hides but for rare ties)."""
+    """SwiGLU's vector loops (AVX-512, and AVX2 doing its arithmetic on 8 lanes) give the same bits; the portable
+    loop's libm exp differs from theirs by an ulp or two of float32, which bf16 rounding hides but for rare ties."""
     outs = {}
     for name, flag in BUILDS.items():
         lib = cpu_lib.library() if flag is None else build_with(flag, str(tmp_path_factory.mktemp(f"swiglu-{name}")))
@@ -105,9 +105,7 @@ def test_the_builds_agree_on_swiglu(tmp_path_factory: pytest.TempPathFactory) ->
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(cpu_lib, "library", lambda lib=lib: lib)
             outs[name] = cpu_fused.silu_and_mul(_gate_up(64, 1536)[1:])
-    if len(outs) < 2:
-        pytest.skip("one build only")
-    first, *rest = outs.values()
-    for other in rest:
-        assert first is not None and other is not None
-        assert (first != other).float().mean() < 1e-3
+    vector = [out for name, out in outs.items() if name != "portable"]
+    assert all(out is not None and torch.equal(out, vector[0]) for out in vector)  # inter 1536: no scalar tail
+    if "portable" in outs and vector:
+        assert (outs["portable"] != vector[0]).float().mean() < 1e-3
