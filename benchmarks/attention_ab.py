@@ -74,19 +74,7 @@ def _sources_at(rev: str, folder: Path) -> Path:
 
 def _build(sources: Path | None, cache: Path) -> ctypes.CDLL:
     """cpu_lib's build of the C files in `sources` (None: the working tree's) into cache."""
-    saved = cpu_lib._SOURCES, cpu_lib._HEADERS, os.environ.get("SPECDESK_KERNEL_CACHE")
-    if sources is not None:
-        cpu_lib._SOURCES = [sources / p.name for p in saved[0]]
-        cpu_lib._HEADERS = [sources / p.name for p in saved[1]]
-    os.environ["SPECDESK_KERNEL_CACHE"] = str(cache)
-    try:
-        lib = cpu_lib.library.__wrapped__()
-    finally:
-        cpu_lib._SOURCES, cpu_lib._HEADERS = saved[0], saved[1]
-        if saved[2] is None:
-            os.environ.pop("SPECDESK_KERNEL_CACHE", None)
-        else:
-            os.environ["SPECDESK_KERNEL_CACHE"] = saved[2]
+    lib = cpu_lib.build(sources, cache)
     if lib is None:
         raise SystemExit("no C compiler builds the kernels here")
     return lib

@@ -49,19 +49,27 @@ def _cpu_flags() -> str:
 @cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernel, built once per source version and machine; None where no C compiler works."""
+    return build()
+
+
+def build(folder: Path | None = None, cache_dir: Path | None = None) -> ctypes.CDLL | None:
+    """The kernels compiled from the C files of `folder` (default: this package's; another revision's copies,
+    for benchmarks.attention_ab) into cache_dir (default: the per-user cache), or the build already there."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return None
-    source = b"".join(path.read_bytes() for path in [*_SOURCES, *_HEADERS])
+    sources = [folder / p.name for p in _SOURCES] if folder else _SOURCES
+    headers = [folder / p.name for p in _HEADERS] if folder else _HEADERS
+    source = b"".join(path.read_bytes() for path in [*sources, *headers])
     machine = " ".join([compiler, *_FLAGS, os.uname().machine, _cpu_flags()])
     key = hashlib.sha256(source + machine.encode()).hexdigest()[:16]
-    target = _cache_dir() / f"specdesk_cpu_{key}.so"
+    target = (cache_dir or _cache_dir()) / f"specdesk_cpu_{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         # Build beside the target and rename: a concurrent process never loads a half-written file.
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / target.name
-            command = [compiler, *_FLAGS, *map(str, _SOURCES), "-o", str(built), "-lm"]
+            command = [compiler, *_FLAGS, *map(str, sources), "-o", str(built), "-lm"]
             result = subprocess.run(command, capture_output=True)
             if result.returncode != 0:
                 return None
