@@ -27,6 +27,29 @@ static inline float from_bf16(uint16_t b) {
 
 static inline float round_bf16(float f) { return from_bf16(to_bf16(f)); }
 
+/* out[idx] = v (+ bias[n]), to bf16 or float32: the matmuls' epilogue (cpu_int8.c, cpu_q4.c). */
+static inline void store_out(void *out, int out_bf16, int64_t idx, float v, const float *bias, int64_t n) {
+    if (bias) v = v + bias[n];
+    if (out_bf16)
+        ((uint16_t *)out)[idx] = to_bf16(v);
+    else
+        ((float *)out)[idx] = v;
+}
+
+#ifdef __AVX2__
+/* Rows r0 .. r0 + rows - 1 of out [., n] at the 16 columns from col, from two 8-lane sums per row (the AVX2
+ * tiles of cpu_int8.c and cpu_q4.c), each through store_out. */
+static inline void store_block16(void *out, int out_bf16, int64_t n, int64_t r0, int rows, int64_t col,
+                                 __m256 (*f)[2], const float *bias) {
+    for (int r = 0; r < rows; r++) {
+        float v[16];
+        _mm256_storeu_ps(v, f[r][0]);
+        _mm256_storeu_ps(v + 8, f[r][1]);
+        for (int c = 0; c < 16; c++) store_out(out, out_bf16, (r0 + r) * n + col + c, v[c], bias, col + c);
+    }
+}
+#endif
+
 /* A buffer of at least `bytes` (64-byte aligned) that lives as long as its owner's pointer and capacity (a
  * thread's, for the kernels' scratch: no allocation per call), grown when a larger pass comes; NULL if out of
  * memory. */
@@ -43,8 +66,12 @@ static inline void *scratch(void **buf, size_t *cap, size_t bytes) {
 typedef void (*task_fn)(const void *args, int64_t part, int64_t parts);
 void run_parallel(task_fn fn, const void *args, int parts);
 
-/* The kernels' entry points (cpu_int8.c, cpu_fused.c, cpu_attention.c), which cpu_model.c chains. */
+/* The kernels' entry points (cpu_int8.c, cpu_q4.c, cpu_fused.c, cpu_attention.c), which cpu_model.c chains. */
 void sd_quantize_rows(const void *x, int x_bf16, int64_t m, int64_t k, uint8_t *xu, float *scales, int threads);
+void sd_quantize_rows_q4(const void *x, int x_bf16, int64_t m, int64_t k, int8_t *xq, float *scales, float *sums,
+                         int threads);
+void sd_linear_q4(const int8_t *xq, const float *xs, const float *sums, int64_t m, int64_t k, const uint8_t *w,
+                  const uint16_t *dm, const float *bias, int64_t n, void *out, int out_bf16, int threads);
 void sd_linear(const uint8_t *xu, const float *xs, int64_t m, int64_t k, const int8_t *w, const int32_t *wsum,
                const float *ws, const float *bias, int64_t n, void *out, int out_bf16, int threads);
 void sd_rms_norm(const uint16_t *x, const uint16_t *residual, const uint16_t *weight, float eps, float multiplier,

@@ -36,6 +36,7 @@ typedef struct {
     int64_t m, k;
     uint8_t *xu;
     float *scales;
+    float *sums; /* NULL, or scale * sum(q) per group, and then xu holds q itself (cpu_q4.c's operands) */
 } quantize_args;
 
 /* Symmetric int8 quantization of rows [m * part / parts, m * (part + 1) / parts) of x, group by group. */
@@ -54,6 +55,7 @@ static void quantize_part(const void *a, int64_t part, int64_t parts) {
             const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
             const float scale = amax / 127.0f;
             q->scales[r * groups + g] = scale;
+            int32_t isum = 0;
             for (int h = 0; h < 2; h++) {
                 __m512i q8 = _mm512_setzero_si512();
                 if (scale > 0.0f) {
@@ -62,9 +64,11 @@ static void quantize_part(const void *a, int64_t part, int64_t parts) {
                     const __m512 c = _mm512_min_ps(_mm512_max_ps(t, _mm512_set1_ps(-127.0f)), _mm512_set1_ps(127.0f));
                     q8 = _mm512_cvtps_epi32(c);
                 }
+                if (q->sums) isum += _mm512_reduce_add_epi32(q8);
                 _mm_storeu_si128((__m128i *)(q->xu + base + 16 * h),
-                                 _mm512_cvtepi32_epi8(_mm512_add_epi32(q8, _mm512_set1_epi32(128))));
+                                 _mm512_cvtepi32_epi8(_mm512_add_epi32(q8, _mm512_set1_epi32(q->sums ? 0 : 128))));
             }
+            if (q->sums) q->sums[r * groups + g] = scale * (float)isum;
 #elif defined(__AVX2__)
             /* The loop below 8 at a time (a prefill chunk quantizes millions of inputs). */
             __m256 v[4], m = _mm256_setzero_ps();
@@ -94,7 +98,16 @@ static void quantize_part(const void *a, int64_t part, int64_t parts) {
              * order), + 128 as a flip of the top bit. */
             const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q8[0], q8[1]), _mm256_packs_epi32(q8[2], q8[3]));
             const __m256i ordered = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-            _mm256_storeu_si256((__m256i *)(q->xu + base), _mm256_xor_si256(ordered, _mm256_set1_epi8((char)0x80)));
+            if (q->sums) {
+                const __m256i s4 = _mm256_add_epi32(_mm256_add_epi32(q8[0], q8[1]), _mm256_add_epi32(q8[2], q8[3]));
+                int32_t s8[8], isum = 0;
+                _mm256_storeu_si256((__m256i *)s8, s4);
+                for (int i = 0; i < 8; i++) isum += s8[i];
+                q->sums[r * groups + g] = scale * (float)isum;
+                _mm256_storeu_si256((__m256i *)(q->xu + base), ordered);
+            } else {
+                _mm256_storeu_si256((__m256i *)(q->xu + base), _mm256_xor_si256(ordered, _mm256_set1_epi8((char)0x80)));
+            }
 #else
             float amax = 0.0f, v[GROUP];
             for (int i = 0; i < GROUP; i++) {
@@ -103,11 +116,14 @@ static void quantize_part(const void *a, int64_t part, int64_t parts) {
             }
             const float scale = amax / 127.0f;
             q->scales[r * groups + g] = scale;
+            int32_t isum = 0;
             for (int i = 0; i < GROUP; i++) {
                 float v8 = scale > 0.0f ? nearbyintf(v[i] / scale) : 0.0f;
                 v8 = fminf(fmaxf(v8, -127.0f), 127.0f);
-                q->xu[base + i] = (uint8_t)((int)v8 + 128);
+                isum += (int)v8;
+                q->xu[base + i] = (uint8_t)((int)v8 + (q->sums ? 0 : 128));
             }
+            if (q->sums) q->sums[r * groups + g] = scale * (float)isum;
 #endif
         }
 }
@@ -116,17 +132,16 @@ static void quantize_part(const void *a, int64_t part, int64_t parts) {
  * max|x| / 127 of the group, q = round-half-even(x / scale) (0 for an all-zero group), stored as q + 128 in
  * xu [m, k], scales [m, k / GROUP]. */
 void sd_quantize_rows(const void *x, int x_bf16, int64_t m, int64_t k, uint8_t *xu, float *scales, int threads) {
-    const quantize_args args = {x, x_bf16, m, k, xu, scales};
+    const quantize_args args = {x, x_bf16, m, k, xu, scales, NULL};
     run_parallel(quantize_part, &args, m >= 16 ? threads : 1);
 }
 
-/* out[r, n] = sum (+ bias[n]), to bf16 or float32. */
-static inline void store(void *out, int out_bf16, int64_t idx, float v, const float *bias, int64_t n) {
-    if (bias) v = v + bias[n];
-    if (out_bf16)
-        ((uint16_t *)out)[idx] = to_bf16(v);
-    else
-        ((float *)out)[idx] = v;
+/* The same quantization for the W4A8 kernel (cpu_q4.c): q itself in xq (signed bytes), and per group
+ * sums [m, k / GROUP] = scale * sum(q) in float32 (the Q4_1 minimum's term). */
+void sd_quantize_rows_q4(const void *x, int x_bf16, int64_t m, int64_t k, int8_t *xq, float *scales, float *sums,
+                         int threads) {
+    const quantize_args args = {x, x_bf16, m, k, (uint8_t *)xq, scales, sums};
+    run_parallel(quantize_part, &args, m >= 16 ? threads : 1);
 }
 
 #ifdef __AVX512VNNI__
@@ -165,7 +180,7 @@ static inline __attribute__((always_inline)) void tile(const uint8_t *x, int64_t
     }
 }
 
-/* store() for 16 channels of one token: plus the bias, then bf16 by round-to-nearest-even (as to_bf16). */
+/* store_out() for 16 channels of one token: plus the bias, then bf16 by round-to-nearest-even (as to_bf16). */
 static inline void store16(void *out, int out_bf16, int64_t idx, __m512 v, const float *bias) {
     if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias));
     if (!out_bf16) {
@@ -282,12 +297,7 @@ static void linear_part(const void *a, int64_t part, int64_t parts) {
                     case 5: TILE8(5); break;
                     default: TILE8(6); break;
                 }
-                for (int r = 0; r < rows; r++) {
-                    float v[16];
-                    _mm256_storeu_ps(v, f[r][0]);
-                    _mm256_storeu_ps(v + 8, f[r][1]);
-                    for (int c = 0; c < 16; c++) store(out, out_bf16, (r0 + r) * n + col + b * 16 + c, v[c], bias, col + b * 16 + c);
-                }
+                store_block16(out, out_bf16, n, r0, rows, col + b * 16, f, bias);
             }
 #else
             for (int r = 0; r < rows; r++)
@@ -303,7 +313,7 @@ static void linear_part(const void *a, int64_t part, int64_t parts) {
                             const float scale = xs[(r0 + r) * groups + g] * ws[g * n + ch];
                             f = f + (float)(acc - 128 * wsum[g * n + ch]) * scale;
                         }
-                        store(out, out_bf16, (r0 + r) * n + ch, f, bias, ch);
+                        store_out(out, out_bf16, (r0 + r) * n + ch, f, bias, ch);
                     }
 #endif
         }

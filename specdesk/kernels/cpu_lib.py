@@ -1,5 +1,5 @@
-"""Builds and loads the CPU kernels (`cpu_*.c`: int8 matmul, attention, fused ops, the Llama layer stack) as one
-shared library, with the ctypes signature of every entry point.
+"""Builds and loads the CPU kernels (`cpu_*.c`: int8 and W4A8 matmuls, attention, fused ops, the Llama layer
+stack) as one shared library, with the ctypes signature of every entry point.
 
 The C files are compiled on first use with the machine's C compiler and `-march=native` into a per-user
 cache (`SPECDESK_KERNEL_CACHE`, default ~/.cache/specdesk/kernels), keyed by the sources, flags and machine:
@@ -23,7 +23,15 @@ import torch
 
 _SOURCES = [
     Path(__file__).with_name(name)
-    for name in ("cpu_pool.c", "cpu_int8.c", "cpu_attention.c", "cpu_attention_grouped.c", "cpu_fused.c", "cpu_model.c")
+    for name in (
+        "cpu_pool.c",
+        "cpu_int8.c",
+        "cpu_q4.c",
+        "cpu_attention.c",
+        "cpu_attention_grouped.c",
+        "cpu_fused.c",
+        "cpu_model.c",
+    )
 ]
 _HEADERS = [Path(__file__).with_name(name) for name in ("cpu_common.h", "cpu_attention.h", "cpu_attention_avx2.h")]
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-pthread"]
@@ -78,6 +86,9 @@ def build(folder: Path | None = None, cache_dir: Path | None = None) -> ctypes.C
     i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.sd_quantize_rows.argtypes = [ptr, c_int, i64, i64, ptr, ptr, c_int]
     lib.sd_linear.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, c_int, c_int]
+    if hasattr(lib, "sd_linear_q4"):  # absent from revisions before it (benchmarks.attention_ab builds those)
+        lib.sd_quantize_rows_q4.argtypes = [ptr, c_int, i64, i64, ptr, ptr, ptr, c_int]
+        lib.sd_linear_q4.argtypes = [ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, i64, ptr, c_int, c_int]
     lib.sd_has_vnni.restype = c_int
     lib.sd_int8_path.restype = c_int
     lib.sd_paged_attention.argtypes = [ptr, i64, *[ptr] * 6, *[i64] * 8, ctypes.c_float, ptr, c_int]
@@ -86,7 +97,7 @@ def build(folder: Path | None = None, cache_dir: Path | None = None) -> ctypes.C
     lib.sd_rms_norm.argtypes = [ptr, ptr, ptr, ctypes.c_float, ctypes.c_float, i64, i64, ptr, ptr, c_int]
     lib.sd_rotary.argtypes = [ptr, i64, ptr, ptr, i64, i64, i64]
     lib.sd_silu_mul.argtypes = [ptr, i64, i64, ptr, c_int]
-    lib.sd_llama_layers.argtypes = [ptr, i64, ptr, ptr, *[ptr] * 9, c_int]
+    lib.sd_llama_layers.argtypes = [ptr, i64, ptr, ptr, *[ptr] * 10, c_int]
     lib.sd_llama_layers.restype = c_int
     return lib
 
