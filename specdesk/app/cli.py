@@ -39,8 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the model runs")
         sub.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="weights' dtype")
         sub.add_argument(
-            "--quantization", choices=["auto", "int8", "int4", "none"],
-            help="auto (default): int8 on a CPU with AVX-512 VNNI (the fastest CPU path), none elsewhere",
+            "--quantization", choices=["auto", "int8", "q4_1", "int4", "none"],
+            help="auto (default): the fastest CPU path (int8 activations; 4-bit weights where the checkpoint "
+            "holds them, on AVX2), none on a GPU",
         )  # fmt: skip
         sub.add_argument("--enforce-eager", action="store_true", default=None, help="no CUDA graphs (GPU)")
         sub.add_argument("--max-tokens", type=int, help="longest drafted reply, in tokens")

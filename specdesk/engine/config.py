@@ -14,7 +14,7 @@ AttentionBackend = Literal["auto", "torch", "triton"]
 SpecTree = Literal["nodes", "paths"]
 
 
-QUANTIZATIONS = (None, "int8", "int4", "auto")
+QUANTIZATIONS = (None, "int8", "q4_1", "int4", "auto")
 
 
 @dataclass(frozen=True)
@@ -39,10 +39,13 @@ class EngineConfig:
       n-gram draft's length at most.
     enforce_eager: never use CUDA graphs (vLLM's name); on CUDA the speculator's proposal is otherwise one.
     quantization: None, "int8" (CPU): weights and activations in 8 bits, exact int32 sums, so speculation stays
-      exact (models/int8_linear.py; the fastest CPU path), "int4" (CPU): the layers' weights in 4 bits, groups
-      of 32 (models/int4_linear.py), or "auto": int8 on a CPU whose compiled kernel has AVX-512 VNNI or AVX2
-      when the dtype is not float32 (float32 stays the exact, unquantized oracle; dtype "auto" then means
-      bf16 activations even where torch's bf16 matmuls are slow), none elsewhere.
+      exact (models/int8_linear.py), "q4_1" (CPU): the same with 4-bit weights on GGUF's Q4_1 grid, a
+      checkpoint's own codes where it holds them (a GGUF Q4_1 file, the default model), "int4" (CPU): the
+      layers' weights in 4 bits for torch's kernel (models/int4_linear.py), or "auto": the C kernels on a CPU
+      whose compiled kernel has AVX-512 VNNI or AVX2 when the dtype is not float32 (float32 stays the exact,
+      unquantized oracle; dtype "auto" then means bf16 activations even where torch's bf16 matmuls are
+      slow), none elsewhere; with AVX2 (where it was measured faster), Q4_1 weights wherever they are the
+      checkpoint's own and int8 for the rest, else int8.
     """
 
     model: str | None = None
@@ -98,7 +101,7 @@ class EngineConfig:
         if self.spec_max_ngram_tokens < 1:
             raise ValueError(f"spec_max_ngram_tokens must be >= 1, got {self.spec_max_ngram_tokens}")
         if self.quantization not in QUANTIZATIONS:
-            raise ValueError(f"quantization must be None, 'int8', 'int4' or 'auto', got {self.quantization!r}")
+            raise ValueError(f"quantization must be None, 'int8', 'q4_1', 'int4' or 'auto', got {self.quantization!r}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
 

@@ -14,7 +14,7 @@ import torch
 
 from specdesk.engine.attention_metadata import AttentionMetadata
 from specdesk.engine.config import EngineConfig
-from specdesk.engine.models.loader import LoadedModel
+from specdesk.engine.models.loader import CPU_KERNELS, LoadedModel
 from specdesk.engine.pass_graphs import Bucket, PassGraphs, bucket_sizes
 from specdesk.engine.sampler import make_generator
 from specdesk.engine.scheduler import ScheduledSeq
@@ -67,7 +67,7 @@ class ModelRunner:
         # spinning on the same cores slow each other down (a decode step took 3x as long), and OpenMP teams
         # started from the engine's loop thread sleep between every parallel region (kernels/cpu_int8.c says
         # why). Until close(): a process outlives its engines.
-        self._threads = cpu_lib.ThreadClaim(config.num_threads) if loaded.quantization == "int8" else None
+        self._threads = cpu_lib.ThreadClaim(config.num_threads) if loaded.quantization in CPU_KERNELS else None
 
     def close(self) -> None:
         """Give back what the runner took from the process (torch's threads, for int8); idempotent."""

@@ -41,8 +41,8 @@ class TrainConfig:
     # sequence has used. The speculator's config records it.
     draft_penalty: bool = True
     # The base model's weights as the engine quantizes them (EngineConfig.quantization), for the replies and the
-    # hidden states alike: "int8" is what the CPU console verifies against, and generates 5-10x faster on a CPU
-    # without native bf16 matmuls. None: the dtype's own weights (the shipped speculator's run).
+    # hidden states alike: "int8" or "q4_1" (what the CPU console verifies against on AVX-512 VNNI / AVX2),
+    # 5-10x faster on a CPU without native bf16 matmuls. None: the dtype's own weights (the shipped speculator's run).
     quantization: str | None = None
     persona_every: int = 3  # persona-prompt replies for every k-th training conversation (5x longer prompts)
     samples_per_prompt: int = 1  # extra sampled replies per training conversation (varied trajectories)

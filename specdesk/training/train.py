@@ -259,7 +259,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     ap.add_argument("--sampled-top-p", type=float, default=d.sampled_top_p)
     ap.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty,
                     help="applied to every generated reply and to the distilled distribution (1: off)")  # fmt: skip
-    ap.add_argument("--quantization", default=d.quantization, choices=["int8"],
+    ap.add_argument("--quantization", default=d.quantization, choices=["int8", "q4_1"],
                     help="the base model's weights as the engine quantizes them (replies, hidden states)")  # fmt: skip
     ap.add_argument("--draft-penalty", action=argparse.BooleanOptionalAction, default=d.draft_penalty,
                     help="under a repetition penalty, train the heads with it applied to their own logits")  # fmt: skip

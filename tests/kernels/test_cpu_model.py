@@ -1,6 +1,6 @@
-"""The int8 CPU path's one-call layer stack (kernels/cpu_model.c, engine/models/cpu_stack.py) against the same
-kernels called layer by layer from Python: bit for bit, for decode steps, tree verifications and prefill
-chunks, fresh or on cached context."""
+"""The int8 CPU path's one-call layer stack (kernels/cpu_model.c, engine/models/cpu_stack.py), with int8 or Q4_1
+weights, against the same kernels called layer by layer from Python: bit for bit, for decode steps, tree
+verifications and prefill chunks, fresh or on cached context."""
 
 from __future__ import annotations
 
@@ -15,11 +15,16 @@ from tests.tiny_models import make_tiny_model
 pytestmark = pytest.mark.skipif(not cpu_lib.available(), reason="no C compiler: the CPU kernels did not build")
 
 
-@pytest.fixture(scope="module")
-def llm(tmp_path_factory: pytest.TempPathFactory) -> object:
+@pytest.fixture(scope="module", params=["int8", "q4_1"])
+def llm(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> object:
+    """An engine on the C kernels with int8 weights, or with Q4_1 ones (the W4A8 matmul in the stack)."""
     previous = torch.get_num_threads()
     engine = LLM(model=str(make_tiny_model("llama", tmp_path_factory.mktemp("m"))), dtype="bfloat16", device="cpu",
-                 quantization="int8", speculator=None, num_blocks=64)  # fmt: skip
+                 quantization=request.param, speculator=None, num_blocks=64)  # fmt: skip
+    layers = {
+        type(m).__name__ for m in engine.engine.runner.model.model.layers.modules() if "Linear" in type(m).__name__
+    }
+    assert layers == {"Int8Linear" if request.param == "int8" else "Q4Linear"}
     yield engine
     engine.shutdown()
     torch.set_num_threads(previous)

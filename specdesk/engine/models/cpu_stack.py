@@ -1,4 +1,4 @@
-"""The int8 CPU path's decoder layers in one C call (`specdesk/kernels/cpu_model.c`).
+"""The int8 CPU path's decoder layers (int8 or Q4_1 weights) in one C call (`specdesk/kernels/cpu_model.c`).
 
 `LlamaForCausalLM.forward` on the int8 CPU path calls the C kernels layer by layer from Python; this runs the
 same kernels in the same order from C, bit for bit the same result, without ~4 ms of Python between them per
@@ -14,14 +14,14 @@ from typing import Any
 import torch
 
 from specdesk.engine.attention_metadata import AttentionMetadata
-from specdesk.engine.models.int8_linear import Int8Linear
+from specdesk.engine.models.int8_linear import Int8Linear, Q4Linear
 from specdesk.kernels import cpu_int8, cpu_lib
 
 _p, _i64, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
 
 class _QLinear(ctypes.Structure):
-    _fields_ = [("w", _p), ("wsum", _p), ("ws", _p), ("bias", _p), ("n", _i64), ("k", _i64)]
+    _fields_ = [("w", _p), ("wsum", _p), ("ws", _p), ("dm", _p), ("bias", _p), ("n", _i64), ("k", _i64)]
 
 
 class _Layer(ctypes.Structure):
@@ -41,9 +41,13 @@ class _Shape(ctypes.Structure):
 
 
 def _qlinear(module: Any) -> _QLinear:
-    w = module.weight_int8
     bias = module.bias.data_ptr() if module.bias is not None else None
-    return _QLinear(w.packed.data_ptr(), w.wsum.data_ptr(), w.scales.data_ptr(), bias, w.out_features, w.in_features)
+    if isinstance(module, Q4Linear):  # cpu_model.c takes a linear with scales dm for a W4A8 one
+        q = module.weight_q4
+        return _QLinear(q.packed.data_ptr(), None, None, q.dm.data_ptr(), bias, q.out_features, q.in_features)
+    w = module.weight_int8
+    return _QLinear(w.packed.data_ptr(), w.wsum.data_ptr(), w.scales.data_ptr(), None, bias, w.out_features,
+                    w.in_features)  # fmt: skip
 
 
 class CpuStack:
@@ -74,7 +78,8 @@ class CpuStack:
         for layer in model.model.layers:
             linears = (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
             norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-            if not all(isinstance(m, Int8Linear) for m in linears) or any(w.dtype != torch.bfloat16 for w in norms):
+            quantized = all(isinstance(m, (Int8Linear, Q4Linear)) for m in linears)
+            if not quantized or any(w.dtype != torch.bfloat16 for w in norms):
                 return None
         return cls(model)
 
@@ -118,9 +123,10 @@ class CpuStack:
         attn, gate_up, act = x.new_empty(t, s.heads * s.head_dim), x.new_empty(t, 2 * s.inter), x.new_empty(t, s.inter)
         xu = torch.empty(t, widest, dtype=torch.uint8)
         xs = torch.empty(t, widest // cpu_int8.GROUP, dtype=torch.float32)
+        sums = torch.empty_like(xs)
         status = cpu_lib.library().sd_llama_layers(  # type: ignore[union-attr]
             ctypes.byref(self._layer_array(kv_caches)), len(kv_caches), ctypes.byref(s), ctypes.byref(pass_),
             x.data_ptr(), residual.data_ptr(), h.data_ptr(), qkv.data_ptr(), attn.data_ptr(), gate_up.data_ptr(),
-            act.data_ptr(), xu.data_ptr(), xs.data_ptr(), cpu_lib.num_threads(),
+            act.data_ptr(), xu.data_ptr(), xs.data_ptr(), sums.data_ptr(), cpu_lib.num_threads(),
         )  # fmt: skip
         return (x, residual) if status == 0 else None

@@ -11,6 +11,10 @@ token alone. That keeps a token's result independent of the others in the pass, 
 does not depend on summation order, so speculation stays exact on this path: greedy output with
 a draft tree is identical to greedy output without one (tests/engine/test_int8.py). The cost is a small
 quality loss against bf16, measured by `python -m benchmarks.cpu` (agreement of greedy tokens).
+
+`Q4Linear` is the same path with 4-bit weights on GGUF's Q4_1 grid (`specdesk/kernels/cpu_q4.c`): where a
+checkpoint's float32 weights are exactly a Q4_1 file's values (the default model), it multiplies by the very
+weights the checkpoint holds, reading half the bytes of int8 (quantization "q4_1", or "auto" on AVX2).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch
 from torch import nn
 
 from specdesk.engine.models.packed_linear import replace_linears
-from specdesk.kernels import cpu_int8
+from specdesk.kernels import cpu_int8, cpu_q4
 
 
 class Int8Linear(nn.Module):
@@ -36,7 +40,34 @@ class Int8Linear(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
-def quantize_linears(model: nn.Module, skip: nn.Module | None = None) -> int:
-    """Swap every nn.Linear below model (but `skip`) whose shape the kernel takes for an Int8Linear, in
-    place; returns how many."""
-    return replace_linears(model, Int8Linear, skip, lambda lin: cpu_int8.supported(lin.in_features, lin.out_features))
+class Q4Linear(nn.Module):
+    """y = x W^T + b with W on the Q4_1 grid and x in int8 (see the module doc); y in x's dtype."""
+
+    def __init__(self, weight: torch.Tensor | cpu_q4.Q4Weight, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.weight_q4 = weight if isinstance(weight, cpu_q4.Q4Weight) else cpu_q4.quantize_weight(weight)
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+        self.out_features = self.weight_q4.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = cpu_q4.linear(x.reshape(-1, x.shape[-1]), self.weight_q4, self.bias)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def quantize_linears(model: nn.Module, skip: nn.Module | None = None, weights: str = "int8") -> int:
+    """Swap every nn.Linear below model (but `skip`) whose shape the kernels take, in place; returns how many
+    became Q4Linear. weights: "int8" (all Int8Linear), "q4_1" (all Q4Linear: each weight's own Q4_1 codes,
+    else rounded onto that grid) or "exact" (Q4Linear where the weight lies on the Q4_1 grid, no rounding
+    at all; Int8Linear elsewhere)."""
+    q4 = 0
+
+    def make(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+        nonlocal q4
+        codes = None if weights == "int8" else cpu_q4.exact_weight(weight.detach().float())
+        if codes is None and weights == "q4_1":
+            codes = cpu_q4.quantize_weight(weight)
+        q4 += codes is not None
+        return Q4Linear(codes, bias) if codes is not None else Int8Linear(weight, bias)
+
+    replace_linears(model, make, skip, lambda lin: cpu_int8.supported(lin.in_features, lin.out_features))
+    return q4

@@ -20,9 +20,10 @@ from specdesk.engine.models.cpu_stack import CpuStack
 from specdesk.engine.models.default_model import DEFAULT_MODEL_NAME, default_model_path
 from specdesk.engine.models.int4_linear import can_quantize, quantize_linears
 from specdesk.engine.models.layers import set_fused_ops
-from specdesk.kernels import cpu_int8, cpu_lib
+from specdesk.kernels import cpu_int8, cpu_lib, cpu_q4
 from specdesk.kernels.ops import resolve_backend
 
+CPU_KERNELS = ("int8", "q4_1")  # the quantizations that run on the C kernels (int8 activations)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 
@@ -82,8 +83,9 @@ def load_model(
 
     model: a checkpoint directory, a .gguf file, a Hugging Face hub id, or None for the default model.
     attention_backend: "torch", "triton" or "auto" (kernels.ops.resolve_backend picks for the device).
-    quantization: None, "int8", "int4" (CPU only; models/int8_linear.py, models/int4_linear.py) or "auto"
-    (resolve_quantization).
+    quantization: None, "int8", "q4_1", "int4" (CPU only; models/int8_linear.py, models/int4_linear.py) or
+    "auto" (resolve_quantization; on an AVX2 CPU it then keeps 4-bit weights where the checkpoint holds them
+    on the Q4_1 grid, and LoadedModel.quantization says "q4_1").
     Raises FileNotFoundError when nothing is found, ValueError for an unsupported architecture or a
     max_model_len beyond what the model supports.
     """
@@ -95,8 +97,11 @@ def load_model(
         # float32 is "auto"'s pick where torch's bf16 matmuls are slow; the int8 path does not use them (its C
         # kernels keep activations in bf16), and on such a CPU it is the fastest path by far.
         torch_dtype = torch.bfloat16
+    # "auto" on an AVX2 CPU: 4-bit weights wherever the checkpoint holds them exactly (quantize_linears'
+    # "exact"); measured faster than int8 there (docs/benchmarks.md), not yet on AVX-512 VNNI.
+    exact_q4 = quantization == "auto" and cpu_lib.int8_path() == "avx2"
     quantization = resolve_quantization(quantization, torch_dtype, torch_device)
-    if quantization == "int8" and attention_backend in ("torch", "auto"):
+    if quantization in CPU_KERNELS and attention_backend in ("torch", "auto"):
         attention_backend = "cpu"  # the C attention beside the C matmuls (kernels/cpu_attention.py)
     path, gguf_file = resolve_checkpoint(model)
     gguf_kwargs = {"gguf_file": gguf_file} if gguf_file else {}
@@ -108,21 +113,31 @@ def load_model(
     if attention_backend == "auto":
         attention_backend = resolve_backend("auto", torch_device)
 
+    # The C kernels quantize a float32 checkpoint's weights as stored (a GGUF file's Q4_1 values survive only
+    # in float32), then the rest of the model takes the run's dtype.
+    load_dtype = torch.float32 if quantization in CPU_KERNELS and _stored_float32(hf_config, gguf_file) else torch_dtype
     with torch.device("meta"):
         net = cls(hf_config, backend=attention_backend)
-    net = net.to(torch_dtype).to_empty(device=torch_device)
+    net = net.to(load_dtype).to_empty(device=torch_device)
     net.load_weights(_checkpoint_weights(path, gguf_file))
     net.eval().requires_grad_(False)
     lm_head = getattr(net, "lm_head", None)
+    skip = lm_head if isinstance(lm_head, torch.nn.Module) else None
     if quantization == "int4":
-        quantize_linears(net, skip=lm_head if isinstance(lm_head, torch.nn.Module) else None)
-    elif quantization == "int8":
-        int8_linear.quantize_linears(net, skip=lm_head if isinstance(lm_head, torch.nn.Module) else None)
-    pack_for_cpu(net, torch_dtype, torch_device)  # whatever is left: the output projection at least
-    if quantization == "int8":  # the output projection too (where its shape fits): a fifth of the default model
+        quantize_linears(net, skip=skip)
+    elif quantization in CPU_KERNELS:
+        weights = "exact" if exact_q4 else quantization
+        if int8_linear.quantize_linears(net, skip=skip, weights=weights) and weights == "exact":
+            quantization = "q4_1"
+        # The output projection too (where its shape fits): a fifth of the default model. Q4_1 codes only
+        # where they are the checkpoint's own; the default model's is Q8_0, which int8 holds as it is.
         head = output_weight(net)
         if cpu_int8.supported(head.shape[1], head.shape[0]):
-            net.packed_head = int8_linear.Int8Linear(head, None)
+            exact = cpu_q4.exact_weight(head.detach()) if quantization == "q4_1" else None
+            net.packed_head = int8_linear.Q4Linear(exact, None) if exact else int8_linear.Int8Linear(head, None)
+        net.to(torch_dtype)
+    pack_for_cpu(net, torch_dtype, torch_device)  # whatever is left: the output projection at least
+    if quantization in CPU_KERNELS:
         set_fused_ops(net, "cpu")  # norms, rotary and SwiGLU in C as well (kernels/cpu_fused.py)
         setattr(net, "cpu_stack", CpuStack.build(net))  # noqa: B010 (and, for the Llama family, all layers in one C call)
 
@@ -160,9 +175,15 @@ def resolve_quantization(quantization: str | None, dtype: torch.dtype, device: t
         return "int8" if dtype != torch.float32 and int8_pays(device) else None
     if quantization == "int4" and not can_quantize(device):
         raise ValueError(f"quantization='int4' runs on CPU (torch >= 2.6), not on {device}")
-    if quantization == "int8" and device.type != "cpu":
-        raise ValueError(f"quantization='int8' runs on CPU, not on {device}")
+    if quantization in CPU_KERNELS and device.type != "cpu":
+        raise ValueError(f"quantization={quantization!r} runs on CPU, not on {device}")
     return quantization
+
+
+def _stored_float32(hf_config: Any, gguf_file: str | None) -> bool:
+    """Whether the checkpoint's weights are float32 (transformers dequantizes GGUF files to float32)."""
+    dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    return gguf_file is not None or str(dtype).removeprefix("torch.") == "float32"
 
 
 def resolve_checkpoint(model: str | None) -> tuple[Path, str | None]:

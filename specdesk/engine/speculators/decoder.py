@@ -24,7 +24,7 @@ import torch
 from specdesk.engine.config import SpecConfig
 from specdesk.engine.grammar.state import MAX_FORCED_TOKENS
 from specdesk.engine.model_runner import ForwardOutput, ModelRunner
-from specdesk.engine.models.loader import LoadedModel
+from specdesk.engine.models.loader import CPU_KERNELS, LoadedModel
 from specdesk.engine.scheduler import ScheduledSeq
 from specdesk.engine.sequence import Sequence
 from specdesk.engine.speculators import draft_vocab
@@ -71,7 +71,7 @@ class SpeculativeDecoder:
             self.mlp_dtype = torch.float32 if loaded.device.type == "cpu" else loaded.dtype
             self.mlp = draft_vocab.load_speculator(config.mlp_dir, loaded.model, self.mlp_dtype, loaded.device)
             if loaded.device.type == "cpu":  # the int8 path's speculator runs on its kernels too
-                draft_vocab.pack_for_cpu(self.mlp, int8=loaded.quantization == "int8")
+                draft_vocab.pack_for_cpu(self.mlp, int8=loaded.quantization in CPU_KERNELS)
             self.tree_kind = make_tree_kind(self.mlp, config, loaded.device)
         self.ngram = NgramSpeculator() if config.use_ngram else None
         max_tokens = max(self.mlp.n_predict if self.mlp else 0, config.max_ngram_tokens if self.ngram else 0)
@@ -84,7 +84,7 @@ class SpeculativeDecoder:
         # The tree's width from measured step costs and retrospective acceptance (tree_width.py).
         # On the int8 CPU path a verified token costs about a tenth of a (fast) step, and no candidate at all
         # is a choice: speculation then rests, and looks again every MLP_REST_STEPS steps.
-        int8 = loaded.quantization == "int8"
+        int8 = loaded.quantization in CPU_KERNELS
         prior = max(config.step_cost_prior, INT8_STEP_COST_PRIOR) if int8 else config.step_cost_prior
         self.step_cost = StepCost(prior=prior)
         self.width = TreeWidth(pool, allow_none=int8)
