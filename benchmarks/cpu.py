@@ -12,17 +12,18 @@ system uses the console's repetition penalty (1.1; llama.cpp's own penalty over 
   float32; what `dtype="auto"` picks there); `--reference-dtype` overrides
 * llama.cpp (`llama-cpp-python`, `pip install -e ".[llama]"`) on the default model's own Q4_1 GGUF file
 * SpecDesk unquantized in the reference dtype, plain and with the default speculator
-* SpecDesk int8 (the C kernels, `quantization="int8"`; what the console uses on a CPU with AVX-512 VNNI or
-  AVX2), plain and with the default speculator
+* SpecDesk int8 (the C kernels with int8 weights, `quantization="int8"`), plain and with the default speculator
+* SpecDesk as the console runs it (`dtype` and `quantization` "auto": on an AVX2 CPU the C kernels with the
+  GGUF file's own Q4_1 weights, W4A8; int8 on AVX-512 VNNI), plain and with the default speculator
 
-Also reported: int8 with speculation vs int8 plain (identical tokens expected: the path is exact) and int8's
-quality loss against the reference dtype: the share of greedy tokens before the first difference (a harsh
-measure: one near-tie flips the rest of a reply) and teacher-forced top-1 agreement (int8's choice at each
-position of the reference's reply, given its tokens so far). Which kernel paths ran is recorded. SpecDesk's plain and
-speculative runs alternate per prompt; the systems run one after another in the process (the int8 engine sets
-torch's own ops to one thread, so it runs last).
+Also reported, for int8 and the console's path: speculation vs plain (identical tokens expected: the paths are
+exact) and the quality loss against the reference dtype: the share of greedy tokens before the first difference
+(a harsh measure: one near-tie flips the rest of a reply) and teacher-forced top-1 agreement (the path's choice
+at each position of the reference's reply, given its tokens so far). Which kernel paths ran is recorded.
+SpecDesk's plain and speculative runs alternate per prompt; the systems run one after another in the process
+(the C kernels' engines set torch's own ops to one thread while they live, so they run last).
 
-    python -m benchmarks.cpu --out docs/bench_cpu_llamacpp.json     # ~15 minutes on 2 cores
+    python -m benchmarks.cpu --out docs/bench_cpu_llamacpp.json     # ~20 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ def _specdesk(
     from specdesk.engine.sampling_params import SamplingParams
 
     llm = LLM(dtype=dtype, quantization=quantization, spec_max_batch_size=32)
+    resolved = llm.loaded.quantization
     params = SamplingParams(max_tokens=n, ignore_eos=True, repetition_penalty=PENALTY)
     seconds = {False: 0.0, True: 0.0}
     decode_seconds = {False: 0.0, True: 0.0}  # first token to last: the speculation's own ratio, prefill apart
@@ -122,6 +124,7 @@ def _specdesk(
             "tokens_per_verification": (stats.spec_num_accepted_tokens + steps) / steps,
             "plain_tokens": outputs[False],
             "teacher_forced_top1_vs_reference_percent": forced,
+            "quantization": resolved,
         }
     finally:
         llm.shutdown()
@@ -190,13 +193,16 @@ def worker(threads: int, turns: int, n: int, dtype: str) -> dict[str, Any]:
     print(f"[{threads} threads] transformers {dtype}: {result['transformers_tok_s']:.1f} tok/s", flush=True)
     result["llama_cpp_tok_s"] = _llama_cpp(prompt_ids, n, threads)
     print(f"[{threads} threads] llama.cpp: {result['llama_cpp_tok_s']} tok/s", flush=True)
-    for name, quantization in (("unquantized", None), ("int8", "int8")):
-        reference = result["unquantized"]["plain_tokens"] if name == "int8" else None
-        result[name] = _specdesk(quantization, "bfloat16" if quantization else dtype, prompt_ids, n, reference)
-        print(f"[{threads} threads] SpecDesk {name}: plain {result[name]['plain_tok_s']:.1f}, "
-              f"speculative {result[name]['spec_tok_s']:.1f} tok/s", flush=True)  # fmt: skip
-    unquantized, int8 = result["unquantized"].pop("plain_tokens"), result["int8"].pop("plain_tokens")
-    result["int8_vs_reference"] = agreement(unquantized, int8)
+    systems = (("unquantized", None, dtype), ("int8", "int8", "bfloat16"), ("console", "auto", "auto"))
+    for name, quantization, run_dtype in systems:
+        reference = result["unquantized"]["plain_tokens"] if quantization else None
+        result[name] = _specdesk(quantization, run_dtype, prompt_ids, n, reference)
+        got = result[name]
+        print(f"[{threads} threads] SpecDesk {name} ({got['quantization']}): plain {got['plain_tok_s']:.1f}, "
+              f"speculative {got['spec_tok_s']:.1f} tok/s", flush=True)  # fmt: skip
+    unquantized = result["unquantized"].pop("plain_tokens")
+    for name in ("int8", "console"):
+        result[f"{name}_vs_reference"] = agreement(unquantized, result[name].pop("plain_tokens"))
     return result
 
 
@@ -214,18 +220,18 @@ def table(results: list[dict[str, Any]]) -> str:
     """The headline rows: tok/s end to end per turn, and the ratios the issue names."""
     dt = results[0]["reference_dtype"] if results else "?"
     lines = [f"| threads | transformers {dt} | llama.cpp Q4_1 | SpecDesk {dt} plain / spec "
-             "| SpecDesk int8 plain / spec | int8 spec vs llama.cpp | int8 plain vs transformers "
-             "| int8 spec vs own plain | the same, decode only |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| SpecDesk int8 plain / spec | SpecDesk console (quantization) plain / spec | console spec vs llama.cpp "
+             "| console plain vs transformers | console spec vs own plain | the same, decode only |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in results:
-        cpp, i8, b16 = r["llama_cpp_tok_s"], r["int8"], r["unquantized"]
-        vs_cpp = f"{i8['spec_tok_s'] / cpp:.2f}x" if cpp else "n/a"
+        cpp, i8, b16, c = r["llama_cpp_tok_s"], r["int8"], r["unquantized"], r["console"]
+        vs_cpp = f"{c['spec_tok_s'] / cpp:.2f}x" if cpp else "n/a"
         lines.append(
             f"| {r['threads']} | {r['transformers_tok_s']:.1f} | {f'{cpp:.1f}' if cpp else 'n/a'} | "
             f"{b16['plain_tok_s']:.1f} / {b16['spec_tok_s']:.1f} | {i8['plain_tok_s']:.1f} / {i8['spec_tok_s']:.1f} | "
-            f"{vs_cpp} | "
-            f"{i8['plain_tok_s'] / r['transformers_tok_s']:.2f}x | {i8['spec_tok_s'] / i8['plain_tok_s']:.2f}x | "
-            f"{i8['spec_decode_tok_s'] / i8['plain_decode_tok_s']:.2f}x |"
+            f"({c['quantization']}) {c['plain_tok_s']:.1f} / {c['spec_tok_s']:.1f} | {vs_cpp} | "
+            f"{c['plain_tok_s'] / r['transformers_tok_s']:.2f}x | {c['spec_tok_s'] / c['plain_tok_s']:.2f}x | "
+            f"{c['spec_decode_tok_s'] / c['plain_decode_tok_s']:.2f}x |"
         )
     return "\n".join(lines)
 
@@ -256,11 +262,13 @@ def main(argv: list[str] | None = None) -> None:
         results.append(worker_result(argv, f"the {t}-thread run"))
     print(table(results))
     for r in results:
-        forced = r["int8"]["teacher_forced_top1_vs_reference_percent"]
-        print(f"[{r['threads']} threads] int8 ({r['int8_path']}) vs {r['reference_dtype']}: greedy "
-              f"{r['int8_vs_reference']}, teacher-forced top-1 {forced:.1f} %;"
-              f" int8 speculation "
-              f"identical to plain on {r['int8']['identical_with_speculation']} of {r['turns']} turns")  # fmt: skip
+        for name in ("int8", "console"):
+            got, forced = r[name], r[name]["teacher_forced_top1_vs_reference_percent"]
+            print(
+                f"[{r['threads']} threads] {name} ({got['quantization']}, {r['int8_path']}) vs "
+                f"{r['reference_dtype']}: greedy {r[f'{name}_vs_reference']}, teacher-forced top-1 {forced:.1f} %;"
+                f" speculation identical to plain on {got['identical_with_speculation']} of {r['turns']} turns"
+            )
     if args.out:
         Path(args.out).write_text(json.dumps({"results": results}, indent=2) + "\n")
 

@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--quantization", default=None, choices=["int8", "int4", "auto"], help="EngineConfig.quantization")
+    ap.add_argument("--quantization", default=None, choices=["int8", "q4_1", "int4", "auto"],
+                    help="EngineConfig.quantization")  # fmt: skip
     ap.add_argument("--speculator", default="default", help="the speculative engine's EngineConfig.speculator")
     ap.add_argument("--tree-width", type=int, default=None, help="fixed node-tree width (default: measured)")
     ap.add_argument("--prompts", type=int, default=3)
