@@ -3,9 +3,11 @@
 Both builds (the kernels' C sources of `--against`, default HEAD, and of the working tree, each compiled as
 `specdesk.kernels.cpu_lib` compiles them, into a folder of their own) run the same passes, shaped as the
 default model's (9 query heads, 3 KV heads, head_dim 64, pages of 16) on a console turn's context: prefill
-chunks, a decode step, draft-tree verifications and a batch of decodes. They alternate, five rounds, and
-each keeps its fastest round; the table gives ms per layer (a pass runs it 30 times), the ratio, and whether
-the two outputs are the same bits (a kernel change that keeps the arithmetic keeps them).
+chunks, a decode step, draft-tree verifications and a batch of decodes; the last cases run 30 layers with pages
+of their own, so each layer reads them from memory as a model step does (the others repeat one layer's call,
+its pages warm in the cache). They alternate, five rounds, and each keeps its fastest round; the table gives
+ms per layer (a pass runs it 30 times), the ratio, and whether the two outputs are the same bits (a kernel
+change that keeps the arithmetic keeps them).
 
     python -m benchmarks.attention_ab                  # HEAD vs the working tree, 2 threads
     python -m benchmarks.attention_ab --against HEAD~3 --threads 1
@@ -36,6 +38,13 @@ CASES: dict[str, tuple[list[int], list[int], bool]] = {
     "verify a tree of 5 on 680": ([680], [5], True),
     "verify a tree of 11 on 680": ([680], [11], True),
     "decode 8 sequences, 1 on 700 each": ([700] * 8, [1] * 8, False),
+}
+# The same kinds of pass as a model step runs them: 30 layers, each with pages of its own, so that every layer
+# reads its keys and values from memory rather than from a cache the previous call warmed.
+LAYERS = 30
+COLD_CASES: dict[str, tuple[list[int], list[int], bool]] = {
+    "decode, 1 on 1000, 30 layers' pages": ([1000], [1], False),
+    "verify a tree of 5 on 1000, 30 layers' pages": ([1000], [5], True),
 }
 
 
@@ -86,9 +95,11 @@ def compare(libs: dict[str, ctypes.CDLL], threads: int, rounds: int = 5) -> list
     cpu_lib.set_num_threads(threads)
     real = cpu_lib.library
     try:
-        for name, (lens, q_lens, tree) in CASES.items():
-            args = batch(lens, q_lens, tree)
-            reps = max(2, int(2e6 / (sum(lens) * sum(q_lens))))
+        cases = [(name, case, 1) for name, case in CASES.items()]
+        cases += [(name, case, LAYERS) for name, case in COLD_CASES.items()]
+        for name, (lens, q_lens, tree), layers in cases:
+            passes = [batch(lens, q_lens, tree, seed=layer) for layer in range(layers)]
+            reps = max(2, int(2e6 / (sum(lens) * sum(q_lens) * layers)))
             best = {k: float("inf") for k in libs}
             outs: dict[str, torch.Tensor | None] = {}
             for _ in range(rounds):
@@ -96,8 +107,9 @@ def compare(libs: dict[str, ctypes.CDLL], threads: int, rounds: int = 5) -> list
                     cpu_lib.library = lambda lib=lib: lib  # type: ignore[assignment]
                     start = time.perf_counter()
                     for _ in range(reps):
-                        outs[key] = cpu_attention.paged_attention(**args)
-                    best[key] = min(best[key], (time.perf_counter() - start) / reps * 1e3)
+                        for args in passes:
+                            outs[key] = cpu_attention.paged_attention(**args)
+                    best[key] = min(best[key], (time.perf_counter() - start) / (reps * layers) * 1e3)
             a, b = outs.values()
             same = a is not None and b is not None and torch.equal(a, b)
             rows.append({"case": name, **{f"{k}_ms": v for k, v in best.items()}, "same_bits": same})

@@ -22,10 +22,12 @@ def _git_has_head() -> bool:
 
 def test_a_build_compared_with_itself_gives_the_same_bits(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(attention_ab, "CASES", TINY)
+    monkeypatch.setattr(attention_ab, "COLD_CASES", {"cold": ([30], [1], False)})
+    monkeypatch.setattr(attention_ab, "LAYERS", 3)
     lib = cpu_lib.library()
     assert lib is not None
     rows = attention_ab.compare({"old": lib, "new": lib}, threads=2, rounds=1)
-    assert [r["case"] for r in rows] == list(TINY)
+    assert [r["case"] for r in rows] == [*TINY, "cold"]
     assert all(r["same_bits"] and r["old_ms"] > 0 and r["new_ms"] > 0 for r in rows)
 
 
@@ -39,6 +41,7 @@ def test_head_against_the_working_tree(
         held = subprocess.run(["git", "-C", str(attention_ab.ROOT), "show", f"HEAD:{rel}"], capture_output=True)
         assert (sources / path.name).read_bytes() == (held.stdout if held.returncode == 0 else b"")
     monkeypatch.setattr(attention_ab, "CASES", TINY)
+    monkeypatch.setattr(attention_ab, "COLD_CASES", {})
     attention_ab.main(["--against", "HEAD", "--rounds", "1"])
     table = capsys.readouterr().out
     assert "| prefill |" in table and "| tree |" in table and "old / new" in table
