@@ -89,6 +89,8 @@ def build(folder: Path | None = None, cache_dir: Path | None = None) -> ctypes.C
     if hasattr(lib, "sd_linear_q4"):  # absent from revisions before it (benchmarks.attention_ab builds those)
         lib.sd_quantize_rows_q4.argtypes = [ptr, c_int, i64, i64, ptr, ptr, ptr, c_int]
         lib.sd_linear_q4.argtypes = [ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, i64, ptr, c_int, c_int]
+    if hasattr(lib, "sd_q4_path"):
+        lib.sd_q4_path.restype = c_int
     lib.sd_has_vnni.restype = c_int
     lib.sd_int8_path.restype = c_int
     lib.sd_paged_attention.argtypes = [ptr, i64, *[ptr] * 6, *[i64] * 8, ctypes.c_float, ptr, c_int]
@@ -162,6 +164,12 @@ def available() -> bool:
 def has_vnni() -> bool:
     """True when the loaded kernel uses AVX-512 VNNI (the fast path); False for the AVX2 or portable loops."""
     return int8_path() == "vnni"
+
+
+def q4_path() -> str | None:
+    """The W4A8 matmul path of the loaded kernel: "avx2" (AVX2 with F16C), "portable", or None."""
+    lib = library()
+    return None if lib is None else ("portable", "avx2")[lib.sd_q4_path()]
 
 
 def int8_path() -> str | None:

@@ -156,3 +156,12 @@ void sd_linear_q4(const int8_t *xq, const float *xs, const float *sums, int64_t 
     const q4_args args = {xq, xs, sums, m, k, w, dm, bias, n, out, out_bf16};
     run_parallel(q4_part, &args, threads);
 }
+
+/* Which W4A8 path this build runs: 1 the AVX2 tile, 0 the portable loop. */
+int sd_q4_path(void) {
+#if defined(__AVX2__) && defined(__F16C__)
+    return 1;
+#else
+    return 0;
+#endif
+}

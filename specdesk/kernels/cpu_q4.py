@@ -78,11 +78,16 @@ def _codes(groups: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tens
 
 def exact_weight(weight: torch.Tensor) -> Q4Weight | None:
     """The Q4_1 codes of a float32 weight [n, k] whose every group of GROUP inputs is d * q + m (d and m
-    float16, q in 0..15, float32 arithmetic), or None where any group is not (then the caller quantizes)."""
+    float16, q in 0..15, float32 arithmetic), or None where any group is not (then the caller quantizes).
+
+    It recognizes the groups of GGUF's reference Q4_1 quantizer (gguf-py's, llama.cpp's without an importance
+    matrix), where each group's minimum takes code 0 and its maximum code 15. An imatrix-quantized file's
+    groups need not use either end, and such a tensor is refused: never a wrong decomposition, since every
+    value is checked, but int8 for it under "auto"."""
     n, k = weight.shape
     if weight.dtype != torch.float32 or not supported(k, n):
         return None
-    groups = weight.detach().view(n, k // GROUP, GROUP)
+    groups = weight.detach().reshape(n, k // GROUP, GROUP)
     m = groups.amin(-1)  # code 0 always occurs in a Q4_1 group: its minimum is quantized to 0
     if not torch.isfinite(m).all() or not torch.equal(m.half().float(), m):
         return None
@@ -104,14 +109,17 @@ def exact_weight(weight: torch.Tensor) -> Q4Weight | None:
 
 
 def quantize_weight(weight: torch.Tensor) -> Q4Weight:
-    """The weight's own codes where it lies on the Q4_1 grid (`exact_weight`), else each group rounded onto it
-    as llama.cpp does: m = min, d = (max - min) / 15, both float16, q the nearest code."""
+    """The weight's own codes where it lies on the Q4_1 grid (`exact_weight`), else `round_weight`'s."""
     exact = exact_weight(weight.float())
-    if exact is not None:
-        return exact
+    return exact if exact is not None else round_weight(weight)
+
+
+def round_weight(weight: torch.Tensor) -> Q4Weight:
+    """Each group of the weight rounded onto the Q4_1 grid as llama.cpp's reference quantizer does: m = min,
+    d = (max - min) / 15, both float16, q the nearest code."""
     n, k = weight.shape
     assert supported(k, n), (n, k)
-    groups = weight.detach().float().view(n, k // GROUP, GROUP)
+    groups = weight.detach().float().reshape(n, k // GROUP, GROUP)
     m = groups.amin(-1).half().float()
     d = ((groups.amax(-1) - m) / 15).half().float()
     return _pack(_codes(groups, d, m).to(torch.uint8).view(n, k), d, m)
@@ -131,10 +139,11 @@ def linear_reference(x: torch.Tensor, w: Q4Weight, bias: torch.Tensor | None = N
     q, xs, sums = quantize_rows_reference(x)
     m, groups = q.shape[0], q.shape[1] // GROUP
     xq, wq = q.float().view(m, groups, GROUP), w.codes().float().view(-1, groups, GROUP)
+    d, mins = w.d, w.m
     out = torch.zeros(m, w.out_features)
     for g in range(groups):
-        out = out + (xq[:, g] @ wq[:, g].T) * (xs[:, g, None] * w.d[g][None, :])
-        out = out + sums[:, g, None] * w.m[g][None, :]
+        out = out + (xq[:, g] @ wq[:, g].T) * (xs[:, g, None] * d[g][None, :])
+        out = out + sums[:, g, None] * mins[g][None, :]
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype)

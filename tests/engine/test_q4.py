@@ -12,7 +12,7 @@ import torch
 from specdesk.engine import LLM, SamplingParams
 from specdesk.engine.config import EngineConfig
 from specdesk.engine.models.int8_linear import Int8Linear, Q4Linear
-from specdesk.engine.models.loader import load_model, resolve_quantization
+from specdesk.engine.models.loader import load_model, q4_pays, resolve_quantization
 from specdesk.kernels import cpu_lib, cpu_q4
 from tests.tiny_models import make_tiny_model
 
@@ -51,7 +51,8 @@ def test_auto_keeps_the_checkpoints_own_codes_on_avx2(grid_model: Path, tmp_path
     it was measured faster than int8) and int8 on VNNI or portable builds; off the grid it stays int8."""
     loaded = load_model(str(grid_model), dtype="auto", device="cpu", quantization="auto")
     path = cpu_lib.int8_path()
-    if path == "avx2":
+    if q4_pays():
+        assert path == "avx2" and cpu_lib.q4_path() == "avx2"
         assert loaded.quantization == "q4_1" and _layer_linears(loaded.model) == {"Q4Linear"}
         assert loaded.model.cpu_stack is not None  # every layer in one C call, with the W4A8 matmul
         qkv = loaded.model.model.layers[0].self_attn.qkv_proj
@@ -60,7 +61,7 @@ def test_auto_keeps_the_checkpoints_own_codes_on_avx2(grid_model: Path, tmp_path
 
         source = load_file(str(grid_model / "model.safetensors"))["model.layers.0.self_attn.q_proj.weight"]
         assert torch.equal(qkv.weight_q4.dequantize()[: source.shape[0]], source)  # the file's values, bit for bit
-    elif path == "vnni":
+    elif path in ("vnni", "avx2"):  # VNNI (not measured against Q4_1 yet), or AVX2 without F16C
         assert loaded.quantization == "int8" and _layer_linears(loaded.model) == {"Int8Linear"}
     off_grid = load_model(str(make_tiny_model("mistral", tmp_path)), dtype="auto", device="cpu", quantization="auto")
     if path in ("avx2", "vnni"):
@@ -114,3 +115,21 @@ def test_q4_weight_memory_is_half_a_byte_a_weight(grid_model: Path) -> None:
     n, k = w.out_features, w.in_features
     held = sum(t.numel() * t.element_size() for t in vars(w).values() if isinstance(t, torch.Tensor))
     assert held == n * k // 2 + n * k // cpu_q4.GROUP * 4
+
+
+@pytest.mark.parametrize("quantization", ["int8", "q4_1"])
+def test_the_quantized_head_survives_where_bf16_is_native(
+    grid_model: Path, quantization: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a CPU with native bf16 matmuls pack_for_cpu packs what is left for oneDNN, the output projection
+    included; the C kernels' own head must still be the one used (it was once overwritten there)."""
+    from specdesk.engine.models import packed_linear
+
+    class Packed(torch.nn.Module):  # stands in for oneDNN's packing, which this CPU may not have
+        def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+            super().__init__()
+
+    monkeypatch.setattr(packed_linear, "can_pack", lambda dtype, device: True)
+    monkeypatch.setattr(packed_linear, "PackedLinear", Packed)
+    loaded = load_model(str(grid_model), dtype="bfloat16", device="cpu", quantization=quantization)
+    assert isinstance(loaded.model.packed_head, Int8Linear)  # this head is not on the grid: int8

@@ -109,6 +109,8 @@ def test_exact_weight_refuses_weights_off_the_grid() -> None:
     assert cpu_q4.exact_weight(torch.randn(32, 64)) is None
     assert cpu_q4.exact_weight(weight.bfloat16()) is None
     assert cpu_q4.exact_weight(weight[:24]) is None
+    wide = torch.cat([weight, weight], dim=1)[:, :64]  # a strided view of grid values: found all the same
+    assert not wide.is_contiguous() and cpu_q4.exact_weight(wide) is not None
 
 
 def test_quantize_weight_rounds_onto_the_grid() -> None:

@@ -65,7 +65,7 @@ def quantize_linears(model: nn.Module, skip: nn.Module | None = None, weights: s
         nonlocal q4
         codes = None if weights == "int8" else cpu_q4.exact_weight(weight.detach().float())
         if codes is None and weights == "q4_1":
-            codes = cpu_q4.quantize_weight(weight)
+            codes = cpu_q4.round_weight(weight)
         q4 += codes is not None
         return Q4Linear(codes, bias) if codes is not None else Int8Linear(weight, bias)
 

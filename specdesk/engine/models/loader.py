@@ -97,9 +97,7 @@ def load_model(
         # float32 is "auto"'s pick where torch's bf16 matmuls are slow; the int8 path does not use them (its C
         # kernels keep activations in bf16), and on such a CPU it is the fastest path by far.
         torch_dtype = torch.bfloat16
-    # "auto" on an AVX2 CPU: 4-bit weights wherever the checkpoint holds them exactly (quantize_linears'
-    # "exact"); measured faster than int8 there (docs/benchmarks.md), not yet on AVX-512 VNNI.
-    exact_q4 = quantization == "auto" and cpu_lib.int8_path() == "avx2"
+    requested = quantization
     quantization = resolve_quantization(quantization, torch_dtype, torch_device)
     if quantization in CPU_KERNELS and attention_backend in ("torch", "auto"):
         attention_backend = "cpu"  # the C attention beside the C matmuls (kernels/cpu_attention.py)
@@ -116,6 +114,10 @@ def load_model(
     # The C kernels quantize a float32 checkpoint's weights as stored (a GGUF file's Q4_1 values survive only
     # in float32), then the rest of the model takes the run's dtype.
     load_dtype = torch.float32 if quantization in CPU_KERNELS and _stored_float32(hf_config, gguf_file) else torch_dtype
+    # "auto" on a CPU whose W4A8 tile runs (AVX2): 4-bit weights wherever the checkpoint holds them exactly
+    # (quantize_linears' "exact"), measured faster than int8 there (docs/benchmarks.md); not yet measured on
+    # AVX-512 VNNI, which keeps int8. Only a float32 checkpoint can hold them exactly.
+    exact_q4 = requested == "auto" and quantization == "int8" and load_dtype == torch.float32 and q4_pays()
     with torch.device("meta"):
         net = cls(hf_config, backend=attention_backend)
     net = net.to(load_dtype).to_empty(device=torch_device)
@@ -123,6 +125,7 @@ def load_model(
     net.eval().requires_grad_(False)
     lm_head = getattr(net, "lm_head", None)
     skip = lm_head if isinstance(lm_head, torch.nn.Module) else None
+    quantized_head: torch.nn.Module | None = None
     if quantization == "int4":
         quantize_linears(net, skip=skip)
     elif quantization in CPU_KERNELS:
@@ -134,9 +137,11 @@ def load_model(
         head = output_weight(net)
         if cpu_int8.supported(head.shape[1], head.shape[0]):
             exact = cpu_q4.exact_weight(head.detach()) if quantization == "q4_1" else None
-            net.packed_head = int8_linear.Q4Linear(exact, None) if exact else int8_linear.Int8Linear(head, None)
+            quantized_head = int8_linear.Q4Linear(exact, None) if exact else int8_linear.Int8Linear(head, None)
         net.to(torch_dtype)
     pack_for_cpu(net, torch_dtype, torch_device)  # whatever is left: the output projection at least
+    if quantized_head is not None:
+        net.packed_head = quantized_head  # after pack_for_cpu, which sets its own where bf16 is native
     if quantization in CPU_KERNELS:
         set_fused_ops(net, "cpu")  # norms, rotary and SwiGLU in C as well (kernels/cpu_fused.py)
         setattr(net, "cpu_stack", CpuStack.build(net))  # noqa: B010 (and, for the Llama family, all layers in one C call)
@@ -166,6 +171,12 @@ def int8_pays(device: torch.device) -> bool:
     """True on a CPU whose compiled int8 kernel has a vector path (AVX-512 VNNI or AVX2): there W8A8 is the
     fastest way to run a model (docs/benchmarks.md); the portable loops are not."""
     return device.type == "cpu" and cpu_lib.int8_path() in ("vnni", "avx2")
+
+
+def q4_pays() -> bool:
+    """True where the compiled W4A8 matmul has its vector tile (AVX2 with F16C) and int8's has no VNNI: there
+    Q4_1 weights ran 1.2-1.4x faster per turn than int8 (docs/benchmarks.md)."""
+    return cpu_lib.int8_path() == "avx2" and cpu_lib.q4_path() == "avx2"
 
 
 def resolve_quantization(quantization: str | None, dtype: torch.dtype, device: torch.device) -> str | None:
