@@ -160,6 +160,7 @@ attention_task *plan_tasks(const attention_args *A, int threads, int64_t max_que
 #define GQ 32
 #define KB 16
 #define PREFETCH 2 /* blocks ahead (prefetch_block) */
+#define PREFETCH_QUERIES 16 /* in tasks of at most this many queries */
 
 typedef struct {
     const attention_args *A;
@@ -257,9 +258,12 @@ static void run_group(const group_tasks *G, const attention_task *T, int64_t *sl
                 memset(acc + qi * d, 0, sizeof(float) * (size_t)d);
             }
         const uint16_t *base = (pass ? A->v_cache : A->k_cache) + group * d;
-        for (int64_t b = 0; b < PREFETCH; b++) prefetch_block(base, stride, keys[longest], b * KB, most, d);
+        /* Prefetching pays where few queries share a block (decode, small trees): with many, each block's
+         * arithmetic hides the memory's latency, and the prefetches only cost instructions. */
+        const int prefetch = count <= PREFETCH_QUERIES;
+        for (int64_t b = 0; prefetch && b < PREFETCH; b++) prefetch_block(base, stride, keys[longest], b * KB, most, d);
         for (int64_t j0 = 0; j0 < most; j0 += KB) { /* a block of list entries at a time, in list order */
-            prefetch_block(base, stride, keys[longest], j0 + PREFETCH * KB, most, d);
+            if (prefetch) prefetch_block(base, stride, keys[longest], j0 + PREFETCH * KB, most, d);
             const int64_t *have = NULL; /* the slots `rows` holds, for have_live entries */
             int64_t have_live = 0;
             for (int64_t qi = 0; qi < count; qi++) {
