@@ -69,6 +69,10 @@ def profile(
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, repetition_penalty=repetition_penalty)
 
     def run(ids: list[int]) -> tuple[int, int]:
+        # Nothing carried over from an earlier run of the same prompt (the warm-up's): no cached prompt pages,
+        # and no finished reply for the n-gram speculator to copy, which would inflate its acceptance.
+        engine.block_manager.reset_prefix_cache()
+        engine.forget_replies()
         engine.add_request(ids, params)
         steps = tokens = 0
         while engine.has_work:
