@@ -86,10 +86,9 @@ def build(folder: Path | None = None, cache_dir: Path | None = None) -> ctypes.C
     i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.sd_quantize_rows.argtypes = [ptr, c_int, i64, i64, ptr, ptr, c_int]
     lib.sd_linear.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, c_int, c_int]
-    if hasattr(lib, "sd_linear_q4"):  # absent from revisions before it (benchmarks.attention_ab builds those)
+    if hasattr(lib, "sd_q4_path"):  # absent from revisions before it (benchmarks.attention_ab builds those)
         lib.sd_quantize_rows_q4.argtypes = [ptr, c_int, i64, i64, ptr, ptr, ptr, c_int]
         lib.sd_linear_q4.argtypes = [ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, i64, ptr, c_int, c_int]
-    if hasattr(lib, "sd_q4_path"):
         lib.sd_q4_path.restype = c_int
     lib.sd_has_vnni.restype = c_int
     lib.sd_int8_path.restype = c_int

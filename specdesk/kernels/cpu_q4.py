@@ -34,12 +34,15 @@ class Q4Weight:
     @property
     def d(self) -> torch.Tensor:
         """Each group's step, float32 [k // GROUP, n] (the twin's operand)."""
-        return self.dm[:, :, 0].permute(1, 0, 2).reshape(self.in_features // GROUP, -1).float()
+        return self._plane(0)
 
     @property
     def m(self) -> torch.Tensor:
         """Each group's minimum (the value of code 0), float32 [k // GROUP, n]."""
-        return self.dm[:, :, 1].permute(1, 0, 2).reshape(self.in_features // GROUP, -1).float()
+        return self._plane(1)
+
+    def _plane(self, i: int) -> torch.Tensor:  # dm's steps (0) or minimums (1) as [k // GROUP, n]
+        return self.dm[:, :, i].permute(1, 0, 2).reshape(self.in_features // GROUP, -1).float()
 
     def codes(self) -> torch.Tensor:
         """The codes, uint8 [n, k] (the twin's operand; unpacked on demand so a model holds half a byte a

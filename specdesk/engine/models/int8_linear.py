@@ -43,9 +43,9 @@ class Int8Linear(nn.Module):
 class Q4Linear(nn.Module):
     """y = x W^T + b with W on the Q4_1 grid and x in int8 (see the module doc); y in x's dtype."""
 
-    def __init__(self, weight: torch.Tensor | cpu_q4.Q4Weight, bias: torch.Tensor | None) -> None:
+    def __init__(self, weight: cpu_q4.Q4Weight, bias: torch.Tensor | None) -> None:
         super().__init__()
-        self.weight_q4 = weight if isinstance(weight, cpu_q4.Q4Weight) else cpu_q4.quantize_weight(weight)
+        self.weight_q4 = weight
         self.bias = None if bias is None else bias.detach().float().contiguous()
         self.out_features = self.weight_q4.out_features
 
@@ -54,20 +54,19 @@ class Q4Linear(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
+def quantized_linear(weight: torch.Tensor, bias: torch.Tensor | None, weights: str = "int8") -> nn.Module:
+    """The C kernels' linear for a weight whose shape they take. weights: "int8" (an Int8Linear), "q4_1" (a
+    Q4Linear: the weight's own Q4_1 codes, else rounded onto that grid) or "exact" (a Q4Linear where the
+    weight lies on the Q4_1 grid, no rounding at all; an Int8Linear otherwise)."""
+    codes = None if weights == "int8" else cpu_q4.exact_weight(weight.detach().float())
+    if codes is None and weights == "q4_1":
+        codes = cpu_q4.round_weight(weight)
+    return Q4Linear(codes, bias) if codes is not None else Int8Linear(weight, bias)
+
+
 def quantize_linears(model: nn.Module, skip: nn.Module | None = None, weights: str = "int8") -> int:
-    """Swap every nn.Linear below model (but `skip`) whose shape the kernels take, in place; returns how many
-    became Q4Linear. weights: "int8" (all Int8Linear), "q4_1" (all Q4Linear: each weight's own Q4_1 codes,
-    else rounded onto that grid) or "exact" (Q4Linear where the weight lies on the Q4_1 grid, no rounding
-    at all; Int8Linear elsewhere)."""
-    q4 = 0
-
-    def make(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
-        nonlocal q4
-        codes = None if weights == "int8" else cpu_q4.exact_weight(weight.detach().float())
-        if codes is None and weights == "q4_1":
-            codes = cpu_q4.round_weight(weight)
-        q4 += codes is not None
-        return Q4Linear(codes, bias) if codes is not None else Int8Linear(weight, bias)
-
-    replace_linears(model, make, skip, lambda lin: cpu_int8.supported(lin.in_features, lin.out_features))
-    return q4
+    """Swap every nn.Linear below model (but `skip`) whose shape the kernels take for `quantized_linear`'s,
+    in place; returns how many became Q4Linear."""
+    replace_linears(model, lambda w, b: quantized_linear(w, b, weights), skip,
+                    lambda lin: cpu_int8.supported(lin.in_features, lin.out_features))  # fmt: skip
+    return sum(isinstance(m, Q4Linear) for m in model.modules())

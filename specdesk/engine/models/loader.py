@@ -20,7 +20,7 @@ from specdesk.engine.models.cpu_stack import CpuStack
 from specdesk.engine.models.default_model import DEFAULT_MODEL_NAME, default_model_path
 from specdesk.engine.models.int4_linear import can_quantize, quantize_linears
 from specdesk.engine.models.layers import set_fused_ops
-from specdesk.kernels import cpu_int8, cpu_lib, cpu_q4
+from specdesk.kernels import cpu_int8, cpu_lib
 from specdesk.kernels.ops import resolve_backend
 
 CPU_KERNELS = ("int8", "q4_1")  # the quantizations that run on the C kernels (int8 activations)
@@ -136,8 +136,7 @@ def load_model(
         # where they are the checkpoint's own; the default model's is Q8_0, which int8 holds as it is.
         head = output_weight(net)
         if cpu_int8.supported(head.shape[1], head.shape[0]):
-            exact = cpu_q4.exact_weight(head.detach()) if quantization == "q4_1" else None
-            quantized_head = int8_linear.Q4Linear(exact, None) if exact else int8_linear.Int8Linear(head, None)
+            quantized_head = int8_linear.quantized_linear(head, None, "exact" if quantization == "q4_1" else "int8")
         net.to(torch_dtype)
     pack_for_cpu(net, torch_dtype, torch_device)  # whatever is left: the output projection at least
     if quantized_head is not None:
