@@ -184,30 +184,39 @@ static inline void prefetch_block(const uint16_t *base, int64_t stride, const in
         for (int64_t e = 0; e < d; e += 32) _mm_prefetch((const char *)(base + keys[l] * stride + e), _MM_HINT_T0);
 }
 
-/* out[l] = scale * (q . row l) for l < live: `attend`'s AVX2 FMA chain and lane sum, on converted rows; four
- * keys' chains side by side (one key's chain is a run of dependent FMAs: alone, it leaves the FMA units idle). */
-static inline void score_rows(const uint16_t *qh, const float *rows, int64_t live, int64_t d, float scale, float *out) {
-    const int64_t chunks = d / 8;
+/* out[l] = scale * (q . row l) for l < live: `attend`'s AVX2 FMA chain and lane sum, on converted rows. One key's
+ * chain is a run of dependent FMAs, so keys run side by side: 8 at a time where the head's chunk count is a
+ * constant (head_dim 64: q and the 8 chains fill the 16 registers), else 4. Each key's own chain is unchanged. */
+static inline __attribute__((always_inline)) void score_keys(const __m256 *q, const float *r, int64_t d, float scale,
+                                                             float *out, const int chunks, const int keys) {
+    __m256 s[8];
+    for (int i = 0; i < keys; i++) s[i] = _mm256_mul_ps(q[0], _mm256_loadu_ps(r + i * d));
+    for (int c = 1; c < chunks; c++)
+        for (int i = 0; i < keys; i++) s[i] = _mm256_fmadd_ps(q[c], _mm256_loadu_ps(r + i * d + c * 8), s[i]);
+    for (int i = 0; i < keys; i += 4)
+        _mm_storeu_ps(out + i, _mm_mul_ps(hsum8x4(s[i], s[i + 1], s[i + 2], s[i + 3]), _mm_set1_ps(scale)));
+}
+
+static inline __attribute__((always_inline)) void score_rows_n(const uint16_t *qh, const float *rows, int64_t live,
+                                                               int64_t d, float scale, float *out, const int chunks,
+                                                               const int keys) {
     __m256 q[32];
-    for (int64_t c = 0; c < chunks; c++) q[c] = load8_bf16(qh + c * 8);
+    for (int c = 0; c < chunks; c++) q[c] = load8_bf16(qh + c * 8);
     int64_t l = 0;
-    for (; l + 4 <= live; l += 4) {
-        const float *r = rows + l * d;
-        __m256 s0 = _mm256_mul_ps(q[0], _mm256_loadu_ps(r)), s1 = _mm256_mul_ps(q[0], _mm256_loadu_ps(r + d));
-        __m256 s2 = _mm256_mul_ps(q[0], _mm256_loadu_ps(r + 2 * d)), s3 = _mm256_mul_ps(q[0], _mm256_loadu_ps(r + 3 * d));
-        for (int64_t c = 1; c < chunks; c++) {
-            s0 = _mm256_fmadd_ps(q[c], _mm256_loadu_ps(r + c * 8), s0);
-            s1 = _mm256_fmadd_ps(q[c], _mm256_loadu_ps(r + d + c * 8), s1);
-            s2 = _mm256_fmadd_ps(q[c], _mm256_loadu_ps(r + 2 * d + c * 8), s2);
-            s3 = _mm256_fmadd_ps(q[c], _mm256_loadu_ps(r + 3 * d + c * 8), s3);
-        }
-        _mm_storeu_ps(out + l, _mm_mul_ps(hsum8x4(s0, s1, s2, s3), _mm_set1_ps(scale)));
-    }
+    for (; l + keys <= live; l += keys) score_keys(q, rows + l * d, d, scale, out + l, chunks, keys);
+    for (; l + 4 <= live; l += 4) score_keys(q, rows + l * d, d, scale, out + l, chunks, 4);
     for (; l < live; l++) {
         __m256 sc = _mm256_mul_ps(q[0], _mm256_loadu_ps(rows + l * d));
-        for (int64_t c = 1; c < chunks; c++) sc = _mm256_fmadd_ps(q[c], _mm256_loadu_ps(rows + l * d + c * 8), sc);
+        for (int c = 1; c < chunks; c++) sc = _mm256_fmadd_ps(q[c], _mm256_loadu_ps(rows + l * d + c * 8), sc);
         out[l] = hsum8(sc) * scale;
     }
+}
+
+static inline void score_rows(const uint16_t *qh, const float *rows, int64_t live, int64_t d, float scale, float *out) {
+    if (d == 64)
+        score_rows_n(qh, rows, live, d, scale, out, 8, 8);
+    else
+        score_rows_n(qh, rows, live, d, scale, out, (int)(d / 8), 4);
 }
 
 /* acc[0 .. 8 * chunks) += p[l] * row l for l < live, key by key (each lane's sequence of FMAs is `attend`'s),
