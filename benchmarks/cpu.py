@@ -5,7 +5,8 @@ second customer turn of held-out conversations (prompts/eval) under the console'
 rendered with the chat template. A turn is timed from submit to the last of exactly `--max-tokens` greedy
 tokens (EOS ignored), prefill included, with nothing cached: SpecDesk's prefix cache and the n-gram
 speculator's memory of earlier replies are emptied before each run, llama.cpp's context is reset. Every
-system uses the console's repetition penalty (1.1; llama.cpp's own penalty over its last 64 tokens).
+system uses the console's repetition penalty (1.1; llama.cpp's own penalty over its last 64 tokens), or
+`--repetition-penalty` (1.0: the API's default, no penalty).
 
 * transformers `generate` in the reference dtype: bf16 (the issue's baseline) where the CPU has native bf16
   matmuls, float32 where it does not (AVX2-only CPUs, where torch's bf16 runs several times slower than
@@ -24,6 +25,7 @@ SpecDesk's plain and speculative runs alternate per prompt; the systems run one 
 (the C kernels' engines set torch's own ops to one thread while they live, so they run last).
 
     python -m benchmarks.cpu --out docs/bench_cpu_llamacpp.json     # ~20 minutes on 2 cores
+    python -m benchmarks.cpu --repetition-penalty 1.0               # the API's default sampling
 """
 
 from __future__ import annotations
@@ -57,7 +59,9 @@ def second_turns(limit: int) -> list[list[dict[str, str]]]:
     return out[:limit]
 
 
-def teacher_forced_top1(llm: Any, prompt_ids: list[list[int]], replies: list[list[int]]) -> float:
+def teacher_forced_top1(
+    llm: Any, prompt_ids: list[list[int]], replies: list[list[int]], penalty: float = PENALTY
+) -> float:
     """Percent of reply positions where this model's greedy choice, given the reference reply so far, is the
     reference's token (under the same repetition penalty): the per-token quality of a path, without greedy
     decoding's chain of divergences."""
@@ -81,7 +85,7 @@ def teacher_forced_top1(llm: Any, prompt_ids: list[list[int]], replies: list[lis
             for t in range(len(reply)):  # the replies' repetition penalty (transformers' rule), over the tokens so far
                 seen = torch.zeros(logits.shape[1], dtype=torch.bool)
                 seen[ids[: len(prompt) + t]] = True
-                logits[t] = penalize(logits[t], seen, PENALTY)
+                logits[t] = penalize(logits[t], seen, penalty)
             choice = logits.argmax(-1).tolist()
             same += sum(a == b for a, b in zip(choice, reply, strict=True))
             total += len(reply)
@@ -90,14 +94,14 @@ def teacher_forced_top1(llm: Any, prompt_ids: list[list[int]], replies: list[lis
 
 def _specdesk(
     quantization: str | None, dtype: str, prompt_ids: list[list[int]], n: int,
-    reference: list[list[int]] | None = None,
+    reference: list[list[int]] | None = None, penalty: float = PENALTY,
 ) -> dict[str, Any]:  # fmt: skip
     from specdesk.engine.llm import LLM
     from specdesk.engine.sampling_params import SamplingParams
 
     llm = LLM(dtype=dtype, quantization=quantization, spec_max_batch_size=32)
     resolved = llm.loaded.quantization
-    params = SamplingParams(max_tokens=n, ignore_eos=True, repetition_penalty=PENALTY)
+    params = SamplingParams(max_tokens=n, ignore_eos=True, repetition_penalty=penalty)
     seconds = {False: 0.0, True: 0.0}
     decode_seconds = {False: 0.0, True: 0.0}  # first token to last: the speculation's own ratio, prefill apart
     outputs: dict[bool, list[list[int]]] = {False: [], True: []}
@@ -112,7 +116,7 @@ def _specdesk(
                 seconds[speculate] += time.perf_counter() - start
                 decode_seconds[speculate] += out.metrics.decode_s
                 outputs[speculate].append(out.token_ids)
-        forced = teacher_forced_top1(llm, prompt_ids, reference) if reference is not None else None
+        forced = teacher_forced_top1(llm, prompt_ids, reference, penalty) if reference is not None else None
         stats = llm.stats()
         steps = stats.spec_num_drafts or 1
         return {
@@ -130,7 +134,7 @@ def _specdesk(
         llm.shutdown()
 
 
-def _transformers(prompt_ids: list[list[int]], n: int, dtype: str) -> float:
+def _transformers(prompt_ids: list[list[int]], n: int, dtype: str, penalty: float = PENALTY) -> float:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -143,12 +147,12 @@ def _transformers(prompt_ids: list[list[int]], n: int, dtype: str) -> float:
             x = torch.tensor([ids])
             start = time.perf_counter()
             model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                           repetition_penalty=PENALTY, pad_token_id=0)  # fmt: skip
+                           repetition_penalty=penalty, pad_token_id=0)  # fmt: skip
             seconds += time.perf_counter() - start
     return n * len(prompt_ids) / seconds
 
 
-def _llama_cpp(prompt_ids: list[list[int]], n: int, threads: int) -> float | None:
+def _llama_cpp(prompt_ids: list[list[int]], n: int, threads: int, penalty: float = PENALTY) -> float | None:
     try:
         from llama_cpp import Llama
     except ImportError:
@@ -162,14 +166,14 @@ def _llama_cpp(prompt_ids: list[list[int]], n: int, threads: int) -> float | Non
     for ids in prompt_ids:
         model.reset()
         start = time.perf_counter()
-        for count, _token in enumerate(model.generate(ids, temp=0.0, repeat_penalty=PENALTY, reset=True), 1):
+        for count, _token in enumerate(model.generate(ids, temp=0.0, repeat_penalty=penalty, reset=True), 1):
             if count == n:
                 break
         seconds += time.perf_counter() - start
     return n * len(prompt_ids) / seconds
 
 
-def worker(threads: int, turns: int, n: int, dtype: str) -> dict[str, Any]:
+def worker(threads: int, turns: int, n: int, dtype: str, penalty: float = PENALTY) -> dict[str, Any]:
     """Every system at one thread count, in this process; `dtype` the reference's ("auto": resolve_dtype's)."""
     import torch
 
@@ -187,16 +191,16 @@ def worker(threads: int, turns: int, n: int, dtype: str) -> dict[str, Any]:
     tokenizer_llm.shutdown()
     result: dict[str, Any] = {"threads": threads, "turns": len(prompt_ids), "max_tokens": n,
                               "prompt_tokens_mean": sum(map(len, prompt_ids)) / len(prompt_ids),
-                              "reference_dtype": dtype, "int8_path": cpu_lib.int8_path(),
+                              "reference_dtype": dtype, "repetition_penalty": penalty, "int8_path": cpu_lib.int8_path(),
                               "attention_path": lib.sd_attention_path() if lib else None}  # fmt: skip
-    result["transformers_tok_s"] = _transformers(prompt_ids, n, dtype)
+    result["transformers_tok_s"] = _transformers(prompt_ids, n, dtype, penalty)
     print(f"[{threads} threads] transformers {dtype}: {result['transformers_tok_s']:.1f} tok/s", flush=True)
-    result["llama_cpp_tok_s"] = _llama_cpp(prompt_ids, n, threads)
+    result["llama_cpp_tok_s"] = _llama_cpp(prompt_ids, n, threads, penalty)
     print(f"[{threads} threads] llama.cpp: {result['llama_cpp_tok_s']} tok/s", flush=True)
     systems = (("unquantized", None, dtype), ("int8", "int8", "bfloat16"), ("console", "auto", "auto"))
     for name, quantization, run_dtype in systems:
         reference = result["unquantized"]["plain_tokens"] if quantization else None
-        result[name] = _specdesk(quantization, run_dtype, prompt_ids, n, reference)
+        result[name] = _specdesk(quantization, run_dtype, prompt_ids, n, reference, penalty)
         got = result[name]
         print(f"[{threads} threads] SpecDesk {name} ({got['quantization']}): plain {got['plain_tok_s']:.1f}, "
               f"speculative {got['spec_tok_s']:.1f} tok/s", flush=True)  # fmt: skip
@@ -248,18 +252,22 @@ def main(argv: list[str] | None = None) -> None:
         choices=["auto", "bfloat16", "float32"],
         help="transformers' and unquantized SpecDesk's dtype (auto: bf16 where the CPU has it natively)",
     )
+    ap.add_argument("--repetition-penalty", type=float, default=PENALTY,
+                    help="every system's (default: the console's 1.1; 1.0: the API's default, no penalty)")  # fmt: skip
     ap.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # one thread count, JSON to stdout
     args = ap.parse_args(argv)
     if args.worker is not None:
-        result = worker(args.worker, args.turns, args.max_tokens, args.reference_dtype)
+        result = worker(args.worker, args.turns, args.max_tokens, args.reference_dtype, args.repetition_penalty)
         print(RESULT + json.dumps(result), flush=True)
         return
     threads = args.threads or sorted({1, os.cpu_count() or 1})
     results = []
     for t in threads:  # one process each: thread settings and the int8 engine's stay out of the others' way
-        argv = ["benchmarks.cpu", "--worker", str(t), "--turns", str(args.turns),
-                "--max-tokens", str(args.max_tokens), "--reference-dtype", args.reference_dtype]  # fmt: skip
+        argv = ["benchmarks.cpu", "--worker", str(t), "--turns", str(args.turns), "--max-tokens", str(args.max_tokens),
+                "--repetition-penalty", str(args.repetition_penalty),
+                "--reference-dtype", args.reference_dtype]  # fmt: skip
         results.append(worker_result(argv, f"the {t}-thread run"))
+    print(f"repetition penalty {args.repetition_penalty:g}\n")
     print(table(results))
     for r in results:
         for name in ("int8", "console"):
