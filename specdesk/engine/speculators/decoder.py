@@ -66,12 +66,13 @@ class SpeculativeDecoder:
         self.mlp: MLPSpeculator | None = None
         self.mlp_dtype = torch.float32  # the speculator's dtype, kept: next(parameters()) took ~50 us a step
         self.tree_kind: TreeKind | None = None
+        c_kernels = loaded.quantization in CPU_KERNELS  # the C kernels' CPU path (int8 or Q4_1 weights)
         if config.mlp_dir:
             # On CPU the tiny speculator runs in float32: unpacked bf16 matmuls are the slow path there.
             self.mlp_dtype = torch.float32 if loaded.device.type == "cpu" else loaded.dtype
             self.mlp = draft_vocab.load_speculator(config.mlp_dir, loaded.model, self.mlp_dtype, loaded.device)
-            if loaded.device.type == "cpu":  # the int8 path's speculator runs on its kernels too
-                draft_vocab.pack_for_cpu(self.mlp, int8=loaded.quantization in CPU_KERNELS)
+            if loaded.device.type == "cpu":  # the C kernels' path runs its speculator on them too
+                draft_vocab.pack_for_cpu(self.mlp, int8=c_kernels)
             self.tree_kind = make_tree_kind(self.mlp, config, loaded.device)
         self.ngram = NgramSpeculator() if config.use_ngram else None
         max_tokens = max(self.mlp.n_predict if self.mlp else 0, config.max_ngram_tokens if self.ngram else 0)
@@ -82,12 +83,11 @@ class SpeculativeDecoder:
         )  # fmt: skip
         self.policy = SpeculationPolicy(gating)
         # The tree's width from measured step costs and retrospective acceptance (tree_width.py).
-        # On the int8 CPU path a verified token costs about a tenth of a (fast) step, and no candidate at all
-        # is a choice: speculation then rests, and looks again every MLP_REST_STEPS steps.
-        int8 = loaded.quantization in CPU_KERNELS
-        prior = max(config.step_cost_prior, INT8_STEP_COST_PRIOR) if int8 else config.step_cost_prior
+        # On the C kernels' CPU path a verified token costs a sizeable part of a (fast) step, and no candidate
+        # at all is a choice: speculation then rests, and looks again every MLP_REST_STEPS steps.
+        prior = max(config.step_cost_prior, INT8_STEP_COST_PRIOR) if c_kernels else config.step_cost_prior
         self.step_cost = StepCost(prior=prior)
-        self.width = TreeWidth(pool, allow_none=int8)
+        self.width = TreeWidth(pool, allow_none=c_kernels)
         self._mlp_rest, self._mlp_ran = 0, False
         # Emitted tokens and seconds of lone decode steps with and without the MLP (moving sums): where
         # resting is allowed, the MLP rests whenever its steps make fewer tokens per second than steps without.
