@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -26,9 +25,9 @@ from typing import Any
 
 import torch
 
+from benchmarks.common import build_kernels, kernel_sources_at
 from specdesk.kernels import cpu_attention, cpu_lib
 
-ROOT = Path(__file__).resolve().parents[1]
 HEADS, KV_HEADS, HEAD_DIM, PAGE = 9, 3, 64, 16
 # name: (context + new tokens per sequence, new tokens per sequence, draft tree)
 CASES: dict[str, tuple[list[int], list[int], bool]] = {
@@ -72,23 +71,6 @@ def batch(seq_lens: list[int], query_lens: list[int], tree: bool, seed: int = 0)
             "query_lens": query_lens, "scale": HEAD_DIM**-0.5, "tree_mask": mask}  # fmt: skip
 
 
-def _sources_at(rev: str, folder: Path) -> Path:
-    """The kernels' C files as of `rev`, written into folder (a file the revision lacks is left empty)."""
-    for path in [*cpu_lib._SOURCES, *cpu_lib._HEADERS]:
-        rel = path.relative_to(ROOT).as_posix()
-        shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{rel}"], capture_output=True)
-        (folder / path.name).write_bytes(shown.stdout if shown.returncode == 0 else b"")
-    return folder
-
-
-def _build(sources: Path | None, cache: Path) -> ctypes.CDLL:
-    """cpu_lib's build of the C files in `sources` (None: the working tree's) into cache."""
-    lib = cpu_lib.build(sources, cache)
-    if lib is None:
-        raise SystemExit("no C compiler builds the kernels here")
-    return lib
-
-
 def compare(libs: dict[str, ctypes.CDLL], threads: int, rounds: int = 5) -> list[dict[str, Any]]:
     """Per case: each build's fastest round (ms per call) and whether their outputs are the same bits."""
     rows = []
@@ -129,8 +111,8 @@ def main(argv: list[str] | None = None) -> None:
         sources = Path(tmp) / "sources"
         sources.mkdir()
         libs = {
-            "old": _build(_sources_at(args.against, sources), Path(tmp) / "old"),
-            "new": _build(None, Path(tmp) / "new"),
+            "old": build_kernels(kernel_sources_at(args.against, sources), Path(tmp) / "old"),
+            "new": build_kernels(None, Path(tmp) / "new"),
         }
         rows = compare(libs, args.threads, args.rounds)
     print(f"benchmarks.attention_ab: {args.against} (old) vs the working tree (new), {args.threads} threads, "

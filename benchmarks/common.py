@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 RESULT = "RESULT "  # how a worker process marks its JSON line
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def worker_result(argv: list[str], what: str) -> dict[str, Any]:
@@ -62,3 +65,25 @@ def aggregate_rate(rates: list[float], tokens: list[int] | None = None) -> float
     across conversations (a fast request counts as much as a slow one that took twice the time)."""
     pairs = [(n, r) for n, r in zip(tokens or [1] * len(rates), rates, strict=True) if n > 0 and r > 0]
     return sum(n for n, _ in pairs) / sum(n / r for n, r in pairs) if pairs else 0.0
+
+
+def kernel_sources_at(rev: str, folder: Path) -> Path:
+    """The CPU kernels' C files as of git revision `rev`, written into folder (a file the revision lacks is left
+    empty): what a kernel A/B (attention_ab, linear_ab --against) builds as its "old" side."""
+    from specdesk.kernels import cpu_lib
+
+    for path in [*cpu_lib._SOURCES, *cpu_lib._HEADERS]:
+        rel = path.relative_to(ROOT).as_posix()
+        shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{rel}"], capture_output=True)
+        (folder / path.name).write_bytes(shown.stdout if shown.returncode == 0 else b"")
+    return folder
+
+
+def build_kernels(sources: Path | None, cache: Path) -> ctypes.CDLL:
+    """cpu_lib's build of the C files in `sources` (None: the working tree's) into a cache folder of its own."""
+    from specdesk.kernels import cpu_lib
+
+    lib = cpu_lib.build(sources, cache)
+    if lib is None:
+        raise SystemExit("no C compiler builds the kernels here")
+    return lib

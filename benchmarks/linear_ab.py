@@ -10,18 +10,26 @@ pass. Each call goes through ctypes (a few microseconds, the same for both).
 
     python -m benchmarks.linear_ab                      # the machine's threads
     python -m benchmarks.linear_ab --threads 1 --out docs/bench_linear_ab.json
+
+With `--against REV`, each kernel of the working tree runs against its build at git revision REV instead (both
+compiled as cpu_lib compiles them, each into a folder of its own; the four alternate), and every linear's output
+of the two builds is compared bit for bit (a change that keeps the arithmetic keeps them):
+
+    python -m benchmarks.linear_ab --against HEAD~1
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from benchmarks.common import build_kernels, kernel_sources_at
 from specdesk.kernels import cpu_int8, cpu_lib, cpu_q4
 
 # The default model's layer: (in_features, out_features) of q/k/v fused, o, gate/up fused, down.
@@ -41,29 +49,49 @@ def _weights(seed: int) -> tuple[list[cpu_int8.Int8Weight], list[cpu_q4.Q4Weight
     return int8, q4
 
 
-def _pass(lib: Any, kind: str, weights: list[Any], x: dict[int, torch.Tensor], threads: int) -> float:
+def _calls(lib: Any, kind: str, weights: list[Any], x: dict[int, torch.Tensor], threads: int,
+           outs: list[torch.Tensor], scratch: list[torch.Tensor]) -> list[tuple[Any, tuple[Any, ...]]]:  # fmt: skip
+    """The pass's kernel calls, every argument ready; linear i writes outs[i % len(outs)]. scratch: the
+    quantized activations' buffers (`_scratch`), which the caller keeps alive."""
     m = next(iter(x.values())).shape[0]
-    widest = max(k for k, _ in SHAPES)
-    xu = torch.empty(m, widest, dtype=torch.uint8)
-    xs, sums = torch.empty(m, widest // 32), torch.empty(m, widest // 32)
-    out = torch.empty(m, max(n for _, n in SHAPES), dtype=torch.bfloat16)
-    bufs = (xu.data_ptr(), xs.data_ptr(), sums.data_ptr(), out.data_ptr())
-    # Every argument ready before the clock starts: the loop times the kernels and ctypes alone.
+    bufs = tuple(t.data_ptr() for t in scratch)
     calls: list[tuple[Any, tuple[Any, ...]]] = []
-    for w in weights:
-        k, n, src = w.in_features, w.out_features, x[w.in_features].data_ptr()
+    for i, w in enumerate(weights):
+        k, n, src, out = w.in_features, w.out_features, x[w.in_features].data_ptr(), outs[i % len(outs)].data_ptr()
         if kind == "int8":
             calls.append((lib.sd_quantize_rows, (src, 1, m, k, bufs[0], bufs[1], threads)))
             calls.append((lib.sd_linear, (bufs[0], bufs[1], m, k, w.packed.data_ptr(), w.wsum.data_ptr(),
-                                          w.scales.data_ptr(), None, n, bufs[3], 1, threads)))  # fmt: skip
+                                          w.scales.data_ptr(), None, n, out, 1, threads)))  # fmt: skip
         else:
             calls.append((lib.sd_quantize_rows_q4, (src, 1, m, k, bufs[0], bufs[1], bufs[2], threads)))
             calls.append((lib.sd_linear_q4, (bufs[0], bufs[1], bufs[2], m, k, w.packed.data_ptr(),
-                                             w.dm.data_ptr(), None, n, bufs[3], 1, threads)))  # fmt: skip
+                                             w.dm.data_ptr(), None, n, out, 1, threads)))  # fmt: skip
+    return calls
+
+
+def _scratch(m: int) -> list[torch.Tensor]:
+    widest = max(k for k, _ in SHAPES)  # codes, scales and sums of m tokens
+    return [torch.empty(m, widest, dtype=torch.uint8), torch.empty(m, widest // 32), torch.empty(m, widest // 32)]
+
+
+def _pass(lib: Any, kind: str, weights: list[Any], x: dict[int, torch.Tensor], threads: int) -> float:
+    m = next(iter(x.values())).shape[0]
+    out, scratch = torch.empty(m, max(n for _, n in SHAPES), dtype=torch.bfloat16), _scratch(m)
+    calls = _calls(lib, kind, weights, x, threads, [out], scratch)
+    # Every argument ready before the clock starts: the loop times the kernels and ctypes alone.
     start = time.perf_counter()
     for fn, args in calls:
         fn(*args)
     return time.perf_counter() - start
+
+
+def _outputs(lib: Any, kind: str, weights: list[Any], x: dict[int, torch.Tensor], threads: int) -> list[torch.Tensor]:
+    """Every linear's output of one pass (untimed)."""
+    m = next(iter(x.values())).shape[0]
+    outs, scratch = [torch.empty(m, w.out_features, dtype=torch.bfloat16) for w in weights], _scratch(m)
+    for fn, args in _calls(lib, kind, weights, x, threads, outs, scratch):
+        fn(*args)
+    return outs
 
 
 def run(threads: int, rounds: int = 7) -> list[dict[str, Any]]:
@@ -91,12 +119,59 @@ def run(threads: int, rounds: int = 7) -> list[dict[str, Any]]:
     return rows
 
 
+def against(rev: str, threads: int, rounds: int = 7) -> list[dict[str, Any]]:
+    """Each kernel of the working tree against its build at `rev`: per pass size, each one's fastest round (ms)
+    and whether every linear's output is the same bits."""
+    int8, q4 = _weights(0)
+    kinds: dict[str, list[Any]] = {"int8": int8, "q4_1": q4}
+    with tempfile.TemporaryDirectory() as tmp:
+        sources = Path(tmp) / "sources"
+        sources.mkdir()
+        libs = {"old": build_kernels(kernel_sources_at(rev, sources), Path(tmp) / "old"),
+                "new": build_kernels(None, Path(tmp) / "new")}  # fmt: skip
+        rows = []
+        for m in ROWS:
+            gen = torch.Generator().manual_seed(m)
+            x = {k: torch.randn(m, k, generator=gen).bfloat16() for k, _ in SHAPES}
+            best = {(side, kind): float("inf") for side in libs for kind in kinds}
+            for _ in range(rounds):
+                for side, lib in libs.items():
+                    for kind, weights in kinds.items():
+                        best[side, kind] = min(best[side, kind], _pass(lib, kind, weights, x, threads))
+            row: dict[str, Any] = {"rows": m}
+            for kind, weights in kinds.items():
+                old, new = (_outputs(libs[side], kind, weights, x, threads) for side in ("old", "new"))
+                row[kind] = {"old_ms": best["old", kind] * 1e3, "new_ms": best["new", kind] * 1e3,
+                             "same_bits": all(torch.equal(a, b) for a, b in zip(old, new, strict=True))}  # fmt: skip
+            rows.append(row)
+            done = (f"{k} {row[k]['old_ms']:.2f} -> {row[k]['new_ms']:.2f} ms" for k in kinds)
+            print(f"{m:4d} rows: " + ", ".join(done), flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=None, help="default: torch's (the machine's cores)")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
+    ap.add_argument("--against", default=None, help="a git revision: its kernels (old) against the working tree's")
     args = ap.parse_args(argv)
     threads = args.threads or torch.get_num_threads()
+    if args.against:
+        print(f"{args.against} (old) vs the working tree (new), {cpu_lib.int8_path()}, {threads} threads, "
+              f"ms per pass of {LAYERS} layers' linears")  # fmt: skip
+        ab = against(args.against, threads)
+        print(
+            "| tokens in the pass | int8 old | int8 new | old / new | same bits "
+            "| Q4_1 old | Q4_1 new | old / new | same bits |\n|---|---|---|---|---|---|---|---|---|"
+        )
+        for r in ab:
+            cells = [f"{r[k]['old_ms']:.2f} | {r[k]['new_ms']:.2f} | {r[k]['old_ms'] / r[k]['new_ms']:.2f}x | "
+                     f"{'yes' if r[k]['same_bits'] else 'no'}" for k in ("int8", "q4_1")]  # fmt: skip
+            print(f"| {r['rows']} | " + " | ".join(cells) + " |")
+        if args.out:
+            Path(args.out).write_text(json.dumps({"threads": threads, "against": args.against, "rows": ab},
+                                                 indent=2) + "\n")  # fmt: skip
+        return
     print(f"int8 path: {cpu_lib.int8_path()}, {threads} threads, ms per pass of {LAYERS} layers' linears")
     rows = run(threads)
     print("| tokens in the pass | int8 weights | Q4_1 weights (W4A8) | ratio |\n|---|---|---|---|")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import attention_ab
+from benchmarks import attention_ab, common
 from specdesk.kernels import cpu_lib
 
 pytestmark = pytest.mark.skipif(not cpu_lib.available(), reason="no working C compiler: the CPU kernels are not built")
@@ -16,7 +16,7 @@ TINY = {"prefill": ([40], [24], False), "tree": ([50], [5], True)}
 
 
 def _git_has_head() -> bool:
-    head = subprocess.run(["git", "-C", str(attention_ab.ROOT), "rev-parse", "HEAD"], capture_output=True)
+    head = subprocess.run(["git", "-C", str(common.ROOT), "rev-parse", "HEAD"], capture_output=True)
     return head.returncode == 0
 
 
@@ -35,10 +35,10 @@ def test_a_build_compared_with_itself_gives_the_same_bits(monkeypatch: pytest.Mo
 def test_head_against_the_working_tree(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    sources = attention_ab._sources_at("HEAD", tmp_path)
+    sources = common.kernel_sources_at("HEAD", tmp_path)
     for path in [*cpu_lib._SOURCES, *cpu_lib._HEADERS]:
-        rel = path.relative_to(attention_ab.ROOT).as_posix()
-        held = subprocess.run(["git", "-C", str(attention_ab.ROOT), "show", f"HEAD:{rel}"], capture_output=True)
+        rel = path.relative_to(common.ROOT).as_posix()
+        held = subprocess.run(["git", "-C", str(common.ROOT), "show", f"HEAD:{rel}"], capture_output=True)
         assert (sources / path.name).read_bytes() == (held.stdout if held.returncode == 0 else b"")
     monkeypatch.setattr(attention_ab, "CASES", TINY)
     monkeypatch.setattr(attention_ab, "COLD_CASES", {})
