@@ -29,6 +29,7 @@ from starlette.background import BackgroundTask
 
 from specdesk.app.api_logprobs import TokenTexts, chat_logprobs, completion_logprobs
 from specdesk.app.api_schemas import (
+    COMPLETION_MAX_TOKENS,
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
@@ -190,6 +191,10 @@ class _OpenAIServer:
         """Tokenize, check lengths and queue every choice; all or nothing."""
         requested = req.max_completion_tokens if isinstance(req, ChatCompletionRequest) else None
         requested = requested if requested is not None else req.max_tokens
+        if requested is None and isinstance(req, CompletionRequest):
+            requested = COMPLETION_MAX_TOKENS  # OpenAI's legacy default; chat's is the rest of the context
+        if req.stream_options is not None and not req.stream:
+            raise ApiError(400, "stream_options is only allowed when stream is true", param="stream_options")
         sampling_params(req, 1 if requested is None else requested)  # reject bad parameters before tokenizing
         prompts: list[Prompt]
         plan: ChatPlan | None = None
@@ -209,6 +214,13 @@ class _OpenAIServer:
                 except ValueError as exc:
                     raise ApiError(400, str(exc), param=param) from None
                 check_context_length(len(ids), requested, max_len, param)
+                engine = getattr(self.llm, "engine", None)  # in process: submit compiles the grammar, cached
+                if structured is not None and engine is not None:  # a big schema takes a while: off the event loop
+                    first = sampling_params(req, requested or max_len - len(ids), structured=structured)
+                    try:
+                        await anyio.to_thread.run_sync(engine.compile_grammar, first)
+                    except ValueError as exc:
+                        raise ApiError(400, str(exc), param=_param_of(str(exc), req, param)) from None
                 for j in range(req.n):
                     params = sampling_params(req, requested or max_len - len(ids), choice=j, structured=structured)
                     try:

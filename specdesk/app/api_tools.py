@@ -86,7 +86,7 @@ def _checked_call(call: dict[str, Any], param: str) -> dict[str, Any]:
     try:
         if not isinstance(json.loads(arguments) if isinstance(arguments, str) else arguments, dict):
             raise ValueError
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than the parser goes
         raise ApiError(400, "a tool call's function.arguments must be a JSON object", param=param) from None
     return call
 

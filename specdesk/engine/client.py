@@ -126,6 +126,15 @@ def render_chat(tokenizer: Any, messages: list[dict[str, Any]], model_name: str)
             raise ValueError(f"each message needs 'role' and 'content', got {m!r}")
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(f"model {model_name} has no chat template; pass a plain prompt instead")
+    from jinja2 import TemplateError  # transformers' own dependency
+
+    try:
+        return _render(tokenizer, messages)
+    except TemplateError as exc:  # e.g. a template that raises on two assistant turns in a row: the caller's 400
+        raise ValueError(f"model {model_name}'s chat template refused these messages: {exc}") from None
+
+
+def _render(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
     if "sanitize_control_tokens" in inspect.signature(tokenizer.apply_chat_template).parameters:
         # transformers marks control-token text in the messages before rendering, then encodes the marked
         # spans as plain text; a conversation without any encodes exactly as plain rendering.

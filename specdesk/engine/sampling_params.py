@@ -81,9 +81,13 @@ class SamplingParams:
         _integer("max_tokens", self.max_tokens, minimum=1)
         if self.seed is not None:
             _integer("seed", self.seed, minimum=0, meaning=" or None")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}")
         for s in self.stop:
             if not isinstance(s, str) or not s:
-                raise ValueError(f"stop strings must be non-empty strings, got {s!r}")
+                raise ValueError(f"stop strings must be non-empty strings, got {s!r:.80}")
+            if len(s) > MAX_STOP_LENGTH:
+                raise ValueError(f"stop strings are at most {MAX_STOP_LENGTH} characters each, got {len(s)}")
         for token_id in self.stop_token_ids:
             _integer("stop_token_ids", token_id, minimum=0)
         r = _real("repetition_penalty", self.repetition_penalty)
@@ -117,6 +121,10 @@ class SamplingParams:
 # it sampling is greedy in all but name: a logit gap of 0.001 already weighs e^100 to 1. So the choice is 0
 # (greedy) or >= 1e-5, nothing in between.
 MIN_TEMPERATURE = 1e-5
+# Every stop string is checked against the text after every token, on the engine's thread: a request with
+# thousands of them would slow every other request's steps. OpenAI takes 4; this leaves room for more.
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 1000
 # transformers accepts any positive penalty; past 10 a seen token's logit is all but erased, which no sane
 # request means, and a bound keeps a typo (100 for 1.00) from silently wrecking output.
 MAX_REPETITION_PENALTY = 10.0
@@ -156,7 +164,7 @@ def _bias_pairs(bias: object) -> tuple[tuple[int, float], ...]:
             raise ValueError(f"logit_bias must be a mapping of token ids to biases, got {item!r:.80}")
         key, value = item
         if isinstance(key, str):
-            if not key.strip().isdigit():
+            if not (key.strip().isascii() and key.strip().isdigit()):  # "²" and "٣" are digits too
                 raise ValueError(f"logit_bias keys must be token ids, got {key!r:.40}")
             key = int(key)
         if isinstance(key, bool) or not isinstance(key, int):

@@ -1,5 +1,5 @@
-"""/v1 access and limits: each key is its own prefix-cache tenant; bodies, fan-out and odd JSON are
-refused in OpenAI's error shape before the engine sees anything."""
+"""/v1 access and limits: each key is its own prefix-cache tenant; bodies, fan-out, odd JSON and odd
+parameters are refused in OpenAI's error shape before the engine sees anything."""
 
 from __future__ import annotations
 
@@ -62,11 +62,12 @@ def test_prefix_cache_is_shared_only_within_a_key(url: str, llm: LLM) -> None:
     wait_idle(llm)
 
 
-def post(url: str, content: bytes, content_type: str | None = "application/json", **headers: str) -> httpx.Response:
+def post(url: str, content: bytes, content_type: str | None = "application/json", path: str = "/v1/completions",
+         **headers: str) -> httpx.Response:  # fmt: skip
     if content_type is not None:
         headers["Content-Type"] = content_type
     headers["Authorization"] = f"Bearer {KEYS[0]}"
-    return httpx.post(f"{url}/v1/completions", content=content, headers=headers, timeout=30)
+    return httpx.post(f"{url}{path}", content=content, headers=headers, timeout=30)
 
 
 def assert_refused(r: httpx.Response, status: int, llm: LLM, steps_before: int) -> dict[str, Any]:
@@ -149,3 +150,43 @@ def test_a_chat_body_is_checked_the_same_way(url: str, llm: LLM) -> None:
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {KEYS[0]}"}
     r = httpx.post(chat, content=raw, headers=headers, timeout=30)
     assert_refused(r, 400, llm, before)
+
+
+def chat_body(**extra: Any) -> bytes:
+    return json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "refund"}], **extra}).encode()
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (chat_body(stop=[f"s{i}" for i in range(17)], max_tokens=2), "stop"),  # each checked after every token
+        (chat_body(stop=["x" * 1001], max_tokens=2), "stop"),
+        (chat_body(max_tokens=2, stream_options={"include_usage": True}), "stream_options"),  # OpenAI: 400
+        (chat_body(max_tokens=2, logit_bias={"\u00b2": 1.0}), "logit_bias"),  # "²".isdigit(), but no token id
+        (chat_body(max_tokens=2, logit_bias={"\u0663": 1.0}), "logit_bias"),  # Arabic-Indic 3 is not token 3
+    ],
+    ids=["17-stops", "long-stop", "stream-options-without-stream", "superscript-key", "arabic-digit-key"],
+)
+def test_odd_parameters_get_400_naming_them(url: str, llm: LLM, body: bytes, param: str) -> None:
+    before = llm.stats().num_steps
+    error = assert_refused(post(url, body, path="/v1/chat/completions"), 400, llm, before)
+    assert error["param"] == param, error
+
+
+def test_tool_call_arguments_nested_past_the_parser_get_400(url: str, llm: LLM) -> None:
+    """The body's own nesting is capped; JSON inside an earlier call's arguments string is parsed later, and
+    nested past Python's recursion limit it raised RecursionError: a 500."""
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "[" * 1100 + "]" * 1100}}
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "c1", "content": "ok"}]  # fmt: skip
+    before = llm.stats().num_steps
+    body = json.dumps({"model": MODEL, "messages": messages, "max_tokens": 2}).encode()
+    error = assert_refused(post(url, body, path="/v1/chat/completions"), 400, llm, before)
+    assert "arguments" in error["message"]
+
+
+def test_a_completion_without_max_tokens_gets_openais_16(url: str, llm: LLM) -> None:
+    r = client(url, KEYS[0]).completions.create(model=MODEL, prompt="refund", temperature=0,
+                                                extra_body={"ignore_eos": True})  # fmt: skip
+    assert r.usage is not None and r.usage.completion_tokens == 16
+    wait_idle(llm)

@@ -225,6 +225,16 @@ def test_control_tokens_typed_into_a_message_stay_text(llm: LLM, monkeypatch: py
     assert llm.apply_chat_template(plain) == _rendered_then_encoded(llm, plain)
 
 
+def test_a_template_that_refuses_the_messages_is_a_value_error(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Templates such as Llama-2's raise on a message order they do not take (jinja2's TemplateError): the
+    caller's mistake, so a ValueError (the API's 400), not an unexpected exception (its 500)."""
+    strict = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('start with a user turn') }}{% endif %}x"
+    monkeypatch.setattr(llm.tokenizer, "chat_template", strict)
+    with pytest.raises(ValueError, match="chat template refused these messages: start with a user turn"):
+        llm.apply_chat_template([{"role": "assistant", "content": "Hello"}])
+    assert llm.apply_chat_template([{"role": "user", "content": "Hello"}])  # the template itself renders
+
+
 def test_metrics_and_multi_turn_prefix_reuse(llm: LLM) -> None:
     turn1 = [{"role": "user", "content": "My order number is 48213 and it has not arrived yet."}]
     out1 = llm.chat(turn1, SamplingParams(max_tokens=20, ignore_eos=True, speculate=False))
