@@ -9,7 +9,7 @@ The two alternate, seven rounds, each keeping its fastest; ms per pass, the rati
 pass. Each call goes through ctypes (a few microseconds, the same for both).
 
     python -m benchmarks.linear_ab                      # the machine's threads
-    python -m benchmarks.linear_ab --threads 1 --out docs/bench_linear_ab.json
+    python -m benchmarks.linear_ab --out docs/bench_linear_ab.json
 
 With `--against REV`, each kernel of the working tree runs against its build at git revision REV instead (both
 compiled as cpu_lib compiles them, each into a folder of its own; the four alternate), and every linear's output

@@ -54,8 +54,9 @@ class Settings:
     `metrics_key_required` or logins are on.
     """
 
-    # quantization "auto": the console and `specdesk serve` take the fastest CPU path (int8 with the C kernels,
-    # where the CPU has AVX-512 VNNI or AVX2; see EngineConfig), the library's LLM() stays unquantized by default.
+    # quantization "auto": the console and `specdesk serve` take the fastest CPU path, the C kernels where the CPU
+    # has AVX-512 VNNI (int8) or AVX2 (the checkpoint's own Q4_1 weights where it holds them, int8 for the rest;
+    # see EngineConfig); the library's LLM() stays unquantized by default.
     engine: EngineConfig = field(default_factory=lambda: EngineConfig(quantization="auto"))
     db_url: str | None = None
     data_dir: Path = field(default_factory=lambda: Path.home() / ".local" / "share" / "specdesk")

@@ -3,7 +3,7 @@
     nice -n 10 python -m specdesk.training.train      # default model -> specdesk/engine/speculators/default
     python -m specdesk.training.train --resume        # continue from the last checkpoint
     python -m specdesk.training.train --evaluate specdesk/engine/speculators/default   # held-out figures only
-    python -m specdesk.training.train --repetition-penalty 1.1 --quantization int8   # for the CPU console's text
+    python -m specdesk.training.train --repetition-penalty 1.1 --quantization int8 # the CPU console's text (AVX2: q4_1)
 
 The base model is frozen. Stage 1 trains on text (head i predicts the token i + 2 ahead of the hidden state
 it reads), stage 2 on the base model's own replies to the training conversations (see train_data.py).

@@ -174,7 +174,7 @@ def int8_pays(device: torch.device) -> bool:
 
 def q4_pays() -> bool:
     """True where the compiled W4A8 matmul has its vector tile (AVX2 with F16C) and int8's has no VNNI: there
-    Q4_1 weights ran 1.4-1.5x faster per turn than int8 (docs/benchmarks.md)."""
+    Q4_1 weights ran 1.3-1.4x faster per turn than int8 (docs/benchmarks.md)."""
     return cpu_lib.int8_path() == "avx2" and cpu_lib.q4_path() == "avx2"
 
 

@@ -40,8 +40,9 @@ from specdesk.engine.speculators.verifier import Verdict
 
 # Steps the MLP speculator rests once no candidate width pays, before it proposes (and is measured) again.
 MLP_REST_STEPS = 15
-# The cost of one more verified token in plain steps on the int8 CPU path until measured (a 5-token pass costs
-# ~1.4x a one-token step in the default model's layers on 2 cores: the int8 matmuls turn compute-bound).
+# The cost of one more verified token in plain steps on the C kernels' CPU path (int8 or Q4_1 weights) until
+# measured (a 5-token pass costs ~1.4x a one-token step in the default model's layers on 2 cores: the matmuls
+# turn compute-bound).
 INT8_STEP_COST_PRIOR = 0.1
 
 
