@@ -261,3 +261,28 @@ def test_sample_rows_flags_a_row_it_cannot_sample_and_only_that_row(bad: str) ->
     assert draws.is_finite == [True, False, False, True]
     assert draws.tokens[0] == logits[0].argmax().item()
     assert draws.tokens[3] == sample(logits[3:4], [seeded], [make_generator(3, "cpu")]).item()
+
+
+def test_cpu_top_equals_torch_topk_with_ties_in_index_order() -> None:
+    from specdesk.engine.sampler import _top
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 5000, generator=gen)
+    x[1, [7, 70, 700]] = 9.0  # a three-way tie at the top
+    values, indices = _top(x, 64)
+    expected = x.topk(64, dim=-1).values
+    assert torch.equal(values, expected)
+    assert torch.equal(x.gather(1, indices), values)
+    assert indices[1, :3].tolist() == [7, 70, 700]
+
+
+def test_the_cpu_race_draws_only_from_its_row_and_never_a_zero() -> None:
+    """The race over each row's nonzero tokens: a seeded row draws the same token alone or in any batch, and a
+    token of probability 0 is never drawn even when it is most of the row."""
+    probs = torch.zeros(4, 49152)
+    probs[:, [5, 900, 40000]] = torch.tensor([0.2, 0.5, 0.3])
+    alone = [sample_from_probs(probs[:1], [make_generator(seed, "cpu")]).item() for seed in range(200)]
+    batched = [
+        sample_from_probs(probs, [None, make_generator(seed, "cpu"), None, None])[1].item() for seed in range(200)
+    ]
+    assert alone == batched and set(alone) == {5, 900, 40000}
