@@ -2,11 +2,14 @@
 
 One process per thread count (1 and the machine's default, 2 here), every system on the same prompts: the
 second customer turn of held-out conversations (prompts/eval) under the console's persona system prompt,
-rendered with the chat template. A turn is timed from submit to the last of exactly `--max-tokens` greedy
-tokens (EOS ignored), prefill included, with nothing cached: SpecDesk's prefix cache and the n-gram
+rendered with the chat template. A turn is timed from submit to the last of exactly `--max-tokens` tokens
+(EOS ignored), prefill included, with nothing cached: SpecDesk's prefix cache and the n-gram
 speculator's memory of earlier replies are emptied before each run, llama.cpp's context is reset. Every
 system uses the console's repetition penalty (1.1; llama.cpp's own penalty over its last 64 tokens), or
-`--repetition-penalty` (1.0: the API's default, no penalty).
+`--repetition-penalty` (1.0: the API's default, no penalty). Tokens are greedy unless `--temperature` is set:
+`--temperature 0.7 --top-p 0.9` is the console's own sampling (every system samples alike; SpecDesk's requests
+are seeded, so its speculative replies must still equal its plain ones, and the quality figures, which compare
+greedy replies, are left out).
 
 * transformers `generate` in the reference dtype: bf16 (the issue's baseline) where the CPU has native bf16
   matmuls, float32 where it does not (AVX2-only CPUs, where torch's bf16 runs several times slower than
@@ -26,6 +29,7 @@ SpecDesk's plain and speculative runs alternate per prompt; the systems run one 
 
     python -m benchmarks.cpu --out docs/bench_cpu_llamacpp.json     # ~20 minutes on 2 cores
     python -m benchmarks.cpu --repetition-penalty 1.0               # the API's default sampling
+    python -m benchmarks.cpu --temperature 0.7 --top-p 0.9          # the console's: sampled, penalty 1.1
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +49,19 @@ from benchmarks.common import RESULT, worker_result
 from specdesk import prompts
 
 PENALTY = 1.1
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How every system picks tokens: the repetition penalty, and greedy (temperature 0) or sampled."""
+
+    penalty: float = PENALTY
+    temperature: float = 0.0
+    top_p: float = 1.0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
 
 
 def second_turns(limit: int) -> list[list[dict[str, str]]]:
@@ -94,14 +111,15 @@ def teacher_forced_top1(
 
 def _specdesk(
     quantization: str | None, dtype: str, prompt_ids: list[list[int]], n: int,
-    reference: list[list[int]] | None = None, penalty: float = PENALTY,
+    reference: list[list[int]] | None = None, decoding: Decoding = Decoding(),
 ) -> dict[str, Any]:  # fmt: skip
     from specdesk.engine.llm import LLM
     from specdesk.engine.sampling_params import SamplingParams
 
     llm = LLM(dtype=dtype, quantization=quantization, spec_max_batch_size=32)
     resolved = llm.loaded.quantization
-    params = SamplingParams(max_tokens=n, ignore_eos=True, repetition_penalty=penalty)
+    params = SamplingParams(max_tokens=n, ignore_eos=True, repetition_penalty=decoding.penalty,
+                            temperature=decoding.temperature, top_p=decoding.top_p)  # fmt: skip
     seconds = {False: 0.0, True: 0.0}
     decode_seconds = {False: 0.0, True: 0.0}  # first token to last: the speculation's own ratio, prefill apart
     outputs: dict[bool, list[list[int]]] = {False: [], True: []}
@@ -112,11 +130,12 @@ def _specdesk(
                 llm.reset_prefix_cache()
                 llm.forget_replies()
                 start = time.perf_counter()
-                out = llm.generate([ids], replace(params, speculate=speculate))[0]
+                seed = None if decoding.greedy else 1000 + i  # the same draws for plain and speculative
+                out = llm.generate([ids], replace(params, speculate=speculate, seed=seed))[0]
                 seconds[speculate] += time.perf_counter() - start
                 decode_seconds[speculate] += out.metrics.decode_s
                 outputs[speculate].append(out.token_ids)
-        forced = teacher_forced_top1(llm, prompt_ids, reference, penalty) if reference is not None else None
+        forced = teacher_forced_top1(llm, prompt_ids, reference, decoding.penalty) if reference is not None else None
         stats = llm.stats()
         steps = stats.spec_num_drafts or 1
         return {
@@ -134,7 +153,7 @@ def _specdesk(
         llm.shutdown()
 
 
-def _transformers(prompt_ids: list[list[int]], n: int, dtype: str, penalty: float = PENALTY) -> float:
+def _transformers(prompt_ids: list[list[int]], n: int, dtype: str, decoding: Decoding = Decoding()) -> float:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -142,17 +161,20 @@ def _transformers(prompt_ids: list[list[int]], n: int, dtype: str, penalty: floa
 
     model: Any = AutoModelForCausalLM.from_pretrained(default_model_path(), dtype=getattr(torch, dtype)).eval()
     seconds = 0.0
+    sampling = {} if decoding.greedy else {"temperature": decoding.temperature, "top_p": decoding.top_p, "top_k": 0}
     with torch.inference_mode():
-        for ids in prompt_ids:
+        for i, ids in enumerate(prompt_ids):
             x = torch.tensor([ids])
+            torch.manual_seed(1000 + i)
             start = time.perf_counter()
-            model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                           repetition_penalty=penalty, pad_token_id=0)  # fmt: skip
+            model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=not decoding.greedy, repetition_penalty=decoding.penalty, pad_token_id=0,
+                           **sampling)  # fmt: skip
             seconds += time.perf_counter() - start
     return n * len(prompt_ids) / seconds
 
 
-def _llama_cpp(prompt_ids: list[list[int]], n: int, threads: int, penalty: float = PENALTY) -> float | None:
+def _llama_cpp(prompt_ids: list[list[int]], n: int, threads: int, decoding: Decoding = Decoding()) -> float | None:
     try:
         from llama_cpp import Llama
     except ImportError:
@@ -161,19 +183,30 @@ def _llama_cpp(prompt_ids: list[list[int]], n: int, threads: int, penalty: float
     from specdesk.engine.models.default_model import locate_gguf
 
     gguf = locate_gguf(Path(tempfile.mkdtemp()))
-    model = Llama(model_path=str(gguf), n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False)
+    model = Llama(
+        model_path=str(gguf), n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False, seed=1000
+    )
     seconds = 0.0
     for ids in prompt_ids:
         model.reset()
         start = time.perf_counter()
-        for count, _token in enumerate(model.generate(ids, temp=0.0, repeat_penalty=penalty, reset=True), 1):
+        tokens = model.generate(
+            ids,
+            temp=decoding.temperature,
+            top_p=decoding.top_p,
+            top_k=0,
+            min_p=0.0,
+            repeat_penalty=decoding.penalty,
+            reset=True,
+        )  # top_k 0: off, as the others
+        for count, _token in enumerate(tokens, 1):
             if count == n:
                 break
         seconds += time.perf_counter() - start
     return n * len(prompt_ids) / seconds
 
 
-def worker(threads: int, turns: int, n: int, dtype: str, penalty: float = PENALTY) -> dict[str, Any]:
+def worker(threads: int, turns: int, n: int, dtype: str, decoding: Decoding = Decoding()) -> dict[str, Any]:
     """Every system at one thread count, in this process; `dtype` the reference's ("auto": resolve_dtype's)."""
     import torch
 
@@ -191,22 +224,25 @@ def worker(threads: int, turns: int, n: int, dtype: str, penalty: float = PENALT
     tokenizer_llm.shutdown()
     result: dict[str, Any] = {"threads": threads, "turns": len(prompt_ids), "max_tokens": n,
                               "prompt_tokens_mean": sum(map(len, prompt_ids)) / len(prompt_ids),
-                              "reference_dtype": dtype, "repetition_penalty": penalty, "int8_path": cpu_lib.int8_path(),
+                              "reference_dtype": dtype, "repetition_penalty": decoding.penalty,
+                              "temperature": decoding.temperature, "top_p": decoding.top_p,
+                              "int8_path": cpu_lib.int8_path(),
                               "attention_path": lib.sd_attention_path() if lib else None}  # fmt: skip
-    result["transformers_tok_s"] = _transformers(prompt_ids, n, dtype, penalty)
+    result["transformers_tok_s"] = _transformers(prompt_ids, n, dtype, decoding)
     print(f"[{threads} threads] transformers {dtype}: {result['transformers_tok_s']:.1f} tok/s", flush=True)
-    result["llama_cpp_tok_s"] = _llama_cpp(prompt_ids, n, threads, penalty)
+    result["llama_cpp_tok_s"] = _llama_cpp(prompt_ids, n, threads, decoding)
     print(f"[{threads} threads] llama.cpp: {result['llama_cpp_tok_s']} tok/s", flush=True)
     systems = (("unquantized", None, dtype), ("int8", "int8", "bfloat16"), ("console", "auto", "auto"))
     for name, quantization, run_dtype in systems:
-        reference = result["unquantized"]["plain_tokens"] if quantization else None
-        result[name] = _specdesk(quantization, run_dtype, prompt_ids, n, reference, penalty)
+        reference = result["unquantized"]["plain_tokens"] if quantization and decoding.greedy else None
+        result[name] = _specdesk(quantization, run_dtype, prompt_ids, n, reference, decoding)
         got = result[name]
         print(f"[{threads} threads] SpecDesk {name} ({got['quantization']}): plain {got['plain_tok_s']:.1f}, "
               f"speculative {got['spec_tok_s']:.1f} tok/s", flush=True)  # fmt: skip
     unquantized = result["unquantized"].pop("plain_tokens")
-    for name in ("int8", "console"):
-        result[f"{name}_vs_reference"] = agreement(unquantized, result[name].pop("plain_tokens"))
+    for name in ("int8", "console"):  # sampled replies differ by the draws: only greedy ones are compared
+        plain = result[name].pop("plain_tokens")
+        result[f"{name}_vs_reference"] = agreement(unquantized, plain) if decoding.greedy else None
     return result
 
 
@@ -254,28 +290,34 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--repetition-penalty", type=float, default=PENALTY,
                     help="every system's (default: the console's 1.1; 1.0: the API's default, no penalty)")  # fmt: skip
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); the console's is 0.7")
+    ap.add_argument("--top-p", type=float, default=1.0, help="with --temperature (the console's is 0.9)")
     ap.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # one thread count, JSON to stdout
     args = ap.parse_args(argv)
     if args.worker is not None:
-        result = worker(args.worker, args.turns, args.max_tokens, args.reference_dtype, args.repetition_penalty)
+        decoding = Decoding(args.repetition_penalty, args.temperature, args.top_p)
+        result = worker(args.worker, args.turns, args.max_tokens, args.reference_dtype, decoding)
         print(RESULT + json.dumps(result), flush=True)
         return
     threads = args.threads or sorted({1, os.cpu_count() or 1})
     results = []
     for t in threads:  # one process each: thread settings and the int8 engine's stay out of the others' way
         argv = ["benchmarks.cpu", "--worker", str(t), "--turns", str(args.turns), "--max-tokens", str(args.max_tokens),
-                "--repetition-penalty", str(args.repetition_penalty),
+                "--repetition-penalty", str(args.repetition_penalty), "--temperature", str(args.temperature),
+                "--top-p", str(args.top_p),
                 "--reference-dtype", args.reference_dtype]  # fmt: skip
         results.append(worker_result(argv, f"the {t}-thread run"))
-    print(f"repetition penalty {args.repetition_penalty:g}\n")
+    sampled = f", temperature {args.temperature:g}, top-p {args.top_p:g}" if args.temperature else ", greedy"
+    print(f"repetition penalty {args.repetition_penalty:g}{sampled}\n")
     print(table(results))
     for r in results:
         for name in ("int8", "console"):
             got, forced = r[name], r[name]["teacher_forced_top1_vs_reference_percent"]
+            quality = (f"vs {r['reference_dtype']}: greedy {r[f'{name}_vs_reference']}, teacher-forced top-1 "
+                       f"{forced:.1f} %; " if forced is not None else "")  # fmt: skip
             print(
-                f"[{r['threads']} threads] {name} ({got['quantization']}, {r['int8_path']}) vs "
-                f"{r['reference_dtype']}: greedy {r[f'{name}_vs_reference']}, teacher-forced top-1 {forced:.1f} %;"
-                f" speculation identical to plain on {got['identical_with_speculation']} of {r['turns']} turns"
+                f"[{r['threads']} threads] {name} ({got['quantization']}, {r['int8_path']}) {quality}"
+                f"speculation identical to plain on {got['identical_with_speculation']} of {r['turns']} turns"
             )
     if args.out:
         Path(args.out).write_text(json.dumps({"results": results}, indent=2) + "\n")

@@ -29,3 +29,23 @@ def test_workers_get_the_repetition_penalty(
     assert [c[c.index("--worker") + 1] for c in calls] == ["1", "2"]
     assert all(float(c[c.index("--repetition-penalty") + 1]) == float(expected) for c in calls)
     assert f"repetition penalty {float(expected):g}" in capsys.readouterr().out
+
+
+def test_workers_get_the_consoles_sampling(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    calls: list[list[str]] = []
+
+    def fake_worker(argv: list[str], what: str) -> dict[str, Any]:
+        calls.append(argv)
+        system = {"teacher_forced_top1_vs_reference_percent": None, "quantization": "q4_1",
+                  "identical_with_speculation": 8}  # fmt: skip
+        return {"threads": 2, "turns": 8, "int8_path": "avx2", "reference_dtype": "float32", "int8": system,
+                "console": system, "int8_vs_reference": None, "console_vs_reference": None}  # fmt: skip
+
+    monkeypatch.setattr(cpu, "worker_result", fake_worker)
+    monkeypatch.setattr(cpu, "table", lambda results: "")
+    cpu.main(["--threads", "2", "--temperature", "0.7", "--top-p", "0.9"])
+    (argv,) = calls
+    assert argv[argv.index("--temperature") + 1] == "0.7" and argv[argv.index("--top-p") + 1] == "0.9"
+    out = capsys.readouterr().out
+    assert "temperature 0.7, top-p 0.9" in out and "teacher-forced" not in out
+    assert "speculation identical to plain on 8 of 8 turns" in out
