@@ -271,7 +271,7 @@ def sample_rows(
     n = logits.shape[0]
     assert len(params) == len(generators) == len(children) == n, (n, len(params), len(generators), len(children))
     device = logits.device
-    best, tokens = logits.max(dim=-1)  # max propagates NaN: a broken row shows in its maximum
+    best, tokens = _row_max(logits)  # max propagates NaN: a broken row shows in its maximum
     finite = best.isfinite()
     width = max((len(c) for c in children), default=0)
     child_probs = torch.zeros(n, width, device=device)
@@ -301,6 +301,17 @@ def sample_rows(
         child_probs=[r[2 : 2 + len(c)] for r, c in zip(rows, children, strict=True)],
         uniforms=[r[2 + width : 2 + width + len(c)] for r, c in zip(rows, children, strict=True)],
     )
+
+
+def _row_max(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """logits.max(dim=-1): each row's maximum and the first index holding it (a NaN counts as the maximum);
+    on the CPU by numpy's argmax, about 20x faster than torch's reduction of a 49k row on one thread."""
+    if logits.device.type != "cpu":
+        values, indices = logits.max(dim=-1)
+        return values, indices
+    a = logits.float().contiguous().numpy()
+    indices = a.argmax(axis=-1)
+    return torch.from_numpy(a[np.arange(a.shape[0]), indices]), torch.from_numpy(indices)
 
 
 def without_tokens(probs: Tensor, cols: Tensor) -> Tensor:
