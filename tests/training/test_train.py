@@ -215,7 +215,10 @@ def test_tiny_end_to_end_run_and_resume(tiny: Path, tmp_path: Path) -> None:
     spec = MLPSpeculator.from_pretrained(tmp_path / "out", base_model=base)
     assert spec.config.tie_to_base and spec.config.n_predict == 3
     vocab = draft_vocab.load(tmp_path / "out")  # trained on, and shipped with, the speculator
-    assert vocab is not None and len(vocab) == 64 and len(set(vocab.tolist())) == 64
+    # At most 64: the tiny model's few short replies (sampled ones depend on the draws) may hold fewer distinct
+    # tokens; the heads score exactly the shipped vocabulary.
+    assert vocab is not None and 16 <= len(vocab) <= 64 and len(set(vocab.tolist())) == len(vocab)
+    assert spec.config.draft_heads == len(vocab)
     # Resume: replies and hidden states come from the cache; training continues from the checkpoint.
     assert (tmp_path / "work" / "checkpoint.pt").is_file()
     again = train(parse_args([*argv, "--resume", "--stage2-steps", "3"]))
