@@ -67,15 +67,19 @@ def aggregate_rate(rates: list[float], tokens: list[int] | None = None) -> float
     return sum(n for n, _ in pairs) / sum(n / r for n, r in pairs) if pairs else 0.0
 
 
+def file_at(rev: str, rel: str) -> bytes | None:
+    """The repository file `rel` (a path from the root) as of git revision `rev`; None if the revision lacks it."""
+    shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{rel}"], capture_output=True)
+    return shown.stdout if shown.returncode == 0 else None
+
+
 def kernel_sources_at(rev: str, folder: Path) -> Path:
     """The CPU kernels' C files as of git revision `rev`, written into folder (a file the revision lacks is left
     empty): what a kernel A/B (attention_ab, linear_ab --against) builds as its "old" side."""
     from specdesk.kernels import cpu_lib
 
     for path in [*cpu_lib._SOURCES, *cpu_lib._HEADERS]:
-        rel = path.relative_to(ROOT).as_posix()
-        shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{rel}"], capture_output=True)
-        (folder / path.name).write_bytes(shown.stdout if shown.returncode == 0 else b"")
+        (folder / path.name).write_bytes(file_at(rev, path.relative_to(ROOT).as_posix()) or b"")
     return folder
 
 

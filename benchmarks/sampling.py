@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,7 +24,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import ROOT
+from benchmarks.common import file_at
 from specdesk.engine import sampler
 from specdesk.engine.sampling_params import SamplingParams
 
@@ -38,8 +37,9 @@ CASES = {
 
 def sampler_at(rev: str, folder: Path) -> ModuleType:
     """specdesk/engine/sampler.py as of `rev`, imported as a module of its own."""
-    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:specdesk/engine/sampler.py"],
-                            capture_output=True, check=True).stdout  # fmt: skip
+    source = file_at(rev, "specdesk/engine/sampler.py")
+    if source is None:
+        raise SystemExit(f"{rev} has no specdesk/engine/sampler.py")
     path = folder / "sampler_at_rev.py"
     path.write_bytes(source)
     spec = importlib.util.spec_from_file_location("sampler_at_rev", path)

@@ -205,6 +205,11 @@ class _OpenAIServer:
             prompts, param = _completion_prompts(req.prompt), "prompt"
         structured = None if plan is None else plan.structured
         check_fan_out(len(prompts), req.n)
+        if structured is not None:  # compiling a big schema takes a while: off the event loop (cached for submit)
+            try:
+                await anyio.to_thread.run_sync(self.llm.prepare_grammar, sampling_params(req, 1, structured=structured))
+            except ValueError as exc:
+                raise ApiError(400, str(exc), param=_param_of(str(exc), req, param)) from None
         max_len = self.llm.max_model_len
         choices: list[_Choice] = []
         try:
@@ -214,13 +219,6 @@ class _OpenAIServer:
                 except ValueError as exc:
                     raise ApiError(400, str(exc), param=param) from None
                 check_context_length(len(ids), requested, max_len, param)
-                engine = getattr(self.llm, "engine", None)  # in process: submit compiles the grammar, cached
-                if structured is not None and engine is not None:  # a big schema takes a while: off the event loop
-                    first = sampling_params(req, requested or max_len - len(ids), structured=structured)
-                    try:
-                        await anyio.to_thread.run_sync(engine.compile_grammar, first)
-                    except ValueError as exc:
-                        raise ApiError(400, str(exc), param=_param_of(str(exc), req, param)) from None
                 for j in range(req.n):
                     params = sampling_params(req, requested or max_len - len(ids), choice=j, structured=structured)
                     try:

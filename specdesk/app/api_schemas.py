@@ -27,9 +27,9 @@ from specdesk.engine.outputs import FinishReason, RequestMetrics
 from specdesk.engine.sampling_params import SamplingParams
 from specdesk.engine.structured_output import StructuredOutput
 
+COMPLETION_MAX_TOKENS = 16  # /v1/completions without max_tokens: OpenAI's (and vLLM's) default
 # SamplingParams' messages start with the parameter's name (longer names first: "top_logprobs" reads as
 # "logprobs" on the engine side).
-COMPLETION_MAX_TOKENS = 16  # /v1/completions without max_tokens: OpenAI's (and vLLM's) default
 _PARAM_NAMES = (
     "temperature", "top_k", "top_p", "max_tokens", "seed", "stop", "repetition_penalty", "frequency_penalty",
     "presence_penalty", "min_p", "logit_bias", "logprobs",

@@ -41,6 +41,11 @@ class EngineClient(ABC):
     @abstractmethod
     def submit(self, prompt: Prompt, params: SamplingParams | None = None, cache_salt: str | None = None) -> str: ...
 
+    def prepare_grammar(self, params: SamplingParams) -> None:
+        """Compile params' structured-output grammar ahead of `submit` (ValueError for a bad spec), so a caller
+        can do it off its event loop; a no-op where the serving side compiles it."""
+        return None
+
     @abstractmethod
     def deltas(self, request_id: str) -> Iterator[StreamDelta]: ...
 

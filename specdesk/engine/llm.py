@@ -73,7 +73,7 @@ class LLM(EngineClient):
         ids = self.encode(prompt)
         self.engine.validate_prompt(ids)  # fail in the caller's thread, before anything is queued
         self.engine.check_params(params)
-        self.engine.compile_grammar(params)  # likewise a bad structured-output spec (the grammar is then cached)
+        self.prepare_grammar(params)  # likewise a bad structured-output spec (the grammar is then cached)
         request_id = f"llm-{next(self._ids)}"
         with self._cv:
             if self._error is not None:
@@ -84,6 +84,9 @@ class LLM(EngineClient):
             self._inbox.append(("add", (request_id, ids, params, cache_salt, output_prefix)))
             self._cv.notify()
         return request_id
+
+    def prepare_grammar(self, params: SamplingParams) -> None:
+        self.engine.compile_grammar(params)  # cached: submit's own call then finds it
 
     def _check_prompt(self, token_ids: list[int]) -> None:
         self.engine.validate_prompt(token_ids)

@@ -42,6 +42,9 @@ class ScriptedLLM:
     def encode(self, prompt: Any) -> list[int]:
         return self.llm.encode(prompt)
 
+    def prepare_grammar(self, params: SamplingParams) -> None:
+        pass  # scripted replies: no grammar runs
+
     def submit(self, prompt: list[int], params: SamplingParams, cache_salt: str | None = None) -> str:
         self.params.append(params)
         return f"r{len(self.params)}"

@@ -43,7 +43,7 @@ MLP_REST_STEPS = 15
 # The cost of one more verified token in plain steps on the C kernels' CPU path (int8 or Q4_1 weights) until
 # measured (a 5-token pass costs ~1.4x a one-token step in the default model's layers on 2 cores: the matmuls
 # turn compute-bound).
-INT8_STEP_COST_PRIOR = 0.1
+C_KERNELS_STEP_COST_PRIOR = 0.1
 
 
 @dataclass
@@ -86,7 +86,7 @@ class SpeculativeDecoder:
         # The tree's width from measured step costs and retrospective acceptance (tree_width.py).
         # On the C kernels' CPU path a verified token costs a sizeable part of a (fast) step, and no candidate
         # at all is a choice: speculation then rests, and looks again every MLP_REST_STEPS steps.
-        prior = max(config.step_cost_prior, INT8_STEP_COST_PRIOR) if c_kernels else config.step_cost_prior
+        prior = max(config.step_cost_prior, C_KERNELS_STEP_COST_PRIOR) if c_kernels else config.step_cost_prior
         self.step_cost = StepCost(prior=prior)
         self.width = TreeWidth(pool, allow_none=c_kernels)
         self._mlp_rest, self._mlp_ran = 0, False
