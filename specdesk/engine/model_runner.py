@@ -8,6 +8,7 @@ models/sampler/speculators that touches torch.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +21,7 @@ from specdesk.engine.sampler import make_generator
 from specdesk.engine.scheduler import ScheduledSeq
 from specdesk.engine.sequence import Sequence
 from specdesk.engine.speculators.tree import DraftTree
-from specdesk.kernels import cpu_lib
+from specdesk.kernels import cpu_lib, cpu_pages
 
 
 @dataclass
@@ -55,10 +56,12 @@ class ModelRunner:
         # pages the block manager hands out are 0 .. num_blocks - 1; one more is the graphs' scratch page
         # (padded tokens write their K/V there), never given to a sequence.
         self.pad_block = self.num_blocks
-        self.kv_pool = torch.zeros(
-            loaded.num_layers, 2, self.num_blocks + 1, self.block_size, loaded.num_kv_heads, loaded.head_dim,
-            dtype=self.dtype, device=self.device,
-        )  # fmt: skip
+        shape = (loaded.num_layers, 2, self.num_blocks + 1, self.block_size, loaded.num_kv_heads, loaded.head_dim)
+        if self.device.type == "cpu":  # on huge pages: decode's attention reads pages all over the pool
+            nbytes = math.prod(shape) * torch.tensor([], dtype=self.dtype).element_size()
+            self.kv_pool = cpu_pages.zeros(nbytes).view(self.dtype).view(shape)
+        else:
+            self.kv_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.kv_caches = [(self.kv_pool[i, 0], self.kv_pool[i, 1]) for i in range(loaded.num_layers)]
         self.max_model_len = min(config.max_model_len or loaded.max_model_len, loaded.max_model_len)
         self.graphs: PassGraphs | None = None

@@ -70,6 +70,11 @@ def test_int8_swaps_every_linear_and_the_head(models: dict[str, Path], family: s
         assert not any(isinstance(m, torch.nn.Linear) for m in _layer_modules(llm))
         assert isinstance(model.packed_head, Int8Linear)
         assert model.packed_head.out_features == model.vocab_size
+        # The kernels' operands lie end to end in one mapping, in the order a pass reads them (gather_weights).
+        starts = [m.weight_int8.packed.data_ptr() for m in [*quantized, model.packed_head]]
+        assert starts == sorted(starts)
+        storages = {m.weight_int8.scales.untyped_storage().data_ptr() for m in [*quantized, model.packed_head]}
+        assert storages == {quantized[0].weight_int8.packed.untyped_storage().data_ptr()}
         attentions = [m for m in model.modules() if isinstance(m, layers.PagedAttention)]
         assert len(attentions) == model.num_layers
         if dtype == "bfloat16":

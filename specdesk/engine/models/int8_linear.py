@@ -19,11 +19,13 @@ weights the checkpoint holds, reading half the bytes of int8 (quantization "q4_1
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
 from specdesk.engine.models.packed_linear import replace_linears
-from specdesk.kernels import cpu_int8, cpu_q4
+from specdesk.kernels import cpu_int8, cpu_pages, cpu_q4
 
 
 class Int8Linear(nn.Module):
@@ -70,3 +72,23 @@ def quantize_linears(model: nn.Module, skip: nn.Module | None = None, weights: s
     replace_linears(model, lambda w, b: quantized_linear(w, b, weights), skip,
                     lambda lin: cpu_int8.supported(lin.in_features, lin.out_features))  # fmt: skip
     return sum(isinstance(m, Q4Linear) for m in model.modules())
+
+
+def gather_weights(model: nn.Module) -> int:
+    """Move every quantized linear's kernel operands below model (the output projection's too) into one mapping on
+    huge pages, in the order a step reads them (`kernels/cpu_pages.py`: the hardware prefetcher then streams a
+    decode step's weights); the values stay the same. Returns the bytes moved."""
+    linears = [m for m in model.modules() if isinstance(m, Int8Linear | Q4Linear)]
+    tensors: list[torch.Tensor] = []
+    for m in linears:
+        if isinstance(m, Q4Linear):
+            tensors += [m.weight_q4.packed, m.weight_q4.dm]
+        else:
+            tensors += [m.weight_int8.packed, m.weight_int8.scales, m.weight_int8.wsum]
+    moved = iter(cpu_pages.gather(tensors))
+    for m in linears:
+        if isinstance(m, Q4Linear):
+            m.weight_q4 = replace(m.weight_q4, packed=next(moved), dm=next(moved))
+        else:
+            m.weight_int8 = replace(m.weight_int8, packed=next(moved), scales=next(moved), wsum=next(moved))
+    return sum(t.numel() * t.element_size() for t in tensors)

@@ -143,6 +143,7 @@ def load_model(
         net.packed_head = quantized_head  # after pack_for_cpu, which sets its own where bf16 is native
     if quantization in CPU_KERNELS:
         set_fused_ops(net, "cpu")  # norms, rotary and SwiGLU in C as well (kernels/cpu_fused.py)
+        int8_linear.gather_weights(net)  # one stream on huge pages, before the stack takes their addresses
         setattr(net, "cpu_stack", CpuStack.build(net))  # noqa: B010 (and, for the Llama family, all layers in one C call)
 
     tok = AutoTokenizer.from_pretrained(
