@@ -44,7 +44,13 @@ def _wrap(obj: Any, name: str, key: str, acc: Timings, sync: Callable[[], None])
 
 
 def profile(
-    llm: LLM, prompts: list[list[int]], max_tokens: int, sync: Callable[[], None], repetition_penalty: float = 1.0
+    llm: LLM,
+    prompts: list[list[int]],
+    max_tokens: int,
+    sync: Callable[[], None],
+    repetition_penalty: float = 1.0,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
 ) -> dict[str, float]:
     """ms per step of each phase (nested phases are included in their parents) and tokens per step."""
     engine = llm.engine
@@ -66,7 +72,8 @@ def profile(
     verify_step = llm_engine.verify_step  # a module function: unwrapped again below, for the next engine
     for obj, name, key in phases:
         _wrap(obj, name, key, acc, sync)
-    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, repetition_penalty=repetition_penalty)
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, repetition_penalty=repetition_penalty,
+                            temperature=temperature, top_p=top_p)  # fmt: skip
 
     def run(ids: list[int]) -> tuple[int, int]:
         # Nothing carried over from an earlier run of the same prompt (the warm-up's): no cached prompt pages,
@@ -108,6 +115,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompts", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--repetition-penalty", type=float, default=1.0, help="1.1: the console's default")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0.7: the console's default (unseeded)")
+    ap.add_argument("--top-p", type=float, default=1.0, help="0.9: the console's default")
     ap.add_argument("--sync", action=argparse.BooleanOptionalAction, default=None,
                     help="synchronise the device after every phase (default: on for CUDA)")  # fmt: skip
     ap.add_argument("--conversations", default=None, help="JSON list of conversations (default: prompts/eval)")
@@ -128,7 +137,8 @@ def main(argv: list[str] | None = None) -> None:
         llm.shutdown(keep_engine=True)  # its serving thread: this process steps the engine itself
         try:
             prompts = [llm.encode(m) for m in messages]
-            results[name] = profile(llm, prompts, args.max_tokens, sync, args.repetition_penalty)
+            results[name] = profile(llm, prompts, args.max_tokens, sync, args.repetition_penalty, args.temperature,
+                                    args.top_p)  # fmt: skip
         finally:
             llm.engine.close()
     keys = list(dict.fromkeys(k for r in results.values() for k in r))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import array
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -75,6 +76,15 @@ def _penalize(z: Tensor, params: SamplingParams, history: list[int], num_prompt_
     then copied, not reduced there)."""
     n, vocab_size = z.shape
     device = z.device
+    if n == 1 and not paths[0] and device.type == "cpu" and not (params.frequency_penalty or params.presence_penalty):
+        # A plain row (the CPU's common case): the history's distinct ids by numpy, about 10x fewer small torch
+        # ops than the general path below, which took about 0.5 ms of a CPU decode step for an 800-token history.
+        ids = np.frombuffer(array.array("q", history), dtype=np.int64)
+        mask = np.zeros(vocab_size, dtype=bool)  # not np.unique: its sort took 80 us of 800 ids
+        mask[ids[(ids >= 0) & (ids < vocab_size)]] = True
+        cols = torch.from_numpy(np.flatnonzero(mask))
+        z[0, cols] = penalize(z[0, cols], torch.ones((), dtype=torch.bool), params.repetition_penalty)
+        return
     hist = _ids(history)
     path_tokens = _ids([t for path in paths for t in path])
     path_rows = _ids([i for i, path in enumerate(paths) for _ in path])

@@ -101,6 +101,21 @@ def test_a_row_of_a_tree_is_processed_as_plain_decoding_would_after_its_path() -
         torch.testing.assert_close(together[i : i + 1], alone)
 
 
+def test_a_plain_row_is_penalized_as_a_tree_row_and_as_transformers_does() -> None:
+    """The one-row path (a plain row, repetition penalty only, numpy's mask of the seen ids) against the general
+    path (two rows) and transformers, bit for bit, on a real vocabulary with ids past its columns."""
+    gen = torch.Generator().manual_seed(4)
+    vocab = 49152
+    history = torch.randint(0, vocab + 100, (830,), generator=gen).tolist()
+    logits = torch.randn(2, vocab, generator=gen) * 4
+    params = SamplingParams(repetition_penalty=1.1)
+    alone = process_rows(logits[:1], params, history, 700, [[]], None)
+    assert torch.equal(alone[0], process_rows(logits, params, history, 700, [[], []], None)[0])
+    kept = torch.tensor([[t for t in history if t < vocab]])
+    torch.testing.assert_close(alone, RepetitionPenaltyLogitsProcessor(1.1)(kept, logits[:1].clone()), rtol=0, atol=0)
+    assert not torch.equal(alone[0], logits[0])
+
+
 def test_token_ids_past_the_logits_columns_are_left_out() -> None:
     """A model whose output layer is smaller than its tokenizer's vocabulary: ids without a column change nothing,
     and the prompt/output split still counts only the output's tokens."""

@@ -286,3 +286,44 @@ def test_the_cpu_race_draws_only_from_its_row_and_never_a_zero() -> None:
         sample_from_probs(probs, [None, make_generator(seed, "cpu"), None, None])[1].item() for seed in range(200)
     ]
     assert alone == batched and set(alone) == {5, 900, 40000}
+
+
+@pytest.mark.parametrize("spread", [6.0, 3.0, 0.3])
+def test_a_plain_top_p_row_on_the_cpu_draws_what_the_full_filter_draws(spread: float) -> None:
+    """sample_rows' nucleus path (a plain top-p row on the CPU) keeps filter_logits' set and, seeded, draws the
+    token that softmax over filter_logits and the race draw with the same generator; a nucleus wider than the
+    candidates is left to the full filter, with the same result."""
+    from specdesk.engine import sampler
+
+    gen = torch.Generator().manual_seed(9)
+    logits = torch.randn(40, 49152, generator=gen) * spread
+    params = SamplingParams(temperature=0.7, top_p=0.9, seed=1)
+    taken = 0
+    for row in range(logits.shape[0]):
+        one = logits[row : row + 1]
+        tokens, finite = torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=torch.bool)
+        took = sampler._draw_nucleus(one[0], params, make_generator(row, "cpu"), tokens, finite, 0)
+        expected = sample_from_probs(filter_logits(one, [params]).softmax(-1), [make_generator(row, "cpu")])
+        assert sample_rows(one, [params], [make_generator(row, "cpu")], [[]]).tokens == expected.tolist()
+        if took:
+            assert tokens.tolist() == expected.tolist() and bool(finite[0])
+        taken += took
+    assert taken == logits.shape[0]
+    # 3.7e-5 of the mass lies 21 below the top, past every candidate span: top-p 0.99999 needs some of it.
+    wide = torch.zeros(49152)
+    wide[3] = 21.0
+    near_one = SamplingParams(temperature=1.0, top_p=0.99999, seed=1)
+    assert not sampler._draw_nucleus(wide, near_one, None, tokens, finite, 0)
+    assert filter_logits(wide[None], [near_one]).isfinite().sum() > 1  # the full filter keeps some of them
+    # Not for it: top-k, min-p, no top-p, or a row with drafts to judge.
+    for other in (SamplingParams(temperature=0.7, top_k=50), SamplingParams(temperature=0.7, top_p=0.9, min_p=0.1),
+                  SamplingParams(temperature=0.7)):  # fmt: skip
+        assert not sampler._draw_nucleus(logits[0], other, None, tokens, finite, 0)
+
+
+def test_the_nucleus_path_flags_a_broken_row() -> None:
+    logits = torch.randn(2, 49152) * 5
+    logits[1, 7] = float("nan")
+    params = SamplingParams(temperature=0.7, top_p=0.9)
+    draws = sample_rows(logits, [params, params], [None, None], [[], []])
+    assert draws.is_finite == [True, False]
