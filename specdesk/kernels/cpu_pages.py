@@ -29,6 +29,8 @@ _ALIGN = 64  # a cache line: every tensor starts on its own
 def zeros(nbytes: int) -> torch.Tensor:
     """A zeroed uint8 tensor of nbytes in a fresh anonymous mapping, on huge pages where the OS gives them (the
     pages come zeroed and are only backed as they are touched)."""
+    if not hasattr(mmap, "MAP_PRIVATE"):  # Windows: no mapping flags, no transparent huge pages
+        return torch.zeros(nbytes, dtype=torch.uint8)
     # Private: a shared anonymous mapping is shmem, which takes huge pages only where shmem_enabled says so.
     buf = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     raw = torch.frombuffer(buf, dtype=torch.uint8)  # holds a reference to the mapping: it lives while the tensor does
