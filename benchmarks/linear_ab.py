@@ -5,7 +5,7 @@ Each kernel runs the 120 linears of the stack (q/k/v, o, gate/up, down; the defa
 linear's activations quantized first, as `cpu_model.c` chains them, for a pass of 1 to 512 tokens: decode
 steps, draft-tree verifications and prefill chunks. The weights are random (timing does not depend on their
 values) and distinct per layer, 30 layers of them, so a pass reads them from memory as a model's step does,
-laid out as the engine lays them (`cpu_pages.gather`: end to end, on huge pages where the OS gives them). The
+laid out as the engine lays them (`int8_linear.place_weights`: end to end, on huge pages where the OS gives them). The
 "head" column is the default model's output projection (576 -> 49152, Q8_0 in its file, so int8 here), timed
 right after the Q4_1 pass as a decode step runs it. The kinds alternate, seven rounds, each keeping its
 fastest; ms per pass, the ratio, and the weight bytes per pass. Each call goes through ctypes (a few
@@ -27,14 +27,14 @@ import argparse
 import json
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from benchmarks.common import build_kernels, kernel_sources_at
-from specdesk.kernels import cpu_int8, cpu_lib, cpu_pages, cpu_q4
+from specdesk.engine.models.int8_linear import place_weights
+from specdesk.kernels import cpu_int8, cpu_lib, cpu_q4
 
 # The default model's layer: (in_features, out_features) of q/k/v fused, o, gate/up fused, down.
 SHAPES = [(576, 960), (576, 576), (576, 3072), (1536, 576)]
@@ -54,13 +54,7 @@ def _weights(seed: int) -> dict[str, list[Any]]:
             int8.append(cpu_int8.quantize_weight(w))
             q4.append(cpu_q4.quantize_weight(w))
     head = [cpu_int8.quantize_weight(torch.randn(HEAD[1], HEAD[0], generator=gen) * 0.05)]
-    return {"int8": _placed(int8), "q4_1": _placed(q4), "head": _placed(head)}
-
-
-def _placed(weights: list[Any]) -> list[Any]:
-    fields = ("packed", "dm") if isinstance(weights[0], cpu_q4.Q4Weight) else ("packed", "scales", "wsum")
-    moved = iter(cpu_pages.gather([getattr(w, f) for w in weights for f in fields]))
-    return [replace(w, **{f: next(moved) for f in fields}) for w in weights]
+    return {"int8": place_weights(int8), "q4_1": place_weights(q4), "head": place_weights(head)}
 
 
 def _calls(lib: Any, kind: str, weights: list[Any], x: dict[int, torch.Tensor], threads: int,

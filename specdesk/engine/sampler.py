@@ -204,16 +204,22 @@ def _race_on_support(probs: Tensor, generators: list[torch.Generator | None]) ->
     of probability 0 never wins it), so a row draws a few hundred exponentials under top-p instead of one per
     vocabulary entry (49k of them took torch 1.1 ms a row on one thread). Same distribution; a row still draws
     only from its own generator."""
-    tiny = torch.finfo(torch.float32).tiny
     rows = probs.float().contiguous().numpy()
     out = torch.empty(probs.shape[0], dtype=torch.long)
     for i, (row, generator) in enumerate(zip(rows, generators, strict=True)):
         support = np.flatnonzero(row > 0)  # NaN compares false: such a row is reported as not finite anyway
         if support.size == 0:
             support = np.arange(row.size)
-        race = torch.empty(support.size, dtype=torch.float32).exponential_(generator=generator).clamp_(min=tiny)
-        out[i] = int(support[int((torch.from_numpy(row[support]) / race).argmax())])
+        out[i] = _race(support, row[support], generator)
     return out
+
+
+def _race(support: np.ndarray, p: np.ndarray, generator: torch.Generator | None) -> int:
+    """The exponential race among tokens `support` (in index order) of probabilities p (float32, unnormalized):
+    one Exp(1) draw per token from generator, the winner's id."""
+    race = torch.empty(support.size, dtype=torch.float32).exponential_(generator=generator)
+    race.clamp_(min=torch.finfo(torch.float32).tiny)  # a draw of 0 would make p / E inf
+    return int(support[int((torch.from_numpy(p) / race).argmax())])
 
 
 def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> Tensor:
@@ -337,9 +343,7 @@ def _draw_nucleus(row: Tensor, params: SamplingParams, generator: torch.Generato
     order = candidates[np.argsort(-scaled[candidates], kind="stable")]  # descending, ties in index order
     probs = exp[order] / total
     kept = np.sort(order[np.cumsum(probs) - probs < params.top_p])  # the top token always stays (0 above it)
-    race = torch.empty(kept.size, dtype=torch.float32).exponential_(generator=generator)
-    race.clamp_(min=torch.finfo(torch.float32).tiny)
-    tokens[i] = int(kept[int((torch.from_numpy(exp[kept] / np.float32(total)) / race).argmax())])
+    tokens[i] = _race(kept, exp[kept] / np.float32(total), generator)
     return True
 
 

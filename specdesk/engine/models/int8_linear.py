@@ -20,6 +20,7 @@ weights the checkpoint holds, reading half the bytes of int8 (quantization "q4_1
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -74,21 +75,25 @@ def quantize_linears(model: nn.Module, skip: nn.Module | None = None, weights: s
     return sum(isinstance(m, Q4Linear) for m in model.modules())
 
 
-def gather_weights(model: nn.Module) -> int:
-    """Move every quantized linear's kernel operands below model (the output projection's too) into one mapping on
-    huge pages, in the order a step reads them (`kernels/cpu_pages.py`: the hardware prefetcher then streams a
-    decode step's weights); the values stay the same. Returns the bytes moved."""
+# The kernel operands of each weight kind, in the order its kernel reads them.
+_OPERANDS: dict[type, tuple[str, ...]] = {cpu_q4.Q4Weight: ("packed", "dm"),
+                                          cpu_int8.Int8Weight: ("packed", "scales", "wsum")}  # fmt: skip
+
+
+def place_weights(weights: list[Any]) -> list[Any]:
+    """Copies of Int8Weight / Q4Weight objects whose kernel operands lie end to end, in this order, in one mapping
+    on huge pages (`kernels/cpu_pages.py`: the hardware prefetcher then streams a decode step's weights); the values
+    stay the same."""
+    fields = [_OPERANDS[type(w)] for w in weights]
+    moved = iter(cpu_pages.gather([getattr(w, f) for w, fs in zip(weights, fields, strict=True) for f in fs]))
+    return [replace(w, **{f: next(moved) for f in fs}) for w, fs in zip(weights, fields, strict=True)]
+
+
+def gather_weights(model: nn.Module) -> None:
+    """`place_weights` for every quantized linear below model (the output projection's too), in module order: the
+    order a step reads them."""
     linears = [m for m in model.modules() if isinstance(m, Int8Linear | Q4Linear)]
-    tensors: list[torch.Tensor] = []
-    for m in linears:
-        if isinstance(m, Q4Linear):
-            tensors += [m.weight_q4.packed, m.weight_q4.dm]
-        else:
-            tensors += [m.weight_int8.packed, m.weight_int8.scales, m.weight_int8.wsum]
-    moved = iter(cpu_pages.gather(tensors))
-    for m in linears:
-        if isinstance(m, Q4Linear):
-            m.weight_q4 = replace(m.weight_q4, packed=next(moved), dm=next(moved))
-        else:
-            m.weight_int8 = replace(m.weight_int8, packed=next(moved), scales=next(moved), wsum=next(moved))
-    return sum(t.numel() * t.element_size() for t in tensors)
+    attrs = ["weight_q4" if isinstance(m, Q4Linear) else "weight_int8" for m in linears]
+    placed = place_weights([getattr(m, a) for m, a in zip(linears, attrs, strict=True)])
+    for m, a, w in zip(linears, attrs, placed, strict=True):
+        setattr(m, a, w)
