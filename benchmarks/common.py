@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import json
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -28,6 +30,33 @@ def worker_result(argv: list[str], what: str) -> dict[str, Any]:
     if not results:
         raise SystemExit(f"{what} failed (exit {proc.returncode})")
     return json.loads(results[-1][len(RESULT) :])
+
+
+def add_turn_args(ap: argparse.ArgumentParser) -> None:
+    """The options of an end-to-end A/B over `benchmarks.cpu`'s turns, one worker process per thread count."""
+    ap.add_argument("--threads", type=int, nargs="+", default=None, help="default: 1 and the machine's cores")
+    ap.add_argument("--turns", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def run_workers(module: str, args: argparse.Namespace, extra: list[str]) -> list[dict[str, Any]]:
+    """`worker_result` of `python -m module --worker T` for each thread count of `args` (add_turn_args'; default 1
+    and the machine's cores): an engine's thread settings hold for its whole process, as in benchmarks.cpu."""
+    results = []
+    for t in args.threads or sorted({1, os.cpu_count() or 1}):
+        argv = [module, "--worker", str(t), "--turns", str(args.turns), "--max-tokens", str(args.max_tokens), *extra]
+        results.append(worker_result(argv, f"the {t}-thread run"))
+    return results
+
+
+def write_results(module: str, path: str | None, results: list[dict[str, Any]], argv: list[str] | None = None) -> None:
+    """The results as JSON at path (if given), with the command that produced them (argv: main's, else the
+    process's)."""
+    if path:
+        command = f"python -m {module} " + " ".join(argv if argv is not None else sys.argv[1:])
+        Path(path).write_text(json.dumps({"command": command, "results": results}, indent=2) + "\n")
 
 
 @dataclass

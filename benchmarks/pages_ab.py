@@ -20,10 +20,9 @@ import os
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULT, worker_result
+from benchmarks.common import RESULT, add_turn_args, run_workers, write_results
 from benchmarks.cpu import PENALTY, second_turns
 
 SIDES = ("4 KiB pages", "huge pages")
@@ -87,29 +86,19 @@ def table(results: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--threads", type=int, nargs="+", default=None, help="default: 1 and the machine's cores")
-    ap.add_argument("--turns", type=int, default=8)
-    ap.add_argument("--max-tokens", type=int, default=128)
+    add_turn_args(ap)
     ap.add_argument("--temperature", type=float, default=0.0, help="0.7: the console's (with top-p 0.9, seeded)")
-    ap.add_argument("--out", default=None, help="write the results as JSON here")
-    ap.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker is not None:
         print(RESULT + json.dumps(worker(args.worker, args.turns, args.max_tokens, args.temperature)), flush=True)
         return
-    results = []
-    for t in args.threads or sorted({1, os.cpu_count() or 1}):  # one process per thread count, as benchmarks.cpu
-        argv = ["benchmarks.pages_ab", "--worker", str(t), "--turns", str(args.turns),
-                "--max-tokens", str(args.max_tokens), "--temperature", str(args.temperature)]  # fmt: skip
-        results.append(worker_result(argv, f"the {t}-thread run"))
+    results = run_workers("benchmarks.pages_ab", args, ["--temperature", str(args.temperature)])
     print(table(results))
     for r in results:
         print(f"[{r['threads']} threads] bytes on huge pages after loading: {r['huge_page_bytes']}")
         if not r["same_tokens"]:
             print(f"[{r['threads']} threads] the two engines' tokens differ: a bug", file=sys.stderr)
-    if args.out:
-        Path(args.out).write_text(json.dumps({"command": "python -m benchmarks.pages_ab " + " ".join(sys.argv[1:]),
-                                              "results": results}, indent=2) + "\n")  # fmt: skip
+    write_results("benchmarks.pages_ab", args.out, results, argv)
 
 
 if __name__ == "__main__":

@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULT, worker_result
+from benchmarks.common import RESULT, add_turn_args, run_workers, write_results
 from benchmarks.cpu import PENALTY, second_turns
 
 
@@ -98,33 +96,22 @@ def table(results: list[dict[str, Any]], speculators: list[str]) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("speculators", nargs="+", help="EngineConfig.speculator values: 'default' or folders")
-    ap.add_argument("--threads", type=int, nargs="+", default=None, help="default: 1 and the machine's cores")
     ap.add_argument("--model", default=None, help="default: the built-in default model")
-    ap.add_argument("--turns", type=int, default=8)
-    ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--out", default=None, help="write the results as JSON here")
-    ap.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    add_turn_args(ap)
     args = ap.parse_args(argv)
     if args.worker is not None:
         result = worker(args.worker, args.speculators, args.turns, args.max_tokens, args.model)
         print(RESULT + json.dumps(result), flush=True)
         return
-    results = []
-    for t in args.threads or sorted({1, os.cpu_count() or 1}):  # one process per thread count, as benchmarks.cpu
-        argv = ["benchmarks.speculator_ab", *args.speculators, "--worker", str(t),
-                "--turns", str(args.turns), "--max-tokens", str(args.max_tokens)]  # fmt: skip
-        if args.model:
-            argv += ["--model", args.model]
-        results.append(worker_result(argv, f"the {t}-thread run"))
+    model = ["--model", args.model] if args.model else []
+    results = run_workers("benchmarks.speculator_ab", args, [*args.speculators, *model])
     print(table(results, args.speculators))
     for r in results:  # speculation is exact: a difference is a bug, not a figure
         for s in args.speculators:
             if r[s]["identical_to_plain"] != r["turns"]:
                 print(f"[{r['threads']} threads] {s}: only {r[s]['identical_to_plain']} of {r['turns']} turns equal "
                       "plain decoding's tokens", file=sys.stderr)  # fmt: skip
-    if args.out:
-        command = "python -m benchmarks.speculator_ab " + " ".join(argv if argv is not None else sys.argv[1:])
-        Path(args.out).write_text(json.dumps({"command": command, "results": results}, indent=2) + "\n")
+    write_results("benchmarks.speculator_ab", args.out, results, argv)
 
 
 if __name__ == "__main__":

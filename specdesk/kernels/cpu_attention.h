@@ -1,5 +1,6 @@
-/* What the CPU attention kernels share (cpu_attention.c: the paths of machines without AVX-512 BF16;
- * cpu_attention_grouped.c: tasks of queries that read the same keys, with AVX-512 BF16). */
+/* What the CPU attention kernels share (cpu_attention.c: the dispatch and the paths of one task per query;
+ * cpu_attention_avx2.c and cpu_attention_grouped.c: tasks of queries that read the same keys, with AVX2 and with
+ * AVX-512 BF16). */
 #ifndef SPECDESK_CPU_ATTENTION_H
 #define SPECDESK_CPU_ATTENTION_H
 #include <stdint.h>
@@ -14,11 +15,16 @@ typedef struct {
     uint16_t *out; /* [T, H, D] */
 } attention_args;
 
+/* Entries lo .. hi - 1 of the visible key list of query token `token` (see cpu_attention.c), as page slots into
+ * slots[0 ..]; returns the length of the whole list. (cpu_attention.c) */
+int64_t visible_range(const attention_args *A, int64_t token, int64_t lo, int64_t hi, int64_t *slots);
+
 /* A task of the grouped paths: queries first .. first + count - 1 of one sequence and KV head (a query is token
  * * heads per group + head within the group, counted among the sequence's); end_cost: the estimated cost
  * (query-keys) of this task and all before it. */
 typedef struct {
     int64_t seq, group, first, count, end_cost;
+    int64_t seg, split; /* split (cpu_attention_avx2.c): the task covers segment seg of its queries' lists only */
 } attention_task;
 
 /* The pass's tasks (malloc'd; the caller frees), at most max_queries queries each and of equal sizes within a
@@ -37,4 +43,7 @@ static inline int task_in_part(const attention_task *tasks, int64_t num_tasks, i
 /* Attention of every query of the pass with tasks of queries that read the same keys; returns 0. Built where
  * the compiler targets AVX-512 BF16 (cpu_attention_grouped.c). */
 int grouped_attention(const attention_args *A, int threads);
+
+/* The same with AVX2 and FMA (cpu_attention_avx2.c); returns 0, or -1 if out of memory. */
+int grouped_avx2(const attention_args *A, int threads);
 #endif

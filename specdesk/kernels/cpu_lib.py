@@ -28,6 +28,7 @@ _SOURCES = [
         "cpu_int8.c",
         "cpu_q4.c",
         "cpu_attention.c",
+        "cpu_attention_avx2.c",
         "cpu_attention_grouped.c",
         "cpu_fused.c",
         "cpu_model.c",

@@ -1,0 +1,139 @@
+"""`python -m benchmarks.kernels_ab`: the CPU console's engine end to end on the C kernels of a git revision
+against the same engine on the working tree's, side by side in one process per thread count.
+
+One engine (`quantization="auto"`, the console's path) runs every turn twice, once on each build of the
+kernels (the C sources of `--against`, default HEAD, and of the working tree, each compiled as
+`specdesk.kernels.cpu_lib` compiles them, into a folder of its own): `cpu_lib.library()` answers with one
+build or the other, and the engine calls the kernels through it on every pass. The turns are
+`benchmarks.cpu`'s (the second customer turn of held-out conversations under the console's persona prompt,
+`--max-tokens` tokens, repetition penalty 1.1, nothing cached), each first as a prefill alone (one token)
+and then whole, plain and with default speculation, the two builds in an order that rotates from turn to
+turn. Reported: prefill ms, tokens/s per turn (prefill included), the ratios, whether both builds gave the
+same tokens (a kernel change that keeps the arithmetic must; one that changes it may move a greedy choice),
+and, per build, on how many turns speculation gave plain decoding's tokens (all of them, or it is a bug).
+
+    python -m benchmarks.kernels_ab --out docs/bench_kernels_ab.json      # HEAD vs the working tree
+    python -m benchmarks.kernels_ab --against HEAD~2 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import RESULT, add_turn_args, build_kernels, kernel_sources_at, run_workers, write_results
+from benchmarks.cpu import PENALTY, second_turns
+
+SIDES = ("old", "new")
+RUNS = ("prefill", "plain", "speculation")
+
+
+class _Switch:
+    """`cpu_lib.library` for the benchmark: the build of the side set last."""
+
+    def __init__(self, libs: dict[str, Any]) -> None:
+        self.libs, self.side = libs, "new"
+
+    def __call__(self) -> Any:
+        return self.libs[self.side]
+
+
+def worker(threads: int, against: str, turns: int, n: int, model: str | None = None) -> dict[str, Any]:
+    """Both builds at one thread count, in this process (model: default, the built-in default model)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from specdesk.engine.llm import LLM
+    from specdesk.engine.sampling_params import SamplingParams
+    from specdesk.kernels import cpu_lib
+
+    with tempfile.TemporaryDirectory() as tmp:
+        libs = {"old": build_kernels(kernel_sources_at(against, Path(tmp)), Path(tmp) / "old"),
+                "new": build_kernels(None, Path(tmp) / "new")}  # fmt: skip
+        switch, library = _Switch(libs), cpu_lib.library
+        cpu_lib.library = switch  # type: ignore[assignment]  # every kernel call asks it for the library
+        llm = None
+        try:
+            llm = LLM(model, quantization="auto", dtype="auto", num_threads=threads)
+            for switch.side in SIDES:  # warm-up on each build
+                llm.generate([[1, 2, 3]], SamplingParams(max_tokens=8, ignore_eos=True))
+            prompt_ids = [llm.apply_chat_template(m) for m in second_turns(turns)]
+            params = SamplingParams(max_tokens=n, ignore_eos=True, repetition_penalty=PENALTY)
+            cases = [(s, run) for run in RUNS for s in SIDES]
+            seconds = dict.fromkeys(cases, 0.0)
+            tokens: dict[tuple[str, str], list[list[int]]] = {c: [] for c in cases}
+            for i, ids in enumerate(prompt_ids):
+                for run in RUNS:
+                    for switch.side in SIDES[i % 2 :] + SIDES[: i % 2]:
+                        llm.reset_prefix_cache()
+                        llm.forget_replies()
+                        turn = replace(params, max_tokens=1) if run == "prefill" else replace(
+                            params, speculate=run == "speculation")  # fmt: skip
+                        start = time.perf_counter()
+                        out = llm.generate([ids], turn)[0]
+                        seconds[switch.side, run] += time.perf_counter() - start
+                        tokens[switch.side, run].append(out.token_ids)
+        finally:
+            if llm is not None:
+                llm.shutdown()
+            cpu_lib.library = library
+    result: dict[str, Any] = {
+        "threads": threads, "against": against, "turns": len(prompt_ids), "max_tokens": n,
+        "prompt_tokens": sum(map(len, prompt_ids)) / len(prompt_ids),
+        "same_tokens": all(tokens["old", run] == tokens["new", run] for run in RUNS),
+        "turns_alike": sum(a == b for a, b in zip(tokens["old", "plain"], tokens["new", "plain"], strict=True)),
+        "speculation_exact": {s: sum(a == b for a, b in zip(tokens[s, "plain"], tokens[s, "speculation"], strict=True))
+                              for s in SIDES},
+    }  # fmt: skip
+    for s in SIDES:
+        result[f"{s}, prefill ms"] = 1000 * seconds[s, "prefill"] / len(prompt_ids)
+        for run in RUNS[1:]:
+            result[f"{s}, {run} tok/s"] = n * len(prompt_ids) / seconds[s, run]
+    return result
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    lines = ["| threads | measure | old | new | new vs old | same tokens |", "|---|---|---|---|---|---|"]
+    for r in results:
+        same = "yes" if r["same_tokens"] else "NO"
+        old, new = r["old, prefill ms"], r["new, prefill ms"]
+        lines.append(f"| {r['threads']} | prefill ms ({r['prompt_tokens']:.0f} tokens) | {old:.0f} | {new:.0f} | "
+                     f"{old / new:.2f}x | {same} |")  # fmt: skip
+        for run in RUNS[1:]:
+            old, new = r[f"old, {run} tok/s"], r[f"new, {run} tok/s"]
+            lines.append(f"| {r['threads']} | {run} tok/s per turn | {old:.1f} | {new:.1f} | {new / old:.2f}x | "
+                         f"{same} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--against", default="HEAD", help="the git revision whose kernels are the 'old' side")
+    ap.add_argument("--model", default=None, help="default: the built-in default model")
+    add_turn_args(ap)
+    args = ap.parse_args(argv)
+    if args.worker is not None:
+        result = worker(args.worker, args.against, args.turns, args.max_tokens, args.model)
+        print(RESULT + json.dumps(result), flush=True)
+        return
+    model = ["--model", args.model] if args.model else []
+    results = run_workers("benchmarks.kernels_ab", args, ["--against", args.against, *model])
+    print(table(results))
+    for r in results:
+        exact = ", ".join(f"{s} {n}/{r['turns']}" for s, n in r["speculation_exact"].items())
+        print(f"[{r['threads']} threads] plain turns alike on both builds: {r['turns_alike']}/{r['turns']} (a change "
+              f"of the arithmetic may move a greedy choice; one that keeps it may not); speculation gives plain's "
+              f"tokens: {exact}")  # fmt: skip
+        if any(n != r["turns"] for n in r["speculation_exact"].values()):
+            print(f"[{r['threads']} threads] speculation changed a reply: a bug", file=sys.stderr)
+    write_results("benchmarks.kernels_ab", args.out, results, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,300 @@
+/* Paged attention with tasks of queries that read the same keys, for CPUs with AVX2 and FMA but not AVX-512 (the
+ * grouped idea of cpu_attention_grouped.c without its bf16 dot products; the dispatch and the arithmetic contract
+ * are in cpu_attention.c): up to GQ queries of one sequence and KV head, whose key and value rows are converted
+ * to float32 once per block of KB list entries for every query reading them, instead of once per query. Each
+ * query's arithmetic is `attend`'s AVX2 loop step for step (the same FMA chain per key, and per segment of its
+ * list the same softmax8, weighted sum in key order and join, cpu_attention_avx2.h): the per-query build
+ * (-DSPECDESK_PER_QUERY) gives the same bits, a test says so.
+ *
+ * Why segments: a decode step has one task per KV head (3 for the default model), and 3 tasks on 2 threads
+ * left one thread idle a third of the time while the other read two heads' pages. Where the tasks are that
+ * few, each is cut by segment, the segments run as tasks of their own, and a last parallel step joins each
+ * query's segments; the arithmetic is the same either way, since a query's segments are always joined one by
+ * one in order.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpu_attention.h"
+#include "cpu_attention_avx2.h"
+#include "cpu_common.h"
+
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__) && !defined(SPECDESK_PER_QUERY)
+#define GQ 32
+#define KB 16
+#define PREFETCH 2 /* blocks ahead (prefetch_block) */
+#define PREFETCH_QUERIES 16 /* in tasks of at most this many queries */
+#define PARTIALS_MAX (16 << 20) /* bytes of segment results a split pass may hold (decode and trees: ~100 KB) */
+
+typedef struct {
+    const attention_args *A;
+    const attention_task *tasks;
+    int64_t num_tasks, longest, segments; /* segments: the most a query of the pass has */
+    float *partials; /* split tasks: per query (token * heads + head) and segment, [max, sum, o[d]] */
+    int64_t *counts; /* split tasks: per query, its visible keys */
+} group_tasks;
+
+/* Rows slots[0 .. live) of the cache at base (a KV head's columns) as float32, kf[l * d ..]. */
+static void convert_rows(const uint16_t *base, int64_t stride, const int64_t *slots, int64_t live, int64_t d, float *kf) {
+    for (int64_t l = 0; l < live; l++)
+        for (int64_t c = 0; c < d; c += 8) _mm256_storeu_ps(kf + l * d + c, load8_bf16(base + slots[l] * stride + c));
+}
+
+/* The rows of list entries [j, j + KB) of `keys` (page slots; n entries in all), on their way to the cache
+ * while an earlier block is computed: a step reads each layer's pages from memory, at addresses that follow
+ * the page table, which the hardware's prefetchers do not (without this, decode's attention waited on memory
+ * for most of its time at 1000 tokens of context). Loads nothing into registers: the arithmetic is unchanged. */
+static inline void prefetch_block(const uint16_t *base, int64_t stride, const int64_t *keys, int64_t j, int64_t n,
+                                  int64_t d) {
+    for (int64_t l = j; l < j + KB && l < n; l++)
+        for (int64_t e = 0; e < d; e += 32) _mm_prefetch((const char *)(base + keys[l] * stride + e), _MM_HINT_T0);
+}
+
+/* out[l] = scale * (q . row l) for l < live: `attend`'s AVX2 FMA chain and lane sum, on converted rows. One key's
+ * chain is a run of dependent FMAs, so keys run side by side: 8 at a time where the head's chunk count is a
+ * constant (head_dim 64: q and the 8 chains fill the 16 registers), else 4. Each key's own chain is unchanged. */
+static inline __attribute__((always_inline)) void score_keys(const __m256 *q, const float *r, int64_t d, float scale,
+                                                             float *out, const int chunks, const int keys) {
+    __m256 s[8];
+    for (int i = 0; i < keys; i++) s[i] = _mm256_mul_ps(q[0], _mm256_loadu_ps(r + i * d));
+    for (int c = 1; c < chunks; c++)
+        for (int i = 0; i < keys; i++) s[i] = _mm256_fmadd_ps(q[c], _mm256_loadu_ps(r + i * d + c * 8), s[i]);
+    for (int i = 0; i < keys; i += 4)
+        _mm_storeu_ps(out + i, _mm_mul_ps(hsum8x4(s[i], s[i + 1], s[i + 2], s[i + 3]), _mm_set1_ps(scale)));
+}
+
+static inline __attribute__((always_inline)) void score_rows_n(const uint16_t *qh, const float *rows, int64_t live,
+                                                               int64_t d, float scale, float *out, const int chunks,
+                                                               const int keys) {
+    __m256 q[32];
+    for (int c = 0; c < chunks; c++) q[c] = load8_bf16(qh + c * 8);
+    int64_t l = 0;
+    for (; l + keys <= live; l += keys) score_keys(q, rows + l * d, d, scale, out + l, chunks, keys);
+    for (; l + 4 <= live; l += 4) score_keys(q, rows + l * d, d, scale, out + l, chunks, 4);
+    for (; l < live; l++) {
+        __m256 sc = _mm256_mul_ps(q[0], _mm256_loadu_ps(rows + l * d));
+        for (int c = 1; c < chunks; c++) sc = _mm256_fmadd_ps(q[c], _mm256_loadu_ps(rows + l * d + c * 8), sc);
+        out[l] = hsum8(sc) * scale;
+    }
+}
+
+static inline void score_rows(const uint16_t *qh, const float *rows, int64_t live, int64_t d, float scale, float *out) {
+    if (d == 64)
+        score_rows_n(qh, rows, live, d, scale, out, 8, 8);
+    else
+        score_rows_n(qh, rows, live, d, scale, out, (int)(d / 8), 4);
+}
+
+/* acc[0 .. 8 * chunks) += p[l] * row l for l < live, key by key (each lane's sequence of FMAs is `attend`'s),
+ * with the accumulators in registers: `chunks` is a constant at each call site. */
+static inline __attribute__((always_inline)) void weigh8(const float *p, const float *rows, int64_t live, int64_t d,
+                                                         float *acc, const int chunks) {
+    __m256 o[8];
+    for (int c = 0; c < chunks; c++) o[c] = _mm256_loadu_ps(acc + c * 8);
+    for (int64_t l = 0; l < live; l++) {
+        const __m256 pl = _mm256_set1_ps(p[l]);
+        for (int c = 0; c < chunks; c++) o[c] = _mm256_fmadd_ps(pl, _mm256_loadu_ps(rows + l * d + c * 8), o[c]);
+    }
+    for (int c = 0; c < chunks; c++) _mm256_storeu_ps(acc + c * 8, o[c]);
+}
+
+/* acc += p[l] * row l for l < live: weigh8 over the head's columns, 64 at a time. */
+static inline void weigh_rows(const float *p, const float *rows, int64_t live, int64_t d, float *acc) {
+    int64_t c = 0;
+    for (; c + 64 <= d; c += 64) weigh8(p, rows + c, live, d, acc + c, 8);
+    for (; c + 16 <= d; c += 16) weigh8(p, rows + c, live, d, acc + c, 2);
+}
+
+/* Task T's queries over the segments it covers: all of them (joined here, in order, and written out), or, for a
+ * split task, segment T->seg alone (its [max, sum, o] kept in G->partials for combine_part). */
+static void run_group(const group_tasks *G, const attention_task *T, int64_t *slots, float *scores, float *rows,
+                      float *acc, float *state) {
+    const attention_args *A = G->A;
+    const int64_t d = A->head_dim, per_group = A->heads / A->kv_heads, stride = A->kv_heads * d;
+    const int64_t seq = T->seq, group = T->group, first = T->first, count = T->count;
+    const int64_t list = G->longest + 1, q_start = A->query_start[seq];
+    const int64_t lo = T->split ? T->seg * SEGMENT : 0, hi = T->split ? lo + SEGMENT : INT64_MAX;
+    int64_t n[GQ], most = 0, longest = 0; /* longest: the query whose list is longest (its entries are prefetched) */
+    const uint16_t *qh[GQ];
+    const int64_t *keys[GQ]; /* each query's visible list from entry lo (page slots); a token's heads share it */
+    /* Without a tree mask each token's list is the start of the task's last token's: one list serves all. */
+    const int64_t last = q_start + (first + count - 1) / per_group;
+    const int64_t n_last = A->tree_mask ? 0 : visible_range(A, last, lo, hi, slots);
+    for (int64_t qi = 0; qi < count; qi++) {
+        const int64_t token = q_start + (first + qi) / per_group, h = group * per_group + (first + qi) % per_group;
+        qh[qi] = A->q + token * A->q_stride + h * d;
+        if (!A->tree_mask) {
+            keys[qi] = slots, n[qi] = n_last - (last - token);
+        } else if (qi > 0 && (first + qi) % per_group != 0) {
+            keys[qi] = keys[qi - 1], n[qi] = n[qi - 1];
+        } else {
+            keys[qi] = slots + qi * list;
+            n[qi] = visible_range(A, token, lo, hi, slots + qi * list);
+        }
+        if (n[qi] > most) most = n[qi], longest = qi;
+        if (T->split && T->seg == 0) G->counts[token * A->heads + h] = n[qi];
+    }
+    const int64_t end = most < hi ? most : hi, row = (T->split ? SEGMENT : G->longest) + 8;
+    /* Prefetching pays where few queries share a block (decode, small trees): with many, each block's
+     * arithmetic hides the memory's latency, and the prefetches only cost instructions. */
+    const int prefetch = count <= PREFETCH_QUERIES;
+    const int64_t *ahead = keys[longest] - lo; /* indexed by list entry */
+    const uint16_t *kb = A->k_cache + group * d, *vb = A->v_cache + group * d;
+    float seg_max[GQ], seg_sum[GQ], max[GQ], sum[GQ];
+    for (int64_t b = 0; prefetch && b < PREFETCH; b++) prefetch_block(kb, stride, ahead, lo + b * KB, end, d);
+    /* The scores of every entry, then, segment by segment, its softmax, its weighted sum of V and the join: each
+     * stream read front to back as one (the hardware's prefetchers follow it). */
+    for (int pass = 0; pass < 2; pass++) {
+        const uint16_t *base = pass ? vb : kb;
+        for (int64_t s0 = lo; s0 < end; s0 += SEGMENT) {
+            const int64_t s_end = s0 + SEGMENT < end ? s0 + SEGMENT : end;
+            for (int64_t qi = 0; pass == 1 && qi < count; qi++) {
+                if (n[qi] <= s0) continue;
+                float *sc = scores + qi * row + (s0 - lo);
+                const int64_t live = (n[qi] < s_end ? n[qi] : s_end) - s0;
+                seg_max[qi] = max8(sc, live);
+                seg_sum[qi] = softmax8(sc, live, seg_max[qi]);
+                memset(acc + qi * d, 0, sizeof(float) * (size_t)d);
+            }
+            for (int64_t j0 = s0; j0 < s_end; j0 += KB) { /* a block of list entries at a time, in list order */
+                if (prefetch && j0 + PREFETCH * KB < end) /* else the values' first blocks, after the keys */
+                    prefetch_block(base, stride, ahead, j0 + PREFETCH * KB, end, d);
+                else if (prefetch && pass == 0)
+                    prefetch_block(vb, stride, ahead, lo + (j0 + PREFETCH * KB - end) / KB * KB, end, d);
+                const int64_t *have = NULL; /* the slots `rows` holds, for have_live entries */
+                int64_t have_live = 0;
+                for (int64_t qi = 0; qi < count; qi++) {
+                    if (n[qi] <= j0) continue;
+                    const int64_t live = n[qi] - j0 < KB ? n[qi] - j0 : KB, *sl = keys[qi] + (j0 - lo);
+                    if (!have || have_live < live || (have != sl && memcmp(have, sl, sizeof(int64_t) * (size_t)live))) {
+                        convert_rows(base, stride, sl, live, d, rows);
+                        have = sl, have_live = live;
+                    }
+                    if (pass == 0)
+                        score_rows(qh[qi], rows, live, d, A->scale, scores + qi * row + (j0 - lo));
+                    else
+                        weigh_rows(scores + qi * row + (j0 - lo), rows, live, d, acc + qi * d);
+                }
+            }
+            for (int64_t qi = 0; pass == 1 && qi < count; qi++) {
+                if (n[qi] <= s0) continue;
+                if (T->split) {
+                    const int64_t token = q_start + (first + qi) / per_group;
+                    const int64_t h = group * per_group + (first + qi) % per_group;
+                    float *p = G->partials + ((token * A->heads + h) * G->segments + T->seg) * (d + 2);
+                    p[0] = seg_max[qi], p[1] = seg_sum[qi];
+                    memcpy(p + 2, acc + qi * d, sizeof(float) * (size_t)d);
+                } else {
+                    join_segment(&max[qi], &sum[qi], state + qi * d, seg_max[qi], seg_sum[qi], acc + qi * d, d,
+                                 s0 == 0);
+                }
+            }
+        }
+    }
+    if (T->split) return;
+    for (int64_t qi = 0; qi < count; qi++) {
+        const int64_t token = q_start + (first + qi) / per_group, h = group * per_group + (first + qi) % per_group;
+        uint16_t *out = A->out + (token * A->heads + h) * d;
+        for (int64_t e = 0; e < d; e++) out[e] = to_bf16(state[qi * d + e] / sum[qi]);
+    }
+}
+
+static void group_part(const void *a, int64_t part, int64_t parts) {
+    static __thread void *bufs[5];
+    static __thread size_t caps[5];
+    const group_tasks *G = a;
+    const int64_t d = G->A->head_dim;
+    int64_t *slots = scratch(&bufs[0], &caps[0], sizeof(int64_t) * (size_t)(GQ * (G->longest + 1)));
+    float *scores = scratch(&bufs[1], &caps[1], sizeof(float) * (size_t)(GQ * (G->longest + 8)));
+    float *rows = scratch(&bufs[2], &caps[2], sizeof(float) * (size_t)(KB * d));
+    float *acc = scratch(&bufs[3], &caps[3], sizeof(float) * (size_t)(GQ * d));
+    float *state = scratch(&bufs[4], &caps[4], sizeof(float) * (size_t)(GQ * d));
+    if (!(slots && scores && rows && acc && state)) return;
+    for (int64_t t = 0; t < G->num_tasks; t++)
+        if (task_in_part(G->tasks, G->num_tasks, t, part, parts))
+            run_group(G, G->tasks + t, slots, scores, rows, acc, state);
+}
+
+/* A split pass's last step: each query's segments joined in order, as run_group joins them, and written out. */
+static void combine_part(const void *a, int64_t part, int64_t parts) {
+    const group_tasks *G = a;
+    const attention_args *A = G->A;
+    const int64_t d = A->head_dim, queries = A->num_tokens * A->heads;
+    float state[256];
+    for (int64_t q = queries * part / parts; q < queries * (part + 1) / parts; q++) {
+        float max = 0.0f, sum = 0.0f;
+        for (int64_t s = 0; s * SEGMENT < G->counts[q]; s++) {
+            const float *p = G->partials + (q * G->segments + s) * (d + 2);
+            join_segment(&max, &sum, state, p[0], p[1], p + 2, d, s == 0);
+        }
+        for (int64_t e = 0; e < d; e++) A->out[q * d + e] = to_bf16(state[e] / sum);
+    }
+}
+
+/* The tasks of plan_tasks cut by segment (malloc'd; NULL if out of memory): per sequence, segment by segment,
+ * each of its tasks that reaches that far, so that a part's share of the tasks reads neighbouring pages. */
+static attention_task *split_tasks(const attention_args *A, const attention_task *tasks, int64_t k, int64_t segments,
+                                   int64_t *count) {
+    attention_task *out = malloc(sizeof(attention_task) * (size_t)(k * segments + 1));
+    if (!out) return NULL;
+    const int64_t per_group = A->heads / A->kv_heads;
+    int64_t n = 0, cost = 0;
+    for (int64_t t0 = 0, t1 = 0; t0 < k; t0 = t1) {
+        while (t1 < k && tasks[t1].seq == tasks[t0].seq) t1++; /* tasks t0 .. t1 - 1: one sequence's */
+        const int64_t seq = tasks[t0].seq, q_len = A->query_start[seq + 1] - A->query_start[seq];
+        const int64_t context = A->seq_lens[seq] - q_len;
+        for (int64_t s = 0; s < segments; s++)
+            for (int64_t t = t0; t < t1; t++) {
+                const int64_t keys = context + (tasks[t].first + tasks[t].count - 1) / per_group + 1 - s * SEGMENT;
+                if (keys <= 0) continue; /* at most: a tree node may see fewer */
+                cost += tasks[t].count * ((keys < SEGMENT ? keys : SEGMENT) + 64);
+                out[n] = tasks[t];
+                out[n].end_cost = cost, out[n].seg = s, out[n].split = 1;
+                n++;
+            }
+    }
+    *count = n;
+    return out;
+}
+
+/* The pass: where one task per KV head and sequence (plan_tasks for one thread) leaves fewer than two a thread
+ * (decode steps, small trees), those tasks cut by segment, so that each key is still read once; else tasks of
+ * plan_tasks for the threads. Returns -1 if out of memory. */
+int grouped_avx2(const attention_args *A, int threads) {
+    int64_t k = 0, longest = 0;
+    for (int64_t s = 0; s < A->num_seqs; s++) longest = A->seq_lens[s] > longest ? A->seq_lens[s] : longest;
+    const int64_t queries = A->num_tokens * A->heads, segments = (longest + SEGMENT - 1) / SEGMENT;
+    const size_t bytes = sizeof(float) * (size_t)(queries * segments * (A->head_dim + 2));
+    attention_task *tasks = plan_tasks(A, 1, GQ, &k);
+    if (!tasks) return -1;
+    group_tasks G = {A, tasks, k, longest, segments, NULL, NULL};
+    if (threads > 1 && k < 2 * threads && segments > 1 && bytes <= PARTIALS_MAX) {
+        attention_task *split = split_tasks(A, tasks, k, segments, &G.num_tasks);
+        G.partials = malloc(bytes);
+        G.counts = malloc(sizeof(int64_t) * (size_t)queries);
+        const int ready = split && G.partials && G.counts;
+        if (ready) {
+            G.tasks = split;
+            run_parallel(group_part, &G, (int)(G.num_tasks < threads ? G.num_tasks : threads));
+            run_parallel(combine_part, &G, (int)(queries < threads ? queries : threads));
+        }
+        free(split), free(G.partials), free(G.counts);
+        if (ready) {
+            free(tasks);
+            return 0;
+        }
+        G.partials = NULL, G.counts = NULL; /* out of memory for them: the tasks below */
+    }
+    if (threads > 1) {
+        free(tasks);
+        if (!(tasks = plan_tasks(A, threads, GQ, &k))) return -1;
+        G.tasks = tasks;
+    }
+    G.num_tasks = k;
+    if (k > 0) run_parallel(group_part, &G, (int)(k < threads ? k : threads));
+    free(tasks);
+    return 0;
+}
+#endif
