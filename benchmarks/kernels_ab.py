@@ -10,10 +10,12 @@ build or the other, and the engine calls the kernels through it on every pass. T
 and then whole, plain and with default speculation, the two builds in an order that rotates from turn to
 turn. Reported: prefill ms, tokens/s per turn (prefill included), the ratios, whether both builds gave the
 same tokens (a kernel change that keeps the arithmetic must; one that changes it may move a greedy choice),
-and, per build, on how many turns speculation gave plain decoding's tokens (all of them, or it is a bug).
+and, per build, on how many turns speculation gave plain decoding's tokens (all of them, or it is a bug). With
+`--quality`, each build's logits at every prompt position against the unquantized float32 model's (top-1
+agreement and KL): how a change of the arithmetic moved the quantized path's accuracy.
 
     python -m benchmarks.kernels_ab --out docs/bench_kernels_ab.json      # HEAD vs the working tree
-    python -m benchmarks.kernels_ab --against HEAD~2 --threads 2
+    python -m benchmarks.kernels_ab --against HEAD~2 --threads 2 --quality
 """
 
 from __future__ import annotations
@@ -44,8 +46,44 @@ class _Switch:
         return self.libs[self.side]
 
 
-def worker(threads: int, against: str, turns: int, n: int, model: str | None = None) -> dict[str, Any]:
-    """Both builds at one thread count, in this process (model: default, the built-in default model)."""
+def prompt_logits(llm: Any, prompts: list[list[int]]) -> list[Any]:
+    """The model's float32 logits at every position of each prompt, in one pass each, on a KV pool of its own."""
+    import contextlib
+
+    import torch
+
+    from specdesk.engine.attention_metadata import AttentionMetadata
+    from specdesk.engine.config import EngineConfig
+    from specdesk.engine.model_runner import ModelRunner
+
+    runner = ModelRunner(EngineConfig(num_blocks=max(map(len, prompts)) // 16 + 2), llm.loaded)
+    out = []
+    with torch.inference_mode(), contextlib.closing(runner):
+        for ids in prompts:
+            meta = AttentionMetadata.build([list(range(len(ids) // 16 + 1))], [len(ids)], [len(ids)], 16)
+            hidden = runner.model(torch.tensor(ids), torch.arange(len(ids)), runner.kv_caches, meta)
+            out.append(runner.model.compute_logits(hidden).float())
+    return out
+
+
+def against_reference(logits: list[Any], reference: list[Any]) -> dict[str, float]:
+    """Top-1 agreement (percent of positions) and mean KL(reference || this) of two models' prompt logits."""
+    import torch
+
+    same = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(logits, reference, strict=True))
+    positions = sum(a.shape[0] for a in logits)
+    kl_div = torch.nn.functional.kl_div
+    kl = sum(float(kl_div(a.log_softmax(-1), b.log_softmax(-1), log_target=True, reduction="sum"))
+             for a, b in zip(logits, reference, strict=True))  # fmt: skip
+    return {"positions": positions, "top1_percent": 100 * same / positions, "kl": kl / positions}
+
+
+def worker(
+    threads: int, against: str, turns: int, n: int, model: str | None = None, quality: bool = False
+) -> dict[str, Any]:
+    """Both builds at one thread count, in this process (model: default, the built-in default model). quality:
+    also each build's prompt logits against the model's unquantized float32 ones (top-1 agreement and KL at
+    every prompt position): whether a change of the arithmetic moved the quantized path's accuracy."""
     import torch
 
     torch.set_num_threads(threads)
@@ -79,10 +117,19 @@ def worker(threads: int, against: str, turns: int, n: int, model: str | None = N
                         out = llm.generate([ids], turn)[0]
                         seconds[switch.side, run] += time.perf_counter() - start
                         tokens[switch.side, run].append(out.token_ids)
+            logits = {}
+            for switch.side in SIDES if quality else ():
+                logits[switch.side] = prompt_logits(llm, prompt_ids)
         finally:
             if llm is not None:
                 llm.shutdown()
             cpu_lib.library = library
+    if quality:
+        reference = LLM(model, dtype="float32", quantization=None, speculator=None, num_threads=threads)
+        try:
+            exact = prompt_logits(reference, prompt_ids)
+        finally:
+            reference.shutdown()
     result: dict[str, Any] = {
         "threads": threads, "against": against, "turns": len(prompt_ids), "max_tokens": n,
         "prompt_tokens": sum(map(len, prompt_ids)) / len(prompt_ids),
@@ -91,6 +138,8 @@ def worker(threads: int, against: str, turns: int, n: int, model: str | None = N
         "speculation_exact": {s: sum(a == b for a, b in zip(tokens[s, "plain"], tokens[s, "speculation"], strict=True))
                               for s in SIDES},
     }  # fmt: skip
+    if quality:
+        result["vs_float32"] = {s: against_reference(logits[s], exact) for s in SIDES}
     for s in SIDES:
         result[f"{s}, prefill ms"] = 1000 * seconds[s, "prefill"] / len(prompt_ids)
         for run in RUNS[1:]:
@@ -116,20 +165,25 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--against", default="HEAD", help="the git revision whose kernels are the 'old' side")
     ap.add_argument("--model", default=None, help="default: the built-in default model")
+    ap.add_argument("--quality", action="store_true", help="also each build's prompt logits against float32's")
     add_turn_args(ap)
     args = ap.parse_args(argv)
     if args.worker is not None:
-        result = worker(args.worker, args.against, args.turns, args.max_tokens, args.model)
+        result = worker(args.worker, args.against, args.turns, args.max_tokens, args.model, args.quality)
         print(RESULT + json.dumps(result), flush=True)
         return
-    model = ["--model", args.model] if args.model else []
-    results = run_workers("benchmarks.kernels_ab", args, ["--against", args.against, *model])
+    extra = ["--against", args.against, *(["--model", args.model] if args.model else [])]
+    extra += ["--quality"] if args.quality else []
+    results = run_workers("benchmarks.kernels_ab", args, extra)
     print(table(results))
     for r in results:
         exact = ", ".join(f"{s} {n}/{r['turns']}" for s, n in r["speculation_exact"].items())
         print(f"[{r['threads']} threads] plain turns alike on both builds: {r['turns_alike']}/{r['turns']} (a change "
               f"of the arithmetic may move a greedy choice; one that keeps it may not); speculation gives plain's "
               f"tokens: {exact}")  # fmt: skip
+        for s, q in r.get("vs_float32", {}).items():
+            print(f"[{r['threads']} threads] {s} build vs float32 on {q['positions']} prompt positions: top-1 "
+                  f"{q['top1_percent']:.2f} %, KL {q['kl']:.5f}")  # fmt: skip
         if any(n != r["turns"] for n in r["speculation_exact"].values()):
             print(f"[{r['threads']} threads] speculation changed a reply: a bug", file=sys.stderr)
     write_results("benchmarks.kernels_ab", args.out, results, argv)
