@@ -96,6 +96,7 @@ static void attend(const attention_args *A, int64_t token, int64_t h, int64_t *s
     __m256 q[32], acc[32];
     float max = 0.0f, part[256];
     for (int64_t c = 0; c < chunks; c++) q[c] = load8_bf16(qh + c * 8);
+    for (int64_t e = 0; n == 0 && e < d; e++) o[e] = 0.0f; /* no key to see: 0 / 0, as the grouped tasks give */
     for (int64_t s0 = 0; s0 < n; s0 += SEGMENT) {
         const int64_t live = n - s0 < SEGMENT ? n - s0 : SEGMENT;
         for (int64_t j = 0; j < live; j++) {

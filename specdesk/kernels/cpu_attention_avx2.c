@@ -140,10 +140,10 @@ static void run_group(const group_tasks *G, const attention_task *T, int64_t *sl
     /* Prefetching pays where few queries share a block (decode, small trees): with many, each block's
      * arithmetic hides the memory's latency, and the prefetches only cost instructions. */
     const int prefetch = count <= PREFETCH_QUERIES;
-    const int64_t *ahead = keys[longest] - lo; /* indexed by list entry */
+    const int64_t *ahead = keys[longest]; /* list entries lo .. end, from 0 */
     const uint16_t *kb = A->k_cache + group * d, *vb = A->v_cache + group * d;
     float seg_max[GQ], seg_sum[GQ], max[GQ], sum[GQ];
-    for (int64_t b = 0; prefetch && b < PREFETCH; b++) prefetch_block(kb, stride, ahead, lo + b * KB, end, d);
+    for (int64_t b = 0; prefetch && b < PREFETCH; b++) prefetch_block(kb, stride, ahead, b * KB, end - lo, d);
     /* The scores of every entry, then, segment by segment, its softmax, its weighted sum of V and the join: each
      * stream read front to back as one (the hardware's prefetchers follow it). */
     for (int pass = 0; pass < 2; pass++) {
@@ -160,9 +160,9 @@ static void run_group(const group_tasks *G, const attention_task *T, int64_t *sl
             }
             for (int64_t j0 = s0; j0 < s_end; j0 += KB) { /* a block of list entries at a time, in list order */
                 if (prefetch && j0 + PREFETCH * KB < end) /* else the values' first blocks, after the keys */
-                    prefetch_block(base, stride, ahead, j0 + PREFETCH * KB, end, d);
+                    prefetch_block(base, stride, ahead, j0 - lo + PREFETCH * KB, end - lo, d);
                 else if (prefetch && pass == 0)
-                    prefetch_block(vb, stride, ahead, lo + (j0 + PREFETCH * KB - end) / KB * KB, end, d);
+                    prefetch_block(vb, stride, ahead, (j0 + PREFETCH * KB - end) / KB * KB, end - lo, d);
                 const int64_t *have = NULL; /* the slots `rows` holds, for have_live entries */
                 int64_t have_live = 0;
                 for (int64_t qi = 0; qi < count; qi++) {
@@ -195,6 +195,8 @@ static void run_group(const group_tasks *G, const attention_task *T, int64_t *sl
     }
     if (T->split) return;
     for (int64_t qi = 0; qi < count; qi++) {
+        if (n[qi] == 0) /* no key to see (a tree row masking everything): 0 / 0, as every path gives */
+            sum[qi] = 0.0f, memset(state + qi * d, 0, sizeof(float) * (size_t)d);
         const int64_t token = q_start + (first + qi) / per_group, h = group * per_group + (first + qi) % per_group;
         uint16_t *out = A->out + (token * A->heads + h) * d;
         for (int64_t e = 0; e < d; e++) out[e] = to_bf16(state[qi * d + e] / sum[qi]);
@@ -225,6 +227,7 @@ static void combine_part(const void *a, int64_t part, int64_t parts) {
     float state[256];
     for (int64_t q = queries * part / parts; q < queries * (part + 1) / parts; q++) {
         float max = 0.0f, sum = 0.0f;
+        if (G->counts[q] == 0) memset(state, 0, sizeof(float) * (size_t)d); /* no key: 0 / 0, as run_group */
         for (int64_t s = 0; s * SEGMENT < G->counts[q]; s++) {
             const float *p = G->partials + (q * G->segments + s) * (d + 2);
             join_segment(&max, &sum, state, p[0], p[1], p + 2, d, s == 0);
@@ -247,8 +250,12 @@ static attention_task *split_tasks(const attention_args *A, const attention_task
         const int64_t context = A->seq_lens[seq] - q_len;
         for (int64_t s = 0; s < segments; s++)
             for (int64_t t = t0; t < t1; t++) {
-                const int64_t keys = context + (tasks[t].first + tasks[t].count - 1) / per_group + 1 - s * SEGMENT;
-                if (keys <= 0) continue; /* at most: a tree node may see fewer */
+                /* The most keys a query of the task may see from this segment on: causally its last token's
+                 * count; with a tree mask, which may let a token see later ones, the sequence's. */
+                const int64_t last = (tasks[t].first + tasks[t].count - 1) / per_group;
+                const int64_t most = A->tree_mask ? A->seq_lens[seq] : context + last + 1;
+                const int64_t keys = most - s * SEGMENT;
+                if (keys <= 0) continue;
                 cost += tasks[t].count * ((keys < SEGMENT ? keys : SEGMENT) + 64);
                 out[n] = tasks[t];
                 out[n].end_cost = cost, out[n].seg = s, out[n].split = 1;

@@ -177,3 +177,16 @@ def test_a_step_cut_by_segment_keeps_its_bits(tree: bool) -> None:
     for threads in (2, 3, 4):
         assert torch.equal(_attend(batch, threads=threads), whole), threads
     torch.testing.assert_close(whole.float(), reference.paged_attention(**batch).float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.usefixtures("kernel")
+def test_a_mask_that_shows_later_tokens_is_joined_whole() -> None:
+    """A tree mask may let a token see a later token of its pass, so its list can run past what causal order gives:
+    on 255 context keys plus 2, token 0 (a task of its own: one head) sees 257, into a segment its causal count
+    (256) would not reach."""
+    batch = make_batch([257], [2], 1, 1, 64, PAGE, torch.bfloat16, "cpu", seed=32)
+    batch = {**batch, "tree_mask": torch.ones(2, 2, dtype=torch.bool)}
+    whole = _attend(batch, threads=1)
+    for threads in (2, 3):
+        assert torch.equal(_attend(batch, threads=threads), whole), threads
+    torch.testing.assert_close(whole.float(), reference.paged_attention(**batch).float(), atol=2e-2, rtol=2e-2)
