@@ -117,6 +117,7 @@ static void run_group(const group_tasks *G, const attention_task *T, int64_t *sl
     const int64_t list = G->longest + 1, q_start = A->query_start[seq];
     const int64_t lo = T->split ? T->seg * SEGMENT : 0, hi = T->split ? lo + SEGMENT : INT64_MAX;
     int64_t n[GQ], most = 0, longest = 0; /* longest: the query whose list is longest (its entries are prefetched) */
+    int64_t query[GQ]; /* token * heads + head: the query's row of the output and of the partials */
     const uint16_t *qh[GQ];
     const int64_t *keys[GQ]; /* each query's visible list from entry lo (page slots); a token's heads share it */
     /* Without a tree mask each token's list is the start of the task's last token's: one list serves all. */
@@ -124,6 +125,7 @@ static void run_group(const group_tasks *G, const attention_task *T, int64_t *sl
     const int64_t n_last = A->tree_mask ? 0 : visible_range(A, last, lo, hi, slots);
     for (int64_t qi = 0; qi < count; qi++) {
         const int64_t token = q_start + (first + qi) / per_group, h = group * per_group + (first + qi) % per_group;
+        query[qi] = token * A->heads + h;
         qh[qi] = A->q + token * A->q_stride + h * d;
         if (!A->tree_mask) {
             keys[qi] = slots, n[qi] = n_last - (last - token);
@@ -134,7 +136,7 @@ static void run_group(const group_tasks *G, const attention_task *T, int64_t *sl
             n[qi] = visible_range(A, token, lo, hi, slots + qi * list);
         }
         if (n[qi] > most) most = n[qi], longest = qi;
-        if (T->split && T->seg == 0) G->counts[token * A->heads + h] = n[qi];
+        if (T->split && T->seg == 0) G->counts[query[qi]] = n[qi];
     }
     const int64_t end = most < hi ? most : hi, row = (T->split ? SEGMENT : G->longest) + 8;
     /* Prefetching pays where few queries share a block (decode, small trees): with many, each block's
@@ -181,9 +183,7 @@ static void run_group(const group_tasks *G, const attention_task *T, int64_t *sl
             for (int64_t qi = 0; pass == 1 && qi < count; qi++) {
                 if (n[qi] <= s0) continue;
                 if (T->split) {
-                    const int64_t token = q_start + (first + qi) / per_group;
-                    const int64_t h = group * per_group + (first + qi) % per_group;
-                    float *p = G->partials + ((token * A->heads + h) * G->segments + T->seg) * (d + 2);
+                    float *p = G->partials + (query[qi] * G->segments + T->seg) * (d + 2);
                     p[0] = seg_max[qi], p[1] = seg_sum[qi];
                     memcpy(p + 2, acc + qi * d, sizeof(float) * (size_t)d);
                 } else {
@@ -197,8 +197,7 @@ static void run_group(const group_tasks *G, const attention_task *T, int64_t *sl
     for (int64_t qi = 0; qi < count; qi++) {
         if (n[qi] == 0) /* no key to see (a tree row masking everything): 0 / 0, as every path gives */
             sum[qi] = 0.0f, memset(state + qi * d, 0, sizeof(float) * (size_t)d);
-        const int64_t token = q_start + (first + qi) / per_group, h = group * per_group + (first + qi) % per_group;
-        uint16_t *out = A->out + (token * A->heads + h) * d;
+        uint16_t *out = A->out + query[qi] * d;
         for (int64_t e = 0; e < d; e++) out[e] = to_bf16(state[qi * d + e] / sum[qi]);
     }
 }
