@@ -41,6 +41,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,22 @@ def second_turns(limit: int) -> list[list[dict[str, str]]]:
     return out[:limit]
 
 
+def hidden_states(llm: Any, sequences: list[list[int]]) -> Iterator[Any]:
+    """The model's last hidden state at every position of each sequence, one pass each, on a KV pool of its own
+    (nothing the engine holds is touched); the caller takes what it needs through `llm.loaded.model`."""
+    import torch
+
+    from specdesk.engine.attention_metadata import AttentionMetadata
+    from specdesk.engine.config import EngineConfig
+    from specdesk.engine.model_runner import ModelRunner
+
+    runner = ModelRunner(EngineConfig(num_blocks=max(map(len, sequences)) // 16 + 2), llm.loaded)
+    with torch.inference_mode(), contextlib.closing(runner):
+        for ids in sequences:
+            meta = AttentionMetadata.build([list(range(len(ids) // 16 + 1))], [len(ids)], [len(ids)], 16)
+            yield runner.model(torch.tensor(ids), torch.arange(len(ids)), runner.kv_caches, meta)
+
+
 def teacher_forced_top1(
     llm: Any, prompt_ids: list[list[int]], replies: list[list[int]], penalty: float = PENALTY
 ) -> float:
@@ -84,21 +101,15 @@ def teacher_forced_top1(
     decoding's chain of divergences."""
     import torch
 
-    from specdesk.engine.attention_metadata import AttentionMetadata
-    from specdesk.engine.config import EngineConfig
     from specdesk.engine.logits_processors import penalize
-    from specdesk.engine.model_runner import ModelRunner
 
-    longest = max(len(p) + len(r) for p, r in zip(prompt_ids, replies, strict=True))
-    runner = ModelRunner(EngineConfig(num_blocks=longest // 16 + 2), llm.loaded)  # a KV pool of its own
     same = total = 0
-    with torch.inference_mode(), contextlib.closing(runner):
-        for prompt, reply in zip(prompt_ids, replies, strict=True):
-            ids = prompt + reply
-            meta = AttentionMetadata.build([list(range(len(ids) // 16 + 1))], [len(ids)], [len(ids)], 16)
-            hidden = runner.model(torch.tensor(ids), torch.arange(len(ids)), runner.kv_caches, meta)
+    sequences = [p + r for p, r in zip(prompt_ids, replies, strict=True)]
+    with torch.inference_mode():
+        for prompt, reply, ids, hidden in zip(prompt_ids, replies, sequences, hidden_states(llm, sequences),
+                                              strict=True):  # fmt: skip
             rows = hidden[len(prompt) - 1 : len(ids) - 1]  # the rows that predict each reply token
-            logits = runner.model.compute_logits(rows)
+            logits = llm.loaded.model.compute_logits(rows)
             for t in range(len(reply)):  # the replies' repetition penalty (transformers' rule), over the tokens so far
                 seen = torch.zeros(logits.shape[1], dtype=torch.bool)
                 seen[ids[: len(prompt) + t]] = True

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import RESULT, add_turn_args, build_kernels, kernel_sources_at, run_workers, write_results
-from benchmarks.cpu import PENALTY, second_turns
+from benchmarks.cpu import PENALTY, hidden_states, second_turns
 
 SIDES = ("old", "new")
 RUNS = ("prefill", "plain", "speculation")
@@ -47,23 +47,11 @@ class _Switch:
 
 
 def prompt_logits(llm: Any, prompts: list[list[int]]) -> list[Any]:
-    """The model's float32 logits at every position of each prompt, in one pass each, on a KV pool of its own."""
-    import contextlib
-
+    """The model's float32 logits at every position of each prompt (`benchmarks.cpu.hidden_states`' passes)."""
     import torch
 
-    from specdesk.engine.attention_metadata import AttentionMetadata
-    from specdesk.engine.config import EngineConfig
-    from specdesk.engine.model_runner import ModelRunner
-
-    runner = ModelRunner(EngineConfig(num_blocks=max(map(len, prompts)) // 16 + 2), llm.loaded)
-    out = []
-    with torch.inference_mode(), contextlib.closing(runner):
-        for ids in prompts:
-            meta = AttentionMetadata.build([list(range(len(ids) // 16 + 1))], [len(ids)], [len(ids)], 16)
-            hidden = runner.model(torch.tensor(ids), torch.arange(len(ids)), runner.kv_caches, meta)
-            out.append(runner.model.compute_logits(hidden).float())
-    return out
+    with torch.inference_mode():
+        return [llm.loaded.model.compute_logits(h).float() for h in hidden_states(llm, prompts)]
 
 
 def against_reference(logits: list[Any], reference: list[Any]) -> dict[str, float]:
