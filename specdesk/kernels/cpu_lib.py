@@ -167,9 +167,10 @@ def has_vnni() -> bool:
 
 
 def q4_path() -> str | None:
-    """The W4A8 matmul path of the loaded kernel: "avx2" (AVX2 with F16C), "portable", or None."""
+    """The W4A8 matmul path of the loaded kernel: "vnni" (its tile with AVX-512 VNNI's vpdpbusd), "avx2" (AVX2
+    with F16C), "portable", or None."""
     lib = library()
-    return None if lib is None else ("portable", "avx2")[lib.sd_q4_path()]
+    return None if lib is None else ("portable", "avx2", "vnni")[lib.sd_q4_path()]
 
 
 def int8_path() -> str | None:

@@ -1,5 +1,6 @@
-"""The engine with Q4_1 weights on the C kernels (quantization "q4_1", and "auto" on an AVX2 CPU): which linears
-keep a checkpoint's own 4-bit codes, what "auto" resolves to, and that speculation stays lossless on it."""
+"""The engine with Q4_1 weights on the C kernels (quantization "q4_1", and "auto" on an AVX2 or AVX-512 VNNI
+CPU): which linears keep a checkpoint's own 4-bit codes, what "auto" resolves to, and that speculation stays
+lossless on it."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from specdesk.engine.config import EngineConfig
 from specdesk.engine.models.int8_linear import Int8Linear, Q4Linear
 from specdesk.engine.models.loader import load_model, q4_pays, resolve_quantization
 from specdesk.kernels import cpu_lib, cpu_q4
+from tests.kernels.test_cpu_kernels import kernels  # noqa: F401 (the fixture: native and lower builds)
 from tests.tiny_models import make_tiny_model
 
 pytestmark = pytest.mark.usefixtures("restore_threads")
@@ -46,13 +48,15 @@ def _layer_linears(model: torch.nn.Module) -> set[str]:
     return {type(m).__name__ for m in model.model.layers.modules() if "Linear" in type(m).__name__}
 
 
-def test_auto_keeps_the_checkpoints_own_codes_on_avx2(grid_model: Path, tmp_path: Path) -> None:
-    """On a Q4_1-grid checkpoint "auto" takes the W4A8 kernel with the file's exact codes on an AVX2 CPU (where
-    it was measured faster than int8) and int8 on VNNI or portable builds; off the grid it stays int8."""
+@pytest.mark.usefixtures("kernels")
+def test_auto_keeps_the_checkpoints_own_codes_where_the_tile_runs(grid_model: Path, tmp_path: Path) -> None:
+    """On a Q4_1-grid checkpoint "auto" takes the W4A8 kernel with the file's exact codes on an AVX2 or AVX-512
+    VNNI build (where it was measured faster per turn than int8) and no C kernels on a portable build; off the
+    grid it stays int8. Run on the native build and each lower one this CPU runs."""
     loaded = load_model(str(grid_model), dtype="auto", device="cpu", quantization="auto")
     path = cpu_lib.int8_path()
     if q4_pays():
-        assert path == "avx2" and cpu_lib.q4_path() == "avx2"
+        assert cpu_lib.q4_path() == path and path in ("avx2", "vnni")
         assert loaded.quantization == "q4_1" and _layer_linears(loaded.model) == {"Q4Linear"}
         assert loaded.model.cpu_stack is not None  # every layer in one C call, with the W4A8 matmul
         qkv = loaded.model.model.layers[0].self_attn.qkv_proj
@@ -61,7 +65,7 @@ def test_auto_keeps_the_checkpoints_own_codes_on_avx2(grid_model: Path, tmp_path
 
         source = load_file(str(grid_model / "model.safetensors"))["model.layers.0.self_attn.q_proj.weight"]
         assert torch.equal(qkv.weight_q4.dequantize()[: source.shape[0]], source)  # the file's values, bit for bit
-    elif path in ("vnni", "avx2"):  # VNNI (not measured against Q4_1 yet), or AVX2 without F16C
+    elif path in ("vnni", "avx2"):  # a W4A8 build without the tile's instructions (AVX2 without F16C)
         assert loaded.quantization == "int8" and _layer_linears(loaded.model) == {"Int8Linear"}
     off_grid = load_model(str(make_tiny_model("mistral", tmp_path)), dtype="auto", device="cpu", quantization="auto")
     if path in ("avx2", "vnni"):

@@ -114,9 +114,9 @@ def load_model(
     # The C kernels quantize a float32 checkpoint's weights as stored (a GGUF file's Q4_1 values survive only
     # in float32), then the rest of the model takes the run's dtype.
     load_dtype = torch.float32 if quantization in CPU_KERNELS and _stored_float32(hf_config, gguf_file) else torch_dtype
-    # "auto" on a CPU whose W4A8 tile runs (AVX2): 4-bit weights wherever the checkpoint holds them exactly
-    # (quantize_linears' "exact"), measured faster than int8 there (docs/benchmarks.md); not yet measured on
-    # AVX-512 VNNI, which keeps int8. Only a float32 checkpoint can hold them exactly.
+    # "auto" on a CPU whose W4A8 tile runs (AVX2, or AVX-512 VNNI): 4-bit weights wherever the checkpoint holds
+    # them exactly (quantize_linears' "exact"), measured faster per turn than int8 on both (docs/benchmarks.md).
+    # Only a float32 checkpoint can hold them exactly.
     exact_q4 = requested == "auto" and quantization == "int8" and load_dtype == torch.float32 and q4_pays()
     with torch.device("meta"):
         net = cls(hf_config, backend=attention_backend)
@@ -174,9 +174,10 @@ def int8_pays(device: torch.device) -> bool:
 
 
 def q4_pays() -> bool:
-    """True where the compiled W4A8 matmul has its vector tile (AVX2 with F16C) and int8's has no VNNI: there
-    Q4_1 weights ran 1.3-1.4x faster per turn than int8 (docs/benchmarks.md)."""
-    return cpu_lib.int8_path() == "avx2" and cpu_lib.q4_path() == "avx2"
+    """True where the compiled W4A8 matmul has a vector tile as fast as int8's: AVX2 with F16C (int8 without
+    VNNI), where Q4_1 weights ran 1.3-1.4x faster per turn than int8, or both with AVX-512 VNNI, where a decode
+    step reads half the bytes and won per turn although int8's 512-bit tile prefills faster (docs/benchmarks.md)."""
+    return (cpu_lib.int8_path(), cpu_lib.q4_path()) in (("avx2", "avx2"), ("vnni", "vnni"))
 
 
 def resolve_quantization(quantization: str | None, dtype: torch.dtype, device: torch.device) -> str | None:
