@@ -122,7 +122,8 @@ static inline __m512 round16_bf16(__m512 v) { /* v rounded to the nearest bf16, 
 }
 #endif
 
-#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+/* 8-lane helpers: the AVX2 paths, and on AVX-512 builds the loops written once for 8 lanes (cpu_fused.c). */
+#if defined(__AVX2__) && defined(__FMA__)
 static inline __m256 load8_bf16(const uint16_t *p) { /* 8 bf16 -> 8 float32, exactly */
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }

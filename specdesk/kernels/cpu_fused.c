@@ -28,7 +28,8 @@ static void norm_part(const void *a, int64_t part, int64_t parts) {
         uint16_t *sr = A->res_out + r * n;
         float part16[16] = {0};
         int64_t i = 0;
-#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+/* On AVX-512 builds too (norm_part was scalar there): the same bits as the scalar loop. */
+#if defined(__AVX2__) && defined(__FMA__)
         /* The loop below 16 at a time: part16's lanes are two registers, each element's roundings the same. */
         __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
         for (; i + 16 <= n; i += 16)
@@ -57,7 +58,7 @@ static void norm_part(const void *a, int64_t part, int64_t parts) {
         for (int l = 0; l < 16; l++) sum += part16[l];
         const float inv = 1.0f / sqrtf(sum / (float)n + A->eps);
         i = 0;
-#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#if defined(__AVX2__) && defined(__FMA__)
         for (; i + 8 <= n; i += 8) {
             const __m256 h = round8_bf16(_mm256_mul_ps(load8_bf16(sr + i), _mm256_set1_ps(inv)));
             _mm_storeu_si128((__m128i *)(A->out + r * n + i), to_bf16_8(_mm256_mul_ps(load8_bf16(A->weight + i), h)));
@@ -87,7 +88,7 @@ void sd_rotary(uint16_t *x, int64_t row_stride, const uint16_t *cos, const uint1
         for (int64_t h = 0; h < heads; h++) {
             uint16_t *v = x + i * row_stride + h * d;
             int64_t e = 0;
-#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#if defined(__AVX2__) && defined(__FMA__)
             for (; e + 8 <= half; e += 8) { /* the loop below 8 at a time, the same roundings */
                 const __m256 c = load8_bf16(cos + i * half + e), s = load8_bf16(sin + i * half + e);
                 const __m256 x1 = load8_bf16(v + e), x2 = load8_bf16(v + e + half);

@@ -109,3 +109,30 @@ def test_the_builds_agree_on_swiglu(tmp_path_factory: pytest.TempPathFactory) ->
     assert all(out is not None and torch.equal(out, vector[0]) for out in vector)  # inter 1536: no scalar tail
     if "portable" in outs and vector:
         assert (outs["portable"] != vector[0]).float().mean() < 1e-3
+
+
+def test_the_builds_agree_on_norm_and_rotary_bit_for_bit(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """RMSNorm's and rotary's vector loops (on AVX2 and AVX-512 builds alike) repeat the scalar loop's roundings
+    in its order, so every build, the portable one included, gives the same bits; 580 and head_dim 40 leave
+    scalar tails after the vector loops."""
+    g = torch.Generator().manual_seed(5)
+    x, res = (torch.randn(5, 580, generator=g) * 2).bfloat16(), (torch.randn(5, 580, generator=g) * 3).bfloat16()
+    weight = torch.rand(580, generator=g).bfloat16() + 0.5
+    heads = torch.randn(3, 4, 40, generator=g).bfloat16()
+    angles = torch.rand(3, 1, 20, generator=g) * 6
+    cos, sin = angles.cos().bfloat16(), angles.sin().bfloat16()
+    outs = {}
+    for name, flag in BUILDS.items():
+        lib = cpu_lib.library() if flag is None else build_with(flag, str(tmp_path_factory.mktemp(f"norm-{name}")))
+        if lib is None or (name == "avx2" and not _has_avx2()):
+            continue
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(cpu_lib, "library", lambda lib=lib: lib)
+            norms = [cpu_fused.rms_norm(x, weight, 1e-5, r, m) for r, m in ((None, 1.0), (res, 1.0), (res, 0.22))]
+            outs[name] = [t for out in norms if out is not None for t in out]
+            outs[name].append(cpu_fused.rotary(heads.clone(), cos, sin))
+    assert len(outs) >= 2, "fewer than two builds ran"
+    first = next(iter(outs.values()))
+    assert len(first) == 7 and all(t is not None for t in first)
+    for out in outs.values():
+        assert len(out) == len(first) and all(torch.equal(a, b) for a, b in zip(out, first, strict=True))
