@@ -11,9 +11,10 @@
  * sharing each block's conversion (cpu_attention_avx2.c), CPUs with AVX-512 BF16 cpu_attention_grouped.c, whose
  * tasks share each key's loading among the queries that read it.
  *
- * Per query: the scores of its visible keys, their max, exp and sum, then the weighted sum of V (on AVX2, per
- * segment of 256 keys, the segments then joined in order: cpu_attention_avx2.h); float32 throughout, every
- * multiply-add spelled out (-ffp-contract=off), so the arithmetic is fixed by the code.
+ * Per query: the scores of its visible keys, their max, exp and sum, then the weighted sum of V (on AVX2 and in
+ * the AVX-512 BF16 tasks, per segment of 256 keys, the segments then joined in order: cpu_attention.h's SEGMENT,
+ * and run_split below, which spreads a decode step's few tasks over the threads by segment); float32
+ * throughout, every multiply-add spelled out (-ffp-contract=off), so the arithmetic is fixed by the code.
  */
 #include <math.h>
 #include <stdint.h>
@@ -91,7 +92,7 @@ static void attend(const attention_args *A, int64_t token, int64_t h, int64_t *s
     for (int64_t c = 0; c < chunks; c++) _mm512_storeu_ps(o + c * LANES, acc[c]);
 #elif defined(__AVX2__) && defined(__FMA__)
     /* The AVX-512 loop's steps, 8 lanes at a time (CPUs with AVX2 only), segment by segment of the list, the
-     * segments joined in order (cpu_attention_avx2.h); sums across lanes in a fixed order. */
+     * segments joined in order (cpu_attention.h); sums across lanes in a fixed order. */
     const int64_t chunks = d / 8;
     __m256 q[32], acc[32];
     float max = 0.0f, part[256];
@@ -173,6 +174,76 @@ attention_task *plan_tasks(const attention_args *A, int threads, int64_t max_que
     }
     *count = k;
     return tasks;
+}
+
+#define PARTIALS_MAX (16 << 20) /* bytes of segment results a split pass may hold (decode and trees: ~100 KB) */
+
+/* A split pass's last step: each query's segments joined in order, as a whole task joins them, and written out. */
+static void combine_part(const void *a, int64_t part, int64_t parts) {
+    const segment_pass *P = a;
+    const attention_args *A = P->A;
+    const int64_t d = A->head_dim, queries = A->num_tokens * A->heads;
+    float state[256];
+    for (int64_t q = queries * part / parts; q < queries * (part + 1) / parts; q++) {
+        float max = 0.0f, sum = 0.0f;
+        if (P->counts[q] == 0) memset(state, 0, sizeof(float) * (size_t)d); /* no key: 0 / 0, as a whole task */
+        for (int64_t s = 0; s * SEGMENT < P->counts[q]; s++) {
+            const float *p = P->partials + (q * P->segments + s) * (d + 2);
+            join_segment(&max, &sum, state, p[0], p[1], p + 2, d, s == 0);
+        }
+        for (int64_t e = 0; e < d; e++) A->out[q * d + e] = to_bf16(state[e] / sum);
+    }
+}
+
+/* The tasks of plan_tasks cut by segment (malloc'd; NULL if out of memory): per sequence, segment by segment,
+ * each of its tasks that reaches that far, so that a part's share of the tasks reads neighbouring pages. */
+static attention_task *split_tasks(const attention_args *A, const attention_task *tasks, int64_t k, int64_t segments,
+                                   int64_t *count) {
+    attention_task *out = malloc(sizeof(attention_task) * (size_t)(k * segments + 1));
+    if (!out) return NULL;
+    const int64_t per_group = A->heads / A->kv_heads;
+    int64_t n = 0, cost = 0;
+    for (int64_t t0 = 0, t1 = 0; t0 < k; t0 = t1) {
+        while (t1 < k && tasks[t1].seq == tasks[t0].seq) t1++; /* tasks t0 .. t1 - 1: one sequence's */
+        const int64_t seq = tasks[t0].seq, q_len = A->query_start[seq + 1] - A->query_start[seq];
+        const int64_t context = A->seq_lens[seq] - q_len;
+        for (int64_t s = 0; s < segments; s++)
+            for (int64_t t = t0; t < t1; t++) {
+                /* The most keys a query of the task may see from this segment on: causally its last token's
+                 * count; with a tree mask, which may let a token see later ones, the sequence's. */
+                const int64_t last = (tasks[t].first + tasks[t].count - 1) / per_group;
+                const int64_t most = A->tree_mask ? A->seq_lens[seq] : context + last + 1;
+                const int64_t keys = most - s * SEGMENT;
+                if (keys <= 0) continue;
+                cost += tasks[t].count * ((keys < SEGMENT ? keys : SEGMENT) + 64);
+                out[n] = tasks[t];
+                out[n].end_cost = cost, out[n].seg = s, out[n].split = 1;
+                n++;
+            }
+    }
+    *count = n;
+    return out;
+}
+
+int run_split(segment_pass *P, void (*part)(const void *, int64_t, int64_t), int threads) {
+    const attention_args *A = P->A;
+    const int64_t queries = A->num_tokens * A->heads;
+    const size_t bytes = sizeof(float) * (size_t)(queries * P->segments * (A->head_dim + 2));
+    if (threads <= 1 || P->num_tasks >= 2 * threads || P->segments <= 1 || bytes > PARTIALS_MAX) return 0;
+    const attention_task *whole = P->tasks;
+    const int64_t num_whole = P->num_tasks;
+    attention_task *split = split_tasks(A, whole, num_whole, P->segments, &P->num_tasks);
+    P->partials = malloc(bytes);
+    P->counts = malloc(sizeof(int64_t) * (size_t)queries);
+    const int ready = split && P->partials && P->counts;
+    if (ready) {
+        P->tasks = split;
+        run_parallel(part, P, (int)(P->num_tasks < threads ? P->num_tasks : threads));
+        run_parallel(combine_part, P, (int)(queries < threads ? queries : threads));
+    }
+    free(split), free(P->partials), free(P->counts);
+    P->tasks = whole, P->num_tasks = num_whole, P->partials = NULL, P->counts = NULL;
+    return ready;
 }
 
 #if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__) && !defined(SPECDESK_PER_QUERY)

@@ -3,6 +3,7 @@
  * AVX-512 BF16). */
 #ifndef SPECDESK_CPU_ATTENTION_H
 #define SPECDESK_CPU_ATTENTION_H
+#include <math.h>
 #include <stdint.h>
 
 typedef struct {
@@ -24,7 +25,7 @@ int64_t visible_range(const attention_args *A, int64_t token, int64_t lo, int64_
  * (query-keys) of this task and all before it. */
 typedef struct {
     int64_t seq, group, first, count, end_cost;
-    int64_t seg, split; /* split (cpu_attention_avx2.c): the task covers segment seg of its queries' lists only */
+    int64_t seg, split; /* split (run_split): the task covers segment seg of its queries' lists only */
 } attention_task;
 
 /* The pass's tasks (malloc'd; the caller frees), at most max_queries queries each and of equal sizes within a
@@ -39,6 +40,47 @@ static inline int task_in_part(const attention_task *tasks, int64_t num_tasks, i
     const int64_t total = tasks[num_tasks - 1].end_cost, mid2 = (t ? tasks[t - 1].end_cost : 0) + tasks[t].end_cost;
     return mid2 * parts >= 2 * total * part && mid2 * parts < 2 * total * (part + 1);
 }
+
+/* A query's visible key list is taken SEGMENT entries at a time by the grouped paths and the AVX2 per-query loop:
+ * each segment's scores, their max and softmax, and its weighted sum of V from zero, then the segments joined one
+ * by one in list order. A pass may run a query's segments as tasks of their own (run_split: a decode step's few
+ * tasks spread over the threads) and the numbers stay the same. A list of at most SEGMENT keys gets exactly the
+ * one-piece softmax: its join only copies. */
+#define SEGMENT 256
+
+/* (max, sum, o[0 .. d)), the segments so far, joined with the next one's (m, l, part[0 .. d)): both rescaled to
+ * the larger max, each product and sum rounded on its own (-ffp-contract=off: a compiler's vector loop gives
+ * these bits too). first: part is the list's first segment. */
+static inline void join_segment(float *max, float *sum, float *o, float m, float l, const float *part, int64_t d,
+                                int first) {
+    if (first) {
+        *max = m, *sum = l;
+        for (int64_t e = 0; e < d; e++) o[e] = part[e];
+        return;
+    }
+    const float top = m > *max ? m : *max, a = expf(*max - top), b = expf(m - top);
+    *sum = *sum * a + l * b;
+    for (int64_t e = 0; e < d; e++) o[e] = o[e] * a + part[e] * b;
+    *max = top;
+}
+
+/* A grouped pass: its tasks and, while they run cut by segment, each query's segment results. A path's own
+ * arguments may extend it (as their first member: run_split hands the path's part function this pointer). */
+typedef struct {
+    const attention_args *A;
+    const attention_task *tasks;
+    int64_t num_tasks, longest, segments; /* segments: the most a query of the pass has */
+    float *partials; /* split tasks: per query (token * heads + head) and segment, [max, sum, o[d]] */
+    int64_t *counts; /* split tasks: per query, its visible keys */
+} segment_pass;
+
+/* Where P's tasks (plan_tasks for one thread: one per KV head and sequence) leave fewer than two a thread
+ * (decode steps, small trees), runs them cut by segment, `part` running each part's share of the cut tasks (a cut
+ * task has split = 1 and covers segment seg; its queries' [max, sum, o] go to P->partials, and the first
+ * segment's task sets P->counts), then joins each query's segments in order and writes them out. Returns 1 if it
+ * ran the pass, 0 if the caller should run it whole (too many tasks, one segment, or no memory). P->tasks,
+ * num_tasks, partials and counts are restored. (cpu_attention.c) */
+int run_split(segment_pass *P, void (*part)(const void *, int64_t, int64_t), int threads);
 
 /* Attention of every query of the pass with tasks of queries that read the same keys; returns 0. Built where
  * the compiler targets AVX-512 BF16 (cpu_attention_grouped.c). */

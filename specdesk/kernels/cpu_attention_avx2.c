@@ -3,7 +3,7 @@
  * are in cpu_attention.c): up to GQ queries of one sequence and KV head, whose key and value rows are converted
  * to float32 once per block of KB list entries for every query reading them, instead of once per query. Each
  * query's arithmetic is `attend`'s AVX2 loop step for step (the same FMA chain per key, and per segment of its
- * list the same softmax8, weighted sum in key order and join, cpu_attention_avx2.h): the per-query build
+ * list the same softmax8 (cpu_attention_avx2.h), weighted sum in key order and join (cpu_attention.h)): the per-query build
  * (-DSPECDESK_PER_QUERY) gives the same bits, a test says so.
  *
  * Why segments: a decode step has one task per KV head (3 for the default model), and 3 tasks on 2 threads
@@ -26,15 +26,8 @@
 #define KB 16
 #define PREFETCH 2 /* blocks ahead (prefetch_block) */
 #define PREFETCH_QUERIES 16 /* in tasks of at most this many queries */
-#define PARTIALS_MAX (16 << 20) /* bytes of segment results a split pass may hold (decode and trees: ~100 KB) */
 
-typedef struct {
-    const attention_args *A;
-    const attention_task *tasks;
-    int64_t num_tasks, longest, segments; /* segments: the most a query of the pass has */
-    float *partials; /* split tasks: per query (token * heads + head) and segment, [max, sum, o[d]] */
-    int64_t *counts; /* split tasks: per query, its visible keys */
-} group_tasks;
+typedef segment_pass group_tasks; /* cpu_attention.h */
 
 /* Rows slots[0 .. live) of the cache at base (a KV head's columns) as float32, kf[l * d ..]. */
 static void convert_rows(const uint16_t *base, int64_t stride, const int64_t *slots, int64_t live, int64_t d, float *kf) {
@@ -108,7 +101,7 @@ static inline void weigh_rows(const float *p, const float *rows, int64_t live, i
 }
 
 /* Task T's queries over the segments it covers: all of them (joined here, in order, and written out), or, for a
- * split task, segment T->seg alone (its [max, sum, o] kept in G->partials for combine_part). */
+ * split task, segment T->seg alone (its [max, sum, o] kept in G->partials for run_split's join). */
 static void run_group(const group_tasks *G, const attention_task *T, int64_t *slots, float *scores, float *rows,
                       float *acc, float *state) {
     const attention_args *A = G->A;
@@ -218,80 +211,18 @@ static void group_part(const void *a, int64_t part, int64_t parts) {
             run_group(G, G->tasks + t, slots, scores, rows, acc, state);
 }
 
-/* A split pass's last step: each query's segments joined in order, as run_group joins them, and written out. */
-static void combine_part(const void *a, int64_t part, int64_t parts) {
-    const group_tasks *G = a;
-    const attention_args *A = G->A;
-    const int64_t d = A->head_dim, queries = A->num_tokens * A->heads;
-    float state[256];
-    for (int64_t q = queries * part / parts; q < queries * (part + 1) / parts; q++) {
-        float max = 0.0f, sum = 0.0f;
-        if (G->counts[q] == 0) memset(state, 0, sizeof(float) * (size_t)d); /* no key: 0 / 0, as run_group */
-        for (int64_t s = 0; s * SEGMENT < G->counts[q]; s++) {
-            const float *p = G->partials + (q * G->segments + s) * (d + 2);
-            join_segment(&max, &sum, state, p[0], p[1], p + 2, d, s == 0);
-        }
-        for (int64_t e = 0; e < d; e++) A->out[q * d + e] = to_bf16(state[e] / sum);
-    }
-}
-
-/* The tasks of plan_tasks cut by segment (malloc'd; NULL if out of memory): per sequence, segment by segment,
- * each of its tasks that reaches that far, so that a part's share of the tasks reads neighbouring pages. */
-static attention_task *split_tasks(const attention_args *A, const attention_task *tasks, int64_t k, int64_t segments,
-                                   int64_t *count) {
-    attention_task *out = malloc(sizeof(attention_task) * (size_t)(k * segments + 1));
-    if (!out) return NULL;
-    const int64_t per_group = A->heads / A->kv_heads;
-    int64_t n = 0, cost = 0;
-    for (int64_t t0 = 0, t1 = 0; t0 < k; t0 = t1) {
-        while (t1 < k && tasks[t1].seq == tasks[t0].seq) t1++; /* tasks t0 .. t1 - 1: one sequence's */
-        const int64_t seq = tasks[t0].seq, q_len = A->query_start[seq + 1] - A->query_start[seq];
-        const int64_t context = A->seq_lens[seq] - q_len;
-        for (int64_t s = 0; s < segments; s++)
-            for (int64_t t = t0; t < t1; t++) {
-                /* The most keys a query of the task may see from this segment on: causally its last token's
-                 * count; with a tree mask, which may let a token see later ones, the sequence's. */
-                const int64_t last = (tasks[t].first + tasks[t].count - 1) / per_group;
-                const int64_t most = A->tree_mask ? A->seq_lens[seq] : context + last + 1;
-                const int64_t keys = most - s * SEGMENT;
-                if (keys <= 0) continue;
-                cost += tasks[t].count * ((keys < SEGMENT ? keys : SEGMENT) + 64);
-                out[n] = tasks[t];
-                out[n].end_cost = cost, out[n].seg = s, out[n].split = 1;
-                n++;
-            }
-    }
-    *count = n;
-    return out;
-}
-
 /* The pass: where one task per KV head and sequence (plan_tasks for one thread) leaves fewer than two a thread
- * (decode steps, small trees), those tasks cut by segment, so that each key is still read once; else tasks of
- * plan_tasks for the threads. Returns -1 if out of memory. */
+ * (decode steps, small trees), those tasks cut by segment (run_split), so that each key is still read once; else
+ * tasks of plan_tasks for the threads. Returns -1 if out of memory. */
 int grouped_avx2(const attention_args *A, int threads) {
     int64_t k = 0, longest = 0;
     for (int64_t s = 0; s < A->num_seqs; s++) longest = A->seq_lens[s] > longest ? A->seq_lens[s] : longest;
-    const int64_t queries = A->num_tokens * A->heads, segments = (longest + SEGMENT - 1) / SEGMENT;
-    const size_t bytes = sizeof(float) * (size_t)(queries * segments * (A->head_dim + 2));
     attention_task *tasks = plan_tasks(A, 1, GQ, &k);
     if (!tasks) return -1;
-    group_tasks G = {A, tasks, k, longest, segments, NULL, NULL};
-    if (threads > 1 && k < 2 * threads && segments > 1 && bytes <= PARTIALS_MAX) {
-        attention_task *split = split_tasks(A, tasks, k, segments, &G.num_tasks);
-        G.partials = malloc(bytes);
-        G.counts = malloc(sizeof(int64_t) * (size_t)queries);
-        const int ready = split && G.partials && G.counts;
-        if (ready) {
-            G.tasks = split;
-            run_parallel(group_part, &G, (int)(G.num_tasks < threads ? G.num_tasks : threads));
-            run_parallel(combine_part, &G, (int)(queries < threads ? queries : threads));
-        }
-        free(split), free(G.partials), free(G.counts);
-        if (ready) {
-            free(tasks);
-            return 0;
-        }
-        G.partials = NULL, G.counts = NULL; /* out of memory for them: the tasks below */
+    group_tasks G = {A, tasks, k, longest, (longest + SEGMENT - 1) / SEGMENT, NULL, NULL};
+    if (run_split(&G, group_part, threads)) {
+        free(tasks);
+        return 0;
     }
     if (threads > 1) {
         free(tasks);

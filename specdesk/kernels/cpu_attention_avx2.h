@@ -9,6 +9,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "cpu_attention.h" /* SEGMENT, join_segment */
 #include "cpu_common.h" /* load8_bf16, exp8 */
 
 static inline float hsum8(__m256 v) { /* ((0+4) + (2+6)) + ((1+5) + (3+7)): one fixed order */
@@ -62,28 +63,5 @@ static float softmax8(float *scores, int64_t n, float max) {
     return hsum8(sums);
 }
 
-/* A query's visible key list is taken SEGMENT entries at a time: each segment's scores, their max and
- * softmax8, and its weighted sum of V from zero, then the segments joined one by one in list order. A pass
- * may run a query's segments as tasks of their own (cpu_attention_avx2.c: a decode step's few tasks spread
- * over the threads) and the numbers stay the same. A list of at most SEGMENT keys gets exactly the one-piece
- * softmax: its join only copies. */
-#define SEGMENT 256
-
-/* (max, sum, o[0 .. d)), the segments so far, joined with the next one's (m, l, part[0 .. d)): both rescaled
- * to the larger max, each product and sum rounded on its own. first: part is the list's first segment. */
-static inline void join_segment(float *max, float *sum, float *o, float m, float l, const float *part, int64_t d,
-                                int first) {
-    if (first) {
-        *max = m, *sum = l;
-        memcpy(o, part, sizeof(float) * (size_t)d);
-        return;
-    }
-    const float top = m > *max ? m : *max, a = expf(*max - top), b = expf(m - top);
-    *sum = *sum * a + l * b;
-    for (int64_t e = 0; e < d; e += 8)
-        _mm256_storeu_ps(o + e, _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(o + e), _mm256_set1_ps(a)),
-                                              _mm256_mul_ps(_mm256_loadu_ps(part + e), _mm256_set1_ps(b))));
-    *max = top;
-}
 #endif
 #endif

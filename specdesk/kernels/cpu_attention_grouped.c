@@ -10,9 +10,10 @@
  * Exactness: a query's arithmetic is a function of its own visible key list only, in the order cpu_attention.c
  * defines (context, then the pass keys the causal rule or the tree mask lets it see): a key's lane is its
  * index in that list mod 16, the dot product always runs over four accumulators joined in one fixed order, and
- * the softmax and the weighted sum of V are those of cpu_attention.c. Which other queries share the task (how
- * a pass is chunked or batched, how many threads run) never changes a bit, so a draft-tree node gets exactly
- * what plain decoding of its path gets.
+ * the softmax and the weighted sum of V are cpu_attention.c's, per segment of 256 list entries, the segments
+ * joined in list order (cpu_attention.h). Which other queries share the task (how a pass is chunked or
+ * batched, how many threads run, whether a decode step's segments ran as tasks of their own: run_split) never
+ * changes a bit, so a draft-tree node gets exactly what plain decoding of its path gets.
  */
 #include <math.h>
 #include <stdint.h>
@@ -30,11 +31,9 @@
 typedef attention_task task;
 
 typedef struct {
-    const attention_args *A;
-    const task *tasks;
-    int64_t num_tasks;
+    segment_pass P; /* first: run_split hands group_part a pointer to it */
     const uint8_t *causal; /* [num_seqs]: the seq's visible lists are prefixes of one list (no tree, or a causal one) */
-    int64_t longest, widest;
+    int64_t widest;
 } grouped_args;
 
 /* Rows r[0..15] of 16 dwords -> r[c] = column c (the standard unpack / shuffle 16 x 16 transpose). */
@@ -139,9 +138,30 @@ static inline void prefetch_rows(const view *v, const uint16_t *base, int64_t j0
         for (int64_t e = 0; e < d; e += 32) _mm_prefetch((const char *)(base + v->shared[j] * v->stride + e), _MM_HINT_T0);
 }
 
+/* Softmax of scores[s0 .. end) by lanes of 16 (s0 a multiple of 16), as cpu_attention.c: the max, exp, their
+ * sum; returns the sum, *max set. */
+static float softmax16(float *s, int64_t s0, int64_t end, float *max) {
+    __m512 mx = _mm512_set1_ps(-INFINITY), sums = _mm512_setzero_ps();
+    for (int64_t j = s0; j < end; j += LANES) {
+        const __mmask16 live = end - j >= LANES ? (__mmask16)0xffff : (__mmask16)((1u << (end - j)) - 1);
+        mx = _mm512_mask_max_ps(mx, live, mx, _mm512_loadu_ps(s + j));
+    }
+    *max = _mm512_reduce_max_ps(mx);
+    for (int64_t j = s0; j < end; j += LANES) {
+        const __mmask16 live = end - j >= LANES ? (__mmask16)0xffff : (__mmask16)((1u << (end - j)) - 1);
+        const __m512 p = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, s + j), _mm512_set1_ps(*max)));
+        _mm512_mask_storeu_ps(s + j, live, p);
+        sums = _mm512_add_ps(sums, _mm512_maskz_mov_ps(live, p));
+    }
+    return _mm512_reduce_add_ps(sums);
+}
+
+/* Task T's queries over the segments it covers (cpu_attention.h's SEGMENT): all of them, joined here in order and
+ * written out, or, for a split task, segment T->seg alone (its [max, sum, o] left in the pass's partials). */
 static void run_task(const grouped_args *G, const task *T, int64_t *shared, int64_t *tails, int64_t *tail_len,
-                     float *scores, __m512i *kt, float *vf, float *acc) {
-    const attention_args *A = G->A;
+                     float *scores, __m512i *kt, float *vf, float *acc, float *state) {
+    const segment_pass *P = &G->P;
+    const attention_args *A = P->A;
     const int64_t d = A->head_dim, per_group = A->heads / A->kv_heads, bs = A->block_size;
     const int64_t seq = T->seq, seq_len = A->seq_lens[seq], q_start = A->query_start[seq];
     const int64_t q_len = A->query_start[seq + 1] - q_start, context = seq_len - q_len;
@@ -150,8 +170,6 @@ static void run_task(const grouped_args *G, const task *T, int64_t *shared, int6
     const int causal = G->causal[seq];
     const view v = {context, A->kv_heads * d, causal ? seq_len : context, G->widest, shared, causal ? NULL : tails,
                     tail_len};
-    for (int64_t j = 0, b = 0; j < v.shared_len; b++) /* no division per key */
-        for (int64_t o = 0; o < bs && j < v.shared_len; o++) shared[j++] = (int64_t)table[b] * bs + o;
     int64_t visible[MAX_QUERIES], longest = 0; /* per token of the task: its list's length */
     for (int64_t t = first_token; t <= last_token; t++) {
         const int64_t ti = t - first_token;
@@ -165,18 +183,27 @@ static void run_task(const grouped_args *G, const task *T, int64_t *shared, int6
         }
         longest = visible[ti] > longest ? visible[ti] : longest;
     }
-    int64_t tok[MAX_QUERIES], n[MAX_QUERIES]; /* per query: its token among the task's, its list's length */
+    int64_t tok[MAX_QUERIES], n[MAX_QUERIES], query[MAX_QUERIES]; /* query: its row of the output and partials */
     const uint16_t *qh[MAX_QUERIES];
     for (int64_t qi = 0; qi < T->count; qi++) {
         const int64_t t = (T->first + qi) / per_group, h = T->group * per_group + (T->first + qi) % per_group;
         tok[qi] = t - first_token, n[qi] = visible[t - first_token];
         qh[qi] = A->q + (q_start + t) * A->q_stride + h * d;
+        query[qi] = (q_start + t) * A->heads + h;
+        if (T->split && T->seg == 0) P->counts[query[qi]] = n[qi];
     }
-    const int64_t blocks = (longest + LANES - 1) / LANES, row = blocks * LANES;
+    const int64_t lo = T->split ? T->seg * SEGMENT : 0, hi = T->split && lo + SEGMENT < longest ? lo + SEGMENT : longest;
+    /* The shared entries this task reads (its segments, and the blocks its prefetches look ahead to), page by
+     * page with no division per key: a split task fills its segment's, not the whole list. */
+    const int64_t fill = hi + 4 * LANES < v.shared_len ? hi + 4 * LANES : v.shared_len;
+    for (int64_t j = lo, b = lo / bs, o = lo % bs; j < fill; j++) {
+        shared[j] = (int64_t)table[b] * bs + o;
+        if (++o == bs) b++, o = 0;
+    }
+    const int64_t row = (P->longest + LANES - 1) / LANES * LANES; /* scores by list entry */
     const uint16_t *kbase = A->k_cache + T->group * d, *vbase = A->v_cache + T->group * d;
     const uint16_t *rows[LANES];
-    for (int64_t b = 0; b < blocks; b++) { /* the scores */
-        const int64_t j0 = b * LANES;
+    for (int64_t j0 = lo; j0 < hi; j0 += LANES) { /* the scores */
         prefetch_rows(&v, kbase, j0 + 3 * LANES, d);
         int64_t have = -2; /* which list kt holds (list_of), -2 none */
         for (int64_t qi = 0; qi < T->count; qi++) {
@@ -190,77 +217,81 @@ static void run_task(const grouped_args *G, const task *T, int64_t *shared, int6
             _mm512_storeu_ps(scores + qi * row + j0, block_scores(qh[qi], kt, d, A->scale));
         }
     }
-    /* Softmax per query, as cpu_attention.c: the max, exp by lanes of 16, their sum. */
-    float sum[MAX_QUERIES];
-    for (int64_t qi = 0; qi < T->count; qi++) {
-        float *s = scores + qi * row;
-        __m512 mx = _mm512_set1_ps(-INFINITY), sums = _mm512_setzero_ps();
-        for (int64_t j = 0; j < n[qi]; j += LANES) {
-            const __mmask16 live = n[qi] - j >= LANES ? (__mmask16)0xffff : (__mmask16)((1u << (n[qi] - j)) - 1);
-            mx = _mm512_mask_max_ps(mx, live, mx, _mm512_loadu_ps(s + j));
-        }
-        const float max = _mm512_reduce_max_ps(mx);
-        for (int64_t j = 0; j < n[qi]; j += LANES) {
-            const __mmask16 live = n[qi] - j >= LANES ? (__mmask16)0xffff : (__mmask16)((1u << (n[qi] - j)) - 1);
-            const __m512 p = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, s + j), _mm512_set1_ps(max)));
-            _mm512_mask_storeu_ps(s + j, live, p);
-            sums = _mm512_add_ps(sums, _mm512_maskz_mov_ps(live, p));
-        }
-        sum[qi] = _mm512_reduce_add_ps(sums);
-        memset(acc + qi * d, 0, sizeof(float) * (size_t)d);
-    }
-    /* The weighted sum of V, key by key in list order; each block of rows converted once for its readers. */
+    /* Segment by segment: each query's softmax there, its weighted sum of V key by key in list order (each block
+     * of rows converted once for its readers), and the join. */
     const int64_t chunks = d / LANES;
-    for (int64_t b = 0; b < blocks; b++) {
-        const int64_t j0 = b * LANES;
-        prefetch_rows(&v, vbase, j0 + 3 * LANES, d);
-        int64_t have = -2;
+    float seg_max[MAX_QUERIES], seg_sum[MAX_QUERIES], max[MAX_QUERIES], sum[MAX_QUERIES];
+    for (int64_t s0 = lo; s0 < hi; s0 += SEGMENT) {
+        const int64_t s_end = s0 + SEGMENT < hi ? s0 + SEGMENT : hi;
         for (int64_t qi = 0; qi < T->count; qi++) {
-            if (n[qi] <= j0) continue;
-            const int64_t want = list_of(&v, tok[qi], j0);
-            if (want != have) {
-                block_rows(&v, vbase, tok[qi], j0, rows);
-                for (int l = 0; l < LANES; l++)
-                    for (int64_t c = 0; c < chunks; c++)
-                        _mm512_storeu_ps(vf + l * d + c * LANES,
-                                         rows[l] ? load_bf16(rows[l] + c * LANES) : _mm512_setzero_ps());
-                have = want;
+            if (n[qi] <= s0) continue;
+            seg_sum[qi] = softmax16(scores + qi * row, s0, n[qi] < s_end ? n[qi] : s_end, &seg_max[qi]);
+            memset(acc + qi * d, 0, sizeof(float) * (size_t)d);
+        }
+        for (int64_t j0 = s0; j0 < s_end; j0 += LANES) {
+            prefetch_rows(&v, vbase, j0 + 3 * LANES, d);
+            int64_t have = -2;
+            for (int64_t qi = 0; qi < T->count; qi++) {
+                if (n[qi] <= j0) continue;
+                const int64_t want = list_of(&v, tok[qi], j0);
+                if (want != have) {
+                    block_rows(&v, vbase, tok[qi], j0, rows);
+                    for (int l = 0; l < LANES; l++)
+                        for (int64_t c = 0; c < chunks; c++)
+                            _mm512_storeu_ps(vf + l * d + c * LANES,
+                                             rows[l] ? load_bf16(rows[l] + c * LANES) : _mm512_setzero_ps());
+                    have = want;
+                }
+                const float *p = scores + qi * row + j0;
+                const int64_t live = n[qi] - j0 < LANES ? n[qi] - j0 : LANES;
+                float *a = acc + qi * d;
+                switch (chunks) {
+                    case 2: weigh_values(a, p, vf, live, d, 2); break;
+                    case 4: weigh_values(a, p, vf, live, d, 4); break;
+                    case 8: weigh_values(a, p, vf, live, d, 8); break;
+                    default:
+                        for (int64_t c = 0; c < chunks; c++) weigh_values(a + c * LANES, p, vf + c * LANES, live, d, 1);
+                }
             }
-            const float *p = scores + qi * row + j0;
-            const int64_t live = n[qi] - j0 < LANES ? n[qi] - j0 : LANES;
-            float *a = acc + qi * d;
-            switch (chunks) {
-                case 2: weigh_values(a, p, vf, live, d, 2); break;
-                case 4: weigh_values(a, p, vf, live, d, 4); break;
-                case 8: weigh_values(a, p, vf, live, d, 8); break;
-                default:
-                    for (int64_t c = 0; c < chunks; c++) weigh_values(a + c * LANES, p, vf + c * LANES, live, d, 1);
+        }
+        for (int64_t qi = 0; qi < T->count; qi++) {
+            if (n[qi] <= s0) continue;
+            if (T->split) {
+                float *part = P->partials + (query[qi] * P->segments + T->seg) * (d + 2);
+                part[0] = seg_max[qi], part[1] = seg_sum[qi];
+                memcpy(part + 2, acc + qi * d, sizeof(float) * (size_t)d);
+            } else {
+                join_segment(&max[qi], &sum[qi], state + qi * d, seg_max[qi], seg_sum[qi], acc + qi * d, d, s0 == 0);
             }
         }
     }
+    if (T->split) return;
     for (int64_t qi = 0; qi < T->count; qi++) {
-        const int64_t h = T->group * per_group + (T->first + qi) % per_group;
-        uint16_t *out = A->out + ((q_start + first_token + tok[qi]) * A->heads + h) * d;
-        for (int64_t e = 0; e < d; e++) out[e] = to_bf16(acc[qi * d + e] / sum[qi]);
+        if (n[qi] == 0) /* no key to see (a tree row masking everything): 0 / 0, as the split join gives */
+            sum[qi] = 0.0f, memset(state + qi * d, 0, sizeof(float) * (size_t)d);
+        uint16_t *out = A->out + query[qi] * d;
+        for (int64_t e = 0; e < d; e++) out[e] = to_bf16(state[qi * d + e] / sum[qi]);
     }
 }
 
 static void grouped_part(const void *a, int64_t part, int64_t parts) {
-    static __thread void *bufs[5];
-    static __thread size_t caps[5];
+    static __thread void *bufs[6];
+    static __thread size_t caps[6];
     const grouped_args *G = a;
-    const int64_t row = (G->longest + LANES - 1) / LANES * LANES;
-    int64_t *shared = scratch(&bufs[0], &caps[0], sizeof(int64_t) * (size_t)(G->longest + 1));
+    const segment_pass *P = &G->P;
+    const int64_t row = (P->longest + LANES - 1) / LANES * LANES;
+    int64_t *shared = scratch(&bufs[0], &caps[0], sizeof(int64_t) * (size_t)(P->longest + 1));
     int64_t *tails = scratch(&bufs[1], &caps[1], sizeof(int64_t) * (size_t)(MAX_QUERIES * G->widest + 1));
     float *scores = scratch(&bufs[2], &caps[2], sizeof(float) * (size_t)(MAX_QUERIES * row));
     float *vf = scratch(&bufs[3], &caps[3], sizeof(float) * LANES * 256);
     float *acc = scratch(&bufs[4], &caps[4], sizeof(float) * MAX_QUERIES * 256);
+    float *state = scratch(&bufs[5], &caps[5], sizeof(float) * MAX_QUERIES * 256);
     int64_t tail_len[MAX_QUERIES];
     __m512i kt[128];
-    if (!(shared && tails && scores && vf && acc)) return;
-    for (int64_t t = 0; t < G->num_tasks; t++)
-        if (task_in_part(G->tasks, G->num_tasks, t, part, parts))
-            run_task(G, G->tasks + t, shared, tails, tail_len, scores, kt, vf, acc);
+    if (!(shared && tails && scores && vf && acc && state)) return;
+    for (int64_t t = 0; t < P->num_tasks; t++)
+        if (task_in_part(P->tasks, P->num_tasks, t, part, parts))
+            run_task(G, P->tasks + t, shared, tails, tail_len, scores, kt, vf, acc, state);
 }
 
 /* A sequence's visible lists are prefixes of one list when it has no tree mask or its mask is the causal one. */
@@ -275,7 +306,9 @@ static int is_causal(const attention_args *A, int64_t seq) {
 
 int grouped_attention(const attention_args *A, int threads) {
     int64_t k = 0, longest = 0, widest = 1;
-    task *tasks = plan_tasks(A, threads, MAX_QUERIES, &k);
+    /* One task per KV head and sequence first: where that leaves fewer than two a thread (decode steps, small
+     * trees: 3 tasks on 2 threads left one idle a third of the time), run_split cuts them by segment. */
+    task *tasks = plan_tasks(A, 1, MAX_QUERIES, &k);
     uint8_t *causal = malloc((size_t)A->num_seqs + 1);
     if (!tasks || !causal) {
         free(tasks), free(causal);
@@ -287,10 +320,18 @@ int grouped_attention(const attention_args *A, int threads) {
         longest = A->seq_lens[s] > longest ? A->seq_lens[s] : longest;
         widest = q_len > widest ? q_len : widest;
     }
-    const grouped_args G = {A, tasks, k, causal, longest, widest};
-    if (k > 0) run_parallel(grouped_part, &G, (int)(k < threads ? k : threads));
+    grouped_args G = {{A, tasks, k, longest, (longest + SEGMENT - 1) / SEGMENT, NULL, NULL}, causal, widest};
+    if (!run_split(&G.P, grouped_part, threads)) {
+        if (threads > 1) {
+            free(tasks);
+            tasks = plan_tasks(A, threads, MAX_QUERIES, &k);
+            G.P.tasks = tasks, G.P.num_tasks = tasks ? k : 0;
+        }
+        if (G.P.num_tasks > 0) run_parallel(grouped_part, &G, (int)(k < threads ? k : threads));
+    }
+    const int ok = tasks != NULL;
     free(tasks), free(causal);
-    return 0;
+    return ok ? 0 : -1;
 }
 
 #endif
