@@ -17,8 +17,8 @@ greedy replies, are left out).
 * llama.cpp (`llama-cpp-python`, `pip install -e ".[llama]"`) on the default model's own Q4_1 GGUF file
 * SpecDesk unquantized in the reference dtype, plain and with the default speculator
 * SpecDesk int8 (the C kernels with int8 weights, `quantization="int8"`), plain and with the default speculator
-* SpecDesk as the console runs it (`dtype` and `quantization` "auto": on an AVX2 CPU the C kernels with the
-  GGUF file's own Q4_1 weights, W4A8; int8 on AVX-512 VNNI), plain and with the default speculator
+* SpecDesk as the console runs it (`dtype` and `quantization` "auto": on an AVX2 or AVX-512 VNNI CPU the C
+  kernels with the GGUF file's own Q4_1 weights, W4A8), plain and with the default speculator
 
 Also reported, for int8 and the console's path: speculation vs plain (identical tokens expected: the paths are
 exact) and the quality loss against the reference dtype: the share of greedy tokens before the first difference
