@@ -147,3 +147,57 @@ void sd_silu_mul(const uint16_t *gate_up, int64_t t, int64_t inter, uint16_t *ou
     const silu_args args = {gate_up, t, inter, out};
     run_parallel(silu_part, &args, t >= 8 ? threads : 1);
 }
+
+/* erf(x), Abramowitz and Stegun 7.1.26 (|error| < 1.5e-7): sign(x) * (1 - t * poly(t) * exp(-x^2)), t = 1 / (1 +
+ * p |x|), on 16 or 8 lanes (libm's erff for a row's tail); one arithmetic per build, lane for lane. */
+#define ERF_P 0.3275911f
+static const float ERF_POLY[5] = {1.061405429f, -1.453152027f, 1.421413741f, -0.284496736f, 0.254829592f}; /* a5..a1 */
+
+/* out[r] = GELU(w * (x[r] / sqrt(mean(x[r]^2) + eps)) + b) with GELU(y) = y / 2 * (1 + erf(y / sqrt(2))), float32
+ * rows [rows, d]: the MLP speculator's norm and activation on the CPU int8 path (`MLPSpeculator.norm_act`), one
+ * call where torch ran 8 ops. Each row alone, so a row's numbers never depend on the others. */
+void sd_norm_gelu(const float *x, int64_t rows, int64_t d, const float *w, const float *b, float eps, float *out) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * d;
+        float *o = out + r * d, part[16] = {0}, sum = 0.0f;
+        for (int64_t i = 0; i < d; i++) part[i % 16] += xr[i] * xr[i];
+        for (int l = 0; l < 16; l++) sum += part[l];
+        const float inv = 1.0f / sqrtf(sum / (float)d + eps);
+        int64_t i = 0;
+#ifdef __AVX512F__
+        const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f), root = _mm512_set1_ps(0.70710678f);
+        for (; i + 16 <= d; i += 16) {
+            const __m512 y = _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(w + i),
+                                                         _mm512_mul_ps(_mm512_loadu_ps(xr + i), _mm512_set1_ps(inv))),
+                                           _mm512_loadu_ps(b + i));
+            const __m512 z = _mm512_mul_ps(y, root), az = _mm512_abs_ps(z);
+            const __m512 t = _mm512_div_ps(one, _mm512_add_ps(one, _mm512_mul_ps(_mm512_set1_ps(ERF_P), az)));
+            __m512 poly = _mm512_setzero_ps(); /* 0 * t + a5 is a5: Horner's steps from the top */
+            for (int c = 0; c < 5; c++) poly = _mm512_add_ps(_mm512_mul_ps(poly, t), _mm512_set1_ps(ERF_POLY[c]));
+            const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(az, az)));
+            __m512 erf = _mm512_sub_ps(one, _mm512_mul_ps(_mm512_mul_ps(poly, t), e));
+            erf = _mm512_mask_sub_ps(erf, _mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_LT_OQ), _mm512_setzero_ps(), erf);
+            _mm512_storeu_ps(o + i, _mm512_mul_ps(_mm512_mul_ps(half, y), _mm512_add_ps(one, erf)));
+        }
+#elif defined(__AVX2__) && defined(__FMA__)
+        const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f), root = _mm256_set1_ps(0.70710678f);
+        const __m256 sign = _mm256_set1_ps(-0.0f);
+        for (; i + 8 <= d; i += 8) {
+            const __m256 y = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(w + i),
+                                                         _mm256_mul_ps(_mm256_loadu_ps(xr + i), _mm256_set1_ps(inv))),
+                                           _mm256_loadu_ps(b + i));
+            const __m256 z = _mm256_mul_ps(y, root), az = _mm256_andnot_ps(sign, z);
+            const __m256 t = _mm256_div_ps(one, _mm256_add_ps(one, _mm256_mul_ps(_mm256_set1_ps(ERF_P), az)));
+            __m256 poly = _mm256_setzero_ps(); /* 0 * t + a5 is a5: Horner's steps from the top */
+            for (int c = 0; c < 5; c++) poly = _mm256_add_ps(_mm256_mul_ps(poly, t), _mm256_set1_ps(ERF_POLY[c]));
+            const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(az, az)));
+            const __m256 erf = _mm256_or_ps(_mm256_and_ps(sign, z), _mm256_sub_ps(one, _mm256_mul_ps(_mm256_mul_ps(poly, t), e)));
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_mul_ps(half, y), _mm256_add_ps(one, erf)));
+        }
+#endif
+        for (; i < d; i++) {
+            const float y = w[i] * (xr[i] * inv) + b[i];
+            o[i] = 0.5f * y * (1.0f + erff(y * 0.70710678f));
+        }
+    }
+}

@@ -1,4 +1,5 @@
-"""The layer's small ops in C for the CPU path (`cpu_fused.c`): RMSNorm with its residual add, rotary, SwiGLU.
+"""The layer's small ops in C for the CPU path (`cpu_fused.c`): RMSNorm with its residual add, rotary, SwiGLU;
+and the MLP speculator's norm and GELU (`norm_gelu`).
 
 Same contracts as their twins in `specdesk.kernels.reference`, for bf16 tensors; each returns None where it
 cannot run (no C compiler, another dtype), and `specdesk.kernels.ops` then calls the twin.
@@ -52,4 +53,18 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
     t, inter = gate_up.shape[0], gate_up.shape[1] // 2
     out = gate_up.new_empty(t, inter)
     lib.sd_silu_mul(gate_up.data_ptr(), t, inter, out.data_ptr(), cpu_lib.num_threads())
+    return out
+
+
+def norm_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """GELU(weight * x / sqrt(mean(x^2) + eps) + bias) over the last dim of float32 x (the MLP speculator's LN_i
+    and activation, `MLPSpeculator.norm_act`), erf by a polynomial within 1.5e-7; None where it cannot run."""
+    lib = cpu_lib.library()
+    ready = all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (x, weight, bias))
+    if lib is None or not ready or not hasattr(lib, "sd_norm_gelu"):
+        return None
+    x, weight, bias = x.contiguous(), weight.contiguous(), bias.contiguous()
+    out = torch.empty_like(x)
+    d = x.shape[-1]
+    lib.sd_norm_gelu(x.data_ptr(), x.numel() // d, d, weight.data_ptr(), bias.data_ptr(), eps, out.data_ptr())
     return out

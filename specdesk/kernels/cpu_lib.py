@@ -99,6 +99,8 @@ def build(folder: Path | None = None, cache_dir: Path | None = None) -> ctypes.C
     lib.sd_rms_norm.argtypes = [ptr, ptr, ptr, ctypes.c_float, ctypes.c_float, i64, i64, ptr, ptr, c_int]
     lib.sd_rotary.argtypes = [ptr, i64, ptr, ptr, i64, i64, i64]
     lib.sd_silu_mul.argtypes = [ptr, i64, i64, ptr, c_int]
+    if hasattr(lib, "sd_norm_gelu"):  # absent from revisions before it (the kernel A/B benchmarks build those)
+        lib.sd_norm_gelu.argtypes = [ptr, i64, i64, ptr, ptr, ctypes.c_float, ptr]
     lib.sd_llama_layers.argtypes = [ptr, i64, ptr, ptr, *[ptr] * 10, c_int]
     lib.sd_llama_layers.restype = c_int
     return lib

@@ -136,3 +136,21 @@ def test_the_builds_agree_on_norm_and_rotary_bit_for_bit(tmp_path_factory: pytes
     assert len(first) == 7 and all(t is not None for t in first)
     for out in outs.values():
         assert len(out) == len(first) and all(torch.equal(a, b) for a, b in zip(out, first, strict=True))
+
+
+@pytest.mark.usefixtures("kernel")
+@pytest.mark.parametrize("d", [576, 40])  # 40: vector lanes and a scalar tail (libm's erff)
+def test_norm_gelu_equals_the_speculators_torch_ops(d: int) -> None:
+    """The MLP speculator's LN_i and exact GELU in one call, against torch's ops on float32: within the erf
+    polynomial's 1.5e-7 and a few float32 roundings; each row alone gives the bits it gets among others."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(7, d, generator=g) * torch.logspace(-1, 1, 7)[:, None]
+    x[3, :6] = torch.tensor([0.0, -0.0, 40.0, -40.0, 1e-20, -3.0])  # exp's clamp, zeros, both signs
+    weight, bias = torch.rand(d, generator=g) + 0.5, torch.randn(d, generator=g) * 0.1
+    got = cpu_fused.norm_gelu(x, weight, bias, 1e-6)
+    assert got is not None
+    norm = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * weight + bias
+    torch.testing.assert_close(got, torch.nn.functional.gelu(norm), rtol=1e-5, atol=1e-6)
+    alone = cpu_fused.norm_gelu(x[4:5], weight, bias, 1e-6)
+    assert alone is not None and torch.equal(alone, got[4:5])
+    assert cpu_fused.norm_gelu(x.bfloat16(), weight, bias, 1e-6) is None  # float32 only: the caller's torch ops

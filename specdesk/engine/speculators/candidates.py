@@ -249,7 +249,7 @@ class Int8NodeRanker:
             of_seq, path_cols = torch.arange(b), torch.empty(b, 0, dtype=torch.long)
         for i in range(deepest):
             weight = self.fused[i] if i + 1 < deepest else self.heads[i]
-            out = cpu_int8.linear(F.gelu(spec.ln[i](x)), weight)  # [rows, vocab (+ d: proj_{i+1})]
+            out = cpu_int8.linear(spec.norm_act(i, x), weight)  # [rows, vocab (+ d: proj_{i+1})]
             logits = out[:, :vocab] if penalty is None else penalty.apply(out[:, :vocab], of_seq, path_cols)
             top, col = F.log_softmax(logits, dim=-1).topk(k, dim=-1)
             logps, cols = top.tolist(), col.tolist()

@@ -72,6 +72,9 @@ def pack_for_cpu(spec: MLPSpeculator, int8: bool = False) -> bool:
         if isinstance(proj, nn.Linear):
             spec.proj[i] = packed.setdefault(id(proj), make(proj.weight.detach()))
     spec.packed_heads = [packed.setdefault(id(h), make(h.detach())) for h in spec.draft_heads]
+    # The norm and GELU in one C call too: at a few rows per head, torch's 8 small ops cost more than the int8
+    # matmul they feed (benchmarks.step_profile, "propose drafts").
+    spec.fused_norm_act = make is Int8LinearKeepingWeight
     return True
 
 

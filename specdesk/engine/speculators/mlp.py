@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from specdesk.kernels import cpu_fused
+
 _CONFIG_KEYS = (
     "vocab_size",
     "emb_dim",
@@ -151,6 +153,7 @@ class MLPSpeculator(nn.Module):
         self.draft_vocab: torch.Tensor | None = None  # restrict_vocab(): the token ids the heads score
         self.draft_heads: list[torch.Tensor] = []
         self.packed_heads: list[nn.Module] = []  # draft_vocab.pack_for_cpu(): float32 in, float32 out
+        self.fused_norm_act = False  # pack_for_cpu(int8=True): norm_act in one C call (kernels/cpu_fused.py)
         self.emb = None if config.tie_to_base else shared(lambda: nn.Embedding(v, d), n)
         self.head = None if config.tie_to_base else shared(lambda: nn.Linear(d, v, bias=False), n)
         rows = config.draft_heads
@@ -261,7 +264,18 @@ class MLPSpeculator(nn.Module):
         """
         z = self.embed(i, prev_token_ids).to(state.dtype)
         x = self.proj[i](state) + (self.emb_weight / self.state_weight) * z
-        return F.gelu(self.ln[i](x))  # exact (erf) GELU
+        return self.norm_act(i, x)
+
+    def norm_act(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """GELU(LN_i(x)), exact (erf) GELU; on the CPU int8 path (fused_norm_act) one C call with erf by a
+        polynomial (within 1.5e-7), which `step` and `candidates.Int8NodeRanker` share, so they rank alike."""
+        ln = self.ln[i]
+        assert isinstance(ln, SpeculatorNorm)
+        if self.fused_norm_act and not torch.is_grad_enabled() and ln.weight is not None and ln.bias is not None:
+            out = cpu_fused.norm_gelu(x, ln.weight, ln.bias, ln.eps)
+            if out is not None:
+                return out
+        return F.gelu(ln(x))
 
     def forward(self, hidden: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """Teacher-forced pass (training): per-head states for every position, [n_predict, b, n, inner_dim].
