@@ -61,7 +61,7 @@ def norm_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: fl
     and activation, `MLPSpeculator.norm_act`), erf by a polynomial within 1.5e-7; None where it cannot run."""
     lib = cpu_lib.library()
     ready = all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (x, weight, bias))
-    if lib is None or not ready or not hasattr(lib, "sd_norm_gelu"):
+    if lib is None or not ready or not hasattr(lib, "sd_norm_gelu"):  # a build of an earlier revision's sources
         return None
     x, weight, bias = x.contiguous(), weight.contiguous(), bias.contiguous()
     out = torch.empty_like(x)
