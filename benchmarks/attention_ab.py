@@ -37,6 +37,7 @@ CASES: dict[str, tuple[list[int], list[int], bool]] = {
     "verify a tree of 5 on 680": ([680], [5], True),
     "verify a tree of 11 on 680": ([680], [11], True),
     "decode 8 sequences, 1 on 700 each": ([700] * 8, [1] * 8, False),
+    "decode, 1 on 3000 (a long conversation)": ([3000], [1], False),
 }
 # The same kinds of pass as a model step runs them: 30 layers, each with pages of its own, so that every layer
 # reads its keys and values from memory rather than from a cache the previous call warmed.
@@ -44,6 +45,8 @@ LAYERS = 30
 COLD_CASES: dict[str, tuple[list[int], list[int], bool]] = {
     "decode, 1 on 1000, 30 layers' pages": ([1000], [1], False),
     "verify a tree of 5 on 1000, 30 layers' pages": ([1000], [5], True),
+    "decode, 1 on 1500, 30 layers' pages": ([1500], [1], False),
+    "verify a tree of 5 on 1500, 30 layers' pages": ([1500], [5], True),
 }
 
 
