@@ -186,12 +186,11 @@ static void combine_part(const void *a, int64_t part, int64_t parts) {
     float state[256];
     for (int64_t q = queries * part / parts; q < queries * (part + 1) / parts; q++) {
         float max = 0.0f, sum = 0.0f;
-        if (P->counts[q] == 0) memset(state, 0, sizeof(float) * (size_t)d); /* no key: 0 / 0, as a whole task */
         for (int64_t s = 0; s * SEGMENT < P->counts[q]; s++) {
-            const float *p = P->partials + (q * P->segments + s) * (d + 2);
+            const float *p = partial_of(P, q, s);
             join_segment(&max, &sum, state, p[0], p[1], p + 2, d, s == 0);
         }
-        for (int64_t e = 0; e < d; e++) A->out[q * d + e] = to_bf16(state[e] / sum);
+        write_query(A, q, state, sum, P->counts[q]);
     }
 }
 
@@ -228,6 +227,7 @@ static attention_task *split_tasks(const attention_args *A, const attention_task
 int run_split(segment_pass *P, void (*part)(const void *, int64_t, int64_t), int threads) {
     const attention_args *A = P->A;
     const int64_t queries = A->num_tokens * A->heads;
+    P->segments = (P->longest + SEGMENT - 1) / SEGMENT;
     const size_t bytes = sizeof(float) * (size_t)(queries * P->segments * (A->head_dim + 2));
     if (threads <= 1 || P->num_tasks >= 2 * threads || P->segments <= 1 || bytes > PARTIALS_MAX) return 0;
     const attention_task *whole = P->tasks;

@@ -5,6 +5,9 @@
 #define SPECDESK_CPU_ATTENTION_H
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
+
+#include "cpu_common.h" /* to_bf16 */
 
 typedef struct {
     const uint16_t *q, *k_cache, *v_cache; /* q [T, H, D] (rows q_stride apart); caches [blocks, bs, KVH, D] */
@@ -69,10 +72,38 @@ static inline void join_segment(float *max, float *sum, float *o, float m, float
 typedef struct {
     const attention_args *A;
     const attention_task *tasks;
-    int64_t num_tasks, longest, segments; /* segments: the most a query of the pass has */
+    int64_t num_tasks, longest; /* longest: the pass's longest sequence */
+    int64_t segments; /* while split (run_split sets it): the most segments a query of the pass has */
     float *partials; /* split tasks: per query (token * heads + head) and segment, [max, sum, o[d]] */
     int64_t *counts; /* split tasks: per query, its visible keys */
 } segment_pass;
+
+/* Segment seg's [max, sum, o[d]] of query `query` (token * heads + head) in a split pass's partials. */
+static inline float *partial_of(const segment_pass *P, int64_t query, int64_t seg) {
+    return P->partials + (query * P->segments + seg) * (P->A->head_dim + 2);
+}
+
+/* A segment's result (m, l, part[d]) of a query of task T: a split task's into the pass's partials, a whole task's
+ * joined into the query's (max, sum, state) as the pass's last step would join it. */
+static inline void keep_segment(const segment_pass *P, const attention_task *T, int64_t query, float m, float l,
+                                const float *part, float *max, float *sum, float *state, int first) {
+    const int64_t d = P->A->head_dim;
+    if (T->split) {
+        float *p = partial_of(P, query, T->seg);
+        p[0] = m, p[1] = l;
+        memcpy(p + 2, part, sizeof(float) * (size_t)d);
+    } else {
+        join_segment(max, sum, state, m, l, part, d, first);
+    }
+}
+
+/* A query's output row, bf16(state / sum); a query that saw no key (n == 0: a tree row masking everything) gets
+ * 0 / 0 on every path. */
+static inline void write_query(const attention_args *A, int64_t query, float *state, float sum, int64_t n) {
+    const int64_t d = A->head_dim;
+    if (n == 0) sum = 0.0f, memset(state, 0, sizeof(float) * (size_t)d);
+    for (int64_t e = 0; e < d; e++) A->out[query * d + e] = to_bf16(state[e] / sum);
+}
 
 /* Where P's tasks (plan_tasks for one thread: one per KV head and sequence) leave fewer than two a thread
  * (decode steps, small trees), runs them cut by segment, `part` running each part's share of the cut tasks (a cut

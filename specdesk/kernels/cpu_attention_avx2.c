@@ -175,24 +175,13 @@ static void run_group(const group_tasks *G, const attention_task *T, int64_t *sl
             }
             for (int64_t qi = 0; pass == 1 && qi < count; qi++) {
                 if (n[qi] <= s0) continue;
-                if (T->split) {
-                    float *p = G->partials + (query[qi] * G->segments + T->seg) * (d + 2);
-                    p[0] = seg_max[qi], p[1] = seg_sum[qi];
-                    memcpy(p + 2, acc + qi * d, sizeof(float) * (size_t)d);
-                } else {
-                    join_segment(&max[qi], &sum[qi], state + qi * d, seg_max[qi], seg_sum[qi], acc + qi * d, d,
-                                 s0 == 0);
-                }
+                keep_segment(G, T, query[qi], seg_max[qi], seg_sum[qi], acc + qi * d, &max[qi], &sum[qi],
+                             state + qi * d, s0 == 0);
             }
         }
     }
     if (T->split) return;
-    for (int64_t qi = 0; qi < count; qi++) {
-        if (n[qi] == 0) /* no key to see (a tree row masking everything): 0 / 0, as every path gives */
-            sum[qi] = 0.0f, memset(state + qi * d, 0, sizeof(float) * (size_t)d);
-        uint16_t *out = A->out + query[qi] * d;
-        for (int64_t e = 0; e < d; e++) out[e] = to_bf16(state[qi * d + e] / sum[qi]);
-    }
+    for (int64_t qi = 0; qi < count; qi++) write_query(A, query[qi], state + qi * d, sum[qi], n[qi]);
 }
 
 static void group_part(const void *a, int64_t part, int64_t parts) {
@@ -219,7 +208,7 @@ int grouped_avx2(const attention_args *A, int threads) {
     for (int64_t s = 0; s < A->num_seqs; s++) longest = A->seq_lens[s] > longest ? A->seq_lens[s] : longest;
     attention_task *tasks = plan_tasks(A, 1, GQ, &k);
     if (!tasks) return -1;
-    group_tasks G = {A, tasks, k, longest, (longest + SEGMENT - 1) / SEGMENT, NULL, NULL};
+    group_tasks G = {A, tasks, k, longest, 0, NULL, NULL};
     if (run_split(&G, group_part, threads)) {
         free(tasks);
         return 0;

@@ -256,22 +256,12 @@ static void run_task(const grouped_args *G, const task *T, int64_t *shared, int6
         }
         for (int64_t qi = 0; qi < T->count; qi++) {
             if (n[qi] <= s0) continue;
-            if (T->split) {
-                float *part = P->partials + (query[qi] * P->segments + T->seg) * (d + 2);
-                part[0] = seg_max[qi], part[1] = seg_sum[qi];
-                memcpy(part + 2, acc + qi * d, sizeof(float) * (size_t)d);
-            } else {
-                join_segment(&max[qi], &sum[qi], state + qi * d, seg_max[qi], seg_sum[qi], acc + qi * d, d, s0 == 0);
-            }
+            keep_segment(P, T, query[qi], seg_max[qi], seg_sum[qi], acc + qi * d, &max[qi], &sum[qi], state + qi * d,
+                         s0 == 0);
         }
     }
     if (T->split) return;
-    for (int64_t qi = 0; qi < T->count; qi++) {
-        if (n[qi] == 0) /* no key to see (a tree row masking everything): 0 / 0, as the split join gives */
-            sum[qi] = 0.0f, memset(state + qi * d, 0, sizeof(float) * (size_t)d);
-        uint16_t *out = A->out + query[qi] * d;
-        for (int64_t e = 0; e < d; e++) out[e] = to_bf16(state[qi * d + e] / sum[qi]);
-    }
+    for (int64_t qi = 0; qi < T->count; qi++) write_query(A, query[qi], state + qi * d, sum[qi], n[qi]);
 }
 
 static void grouped_part(const void *a, int64_t part, int64_t parts) {
@@ -320,7 +310,7 @@ int grouped_attention(const attention_args *A, int threads) {
         longest = A->seq_lens[s] > longest ? A->seq_lens[s] : longest;
         widest = q_len > widest ? q_len : widest;
     }
-    grouped_args G = {{A, tasks, k, longest, (longest + SEGMENT - 1) / SEGMENT, NULL, NULL}, causal, widest};
+    grouped_args G = {{A, tasks, k, longest, 0, NULL, NULL}, causal, widest};
     if (!run_split(&G.P, grouped_part, threads)) {
         if (threads > 1) {
             free(tasks);

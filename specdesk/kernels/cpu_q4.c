@@ -32,7 +32,10 @@
 #ifndef WEIGHT_PREFETCH
 #define WEIGHT_PREFETCH 1024
 #endif
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#if defined(__AVX2__) && defined(__F16C__) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define Q4_VNNI 1 /* the tile's steps as vpdpbusd */
+#endif
+#ifdef Q4_VNNI
 #define MAX_ROWS 8 /* VNNI: 2 x 8 int32 sums, the nibble mask, the weights' two halves and a token's broadcast
                     * in 32 registers (AVX-512's 16 more); 8 ran faster than 10 on 8 and
                     * 512 tokens (benchmarks.linear_ab, Zen 4) */
@@ -84,8 +87,10 @@ static inline __attribute__((always_inline)) void tile(const int8_t *x, int64_t 
                                                        const float *sums, const uint16_t *dm, const int R,
                                                        __m256 f[MAX_ROWS][2]) {
     const int64_t groups = k / GROUP;
-    const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0f);
-    (void)ones; /* the AVX2 widening only */
+    const __m256i low = _mm256_set1_epi8(0x0f);
+#ifndef Q4_VNNI
+    const __m256i ones = _mm256_set1_epi16(1); /* the int16 sums' widening */
+#endif
     for (int r = 0; r < R; r++) f[r][0] = f[r][1] = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; g++) {
         __m256i a[MAX_ROWS][2];
@@ -106,7 +111,7 @@ static inline __attribute__((always_inline)) void tile(const int8_t *x, int64_t 
                 int32_t v;
                 memcpy(&v, xg + r * k + 4 * j, 4);
                 const __m256i xv = _mm256_set1_epi32(v);
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#ifdef Q4_VNNI
                 /* One vpdpbusd adds a channel's 4 products (unsigned codes times signed activations) into its
                  * int32 lane: the same integer as the AVX2 pair of steps below, in half the instructions. */
                 a[r][0] = _mm256_dpbusd_epi32(a[r][0], w0, xv);
@@ -122,7 +127,7 @@ static inline __attribute__((always_inline)) void tile(const int8_t *x, int64_t 
             const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dm + g * 32 + 8 * h)));
             const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dm + g * 32 + 16 + 8 * h)));
             for (int r = 0; r < R; r++) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#ifdef Q4_VNNI
                 const __m256 s = _mm256_cvtepi32_ps(a[r][h]); /* int32 sums already */
 #else
                 const __m256 s = _mm256_cvtepi32_ps(_mm256_madd_epi16(a[r][h], ones));
@@ -204,7 +209,7 @@ void sd_linear_q4(const int8_t *xq, const float *xs, const float *sums, int64_t 
 
 /* Which W4A8 path this build runs: 2 the tile with VNNI's vpdpbusd, 1 the AVX2 tile, 0 the portable loop. */
 int sd_q4_path(void) {
-#if defined(__AVX2__) && defined(__F16C__) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#ifdef Q4_VNNI
     return 2;
 #elif defined(__AVX2__) && defined(__F16C__)
     return 1;

@@ -6,6 +6,8 @@ the AVX-512 one on 8 lanes."""
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
+from typing import TypeVar
 
 import pytest
 import torch
@@ -18,6 +20,7 @@ pytestmark = pytest.mark.skipif(
 )
 BUILDS = {"native": None, "avx2": "-mno-avx512f", "portable": "-mno-avx512f -mno-avx2"}
 ONE_ROUNDING = {"rtol": 2**-7, "atol": 1e-6}  # bf16 keeps 8 significant bits
+T = TypeVar("T")
 
 
 def _has_avx2() -> bool:
@@ -28,19 +31,41 @@ def _has_avx2() -> bool:
         return False
 
 
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ctypes.CDLL | str]:
+    """Each build of BUILDS, compiled once for the module, or why this machine has none."""
+    out: dict[str, ctypes.CDLL | str] = {}
+    for name, flag in BUILDS.items():
+        if flag is None:
+            lib = cpu_lib.library()
+            assert lib is not None
+            out[name] = lib
+        elif name == "avx2" and not _has_avx2():
+            out[name] = "this CPU lacks AVX2 and FMA"
+        else:
+            lib = build_with(flag, str(tmp_path_factory.mktemp(f"fused-{name}")))
+            out[name] = lib if lib is not None else f"no x86-64 compiler that takes {flag}"
+    return out
+
+
 @pytest.fixture(scope="module", params=list(BUILDS))
-def build(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
-    flag = BUILDS[request.param]
-    if flag is None:
-        lib = cpu_lib.library()
-        assert lib is not None
-        return lib
-    if request.param == "avx2" and not _has_avx2():
-        pytest.skip("this CPU lacks AVX2 and FMA")
-    lib = build_with(flag, str(tmp_path_factory.mktemp(f"fused-{request.param}")))
-    if lib is None:
-        pytest.skip(f"no x86-64 compiler that takes {flag}")
+def build(request: pytest.FixtureRequest, builds: dict[str, ctypes.CDLL | str]) -> ctypes.CDLL:
+    lib = builds[request.param]
+    if isinstance(lib, str):
+        pytest.skip(lib)
     return lib
+
+
+def _on_each_build(builds: dict[str, ctypes.CDLL | str], run: Callable[[], T]) -> dict[str, T]:
+    """run() with cpu_lib answering with each build this machine has, by build name."""
+    outs = {}
+    for name, lib in builds.items():
+        if isinstance(lib, str):
+            continue
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(cpu_lib, "library", lambda lib=lib: lib)
+            outs[name] = run()
+    return outs
 
 
 @pytest.fixture
@@ -94,24 +119,17 @@ def test_rotary_equals_its_twin() -> None:
     torch.testing.assert_close(got.float(), reference.rotary(x, cos, sin).float(), **ONE_ROUNDING)
 
 
-def test_the_builds_agree_on_swiglu(tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_the_builds_agree_on_swiglu(builds: dict[str, ctypes.CDLL | str]) -> None:
     """SwiGLU's vector loops (AVX-512, and AVX2 doing its arithmetic on 8 lanes) give the same bits; the portable
     loop's libm exp differs from theirs by an ulp or two of float32, which bf16 rounding hides but for rare ties."""
-    outs = {}
-    for name, flag in BUILDS.items():
-        lib = cpu_lib.library() if flag is None else build_with(flag, str(tmp_path_factory.mktemp(f"swiglu-{name}")))
-        if lib is None or (name == "avx2" and not _has_avx2()):
-            continue
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(cpu_lib, "library", lambda lib=lib: lib)
-            outs[name] = cpu_fused.silu_and_mul(_gate_up(64, 1536)[1:])
+    outs = _on_each_build(builds, lambda: cpu_fused.silu_and_mul(_gate_up(64, 1536)[1:]))
     vector = [out for name, out in outs.items() if name != "portable"]
     assert all(out is not None and torch.equal(out, vector[0]) for out in vector)  # inter 1536: no scalar tail
     if "portable" in outs and vector:
         assert (outs["portable"] != vector[0]).float().mean() < 1e-3
 
 
-def test_the_builds_agree_on_norm_and_rotary_bit_for_bit(tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_the_builds_agree_on_norm_and_rotary_bit_for_bit(builds: dict[str, ctypes.CDLL | str]) -> None:
     """RMSNorm's and rotary's vector loops (on AVX2 and AVX-512 builds alike) repeat the scalar loop's roundings
     in its order, so every build, the portable one included, gives the same bits; 580 and head_dim 40 leave
     scalar tails after the vector loops."""
@@ -121,16 +139,12 @@ def test_the_builds_agree_on_norm_and_rotary_bit_for_bit(tmp_path_factory: pytes
     heads = torch.randn(3, 4, 40, generator=g).bfloat16()
     angles = torch.rand(3, 1, 20, generator=g) * 6
     cos, sin = angles.cos().bfloat16(), angles.sin().bfloat16()
-    outs = {}
-    for name, flag in BUILDS.items():
-        lib = cpu_lib.library() if flag is None else build_with(flag, str(tmp_path_factory.mktemp(f"norm-{name}")))
-        if lib is None or (name == "avx2" and not _has_avx2()):
-            continue
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(cpu_lib, "library", lambda lib=lib: lib)
-            norms = [cpu_fused.rms_norm(x, weight, 1e-5, r, m) for r, m in ((None, 1.0), (res, 1.0), (res, 0.22))]
-            outs[name] = [t for out in norms if out is not None for t in out]
-            outs[name].append(cpu_fused.rotary(heads.clone(), cos, sin))
+
+    def run() -> list[torch.Tensor | None]:
+        norms = [cpu_fused.rms_norm(x, weight, 1e-5, r, m) for r, m in ((None, 1.0), (res, 1.0), (res, 0.22))]
+        return [*(t for out in norms if out is not None for t in out), cpu_fused.rotary(heads.clone(), cos, sin)]
+
+    outs = _on_each_build(builds, run)
     assert len(outs) >= 2, "fewer than two builds ran"
     first = next(iter(outs.values()))
     assert len(first) == 7 and all(t is not None for t in first)
