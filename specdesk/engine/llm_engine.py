@@ -265,8 +265,7 @@ class LLMEngine:
                 # verified token costs, for the tree-width choice. Timed from the step's start, proposal
                 # included: the width trades a token's cost against the whole step's, not the pass alone's.
                 seconds = time.perf_counter() - self._step_started
-                spec.step_cost.record(1 + lone.num_draft_tokens, seconds)
-                spec.record_lone_step(len(verdicts[0].tokens), seconds)
+                spec.record_lone_step(1 + lone.num_draft_tokens, len(verdicts[0].tokens), seconds)
         return verdicts
 
     def _no_room(self, seq: Sequence) -> str:

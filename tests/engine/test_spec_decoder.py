@@ -3,6 +3,7 @@ alone holds each request's hidden state, only while the request runs."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -95,32 +96,94 @@ def test_hidden_states_live_only_while_their_request_runs(model_dir: Path, mlp_d
     assert not engine.speculation.hidden
 
 
-def test_the_mlp_rests_where_its_steps_make_fewer_tokens_per_second(
-    model_dir: Path, mlp_dir: Path, request: pytest.FixtureRequest
-) -> None:
-    """On the int8 CPU path (resting allowed) the MLP proposes while its steps make at least as many tokens per
-    second as steps without it, rests MLP_REST_STEPS steps when they make fewer, and looks again after; where
-    resting is not allowed (every other path) it always proposes."""
-    from specdesk.engine.speculators import decoder as decoder_module
-
-    config = EngineConfig(model=str(model_dir), dtype="bfloat16", device="cpu", speculator=str(mlp_dir),
+def _int8_engine(model_dir: Path, mlp_dir: Path | None, request: pytest.FixtureRequest) -> LLMEngine:
+    speculator = None if mlp_dir is None else str(mlp_dir)
+    config = EngineConfig(model=str(model_dir), dtype="bfloat16", device="cpu", speculator=speculator,
                           spec_max_batch_size=16, quantization="int8")  # fmt: skip
     engine = LLMEngine(config, load_model(config.model, "bfloat16", "cpu", quantization="int8"))
     request.addfinalizer(engine.close)  # the int8 runner holds the process's threads until then
+    return engine
+
+
+def test_the_mlp_rests_where_its_best_width_makes_fewer_tokens_per_second(
+    model_dir: Path, mlp_dir: Path, request: pytest.FixtureRequest
+) -> None:
+    """On the int8 CPU path (resting allowed) the MLP proposes while its best width's measured tokens per step
+    over StepCost's fitted step time beat the measured steps without it, rests MLP_REST_STEPS steps when they
+    do not, and looks again after; where resting is not allowed (every other path) it always proposes."""
+    from specdesk.engine.speculators import decoder as decoder_module
+
+    engine = _int8_engine(model_dir, mlp_dir, request)
     spec = engine.speculation
     assert spec is not None and spec.width.allow_none
-    for ran, emitted, seconds in [(True, 2, 0.02)] * 10 + [(False, 1, 0.005)] * 3:  # MLP: 100 tok/s, without: 200
-        spec._mlp_ran = ran
-        spec.record_lone_step(emitted, seconds)
-    assert not spec._mlp_pays()
+    for _ in range(20):  # width 1: its one node accepted, 2 tokens a step ...
+        spec.width.record([], [[7], [8]], [7, 3])
+    spec._mlp_ran = True
+    for _ in range(20):  # ... in 20 ms a step of 2 query tokens: 100 tokens/s
+        spec.record_lone_step(2, 2, 0.02)
+    assert spec.step_cost.seconds(2) == pytest.approx(0.02)
+    assert not spec._mlp_pays(1)  # nothing measured without the MLP: try that once
+    spec._mlp_ran = False
+    for _ in range(3):  # without the MLP: 200 tokens/s
+        spec.record_lone_step(1, 1, 0.005)
+    assert not spec._mlp_pays(1)
     engine.add_request([5, 17, 42, 8, 99], SamplingParams(max_tokens=4, ignore_eos=True))
     while engine.has_work:
         engine.step()
     rested = spec._mlp_rest
     assert 0 < rested <= decoder_module.MLP_REST_STEPS
-    for _ in range(40):  # the faster side wins once its recent steps say so (older steps fade)
-        spec._mlp_ran = True
-        spec.record_lone_step(6, 0.01)
-    assert spec._mlp_pays()
+    spec._mlp_ran = False
+    for _ in range(40):  # the faster side wins once its recent steps say so (older steps fade): 20 tokens/s
+        spec.record_lone_step(1, 1, 0.05)
+    assert spec._mlp_pays(1)
     plain = _engine(model_dir, mlp_dir).speculation
-    assert plain is not None and not plain.width.allow_none and plain._mlp_pays()
+    assert plain is not None and not plain.width.allow_none and plain._mlp_pays(1)
+
+
+def test_the_cadence_ranks_the_pool_on_its_measuring_steps_only(
+    model_dir: Path, mlp_dir: Path, request: pytest.FixtureRequest
+) -> None:
+    """Where the MLP may rest, one MLP step in MEASURE_EVERY ranks the whole pool (and TreeWidth records only
+    those), the others rank just the nodes they verify. Output stays plain's."""
+    from specdesk.engine.speculators import decoder as decoder_module
+
+    engine = _int8_engine(model_dir, mlp_dir, request)
+    spec = engine.speculation
+    assert spec is not None and spec.tree_kind is not None
+    # Keep the MLP proposing two nodes (a random speculator's drafts would not pay).
+    spec._mlp_pays = lambda width: True  # type: ignore[method-assign]
+    spec.width.choose = lambda cost_per_token, limit, allow_none=None: 2  # type: ignore[method-assign]
+    asked: list[int | None] = []
+    recorded: list[int] = []
+    rank, record = spec.tree_kind.rank, spec.width.record
+
+    def counting_rank(*args: object, **kwargs: object) -> object:
+        asked.append(args[5] if len(args) > 5 else None)  # type: ignore[arg-type]
+        return rank(*args, **kwargs)  # type: ignore[arg-type]
+
+    def counting_record(*args: object) -> None:
+        recorded.append(len(asked))
+        record(*args)  # type: ignore[arg-type]
+
+    spec.tree_kind.rank = counting_rank  # type: ignore[method-assign]
+    spec.width.record = counting_record  # type: ignore[method-assign]
+    params = SamplingParams(max_tokens=48, ignore_eos=True)
+    prompt = engine.tokenizer.encode(PROMPTS[0])
+    engine.add_request(prompt, params)
+    tokens: list[int] = []
+    while engine.has_work:
+        for delta in engine.step():
+            tokens += delta.token_ids
+    full = [i for i, nodes in enumerate(asked) if nodes is None]
+    assert len(asked) >= 2 * decoder_module.MEASURE_EVERY
+    assert full[0] == 0 and all(b - a == decoder_module.MEASURE_EVERY for a, b in itertools.pairwise(full))
+    assert set(asked) == {None, 1, 2, 3}  # the best width and its neighbours
+    assert recorded == [i + 1 for i in full]  # every measuring step's verdict, no other
+    assert spec.step_cost.weight > 0
+    reference = _int8_engine(model_dir, None, request)
+    reference.add_request(prompt, params)
+    expected: list[int] = []
+    while reference.has_work:
+        for delta in reference.step():
+            expected += delta.token_ids
+    assert tokens == expected

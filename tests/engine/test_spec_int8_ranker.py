@@ -126,6 +126,26 @@ def test_int8_ranker_ranks_exactly_the_nodes_propose_nodes_ranks(config: dict[st
 
 @torch.no_grad()
 @pytest.mark.parametrize("confident", [False, True])
+def test_int8_ranker_asked_for_fewer_nodes_gives_the_top_of_its_pool(confident: bool) -> None:
+    """The decoder's steps between measurements rank only the nodes they verify: the same nodes, in the same
+    order, as the top of the whole pool's ranking, for every smaller width, batch and depth limit."""
+    spec = _speculator(3, tie_to_base=True)
+    if confident:
+        for h in spec.draft_heads:
+            h.mul_(12)  # peaked heads: deep chains among the top nodes
+    pack_for_cpu(spec, int8=True)
+    ranker = Int8NodeRanker(spec, 12)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(10):
+        hidden, last = torch.randn(2, E, generator=g) * 2, torch.randint(0, V, (2,), generator=g)
+        for depths in ([3, 3], [3, 1]):
+            pool = ranker(hidden, last, 3, depths)
+            for m in range(1, 12):
+                assert ranker(hidden, last, 3, depths, num_nodes=m) == [row[:m] for row in pool], (m, depths)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("confident", [False, True])
 def test_int8_ranker_expands_only_parents_that_can_have_a_child_in_the_tree(
     monkeypatch: pytest.MonkeyPatch, confident: bool
 ) -> None:

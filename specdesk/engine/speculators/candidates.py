@@ -231,11 +231,14 @@ class Int8NodeRanker:
     @torch.no_grad()
     def __call__(
         self, hidden: torch.Tensor, last: torch.Tensor, num_heads: int, max_depth: list[int],
-        penalty: DraftPenalty | None = None,
+        penalty: DraftPenalty | None = None, num_nodes: int | None = None,
     ) -> list[list[list[int]]]:  # fmt: skip
         """`propose_nodes(spec, hidden, last, num_nodes, num_heads, max_depth=max_depth, penalty=penalty)` for
-        float32 hidden."""
-        spec, m, vocab = self.spec, self.num_nodes, self.vocab
+        float32 hidden; num_nodes defaults to the ranker's. Fewer nodes run fewer heads (one node: the first
+        head alone) and give the top of the larger ranking: every node of the best m has fewer than m - 1 ahead
+        of it, so it is computed and expanded alike (for pools under 40 nodes, where the beam is 4 either way)."""
+        spec, vocab = self.spec, self.vocab
+        m = self.num_nodes if num_nodes is None else num_nodes
         assert 1 <= num_heads <= spec.n_predict, (num_heads, spec.n_predict)
         beam, k, b = max(4, m // 8), min(m, vocab), hidden.shape[0]
         # Per sequence, its nodes in rank_nodes' layout (depth by depth; a depth's nodes by kept parent, then by
@@ -279,7 +282,7 @@ class Int8NodeRanker:
             if penalty is not None:
                 of_seq, path_cols = torch.tensor(seqs), torch.tensor(paths)
             x = out[:, vocab:].index_select(0, index[0]) + self.tables[i].index_select(0, index[1])
-        return [self._paths(n) for n in nodes]
+        return [self._paths(n, m) for n in nodes]
 
     def _keep(self, nodes: list[tuple[float, int, int, int]], first: int, beam: int, m: int) -> list[int]:
         """The beam of the newest depth (nodes[first:]), best first, less those with m - 1 nodes ahead of them
@@ -297,12 +300,12 @@ class Int8NodeRanker:
             q = nodes[q][3]
         return cols[::-1]
 
-    def _paths(self, nodes: list[tuple[float, int, int, int]]) -> list[list[int]]:
-        """The best num_nodes nodes as token paths, best first (a stable sort, as rank_nodes'); a node scored
+    def _paths(self, nodes: list[tuple[float, int, int, int]], m: int) -> list[list[int]]:
+        """The best m nodes as token paths, best first (a stable sort, as rank_nodes'); a node scored
         -inf is dropped, as node_paths drops it."""
         ranked = sorted((q for q, n in enumerate(nodes) if n[0] != -math.inf), key=lambda q: -nodes[q][0])
         paths = []
-        for q in ranked[: self.num_nodes]:
+        for q in ranked[:m]:
             path = []
             while q >= 0:
                 path.append(self.token_ids[nodes[q][2]])

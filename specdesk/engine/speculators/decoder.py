@@ -40,6 +40,15 @@ from specdesk.engine.speculators.verifier import Verdict
 
 # Steps the MLP speculator rests once no candidate width pays, before it proposes (and is measured) again.
 MLP_REST_STEPS = 15
+# Where the MLP may rest (the C kernels' CPU path) its steps run a cadence of MEASURE_EVERY: one ranks the whole
+# pool, so that TreeWidth measures every width; one verifies a neighbour of the best width, so that StepCost sees
+# steps of different sizes and fits what a token costs; the others rank and verify the best width alone (ranking
+# the CPU's pool of 12 nodes runs all three heads, ~0.9 ms; one node runs the first head alone, ~0.45 ms, against
+# a ~4.5 ms plain step).
+MEASURE_EVERY = 4
+# The least spread of verified tokens (std over the recent steps) from which StepCost fits a slope on that path:
+# the neighbour steps alone give ~0.4, and a wrong prior costs more than a noisy fit.
+CADENCE_MIN_SPREAD = 0.3
 # The cost of one more verified token in plain steps on the C kernels' CPU path (int8 or Q4_1 weights) until
 # measured (a 5-token pass costs ~1.4x a one-token step in the default model's layers on 2 cores: the matmuls
 # turn compute-bound).
@@ -87,12 +96,13 @@ class SpeculativeDecoder:
         # On the C kernels' CPU path a verified token costs a sizeable part of a (fast) step, and no candidate
         # at all is a choice: speculation then rests, and looks again every MLP_REST_STEPS steps.
         prior = max(config.step_cost_prior, C_KERNELS_STEP_COST_PRIOR) if c_kernels else config.step_cost_prior
-        self.step_cost = StepCost(prior=prior)
+        self.step_cost = StepCost(prior=prior, min_spread=CADENCE_MIN_SPREAD) if c_kernels else StepCost(prior=prior)
         self.width = TreeWidth(pool, allow_none=c_kernels)
         self._mlp_rest, self._mlp_ran = 0, False
-        # Emitted tokens and seconds of lone decode steps with and without the MLP (moving sums): where
-        # resting is allowed, the MLP rests whenever its steps make fewer tokens per second than steps without.
-        self._tokens, self._seconds = {True: 0.0, False: 0.0}, {True: 0.0, False: 0.0}
+        self._mlp_steps, self._measuring, self._explore_up = 0, False, False  # the cadence (MEASURE_EVERY)
+        # Emitted tokens and seconds of lone decode steps without the MLP (moving sums): where resting is
+        # allowed, the MLP rests whenever its best width's predicted tokens per second fall below these steps'.
+        self._plain_tokens = self._plain_seconds = 0.0
         self.trees: dict[str, DraftTree] = {}
         self.paths: dict[str, tuple[list[list[int]], list[list[int]]]] = {}  # (n-gram, ranked MLP) per tree
         self.hidden: dict[str, torch.Tensor] = {}  # request id -> [hidden]: the state after its last token
@@ -113,26 +123,55 @@ class SpeculativeDecoder:
             self._mlp_rest -= 1
         return self._mlp_ran
 
-    def _mlp_pays(self) -> bool:
-        """Whether steps with the MLP made at least as many tokens per second as steps without, measured (always
-        True where resting is not allowed). Before steps without it are measured, some are tried."""
-        if not self.width.allow_none or self._tokens[True] < 8:
+    def _mlp_pays(self, width: int) -> bool:
+        """Whether the MLP's steps at `width` would make at least as many tokens per second as steps without it:
+        the width's measured tokens per step over StepCost's fitted time for its measured tree size, against
+        the measured steps without (always True where resting is not allowed). Until StepCost has steps to fit
+        the MLP runs; then steps without it are tried once."""
+        tokens, nodes = self.width.tokens_per_step(width), self.width.nodes_per_step(width)
+        if not self.width.allow_none or tokens is None or nodes is None or self.step_cost.weight < 8:
             return True
-        if self._tokens[False] == 0:
+        if self._plain_tokens == 0:
             return False  # measure the other side once
-        return self._tokens[True] / self._seconds[True] >= self._tokens[False] / self._seconds[False]
+        seconds = self.step_cost.seconds(1 + nodes)
+        assert seconds is not None
+        return tokens / seconds >= self._plain_tokens / self._plain_seconds
 
-    def record_lone_step(self, emitted: int, seconds: float) -> None:
-        """A lone decode step's emitted tokens and wall time (proposal included), for `_mlp_pays`."""
-        decay, ran = 0.9, self._mlp_ran
-        self._tokens[ran] = decay * self._tokens[ran] + emitted
-        self._seconds[ran] = decay * self._seconds[ran] + seconds
+    def _choose_width(self, limit: int) -> int:
+        """The measured policy's width this step (0: rest the MLP); on the resting path, by the cadence."""
+        if not self.width.allow_none:
+            return self.width.choose(self.step_cost.cost_per_token, limit)
+        # c = b / a ranks the widths (E_m / (a + b N_m)), but a is the fitted intercept of the MLP's steps, not a
+        # plain step: whether the best width beats a plain step is _mlp_pays', from the two measured sides.
+        best = self.width.choose(self.step_cost.cost_per_token, limit, allow_none=False)
+        phase, self._mlp_steps = self._mlp_steps % MEASURE_EVERY, self._mlp_steps + 1
+        self._measuring = phase == 0 or self.width.tokens_per_step(1) is None
+        if best == 0 or not self._mlp_pays(best):
+            # The step that decides to rest still ranks the pool, verifying none of it: the widths' acceptance
+            # is then measured again every MLP_REST_STEPS steps, so speculation comes back when it pays.
+            self._measuring = True
+            return 0
+        if phase == MEASURE_EVERY // 2 and limit > 1:  # a neighbour, up and down in turn, within [1, limit]
+            self._explore_up = not self._explore_up
+            return best + 1 if best == 1 or (self._explore_up and best < limit) else best - 1
+        return best
+
+    def record_lone_step(self, verified: int, emitted: int, seconds: float) -> None:
+        """A lone decode step's query tokens (its root and draft nodes), emitted tokens and wall time, proposal
+        included. Where the MLP may rest, StepCost fits the MLP's steps (the cadence's measuring ones too: their
+        share of the pool's ranking is part of what speculating costs) and the steps without it are
+        `_mlp_pays`' other side; the step that decided to rest verified no MLP node and counts for neither."""
+        if not self.width.allow_none or (self._mlp_ran and self._mlp_rest == 0):
+            self.step_cost.record(verified, seconds)
+        elif not self._mlp_ran:
+            self._plain_tokens = 0.9 * self._plain_tokens + emitted
+            self._plain_seconds = 0.9 * self._plain_seconds + seconds
 
     def propose(self, running: list[Sequence], kv_usage: float) -> None:
         """Attach a draft tree to each running sequence worth speculating on this step."""
         self.trees.clear()
         self.paths.clear()
-        self._mlp_ran = False  # until _mlp_due says this step's proposal runs
+        self._mlp_ran = self._measuring = False  # until _mlp_due and _choose_width say otherwise (per step)
         for s in running:  # last step's drafts of a sequence the budget left out must not be scheduled now
             s.draft_token_ids = []
         if not self.policy.should_speculate(len(running), kv_usage):
@@ -161,9 +200,9 @@ class SpeculativeDecoder:
             heads = min(self.mlp.n_predict, max(depths))
             width = max(self.policy.num_candidates(len(running)), kind.min_width(heads))
             if self.config.tree_width is None:
-                width = self.width.choose(self.step_cost.cost_per_token, width)
-                if width == 0 or not self._mlp_pays():  # rest the MLP (its proposal costs ~0.15 of a CPU step)
-                    width, self._mlp_rest = 0, MLP_REST_STEPS
+                width = self._choose_width(width)
+                if width == 0:  # rest the MLP (its proposal costs ~0.1-0.2 of a CPU step)
+                    self._mlp_rest = MLP_REST_STEPS
             else:
                 width = min(width, self.config.tree_width)
             states = [self.hidden[s.request_id] for s in with_hidden]  # alone, a view instead of a stack
@@ -173,10 +212,14 @@ class SpeculativeDecoder:
             if kind.penalized:  # the heads were trained under the requests' penalties
                 penalties = [s.params.repetition_penalty for s in with_hidden]
                 penalty = DraftPenalty.of([s.token_ids for s in with_hidden], penalties, self.mlp.columns())
-            # The whole pool is ranked (the top `width` are verified) so that every width gets measured.
-            for s, ranked in zip(with_hidden, kind.rank(hidden, last, heads, depths, penalty), strict=True):
+            # The whole pool is ranked (the top `width` are verified) so that every width gets measured; on the
+            # resting path only on the cadence's measuring steps, the others rank what they verify.
+            measure = self._measuring or not self.width.allow_none
+            ranks = kind.rank(hidden, last, heads, depths, penalty, None if measure else max(width, 1))
+            for s, ranked in zip(with_hidden, ranks, strict=True):
                 paths[s.request_id] += kind.select(ranked, width)
-                self.paths[s.request_id] = (fixed[s.request_id], ranked)
+                if measure:
+                    self.paths[s.request_id] = (fixed[s.request_id], ranked)
         for s in eligible:
             if paths[s.request_id]:
                 tree = build_tree(paths[s.request_id])

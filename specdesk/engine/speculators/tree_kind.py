@@ -39,13 +39,15 @@ class NodeTree:
         self.penalized = mlp.config.draft_penalty and self.graphed is None
 
     def rank(self, hidden: torch.Tensor, last: torch.Tensor, heads: int, depths: list[int],
-             penalty: DraftPenalty | None = None) -> list[Paths]:  # fmt: skip
+             penalty: DraftPenalty | None = None, nodes: int | None = None) -> list[Paths]:  # fmt: skip
         """Per sequence, the pool best first, every node within that sequence's depth. The CUDA graphs rank
-        without the penalty (a draft_penalty speculator then proposes as if it had been trained without)."""
+        without the penalty (a draft_penalty speculator then proposes as if it had been trained without).
+        nodes: rank only the best that many, the top of the pool's ranking (the CPU int8 path; the others
+        rank the pool regardless)."""
         if self.graphed is not None:
             return self.graphed(hidden, last, depths)
         if self.int8 is not None:
-            return self.int8(hidden, last, heads, depths, penalty)
+            return self.int8(hidden, last, heads, depths, penalty, None if nodes is None else min(nodes, self.pool))
         return propose_nodes(self.mlp, hidden, last, self.pool, num_heads=heads, max_depth=depths, penalty=penalty)
 
     def min_width(self, heads: int) -> int:
@@ -71,8 +73,8 @@ class PathTree:
         self.penalized = mlp.config.draft_penalty
 
     def rank(self, hidden: torch.Tensor, last: torch.Tensor, heads: int, depths: list[int],
-             penalty: DraftPenalty | None = None) -> list[Paths]:  # fmt: skip
-        """Per sequence, the pool best first, every path cut to that sequence's depth."""
+             penalty: DraftPenalty | None = None, nodes: int | None = None) -> list[Paths]:  # fmt: skip
+        """Per sequence, the pool best first, every path cut to that sequence's depth (always the pool)."""
         paths = propose(self.mlp, hidden, last, self.top_k, self.pool, heads, penalty)[0].tolist()
         return [[p[:depth] for p in row] for row, depth in zip(paths, depths, strict=True)]
 

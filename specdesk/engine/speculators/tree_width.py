@@ -10,12 +10,15 @@ Rather than fixing a width per device, the engine measures both sides of the tra
 * `TreeWidth` knows, after every verification, how many tokens the top-m candidates alone would have
   accepted for every m (the accepted path plus the base model's own token is the true continuation up to
   the first mismatch, so any path's accepted prefix is its common prefix with it). The engine ranks the full
-  pool of candidates every step and verifies the top m, so the wider trees it did not verify are measured
-  too: a path matching the whole known continuation is credited that much, a lower bound.
+  pool of candidates and verifies the top m, so the wider trees it did not verify are measured too: a path
+  matching the whole known continuation is credited that much, a lower bound. (On the C kernels' CPU path it
+  ranks the pool on one MLP step in four and what it verifies on the others: `decoder.MEASURE_EVERY`.)
   A candidate is a whole path (IBM's tree) or one draft node given as its path (`propose_nodes`, where the
   top m nodes are themselves the best m-node tree), so m counts paths or nodes.
   It keeps moving averages of tokens per step E_m and tree size N_m, and picks the m maximizing
-  E_m / (1 + c N_m).
+  E_m / (1 + c N_m). Where no candidate at all is a choice (the CPU path), the decoder compares that m's
+  predicted rate, E_m over StepCost's fitted seconds for 1 + N_m tokens, with the measured steps without the
+  MLP: a is then the intercept of the MLP's own steps, not a plain step, so 1 / (1 + 0) is no baseline.
 
 Output never depends on this: every candidate is verified exactly.
 """
@@ -59,17 +62,35 @@ class StepCost:
         self._xx, self._xy = d * self._xx + x * x, d * self._xy + x * seconds
 
     @property
-    def cost_per_token(self) -> float:
-        """c = b / a; the prior until the recent steps vary enough in size (std >= min_spread tokens)."""
-        if self._w < 10:
-            return self.prior
+    def weight(self) -> float:
+        """The fitted steps' total weight (older steps count less)."""
+        return self._w
+
+    def fit(self) -> tuple[float, float] | None:
+        """(a, b): the fitted seconds of a one-token step and of each token more; None before any step is fitted.
+        Until the recent steps vary enough in size (std >= min_spread tokens), b is the prior's share of a."""
+        if self._w == 0:
+            return None
         mx, my = self._x / self._w, self._y / self._w
         var = self._xx / self._w - mx * mx
-        if var < self.min_spread**2:
-            return self.prior
-        b = (self._xy / self._w - mx * my) / var
-        a = my - b * mx
-        return self.prior if a <= 0 else min(max(b / a, 0.0), 1.0)
+        if self._w >= 10 and var >= self.min_spread**2:
+            b = (self._xy / self._w - mx * my) / var
+            a = my - b * mx
+            if a > 0:
+                return a, min(max(b, 0.0), a)
+        a = my / (1 + self.prior * mx)
+        return a, self.prior * a
+
+    def seconds(self, tokens: float) -> float | None:
+        """The fitted seconds of a step verifying `tokens` query tokens (None before any step is fitted)."""
+        fit = self.fit()
+        return None if fit is None else fit[0] + fit[1] * (tokens - 1)
+
+    @property
+    def cost_per_token(self) -> float:
+        """c = b / a; the prior until the recent steps vary enough in size (std >= min_spread tokens)."""
+        fit = self.fit()
+        return self.prior if fit is None else fit[1] / fit[0]
 
 
 class TreeWidth:
@@ -87,12 +108,14 @@ class TreeWidth:
         self._nodes = [0.0] * (max_candidates + 1)
         self._weight = [0.0] * (max_candidates + 1)
 
-    def choose(self, cost_per_token: float, limit: int) -> int:
-        """Candidates to verify this step (<= limit, e.g. the load-based width)."""
+    def choose(self, cost_per_token: float, limit: int, allow_none: bool | None = None) -> int:
+        """Candidates to verify this step (<= limit, e.g. the load-based width); allow_none overrides the
+        instance's (False: the best width of at least one, however poor)."""
         limit = min(limit, self.max_candidates)
         if limit <= 1:
             return limit
-        best, best_gain = (0, 1.0) if self.allow_none else (limit, -1.0)
+        none = self.allow_none if allow_none is None else allow_none
+        best, best_gain = (0, 1.0) if none else (limit, -1.0)
         for m in range(1, limit + 1):
             w = self._weight[m]
             if w == 0:
@@ -124,3 +147,8 @@ class TreeWidth:
         """Measured mean tokens per step with the top-m tree (None before any measurement)."""
         w = self._weight[m] if 0 < m <= self.max_candidates else 0.0
         return self._tokens[m] / w if w else None
+
+    def nodes_per_step(self, m: int) -> float | None:
+        """Measured mean draft nodes of the top-m tree, the n-gram draft's included (None before any measurement)."""
+        w = self._weight[m] if 0 < m <= self.max_candidates else 0.0
+        return self._nodes[m] / w if w else None
