@@ -1,7 +1,8 @@
 """`python -m benchmarks.speculator_ab A B ...`: speculators side by side on the CPU console's path, end to end.
 
 The turns and settings of `benchmarks.cpu` (the second customer turn of held-out conversations under the
-console's persona prompt, exactly `--max-tokens` greedy tokens, repetition penalty 1.1, nothing cached), on
+console's persona prompt, exactly `--max-tokens` greedy tokens, repetition penalty 1.1 unless
+`--repetition-penalty` says otherwise, nothing cached), on
 the engine the console runs on a CPU (`quantization="auto"`: int8 wherever the kernels have a vector path). One
 engine per speculator, all alive in one process per thread count; each turn runs plain decoding and every
 speculator in an order that rotates from turn to turn. Reported per speculator: tokens/s end to end (submit to
@@ -9,6 +10,7 @@ last token, prefill included) and from the first token to the last, their ratio 
 verification, and whether its output equals plain decoding's (it must: speculation is exact).
 
     python -m benchmarks.speculator_ab default /path/to/other/speculator --out docs/bench_speculator_ab.json
+    python -m benchmarks.speculator_ab default mlp:specdesk/engine/speculators/default ngram --threads 2
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from benchmarks.common import RESULT, add_turn_args, run_workers, write_results
 from benchmarks.cpu import PENALTY, second_turns
 
 
-def worker(threads: int, speculators: list[str], turns: int, n: int, model: str | None = None) -> dict[str, Any]:
+def worker(
+    threads: int, speculators: list[str], turns: int, n: int, model: str | None = None, penalty: float = PENALTY
+) -> dict[str, Any]:
     """Plain decoding and every speculator at one thread count, in this process (model: the default's)."""
     import torch
 
@@ -39,7 +43,7 @@ def worker(threads: int, speculators: list[str], turns: int, n: int, model: str 
     }
     first = engines[speculators[0]]
     prompt_ids = [first.apply_chat_template(m) for m in second_turns(turns)]
-    params = SamplingParams(max_tokens=n, ignore_eos=True, repetition_penalty=PENALTY)
+    params = SamplingParams(max_tokens=n, ignore_eos=True, repetition_penalty=penalty)
     names = ["plain", *speculators]
     seconds = dict.fromkeys(names, 0.0)
     decode = dict.fromkeys(names, 0.0)
@@ -60,7 +64,7 @@ def worker(threads: int, speculators: list[str], turns: int, n: int, model: str 
                 tokens[name].append(out.token_ids)
         result: dict[str, Any] = {"threads": threads, "turns": len(prompt_ids), "max_tokens": n,
                                   "prompt_tokens_mean": sum(map(len, prompt_ids)) / len(prompt_ids),
-                                  "quantization": first.loaded.quantization}  # fmt: skip
+                                  "quantization": first.loaded.quantization, "repetition_penalty": penalty}  # fmt: skip
         for name in names:
             entry = {"tok_s": n * len(prompt_ids) / seconds[name],
                      "decode_tok_s": (n - 1) * len(prompt_ids) / decode[name]}  # fmt: skip
@@ -95,16 +99,19 @@ def table(results: list[dict[str, Any]], speculators: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("speculators", nargs="+", help="EngineConfig.speculator values: 'default' or folders")
+    ap.add_argument("speculators", nargs="+", help="EngineConfig.speculator values: 'default', 'ngram', folders")
     ap.add_argument("--model", default=None, help="default: the built-in default model")
+    ap.add_argument("--repetition-penalty", type=float, default=PENALTY, help="the console's 1.1 by default")
     add_turn_args(ap)
     args = ap.parse_args(argv)
     if args.worker is not None:
-        result = worker(args.worker, args.speculators, args.turns, args.max_tokens, args.model)
+        result = worker(args.worker, args.speculators, args.turns, args.max_tokens, args.model,
+                        args.repetition_penalty)  # fmt: skip
         print(RESULT + json.dumps(result), flush=True)
         return
     model = ["--model", args.model] if args.model else []
-    results = run_workers("benchmarks.speculator_ab", args, [*args.speculators, *model])
+    penalty = ["--repetition-penalty", str(args.repetition_penalty)]
+    results = run_workers("benchmarks.speculator_ab", args, [*args.speculators, *model, *penalty])
     print(table(results, args.speculators))
     for r in results:  # speculation is exact: a difference is a bug, not a figure
         for s in args.speculators:

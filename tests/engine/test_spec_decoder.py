@@ -140,6 +140,25 @@ def test_the_mlp_rests_where_its_best_width_makes_fewer_tokens_per_second(
     assert plain is not None and not plain.width.allow_none and plain._mlp_pays(1)
 
 
+def test_the_depth_takes_a_tokens_cost_over_a_plain_step_where_the_mlp_may_rest(
+    model_dir: Path, mlp_dir: Path, request: pytest.FixtureRequest
+) -> None:
+    """StepCost's intercept there is the MLP's own steps' (proposal included): the drafts' depth prices a token by
+    the fitted slope over the measured steps without the MLP, and by the prior until both are measured."""
+    spec = _int8_engine(model_dir, mlp_dir, request).speculation
+    assert spec is not None
+    spec._mlp_ran = True
+    for i in range(40):  # MLP steps: 6 ms + 1 ms per query token beyond the first
+        tokens = 2 + i % 4
+        spec.record_lone_step(tokens, 2, 0.006 + 0.001 * (tokens - 1))
+    assert spec.step_cost.cost_per_token == pytest.approx(1 / 6)
+    assert spec._token_cost() == spec.step_cost.prior  # no step without the MLP yet
+    spec._mlp_ran = False
+    for _ in range(5):  # without it: 4 ms a step
+        spec.record_lone_step(1, 1, 0.004)
+    assert spec._token_cost() == pytest.approx(0.25)
+
+
 def test_the_cadence_ranks_the_pool_on_its_measuring_steps_only(
     model_dir: Path, mlp_dir: Path, request: pytest.FixtureRequest
 ) -> None:

@@ -102,7 +102,7 @@ class SpeculativeDecoder:
         self._mlp_steps, self._measuring, self._explore_up = 0, False, False  # the cadence (MEASURE_EVERY)
         # Emitted tokens and seconds of lone decode steps without the MLP (moving sums): where resting is
         # allowed, the MLP rests whenever its best width's predicted tokens per second fall below these steps'.
-        self._plain_tokens = self._plain_seconds = 0.0
+        self._plain_tokens = self._plain_seconds = self._plain_steps = 0.0
         self.trees: dict[str, DraftTree] = {}
         self.paths: dict[str, tuple[list[list[int]], list[list[int]]]] = {}  # (n-gram, ranked MLP) per tree
         self.hidden: dict[str, torch.Tensor] = {}  # request id -> [hidden]: the state after its last token
@@ -137,6 +137,18 @@ class SpeculativeDecoder:
         assert seconds is not None
         return tokens / seconds >= self._plain_tokens / self._plain_seconds
 
+    def _token_cost(self) -> float:
+        """What one more verified token costs in plain steps, for the drafts' depth (gating.py): c = b / a, except
+        where the MLP may rest: there a is the intercept of the MLP's own steps (its proposal included, ~1.2
+        plain steps), so StepCost's slope is taken over the measured steps without the MLP, or the prior until
+        those are measured."""
+        if not self.width.allow_none:
+            return self.step_cost.cost_per_token
+        fitted = self.step_cost.fitted()
+        if fitted is None or self._plain_steps == 0:
+            return self.step_cost.prior
+        return min(fitted[1] / (self._plain_seconds / self._plain_steps), 1.0)
+
     def _choose_width(self, limit: int) -> int:
         """The measured policy's width this step (0: rest the MLP); on the resting path, by the cadence."""
         if not self.width.allow_none:
@@ -166,6 +178,7 @@ class SpeculativeDecoder:
         elif not self._mlp_ran:
             self._plain_tokens = 0.9 * self._plain_tokens + emitted
             self._plain_seconds = 0.9 * self._plain_seconds + seconds
+            self._plain_steps = 0.9 * self._plain_steps + 1
 
     def propose(self, running: list[Sequence], kv_usage: float) -> None:
         """Attach a draft tree to each running sequence worth speculating on this step."""
@@ -183,7 +196,7 @@ class SpeculativeDecoder:
         eligible = [s for s in eligible if depth[s.request_id] > 0]
         if not eligible:
             return
-        self.policy.cost_per_token = self.step_cost.cost_per_token
+        self.policy.cost_per_token = self._token_cost()
         paths: dict[str, list[list[int]]] = {s.request_id: [] for s in eligible}
         if self.ngram is not None:
             for s in eligible:

@@ -66,19 +66,27 @@ class StepCost:
         """The fitted steps' total weight (older steps count less)."""
         return self._w
 
-    def fit(self) -> tuple[float, float] | None:
-        """(a, b): the fitted seconds of a one-token step and of each token more; None before any step is fitted.
-        Until the recent steps vary enough in size (std >= min_spread tokens), b is the prior's share of a."""
-        if self._w == 0:
+    def fitted(self) -> tuple[float, float] | None:
+        """(a, b) by least squares, or None until the recent steps vary enough in size (std >= min_spread tokens)."""
+        if self._w < 10:
             return None
         mx, my = self._x / self._w, self._y / self._w
         var = self._xx / self._w - mx * mx
-        if self._w >= 10 and var >= self.min_spread**2:
-            b = (self._xy / self._w - mx * my) / var
-            a = my - b * mx
-            if a > 0:
-                return a, min(max(b, 0.0), a)
-        a = my / (1 + self.prior * mx)
+        if var < self.min_spread**2:
+            return None
+        b = (self._xy / self._w - mx * my) / var
+        a = my - b * mx
+        return (a, min(max(b, 0.0), a)) if a > 0 else None
+
+    def fit(self) -> tuple[float, float] | None:
+        """(a, b): the fitted seconds of a one-token step and of each token more; None before any step is fitted.
+        Until `fitted` has a slope, b is the prior's share of a."""
+        if self._w == 0:
+            return None
+        fitted = self.fitted()
+        if fitted is not None:
+            return fitted
+        a = self._y / self._w / (1 + self.prior * self._x / self._w)
         return a, self.prior * a
 
     def seconds(self, tokens: float) -> float | None:
