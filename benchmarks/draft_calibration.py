@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,15 +39,18 @@ def penalize(z: torch.Tensor, seen: torch.Tensor, r: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def measure(prompts: int, max_tokens: int, penalty: float) -> dict[str, float | int]:
+def measure(
+    prompts: int, max_tokens: int, penalty: float, model_path: str | Path | None = None,
+    speculator: str | Path = DEFAULT_SPECULATOR_DIR,
+) -> dict[str, float | int]:  # fmt: skip
+    """Head 0's top-1 hits in percent over every drafted position (model_path: the default model's when None)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = default_model_path()
+    path = default_model_path() if model_path is None else model_path
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    spec = draft_vocab.load_speculator(DEFAULT_SPECULATOR_DIR, model, torch.float32, torch.device("cpu"))
-    assert spec.draft_vocab is not None
-    vocab = spec.draft_vocab
+    spec = draft_vocab.load_speculator(speculator, model, torch.float32, torch.device("cpu"))
+    vocab = spec.draft_vocab if spec.draft_vocab is not None else torch.arange(model.config.vocab_size)
     hits = {"as_is": 0, "oracle_constant": 0, "previous_constant": 0}
     positions = 0
     for messages in _first_user_turns(_eval_conversations(None), prompts + 1)[1:]:
@@ -67,12 +71,12 @@ def measure(prompts: int, max_tokens: int, penalty: float) -> dict[str, float | 
             head = spec.logits(0, spec.step(0, spec.scale(hidden[p][None]), seq[p + 1][None]))[0].float()
             base, target, marked = logits[p + 1][vocab], int(seq[p + 2]), seen[vocab]
             constant = (base - head).mean()
-            hits["as_is"] += int(vocab[head.argmax()]) == target
-            hits["oracle_constant"] += int(vocab[(penalize(head + constant, marked, penalty)).argmax()]) == target
-            if previous is not None:
-                hits["previous_constant"] += int(vocab[(penalize(head + previous, marked, penalty)).argmax()]) == target
+            if previous is not None:  # a reply's first draft has no previous position: all three skip it
+                hits["as_is"] += int(vocab[head.argmax()]) == target
+                hits["oracle_constant"] += int(vocab[penalize(head + constant, marked, penalty).argmax()]) == target
+                hits["previous_constant"] += int(vocab[penalize(head + previous, marked, penalty).argmax()]) == target
+                positions += 1
             previous = constant
-            positions += 1
     result: dict[str, float | int] = {"positions": positions, "repetition_penalty": penalty}
     result |= {f"{k}_top1_percent": 100 * v / positions for k, v in hits.items()}
     return result
