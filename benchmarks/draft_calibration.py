@@ -26,16 +26,9 @@ import torch
 
 from benchmarks.bench import _eval_conversations, _first_user_turns
 from specdesk.engine.config import DEFAULT_SPECULATOR_DIR
+from specdesk.engine.logits_processors import penalize  # the engine's own rule, transformers'
 from specdesk.engine.models.default_model import default_model_path
 from specdesk.engine.speculators import draft_vocab
-
-
-def penalize(z: torch.Tensor, seen: torch.Tensor, r: float) -> torch.Tensor:
-    """transformers' repetition penalty on the columns marked in seen."""
-    out = z.clone()
-    s = out[seen]
-    out[seen] = torch.where(s > 0, s / r, s * r)
-    return out
 
 
 @torch.no_grad()
