@@ -2,7 +2,8 @@
 
 The turns and settings of `benchmarks.cpu` (the second customer turn of held-out conversations under the
 console's persona prompt, exactly `--max-tokens` greedy tokens, repetition penalty 1.1 unless
-`--repetition-penalty` says otherwise, nothing cached), on
+`--repetition-penalty` says otherwise, nothing cached; `--temperature 0.7 --top-p 0.9` samples as the console
+does, seeded per turn, so every engine draws the same tokens), on
 the engine the console runs on a CPU (`quantization="auto"`: int8 wherever the kernels have a vector path). One
 engine per speculator, all alive in one process per thread count; each turn runs plain decoding and every
 speculator in an order that rotates from turn to turn. Reported per speculator: tokens/s end to end (submit to
@@ -27,8 +28,9 @@ from benchmarks.cpu import PENALTY, second_turns
 
 
 def worker(
-    threads: int, speculators: list[str], turns: int, n: int, model: str | None = None, penalty: float = PENALTY
-) -> dict[str, Any]:
+    threads: int, speculators: list[str], turns: int, n: int, model: str | None = None, penalty: float = PENALTY,
+    temperature: float = 0.0, top_p: float = 1.0,
+) -> dict[str, Any]:  # fmt: skip
     """Plain decoding and every speculator at one thread count, in this process (model: the default's)."""
     import torch
 
@@ -43,7 +45,8 @@ def worker(
     }
     first = engines[speculators[0]]
     prompt_ids = [first.apply_chat_template(m) for m in second_turns(turns)]
-    params = SamplingParams(max_tokens=n, ignore_eos=True, repetition_penalty=penalty)
+    params = SamplingParams(max_tokens=n, ignore_eos=True, repetition_penalty=penalty, temperature=temperature,
+                            top_p=top_p if temperature else 1.0)  # fmt: skip
     names = ["plain", *speculators]
     seconds = dict.fromkeys(names, 0.0)
     decode = dict.fromkeys(names, 0.0)
@@ -58,13 +61,14 @@ def worker(
                 llm.reset_prefix_cache()
                 llm.forget_replies()
                 start = time.perf_counter()
-                out = llm.generate([ids], replace(params, speculate=name != "plain"))[0]
+                out = llm.generate([ids], replace(params, speculate=name != "plain", seed=i))[0]
                 seconds[name] += time.perf_counter() - start
                 decode[name] += out.metrics.decode_s
                 tokens[name].append(out.token_ids)
         result: dict[str, Any] = {"threads": threads, "turns": len(prompt_ids), "max_tokens": n,
                                   "prompt_tokens_mean": sum(map(len, prompt_ids)) / len(prompt_ids),
-                                  "quantization": first.loaded.quantization, "repetition_penalty": penalty}  # fmt: skip
+                                  "quantization": first.loaded.quantization, "repetition_penalty": penalty,
+                                  "temperature": temperature, "top_p": params.top_p}  # fmt: skip
         for name in names:
             entry = {"tok_s": n * len(prompt_ids) / seconds[name],
                      "decode_tok_s": (n - 1) * len(prompt_ids) / decode[name]}  # fmt: skip
@@ -102,16 +106,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("speculators", nargs="+", help="EngineConfig.speculator values: 'default', 'ngram', folders")
     ap.add_argument("--model", default=None, help="default: the built-in default model")
     ap.add_argument("--repetition-penalty", type=float, default=PENALTY, help="the console's 1.1 by default")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); the console's is 0.7")
+    ap.add_argument("--top-p", type=float, default=1.0, help="with --temperature (the console's is 0.9)")
     add_turn_args(ap)
     args = ap.parse_args(argv)
     if args.worker is not None:
         result = worker(args.worker, args.speculators, args.turns, args.max_tokens, args.model,
-                        args.repetition_penalty)  # fmt: skip
+                        args.repetition_penalty, args.temperature, args.top_p)  # fmt: skip
         print(RESULT + json.dumps(result), flush=True)
         return
     model = ["--model", args.model] if args.model else []
-    penalty = ["--repetition-penalty", str(args.repetition_penalty)]
-    results = run_workers("benchmarks.speculator_ab", args, [*args.speculators, *model, *penalty])
+    sampling = ["--repetition-penalty", str(args.repetition_penalty), "--temperature", str(args.temperature),
+                "--top-p", str(args.top_p)]  # fmt: skip
+    results = run_workers("benchmarks.speculator_ab", args, [*args.speculators, *model, *sampling])
     print(table(results, args.speculators))
     for r in results:  # speculation is exact: a difference is a bug, not a figure
         for s in args.speculators:

@@ -45,6 +45,9 @@ class TrainConfig:
     # 5-10x faster on a CPU without native bf16 matmuls. None: the dtype's own weights (the shipped speculator's run).
     quantization: str | None = None
     persona_every: int = 3  # persona-prompt replies for every k-th training conversation (5x longer prompts)
+    # Also a greedy reply to each of those persona prompts (besides the sampled one): what the engine verifies
+    # when a request decodes greedily under a persona, as the benchmarks' console turns do.
+    persona_greedy: bool = False
     samples_per_prompt: int = 1  # extra sampled replies per training conversation (varied trajectories)
     # Customer messages the base model writes, then answers (synth.py). Off by default: the 135M model's
     # messages are poor, and the written conversations in prompts/train cover real customers' style.

@@ -2,8 +2,9 @@
 
 Stage 1: the training conversations as text. Stage 2: the base model's own text, generated with this
 engine: greedy replies to the training conversations (as `benchmarks.bench` sends them), sampled replies
-(`samples_per_prompt` per conversation, and to persona prompts as the console sends them), and optionally
-(`--synthetic-messages N`) the model's replies to customer messages it wrote itself from briefs (synth.py).
+(`samples_per_prompt` per conversation, and to persona prompts as the console sends them; `--persona-greedy`
+adds a greedy reply to each persona prompt), and optionally (`--synthetic-messages N`) the model's replies
+to customer messages it wrote itself from briefs (synth.py).
 
 Held out: every tenth *scenario* with all its tones, so the held-out figure measures conversations whose
 situation the speculator never saw (holding out single tones of seen scenarios overstated acceptance). The
@@ -75,6 +76,8 @@ def data_key(cfg: TrainConfig) -> str:
     key = [getattr(cfg, f) for f in fields.split()] + ["history"]  # positions carry their history
     if cfg.quantization:  # keeps the key of caches made before the setting existed
         key.append(cfg.quantization)
+    if cfg.persona_greedy:  # likewise
+        key.append("persona_greedy")
     return json.dumps(key)
 
 
@@ -99,6 +102,8 @@ def build_data(cfg: TrainConfig, loaded: Any) -> tuple[Positions, Positions, dic
     # Phase 1: replies to the training conversations, the held-out ones, and the customer messages.
     groups = [plain, persona, plain * cfg.samples_per_prompt, writes, held_plain, held_persona]
     temps = [greedy, sampled, sampled, max(sampled, 0.9), greedy, sampled]
+    if cfg.persona_greedy:  # last, so that the groups above keep their places
+        groups, temps = [*groups, persona], [*temps, greedy]
     p1 = _generate(cfg, groups, temps, work / "replies.json")
     # Phase 2: the base model answers the messages it wrote, greedily and (every other one) with a persona.
     messages = [m for m in (synth.clean_message(tok.decode(r, skip_special_tokens=True)) for r in _replies(p1[3])) if m]
@@ -112,7 +117,7 @@ def build_data(cfg: TrainConfig, loaded: Any) -> tuple[Positions, Positions, dic
         if convs
         else []
     )
-    train_seqs = [s for g in (*p1[:4], *p2) for s in g]
+    train_seqs = [s for g in (*p1[:4], *p1[6:], *p2) for s in g]
     vocab = draft_vocab.build(_replies(train_seqs), cfg.draft_vocab_size, loaded.eos_token_ids)
     print(f"stage 2: {len(train_seqs)} sequences ({len(messages)} self-written customer messages)", file=sys.stderr)
     extractor = HiddenStateExtractor(loaded.model, loaded, max(len(s.tokens) for s in s1 + train_seqs + p1[4] + p1[5]))

@@ -263,6 +263,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                     help="the base model's weights as the engine quantizes them (replies, hidden states)")  # fmt: skip
     ap.add_argument("--draft-penalty", action=argparse.BooleanOptionalAction, default=d.draft_penalty,
                     help="under a repetition penalty, train the heads with it applied to their own logits")  # fmt: skip
+    ap.add_argument("--persona-greedy", action=argparse.BooleanOptionalAction, default=d.persona_greedy,
+                    help="also a greedy reply to each persona prompt (besides the sampled one)")  # fmt: skip
     ap.add_argument("--tie-weights", action="store_true", help="IBM's tie_weights (heads share proj/ln)")
     ap.add_argument("--train-heads", action=argparse.BooleanOptionalAction, default=d.train_heads,
                     help="train each head's own draft-vocabulary rows")  # fmt: skip

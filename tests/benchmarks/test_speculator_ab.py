@@ -24,3 +24,10 @@ def test_every_speculator_is_timed_against_plain_decoding_and_gives_its_tokens(t
     assert result["plain"]["tok_s"] > 0
     row = table([result], ["ngram", str(mlp)]).splitlines()[-1]
     assert row.startswith("| 1 | ") and row.count("x, ") == 2
+
+
+def test_sampled_turns_are_seeded_so_speculation_draws_plains_tokens(tmp_path: Path) -> None:
+    model = make_tiny_model("llama", tmp_path, max_position_embeddings=4096)
+    result = worker(1, ["ngram"], turns=2, n=12, model=str(model), temperature=0.7, top_p=0.9)
+    assert result["temperature"] == 0.7 and result["top_p"] == 0.9
+    assert result["ngram"]["identical_to_plain"] == 2  # the same seeded draws with and without speculation

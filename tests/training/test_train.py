@@ -284,3 +284,33 @@ def test_synthetic_briefs_and_cleaning() -> None:
     long = "My parcel is late. " * 60
     cleaned = synth.clean_message(long, max_chars=100)
     assert cleaned is not None and len(cleaned) <= 100 and cleaned.endswith(".")
+
+
+def test_persona_greedy_adds_a_greedy_reply_to_each_persona_prompt(
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The console's turns decode greedily under a persona in the benchmarks: --persona-greedy trains on those too.
+    from specdesk.training import dataset
+
+    calls: list[tuple[list[list[int]], list[float]]] = []
+
+    def fake_replies(prompts: list[list[int]], temperatures: list[float], *_: object, **__: object) -> list[list[int]]:
+        calls.append((prompts, temperatures))
+        return [[7, 8, 9, 10] for _ in prompts]
+
+    monkeypatch.setattr(dataset, "generate_replies", fake_replies)
+    loaded = load_model(str(tiny), dtype="float32", device="cpu")
+    common = ["--model", str(tiny), "--dtype", "float32", "--max-conversations", "8", "--holdout-every", "2",
+              "--samples-per-prompt", "0", "--draft-vocab-size", "64", "--persona-every", "2"]  # fmt: skip
+    sizes = {}
+    for flag in ("--no-persona-greedy", "--persona-greedy"):
+        cfg = parse_args([*common, flag, "--work-dir", str(tmp_path / flag)])
+        _, stage2, _, _ = dataset.build_data(cfg, loaded)
+        sizes[flag] = len(stage2)
+    (plain, plain_temps), (more, more_temps) = calls
+    # The same groups first, then each sampled persona prompt once more, greedy.
+    assert more[: len(plain)] == plain and more_temps[: len(plain)] == plain_temps
+    sampled_persona = [p for p, t in zip(plain, plain_temps, strict=True) if t > 0]
+    assert sampled_persona and all(p in sampled_persona for p in more[len(plain) :])
+    assert more_temps[len(plain) :] == [0.0] * (len(more) - len(plain)) and len(more) > len(plain)
+    assert sizes["--persona-greedy"] > sizes["--no-persona-greedy"]  # and they are trained on
