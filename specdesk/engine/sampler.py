@@ -278,6 +278,11 @@ def sample_rows(
     assert len(params) == len(generators) == len(children) == n, (n, len(params), len(generators), len(children))
     device = logits.device
     best, tokens = _row_max(logits)  # max propagates NaN: a broken row shows in its maximum
+    if device.type == "cpu" and all(p.is_greedy for p in params) and not any(children):
+        # Greedy rows on the CPU (the console's greedy and verification steps): the argmax is all there is, on
+        # the host already; the packing below costs ~0.1 ms of small ops on a ~4.6 ms step.
+        return RowDraws(tokens=tokens.tolist(), is_finite=best.isfinite().tolist(),
+                        child_probs=[[] for _ in range(n)], uniforms=[[] for _ in range(n)])  # fmt: skip
     finite = best.isfinite()
     width = max((len(c) for c in children), default=0)
     child_probs = torch.zeros(n, width, device=device)

@@ -11,6 +11,7 @@ from specdesk.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from specdesk.engine.grammar import GrammarState
+    from specdesk.engine.logits_processors import SeenTokens
 
 
 class SequenceStatus(Enum):
@@ -44,6 +45,8 @@ class Sequence:
     draft_token_ids: list[int] = field(default_factory=list)
     # The request's grammar state (structured output), advanced over verified tokens only; None: free text.
     grammar: GrammarState | None = None
+    # The distinct ids of token_ids, kept by the repetition penalty from step to step (logits_processors.py).
+    seen_tokens: SeenTokens | None = None
 
     def __post_init__(self) -> None:
         if not self.token_ids:

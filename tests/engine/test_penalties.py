@@ -9,7 +9,7 @@ import torch
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
 from specdesk.engine import LLM, SamplingParams
-from specdesk.engine.logits_processors import process_rows
+from specdesk.engine.logits_processors import SeenTokens, _penalize, process_rows
 from tests.tiny_models import make_tiny_model, make_tiny_speculator
 
 # Repetitive prompts make the n-gram speculator propose (and penalties matter: the tokens recur).
@@ -132,6 +132,42 @@ def test_token_ids_past_the_logits_columns_are_left_out() -> None:
         for token in set(output):
             expected[token] -= 0.4 * output.count(token) + 0.1
         torch.testing.assert_close(ours[i], expected)
+
+
+def test_a_requests_seen_tokens_kept_across_steps_give_the_bits_of_a_fresh_set() -> None:
+    """The CPU keeps each request's seen ids from step to step (SeenTokens): every step, with a tree, equals a set
+    built afresh, transformers, and the torch path a GPU takes, bit for bit; steps add 1-3 tokens, sometimes 40,
+    with repeats and ids past the logits' columns."""
+    gen = torch.Generator().manual_seed(5)
+    vocab = 500
+    history = torch.randint(0, vocab, (60,), generator=gen).tolist()
+    params = SamplingParams(repetition_penalty=1.15)
+    seen = SeenTokens()
+    for step in range(40):
+        grow = 40 if step % 13 == 7 else 1 + step % 3
+        history += torch.randint(0, vocab + 20, (grow,), generator=gen).tolist()
+        a, b = history[-1], int(torch.randint(0, vocab, (1,), generator=gen))
+        paths = [[], [a], [a, b], [b, b, vocab + 3]]
+        logits = torch.randn(len(paths), vocab, generator=gen) * 3
+        kept = process_rows(logits, params, history, 50, paths, None, seen)
+        assert torch.equal(kept, process_rows(logits, params, history, 50, paths, None))
+        torch_path = logits.clone()
+        _penalize(torch_path, params, history, 50, paths)  # the GPU's way
+        assert torch.equal(kept, torch_path)
+        for i, path in enumerate(paths):
+            ids = torch.tensor([[t for t in history + path if t < vocab]])
+            theirs = RepetitionPenaltyLogitsProcessor(1.15)(ids, logits[i : i + 1].clone())
+            assert torch.equal(kept[i], theirs[0])
+        assert sorted(seen.ids.tolist()) == sorted({t for t in history if t < vocab})
+        assert len(seen.ids) == len(set(seen.ids.tolist()))
+
+
+def test_seen_tokens_start_over_on_a_history_that_does_not_extend_the_last() -> None:
+    seen = SeenTokens()
+    assert sorted(seen.update([4, 8, 8, 15], 32).ids.tolist()) == [4, 8, 15]
+    assert sorted(seen.update([4, 8, 8, 16, 23], 32).ids.tolist()) == [4, 8, 16, 23]  # another token where 15 was
+    assert sorted(seen.update([42, 9], 64).ids.tolist()) == [9, 42]  # shorter, and another vocabulary
+    assert sorted(seen.update([42, 9, 9, 1], 64).ids.tolist()) == [1, 9, 42]  # extended: only the new ones
 
 
 # ---- end to end: lossless under speculation ----------------------------------------------------------

@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import torch
 
-from specdesk.engine.logits_processors import needs_processing, process_rows
+from specdesk.engine.logits_processors import SeenTokens, needs_processing, process_rows
 from specdesk.engine.model_runner import ForwardOutput
 from specdesk.engine.outputs import TokenLogprob
 from specdesk.engine.sampler import RowDraws, sample_rows
@@ -109,16 +109,24 @@ def _process(out: ForwardOutput, jobs: list[_Rows]) -> tuple[torch.Tensor, dict[
     todo = [job for job in jobs if needs_processing(job.seq.params, job.seq.grammar)]
     if not todo:
         return out.logits, {}
-    logits = out.logits.clone()
+    # A lone request (the CPU console's common step) gets process_rows' new tensor as it is: no copy of the
+    # batch's logits to write it into.
+    alone = len(todo) == 1 and out.rows_of(todo[0].index) == slice(0, out.logits.shape[0])
+    logits = out.logits if alone else out.logits.clone()
     failed: dict[int, str] = {}
     for job in todo:
         seq = job.seq
         try:
             rows = out.rows_of(job.index)
             paths = job.tree.row_paths() if job.tree is not None else [[]]
-            logits[rows] = process_rows(
-                out.logits[rows], seq.params, seq.token_ids, seq.num_prompt_tokens, paths, seq.grammar
+            if seq.seen_tokens is None:
+                seq.seen_tokens = SeenTokens()
+            processed = process_rows(
+                out.logits[rows], seq.params, seq.token_ids, seq.num_prompt_tokens, paths, seq.grammar, seq.seen_tokens
             )
+            if alone:
+                return processed, failed
+            logits[rows] = processed
         except Exception as exc:
             failed[job.index] = f"logit processing failed: {type(exc).__name__}: {exc}"
     return logits, failed
