@@ -124,8 +124,8 @@ def _process(out: ForwardOutput, jobs: list[_Rows]) -> tuple[torch.Tensor, dict[
             processed = process_rows(
                 out.logits[rows], seq.params, seq.token_ids, seq.num_prompt_tokens, paths, seq.grammar, seq.seen_tokens
             )
-            if alone:
-                return processed, failed
+            if alone:  # in the logits' dtype, as the copy below would hold it
+                return processed.to(out.logits.dtype), failed
             logits[rows] = processed
         except Exception as exc:
             failed[job.index] = f"logit processing failed: {type(exc).__name__}: {exc}"
