@@ -9,7 +9,7 @@ the one plain decoding would use at that position whatever the tree around it: s
 from __future__ import annotations
 
 import array
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -73,7 +73,7 @@ class SeenTokens:
     def __init__(self) -> None:
         self.count, self.last = 0, -1  # how many history tokens are in, and the last of them
         self.mask = np.zeros(0, dtype=bool)  # [vocab]: seen
-        self.ids = np.empty(0, dtype=np.int64)  # the seen ids, in the order first seen
+        self.ids = np.empty(0, dtype=np.int64)  # the seen ids, each once (in no particular order)
 
     def update(self, history: list[int], vocab_size: int) -> SeenTokens:
         """Take in history, which extends the previous call's; one that does not (shorter, another token where
@@ -96,10 +96,9 @@ class SeenTokens:
                 if fresh:  # appended, not np.flatnonzero(mask): a scan of the vocabulary cost more than the rest
                     self.ids = np.concatenate([self.ids, np.array(fresh, dtype=np.int64)])
             else:
-                ids = np.frombuffer(array.array("q", new), dtype=np.int64)
+                ids = np.unique(np.frombuffer(array.array("q", new), dtype=np.int64))
                 ids = ids[(ids >= 0) & (ids < vocab_size)]
-                first = np.sort(np.unique(ids, return_index=True)[1])  # each id once, in the order first seen
-                unseen = ids[first][~self.mask[ids[first]]]
+                unseen = ids[~self.mask[ids]]
                 self.mask[unseen] = True
                 self.ids = np.concatenate([self.ids, unseen])
             self.count, self.last = len(history), history[-1]
@@ -112,15 +111,18 @@ def _repetition_penalty_cpu(z: Tensor, penalty: float, seen: SeenTokens, paths: 
     float32 operations as `penalize` (z / r or z * r, r rounded to float32 as torch rounds a scalar), so the
     same bits; a handful of numpy calls instead of ~15 small torch ops."""
     zn, r = z.numpy(), np.float32(penalty)
+
+    def penalize_at(index: tuple[Any, Any]) -> None:
+        v = zn[index]
+        zn[index] = np.where(v > 0, v / r, v * r)
+
     if seen.ids.size:
-        v = zn[:, seen.ids]
-        zn[:, seen.ids] = np.where(v > 0, v / r, v * r)
+        penalize_at((slice(None), seen.ids))
     vocab_size = zn.shape[1]
     pairs = [(i, t) for i, path in enumerate(paths) for t in set(path) if 0 <= t < vocab_size and not seen.mask[t]]
     if pairs:
         rows, cols = zip(*pairs, strict=True)
-        v = zn[rows, cols]
-        zn[rows, cols] = np.where(v > 0, v / r, v * r)
+        penalize_at((list(rows), list(cols)))
 
 
 def _ids(tokens: list[int]) -> Tensor:
