@@ -283,8 +283,9 @@ def sample_rows(
     child_probs = torch.zeros(n, width, device=device)
     uniforms = torch.zeros(n, width, device=device)
     sampled = [i for i, p in enumerate(params) if not p.is_greedy]
-    if sampled and not width and device.type == "cpu":  # plain rows on the CPU: the nucleus alone, where it can
-        sampled = [i for i in sampled if not _draw_nucleus(logits[i], params[i], generators[i], tokens, finite, i)]
+    if sampled and device.type == "cpu":  # on the CPU each row by its nucleus alone, where it can
+        nucleus = _Nucleus(tokens, finite, child_probs, uniforms)
+        sampled = [i for i in sampled if not nucleus.draw(i, logits[i], params[i], generators[i], children[i])]
     if sampled:
         index = torch.tensor(sampled, device=device)
         probs = filter_logits(logits[index], [params[i] for i in sampled]).softmax(dim=-1)
@@ -322,37 +323,61 @@ def sample_rows(
 NUCLEUS_SPAN = (10.0, 20.0)  # candidates: scaled logits within this of the maximum (e^-10, e^-20 of its mass)
 
 
-def _draw_nucleus(row: Tensor, params: SamplingParams, generator: torch.Generator | None, tokens: Tensor,
-                  finite: Tensor, i: int) -> bool:  # fmt: skip
-    """One plain top-p row on the CPU, drawn into tokens[i] (finite[i] cleared for NaN/inf); False where it does
-    not apply (top-k or min-p asked, no top-p, or a nucleus wider than the candidates) and the caller filters.
+@dataclass
+class _Nucleus:
+    """`sample_rows`' outputs, which `draw` fills row by row on the CPU."""
 
-    The same kept set as `filter_logits` and, up to rounding, the same probabilities and draws as softmax and
-    `_race_on_support` (the row's generator races the kept tokens in index order). Only the normalizer reads
-    the whole vocabulary: the candidates are the tokens whose scaled logit lies within NUCLEUS_SPAN of the
-    maximum, and when they hold mass >= top_p every other token has at least that much ranked above it, so
-    top-p drops it (as `_filter_among_top` argues). Each torch op over a 49k row cost 30-100 us on the engine's
-    one torch thread; the general path spent about 1.8 ms of a sampled decode step drawing its token."""
-    if params.top_k != 0 or params.min_p > 0.0 or params.top_p >= 1.0:
-        return False
-    scaled = row.float().numpy() / np.float32(params.temperature)  # as filter_logits: logits / T in float32
-    top = scaled.max()
-    exp = np.exp(scaled - top)
-    total = exp.sum(dtype=np.float64)
-    if not (np.isfinite(top) and np.isfinite(total)):
-        finite[i] = False  # reported, never sampled
+    tokens: Tensor
+    finite: Tensor
+    child_probs: Tensor
+    uniforms: Tensor
+
+    def draw(self, i: int, row: Tensor, params: SamplingParams, generator: torch.Generator | None,
+             children: list[int]) -> bool:  # fmt: skip
+        """One top-p row on the CPU, plain or a tree's: its token, and its children's probabilities and uniforms,
+        drawn into row i (finite[i] cleared for NaN/inf); False where this does not apply (top-k or min-p asked,
+        no top-p, or a nucleus wider than the candidates) and the caller filters.
+
+        The same kept set as `filter_logits` and, up to rounding, the same probabilities and draws as softmax,
+        `without_tokens` and `_race_on_support` (the row's generator races the kept tokens in index order, the
+        children's uniforms come from torch's global generator as the general path's). Only the normalizer
+        reads the whole vocabulary: the candidates are the tokens whose scaled logit lies within NUCLEUS_SPAN
+        of the maximum, and when they hold mass >= top_p every other token has at least that much ranked above
+        it, so top-p drops it (as `_filter_among_top` argues). Each torch op over a 49k row cost 30-100 us on
+        the engine's one torch thread: the general path spent about 1.8 ms of a sampled decode step drawing its
+        token, and about 2 ms more verifying a tree of a few nodes."""
+        if params.top_k != 0 or params.min_p > 0.0 or params.top_p >= 1.0:
+            return False
+        scaled = row.float().numpy() / np.float32(params.temperature)  # as filter_logits: logits / T in float32
+        top = scaled.max()
+        exp = np.exp(scaled - top)
+        total = exp.sum(dtype=np.float64)
+        if not (np.isfinite(top) and np.isfinite(total)):
+            self.finite[i] = False  # reported, never sampled
+            return True
+        for span in NUCLEUS_SPAN:
+            candidates = np.flatnonzero(scaled >= top - span)
+            if exp[candidates].sum(dtype=np.float64) >= params.top_p * total:
+                break
+        else:
+            return False
+        order = candidates[np.argsort(-scaled[candidates], kind="stable")]  # descending, ties in index order
+        probs = exp[order] / total
+        kept = np.sort(order[np.cumsum(probs) - probs < params.top_p])  # the top token always stays (0 above it)
+        pool = kept
+        if children:
+            # p = softmax over the kept set (filter_logits' -inf elsewhere): a child outside it has probability 0.
+            norm = exp[kept].sum(dtype=np.float64)
+            inside = np.isin(children, kept)
+            p = np.where(inside, exp[children] / norm, 0.0)
+            self.child_probs[i, : len(children)] = torch.from_numpy(p.astype(np.float32))
+            self.uniforms[i, : len(children)] = torch.rand(len(children))
+            # The residual draw, should every child be rejected: p without the children (p itself where they
+            # hold all of it, reachable only through rounding, as without_tokens).
+            rest = kept[~np.isin(kept, children)]
+            pool = rest if rest.size else kept
+        self.tokens[i] = _race(pool, exp[pool] / np.float32(total), generator)
         return True
-    for span in NUCLEUS_SPAN:
-        candidates = np.flatnonzero(scaled >= top - span)
-        if exp[candidates].sum(dtype=np.float64) >= params.top_p * total:
-            break
-    else:
-        return False
-    order = candidates[np.argsort(-scaled[candidates], kind="stable")]  # descending, ties in index order
-    probs = exp[order] / total
-    kept = np.sort(order[np.cumsum(probs) - probs < params.top_p])  # the top token always stays (0 above it)
-    tokens[i] = _race(kept, exp[kept] / np.float32(total), generator)
-    return True
 
 
 def _row_max(logits: Tensor) -> tuple[Tensor, Tensor]:

@@ -17,6 +17,7 @@ from specdesk.engine.sampler import (
     sample,
     sample_from_probs,
     sample_rows,
+    without_tokens,
 )
 from specdesk.engine.sampling_params import SamplingParams
 
@@ -302,7 +303,8 @@ def test_a_plain_top_p_row_on_the_cpu_draws_what_the_full_filter_draws(spread: f
     for row in range(logits.shape[0]):
         one = logits[row : row + 1]
         tokens, finite = torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=torch.bool)
-        took = sampler._draw_nucleus(one[0], params, make_generator(row, "cpu"), tokens, finite, 0)
+        nucleus = sampler._Nucleus(tokens, finite, torch.zeros(1, 0), torch.zeros(1, 0))
+        took = nucleus.draw(0, one[0], params, make_generator(row, "cpu"), [])
         expected = sample_from_probs(filter_logits(one, [params]).softmax(-1), [make_generator(row, "cpu")])
         assert sample_rows(one, [params], [make_generator(row, "cpu")], [[]]).tokens == expected.tolist()
         if took:
@@ -313,12 +315,52 @@ def test_a_plain_top_p_row_on_the_cpu_draws_what_the_full_filter_draws(spread: f
     wide = torch.zeros(49152)
     wide[3] = 21.0
     near_one = SamplingParams(temperature=1.0, top_p=0.99999, seed=1)
-    assert not sampler._draw_nucleus(wide, near_one, None, tokens, finite, 0)
+    assert not nucleus.draw(0, wide, near_one, None, [])
     assert filter_logits(wide[None], [near_one]).isfinite().sum() > 1  # the full filter keeps some of them
-    # Not for it: top-k, min-p, no top-p, or a row with drafts to judge.
+    # Not for it: top-k, min-p, no top-p.
     for other in (SamplingParams(temperature=0.7, top_k=50), SamplingParams(temperature=0.7, top_p=0.9, min_p=0.1),
                   SamplingParams(temperature=0.7)):  # fmt: skip
-        assert not sampler._draw_nucleus(logits[0], other, None, tokens, finite, 0)
+        assert not nucleus.draw(0, logits[0], other, None, [])
+
+
+@pytest.mark.parametrize("spread", [6.0, 3.0, 0.3])
+def test_a_top_p_tree_row_on_the_cpu_judges_its_children_as_the_full_filter(spread: float) -> None:
+    """A tree row's nucleus path (children to judge): each child's probability is softmax over filter_logits' set
+    (0 outside it), the uniforms are torch's global draws, and the residual token is what the race draws from
+    `without_tokens` with the same generator; children holding all of the kept mass leave the kept set."""
+    from specdesk.engine import sampler
+
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randn(30, 49152, generator=gen) * spread
+    params = SamplingParams(temperature=0.7, top_p=0.9)
+    for row in range(logits.shape[0]):
+        one = logits[row : row + 1]
+        probs = filter_logits(one, [params]).softmax(-1)
+        top3 = probs[0].topk(3).indices.tolist()
+        children = [top3[1], int(probs[0].argmin()), top3[0]]  # in the nucleus, outside it, the top token
+        tokens, finite = torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=torch.bool)
+        child_probs, uniforms = torch.zeros(1, 4), torch.zeros(1, 4)
+        torch.manual_seed(row)
+        took = sampler._Nucleus(tokens, finite, child_probs, uniforms).draw(
+            0, one[0], params, make_generator(row, "cpu"), children
+        )
+        assert took and bool(finite[0])
+        expected_probs = probs[0, children]
+        assert torch.allclose(child_probs[0, :3], expected_probs, rtol=1e-5, atol=1e-7), row
+        assert child_probs[0, 1] == 0 and child_probs[0, 3] == 0
+        torch.manual_seed(row)
+        assert torch.equal(uniforms[0, :3], torch.rand(3)) and uniforms[0, 3] == 0
+        residual = without_tokens(probs, torch.tensor([children]))
+        assert tokens.tolist() == sample_from_probs(residual, [make_generator(row, "cpu")]).tolist(), row
+        if set(probs[0].nonzero().flatten().tolist()) - set(children):  # the kept set holds more than the children
+            assert tokens[0] not in children
+    # One token holds the whole nucleus and is the only child: the residual is the kept set itself.
+    peaked = torch.zeros(49152)
+    peaked[42] = 50.0
+    tokens, finite = torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=torch.bool)
+    child_probs = torch.zeros(1, 1)
+    assert sampler._Nucleus(tokens, finite, child_probs, torch.zeros(1, 1)).draw(0, peaked, params, None, [42])
+    assert child_probs.tolist() == [[1.0]] and tokens.tolist() == [42]
 
 
 def test_the_nucleus_path_flags_a_broken_row() -> None:

@@ -14,7 +14,7 @@ import torch
 from scipy.stats import chi2
 
 from specdesk.engine import sampler
-from specdesk.engine.sampler import sample_rows
+from specdesk.engine.sampler import probs_from_logits, sample_rows
 from specdesk.engine.sampling_params import SamplingParams
 from specdesk.engine.speculators import acceptance
 from specdesk.engine.speculators.acceptance import accept_sampled, rejection_sample
@@ -41,7 +41,7 @@ def chi_square(counts: torch.Tensor, p: torch.Tensor) -> tuple[float, float]:
     return stat, float(chi2.ppf(1 - ALPHA, int(keep.sum()) - 1))
 
 
-def tree_trials(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def tree_trials(seed: int, params: SamplingParams = SAMPLED) -> tuple[torch.Tensor, torch.Tensor]:
     """Histogram of the first emitted token, and of the second one given the first was the draft 2.
 
     Tree: the root has children 2, 0, 4 (top-3 of some draft, deterministic); node 2 has children 1, 5.
@@ -53,7 +53,7 @@ def tree_trials(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     children = [[tree.token(c) for c in row] for row in tree.children]
     n = tree.num_nodes + 1
     torch.manual_seed(seed)
-    draws = sample_rows(probs.log().repeat(TRIALS, 1), [SAMPLED] * n * TRIALS, [None] * n * TRIALS, children * TRIALS)
+    draws = sample_rows(probs.log().repeat(TRIALS, 1), [params] * n * TRIALS, [None] * n * TRIALS, children * TRIALS)
     first, second = torch.zeros(VOCAB), torch.zeros(VOCAB)
     for t in range(TRIALS):
         rows = slice(t * n, (t + 1) * n)
@@ -84,6 +84,18 @@ def test_tree_sampling_keeps_the_target_distribution() -> None:
     assert stat < bound, (stat, bound, first / first.sum())
     stat, bound = chi_square(second, P_AFTER_2)  # descending into an accepted child samples its own p
     assert stat < bound, (stat, bound, second / second.sum())
+
+
+def test_tree_sampling_under_top_p_keeps_the_filtered_target() -> None:
+    """Top-p rows on the CPU take the sampler's nucleus path, children and residual included: the emitted tokens
+    follow softmax over filter_logits' set (top-p 0.7 keeps tokens 0, 2, 4 at the root, all of them children,
+    and 1, 5, 3 after the draft 2, whose children are 1 and 5)."""
+    top_p = SamplingParams(temperature=1.0, top_p=0.7)
+    first, second = tree_trials(seed=0, params=top_p)
+    for counts, p in ((first, P_ROOT), (second, P_AFTER_2)):
+        target = probs_from_logits(p.log()[None], [top_p])[0]
+        stat, bound = chi_square(counts, target)
+        assert stat < bound, (stat, bound, counts.tolist(), target.tolist())
 
 
 def test_chain_rejection_sampling_keeps_the_target_distribution() -> None:
