@@ -3,7 +3,8 @@
 The turns and settings of `benchmarks.cpu` (the second customer turn of held-out conversations under the
 console's persona prompt, exactly `--max-tokens` greedy tokens, repetition penalty 1.1 unless
 `--repetition-penalty` says otherwise, nothing cached; `--temperature 0.7 --top-p 0.9` samples as the console
-does, seeded per turn, so every engine draws the same tokens), on
+does, seeded per turn, so every engine draws the same tokens; `--unseeded` draws as the console does, without
+a seed: a tree's drafts are then judged by rejection sampling, not against a coupled draw), on
 the engine the console runs on a CPU (`quantization="auto"`: int8 wherever the kernels have a vector path). One
 engine per speculator, all alive in one process per thread count; each turn runs plain decoding and every
 speculator in an order that rotates from turn to turn. Reported per speculator: tokens/s end to end (submit to
@@ -29,7 +30,7 @@ from benchmarks.cpu import PENALTY, second_turns
 
 def worker(
     threads: int, speculators: list[str], turns: int, n: int, model: str | None = None, penalty: float = PENALTY,
-    temperature: float = 0.0, top_p: float = 1.0,
+    temperature: float = 0.0, top_p: float = 1.0, unseeded: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     """Plain decoding and every speculator at one thread count, in this process (model: the default's)."""
     import torch
@@ -61,22 +62,29 @@ def worker(
                 llm.reset_prefix_cache()
                 llm.forget_replies()
                 start = time.perf_counter()
-                out = llm.generate([ids], replace(params, speculate=name != "plain", seed=i))[0]
+                seed = None if unseeded else i
+                out = llm.generate([ids], replace(params, speculate=name != "plain", seed=seed))[0]
                 seconds[name] += time.perf_counter() - start
                 decode[name] += out.metrics.decode_s
                 tokens[name].append(out.token_ids)
         result: dict[str, Any] = {"threads": threads, "turns": len(prompt_ids), "max_tokens": n,
                                   "prompt_tokens_mean": sum(map(len, prompt_ids)) / len(prompt_ids),
                                   "quantization": first.loaded.quantization, "repetition_penalty": penalty,
-                                  "temperature": temperature, "top_p": params.top_p}  # fmt: skip
+                                  "temperature": temperature, "top_p": params.top_p,
+                                  "seeded": not unseeded}  # fmt: skip
         for name in names:
-            entry = {"tok_s": n * len(prompt_ids) / seconds[name],
-                     "decode_tok_s": (n - 1) * len(prompt_ids) / decode[name]}  # fmt: skip
+            entry: dict[str, Any] = {"tok_s": n * len(prompt_ids) / seconds[name],
+                                     "decode_tok_s": (n - 1) * len(prompt_ids) / decode[name]}  # fmt: skip
             if name != "plain":
                 stats, old = engines[name].stats(), before[name]
                 steps = (stats.spec_num_drafts - old.spec_num_drafts) or 1
                 accepted = stats.spec_num_accepted_tokens - old.spec_num_accepted_tokens
-                same = sum(a == b for a, b in zip(tokens[name], tokens["plain"], strict=True))
+                # Unseeded sampled turns draw differently from run to run: nothing to compare.
+                same = (
+                    None
+                    if unseeded and temperature
+                    else sum(a == b for a, b in zip(tokens[name], tokens["plain"], strict=True))
+                )
                 entry |= {"tokens_per_verification": (accepted + steps) / steps, "identical_to_plain": same,
                           "verifications": steps, "accepted_drafts": accepted}  # fmt: skip
             result[name] = entry
@@ -108,21 +116,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repetition-penalty", type=float, default=PENALTY, help="the console's 1.1 by default")
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); the console's is 0.7")
     ap.add_argument("--top-p", type=float, default=1.0, help="with --temperature (the console's is 0.9)")
+    ap.add_argument("--unseeded", action="store_true", help="sampled turns without a seed, as the console draws")
     add_turn_args(ap)
     args = ap.parse_args(argv)
     if args.worker is not None:
         result = worker(args.worker, args.speculators, args.turns, args.max_tokens, args.model,
-                        args.repetition_penalty, args.temperature, args.top_p)  # fmt: skip
+                        args.repetition_penalty, args.temperature, args.top_p, args.unseeded)  # fmt: skip
         print(RESULT + json.dumps(result), flush=True)
         return
     model = ["--model", args.model] if args.model else []
     sampling = ["--repetition-penalty", str(args.repetition_penalty), "--temperature", str(args.temperature),
-                "--top-p", str(args.top_p)]  # fmt: skip
+                "--top-p", str(args.top_p), *(["--unseeded"] if args.unseeded else [])]  # fmt: skip
     results = run_workers("benchmarks.speculator_ab", args, [*args.speculators, *model, *sampling])
     print(table(results, args.speculators))
     for r in results:  # speculation is exact: a difference is a bug, not a figure
         for s in args.speculators:
-            if r[s]["identical_to_plain"] != r["turns"]:
+            if r[s]["identical_to_plain"] not in (None, r["turns"]):
                 print(f"[{r['threads']} threads] {s}: only {r[s]['identical_to_plain']} of {r['turns']} turns equal "
                       "plain decoding's tokens", file=sys.stderr)  # fmt: skip
     write_results("benchmarks.speculator_ab", args.out, results, argv)

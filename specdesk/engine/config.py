@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from specdesk.engine.speculators import DEFAULT_SPECULATOR_DIR
+from specdesk.engine.speculators import DEFAULT_SPECULATOR_DIR, reply_store
 
 DType = Literal["float32", "bfloat16", "float16", "auto"]
 Device = Literal["cpu", "cuda", "auto"]
@@ -36,7 +36,9 @@ class EngineConfig:
       tree it may choose); None = the device default (SpecConfig). spec_max_kv_usage: speculate only while at
       most this fraction of KV pages is in use. spec_step_cost_prior: the cost of one more verified token, in
       plain steps, assumed until it is measured; None = the device default. spec_max_ngram_tokens: the
-      n-gram draft's length at most.
+      n-gram draft's length at most. spec_reply_store: where a conversation has no n-gram match of its own,
+      draft from the speculator folder's store of the model's own replies (speculators/reply_store.py; the
+      default model ships one); False: only the conversation and the replies this engine has served.
     enforce_eager: never use CUDA graphs (vLLM's name); on CUDA the speculator's proposal is otherwise one.
     quantization: None, "int8" (CPU): weights and activations in 8 bits, exact int32 sums, so speculation stays
       exact (models/int8_linear.py), "q4_1" (CPU): the same with 4-bit weights on GGUF's Q4_1 grid, a
@@ -67,6 +69,7 @@ class EngineConfig:
     spec_max_kv_usage: float = 0.75
     spec_step_cost_prior: float | None = None
     spec_max_ngram_tokens: int = 4
+    spec_reply_store: bool = True
     attention_backend: AttentionBackend = "auto"
     enforce_eager: bool = False
     quantization: str | None = None
@@ -133,6 +136,7 @@ class SpecConfig:
     the speculator's own config. max_batch_size, max_kv_usage: the gate (speculate only up to that many
     running requests and that KV usage). step_cost_prior: the cost of one verified token in plain steps
     until it is measured. cuda_graphs: capture the node proposal as CUDA graphs (CUDA, not enforce_eager).
+    reply_store: the n-gram speculator's frozen reply store file, or None (`_reply_store`).
     """
 
     mlp_dir: str | None
@@ -145,6 +149,7 @@ class SpecConfig:
     step_cost_prior: float = 0.04
     max_ngram_tokens: int = 4
     cuda_graphs: bool = False
+    reply_store: str | None = None
 
     @classmethod
     def resolve(cls, config: EngineConfig, device_type: str) -> SpecConfig | None:
@@ -165,7 +170,19 @@ class SpecConfig:
             step_cost_prior=defaults.step_cost_prior if prior is None else prior,
             max_ngram_tokens=config.spec_max_ngram_tokens,
             cuda_graphs=device_type == "cuda" and not config.enforce_eager,
+            reply_store=_reply_store(config, mlp_dir) if use_ngram else None,
         )
+
+
+def _reply_store(config: EngineConfig, mlp_dir: str | None) -> str | None:
+    """The n-gram speculator's frozen store of the model's own replies (speculators/reply_store.py): the MLP
+    speculator folder's, or for the built-in default model the shipped speculator's (its token ids are that
+    model's); None where there is none or spec_reply_store is off."""
+    if not config.spec_reply_store:
+        return None
+    folder = mlp_dir if mlp_dir is not None else (str(DEFAULT_SPECULATOR_DIR) if config.model is None else None)
+    path = reply_store.find(folder)
+    return None if path is None else str(path)
 
 
 def resolve_speculator(name: str | None, is_default_model: bool) -> tuple[str | None, bool]:

@@ -31,3 +31,13 @@ def test_sampled_turns_are_seeded_so_speculation_draws_plains_tokens(tmp_path: P
     result = worker(1, ["ngram"], turns=2, n=12, model=str(model), temperature=0.7, top_p=0.9)
     assert result["temperature"] == 0.7 and result["top_p"] == 0.9
     assert result["ngram"]["identical_to_plain"] == 2  # the same seeded draws with and without speculation
+
+
+def test_unseeded_turns_draw_as_the_console_does(tmp_path: Path) -> None:
+    model = make_tiny_model("llama", tmp_path, max_position_embeddings=4096)
+    mlp = make_tiny_speculator(model, tmp_path / "mlp")
+    result = worker(1, [str(mlp)], turns=2, n=12, model=str(model), temperature=0.7, top_p=0.9, unseeded=True)
+    assert result["seeded"] is False
+    entry = result[str(mlp)]
+    assert entry["identical_to_plain"] is None  # no coupled draws to compare
+    assert entry["tok_s"] > 0 and entry["verifications"] > 0

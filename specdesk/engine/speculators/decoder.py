@@ -27,7 +27,7 @@ from specdesk.engine.model_runner import ForwardOutput, ModelRunner
 from specdesk.engine.models.loader import CPU_KERNELS, LoadedModel
 from specdesk.engine.scheduler import ScheduledSeq
 from specdesk.engine.sequence import Sequence
-from specdesk.engine.speculators import draft_vocab
+from specdesk.engine.speculators import draft_vocab, reply_store
 from specdesk.engine.speculators.acceptance import Acceptance
 from specdesk.engine.speculators.draft_penalty import DraftPenalty
 from specdesk.engine.speculators.gating import GatingConfig, SpeculationPolicy
@@ -84,7 +84,9 @@ class SpeculativeDecoder:
             if loaded.device.type == "cpu":  # the C kernels' path runs its speculator on them too
                 draft_vocab.pack_for_cpu(self.mlp, int8=c_kernels)
             self.tree_kind = make_tree_kind(self.mlp, config, loaded.device)
-        self.ngram = NgramSpeculator() if config.use_ngram else None
+        # The frozen store of the base model's own replies (reply_store.py; SpecConfig says whose).
+        store = reply_store.ReplyStore.load(config.reply_store) if config.reply_store and config.use_ngram else None
+        self.ngram = NgramSpeculator(store=store) if config.use_ngram else None
         max_tokens = max(self.mlp.n_predict if self.mlp else 0, config.max_ngram_tokens if self.ngram else 0)
         pool = self.tree_kind.pool if self.tree_kind is not None else 1
         gating = GatingConfig(

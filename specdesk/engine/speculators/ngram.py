@@ -3,7 +3,9 @@
 Support answers repeat themselves, within a conversation (order numbers, the customer's own words) and
 across conversations (greetings, policies, sign-offs). For the last n tokens of a sequence (n from max_n
 down to min_n) we look up where that n-gram occurred before and propose the k tokens that followed it,
-first in the sequence itself, then in a bounded store of earlier assistant replies.
+first in the sequence itself, then in a bounded store of earlier assistant replies. Where neither has
+k tokens, a frozen store of the model's own replies (`reply_store.py`, shipped with the default speculator)
+walks its most frequent continuations instead, when that gives more.
 
 Both lookups are dict hits, not scans: an index maps each n-gram to the end of its latest occurrence
 that has a continuation. A sequence's index grows by max_n - min_n + 1 entries per new token, so a
@@ -15,6 +17,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from specdesk.engine.speculators.reply_store import ReplyStore
 
 NGram = tuple[int, ...]
 
@@ -35,7 +39,10 @@ class NgramSpeculator:
     `observe_reply(token_ids)` adds a finished reply to the shared store (the oldest reply is evicted).
     """
 
-    def __init__(self, max_n: int = 4, min_n: int = 2, max_replies: int = 256, max_reply_tokens: int = 1024):
+    def __init__(
+        self, max_n: int = 4, min_n: int = 2, max_replies: int = 256, max_reply_tokens: int = 1024,
+        store: ReplyStore | None = None,
+    ) -> None:  # fmt: skip
         if not 1 <= min_n <= max_n:
             raise ValueError(f"need 1 <= min_n <= max_n, got min_n={min_n}, max_n={max_n}")
         self.max_n, self.min_n = max_n, min_n
@@ -45,6 +52,7 @@ class NgramSpeculator:
         self._replies: OrderedDict[int, list[int]] = OrderedDict()
         self._reply_ends: dict[NGram, tuple[int, int]] = {}
         self._next_reply_id = 0
+        self.store = store  # frozen: forget_replies / clear_replies leave it
 
     # ---- proposals ----------------------------------------------------------------------------------
     def propose(self, request_id: str, token_ids: Sequence[int], k: int) -> list[int]:
@@ -52,6 +60,15 @@ class NgramSpeculator:
         if k <= 0:
             return []
         index = self._sync(request_id, token_ids)
+        draft = self._lookup(index, k)
+        if len(draft) < k and self.store is not None:
+            walked = self.store.walk(index.tokens, k)
+            if len(walked) > len(draft):
+                return walked
+        return draft
+
+    def _lookup(self, index: _SequenceIndex, k: int) -> list[int]:
+        """The sequence's own continuation, or the observed replies' where that is longer (see propose)."""
         tokens = index.tokens
         for n in range(min(self.max_n, len(tokens)), self.min_n - 1, -1):
             suffix = tuple(tokens[-n:])

@@ -1,0 +1,74 @@
+"""Build a speculator folder's reply store: the base model's own replies to the training prompts.
+
+    python -m specdesk.training.reply_store --out specdesk/engine/speculators/default
+
+Every customer turn of the training conversations (`prompts/train`, up to --turns per conversation) is sent
+as the console sends it (persona system prompt, a tone, the earlier turns) and answered by the engine's plain
+decoding at the console's repetition penalty, once greedy and once at the console's temperature and top-p
+(--temperatures). The replies' token ids go to `<out>/replies.npz`, which the engine's n-gram speculator loads
+beside that folder's MLP speculator (`engine/speculators/reply_store.py`). The evaluation prompts
+(`prompts/eval`) are never used.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from specdesk.engine.speculators.reply_store import FILE_NAME, ReplyStore
+
+
+def prompts_of(tokenizer: object, turns: int) -> list[list[int]]:
+    """Each training conversation up to each of its first `turns` customer turns, as the console renders it."""
+    from specdesk.prompts.loader import load_dataset
+    from specdesk.training.train_data import chat_ids, with_system_prompt
+
+    out = []
+    for i, entry in enumerate(load_dataset("train")):
+        users = [j for j, m in enumerate(entry.messages) if m["role"] == "user"]
+        for u in users[:turns]:
+            messages = with_system_prompt(list(entry.messages[: u + 1]), entry.domain, i)
+            out.append(chat_ids(tokenizer, messages, add_generation_prompt=True))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="the speculator folder to write replies.npz into")
+    ap.add_argument("--model", default=None, help="default: the built-in default model")
+    ap.add_argument("--turns", type=int, default=3, help="customer turns per conversation")
+    ap.add_argument("--max-tokens", type=int, default=200)
+    ap.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 0.7],
+                    help="one reply per prompt at each (0: greedy; the console samples at 0.7)")  # fmt: skip
+    ap.add_argument("--top-p", type=float, default=0.9)
+    ap.add_argument("--repetition-penalty", type=float, default=1.1, help="the console's default")
+    ap.add_argument("--quantization", default="auto", help="EngineConfig.quantization (auto: the console's)")
+    ap.add_argument("--limit", type=int, default=None, help="at most this many prompts")
+    args = ap.parse_args(argv)
+
+    from specdesk.engine.llm import LLM
+    from specdesk.engine.sampling_params import SamplingParams
+
+    llm = LLM(args.model, quantization=args.quantization, speculator=None, max_num_seqs=48,
+              max_num_batched_tokens=1024)  # fmt: skip
+    try:
+        prompt_ids = prompts_of(llm.tokenizer, args.turns)[: args.limit]
+        params = [  # seeded per reply: the same replies whatever they are batched with
+            SamplingParams(max_tokens=args.max_tokens, temperature=t, top_p=args.top_p if t else 1.0,
+                           seed=j * len(prompt_ids) + i, repetition_penalty=args.repetition_penalty)
+            for j, t in enumerate(args.temperatures)
+            for i in range(len(prompt_ids))
+        ]  # fmt: skip
+        batch = prompt_ids * len(args.temperatures)
+        replies = [out.token_ids for out in llm.generate(batch, params)]
+    finally:
+        llm.shutdown()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ReplyStore.save(out / FILE_NAME, replies)
+    store = ReplyStore(replies)
+    print(f"{len(replies)} replies, {store.num_tokens} tokens, {len(store)} n-grams -> {out / FILE_NAME}")
+
+
+if __name__ == "__main__":
+    main()

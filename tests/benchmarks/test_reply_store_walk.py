@@ -1,0 +1,18 @@
+"""benchmarks.reply_store: held-out replies walked with the n-gram drafts, with and without the store."""
+
+from __future__ import annotations
+
+from benchmarks.reply_store import walk
+from specdesk.engine.speculators.reply_store import ReplyStore
+
+
+def test_a_walk_moves_accepted_drafts_plus_one_token_a_step() -> None:
+    prompt, reply = [1, 2], [10, 11, 12, 13, 14, 15]
+    assert walk([prompt], [reply], None, 3) == 1.0  # nothing to draft from: one token a step
+    # The store holds the reply, but neither [1, 2] nor [2, 10] is one of its n-grams: the first two steps move
+    # one token each; from [10, 11] on the store continues it: 10 | 11 | 12 13 14 15 (three drafts and one).
+    store = ReplyStore([[10, 11, 12, 13, 14, 15]])
+    assert walk([prompt], [reply], store, 3) == 6 / 3
+    assert walk([prompt], [reply], store, 1) == 6 / 4  # 10 | 11 | 12 13 | 14 15
+    wrong = ReplyStore([[10, 11, 99, 98, 97]])
+    assert walk([prompt], [reply], wrong, 3) == 1.0  # drafted but never accepted
