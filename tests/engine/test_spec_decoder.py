@@ -206,3 +206,33 @@ def test_the_cadence_ranks_the_pool_on_its_measuring_steps_only(
         for delta in reference.step():
             expected += delta.token_ids
     assert tokens == expected
+
+
+def test_the_ngram_drafts_rest_where_they_are_measured_not_to_pay(
+    model_dir: Path, mlp_dir: Path, request: pytest.FixtureRequest
+) -> None:
+    """Where the MLP may rest, steps verifying n-gram drafts alone are timed against steps verifying none; slower,
+    the n-gram proposes nothing for NGRAM_REST_STEPS proposals. Elsewhere it is never rested."""
+    from specdesk.engine.speculators import decoder as decoder_module
+
+    config = EngineConfig(model=str(model_dir), dtype="bfloat16", device="cpu", speculator="ngram",
+                          spec_max_batch_size=16, quantization="int8")  # fmt: skip
+    engine = LLMEngine(config, load_model(config.model, "bfloat16", "cpu", quantization="int8"))
+    request.addfinalizer(engine.close)
+    spec = engine.speculation
+    assert spec is not None and spec.ngram_rest is not None
+    spec._mlp_ran = False
+    for _ in range(30):  # a drafted step makes 1.1 tokens in 6 ms, a bare one 1 in 5 ms
+        spec.record_lone_step(1, 1, 0.005)
+        spec.record_lone_step(2, 1, 0.0066)
+    assert spec.ngram_rest.resting == decoder_module.NGRAM_REST_STEPS
+    assert spec.ngram is not None
+    proposed = []
+    propose = spec.ngram.propose
+    spec.ngram.propose = lambda *args: proposed.append(args) or propose(*args)  # type: ignore[method-assign]
+    engine.add_request([5, 17, 42, 8, 99], SamplingParams(max_tokens=12, ignore_eos=True))
+    while engine.has_work:
+        engine.step()
+    assert not proposed and spec.ngram_rest.resting == decoder_module.NGRAM_REST_STEPS - 11  # 11 decode steps
+    elsewhere = _engine(model_dir, Path(f"{mlp_dir}+ngram")).speculation
+    assert elsewhere is not None and elsewhere.ngram is not None and elsewhere.ngram_rest is None

@@ -146,3 +146,31 @@ def test_tree_width_may_choose_no_candidate_where_allowed() -> None:
     for _ in range(20):  # the top candidate drafts the whole continuation: it pays
         width.record([], [[1, 2, 3], [8], [9]], [1, 2, 3, 4])
     assert width.choose(cost_per_token=0.2, limit=3) == 1
+
+
+def test_measured_rest_rests_a_source_slower_than_undrafted_steps_and_measures_it_afresh() -> None:
+    from specdesk.engine.speculators.gating import MeasuredRest
+
+    gate = MeasuredRest(rest_steps=3, min_weight=4.0, decay=0.9)
+    for _ in range(4):  # drafted: 1 token in 5.5 ms (182/s) against 1 token in 5 ms (200/s)
+        gate.record(False, 1, 0.005)
+        gate.record(True, 1, 0.0055)
+    assert gate.due() and gate.resting == 0  # 3.4 steps of each: not yet
+    gate.record(False, 1, 0.005)
+    gate.record(True, 1, 0.0055)  # 4.1 steps of each: decided
+    assert not gate.due() and not gate.due() and not gate.due() and gate.due()  # three proposals skipped
+    assert gate.drafted == [0.0, 0.0, 0.0]  # measured afresh: no rest until min_weight drafted steps again
+    for _ in range(4):  # now drafted steps pay: 2 tokens in 6 ms
+        gate.record(True, 2, 0.006)
+        assert gate.resting == 0
+    paying = MeasuredRest(rest_steps=3, min_weight=4.0)
+    for _ in range(20):
+        paying.record(False, 1, 0.005)
+        paying.record(True, 2, 0.007)
+        assert paying.due()
+    # Nothing decided before each side holds min_weight steps.
+    early = MeasuredRest(rest_steps=3, min_weight=4.0, decay=0.9)
+    for _ in range(3):
+        early.record(True, 1, 1.0)
+        early.record(False, 1, 0.001)
+    assert early.due()

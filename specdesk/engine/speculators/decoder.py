@@ -30,7 +30,7 @@ from specdesk.engine.sequence import Sequence
 from specdesk.engine.speculators import draft_vocab, reply_store
 from specdesk.engine.speculators.acceptance import Acceptance
 from specdesk.engine.speculators.draft_penalty import DraftPenalty
-from specdesk.engine.speculators.gating import GatingConfig, SpeculationPolicy
+from specdesk.engine.speculators.gating import GatingConfig, MeasuredRest, SpeculationPolicy
 from specdesk.engine.speculators.mlp import MLPSpeculator
 from specdesk.engine.speculators.ngram import NgramSpeculator
 from specdesk.engine.speculators.tree import DraftTree, build_tree, truncate
@@ -40,6 +40,9 @@ from specdesk.engine.speculators.verifier import Verdict
 
 # Steps the MLP speculator rests once no candidate width pays, before it proposes (and is measured) again.
 MLP_REST_STEPS = 15
+# Proposals the n-gram drafts rest where they are measured not to pay (gating.MeasuredRest; the C kernels' CPU
+# path): under the console's sampling a draft of the reply store is accepted about a fifth of the time.
+NGRAM_REST_STEPS = 30
 # Where the MLP may rest (the C kernels' CPU path) its steps run a cadence of MEASURE_EVERY: one ranks the whole
 # pool, so that TreeWidth measures every width; one verifies a neighbour of the best width, so that StepCost sees
 # steps of different sizes and fits what a token costs; the others rank and verify the best width alone (ranking
@@ -87,6 +90,7 @@ class SpeculativeDecoder:
         # The frozen store of the base model's own replies (reply_store.py; SpecConfig says whose).
         store = reply_store.ReplyStore.load(config.reply_store) if config.reply_store and config.use_ngram else None
         self.ngram = NgramSpeculator(store=store) if config.use_ngram else None
+        self.ngram_rest = MeasuredRest(NGRAM_REST_STEPS) if self.ngram is not None and c_kernels else None
         max_tokens = max(self.mlp.n_predict if self.mlp else 0, config.max_ngram_tokens if self.ngram else 0)
         pool = self.tree_kind.pool if self.tree_kind is not None else 1
         gating = GatingConfig(
@@ -174,10 +178,13 @@ class SpeculativeDecoder:
         """A lone decode step's query tokens (its root and draft nodes), emitted tokens and wall time, proposal
         included. Where the MLP may rest, StepCost fits the MLP's steps (the cadence's measuring ones too: their
         share of the pool's ranking is part of what speculating costs) and the steps without it are
-        `_mlp_pays`' other side; the step that decided to rest verified no MLP node and counts for neither."""
+        `_mlp_pays`' other side, and also `ngram_rest`'s two sides (n-gram drafts alone, or no draft); the step
+        that decided to rest verified no MLP node and counts for none."""
         if not self.width.allow_none or (self._mlp_ran and self._mlp_rest == 0):
             self.step_cost.record(verified, seconds)
         elif not self._mlp_ran:
+            if self.ngram_rest is not None:  # the n-gram's drafts alone, or no draft at all
+                self.ngram_rest.record(verified > 1, emitted, seconds)
             self._plain_tokens = 0.9 * self._plain_tokens + emitted
             self._plain_seconds = 0.9 * self._plain_seconds + seconds
             self._plain_steps = 0.9 * self._plain_steps + 1
@@ -200,7 +207,7 @@ class SpeculativeDecoder:
             return
         self.policy.cost_per_token = self._token_cost()
         paths: dict[str, list[list[int]]] = {s.request_id: [] for s in eligible}
-        if self.ngram is not None:
+        if self.ngram is not None and (self.ngram_rest is None or self.ngram_rest.due()):
             for s in eligible:
                 k = min(depth[s.request_id] + 1, self.config.max_ngram_tokens)
                 draft = self.ngram.propose(s.request_id, s.token_ids, k)

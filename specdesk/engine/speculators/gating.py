@@ -130,3 +130,38 @@ def best_num_tokens(alpha: float, max_tokens: int, cost_per_token: float) -> int
         if gain > best_gain + 1e-9:
             best_k, best_gain = k, gain
     return best_k
+
+
+class MeasuredRest:
+    """Rests a draft source whose steps make fewer tokens per second than the steps that verify no draft.
+
+    Both kinds of steps feed moving sums (tokens and seconds, `decay` per step of that kind); once each holds
+    `min_weight` steps, a drafted step that leaves the drafted rate below the undrafted one starts a rest of
+    `rest_steps` proposals, and the drafted sums start over, so the source is measured afresh when it returns.
+    The speculative decoder rests the n-gram drafts by it on the C kernels' CPU path: there a verified token
+    costs a sizeable part of a step, and under the console's sampling the drafts are accepted too rarely.
+    """
+
+    def __init__(self, rest_steps: int, min_weight: float = 8.0, decay: float = 0.95) -> None:
+        self.rest_steps, self.min_weight, self.decay = rest_steps, min_weight, decay
+        self.resting = 0  # proposals left to skip
+        self.drafted = [0.0, 0.0, 0.0]  # moving sums: tokens, seconds, steps
+        self.bare = [0.0, 0.0, 0.0]
+
+    def due(self) -> bool:
+        """Whether the source proposes this step (a resting one counts its rest down instead)."""
+        if self.resting > 0:
+            self.resting -= 1
+            return False
+        return True
+
+    def record(self, drafted: bool, tokens: int, seconds: float) -> None:
+        """One lone decode step: whether it verified the source's drafts (and nothing else), what it emitted."""
+        sums = self.drafted if drafted else self.bare
+        d = self.decay
+        sums[0], sums[1], sums[2] = d * sums[0] + tokens, d * sums[1] + seconds, d * sums[2] + 1
+        if not drafted or min(self.drafted[2], self.bare[2]) < self.min_weight:
+            return
+        if self.drafted[0] / self.drafted[1] < self.bare[0] / self.bare[1]:
+            self.resting = self.rest_steps
+            self.drafted = [0.0, 0.0, 0.0]
