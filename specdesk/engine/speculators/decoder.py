@@ -88,7 +88,7 @@ class SpeculativeDecoder:
                 draft_vocab.pack_for_cpu(self.mlp, int8=c_kernels)
             self.tree_kind = make_tree_kind(self.mlp, config, loaded.device)
         # The frozen store of the base model's own replies (reply_store.py; SpecConfig says whose).
-        store = reply_store.ReplyStore.load(config.reply_store) if config.reply_store and config.use_ngram else None
+        store = reply_store.ReplyStore.load(config.reply_store) if config.reply_store else None
         self.ngram = NgramSpeculator(store=store) if config.use_ngram else None
         self.ngram_rest = MeasuredRest(NGRAM_REST_STEPS) if self.ngram is not None and c_kernels else None
         max_tokens = max(self.mlp.n_predict if self.mlp else 0, config.max_ngram_tokens if self.ngram else 0)

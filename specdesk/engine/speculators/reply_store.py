@@ -48,15 +48,15 @@ class ReplyStore:
     """n-gram -> the continuation seen most often (ties: the smaller token id), over a list of replies."""
 
     def __init__(self, replies: Sequence[Sequence[int]], max_n: int = 4, min_n: int = 2) -> None:
+        lengths = np.array([len(r) for r in replies], dtype=np.int64)
+        tokens = np.fromiter((t for r in replies for t in r), dtype=np.int64, count=int(lengths.sum()))
+        self._build(tokens, lengths, max_n, min_n)
+
+    def _build(self, tokens: np.ndarray, lengths: np.ndarray, max_n: int, min_n: int) -> None:
+        """The sorted keys and their continuations from the replies' tokens end to end and their lengths."""
         if not 1 <= min_n <= max_n:
             raise ValueError(f"need 1 <= min_n <= max_n, got min_n={min_n}, max_n={max_n}")
         self.max_n, self.min_n = max_n, min_n
-        lengths = np.array([len(r) for r in replies], dtype=np.int64)
-        self._build(np.fromiter((t for r in replies for t in r), dtype=np.int64, count=int(lengths.sum())), lengths)
-
-    def _build(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        """The sorted keys and their continuations from the replies' tokens end to end and their lengths."""
-        min_n, max_n = self.min_n, self.max_n
         self.num_replies, self.num_tokens = len(lengths), len(tokens)
         # Position e's reply starts at starts[e]: a window tokens[e - n : e] before the continuation tokens[e]
         # belongs to e's reply where e - n >= starts[e].
@@ -74,10 +74,10 @@ class ReplyStore:
         # One sort of (n-gram, continuation) pairs packed into a uint64 each: the hash's top 64 - bits bits, then
         # the token (two lexsorts of ~10^6 pairs took ~0.35 s of an engine's start). Runs of equal pairs are
         # counted, and each n-gram keeps the first of its most counted continuations (the smaller id on a tie).
-        self.bits = max(int(nxt.max()).bit_length() if len(nxt) else 1, 1)
         if not len(key):
-            self.keys, self.next_tokens = np.empty(0, np.uint64), np.empty(0, np.int32)
+            self.bits, self.keys, self.next_tokens = 1, np.empty(0, np.uint64), np.empty(0, np.int32)
             return
+        self.bits = max(int(nxt.max()).bit_length(), 1)
         pairs = np.sort(((key >> np.uint64(self.bits)) << np.uint64(self.bits)) | nxt.astype(np.uint64))
         run = np.flatnonzero(np.append(True, pairs[1:] != pairs[:-1]))
         counts = np.diff(np.append(run, len(pairs)))
@@ -133,9 +133,9 @@ class ReplyStore:
     @classmethod
     def load(cls, path: str | Path, max_n: int = 4, min_n: int = 2) -> ReplyStore:
         """The store of the replies a `save` wrote (read as arrays: no list per reply)."""
-        store = cls([], max_n=max_n, min_n=min_n)
+        store = cls.__new__(cls)
         with np.load(path, allow_pickle=False) as f:
-            store._build(f["tokens"].astype(np.int64), np.diff(f["offsets"]).astype(np.int64))
+            store._build(f["tokens"].astype(np.int64), np.diff(f["offsets"]).astype(np.int64), max_n, min_n)
         return store
 
 
