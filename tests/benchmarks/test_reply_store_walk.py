@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from benchmarks.reply_store import walk
 from specdesk.engine.speculators.reply_store import ReplyStore
 
@@ -16,3 +18,14 @@ def test_a_walk_moves_accepted_drafts_plus_one_token_a_step() -> None:
     assert walk([prompt], [reply], store, 1) == 6 / 4  # 10 | 11 | 12 13 | 14 15
     wrong = ReplyStore([[10, 11, 99, 98, 97]])
     assert walk([prompt], [reply], wrong, 3) == 1.0  # drafted but never accepted
+
+
+def test_a_priced_walk_charges_every_draft_and_a_calibrated_cut_drafts_less() -> None:
+    prompt, reply = [1, 2], [10, 11, 12, 13, 14, 15]
+    store = ReplyStore([[10, 11, 12, 13, 14, 15]])
+    # 10 | 11 | 12 13 14 15: 3 steps, 3 drafts, 6 tokens.
+    assert walk([prompt], [reply], store, 3, cost=0.5) == 6 / (3 + 0.5 * 3)
+    wrong = ReplyStore([[10, 11, 99, 98, 97]])
+    assert walk([prompt], [reply], wrong, 3, cost=0.5) < 1.0  # drafts that never land cost time
+    wrong.accuracy = np.full((3, 15), 0.1)
+    assert walk([prompt], [reply], wrong, 3, cost=0.5, min_prob=0.2) == 1.0  # the cut leaves them out

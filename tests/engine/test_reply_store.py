@@ -6,10 +6,11 @@ import collections
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from specdesk.engine.speculators.ngram import NgramSpeculator
-from specdesk.engine.speculators.reply_store import FILE_NAME, ReplyStore, find
+from specdesk.engine.speculators.reply_store import FILE_NAME, ReplyStore, accuracy_of, find
 
 
 def _counted_next(replies: list[list[int]], context: list[int], max_n: int, min_n: int) -> int | None:
@@ -98,17 +99,62 @@ def test_the_engine_drafts_from_its_speculator_folders_store_and_stays_exact(tmp
         expected = [o.token_ids for o in plain.generate(prompts, params)]
     finally:
         plain.shutdown()
-    ReplyStore.save(mlp / FILE_NAME, expected)
     config = EngineConfig(model=str(model), speculator=f"{mlp}+ngram")
-    spec_config = SpecConfig.resolve(config, "cpu")
-    assert spec_config is not None and spec_config.reply_store == str(mlp / FILE_NAME)
     accepted = {}
-    for use_store in (True, False):
+    # With the store; without it; with a table calling every store draft hopeless, which the walk then leaves out.
+    for case, use_store, accuracy in (("store", True, None), ("none", False, None), ("hopeless", True, 0.0)):
+        ReplyStore.save(mlp / FILE_NAME, expected, None if accuracy is None else np.full((3, 15), accuracy))
+        spec_config = SpecConfig.resolve(config, "cpu")
+        assert spec_config is not None and spec_config.reply_store == str(mlp / FILE_NAME)
         llm = LLM(model=str(model), dtype="float32", device="cpu", speculator=f"{mlp}+ngram",
                   spec_reply_store=use_store)  # fmt: skip
         try:
             assert [o.token_ids for o in llm.generate(prompts, params)] == expected
-            accepted[use_store] = llm.stats().spec_num_accepted_tokens
+            accepted[case] = llm.stats().spec_num_accepted_tokens
         finally:
             llm.shutdown()
-    assert accepted[True] >= 40 and accepted[True] > 2 * accepted[False], accepted
+    assert accepted["store"] >= 40 and accepted["store"] > 2 * accepted["none"], accepted
+    assert accepted["hopeless"] < accepted["store"] / 2, accepted
+
+
+def test_classes_and_the_calibration_counts() -> None:
+    # (1, 2) continues 3, 3, 4: share 2/3 (bucket 3 of 5), support 3+ -> class 3 * 3 + 2; (2, 3) ends two replies
+    # and continues 9 once: share 1 (bucket 4), support 1 -> class 4 * 3 + 0.
+    store = ReplyStore([[1, 2, 3], [1, 2, 3, 9], [1, 2, 4]], max_n=3, min_n=2)
+    assert store.lookup([0, 1, 2]) == (3, 2, 11)
+    assert store.lookup([2, 3]) == (9, 2, 12)
+    assert store.lookup([1, 2, 3]) == (9, 3, 12)  # the trigram, occurring once with its continuation
+    assert store.lookup([5, 6]) is None
+    counts = store.calibrate([[1, 2, 4, 1, 2, 3]])
+    # Positions 2..5: [1, 2] -> 3 (wrong: 4), [1, 2, 4] unknown and [2, 4] unknown, [2, 4, 1] and [4, 1] unknown,
+    # [4, 1, 2] unknown then [1, 2] -> 3 (right).
+    assert counts.shape == (2, 15, 2)
+    assert counts[0, 11].tolist() == [2, 1] and counts.sum(axis=(0, 1)).tolist() == [2, 1]
+
+
+def test_a_calibrated_walk_stops_where_its_chance_falls_below_min_prob() -> None:
+    store = ReplyStore([[1, 2, 3, 4, 5, 6, 7, 8]] * 3, max_n=2, min_n=2)  # each bigram: share 1, support 3+: class 14
+    assert store.walk([1, 2], 4, min_prob=0.5) == [3, 4, 5, 6]  # no table: min_prob does nothing
+    store.accuracy = np.full((1, 15), 0.6)
+    assert store.walk([1, 2], 4) == [3, 4, 5, 6]  # min_prob 0: the whole walk
+    assert store.walk([1, 2], 4, min_prob=0.3) == [3, 4]  # 0.6, 0.36, then 0.216 < 0.3
+    assert store.walk([1, 2], 4, min_prob=0.7) == []
+    ng = NgramSpeculator(max_n=2, min_n=2, store=store)
+    # The sequence's own continuation of [1, 2] has 4 tokens: a whole walk of 5 beats it, one cut to 1 does not.
+    assert ng.propose("a", [1, 2, 9, 8, 1, 2], 5) == [3, 4, 5, 6, 7]
+    assert ng.propose("b", [1, 2, 9, 8, 1, 2], 5, min_prob=0.5) == [9, 8, 1, 2]
+
+
+def test_accuracy_is_cross_fitted_by_fold_and_saved_with_the_replies(tmp_path: Path) -> None:
+    shared, other = [10, 11, 12, 13, 14], [20, 21, 22, 23]
+    # Fold 0 and fold 1 both hold `shared`: each predicts the other's tokens; `other` is in fold 1 alone.
+    accuracy = accuracy_of([shared, shared, other], folds=[0, 1, 1], max_n=2, min_n=2)
+    # Fold 0's shared looked up in fold 1's store: 3 right lookups of class 12 (share 1, support 1); fold 1's
+    # shared in fold 0's: 3 more; other's bigrams are in no other fold's store. (6 + 0.5) / (6 + 2).
+    assert accuracy.shape == (1, 15) and accuracy[0, 12] == pytest.approx(6.5 / 8)
+    assert accuracy[0, 14] == pytest.approx(0.25)  # never looked up: the prior
+    ReplyStore.save(tmp_path / FILE_NAME, [shared, other], accuracy)
+    loaded = ReplyStore.load(tmp_path / FILE_NAME, max_n=2, min_n=2)
+    assert loaded.accuracy is not None and np.allclose(loaded.accuracy, accuracy)
+    assert ReplyStore.load(tmp_path / FILE_NAME, max_n=3, min_n=2).accuracy is None  # a table for other lengths
+    assert ReplyStore.read(tmp_path / FILE_NAME) == [shared, other]

@@ -43,6 +43,12 @@ MLP_REST_STEPS = 15
 # Proposals the n-gram drafts rest where they are measured not to pay (gating.MeasuredRest; the C kernels' CPU
 # path): under the console's sampling a draft of the reply store is accepted about a fifth of the time.
 NGRAM_REST_STEPS = 30
+# A draft of the reply store is proposed while its chain's estimated chance of acceptance is at least this many
+# times what one more verified token costs (in plain steps). A draft that pays its own verification needs a chance
+# above the cost; walked over held-out replies with the engine's step costs (0.15-0.2 of a step on a 2-core CPU),
+# 1.5 gave the most tokens per unit of time, 1 and 2 within 1-2 % of it. No verified token is free (a fitted cost
+# of 0 is a noisy fit): the cost is taken as at least MIN_TOKEN_COST.
+STORE_CHANCE_PER_COST, MIN_TOKEN_COST = 1.5, 0.01
 # Where the MLP may rest (the C kernels' CPU path) its steps run a cadence of MEASURE_EVERY: one ranks the whole
 # pool, so that TreeWidth measures every width; one verifies a neighbour of the best width, so that StepCost sees
 # steps of different sizes and fits what a token costs; the others rank and verify the best width alone (ranking
@@ -208,9 +214,10 @@ class SpeculativeDecoder:
         self.policy.cost_per_token = self._token_cost()
         paths: dict[str, list[list[int]]] = {s.request_id: [] for s in eligible}
         if self.ngram is not None and (self.ngram_rest is None or self.ngram_rest.due()):
+            min_prob = STORE_CHANCE_PER_COST * max(self.policy.cost_per_token, MIN_TOKEN_COST)
             for s in eligible:
                 k = min(depth[s.request_id] + 1, self.config.max_ngram_tokens)
-                draft = self.ngram.propose(s.request_id, s.token_ids, k)
+                draft = self.ngram.propose(s.request_id, s.token_ids, k, min_prob)
                 if draft:
                     paths[s.request_id].append(draft)
         # The MLP reads the hidden state after the last token: stale while forced tokens await their pass.

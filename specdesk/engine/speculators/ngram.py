@@ -55,14 +55,16 @@ class NgramSpeculator:
         self.store = store  # frozen: forget_replies / clear_replies leave it
 
     # ---- proposals ----------------------------------------------------------------------------------
-    def propose(self, request_id: str, token_ids: Sequence[int], k: int) -> list[int]:
-        """Up to k tokens that followed the longest matching suffix before; [] when nothing matches."""
+    def propose(self, request_id: str, token_ids: Sequence[int], k: int, min_prob: float = 0.0) -> list[int]:
+        """Up to k tokens that followed the longest matching suffix before; [] when nothing matches. A walk of
+        the frozen store stops where its chain's estimated chance of acceptance falls below min_prob
+        (`ReplyStore.walk`)."""
         if k <= 0:
             return []
         index = self._sync(request_id, token_ids)
         draft = self._lookup(index, k)
         if len(draft) < k and self.store is not None:
-            walked = self.store.walk(index.tokens, k)
+            walked = self.store.walk(index.tokens, k, min_prob)
             if len(walked) > len(draft):
                 return walked
         return draft
