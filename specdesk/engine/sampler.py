@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from specdesk.engine.sampling_params import SamplingParams
+from specdesk.kernels import cpu_sampling
 
 
 def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
@@ -340,43 +341,42 @@ class _Nucleus:
 
         The same kept set as `filter_logits` and, up to rounding, the same probabilities and draws as softmax,
         `without_tokens` and `_race_on_support` (the row's generator races the kept tokens in index order, the
-        children's uniforms come from torch's global generator as the general path's). Only the normalizer
-        reads the whole vocabulary: the candidates are the tokens whose scaled logit lies within NUCLEUS_SPAN
-        of the maximum, and when they hold mass >= top_p every other token has at least that much ranked above
-        it, so top-p drops it (as `_filter_among_top` argues). Each torch op over a 49k row cost 30-100 us on
-        the engine's one torch thread: the general path spent about 1.8 ms of a sampled decode step drawing its
-        token, and about 2 ms more verifying a tree of a few nodes."""
+        children's uniforms come from torch's global generator as the general path's). Only the normalizer reads
+        the whole vocabulary, in the pass that finds the candidates (`cpu_sampling.nucleus_scan`, C or numpy):
+        the tokens whose scaled logit lies within NUCLEUS_SPAN of the maximum. When they hold mass >= top_p every
+        other token has at least that much ranked above it, so top-p drops it (as `_filter_among_top` argues).
+        The general path's dozen torch ops over the 49k row took ~1.8 ms of a sampled step, ~2 ms more a tree."""
         if params.top_k != 0 or params.min_p > 0.0 or params.top_p >= 1.0:
             return False
-        scaled = row.float().numpy() / np.float32(params.temperature)  # as filter_logits: logits / T in float32
-        top = scaled.max()
-        exp = np.exp(scaled - top)
-        total = exp.sum(dtype=np.float64)
-        if not (np.isfinite(top) and np.isfinite(total)):
-            self.finite[i] = False  # reported, never sampled
-            return True
+        z = row.float().contiguous().numpy()
         for span in NUCLEUS_SPAN:
-            candidates = np.flatnonzero(scaled >= top - span)
-            if exp[candidates].sum(dtype=np.float64) >= params.top_p * total:
+            scan = cpu_sampling.nucleus_scan(z, params.temperature, span)
+            if scan.broken:
+                self.finite[i] = False  # reported, never sampled
+                return True
+            candidates, total = scan.index, np.float64(scan.total)  # ascending ids; float64 keeps probs in it
+            scaled = z[candidates] / np.float32(params.temperature)  # as filter_logits: logits / T in float32
+            exp = np.exp(scaled - np.float32(scan.top))  # numpy's: a flat row's race can turn on an ulp of these
+            if exp.sum(dtype=np.float64) >= params.top_p * total:
                 break
         else:
             return False
-        order = candidates[np.argsort(-scaled[candidates], kind="stable")]  # descending, ties in index order
+        order = np.argsort(-scaled, kind="stable")  # descending, ties in index order
         probs = exp[order] / total
         kept = np.sort(order[np.cumsum(probs) - probs < params.top_p])  # the top token always stays (0 above it)
-        pool = kept
+        ids, weights = candidates[kept], exp[kept]  # the kept tokens in index order, and their e^(z / T - top)
         if children:
             # p = softmax over the kept set (filter_logits' -inf elsewhere): a child outside it has probability 0.
-            norm = exp[kept].sum(dtype=np.float64)
-            inside = np.isin(children, kept)
-            p = np.where(inside, exp[children] / norm, 0.0)
+            at = np.minimum(np.searchsorted(ids, children), len(ids) - 1)
+            p = np.where(ids[at] == children, weights[at] / weights.sum(dtype=np.float64), 0.0)
             self.child_probs[i, : len(children)] = torch.from_numpy(p.astype(np.float32))
             self.uniforms[i, : len(children)] = torch.rand(len(children))
             # The residual draw, should every child be rejected: p without the children (p itself where they
             # hold all of it, reachable only through rounding, as without_tokens).
-            rest = kept[~np.isin(kept, children)]
-            pool = rest if rest.size else kept
-        self.tokens[i] = _race(pool, exp[pool] / np.float32(total), generator)
+            rest = ~np.isin(ids, children)
+            if rest.any():
+                ids, weights = ids[rest], weights[rest]
+        self.tokens[i] = _race(ids, weights / np.float32(total), generator)
         return True
 
 

@@ -1,5 +1,5 @@
 """Builds and loads the CPU kernels (`cpu_*.c`: int8 and W4A8 matmuls, attention, fused ops, the Llama layer
-stack) as one shared library, with the ctypes signature of every entry point.
+stack, the sampler's pass over a row) as one shared library, with the ctypes signature of every entry point.
 
 The C files are compiled on first use with the machine's C compiler and `-march=native` into a per-user
 cache (`SPECDESK_KERNEL_CACHE`, default ~/.cache/specdesk/kernels), keyed by the sources, flags and machine:
@@ -32,6 +32,7 @@ _SOURCES = [
         "cpu_attention_grouped.c",
         "cpu_fused.c",
         "cpu_model.c",
+        "cpu_sampling.c",
     )
 ]
 _HEADERS = [Path(__file__).with_name(name) for name in ("cpu_common.h", "cpu_attention.h", "cpu_attention_avx2.h")]
@@ -101,6 +102,9 @@ def build(folder: Path | None = None, cache_dir: Path | None = None) -> ctypes.C
     lib.sd_silu_mul.argtypes = [ptr, i64, i64, ptr, c_int]
     if hasattr(lib, "sd_norm_gelu"):  # absent from revisions before it (the kernel A/B benchmarks build those)
         lib.sd_norm_gelu.argtypes = [ptr, i64, i64, ptr, ptr, ctypes.c_float, ptr]
+    if hasattr(lib, "sd_nucleus_scan"):  # absent from revisions before it
+        lib.sd_nucleus_scan.argtypes = [ptr, i64, ctypes.c_float, ctypes.c_float, ptr, ptr, ptr]
+        lib.sd_nucleus_scan.restype = i64
     lib.sd_llama_layers.argtypes = [ptr, i64, ptr, ptr, *[ptr] * 10, c_int]
     lib.sd_llama_layers.restype = c_int
     return lib
