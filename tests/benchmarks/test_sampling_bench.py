@@ -18,7 +18,8 @@ def test_a_revision_against_the_working_tree(monkeypatch: pytest.MonkeyPatch, tm
     old = sampling.sampler_at("HEAD", tmp_path)
     assert old is not sampling.sampler and callable(old.sample_rows)
     monkeypatch.setattr(sampling, "VOCAB", 4096)
-    sampling.main(["--against", "HEAD", "--rounds", "1"])
+    sampling.main(["--against", "HEAD", "--rounds", "1", "--out", str(tmp_path / "out.json")])
     table = capsys.readouterr().out
     for case in sampling.CASES:
         assert f"| {case}, 1 row |" in table and f"| {case}, 5 rows |" in table
+    assert f"| {sampling.SAMPLED}, a tree's 3 rows |" in table and (tmp_path / "out.json").is_file()
