@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from specdesk.engine.nucleus import Kept, race
 from specdesk.engine.sampling_params import SamplingParams
-from specdesk.kernels import cpu_sampling
 
 
 def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
@@ -211,16 +211,8 @@ def _race_on_support(probs: Tensor, generators: list[torch.Generator | None]) ->
         support = np.flatnonzero(row > 0)  # NaN compares false: such a row is reported as not finite anyway
         if support.size == 0:
             support = np.arange(row.size)
-        out[i] = _race(support, row[support], generator)
+        out[i] = race(support, row[support], generator)
     return out
-
-
-def _race(support: np.ndarray, p: np.ndarray, generator: torch.Generator | None) -> int:
-    """The exponential race among tokens `support` (in index order) of probabilities p (float32, unnormalized):
-    one Exp(1) draw per token from generator, the winner's id."""
-    race = torch.empty(support.size, dtype=torch.float32).exponential_(generator=generator)
-    race.clamp_(min=torch.finfo(torch.float32).tiny)  # a draw of 0 would make p / E inf
-    return int(support[int((torch.from_numpy(p) / race).argmax())])
 
 
 def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> Tensor:
@@ -321,9 +313,6 @@ def sample_rows(
     )
 
 
-NUCLEUS_SPAN = (10.0, 20.0)  # candidates: scaled logits within this of the maximum (e^-10, e^-20 of its mass)
-
-
 @dataclass
 class _Nucleus:
     """`sample_rows`' outputs, which `draw` fills row by row on the CPU."""
@@ -335,48 +324,24 @@ class _Nucleus:
 
     def draw(self, i: int, row: Tensor, params: SamplingParams, generator: torch.Generator | None,
              children: list[int]) -> bool:  # fmt: skip
-        """One top-p row on the CPU, plain or a tree's: its token, and its children's probabilities and uniforms,
-        drawn into row i (finite[i] cleared for NaN/inf); False where this does not apply (top-k or min-p asked,
-        no top-p, or a nucleus wider than the candidates) and the caller filters.
+        """One top-p row on the CPU by its nucleus alone (`nucleus.Kept`), plain or a tree's: its token, and its
+        children's probabilities and uniforms, drawn into row i (finite[i] cleared for NaN/inf); False where this
+        does not apply (top-k or min-p asked, no top-p, or a nucleus wider than the spans) and the caller filters.
 
         The same kept set as `filter_logits` and, up to rounding, the same probabilities and draws as softmax,
         `without_tokens` and `_race_on_support` (the row's generator races the kept tokens in index order, the
-        children's uniforms come from torch's global generator as the general path's). Only the normalizer reads
-        the whole vocabulary, in the pass that finds the candidates (`cpu_sampling.nucleus_scan`, C or numpy):
-        the tokens whose scaled logit lies within NUCLEUS_SPAN of the maximum. When they hold mass >= top_p every
-        other token has at least that much ranked above it, so top-p drops it (as `_filter_among_top` argues).
-        The general path's dozen torch ops over the 49k row took ~1.8 ms of a sampled step, ~2 ms more a tree."""
-        if params.top_k != 0 or params.min_p > 0.0 or params.top_p >= 1.0:
+        children's uniforms come from torch's global generator as the general path's)."""
+        kept = Kept.of(row, params)
+        if kept is None:
             return False
-        z = row.float().contiguous().numpy()
-        for span in NUCLEUS_SPAN:
-            scan = cpu_sampling.nucleus_scan(z, params.temperature, span)
-            if scan.broken:
-                self.finite[i] = False  # reported, never sampled
-                return True
-            candidates, total = scan.index, np.float64(scan.total)  # ascending ids; float64 keeps probs in it
-            scaled = z[candidates] / np.float32(params.temperature)  # as filter_logits: logits / T in float32
-            exp = np.exp(scaled - np.float32(scan.top))  # numpy's: a flat row's race can turn on an ulp of these
-            if exp.sum(dtype=np.float64) >= params.top_p * total:
-                break
-        else:
-            return False
-        order = np.argsort(-scaled, kind="stable")  # descending, ties in index order
-        probs = exp[order] / total
-        kept = np.sort(order[np.cumsum(probs) - probs < params.top_p])  # the top token always stays (0 above it)
-        ids, weights = candidates[kept], exp[kept]  # the kept tokens in index order, and their e^(z / T - top)
+        if kept.broken:
+            self.finite[i] = False  # reported, never sampled
+            return True
         if children:
-            # p = softmax over the kept set (filter_logits' -inf elsewhere): a child outside it has probability 0.
-            at = np.minimum(np.searchsorted(ids, children), len(ids) - 1)
-            p = np.where(ids[at] == children, weights[at] / weights.sum(dtype=np.float64), 0.0)
+            p, kept = kept.judge(children)
             self.child_probs[i, : len(children)] = torch.from_numpy(p.astype(np.float32))
             self.uniforms[i, : len(children)] = torch.rand(len(children))
-            # The residual draw, should every child be rejected: p without the children (p itself where they
-            # hold all of it, reachable only through rounding, as without_tokens).
-            rest = ~np.isin(ids, children)
-            if rest.any():
-                ids, weights = ids[rest], weights[rest]
-        self.tokens[i] = _race(ids, weights / np.float32(total), generator)
+        self.tokens[i] = kept.draw(generator)
         return True
 
 

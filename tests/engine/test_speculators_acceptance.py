@@ -14,6 +14,7 @@ import torch
 from scipy.stats import chi2
 
 from specdesk.engine import sampler
+from specdesk.engine.nucleus import Kept, LazyRows
 from specdesk.engine.sampler import probs_from_logits, sample_rows
 from specdesk.engine.sampling_params import SamplingParams
 from specdesk.engine.speculators import acceptance
@@ -41,12 +42,13 @@ def chi_square(counts: torch.Tensor, p: torch.Tensor) -> tuple[float, float]:
     return stat, float(chi2.ppf(1 - ALPHA, int(keep.sum()) - 1))
 
 
-def tree_trials(seed: int, params: SamplingParams = SAMPLED) -> tuple[torch.Tensor, torch.Tensor]:
+def tree_trials(seed: int, params: SamplingParams = SAMPLED, lazy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Histogram of the first emitted token, and of the second one given the first was the draft 2.
 
     Tree: the root has children 2, 0, 4 (top-3 of some draft, deterministic); node 2 has children 1, 5.
     Every trial's rows are drawn in one `sample_rows` call, as an engine step draws a whole batch, and each
-    tree is then walked on the host numbers: the engine's own path.
+    tree is then walked on the host numbers: the engine's own path; or, lazy, each trial's rows drawn as its
+    walk reaches them (`nucleus.LazyRows`, the CPU engine's path for top-p trees).
     """
     tree = build_tree([[2, 1], [2, 5], [0], [4]])  # rows: 1:2 2:1 3:5 4:0 5:4
     probs = torch.stack([P_ROOT, P_AFTER_2, P_OTHER, P_OTHER, P_OTHER, P_OTHER])
@@ -57,7 +59,11 @@ def tree_trials(seed: int, params: SamplingParams = SAMPLED) -> tuple[torch.Tens
     first, second = torch.zeros(VOCAB), torch.zeros(VOCAB)
     for t in range(TRIALS):
         rows = slice(t * n, (t + 1) * n)
-        acc = accept_sampled(tree, draws.child_probs[rows], draws.uniforms[rows], draws.tokens[rows])
+        if lazy:
+            one = LazyRows(probs.log(), [params] * n, [None] * n, children, sample_rows)
+            acc = accept_sampled(tree, one.child_probs, one.uniforms, one.tokens)
+        else:
+            acc = accept_sampled(tree, draws.child_probs[rows], draws.uniforms[rows], draws.tokens[rows])
         emitted = [tree.token(r) for r in acc.accepted_rows] + [acc.next_token]
         first[emitted[0]] += 1
         if len(emitted) > 1 and emitted[0] == 2:
@@ -96,6 +102,23 @@ def test_tree_sampling_under_top_p_keeps_the_filtered_target() -> None:
         target = probs_from_logits(p.log()[None], [top_p])[0]
         stat, bound = chi_square(counts, target)
         assert stat < bound, (stat, bound, counts.tolist(), target.tolist())
+
+
+def test_lazily_drawn_tree_rows_keep_the_filtered_target(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same under top-p with each row drawn as the walk reaches it; a residual that keeps the rejected
+    children is caught."""
+    top_p = SamplingParams(temperature=1.0, top_p=0.7)
+    first, second = tree_trials(seed=0, params=top_p, lazy=True)
+    for counts, p in ((first, P_ROOT), (second, P_AFTER_2)):
+        target = probs_from_logits(p.log()[None], [top_p])[0]
+        stat, bound = chi_square(counts, target)
+        assert stat < bound, (stat, bound, counts.tolist(), target.tolist())
+    judge = Kept.judge
+    monkeypatch.setattr(Kept, "judge", lambda self, children: (judge(self, children)[0], self))
+    first, _ = tree_trials(seed=0, params=SamplingParams(temperature=1.0, top_p=0.95), lazy=True)
+    target = probs_from_logits(P_ROOT.log()[None], [SamplingParams(temperature=1.0, top_p=0.95)])[0]
+    stat, bound = chi_square(first, target)
+    assert stat > bound, (stat, bound)
 
 
 def test_chain_rejection_sampling_keeps_the_target_distribution() -> None:

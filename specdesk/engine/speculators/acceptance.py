@@ -60,7 +60,8 @@ def accepted_tokens(tree: DraftTree, acceptance: Acceptance) -> list[int]:
 # ---- greedy -------------------------------------------------------------------------------------------
 def accept_greedy(tree: DraftTree, target_argmax: Sequence[int] | torch.Tensor) -> Acceptance:
     """target_argmax[r]: the base model's argmax after row r (row 0 = the root), num_nodes + 1 entries."""
-    argmax = target_argmax.tolist() if isinstance(target_argmax, torch.Tensor) else list(target_argmax)
+    # Indexed row by row, never copied whole: a lazily drawn sequence (nucleus.LazyRows) samples what is read.
+    argmax = target_argmax.tolist() if isinstance(target_argmax, torch.Tensor) else target_argmax
     assert len(argmax) == tree.num_nodes + 1, (len(argmax), tree.num_nodes)
     rows: list[int] = []
     row = 0

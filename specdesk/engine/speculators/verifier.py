@@ -17,6 +17,9 @@ every row is judged against exactly the distribution plain decoding would use th
 tokens come from the raw logits of the rows that decided them, gathered in one more transfer only when some
 request asks for them.
 
+On the CPU a sampled tree's rows are drawn as its walk reaches them (`nucleus.LazyRows`): the rows past the
+first rejection are never sampled.
+
 A row plain decoding cannot sample (NaN or infinite logits or probabilities) and any error in one
 sequence's walk fail that request alone; if the batched draw itself raises, each sequence is drawn on its
 own so that only the ones that fail alone fail.
@@ -32,6 +35,7 @@ import torch
 
 from specdesk.engine.logits_processors import SeenTokens, needs_processing, process_rows
 from specdesk.engine.model_runner import ForwardOutput
+from specdesk.engine.nucleus import BrokenRow, LazyRows, broken_row
 from specdesk.engine.outputs import TokenLogprob
 from specdesk.engine.sampler import RowDraws, sample_rows
 from specdesk.engine.sampling_params import SamplingParams
@@ -180,20 +184,33 @@ def _rows(index: int, seq: Sequence, tree: DraftTree | None, generator_for: Gene
     return rows
 
 
-def _draw(logits: torch.Tensor, jobs: list[_Rows]) -> list[RowDraws]:
-    """sample_rows over the jobs' rows (consecutive in logits, in job order), split back per job."""
+def _draw(logits: torch.Tensor, jobs: list[_Rows]) -> list[RowDraws | LazyRows]:
+    """sample_rows over the jobs' rows (consecutive in logits, in job order), split back per job; a sampled tree
+    on the CPU's nucleus path gets its rows drawn as its walk reaches them instead (nucleus.LazyRows)."""
     if not jobs:
         return []
     assert logits.shape[0] == sum(len(j.params) for j in jobs), (logits.shape, [len(j.params) for j in jobs])
-    draws = sample_rows(
-        logits,
-        [p for j in jobs for p in j.params],
-        [g for j in jobs for g in j.generators],
-        [c for j in jobs for c in j.children],
-    )
-    out: list[RowDraws] = []
-    start = 0
+    starts = [0]
     for job in jobs:
+        starts.append(starts[-1] + len(job.params))
+    lazy = [job.tree is not None and LazyRows.applies(logits, job.params) for job in jobs]
+    eager = [j for j, is_lazy in enumerate(lazy) if not is_lazy]
+    if eager:
+        rows = [r for j in eager for r in range(starts[j], starts[j + 1])]
+        draws = sample_rows(
+            logits if len(rows) == logits.shape[0] else logits[rows],
+            [p for j in eager for p in jobs[j].params],
+            [g for j in eager for g in jobs[j].generators],
+            [c for j in eager for c in jobs[j].children],
+        )
+    out: list[RowDraws | LazyRows] = []
+    start = 0
+    for j, job in enumerate(jobs):
+        if lazy[j]:
+            out.append(
+                LazyRows(logits[starts[j] : starts[j + 1]], job.params, job.generators, job.children, sample_rows)
+            )
+            continue
         end = start + len(job.params)
         out.append(RowDraws(draws.tokens[start:end], draws.is_finite[start:end],
                             draws.child_probs[start:end], draws.uniforms[start:end]))  # fmt: skip
@@ -201,15 +218,17 @@ def _draw(logits: torch.Tensor, jobs: list[_Rows]) -> list[RowDraws]:
     return out
 
 
-def _walk(job: _Rows, draws: RowDraws) -> Verdict:
-    if not all(draws.is_finite):
-        bad = draws.is_finite.index(False)
-        return Verdict([], error=f"the model's next-token scores are NaN or infinite (row {bad}): cannot sample")
+def _walk(job: _Rows, draws: RowDraws | LazyRows) -> Verdict:
+    if isinstance(draws, RowDraws) and not all(draws.is_finite):
+        return Verdict([], error=broken_row(draws.is_finite.index(False)))
     tree = job.tree
-    if tree is None:
-        return Verdict([draws.tokens[0]])
-    if job.params[0].is_greedy or job.params[0].seed is not None:
-        acc = accept_greedy(tree, draws.tokens)
-    else:
-        acc = accept_sampled(tree, draws.child_probs, draws.uniforms, draws.tokens)
+    try:
+        if tree is None:
+            return Verdict([draws.tokens[0]])
+        if job.params[0].is_greedy or job.params[0].seed is not None:
+            acc = accept_greedy(tree, draws.tokens)
+        else:
+            acc = accept_sampled(tree, draws.child_probs, draws.uniforms, draws.tokens)
+    except BrokenRow as exc:  # a lazily drawn row the walk reached
+        return Verdict([], error=str(exc))
     return Verdict(accepted_tokens(tree, acc), acc)
