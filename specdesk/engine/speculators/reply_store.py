@@ -9,9 +9,10 @@ a draft walks that map from a sequence's last tokens, the longest known n-gram f
 Unlike the MLP speculator's heads, the walk knows nothing of the penalty, yet it is right more often under
 it: a penalized reply avoids what it already said, and what it says instead is the model's stock phrasing.
 
-The n-grams are keyed by 64-bit hashes in one sorted numpy array (a few MB for ~10^5 reply tokens, where a
-dict of tuples would take tens). A collision can only make a wrong draft, which verification rejects: the
-output never depends on the store.
+The n-grams are keyed by 64-bit hashes in one sorted numpy array per length (a few MB for ~10^5 reply tokens,
+where a dict of tuples would take tens). A collision can only make a wrong draft, which verification rejects:
+the output never depends on the store. How sure each continuation is (its class, and the file's accuracy
+table for the classes) lets the engine leave out drafts that would not pay their verification (`walk`).
 """
 
 from __future__ import annotations
