@@ -57,11 +57,16 @@ class Kept:
     total: np.float64
     broken: bool = False
 
+    @staticmethod
+    def applies(params: SamplingParams) -> bool:
+        """A sampled top-p row without top-k or min-p: the rows `of` can take (up to a nucleus too wide)."""
+        return not params.is_greedy and params.top_p < 1.0 and params.top_k == 0 and params.min_p == 0.0
+
     @classmethod
     def of(cls, row: Tensor, params: SamplingParams) -> Kept | None:
-        """The kept set of a top-p row; None where this does not apply (top-k or min-p asked, no top-p, or a
-        nucleus wider than the widest span), and the caller filters the row in full."""
-        if params.top_k != 0 or params.min_p > 0.0 or params.top_p >= 1.0:
+        """The kept set of a top-p row; None where this does not apply (not `applies`, or a nucleus wider than
+        the widest span), and the caller filters the row in full."""
+        if not cls.applies(params):
             return None
         z = row.float().contiguous().numpy()
         for span in NUCLEUS_SPAN:
@@ -114,14 +119,14 @@ class LazyRows:
         self.logits, self.params, self.generators, self.children = logits, params, generators, children
         self.full_draw = full_draw
         self._rows: dict[int, _Row] = {}
-        self.tokens, self.child_probs, self.uniforms = _Field(self, 0), _Field(self, 1), _Field(self, 2)
+        self.tokens = _Field(self, self.token)
+        self.child_probs = _Field(self, lambda r: self.row(r).child_probs)
+        self.uniforms = _Field(self, lambda r: self.row(r).uniforms)
 
     @staticmethod
     def applies(logits: Tensor, params: list[SamplingParams]) -> bool:
         """True where every row would take the nucleus path: sampled, top-p without top-k or min-p, on the CPU."""
-        return logits.device.type == "cpu" and all(
-            not p.is_greedy and p.top_p < 1.0 and p.top_k == 0 and p.min_p == 0.0 for p in params
-        )
+        return logits.device.type == "cpu" and all(Kept.applies(p) for p in params)
 
     def __len__(self) -> int:
         return len(self.params)
@@ -156,16 +161,13 @@ class LazyRows:
 
 
 class _Field(Sequence[Any]):
-    """tokens (0), child_probs (1) or uniforms (2) of LazyRows, as the walk indexes them."""
+    """One of LazyRows' per-row values (tokens, child_probs or uniforms), as the walk indexes it."""
 
-    def __init__(self, rows: LazyRows, kind: int) -> None:
-        self.rows, self.kind = rows, kind
+    def __init__(self, rows: LazyRows, get: Callable[[int], Any]) -> None:
+        self.rows, self.get = rows, get
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, r: int) -> Any:  # type: ignore[override]  # rows by index only, never slices
-        if self.kind == 0:
-            return self.rows.token(r)
-        got = self.rows.row(r)
-        return got.child_probs if self.kind == 1 else got.uniforms
+        return self.get(r)
