@@ -1,0 +1,85 @@
+"""benchmarks.feature_drafter: replies found in the positions, the second draft's batched attention, and a
+drafter that learns what its data holds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmarks.feature_drafter import Drafter, evaluate, rotary, runs, train
+from specdesk.training.train_data import IGNORE, Positions
+
+pytestmark = pytest.mark.usefixtures("restore_threads")
+
+D, HEADS, INTER, VOCAB = 16, 2, 32, 40
+
+
+def _drafter(seed: int = 0, draft: int = VOCAB) -> Drafter:
+    torch.manual_seed(seed)
+    embed = torch.randn(VOCAB, D)
+    return Drafter(D, HEADS, INTER, embed[:draft], embed)
+
+
+def _positions(replies: list[list[int]], seed: int = 0) -> Positions:
+    """Positions of replies given as token lists: row j of a reply has input token x_{j+1} and targets x_{j+2},
+    x_{j+3}, x_{j+4} (IGNORE past the end); random states; each reply its own history."""
+    g = torch.Generator().manual_seed(seed)
+    windows: list[list[int]] = []
+    begin: list[int] = []
+    end: list[int] = []
+    history: list[int] = []
+    for tokens in replies:
+        start = len(history)
+        history += tokens
+        padded = tokens + [IGNORE] * 4
+        for j in range(len(tokens) - 2):
+            windows.append(padded[j + 1 : j + 5])
+            begin.append(start)
+            end.append(start + j + 1)
+    n = len(windows)
+    return Positions(torch.randn(n, D, generator=g).bfloat16(), torch.tensor(windows), torch.tensor(history),
+                     torch.tensor(begin), torch.tensor(end))  # fmt: skip
+
+
+def test_runs_split_the_positions_into_replies() -> None:
+    data = _positions([[1, 2, 3, 4, 5], [6, 7, 8, 9], [1, 2, 3]])
+    assert runs(data) == [(0, 3), (3, 2), (5, 1)]
+
+
+def test_the_second_draft_attends_as_a_full_pass_over_its_own_sequence_would() -> None:
+    model = _drafter()
+    b, n = 2, 5
+    state, tokens = torch.randn(b, n, D), torch.randint(0, VOCAB, (b, n))
+    pred, x, k, v = model(state, tokens)
+    guess = torch.randint(0, VOCAB, (b, n))
+    got = model.second(pred, guess, k, v)
+    for j in range(n):  # inputs 0..j, then the second draft's own input at position j + 1, causal
+        seq = torch.cat([x[:, : j + 1], model.inputs(pred[:, j : j + 1], guess[:, j : j + 1])], dim=1)
+        q, kk, vv = model.qkv_of(seq, torch.arange(j + 2))
+        want = model.finish(seq, F.scaled_dot_product_attention(q, kk, vv, is_causal=True))[:, -1]
+        torch.testing.assert_close(got[:, j], want, rtol=1e-4, atol=1e-5)
+
+
+def test_rotary_keeps_norms_and_is_the_identity_at_position_zero() -> None:
+    x = torch.randn(3, 2, 8)
+    turned = rotary(x, torch.arange(3))
+    torch.testing.assert_close(turned[0], x[0])
+    torch.testing.assert_close(turned.norm(dim=-1), x.norm(dim=-1))
+
+
+def test_a_drafter_learns_a_rule_its_replies_follow() -> None:
+    torch.set_num_threads(1)
+    # Every reply counts up by one: the next token is the input token plus one, whatever the state.
+    replies = [[(s + i) % VOCAB for i in range(12)] for s in range(VOCAB)]
+    data = _positions(replies)
+    cols = torch.arange(VOCAB)
+    model = _drafter(seed=1)
+    before = evaluate(model, data, cols, 1.0)
+    train(model, data, cols, 1.0, epochs=30, batch=8, lr=1e-2, weight_decay=0.0, feature_weight=0.0,
+          second_weight=1.0, seed=0)  # fmt: skip
+    after = evaluate(model, data, cols, 1.0)
+    assert before["first_top1"] < 0.2
+    assert after["first_top1"] > 0.9
+    assert after["second_top1_given_first"] > 0.9
+    assert after["positions"] == VOCAB * 10
