@@ -300,6 +300,24 @@ def _first_rows(data: Positions, n: int) -> Positions:
                      else None, data.end[:n] if data.end is not None else None)  # fmt: skip
 
 
+def build(work_dir: str) -> tuple[dict[str, Any], Any, Drafter, Tensor]:
+    """The work dir's cached positions, the base model they came from, an untrained drafter of its shape and the
+    draft vocabulary's columns (token id -> column, IGNORE outside it)."""
+    from specdesk.engine.models.loader import load_model
+
+    saved = torch.load(f"{work_dir}/positions-n3.pt", weights_only=False)
+    key = json.loads(saved["key"]) if isinstance(saved["key"], str) else saved["key"]
+    loaded = load_model(key[0], dtype="float32", device="cpu")  # the data key's first entry: the model
+    base: Any = loaded.model
+    embed = base.model.embed_tokens.weight.detach().float()  # tied: also the output projection
+    vocab = torch.tensor(saved["draft_vocab"], dtype=torch.long)
+    cols = torch.full((embed.shape[0],), IGNORE, dtype=torch.long)
+    cols[vocab] = torch.arange(len(vocab))
+    cfg = loaded.hf_config
+    model = Drafter(embed.shape[1], cfg.num_attention_heads, cfg.intermediate_size, embed[vocab], embed)
+    return saved, loaded, model, cols
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work-dir", default="/tmp/train/pg", help="a specdesk.training.train work dir")
@@ -326,19 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    from specdesk.engine.models.loader import load_model
-
-    saved = torch.load(f"{args.work_dir}/positions-n3.pt", weights_only=False)
-    key = json.loads(saved["key"]) if isinstance(saved["key"], str) else saved["key"]
-    loaded = load_model(key[0], dtype="float32", device="cpu")  # the data key's first entry: the model
-    base: Any = loaded.model
-    embed = base.model.embed_tokens.weight.detach().float()  # tied: also the output projection
-    vocab = torch.tensor(saved["draft_vocab"], dtype=torch.long)
-    cols = torch.full((embed.shape[0],), IGNORE, dtype=torch.long)
-    cols[vocab] = torch.arange(len(vocab))
-    d = embed.shape[1]
-    cfg = loaded.hf_config
-    model = Drafter(d, cfg.num_attention_heads, cfg.intermediate_size, embed[vocab], embed)
+    saved, loaded, model, cols = build(args.work_dir)
     stage2 = saved["stage2"]
     if args.limit:
         stage2 = _first_rows(stage2, args.limit)

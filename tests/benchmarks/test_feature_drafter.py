@@ -3,11 +3,14 @@ drafter that learns what its data holds."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.feature_drafter import Drafter, evaluate, rotary, runs, train
+from benchmarks.feature_drafter import Drafter, _batch, evaluate, rotary, runs, train
+from benchmarks.feature_drafter_walk import BUDGETS, drafter_accepted
 from specdesk.training.train_data import IGNORE, Positions
 
 pytestmark = pytest.mark.usefixtures("restore_threads")
@@ -68,18 +71,58 @@ def test_rotary_keeps_norms_and_is_the_identity_at_position_zero() -> None:
     torch.testing.assert_close(turned.norm(dim=-1), x.norm(dim=-1))
 
 
+def _counting() -> Positions:
+    """Every reply counts up by one: the next token is the input token plus one, whatever the state."""
+    return _positions([[(s + i) % VOCAB for i in range(12)] for s in range(VOCAB)])
+
+
+def _trained(data: Positions) -> Drafter:
+    model = _drafter(seed=1)
+    train(model, data, torch.arange(VOCAB), 1.0, epochs=30, batch=8, lr=1e-2, weight_decay=0.0, feature_weight=0.0,
+          second_weight=1.0, seed=0)  # fmt: skip
+    return model
+
+
 def test_a_drafter_learns_a_rule_its_replies_follow() -> None:
     torch.set_num_threads(1)
-    # Every reply counts up by one: the next token is the input token plus one, whatever the state.
-    replies = [[(s + i) % VOCAB for i in range(12)] for s in range(VOCAB)]
-    data = _positions(replies)
-    cols = torch.arange(VOCAB)
-    model = _drafter(seed=1)
-    before = evaluate(model, data, cols, 1.0)
-    train(model, data, cols, 1.0, epochs=30, batch=8, lr=1e-2, weight_decay=0.0, feature_weight=0.0,
-          second_weight=1.0, seed=0)  # fmt: skip
-    after = evaluate(model, data, cols, 1.0)
+    data, cols = _counting(), torch.arange(VOCAB)
+    before = evaluate(_drafter(seed=1), data, cols, 1.0)
+    after = evaluate(_trained(data), data, cols, 1.0)
     assert before["first_top1"] < 0.2
     assert after["first_top1"] > 0.9
     assert after["second_top1_given_first"] > 0.9
     assert after["positions"] == VOCAB * 10
+
+
+def test_the_walk_accepts_what_each_tree_holds() -> None:
+    torch.set_num_threads(1)
+    data, cols = _counting(), torch.arange(VOCAB)
+    for model in (_drafter(seed=1), _trained(data)):
+        acc = drafter_accepted(model, data, cols, 1.0)
+        for small, big in itertools.pairwise(BUDGETS):
+            assert bool((acc[small] <= acc[big]).all())  # a bigger tree holds the smaller one
+        # One node: the first draft alone, accepted exactly where it is right.
+        b = _batch(data, runs(data), cols, VOCAB, 1.0)
+        pred, *_ = model(b["state"], b["tokens"])
+        right = (model.logits(pred).argmax(-1) == b["t1"])[b["ok"]].float()
+        assert acc[1].tolist() == right.tolist()
+    assert float(acc[8].mean()) > 1.8  # the trained one: both drafts in its tree nearly everywhere
+
+
+def test_the_mlp_walk_accepts_what_its_trees_hold() -> None:
+    from benchmarks.feature_drafter_walk import mlp_accepted
+    from specdesk.engine.speculators.mlp import MLPSpeculator, MLPSpeculatorConfig
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    spec = MLPSpeculator(MLPSpeculatorConfig(vocab_size=VOCAB, emb_dim=D, n_predict=3)).eval()
+    data = _counting()
+    acc = mlp_accepted(spec, data, 1.0)
+    for small, big in itertools.pairwise(BUDGETS):
+        assert bool((acc[small] <= acc[big]).all())
+    # One node: head 0's top token alone.
+    with torch.no_grad():
+        state = spec.step(0, spec.scale(data.hidden.float()), data.windows[:, 0])
+        right = (spec.logits(0, state).argmax(-1) == data.windows[:, 1]).float()
+    assert acc[1].tolist() == right.tolist()
+    assert bool((acc[8] <= 2).all()) and float(acc[8].sum()) > float(acc[1].sum())
