@@ -295,6 +295,15 @@ def _costs(model: Drafter, mlp: str | None, base: Any) -> dict[str, Any]:
     }
 
 
+def _some_replies(data: Positions, fraction: float, seed: int = 0) -> Positions:
+    """A random fraction of the replies (seeded), each whole: for the drafter's accuracy against its data."""
+    replies = runs(data)
+    keep = torch.randperm(len(replies), generator=torch.Generator().manual_seed(seed))[: round(fraction * len(replies))]
+    rows = torch.cat([torch.arange(replies[i][0], replies[i][0] + replies[i][1]) for i in sorted(keep.tolist())])
+    assert data.begin is not None and data.end is not None
+    return Positions(data.hidden[rows], data.windows[rows], data.history, data.begin[rows], data.end[rows])
+
+
 def _first_rows(data: Positions, n: int) -> Positions:
     return Positions(data.hidden[:n], data.windows[:n], data.history, data.begin[:n] if data.begin is not None
                      else None, data.end[:n] if data.end is not None else None)  # fmt: skip
@@ -337,6 +346,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--every-epoch", action="store_true", help="print the greedy held-out figures after each epoch")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--limit", type=int, default=0, help="train on the first N positions only (a smoke run)")
+    ap.add_argument("--fraction", type=float, default=1.0, help="train on this random fraction of the replies")
     ap.add_argument("--time-only", action="store_true", help="only time a draft of each (weights do not matter)")
     ap.add_argument("--save", default=None, help="save the trained drafter's weights here (torch.save)")
     ap.add_argument("--out", default=None)
@@ -348,6 +358,8 @@ def main(argv: list[str] | None = None) -> None:
     stage2 = saved["stage2"]
     if args.limit:
         stage2 = _first_rows(stage2, args.limit)
+    if args.fraction < 1.0:
+        stage2 = _some_replies(stage2, args.fraction)
     if args.time_only:
         report: dict[str, Any] = _costs(model, args.mlp, loaded.model)
         print(json.dumps(report, indent=2))

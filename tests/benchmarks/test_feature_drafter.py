@@ -126,3 +126,12 @@ def test_the_mlp_walk_accepts_what_its_trees_hold() -> None:
         right = (spec.logits(0, state).argmax(-1) == data.windows[:, 1]).float()
     assert acc[1].tolist() == right.tolist()
     assert bool((acc[8] <= 2).all()) and float(acc[8].sum()) > float(acc[1].sum())
+
+
+def test_a_fraction_of_the_replies_keeps_each_one_whole() -> None:
+    from benchmarks.feature_drafter import _some_replies
+
+    data = _counting()
+    half = _some_replies(data, 0.5)
+    assert [n for _, n in runs(half)] == [10] * (VOCAB // 2)
+    assert half.windows[:, 0].tolist() != data.windows[: len(half), 0].tolist()  # not simply the first half
