@@ -51,8 +51,11 @@ def profile(
     repetition_penalty: float = 1.0,
     temperature: float = 0.0,
     top_p: float = 1.0,
+    decode_only: bool = False,
 ) -> dict[str, float]:
-    """ms per step of each phase (nested phases are included in their parents) and tokens per step."""
+    """ms per step of each phase (nested phases are included in their parents), tokens per step and the steps
+    counted. decode_only: each request's prefill steps (through the one that emits its first token), which
+    dominate the means on long prompts, left out of every figure."""
     engine = llm.engine
     acc: Timings = collections.defaultdict(float)
     phases: list[tuple[Any, str, str]] = [
@@ -75,6 +78,8 @@ def profile(
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, repetition_penalty=repetition_penalty,
                             temperature=temperature, top_p=top_p)  # fmt: skip
 
+    skipped = [0.0]  # seconds of the prefill steps left out (decode_only)
+
     def run(ids: list[int]) -> tuple[int, int]:
         # Nothing carried over from an earlier run of the same prompt (the warm-up's): no cached prompt pages,
         # and no finished reply for the n-gram speculator to copy, which would inflate its acceptance.
@@ -82,22 +87,32 @@ def profile(
         engine.forget_replies()
         engine.add_request(ids, params)
         steps = tokens = 0
+        prefilled = not decode_only
         while engine.has_work:
+            before, started = dict(acc), time.perf_counter()
             deltas = engine.step()
+            emitted = sum(len(d.token_ids) for d in deltas)
+            if not prefilled:  # a prefill step (the last one emits the first token): out of every figure
+                acc.clear()
+                acc.update(before)
+                skipped[0] += time.perf_counter() - started
+                prefilled = emitted > 0
+                continue
             steps += 1
-            tokens += sum(len(d.token_ids) for d in deltas)
+            tokens += emitted
         return steps, tokens
 
     run(prompts[0])  # warm-up (a GPU compiles its kernels here)
     acc.clear()
+    skipped[0] = 0.0
     steps = tokens = 0
     start = time.perf_counter()
     for ids in prompts:
         s, t = run(ids)
         steps, tokens = steps + s, tokens + t
-    wall = time.perf_counter() - start
+    wall = time.perf_counter() - start - skipped[0]
     llm_engine.verify_step = verify_step
-    out = {"step (total)": 1e3 * wall / steps, "tokens per step": tokens / steps}
+    out = {"step (total)": 1e3 * wall / steps, "tokens per step": tokens / steps, "steps": float(steps)}
     out.update({k: 1e3 * v / steps for k, v in acc.items()})
     return out
 
@@ -120,6 +135,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sync", action=argparse.BooleanOptionalAction, default=None,
                     help="synchronise the device after every phase (default: on for CUDA)")  # fmt: skip
     ap.add_argument("--conversations", default=None, help="JSON list of conversations (default: prompts/eval)")
+    ap.add_argument("--second-turns", action="store_true",
+                    help="benchmarks.cpu's console turns (persona prompt, an earlier turn; ~680 tokens) instead of "
+                         "first customer messages; implies --decode-only")  # fmt: skip
+    ap.add_argument("--decode-only", action="store_true", help="leave each request's prefill steps out")
     ap.add_argument("--out", default=None, help="also write the table as JSON here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -136,9 +155,14 @@ def main(argv: list[str] | None = None) -> None:
                   spec_tree_width=args.tree_width if speculator else None)  # fmt: skip
         llm.shutdown(keep_engine=True)  # its serving thread: this process steps the engine itself
         try:
-            prompts = [llm.encode(m) for m in messages]
+            if args.second_turns:
+                from benchmarks.cpu import second_turns
+
+                prompts = [llm.apply_chat_template(m) for m in second_turns(args.prompts)]
+            else:
+                prompts = [llm.encode(m) for m in messages]
             results[name] = profile(llm, prompts, args.max_tokens, sync, args.repetition_penalty, args.temperature,
-                                    args.top_p)  # fmt: skip
+                                    args.top_p, decode_only=args.decode_only or args.second_turns)  # fmt: skip
         finally:
             llm.engine.close()
     keys = list(dict.fromkeys(k for r in results.values() for k in r))

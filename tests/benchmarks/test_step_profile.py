@@ -21,3 +21,15 @@ def test_profile_times_every_phase_of_a_speculating_engine(tmp_path: Path) -> No
     # Nested phases fit inside their parent, and the phases inside the step.
     assert result["  model layers"] + result["  logits"] <= result["execute (pass + logits)"]
     assert result["execute (pass + logits)"] + result["propose drafts"] <= result["step (total)"]
+
+
+def test_decode_only_leaves_each_prefill_step_out(tmp_path: Path) -> None:
+    model = make_tiny_model("llama", tmp_path)
+    llm = LLM(model=str(model), dtype="float32")
+    llm.shutdown()
+    prompts = [list(range(3, 43)), list(range(5, 35))]
+    every = profile(llm, prompts, max_tokens=8, sync=lambda: None)
+    decode = profile(llm, prompts, max_tokens=8, sync=lambda: None, decode_only=True)
+    assert every["steps"] == 2 * 8  # the prefill step emits each reply's first token
+    assert decode["steps"] == 2 * 7
+    assert every["tokens per step"] == decode["tokens per step"] == 1.0
