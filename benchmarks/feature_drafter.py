@@ -154,7 +154,8 @@ def train(model: Drafter, data: Positions, cols: Tensor, penalty: float, epochs:
           weight_decay: float, feature_weight: float, second_weight: float, seed: int,
           held: Positions | None = None) -> list[float]:  # fmt: skip
     """AdamW over shuffled batches of replies, cosine schedule; cross-entropy on the first draft's token plus
-    feature_weight * smooth L1 on the predicted state (EAGLE's two losses). Returns each epoch's mean loss."""
+    feature_weight * smooth L1 on the predicted state (EAGLE's two losses), and second_weight * cross-entropy of the
+    second draft made from the first's predicted state. Returns each epoch's mean first-draft cross-entropy."""
     replies = runs(data)
     width = model.head_rows.shape[0]
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
@@ -199,7 +200,7 @@ def evaluate(model: Drafter, data: Positions, cols: Tensor, penalty: float) -> d
     """Top-1 of the first draft, of the second given the first (fed its own predicted state and guess), and the
     greedy chain's tokens per step over two drafts (1 + P(first) + P(first and second))."""
     width = model.head_rows.shape[0]
-    first = second = both = n1 = n2 = 0
+    first = both = n1 = n2 = 0
     replies, ids = runs(data), torch.tensor(_token_ids(cols))
     for i in range(0, len(replies), 64):
         b = _batch(data, replies[i : i + 64], cols, width, penalty)
@@ -214,10 +215,9 @@ def evaluate(model: Drafter, data: Positions, cols: Tensor, penalty: float) -> d
         first += int(right1.sum())
         n1 += int(b["has1"].sum())
         both += int((right1 & right2).sum())
-        second += int((right1 & right2).sum())
         n2 += int((right1 & has2).sum())
     return {"positions": n1, "first_top1": round(first / max(n1, 1), 4),
-            "second_top1_given_first": round(second / max(n2, 1), 4),
+            "second_top1_given_first": round(both / max(n2, 1), 4),
             "chain_tokens_per_step_2": round(1 + first / max(n1, 1) + both / max(n1, 1), 3)}  # fmt: skip
 
 
@@ -286,10 +286,12 @@ def _costs(model: Drafter, mlp: str | None, base: Any) -> dict[str, Any]:
 
     spec = draft_vocab.load_speculator(mlp, base, torch.float32)
     rows = len(spec.draft_vocab) if spec.draft_vocab is not None else spec.vocab_size
+    inner = spec.config.inner_dim or spec.config.emb_dim
     return {
         "macs_per_draft": {
             "drafter": sum(p.numel() for p in model.parameters()) + model.head_rows.numel(),
-            "mlp_head": model.d * model.d + model.d * rows,  # head 0's state projection, then its vocabulary's rows
+            # head 0's state projection (emb_dim -> inner_dim), then its rows of the draft vocabulary
+            "mlp_head": spec.config.emb_dim * inner + inner * rows,
         },
         "ms_per_draft": draft_step_ms(model, spec),
     }
@@ -302,11 +304,6 @@ def _some_replies(data: Positions, fraction: float, seed: int = 0) -> Positions:
     rows = torch.cat([torch.arange(replies[i][0], replies[i][0] + replies[i][1]) for i in sorted(keep.tolist())])
     assert data.begin is not None and data.end is not None
     return Positions(data.hidden[rows], data.windows[rows], data.history, data.begin[rows], data.end[rows])
-
-
-def _first_rows(data: Positions, n: int) -> Positions:
-    return Positions(data.hidden[:n], data.windows[:n], data.history, data.begin[:n] if data.begin is not None
-                     else None, data.end[:n] if data.end is not None else None)  # fmt: skip
 
 
 def build(work_dir: str) -> tuple[dict[str, Any], Any, Drafter, Tensor]:
@@ -323,6 +320,8 @@ def build(work_dir: str) -> tuple[dict[str, Any], Any, Drafter, Tensor]:
     cols = torch.full((embed.shape[0],), IGNORE, dtype=torch.long)
     cols[vocab] = torch.arange(len(vocab))
     cfg = loaded.hf_config
+    if not getattr(cfg, "tie_word_embeddings", False):  # the embedding is then not the output projection
+        raise SystemExit("the drafter scores with the base's tied output rows: this model's are untied")
     model = Drafter(embed.shape[1], cfg.num_attention_heads, cfg.intermediate_size, embed[vocab], embed)
     return saved, loaded, model, cols
 
@@ -345,7 +344,6 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--every-epoch", action="store_true", help="print the greedy held-out figures after each epoch")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--limit", type=int, default=0, help="train on the first N positions only (a smoke run)")
     ap.add_argument("--fraction", type=float, default=1.0, help="train on this random fraction of the replies")
     ap.add_argument("--time-only", action="store_true", help="only time a draft of each (weights do not matter)")
     ap.add_argument("--save", default=None, help="save the trained drafter's weights here (torch.save)")
@@ -356,8 +354,6 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     saved, loaded, model, cols = build(args.work_dir)
     stage2 = saved["stage2"]
-    if args.limit:
-        stage2 = _first_rows(stage2, args.limit)
     if args.fraction < 1.0:
         stage2 = _some_replies(stage2, args.fraction)
     if args.time_only:

@@ -4,11 +4,11 @@ walks them (offline, on the held-out replies of `benchmarks.feature_drafter`).
 The engine verifies a tree of the best m draft nodes, ranked by their paths' summed log-probabilities
 (`candidates.propose_nodes`), not a single chain. Here both drafters build that tree to depth two for m = 1, 2,
 4 and 8 at every held-out position: the MLP by `propose_nodes` over its first two heads; the drafter from its
-first draft's top m and, for its four best first drafts (the MLP's beam at these sizes), the second draft made
-from each one's predicted state, each under the penalty over what its own path has seen. A position accepts
-the longest prefix of the true continuation among the tree's nodes, and `held_out.walk` turns that into tokens
-per step the way the engine moves through a reply (a step at position j emits 1 + accepted tokens and the
-next starts after them).
+first draft's top m and, for its four best first tokens (the MLP's beam at these sizes), the second draft made
+from the first's predicted state with that token, each under the penalty over what its own path has seen. A
+position accepts the longest prefix of the true continuation among the tree's nodes, and `held_out.walk` turns
+that into tokens per step the way the engine moves through a reply (a step at position j emits 1 + accepted
+tokens and the next starts after them).
 
     python -m benchmarks.feature_drafter --mlp /tmp/train/pg-out --save /tmp/drafter.pt   # train it first
     python -m benchmarks.feature_drafter_walk --load /tmp/drafter.pt --mlp /tmp/train/pg-out --out FILE

@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"benchmarks.step_profile: {args.device}, {args.dtype}, ms per engine step (sync: {use_sync})\n")
     print("| phase | " + " | ".join(results) + " |\n|---|" + "---|" * len(results))
     for key in keys:
-        print(f"| {key} | " + " | ".join(f"{r.get(key, 0.0):.2f}" for r in results.values()) + " |")
+        digits = 0 if key == "steps" else 2  # a count, not ms
+        print(f"| {key} | " + " | ".join(f"{r.get(key, 0.0):.{digits}f}" for r in results.values()) + " |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"args": vars(args), "results": results}, f, indent=2)

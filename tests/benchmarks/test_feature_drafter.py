@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.feature_drafter import Drafter, _batch, evaluate, rotary, runs, train
-from benchmarks.feature_drafter_walk import BUDGETS, drafter_accepted
+from benchmarks.feature_drafter_walk import BEAM, BUDGETS, drafter_accepted
 from specdesk.training.train_data import IGNORE, Positions
 
 pytestmark = pytest.mark.usefixtures("restore_threads")
@@ -135,3 +135,40 @@ def test_a_fraction_of_the_replies_keeps_each_one_whole() -> None:
     half = _some_replies(data, 0.5)
     assert [n for _, n in runs(half)] == [10] * (VOCAB // 2)
     assert half.windows[:, 0].tolist() != data.windows[: len(half), 0].tolist()  # not simply the first half
+
+
+def test_the_penalized_walk_matches_trees_built_one_path_at_a_time() -> None:
+    """drafter_accepted against a reference that ranks each position's nodes (first drafts, and the children of
+    the BEAM best with each path's own penalty) in plain Python and looks for the true path among the first m."""
+    from specdesk.engine.logits_processors import penalize
+
+    torch.set_num_threads(1)
+    penalty, data, cols = 1.5, _positions([[(7 * s + 3 * i * i) % VOCAB for i in range(9)] for s in range(6)]), None
+    cols = torch.arange(VOCAB)
+    model = _drafter(seed=2)
+    got = drafter_accepted(model, data, cols, penalty)
+    b = _batch(data, runs(data), cols, VOCAB, penalty)
+    with torch.no_grad():
+        pred, _, k, v = model(b["state"], b["tokens"])
+        lp1 = F.log_softmax(penalize(model.logits(pred), b["seen1"], penalty), -1)
+        row = 0
+        for r, (_, n) in enumerate(runs(data)):
+            for j in range(n):
+                s1, c1 = lp1[r, j].topk(max(BUDGETS))
+                nodes = [(float(s), (int(c),)) for s, c in zip(s1, c1, strict=True)]
+                for g in c1[:BEAM].tolist():
+                    pred2 = model.second(pred, torch.full_like(b["tokens"], g), k, v)[r, j]
+                    seen = b["seen1"][r, j].clone()
+                    seen[g] = True
+                    lp2 = F.log_softmax(penalize(model.logits(pred2), seen, penalty), -1)
+                    s2, c2 = lp2.topk(max(BUDGETS))
+                    first = float(lp1[r, j, g])
+                    nodes += [(float(torch.tensor(first) + s), (g, int(c))) for s, c in zip(s2, c2, strict=True)]
+                ranked = [p for _, p in sorted(nodes, key=lambda n: -n[0])]  # stable: parents, then children
+                t1, t2 = int(b["t1"][r, j]), int(b["t2"][r, j])
+                for m in BUDGETS:
+                    tree = set(ranked[:m])
+                    want = float((t1,) in tree) + float((t1,) in tree and t2 != IGNORE and (t1, t2) in tree)
+                    assert float(got[m][row]) == want, (r, j, m)
+                row += 1
+    assert float(got[8].sum()) > float(got[1].sum())  # the trees found something beyond the first draft
