@@ -229,26 +229,14 @@ def _token_ids(cols: Tensor) -> list[int]:
     return out.tolist()
 
 
-@torch.no_grad()
 def mlp_chain(spec: Any, data: Positions, penalty: float) -> float:
-    """The MLP speculator's greedy chain over its first two heads, teacher-forced as `held_out.evaluate` runs
-    it (the heads penalized where the speculator asks for it, as the engine does)."""
-    penalized = spec.config.draft_penalty and penalty != 1.0
-    columns, total, count = spec.columns(), 0.0, 0
-    for start in range(0, len(data), 512):
-        h, w = data.hidden[start : start + 512].float(), data.windows[start : start + 512]
-        rows = torch.arange(start, start + len(h))
-        state, run = spec.scale(h), torch.ones(len(h), dtype=torch.bool)
-        has = w[:, 1] != IGNORE
-        for i in range(2):
-            state = spec.step(i, state, w[:, i].clamp(min=0))
-            logits = spec.logits(i, state)
-            if penalized:
-                logits = penalize(logits, data.seen(rows, columns, logits.shape[-1], ahead=i + 1), penalty)
-            run &= spec.vocab_ids(logits.argmax(-1)) == w[:, i + 1]
-            total += float(run[has].sum())
-        count += int(has.sum())
-    return round(1 + total / max(count, 1), 3)
+    """The MLP speculator's greedy chain over its first two heads (`held_out.teacher_forced`): 1 + P(head 0
+    right) + P(heads 0 and 1 right), over the positions with a first target."""
+    from specdesk.training.held_out import teacher_forced
+
+    correct, has = teacher_forced(spec, data, penalty), data.windows[:, 1] != IGNORE
+    run = correct[:, 0] & has
+    return round(1 + float(run.sum() + (run & correct[:, 1]).sum()) / max(int(has.sum()), 1), 3)
 
 
 @torch.no_grad()

@@ -69,26 +69,14 @@ def drafter_accepted(model: Drafter, data: Positions, cols: Tensor, penalty: flo
     return out
 
 
-@torch.no_grad()
 def mlp_accepted(spec: Any, data: Positions, penalty: float) -> dict[int, Tensor]:
-    """The same for the MLP speculator's best-m-node trees over its first two heads (`propose_nodes`)."""
-    from specdesk.engine.speculators.candidates import propose_nodes
-    from specdesk.training.held_out import root_penalty
+    """The same for the MLP speculator's best-m-node trees over its first two heads (`held_out.nodes_run`)."""
+    from specdesk.training.held_out import nodes_run, root_penalty
 
     penalized = spec.config.draft_penalty and penalty != 1.0
-    out: dict[int, list[float]] = {m: [] for m in BUDGETS}
-    for chunk in torch.arange(len(data)).split(512):
-        truth = data.windows[chunk, 1:3].tolist()
-        of = root_penalty(spec, data, chunk, penalty) if penalized else None
-        ranked = propose_nodes(spec, data.hidden[chunk].float(), data.windows[chunk, 0], max(BUDGETS), 2, penalty=of)
-        for nodes, t in zip(ranked, truth, strict=True):
-            for m in BUDGETS:
-                tree = {tuple(p) for p in nodes[:m]}
-                a = 0
-                while a < 2 and t[a] != IGNORE and tuple(t[: a + 1]) in tree:
-                    a += 1
-                out[m].append(float(a))
-    return {m: torch.tensor(a) for m, a in out.items()}
+    return nodes_run(spec, data, torch.arange(len(data)), BUDGETS,
+                     (lambda rows: root_penalty(spec, data, rows, penalty)) if penalized else (lambda rows: None),
+                     num_heads=2)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -34,20 +34,9 @@ def evaluate(
     if len(data) == 0:
         return {"num_positions": 0}
     n = spec.n_predict
-    correct = torch.zeros(len(data), n, dtype=torch.bool)
+    correct = teacher_forced(spec, data, penalty)
     valid = data.windows[:, 1:] != IGNORE
     penalized = spec.config.draft_penalty and penalty != 1.0 and data.history is not None
-    columns = spec.columns()
-    for start in range(0, len(data), 512):
-        h, w = data.hidden[start : start + 512].float(), data.windows[start : start + 512]
-        rows = torch.arange(start, min(start + 512, len(data)))
-        state = spec.scale(h)
-        for i in range(n):
-            state = spec.step(i, state, w[:, i].clamp(min=0))
-            logits = spec.logits(i, state)
-            if penalized:
-                logits = penalize(logits, data.seen(rows, columns, logits.shape[-1], ahead=i + 1), penalty)
-            correct[start : start + 512, i] = spec.vocab_ids(logits.argmax(-1)) == w[:, i + 1]
     of = (lambda rows: root_penalty(spec, data, rows, penalty)) if penalized else (lambda rows: None)
     full = valid.all(1)  # positions where every head has a target
     run = torch.cumprod(correct[full].long(), dim=1).sum(1).float()
@@ -82,6 +71,26 @@ def evaluate(
             name: [round(float((r > d).float().mean()), 4) for d in range(n)] for name, r in trees.items()
         },
     }
+
+
+@torch.no_grad()
+def teacher_forced(spec: MLPSpeculator, data: Positions, penalty: float = 1.0) -> torch.Tensor:
+    """[positions, n_predict] bool: whether head i's top token is x_{j+i+2}, each head reading the true tokens
+    before it (False where there is no target); a `draft_penalty` speculator's heads ranked under the penalty."""
+    correct = torch.zeros(len(data), spec.n_predict, dtype=torch.bool)
+    penalized = spec.config.draft_penalty and penalty != 1.0 and data.history is not None
+    columns = spec.columns()
+    for start in range(0, len(data), 512):
+        h, w = data.hidden[start : start + 512].float(), data.windows[start : start + 512]
+        rows = torch.arange(start, min(start + 512, len(data)))
+        state = spec.scale(h)
+        for i in range(spec.n_predict):
+            state = spec.step(i, state, w[:, i].clamp(min=0))
+            logits = spec.logits(i, state)
+            if penalized:
+                logits = penalize(logits, data.seen(rows, columns, logits.shape[-1], ahead=i + 1), penalty)
+            correct[start : start + 512, i] = spec.vocab_ids(logits.argmax(-1)) == w[:, i + 1]
+    return correct
 
 
 def walk(accepted: torch.Tensor, windows: torch.Tensor) -> float:
@@ -135,17 +144,17 @@ NODE_BUDGETS = (4, 8, 10, 16, 32, 64)
 
 def nodes_run(
     spec: MLPSpeculator, data: Positions, pick: torch.Tensor, budgets: tuple[int, ...],
-    penalty_of: Penalties = lambda rows: None,
+    penalty_of: Penalties = lambda rows: None, num_heads: int | None = None,
 ) -> dict[int, torch.Tensor]:  # fmt: skip
-    """Accepted drafts per position for the best-m-node tree (`propose_nodes`) of every m in budgets: the
-    deepest prefix of the true continuation among the tree's nodes. One proposal at the largest budget serves
-    all, since its first m nodes are the m-node tree."""
+    """Accepted drafts per position for the best-m-node tree (`propose_nodes`, its first num_heads heads) of every
+    m in budgets: the deepest prefix of the true continuation among the tree's nodes. One proposal at the largest
+    budget serves all, since its first m nodes are the m-node tree."""
     out: dict[int, list[float]] = {m: [] for m in budgets}
     width = max(budgets)
     for chunk in pick.split(512):
         truth = data.windows[chunk, 1:].tolist()
         ranked = propose_nodes(
-            spec, data.hidden[chunk].float(), data.windows[chunk, 0], width, penalty=penalty_of(chunk)
+            spec, data.hidden[chunk].float(), data.windows[chunk, 0], width, num_heads, penalty=penalty_of(chunk)
         )
         for nodes, t in zip(ranked, truth, strict=True):
             for m in budgets:
