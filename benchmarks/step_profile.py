@@ -10,6 +10,7 @@ unprofiled.
     python -m benchmarks.step_profile                                # CPU, default model, plain vs default
     python -m benchmarks.step_profile --device cuda --tree-width 64  # the GPU's node tree
     python -m benchmarks.step_profile --threads 2 --quantization int8 --tree-width 4  # the CPU's int8 path
+    python -m benchmarks.step_profile --threads 2 --quantization auto --second-turns --by-nodes  # what 2x takes
 """
 
 from __future__ import annotations
@@ -52,10 +53,12 @@ def profile(
     temperature: float = 0.0,
     top_p: float = 1.0,
     decode_only: bool = False,
+    record: list[tuple[int, int, float]] | None = None,
 ) -> dict[str, float]:
     """ms per step of each phase (nested phases are included in their parents), tokens per step and the steps
     counted. decode_only: each request's prefill steps (through the one that emits its first token), which
-    dominate the means on long prompts, left out of every figure."""
+    dominate the means on long prompts, left out of every figure. record: each counted step's (draft nodes
+    verified, tokens emitted, seconds) is appended to it (`by_nodes`)."""
     engine = llm.engine
     acc: Timings = collections.defaultdict(float)
     phases: list[tuple[Any, str, str]] = [
@@ -75,6 +78,14 @@ def profile(
     verify_step = llm_engine.verify_step  # a module function: unwrapped again below, for the next engine
     for obj, name, key in phases:
         _wrap(obj, name, key, acc, sync)
+    nodes = [0]  # draft nodes the step's pass verified
+    execute = engine.runner.execute
+
+    def counted(batch: Any, trees: Any) -> Any:
+        nodes[0] = sum(t.num_nodes for t in trees if t is not None)
+        return execute(batch, trees)
+
+    engine.runner.execute = counted  # type: ignore[method-assign]
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, repetition_penalty=repetition_penalty,
                             temperature=temperature, top_p=top_p)  # fmt: skip
 
@@ -90,6 +101,7 @@ def profile(
         prefilled = not decode_only
         while engine.has_work:
             before, started = dict(acc), time.perf_counter()
+            nodes[0] = 0
             deltas = engine.step()
             emitted = sum(len(d.token_ids) for d in deltas)
             if not prefilled:  # a prefill step (the last one emits the first token): out of every figure
@@ -100,9 +112,13 @@ def profile(
                 continue
             steps += 1
             tokens += emitted
+            if record is not None and measuring[0]:
+                record.append((nodes[0], emitted, time.perf_counter() - started))
         return steps, tokens
 
+    measuring = [False]
     run(prompts[0])  # warm-up (a GPU compiles its kernels here)
+    measuring[0] = True
     acc.clear()
     skipped[0] = 0.0
     steps = tokens = 0
@@ -115,6 +131,51 @@ def profile(
     out = {"step (total)": 1e3 * wall / steps, "tokens per step": tokens / steps, "steps": float(steps)}
     out.update({k: 1e3 * v / steps for k, v in acc.items()})
     return out
+
+
+def by_nodes(record: list[tuple[int, int, float]], plain_ms: float) -> dict[str, Any]:
+    """A speculative engine's steps grouped by the draft nodes their pass verified, against a plain step of
+    plain_ms: per size, its steps, tokens per step, ms per step and speed against plain (tokens per ms over
+    plain's); the least-squares fit ms = a + b N over the steps that verified nodes; the tokens per step a size
+    needs for 2x at that fit (2 (a + b N) / plain_ms); and two bounds for these drafts: every step verifying
+    just the nodes it accepted, at the fitted cost (a + b (tokens - 1)) and a plain step's where none was; and
+    the same with drafting itself free (plain_ms + b (tokens - 1): no proposal, no bookkeeping)."""
+    sizes: dict[int, list[tuple[int, float]]] = collections.defaultdict(list)
+    for n, emitted, seconds in record:
+        sizes[n].append((emitted, 1e3 * seconds))
+    rows = []
+    for n in sorted(sizes):
+        tokens, ms = sum(e for e, _ in sizes[n]), sum(m for _, m in sizes[n])
+        rows.append({"nodes": n, "steps": len(sizes[n]), "share": len(sizes[n]) / len(record),
+                     "tokens per step": tokens / len(sizes[n]), "ms per step": ms / len(sizes[n]),
+                     "speed vs plain": tokens * plain_ms / ms})  # fmt: skip
+    drafted = [(n, 1e3 * s) for n, _, s in record if n > 0]
+    a = b = float("nan")
+    if len({n for n, _ in drafted}) > 1:
+        xs, ys = torch.tensor([float(n) for n, _ in drafted]), torch.tensor([m for _, m in drafted])
+        b = float(((xs - xs.mean()) * (ys - ys.mean())).sum() / ((xs - xs.mean()) ** 2).sum())
+        a = float(ys.mean()) - b * float(xs.mean())
+    for row in rows:
+        row["2x needs tokens per step"] = 2 * (a + b * row["nodes"]) / plain_ms if row["nodes"] else 2.0
+    tokens, ms = sum(e for _, e, _ in record), sum(1e3 * s for *_, s in record)
+    oracle = sum(plain_ms if e == 1 else a + b * (e - 1) for _, e, _ in record)
+    free = sum(plain_ms + b * (e - 1) for _, e, _ in record)
+    return {"plain ms per step": plain_ms, "fit a (ms)": a, "fit b (ms per node)": b, "sizes": rows,
+            "speed vs plain": tokens * plain_ms / ms, "accepted nodes only (bound)": tokens * plain_ms / oracle,
+            "accepted nodes only, drafting free (bound)": tokens * plain_ms / free}  # fmt: skip
+
+
+def _print_by_nodes(table: dict[str, Any]) -> None:
+    print(f"\nby draft nodes verified (plain step {table['plain ms per step']:.2f} ms; "
+          f"fit: {table['fit a (ms)']:.2f} ms + {table['fit b (ms per node)']:.2f} ms per node)\n")  # fmt: skip
+    print("| nodes | share of steps | tokens per step | ms per step | speed vs plain | 2x needs tokens per step |")
+    print("|---|---|---|---|---|---|")
+    for r in table["sizes"]:
+        print(f"| {r['nodes']} | {r['share']:.0%} | {r['tokens per step']:.2f} | {r['ms per step']:.2f} | "
+              f"{r['speed vs plain']:.2f}x | {r['2x needs tokens per step']:.2f} |")  # fmt: skip
+    print(f"\nall steps: {table['speed vs plain']:.2f}x plain; each step verifying only the nodes it accepted "
+          f"(the fit's cost): {table['accepted nodes only (bound)']:.2f}x; and drafting free as well: "
+          f"{table['accepted nodes only, drafting free (bound)']:.2f}x")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -139,6 +200,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="benchmarks.cpu's console turns (persona prompt, an earlier turn; ~680 tokens) instead of "
                          "first customer messages; implies --decode-only")  # fmt: skip
     ap.add_argument("--decode-only", action="store_true", help="leave each request's prefill steps out")
+    ap.add_argument("--by-nodes", action="store_true",
+                    help="also group the speculative steps by the draft nodes they verified (by_nodes)")  # fmt: skip
     ap.add_argument("--out", default=None, help="also write the table as JSON here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -149,6 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     # Conversations 2 to n + 1, read once for both engines.
     messages = _first_user_turns(_eval_conversations(args.conversations), args.prompts + 1)[1:]
     results: dict[str, dict[str, float]] = {}
+    record: list[tuple[int, int, float]] = []
     for name, speculator in (("plain", None), (f"speculative ({args.speculator})", args.speculator)):
         llm = LLM(model=args.model, dtype=args.dtype, device=args.device, num_threads=args.threads,
                   quantization=args.quantization, speculator=speculator,
@@ -162,7 +226,8 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 prompts = [llm.encode(m) for m in messages]
             results[name] = profile(llm, prompts, args.max_tokens, sync, args.repetition_penalty, args.temperature,
-                                    args.top_p, decode_only=args.decode_only or args.second_turns)  # fmt: skip
+                                    args.top_p, decode_only=args.decode_only or args.second_turns,
+                                    record=record if speculator and args.by_nodes else None)  # fmt: skip
         finally:
             llm.engine.close()
     keys = list(dict.fromkeys(k for r in results.values() for k in r))
@@ -171,9 +236,13 @@ def main(argv: list[str] | None = None) -> None:
     for key in keys:
         digits = 0 if key == "steps" else 2  # a count, not ms
         print(f"| {key} | " + " | ".join(f"{r.get(key, 0.0):.{digits}f}" for r in results.values()) + " |")
+    extra: dict[str, Any] = {}
+    if args.by_nodes and record:
+        extra["by nodes"] = by_nodes(record, results["plain"]["step (total)"])
+        _print_by_nodes(extra["by nodes"])
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"args": vars(args), "results": results}, f, indent=2)
+            json.dump({"args": vars(args), "results": results, **extra}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from benchmarks.step_profile import profile
+from benchmarks.step_profile import by_nodes, profile
 from specdesk.engine import LLM
 from tests.tiny_models import make_tiny_model
 
@@ -14,8 +14,13 @@ def test_profile_times_every_phase_of_a_speculating_engine(tmp_path: Path) -> No
     llm = LLM(model=str(model), dtype="float32", speculator="ngram", spec_max_batch_size=4)
     llm.shutdown()
     repetitive = [5, 6, 7, 8, 9] * 6  # the n-gram speculator finds its continuations
-    result = profile(llm, [repetitive, repetitive[:-1]], max_tokens=24, sync=lambda: None)
+    record: list[tuple[int, int, float]] = []
+    result = profile(llm, [repetitive, repetitive[:-1]], max_tokens=24, sync=lambda: None, record=record)
     assert result["tokens per step"] > 1.0  # speculation ran and was accepted
+    # One record per counted step (the warm-up's left out), its tokens the profile's, drafts among them.
+    assert len(record) == result["steps"]
+    assert sum(e for _, e, _ in record) == result["tokens per step"] * result["steps"]
+    assert any(n > 0 for n, _, _ in record) and all(e <= n + 1 for n, e, _ in record)
     for phase in ("propose drafts", "verify tree", "execute (pass + logits)", "  model layers", "  logits"):
         assert result[phase] > 0.0, phase
     # Nested phases fit inside their parent, and the phases inside the step.
@@ -36,3 +41,20 @@ def test_decode_only_leaves_each_prefill_step_out(tmp_path: Path) -> None:
     assert every["tokens per step"] < decode["tokens per step"] == 1.0
     # The prefill chunks' passes are out of the phase sums, not only out of the count.
     assert decode["  model layers"] * decode["steps"] < every["  model layers"] * every["steps"]
+
+
+def test_by_nodes_groups_fits_and_bounds_a_known_record() -> None:
+    # Steps cost exactly 5 + 1 * nodes ms; a plain step 4 ms. Sizes 0, 2 and 4 nodes.
+    record = [(0, 1, 0.004), (2, 1, 0.007), (2, 3, 0.007), (4, 5, 0.009), (4, 2, 0.009)]
+    table = by_nodes(record, plain_ms=4.0)
+    assert abs(table["fit a (ms)"] - 5.0) < 1e-9 and abs(table["fit b (ms per node)"] - 1.0) < 1e-9
+    sizes = {r["nodes"]: r for r in table["sizes"]}
+    assert [sizes[n]["steps"] for n in (0, 2, 4)] == [1, 2, 2]
+    assert sizes[4]["tokens per step"] == 3.5 and abs(sizes[4]["ms per step"] - 9.0) < 1e-9
+    assert abs(sizes[4]["speed vs plain"] - 3.5 * 4 / 9) < 1e-9
+    assert abs(sizes[2]["2x needs tokens per step"] - 2 * 7 / 4) < 1e-9
+    tokens = 1 + 1 + 3 + 5 + 2
+    assert abs(table["speed vs plain"] - tokens * 4 / (4 + 7 + 7 + 9 + 9)) < 1e-9
+    # Only the accepted nodes verified: a plain step where none was, else 5 + (tokens - 1).
+    assert abs(table["accepted nodes only (bound)"] - tokens * 4 / (4 + 4 + 7 + 9 + 6)) < 1e-9
+    assert abs(table["accepted nodes only, drafting free (bound)"] - tokens * 4 / (4 + 4 + 6 + 8 + 5)) < 1e-9
