@@ -29,16 +29,17 @@ from specdesk.engine.llm import LLM
 from specdesk.engine.sampling_params import SamplingParams
 
 Timings = collections.defaultdict[str, float]
+_UNSET = object()  # an attribute the object's own namespace did not hold (a method of its class)
 
 
-def _wrap(obj: Any, name: str, key: str, acc: Timings, sync: Callable[[], None]) -> None:
+def _wrap(obj: Any, name: str, key: str, acc: Timings, sync: Callable[[], None], clock: Callable[[], float]) -> None:
     inner = getattr(obj, name)
 
     def timed(*args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
+        start = clock()
         result = inner(*args, **kwargs)
         sync()
-        acc[key] += time.perf_counter() - start
+        acc[key] += clock() - start
         return result
 
     setattr(obj, name, timed)
@@ -54,11 +55,13 @@ def profile(
     top_p: float = 1.0,
     decode_only: bool = False,
     record: list[tuple[int, int, float]] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, float]:
     """ms per step of each phase (nested phases are included in their parents), tokens per step and the steps
     counted. decode_only: each request's prefill steps (through the one that emits its first token), which
     dominate the means on long prompts, left out of every figure. record: each counted step's (draft nodes
-    verified, tokens emitted, seconds) is appended to it (`by_nodes`)."""
+    verified, tokens emitted, seconds) is appended to it (`by_nodes`). clock: the timer (a test counts calls
+    with it instead)."""
     engine = llm.engine
     acc: Timings = collections.defaultdict(float)
     phases: list[tuple[Any, str, str]] = [
@@ -75,9 +78,28 @@ def profile(
         spec = engine.speculation
         phases += [(spec, "propose", "propose drafts"), (spec, "accept", "accept (KV moves, stats, hidden)"),
                    (spec.width, "record", "  tree-width record")]  # fmt: skip
-    verify_step = llm_engine.verify_step  # a module function: unwrapped again below, for the next engine
+    # What the wrappers replace, put back when the profile ends: the engine (and verify_step, a module function)
+    # as they were, for the next profile or engine.
+    saved = [(obj, name, vars(obj).get(name, _UNSET)) for obj, name, _ in phases]  # execute's counter too
+    try:
+        return _profile(engine, phases, acc, prompts, max_tokens, sync, repetition_penalty, temperature, top_p,
+                        decode_only, record, clock)  # fmt: skip
+    finally:
+        for obj, name, old in reversed(saved):
+            if old is _UNSET:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, old)
+
+
+def _profile(
+    engine: Any, phases: list[tuple[Any, str, str]], acc: Timings, prompts: list[list[int]], max_tokens: int,
+    sync: Callable[[], None], repetition_penalty: float, temperature: float, top_p: float, decode_only: bool,
+    record: list[tuple[int, int, float]] | None, clock: Callable[[], float],
+) -> dict[str, float]:  # fmt: skip
+    """`profile`'s run, with the engine's phases wrapped here (and put back by `profile`)."""
     for obj, name, key in phases:
-        _wrap(obj, name, key, acc, sync)
+        _wrap(obj, name, key, acc, sync, clock)
     nodes = [0]  # draft nodes the step's pass verified
     execute = engine.runner.execute
 
@@ -85,7 +107,7 @@ def profile(
         nodes[0] = sum(t.num_nodes for t in trees if t is not None)
         return execute(batch, trees)
 
-    engine.runner.execute = counted  # type: ignore[method-assign]
+    engine.runner.execute = counted
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, repetition_penalty=repetition_penalty,
                             temperature=temperature, top_p=top_p)  # fmt: skip
 
@@ -100,20 +122,20 @@ def profile(
         steps = tokens = 0
         prefilled = not decode_only
         while engine.has_work:
-            before, started = dict(acc), time.perf_counter()
+            before, started = dict(acc), clock()
             nodes[0] = 0
             deltas = engine.step()
             emitted = sum(len(d.token_ids) for d in deltas)
             if not prefilled:  # a prefill step (the last one emits the first token): out of every figure
                 acc.clear()
                 acc.update(before)
-                skipped[0] += time.perf_counter() - started
+                skipped[0] += clock() - started
                 prefilled = emitted > 0
                 continue
             steps += 1
             tokens += emitted
             if record is not None and measuring[0]:
-                record.append((nodes[0], emitted, time.perf_counter() - started))
+                record.append((nodes[0], emitted, clock() - started))
         return steps, tokens
 
     measuring = [False]
@@ -122,12 +144,11 @@ def profile(
     acc.clear()
     skipped[0] = 0.0
     steps = tokens = 0
-    start = time.perf_counter()
+    start = clock()
     for ids in prompts:
         s, t = run(ids)
         steps, tokens = steps + s, tokens + t
-    wall = time.perf_counter() - start - skipped[0]
-    llm_engine.verify_step = verify_step
+    wall = clock() - start - skipped[0]
     out = {"step (total)": 1e3 * wall / steps, "tokens per step": tokens / steps, "steps": float(steps)}
     out.update({k: 1e3 * v / steps for k, v in acc.items()})
     return out
