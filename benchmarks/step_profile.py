@@ -87,7 +87,7 @@ def profile(
     finally:
         for obj, name, old in reversed(saved):
             if old is _UNSET:
-                delattr(obj, name)
+                vars(obj).pop(name, None)  # a wrapper left in the instance's namespace, if it got that far
             else:
                 setattr(obj, name, old)
 
@@ -155,48 +155,60 @@ def _profile(
 
 
 def by_nodes(record: list[tuple[int, int, float]], plain_ms: float) -> dict[str, Any]:
-    """A speculative engine's steps grouped by the draft nodes their pass verified, against a plain step of
-    plain_ms: per size, its steps, tokens per step, ms per step and speed against plain (tokens per ms over
-    plain's); the least-squares fit ms = a + b N over the steps that verified nodes; the tokens per step a size
-    needs for 2x at that fit (2 (a + b N) / plain_ms); and two bounds for these drafts: every step verifying
-    just the nodes it accepted, at the fitted cost (a + b (tokens - 1)) and a plain step's where none was; and
-    the same with drafting itself free (plain_ms + b (tokens - 1): no proposal, no bookkeeping)."""
+    """Decode steps of a speculative engine (each emits a token at least) grouped by the draft nodes their pass
+    verified, against a plain step of plain_ms: per size, its steps, tokens per step, ms per step and speed
+    against plain (tokens per ms over plain's); the least-squares fit ms = a + b N over the steps that verified
+    nodes; the tokens per step a size needs for 2x at that fit (2 (a + b N) / plain_ms; 2 for a step of no
+    nodes, a plain step); and two bounds for these drafts: every step verifying just the nodes it accepted, at
+    the fitted cost (a + b (tokens - 1)) and a plain step's where none was; and the same with drafting itself
+    free (plain_ms + b (tokens - 1): no proposal, no bookkeeping). Where fewer than two sizes verified nodes
+    there is no fit: a, b, the 2x column and the bounds are None. On CUDA a graphed pass is padded to its
+    bucket, so there the fit prices buckets, not nodes."""
+    if not record or any(e < 1 for _, e, _ in record):
+        raise ValueError("by_nodes takes decode steps, each emitting a token at least (profile's decode_only)")
     sizes: dict[int, list[tuple[int, float]]] = collections.defaultdict(list)
     for n, emitted, seconds in record:
         sizes[n].append((emitted, 1e3 * seconds))
+    drafted = [(float(n), 1e3 * s) for n, _, s in record if n > 0]
+    fit: tuple[float, float] | None = None
+    if len({n for n, _ in drafted}) > 1:  # plain float64 arithmetic
+        mx, my = sum(n for n, _ in drafted) / len(drafted), sum(m for _, m in drafted) / len(drafted)
+        b = sum((n - mx) * (m - my) for n, m in drafted) / sum((n - mx) ** 2 for n, _ in drafted)
+        fit = (my - b * mx, b)
     rows = []
     for n in sorted(sizes):
         tokens, ms = sum(e for e, _ in sizes[n]), sum(m for _, m in sizes[n])
+        needs = 2.0 if n == 0 else None if fit is None else 2 * (fit[0] + fit[1] * n) / plain_ms
         rows.append({"nodes": n, "steps": len(sizes[n]), "share": len(sizes[n]) / len(record),
                      "tokens per step": tokens / len(sizes[n]), "ms per step": ms / len(sizes[n]),
-                     "speed vs plain": tokens * plain_ms / ms})  # fmt: skip
-    drafted = [(n, 1e3 * s) for n, _, s in record if n > 0]
-    a = b = float("nan")
-    if len({n for n, _ in drafted}) > 1:
-        xs, ys = torch.tensor([float(n) for n, _ in drafted]), torch.tensor([m for _, m in drafted])
-        b = float(((xs - xs.mean()) * (ys - ys.mean())).sum() / ((xs - xs.mean()) ** 2).sum())
-        a = float(ys.mean()) - b * float(xs.mean())
-    for row in rows:
-        row["2x needs tokens per step"] = 2 * (a + b * row["nodes"]) / plain_ms if row["nodes"] else 2.0
+                     "speed vs plain": tokens * plain_ms / ms, "2x needs tokens per step": needs})  # fmt: skip
     tokens, ms = sum(e for _, e, _ in record), sum(1e3 * s for *_, s in record)
-    oracle = sum(plain_ms if e == 1 else a + b * (e - 1) for _, e, _ in record)
-    free = sum(plain_ms + b * (e - 1) for _, e, _ in record)
-    return {"plain ms per step": plain_ms, "fit a (ms)": a, "fit b (ms per node)": b, "sizes": rows,
-            "speed vs plain": tokens * plain_ms / ms, "accepted nodes only (bound)": tokens * plain_ms / oracle,
-            "accepted nodes only, drafting free (bound)": tokens * plain_ms / free}  # fmt: skip
+    oracle = free = None
+    if fit is not None:
+        a, b = fit
+        oracle = tokens * plain_ms / sum(plain_ms if e == 1 else a + b * (e - 1) for _, e, _ in record)
+        free = tokens * plain_ms / sum(plain_ms + b * (e - 1) for _, e, _ in record)
+    return {"plain ms per step": plain_ms, "fit a (ms)": None if fit is None else fit[0],
+            "fit b (ms per node)": None if fit is None else fit[1], "sizes": rows,
+            "speed vs plain": tokens * plain_ms / ms, "accepted nodes only (bound)": oracle,
+            "accepted nodes only, drafting free (bound)": free}  # fmt: skip
+
+
+def _figure(value: float | None, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:.2f}{suffix}"
 
 
 def _print_by_nodes(table: dict[str, Any]) -> None:
-    print(f"\nby draft nodes verified (plain step {table['plain ms per step']:.2f} ms; "
-          f"fit: {table['fit a (ms)']:.2f} ms + {table['fit b (ms per node)']:.2f} ms per node)\n")  # fmt: skip
+    print(f"\nby draft nodes verified (plain step {table['plain ms per step']:.2f} ms; fit: "
+          f"{_figure(table['fit a (ms)'])} ms + {_figure(table['fit b (ms per node)'])} ms per node)\n")  # fmt: skip
     print("| nodes | share of steps | tokens per step | ms per step | speed vs plain | 2x needs tokens per step |")
     print("|---|---|---|---|---|---|")
     for r in table["sizes"]:
         print(f"| {r['nodes']} | {r['share']:.0%} | {r['tokens per step']:.2f} | {r['ms per step']:.2f} | "
-              f"{r['speed vs plain']:.2f}x | {r['2x needs tokens per step']:.2f} |")  # fmt: skip
+              f"{r['speed vs plain']:.2f}x | {_figure(r['2x needs tokens per step'])} |")  # fmt: skip
     print(f"\nall steps: {table['speed vs plain']:.2f}x plain; each step verifying only the nodes it accepted "
-          f"(the fit's cost): {table['accepted nodes only (bound)']:.2f}x; and drafting free as well: "
-          f"{table['accepted nodes only, drafting free (bound)']:.2f}x")  # fmt: skip
+          f"(the fit's cost): {_figure(table['accepted nodes only (bound)'], 'x')}; and drafting free as well: "
+          f"{_figure(table['accepted nodes only, drafting free (bound)'], 'x')}")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -222,7 +234,8 @@ def main(argv: list[str] | None = None) -> None:
                          "first customer messages; implies --decode-only")  # fmt: skip
     ap.add_argument("--decode-only", action="store_true", help="leave each request's prefill steps out")
     ap.add_argument("--by-nodes", action="store_true",
-                    help="also group the speculative steps by the draft nodes they verified (by_nodes)")  # fmt: skip
+                    help="also group the speculative steps by the draft nodes they verified (by_nodes; "
+                         "implies --decode-only)")  # fmt: skip
     ap.add_argument("--out", default=None, help="also write the table as JSON here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -247,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 prompts = [llm.encode(m) for m in messages]
             results[name] = profile(llm, prompts, args.max_tokens, sync, args.repetition_penalty, args.temperature,
-                                    args.top_p, decode_only=args.decode_only or args.second_turns,
+                                    args.top_p, decode_only=args.decode_only or args.second_turns or args.by_nodes,
                                     record=record if speculator and args.by_nodes else None)  # fmt: skip
         finally:
             llm.engine.close()

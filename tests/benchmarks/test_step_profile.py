@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
+import pytest
+
 from benchmarks.step_profile import by_nodes, profile
 from specdesk.engine import LLM, llm_engine
 from specdesk.engine.llm_engine import verify_step
@@ -21,7 +23,7 @@ def test_profile_times_every_phase_of_a_speculating_engine(tmp_path: Path) -> No
     assert result["tokens per step"] > 1.0  # speculation ran and was accepted
     # One record per counted step (the warm-up's left out), its tokens the profile's, drafts among them.
     assert len(record) == result["steps"]
-    assert sum(e for _, e, _ in record) == result["tokens per step"] * result["steps"]
+    assert sum(e for _, e, _ in record) == round(result["tokens per step"] * result["steps"])
     assert any(n > 0 for n, _, _ in record) and all(e <= n + 1 for n, e, _ in record)
     # The engine is left as it was: no wrapper stays behind to time (or count) a later profile twice.
     assert "forward" not in vars(llm.engine.loaded.model) and "execute" not in vars(llm.engine.runner)
@@ -71,3 +73,29 @@ def test_by_nodes_groups_fits_and_bounds_a_known_record() -> None:
     # Only the accepted nodes verified: a plain step where none was, else 5 + (tokens - 1).
     assert abs(table["accepted nodes only (bound)"] - tokens * 4 / (4 + 4 + 7 + 9 + 6)) < 1e-9
     assert abs(table["accepted nodes only, drafting free (bound)"] - tokens * 4 / (4 + 4 + 6 + 8 + 5)) < 1e-9
+
+
+def test_by_nodes_counts_the_nodes_the_passes_verified(tmp_path: Path) -> None:
+    model = make_tiny_model("llama", tmp_path)
+    llm = LLM(model=str(model), dtype="float32", speculator="ngram", spec_max_batch_size=4)
+    llm.shutdown()
+    assert llm.engine.speculation is not None
+    repetitive = [5, 6, 7, 8, 9] * 6
+    record: list[tuple[int, int, float]] = []
+    # One prompt: the warm-up runs it as the measured run does (caches and stored replies reset before each),
+    # so the engine's own count of verified nodes is twice the record's.
+    profile(llm, [repetitive], max_tokens=24, sync=lambda: None, decode_only=True, record=record)
+    assert sum(n for n, _, _ in record) > 0
+    assert llm.engine.speculation.stats.num_tree_nodes == 2 * sum(n for n, _, _ in record)
+
+
+def test_by_nodes_without_a_fit_and_on_steps_that_emit_nothing() -> None:
+    # One drafted size only: no slope to fit, so no 2x column beyond plain steps' and no bounds.
+    table = by_nodes([(0, 1, 0.004), (3, 2, 0.006), (3, 4, 0.006)], plain_ms=4.0)
+    assert table["fit a (ms)"] is None and table["accepted nodes only (bound)"] is None
+    assert [r["2x needs tokens per step"] for r in table["sizes"]] == [2.0, None]
+    assert abs(table["speed vs plain"] - 7 * 4 / 16) < 1e-9
+    with pytest.raises(ValueError, match="decode steps"):
+        by_nodes([(0, 0, 0.004), (2, 1, 0.006)], plain_ms=4.0)  # a prefill chunk emits nothing
+    with pytest.raises(ValueError):
+        by_nodes([], plain_ms=4.0)
