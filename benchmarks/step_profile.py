@@ -80,7 +80,7 @@ def profile(
                    (spec.width, "record", "  tree-width record")]  # fmt: skip
     # What the wrappers replace, put back when the profile ends: the engine (and verify_step, a module function)
     # as they were, for the next profile or engine.
-    saved = [(obj, name, vars(obj).get(name, _UNSET)) for obj, name, _ in phases]  # execute's counter too
+    saved = [(obj, name, vars(obj).get(name, _UNSET)) for obj, name, _ in phases]
     try:
         return _profile(engine, phases, acc, prompts, max_tokens, sync, repetition_penalty, temperature, top_p,
                         decode_only, record, clock)  # fmt: skip
@@ -100,14 +100,11 @@ def _profile(
     """`profile`'s run, with the engine's phases wrapped here (and put back by `profile`)."""
     for obj, name, key in phases:
         _wrap(obj, name, key, acc, sync, clock)
-    nodes = [0]  # draft nodes the step's pass verified
-    execute = engine.runner.execute
+    spec = engine.speculation
 
-    def counted(batch: Any, trees: Any) -> Any:
-        nodes[0] = sum(t.num_nodes for t in trees if t is not None)
-        return execute(batch, trees)
+    def verified() -> int:  # draft nodes verified so far: the engine's own count (SpecStats)
+        return spec.stats.num_tree_nodes if spec is not None else 0
 
-    engine.runner.execute = counted
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, repetition_penalty=repetition_penalty,
                             temperature=temperature, top_p=top_p)  # fmt: skip
 
@@ -122,8 +119,7 @@ def _profile(
         steps = tokens = 0
         prefilled = not decode_only
         while engine.has_work:
-            before, started = dict(acc), clock()
-            nodes[0] = 0
+            before, started, nodes = dict(acc), clock(), verified()
             deltas = engine.step()
             emitted = sum(len(d.token_ids) for d in deltas)
             if not prefilled:  # a prefill step (the last one emits the first token): out of every figure
@@ -134,13 +130,14 @@ def _profile(
                 continue
             steps += 1
             tokens += emitted
-            if record is not None and measuring[0]:
-                record.append((nodes[0], emitted, clock() - started))
+            if record is not None:
+                record.append((verified() - nodes, emitted, clock() - started))
         return steps, tokens
 
-    measuring = [False]
+    kept = len(record) if record is not None else 0
     run(prompts[0])  # warm-up (a GPU compiles its kernels here)
-    measuring[0] = True
+    if record is not None:
+        del record[kept:]  # the warm-up's steps
     acc.clear()
     skipped[0] = 0.0
     steps = tokens = 0
