@@ -89,34 +89,15 @@ static inline __m512 block_scores(const uint16_t *qh, const __m512i *kt, int64_t
     return _mm512_mul_ps(s, _mm512_set1_ps(scale));
 }
 
-/* The value rows of one block of 16 list entries (NULL: past the list, zeros) as key pairs, the other operand of
- * vdpbf16ps: vp[j * chunks + c] holds dims c * 16 .. c * 16 + 15 of keys 2j (low halves) and 2j + 1 (high). */
-static void pair_values(const uint16_t *const rows[LANES], int64_t chunks, __m512i *vp) {
-    static const uint16_t zeros[256];
-    for (int j = 0; j < LANES / 2; j++) {
-        const uint16_t *a = rows[2 * j] ? rows[2 * j] : zeros, *b = rows[2 * j + 1] ? rows[2 * j + 1] : zeros;
-        for (int64_t c = 0; c < chunks; c++) {
-            const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(a + c * LANES)));
-            const __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(b + c * LANES)));
-            _mm512_storeu_si512(vp + j * chunks + c, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
-        }
-    }
-}
-
-/* acc[0 .. chunks * 16) += the block's probabilities p[0 .. live) times its value rows, by key pairs in list order:
- * the probabilities rounded to bf16 (as FlashAttention's P.V), those past `live` zero, each pair one vdpbf16ps
- * per chunk of 16 dims. `chunks` is a constant at each call site, so the accumulators stay in registers. */
-static inline __attribute__((always_inline)) void weigh_values(float *acc, const float *p, const __m512i *vp,
-                                                               int64_t live, const int chunks) {
-    const __mmask16 m = live >= LANES ? (__mmask16)0xffff : (__mmask16)((1u << live) - 1);
-    int32_t pairs[LANES / 2];
-    _mm256_storeu_si256((__m256i *)pairs, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, p)));
-    __m512 o[16];
+/* acc[0 .. chunks * 16) += p[l] * vf[l] for l < live, key by key: `chunks` is a constant at each call site, so
+ * the accumulators stay in registers (the operations are the same whatever the constant). */
+static inline __attribute__((always_inline)) void weigh_values(float *acc, const float *p, const float *vf,
+                                                               int64_t live, int64_t d, const int chunks) {
+    __m512 o[8];
     for (int c = 0; c < chunks; c++) o[c] = _mm512_loadu_ps(acc + c * LANES);
-    for (int64_t j = 0; j < (live + 1) / 2; j++) {
-        const __m512bh pj = (__m512bh)_mm512_set1_epi32(pairs[j]);
-        for (int c = 0; c < chunks; c++)
-            o[c] = _mm512_dpbf16_ps(o[c], (__m512bh)_mm512_loadu_si512(vp + j * chunks + c), pj);
+    for (int64_t l = 0; l < live; l++) {
+        const __m512 pl = _mm512_set1_ps(p[l]);
+        for (int c = 0; c < chunks; c++) o[c] = _mm512_fmadd_ps(pl, _mm512_loadu_ps(vf + l * d + c * LANES), o[c]);
     }
     for (int c = 0; c < chunks; c++) _mm512_storeu_ps(acc + c * LANES, o[c]);
 }
@@ -178,7 +159,7 @@ static float softmax16(float *s, int64_t s0, int64_t end, float *max) {
 /* Task T's queries over the segments it covers (cpu_attention.h's SEGMENT): all of them, joined here in order and
  * written out, or, for a split task, segment T->seg alone (its [max, sum, o] left in the pass's partials). */
 static void run_task(const grouped_args *G, const task *T, int64_t *shared, int64_t *tails, int64_t *tail_len,
-                     float *scores, __m512i *kt, __m512i *vp, float *acc, float *state) {
+                     float *scores, __m512i *kt, float *vf, float *acc, float *state) {
     const segment_pass *P = &G->P;
     const attention_args *A = P->A;
     const int64_t d = A->head_dim, per_group = A->heads / A->kv_heads, bs = A->block_size;
@@ -255,18 +236,21 @@ static void run_task(const grouped_args *G, const task *T, int64_t *shared, int6
                 const int64_t want = list_of(&v, tok[qi], j0);
                 if (want != have) {
                     block_rows(&v, vbase, tok[qi], j0, rows);
-                    pair_values(rows, chunks, vp);
+                    for (int l = 0; l < LANES; l++)
+                        for (int64_t c = 0; c < chunks; c++)
+                            _mm512_storeu_ps(vf + l * d + c * LANES,
+                                             rows[l] ? load_bf16(rows[l] + c * LANES) : _mm512_setzero_ps());
                     have = want;
                 }
                 const float *p = scores + qi * row + j0;
                 const int64_t live = n[qi] - j0 < LANES ? n[qi] - j0 : LANES;
                 float *a = acc + qi * d;
                 switch (chunks) {
-                    case 2: weigh_values(a, p, vp, live, 2); break;
-                    case 4: weigh_values(a, p, vp, live, 4); break;
-                    case 8: weigh_values(a, p, vp, live, 8); break;
-                    case 16: weigh_values(a, p, vp, live, 16); break;
-                    default: weigh_values(a, p, vp, live, (int)chunks);
+                    case 2: weigh_values(a, p, vf, live, d, 2); break;
+                    case 4: weigh_values(a, p, vf, live, d, 4); break;
+                    case 8: weigh_values(a, p, vf, live, d, 8); break;
+                    default:
+                        for (int64_t c = 0; c < chunks; c++) weigh_values(a + c * LANES, p, vf + c * LANES, live, d, 1);
                 }
             }
         }
@@ -289,15 +273,15 @@ static void grouped_part(const void *a, int64_t part, int64_t parts) {
     int64_t *shared = scratch(&bufs[0], &caps[0], sizeof(int64_t) * (size_t)(P->longest + 1));
     int64_t *tails = scratch(&bufs[1], &caps[1], sizeof(int64_t) * (size_t)(MAX_QUERIES * G->widest + 1));
     float *scores = scratch(&bufs[2], &caps[2], sizeof(float) * (size_t)(MAX_QUERIES * row));
-    __m512i *vp = scratch(&bufs[3], &caps[3], sizeof(float) * LANES * 256); /* 8 key pairs x 16 chunks */
+    float *vf = scratch(&bufs[3], &caps[3], sizeof(float) * LANES * 256);
     float *acc = scratch(&bufs[4], &caps[4], sizeof(float) * MAX_QUERIES * 256);
     float *state = scratch(&bufs[5], &caps[5], sizeof(float) * MAX_QUERIES * 256);
     int64_t tail_len[MAX_QUERIES];
     __m512i kt[128];
-    if (!(shared && tails && scores && vp && acc && state)) return;
+    if (!(shared && tails && scores && vf && acc && state)) return;
     for (int64_t t = 0; t < P->num_tasks; t++)
         if (task_in_part(P->tasks, P->num_tasks, t, part, parts))
-            run_task(G, P->tasks + t, shared, tails, tail_len, scores, kt, vp, acc, state);
+            run_task(G, P->tasks + t, shared, tails, tail_len, scores, kt, vf, acc, state);
 }
 
 /* A sequence's visible lists are prefixes of one list when it has no tree mask or its mask is the causal one. */
