@@ -2,14 +2,16 @@
 
 `attention_ab` and `linear_ab` time one kernel; this times what a user gets from a kernel change: the turns of
 `benchmarks.cpu` (the second customer turn of held-out conversations under the console's persona prompt, exactly
-`--max-tokens` tokens, greedy under the console's repetition penalty unless told otherwise, nothing cached) on
-one engine of the CPU console's path (`quantization="auto"`), in one process. Both builds (the C sources of
-`--against`, default HEAD, and of the working tree, each compiled as `specdesk.kernels.cpu_lib` compiles them)
-are loaded side by side, and the engine calls one or the other (every kernel call goes through
-`cpu_lib.library()`; the weights' layout is the same). Each turn runs plain decoding and speculation under
-each build, in an order that rotates from turn to turn. Reported per build: tokens/s end to end (submit to last
-token, prefill included) and from the first token to the last, plain and speculative, and tokens per
-verification; whether speculation gave plain decoding's tokens (it must, under either build).
+`--max-tokens` tokens, greedy under the console's repetition penalty unless told otherwise, nothing cached) on one
+engine of the CPU console's path (`quantization="auto"`), in one process. Both builds (the C sources of
+`--against`, default HEAD, and of the working tree, each compiled as `specdesk.kernels.cpu_lib` compiles them) are
+loaded side by side, and the engine calls one or the other (every kernel call goes through `cpu_lib.library()`; the
+weights' layout is the same). Each turn runs plain decoding and speculation under each build, in an order that
+rotates from turn to turn. The one engine's speculation policy measures step costs under both builds alike (its
+widths and rests are the engine's, not a build's): a change in what a node costs shows less in speculation's ratio
+here than it would with one engine per build. Reported per build: tokens/s end to end (submit to last token,
+prefill included) and from the first token to the last, plain and speculative, and tokens per verification; whether
+speculation gave plain decoding's tokens (it must, under either build).
 
 A kernel change that moves the arithmetic changes the text, so with `--reference float32` the run also reports
 each build's quality against the float32 path (the torch twins, exact to transformers): teacher-forced top-1
@@ -74,13 +76,15 @@ def run(libs: dict[str, ctypes.CDLL], threads: int, turns: int, n: int, penalty:
     llm = LLM(model, quantization="auto", dtype="auto", speculator=speculator, spec_max_batch_size=32,
               num_threads=threads)  # fmt: skip
     prompt_ids = [llm.apply_chat_template(m) for m in second_turns(turns)]
+    turns = len(prompt_ids)  # the held-out conversations with a second turn may be fewer than asked for
     params = SamplingParams(max_tokens=n, ignore_eos=True, repetition_penalty=penalty)
     names = list(libs)
     runs = [(name, spec) for name in names for spec in (False, True)]
     seconds = {r: 0.0 for r in runs}
     decode = {r: 0.0 for r in runs}
     outputs: dict[tuple[str, bool], list[list[int]]] = {r: [] for r in runs}
-    verifications = {name: [0, 0] for name in names}  # verifications, accepted drafts
+    verifications = dict.fromkeys(names, 0)
+    accepted = dict.fromkeys(names, 0)
     try:
         for name in names:  # warm-up, each build
             with using(libs[name]):
@@ -99,19 +103,20 @@ def run(libs: dict[str, ctypes.CDLL], threads: int, turns: int, n: int, penalty:
                 decode[name, spec] += out.metrics.decode_s
                 outputs[name, spec].append(out.token_ids)
                 if spec:
-                    verifications[name][0] += after.spec_num_drafts - before.spec_num_drafts
-                    verifications[name][1] += after.spec_num_accepted_tokens - before.spec_num_accepted_tokens
+                    verifications[name] += after.spec_num_drafts - before.spec_num_drafts
+                    accepted[name] += after.spec_num_accepted_tokens - before.spec_num_accepted_tokens
         result: dict[str, Any] = {"threads": threads, "turns": turns, "max_tokens": n, "repetition_penalty": penalty,
                                   "quantization": llm.loaded.quantization}  # fmt: skip
         ref = reference_replies(model, prompt_ids, n, penalty) if reference else None
         for name in names:
-            steps, accepted = verifications[name]
+            steps = verifications[name]
             row: dict[str, Any] = {
+                "attention_path": libs[name].sd_attention_path(),  # which kernel the CPU ran (cpu_attention.c)
                 "plain_tok_s": n * turns / seconds[name, False],
                 "spec_tok_s": n * turns / seconds[name, True],
                 "plain_decode_tok_s": (n - 1) * turns / decode[name, False],
                 "spec_decode_tok_s": (n - 1) * turns / decode[name, True],
-                "tokens_per_verification": (steps + accepted) / steps if steps else None,
+                "tokens_per_verification": (steps + accepted[name]) / steps if steps else None,
                 "identical_with_speculation": sum(
                     a == b for a, b in zip(outputs[name, False], outputs[name, True], strict=True)
                 ),
@@ -147,7 +152,8 @@ def table(r: dict[str, Any], against: str) -> str:
         tpv, top1 = row["tokens_per_verification"], row.get("teacher_forced_top1_vs_float32_percent")
         cells = [f"{row[k]:.1f}" for k in RATIOS] + ["" if tpv is None else f"{tpv:.2f}"]
         cells += [f"{row['identical_with_speculation']}/{r['turns']}", "" if top1 is None else f"{top1:.1f} %"]
-        lines.append(f"| {name} | " + " | ".join([*cells, str(row.get("replies_equal_to_float32", ""))]) + " |")
+        equal = row.get("replies_equal_to_float32")
+        lines.append(f"| {name} | " + " | ".join([*cells, "" if equal is None else f"{equal}/{r['turns']}"]) + " |")
     x = {k: r["new"][k] / r["old"][k] for k in RATIOS}
     lines.append(
         f"\nnew / old: plain {x['plain_tok_s']:.3f}x, speculation {x['spec_tok_s']:.3f}x end to end; decode "

@@ -85,8 +85,10 @@ def worker(
                     if unseeded and temperature
                     else sum(a == b for a, b in zip(tokens[name], tokens["plain"], strict=True))
                 )
+                spec = engines[name].engine.spec_config  # which reply store the n-gram drafted from, if any
                 entry |= {"tokens_per_verification": (accepted + steps) / steps, "identical_to_plain": same,
-                          "verifications": steps, "accepted_drafts": accepted}  # fmt: skip
+                          "verifications": steps, "accepted_drafts": accepted,
+                          "reply_store": spec.reply_store if spec else None}  # fmt: skip
             result[name] = entry
         return result
     finally:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,22 +35,39 @@ def test_a_build_against_itself_gives_the_same_replies_and_exact_speculation(
     model = make_tiny_model("llama", tmp_path, max_position_embeddings=4096)  # room for persona prompts
     lib = cpu_lib.library()
     assert lib is not None
-    calls = {"old": 0, "new": 0}
+    lookups: list[str] = []  # which library each kernel lookup went to, in order
 
-    class Counting:  # each side's kernel lookups, to see that the turns ran under both builds
+    class Counting:
         def __init__(self, name: str) -> None:
             self.name = name
 
         def __getattr__(self, attr: str) -> Any:
             if attr.startswith("sd_"):
-                calls[self.name] += 1
+                lookups.append(self.name)
             return getattr(lib, attr)
 
+    own = Counting("own")  # the process's library: the engine's start-up may use it, no turn may
+    monkeypatch.setattr(cpu_lib, "library", lambda: own)
+    timed: list[tuple[str, bool]] = []
+    real_using = kernels_e2e_ab.using
+
+    @contextlib.contextmanager
+    def using(build: Any) -> Iterator[None]:
+        start = len(lookups)
+        with real_using(build):
+            yield
+        timed.append((build.name, lookups[start:] == [build.name] * (len(lookups) - start) != []))
+
+    monkeypatch.setattr(kernels_e2e_ab, "using", using)
     libs: dict[str, Any] = {"old": Counting("old"), "new": Counting("new")}
     mlp = make_tiny_speculator(model, tmp_path / "mlp")  # random drafts: the policy soon rests them, or not
     result = kernels_e2e_ab.run(libs, threads=1, turns=2, n=8, penalty=1.1, reference="float32", model=str(model),
                                 speculator=str(mlp))  # fmt: skip
-    assert calls["old"] > 0 and calls["new"] > 0
+    # each build's warm-up, 2 turns of 4 runs in rotating order, each build's top-1 pass: every block made kernel
+    # lookups, all of them to the build it named
+    order = ["old", "new", "old", "old", "new", "new", "old", "new", "new", "old", "old", "new"]
+    assert timed == [(name, True) for name in order]
+    assert "own" not in lookups[lookups.index("old") :]  # no kernel call bypassed the build in use
     assert result["replies_equal_between_builds"] == 2  # one build, the same bits
     for name in ("old", "new"):
         row = result[name]
