@@ -13,6 +13,10 @@ verification, and whether its output equals plain decoding's (it must: speculati
 
     python -m benchmarks.speculator_ab default /path/to/other/speculator --out docs/bench_speculator_ab.json
     python -m benchmarks.speculator_ab default mlp:specdesk/engine/speculators/default ngram --threads 2
+    python -m benchmarks.speculator_ab default@spec_max_ngram_tokens=4 default --threads 2
+
+A speculator's name may end in `@key=value[,key=value]`: EngineConfig settings for its engine alone (an int,
+a float or a string), so that two settings of one speculator run side by side.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ def worker(
 
     # num_threads for each: the engines live side by side, and every one's kernels split over `threads`.
     engines = {
-        s: LLM(model, quantization="auto", dtype="auto", speculator=s, spec_max_batch_size=32, num_threads=threads)
+        s: LLM(model, quantization="auto", dtype="auto", spec_max_batch_size=32, num_threads=threads, **settings(s))
         for s in speculators
     }
     first = engines[speculators[0]]
@@ -88,12 +92,30 @@ def worker(
                 spec = engines[name].engine.spec_config  # which reply store the n-gram drafted from, if any
                 entry |= {"tokens_per_verification": (accepted + steps) / steps, "identical_to_plain": same,
                           "verifications": steps, "accepted_drafts": accepted,
-                          "reply_store": spec.reply_store if spec else None}  # fmt: skip
+                          "reply_store": spec.reply_store if spec else None,
+                          "max_ngram_tokens": spec.max_ngram_tokens if spec else None}  # fmt: skip
             result[name] = entry
         return result
     finally:
         for llm in engines.values():
             llm.shutdown()
+
+
+def settings(name: str) -> dict[str, Any]:
+    """A speculator's name as EngineConfig settings: `speculator[@key=value[,key=value]]`."""
+    speculator, _, rest = name.partition("@")
+    out: dict[str, Any] = {"speculator": speculator}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise SystemExit(f"speculator {name!r}: expected speculator@key=value[,key=value]")
+        for kind in (int, float, str):
+            try:
+                out[key] = kind(value)
+                break
+            except ValueError:
+                continue
+    return out
 
 
 def table(results: list[dict[str, Any]], speculators: list[str]) -> str:

@@ -36,9 +36,10 @@ class EngineConfig:
       tree it may choose); None = the device default (SpecConfig). spec_max_kv_usage: speculate only while at
       most this fraction of KV pages is in use. spec_step_cost_prior: the cost of one more verified token, in
       plain steps, assumed until it is measured; None = the device default. spec_max_ngram_tokens: the
-      n-gram draft's length at most. spec_reply_store: where a conversation has no n-gram match of its own,
-      draft from the speculator folder's store of the model's own replies (speculators/reply_store.py; the
-      default model ships one); False: only the conversation and the replies this engine has served.
+      n-gram draft's length at most; None = the device default. spec_reply_store: where a conversation has no
+      n-gram match of its own, draft from the speculator folder's store of the model's own replies
+      (speculators/reply_store.py; the default model ships one); False: only the conversation and the replies
+      this engine has served.
     enforce_eager: never use CUDA graphs (vLLM's name); on CUDA the speculator's proposal is otherwise one.
     quantization: None, "int8" (CPU): weights and activations in 8 bits, exact int32 sums, so speculation stays
       exact (models/int8_linear.py), "q4_1" (CPU): the same with 4-bit weights on GGUF's Q4_1 grid, a
@@ -68,7 +69,7 @@ class EngineConfig:
     spec_pool_size: int | None = None
     spec_max_kv_usage: float = 0.75
     spec_step_cost_prior: float | None = None
-    spec_max_ngram_tokens: int = 4
+    spec_max_ngram_tokens: int | None = None
     spec_reply_store: bool = True
     attention_backend: AttentionBackend = "auto"
     enforce_eager: bool = False
@@ -101,8 +102,8 @@ class EngineConfig:
             raise ValueError(f"spec_max_kv_usage must be in [0, 1], got {self.spec_max_kv_usage}")
         if self.spec_step_cost_prior is not None and not 0.0 <= self.spec_step_cost_prior <= 1.0:
             raise ValueError(f"spec_step_cost_prior must be in [0, 1] or None, got {self.spec_step_cost_prior}")
-        if self.spec_max_ngram_tokens < 1:
-            raise ValueError(f"spec_max_ngram_tokens must be >= 1, got {self.spec_max_ngram_tokens}")
+        if self.spec_max_ngram_tokens is not None and self.spec_max_ngram_tokens < 1:
+            raise ValueError(f"spec_max_ngram_tokens must be >= 1 or None, got {self.spec_max_ngram_tokens}")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be None, 'int8', 'q4_1', 'int4' or 'auto', got {self.quantization!r}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
@@ -114,15 +115,18 @@ class _DeviceDefaults:
     node_pool_size: int
     max_batch_size: int
     step_cost_prior: float
+    max_ngram_tokens: int
 
 
 # Where verifying an extra query token is nearly free until the batch fills the card (a GPU), speculation
 # pays up to IBM's batch of 16 and a wide node tree; on a CPU every verified token costs compute, so the
 # gate closes after batch 2 and the tree stays narrow. The prior is the cost of one more verified token
-# in plain steps, used until StepCost has measured it.
+# in plain steps, used until StepCost has measured it. The n-gram's drafts: on the CPU, where a verified
+# token costs, the policy sizes them by measured acceptance anyway, and a conversation that loops (a small
+# model's greedy text does) pays for 12 (docs/benchmarks.md); CUDA keeps 4 until measured there.
 _DEVICE_DEFAULTS = {
-    "cuda": _DeviceDefaults(node_pool_size=64, max_batch_size=16, step_cost_prior=0.002),
-    "cpu": _DeviceDefaults(node_pool_size=12, max_batch_size=2, step_cost_prior=0.04),
+    "cuda": _DeviceDefaults(node_pool_size=64, max_batch_size=16, step_cost_prior=0.002, max_ngram_tokens=4),
+    "cpu": _DeviceDefaults(node_pool_size=12, max_batch_size=2, step_cost_prior=0.04, max_ngram_tokens=12),
 }
 
 
@@ -168,7 +172,7 @@ class SpecConfig:
             max_batch_size=config.spec_max_batch_size or defaults.max_batch_size,
             max_kv_usage=config.spec_max_kv_usage,
             step_cost_prior=defaults.step_cost_prior if prior is None else prior,
-            max_ngram_tokens=config.spec_max_ngram_tokens,
+            max_ngram_tokens=config.spec_max_ngram_tokens or defaults.max_ngram_tokens,
             cuda_graphs=device_type == "cuda" and not config.enforce_eager,
             reply_store=_reply_store(config, mlp_dir) if use_ngram else None,
         )

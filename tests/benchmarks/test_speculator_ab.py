@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.speculator_ab import table, worker
+from benchmarks.speculator_ab import settings, table, worker
 from tests.tiny_models import make_tiny_model, make_tiny_speculator
 
 pytestmark = pytest.mark.usefixtures("restore_threads")
@@ -42,3 +42,21 @@ def test_unseeded_turns_draw_as_the_console_does(tmp_path: Path) -> None:
     entry = result[str(mlp)]
     assert entry["identical_to_plain"] is None  # no coupled draws to compare
     assert entry["tok_s"] > 0 and entry["verifications"] > 0
+
+
+def test_a_name_may_carry_engine_settings_so_two_settings_run_side_by_side(tmp_path: Path) -> None:
+    assert settings("default") == {"speculator": "default"}
+    assert settings("ngram@spec_max_ngram_tokens=4,spec_step_cost_prior=0.1,spec_tree=paths") == {
+        "speculator": "ngram",
+        "spec_max_ngram_tokens": 4,
+        "spec_step_cost_prior": 0.1,
+        "spec_tree": "paths",
+    }
+    with pytest.raises(SystemExit, match="key=value"):
+        settings("ngram@spec_max_ngram_tokens")
+    model = make_tiny_model("llama", tmp_path, max_position_embeddings=4096)
+    names = ["ngram@spec_max_ngram_tokens=1", "ngram@spec_max_ngram_tokens=8"]
+    result = worker(1, names, turns=2, n=12, model=str(model))
+    for name, tokens in zip(names, (1, 8), strict=True):
+        assert result[name]["identical_to_plain"] == 2 and result[name]["max_ngram_tokens"] == tokens
+    assert result[names[0]]["tokens_per_verification"] <= 2.0  # one draft token at most a verification

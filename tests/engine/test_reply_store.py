@@ -67,15 +67,17 @@ def test_bad_lengths_are_refused() -> None:
 
 
 def test_the_ngram_speculator_walks_the_store_only_where_it_gives_more() -> None:
-    store = ReplyStore([[10, 11, 12, 13, 14], [20, 21, 22, 23, 24]], max_n=3, min_n=2)
+    store = ReplyStore([[10, 11, 12, 13, 14, 15], [20, 21, 22, 23, 24]], max_n=3, min_n=2)
     ng = NgramSpeculator(max_n=3, min_n=2, store=store)
     assert ng.propose("a", [1, 10, 11], 3) == [12, 13, 14]  # nothing of its own: the store
     # The sequence's own continuation of full length wins over the store.
     assert ng.propose("b", [10, 11, 99, 98, 97, 10, 11], 3) == [99, 98, 97]
-    # A shorter own continuation (the sequence's [10, 11] is followed by 2 tokens) loses to a longer walk; an
+    # A shorter own continuation (the sequence's [10, 11] is followed by 3 tokens) loses to a longer walk; an
     # equally long one is kept.
-    assert ng.propose("c", [5, 10, 11, 10, 11], 3) == [12, 13, 14]
-    assert ng.propose("d", [5, 10, 11, 10, 11], 2) == [10, 11]
+    assert ng.propose("c", [5, 10, 11, 7, 10, 11], 4) == [12, 13, 14, 15]
+    assert ng.propose("d", [5, 10, 11, 7, 10, 11], 3) == [7, 10, 11]
+    # A loop is followed around, as far as asked: it beats the store.
+    assert ng.propose("loop", [5, 10, 11, 10, 11], 3) == [10, 11, 10]
     # Forgetting the observed replies keeps the frozen store.
     ng.observe_reply([30, 31, 32, 33])
     ng.clear_replies()

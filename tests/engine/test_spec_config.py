@@ -13,7 +13,8 @@ def test_device_defaults() -> None:
     assert cpu is not None and cuda is not None
     assert (cpu.node_pool_size, cpu.max_batch_size, cpu.step_cost_prior) == (12, 2, 0.04)
     assert (cuda.node_pool_size, cuda.max_batch_size, cuda.step_cost_prior) == (64, 16, 0.002)
-    assert (cpu.max_kv_usage, cpu.max_ngram_tokens, cpu.tree, cpu.tree_width) == (0.75, 4, "nodes", None)
+    assert (cpu.max_kv_usage, cpu.max_ngram_tokens, cpu.tree, cpu.tree_width) == (0.75, 12, "nodes", None)
+    assert cuda.max_ngram_tokens == 4
     assert cuda.cuda_graphs and not cpu.cuda_graphs
     assert (cpu.mlp_dir, cpu.use_ngram) == (None, True)
 

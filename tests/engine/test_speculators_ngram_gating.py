@@ -7,7 +7,7 @@ import time
 import pytest
 
 from specdesk.engine.speculators.gating import GatingConfig, SpeculationPolicy, best_num_tokens, expected_tokens
-from specdesk.engine.speculators.ngram import NgramSpeculator
+from specdesk.engine.speculators.ngram import LONG_MATCH, NgramSpeculator
 
 
 def test_continues_the_longest_earlier_suffix_in_the_sequence() -> None:
@@ -27,6 +27,32 @@ def test_longer_suffix_beats_a_more_recent_shorter_one() -> None:
     ng = NgramSpeculator(max_n=3, min_n=2)
     seq = [1, 2, 3, 10, 11, 5, 2, 3, 20, 21, 1, 2, 3]
     assert ng.propose("r", seq, 2) == [10, 11]  # [1, 2, 3] beats the later [2, 3] -> 20
+
+
+def test_a_loop_shorter_than_the_draft_is_followed_around() -> None:
+    """Where the suffix's last occurrence is followed by fewer than k tokens and the match spans that whole gap
+    (the sequence repeats its last period twice over), the draft repeats the period up to k; a gap the match
+    does not span is not a loop, and its continuation stays as short as it is."""
+    ng = NgramSpeculator(max_n=4, min_n=2)
+    assert ng.propose("loop", [9, 1, 2, 3, 1, 2, 3], 8) == [1, 2, 3, 1, 2, 3, 1, 2]
+    assert ng.propose("repeat", [4, 4, 4], 5) == [4, 4, 4, 4, 4]
+    assert ng.propose("loop", [9, 1, 2, 3, 1, 2, 3], 2) == [1, 2]  # within the period: as before
+    # [1, 2] last occurred before [7, 1, 2], but [5, 1, 2] != [7, 1, 2]: only those 3 tokens.
+    assert ng.propose("gap", [9, 5, 1, 2, 7, 1, 2], 5) == [7, 1, 2]
+    # The period's earlier copy must itself lie in the sequence: [3, 1, 2] after [1, 2] at its start is no loop.
+    assert ng.propose("start", [1, 2, 3, 1, 2], 5) == [3, 1, 2]
+
+
+def test_a_match_reaching_far_back_may_draft_up_to_longest() -> None:
+    """A passage the sequence repeats (its match reaches LONG_MATCH tokens back) drafts up to `longest` tokens;
+    an ordinary match keeps k, whatever `longest` says."""
+    passage = list(range(100, 100 + LONG_MATCH))
+    seq = [7, *passage, 1, 2, 3, 4, 5, 6, 7, 8, 9, *passage]
+    ng = NgramSpeculator(max_n=4, min_n=2)
+    assert ng.propose("long", seq, 2, longest=8) == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert ng.propose("long", seq, 2) == [1, 2]  # no longest: k
+    short = [7, 8, *passage[-LONG_MATCH + 1 :], 1, 2, 3, 4, 5, 6, 7, 8, 9, *passage]  # one token short of it
+    assert ng.propose("short", short, 2, longest=8) == [1, 2]
 
 
 def test_replies_store_is_used_across_conversations_and_bounded() -> None:

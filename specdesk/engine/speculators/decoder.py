@@ -25,6 +25,7 @@ from specdesk.engine.config import SpecConfig
 from specdesk.engine.grammar.state import MAX_FORCED_TOKENS
 from specdesk.engine.model_runner import ForwardOutput, ModelRunner
 from specdesk.engine.models.loader import CPU_KERNELS, LoadedModel
+from specdesk.engine.sampling_params import SamplingParams
 from specdesk.engine.scheduler import ScheduledSeq
 from specdesk.engine.sequence import Sequence
 from specdesk.engine.speculators import draft_vocab, reply_store
@@ -43,6 +44,10 @@ MLP_REST_STEPS = 15
 # Proposals the n-gram drafts rest where they are measured not to pay (gating.MeasuredRest; the C kernels' CPU
 # path): under the console's sampling a draft of the reply store is accepted about a fifth of the time.
 NGRAM_REST_STEPS = 30
+# An n-gram draft's length at most, unless its match reaches far back (ngram.LONG_MATCH) in a request that does
+# not penalize repeats: then up to SpecConfig.max_ngram_tokens. Longer drafts of ordinary matches, or of long
+# ones under the console's repetition penalty, ran 2-5 % slower for no more tokens (docs/benchmarks.md).
+NGRAM_TOKENS = 4
 # A draft of the reply store is proposed while its chain's estimated chance of acceptance is at least this many
 # times what one more verified token costs (in plain steps). A draft that pays its own verification needs a chance
 # above the cost; walked over held-out replies with the engine's step costs (0.15-0.2 of a step on a 2-core CPU),
@@ -216,8 +221,11 @@ class SpeculativeDecoder:
         if self.ngram is not None and (self.ngram_rest is None or self.ngram_rest.due()):
             min_prob = STORE_CHANCE_PER_COST * max(self.policy.cost_per_token, MIN_TOKEN_COST)
             for s in eligible:
-                k = min(depth[s.request_id] + 1, self.config.max_ngram_tokens)
-                draft = self.ngram.propose(s.request_id, s.token_ids, k, min_prob)
+                # The request's depth, within NGRAM_TOKENS; a match reaching far back may run to max_ngram_tokens,
+                # unless the request penalizes repeats: then the model is pushed off exactly such copies.
+                longest = self.config.max_ngram_tokens if _repeats_freely(s.params) else NGRAM_TOKENS
+                k = min(depth[s.request_id] + 1, NGRAM_TOKENS, self.config.max_ngram_tokens)
+                draft = self.ngram.propose(s.request_id, s.token_ids, k, min_prob, longest)
                 if draft:
                     paths[s.request_id].append(draft)
         # The MLP reads the hidden state after the last token: stale while forced tokens await their pass.
@@ -339,6 +347,11 @@ class SpeculativeDecoder:
             self.ngram.release(seq.request_id)
             if seq.num_output_tokens > 0:
                 self.ngram.observe_reply(seq.output_token_ids)
+
+
+def _repeats_freely(params: SamplingParams) -> bool:
+    """Whether nothing in the request's sampling penalizes tokens it has seen."""
+    return params.repetition_penalty <= 1.0 and params.frequency_penalty <= 0.0 and params.presence_penalty <= 0.0
 
 
 def _after_verified(seq: Sequence) -> bool:

@@ -5,7 +5,11 @@ across conversations (greetings, policies, sign-offs). For the last n tokens of 
 down to min_n) we look up where that n-gram occurred before and propose the k tokens that followed it,
 first in the sequence itself, then in a bounded store of earlier assistant replies. Where neither has
 k tokens, a frozen store of the model's own replies (`reply_store.py`, shipped with the default speculator)
-walks its most frequent continuations instead, when that gives more.
+walks its most frequent continuations instead, when that gives more. A sequence caught in a loop shorter than
+k (its suffix matches one period back, over the whole period) gets the loop repeated up to k tokens: its last
+occurrence is followed by fewer than k tokens, but the loop's next turn is the likeliest continuation there is.
+Where the sequence's own match reaches LONG_MATCH tokens back, the draft may be longer than the depth the
+request's measured acceptance gives (`longest`): such a match is a passage or loop that repeats whole.
 
 Both lookups are dict hits, not scans: an index maps each n-gram to the end of its latest occurrence
 that has a continuation. A sequence's index grows by max_n - min_n + 1 entries per new token, so a
@@ -21,6 +25,10 @@ from dataclasses import dataclass, field
 from specdesk.engine.speculators.reply_store import ReplyStore
 
 NGram = tuple[int, ...]
+# A match that reaches this far back is a passage the sequence repeats, mostly a loop: on the default model's
+# greedy replies such a match's next 8 tokens were accepted whole 9 times in 10, against 1 in 5 after a match
+# of 2 tokens (docs/benchmarks.md), so its draft may run longer than the request's depth.
+LONG_MATCH = 16
 
 
 @dataclass
@@ -55,29 +63,35 @@ class NgramSpeculator:
         self.store = store  # frozen: forget_replies / clear_replies leave it
 
     # ---- proposals ----------------------------------------------------------------------------------
-    def propose(self, request_id: str, token_ids: Sequence[int], k: int, min_prob: float = 0.0) -> list[int]:
+    def propose(
+        self, request_id: str, token_ids: Sequence[int], k: int, min_prob: float = 0.0, longest: int = 0
+    ) -> list[int]:  # fmt: skip
         """Up to k tokens that followed the longest matching suffix before; [] when nothing matches. A walk of
         the frozen store stops where its chain's estimated chance of acceptance falls below min_prob
-        (`ReplyStore.walk`)."""
+        (`ReplyStore.walk`). Where the sequence's own match reaches back LONG_MATCH tokens or more, its
+        continuation may run to `longest` tokens instead of k."""
         if k <= 0:
             return []
         index = self._sync(request_id, token_ids)
-        draft = self._lookup(index, k)
+        draft = self._lookup(index, k, longest)
         if len(draft) < k and self.store is not None:
             walked = self.store.walk(index.tokens, k, min_prob)
             if len(walked) > len(draft):
                 return walked
         return draft
 
-    def _lookup(self, index: _SequenceIndex, k: int) -> list[int]:
+    def _lookup(self, index: _SequenceIndex, k: int, longest: int) -> list[int]:
         """The sequence's own continuation, or the observed replies' where that is longer (see propose)."""
         tokens = index.tokens
         for n in range(min(self.max_n, len(tokens)), self.min_n - 1, -1):
             suffix = tuple(tokens[-n:])
             # The sequence itself first: its own numbers and phrases are the likeliest to come back.
             end = index.ends.get(suffix)
-            own = tokens[end : end + k] if end is not None else []
-            if len(own) == k:
+            own: list[int] = []
+            if end is not None:
+                reach = k if longest <= k or not _matches_back(tokens, end, LONG_MATCH) else longest
+                own = _continue(tokens, end, n, reach)
+            if len(own) >= k:
                 return own
             hit = self._reply_ends.get(suffix)
             other = self._replies[hit[0]][hit[1] : hit[1] + k] if hit is not None else []
@@ -142,3 +156,21 @@ class NgramSpeculator:
             for n in range(self.min_n, min(self.max_n, end) + 1):
                 index.ends[tuple(tokens[end - n : end])] = end
         return index
+
+
+def _matches_back(tokens: list[int], end: int, length: int) -> bool:
+    """Whether the `length` tokens before tokens[end] are the sequence's last `length`."""
+    return end >= length and tokens[end - length : end] == tokens[-length:]
+
+
+def _continue(tokens: list[int], end: int, n: int, k: int) -> list[int]:
+    """Up to k tokens from tokens[end], where tokens[end - n : end] matches the sequence's last n. Where those
+    run into the sequence's end and the match reaches back over the whole gap (the last 2 (len - end) tokens
+    repeat the same len - end), the sequence is looping: the draft goes on around the loop."""
+    period = len(tokens) - end
+    if period >= k or end < period:
+        return tokens[end : end + k]
+    for i in range(n, period):  # the n tokens at the end already match; check the rest of the period
+        if tokens[end - i - 1] != tokens[-i - 1]:
+            return tokens[end:]
+    return [tokens[end + i % period] for i in range(k)]
