@@ -1,0 +1,130 @@
+"""`python -m benchmarks.ngram_matches`: the n-gram speculator's drafts grouped by how far back their match reaches.
+
+The default speculative engine decodes `benchmarks.cpu`'s second turns (persona prompt, an earlier exchange,
+exactly `--max-tokens` tokens, nothing cached). Every n-gram draft the engine verifies is classed by where it
+came from: the conversation's own earlier text, by how many tokens before the matched occurrence agree with the
+sequence's last ones (2, 3, 4-7, 8-15, 16 or more), or elsewhere (the replies this engine served, the frozen
+store's walk). Per class: drafts, their mean length, the mean tokens accepted of them, and the share accepted
+whole. What `ngram.LONG_MATCH` and `decoder.NGRAM_TOKENS` rest on.
+
+    python -m benchmarks.ngram_matches --threads 2 --turns 16 --repetition-penalty 1.0 \\
+        --out docs/bench_ngram_matches_no_penalty.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from benchmarks.common import write_results
+from benchmarks.cpu import second_turns
+from specdesk.engine.llm import LLM
+from specdesk.engine.sampling_params import SamplingParams
+from specdesk.engine.speculators.ngram import NgramSpeculator
+
+BUCKETS = (2, 3, 4, 8, 16)  # a class starts at each; the last is open
+MOST = 64  # the reach is counted up to this
+
+
+def match_class(ngram: NgramSpeculator, request_id: str, draft: list[int]) -> str:
+    """ "own N+" (the sequence's own match, reaching back at least bucket N) or "elsewhere" for a draft the
+    n-gram just proposed for this request."""
+    index = ngram._sequences[request_id]  # the request's index, as propose() left it
+    tokens = index.tokens
+    for n in range(min(ngram.max_n, len(tokens)), ngram.min_n - 1, -1):
+        end = index.ends.get(tuple(tokens[-n:]))
+        if end is None:
+            continue
+        period = len(tokens) - end  # the continuation, followed around a loop as propose() does
+        if all(d == tokens[end + i % period] for i, d in enumerate(draft)):
+            reach = n
+            while reach < min(MOST, end) and tokens[end - reach - 1] == tokens[-reach - 1]:
+                reach += 1
+            return f"own {max(b for b in BUCKETS if b <= reach)}+"
+        break  # propose() took the longest match: another source gave this draft
+    return "elsewhere"
+
+
+def trace(llm: LLM, prompts: Sequence[list[int]], params: SamplingParams) -> dict[str, dict[str, float]]:
+    """Decode every prompt on the speculative engine, classing each verified n-gram draft (see the module)."""
+    spec = llm.engine.speculation
+    assert spec is not None and spec.ngram is not None, "an engine with the n-gram speculator"
+    ngram, propose, record = spec.ngram, spec.ngram.propose, spec._record
+    last: dict[str, tuple[list[int], str]] = {}
+    rows: dict[str, list[tuple[int, int]]] = {}  # class -> (draft length, accepted of it)
+
+    def traced_propose(request_id: str, token_ids: Sequence[int], *args: Any, **kwargs: Any) -> list[int]:
+        draft = propose(request_id, token_ids, *args, **kwargs)
+        if draft:
+            last[request_id] = (draft, match_class(ngram, request_id, draft))
+        else:
+            last.pop(request_id, None)
+        return draft
+
+    def traced_record(seq: Any, tree: Any, acc: Any) -> None:
+        drafted = last.pop(seq.request_id, None)
+        if drafted is not None:
+            draft, cls = drafted
+            emitted = [tree.token(r) for r in acc.accepted_rows]
+            accepted = 0
+            while accepted < min(len(draft), len(emitted)) and draft[accepted] == emitted[accepted]:
+                accepted += 1
+            rows.setdefault(cls, []).append((len(draft), accepted))
+        record(seq, tree, acc)
+
+    ngram.propose, spec._record = traced_propose, traced_record  # type: ignore[method-assign]
+    try:
+        for i, ids in enumerate(prompts):
+            llm.reset_prefix_cache()
+            llm.forget_replies()
+            last.clear()
+            llm.generate([ids], replace(params, seed=i))
+    finally:
+        del ngram.propose, spec._record  # the class's methods again
+    order = [f"own {b}+" for b in BUCKETS] + ["elsewhere"]
+    return {
+        cls: {
+            "drafts": len(r),
+            "mean_length": sum(d for d, _ in r) / len(r),
+            "mean_accepted": sum(a for _, a in r) / len(r),
+            "accepted_whole": sum(a == d for d, a in r) / len(r),
+        }
+        for cls in order
+        if (r := rows.get(cls))
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="default: the built-in default model")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--turns", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--repetition-penalty", type=float, default=1.0, help="1.0: the library's default")
+    ap.add_argument("--out", default=None, help="write the table as JSON here")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    llm = LLM(args.model, quantization="auto", dtype="auto", speculator="auto", num_threads=args.threads)
+    try:
+        prompts = [llm.apply_chat_template(m) for m in second_turns(args.turns)]
+        params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True, repetition_penalty=args.repetition_penalty)
+        table = trace(llm, prompts, params)
+    finally:
+        llm.shutdown()
+    print("| match | drafts | mean length | mean accepted | accepted whole |\n|---|---|---|---|---|")
+    for cls, r in table.items():
+        print(f"| {cls} | {r['drafts']} | {r['mean_length']:.2f} | {r['mean_accepted']:.2f} | "
+              f"{100 * r['accepted_whole']:.0f} % |")  # fmt: skip
+    result = {"threads": args.threads, "turns": len(prompts), "max_tokens": args.max_tokens,
+              "repetition_penalty": args.repetition_penalty, "classes": table}  # fmt: skip
+    write_results("benchmarks.ngram_matches", args.out, [result], argv)
+    print(json.dumps(result["classes"]) if args.out is None else f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""benchmarks.ngram_matches: n-gram drafts classed by how far back their match reaches, on a real (tiny) engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from benchmarks.ngram_matches import match_class, trace
+from specdesk.engine import LLM, SamplingParams
+from specdesk.engine.speculators.ngram import NgramSpeculator
+from tests.tiny_models import make_tiny_model
+
+pytestmark = pytest.mark.usefixtures("restore_threads")
+
+
+def test_a_draft_is_classed_by_its_source_and_reach() -> None:
+    ng = NgramSpeculator(max_n=4, min_n=2)
+    passage = list(range(100, 120))
+    seq = [7, *passage, 1, 2, 3, 9, *passage]  # the last 20 tokens occurred before, after a different token
+    assert ng.propose("a", seq, 3) == [1, 2, 3] and match_class(ng, "a", [1, 2, 3]) == "own 16+"
+    seq = [5, 1, 2, 3, 4, 6, 1, 2]  # [1, 2] matches 2 back, no further
+    assert ng.propose("b", seq, 2) == [3, 4] and match_class(ng, "b", [3, 4]) == "own 2+"
+    seq = [8, 1, 2, 3, 1, 2, 3]  # a loop of 3, followed around
+    assert ng.propose("c", seq, 5) == [1, 2, 3, 1, 2] and match_class(ng, "c", [1, 2, 3, 1, 2]) == "own 3+"
+    assert match_class(ng, "b", [40, 41]) == "elsewhere"  # not what the sequence's own match continues with
+
+
+def test_trace_counts_what_was_accepted_of_each_verified_draft(tmp_path: Path) -> None:
+    model = make_tiny_model("llama", tmp_path)
+    llm = LLM(model=str(model), dtype="float32", speculator="ngram", spec_max_batch_size=4)
+    try:
+        repetitive = [5, 6, 7, 8, 9, 10, 11, 12] * 6
+        table = trace(llm, [repetitive, repetitive[:-3]], SamplingParams(max_tokens=24, ignore_eos=True))
+        spec = llm.engine.speculation
+        assert spec is not None and spec.ngram is not None
+        # The engine's own methods again: nothing left wrapped.
+        assert "propose" not in vars(spec.ngram) and "_record" not in vars(spec)
+    finally:
+        llm.shutdown()
+    assert table and sum(r["drafts"] for r in table.values()) > 0
+    assert "own 16+" in table  # the prompt repeats a passage of 8 six times
+    for r in table.values():
+        assert 0.0 <= r["mean_accepted"] <= r["mean_length"] and 0.0 <= r["accepted_whole"] <= 1.0
