@@ -54,7 +54,7 @@ def trace(llm: LLM, prompts: Sequence[list[int]], params: SamplingParams) -> dic
     """Decode every prompt on the speculative engine, classing each verified n-gram draft (see the module)."""
     spec = llm.engine.speculation
     assert spec is not None and spec.ngram is not None, "an engine with the n-gram speculator"
-    ngram, propose, record = spec.ngram, spec.ngram.propose, spec._record
+    ngram, propose, record, step = spec.ngram, spec.ngram.propose, spec._record, spec.propose
     last: dict[str, tuple[list[int], str]] = {}
     rows: dict[str, list[tuple[int, int]]] = {}  # class -> (draft length, accepted of it)
 
@@ -65,6 +65,10 @@ def trace(llm: LLM, prompts: Sequence[list[int]], params: SamplingParams) -> dic
         else:
             last.pop(request_id, None)
         return draft
+
+    def traced_step(*args: Any, **kwargs: Any) -> None:
+        last.clear()  # a draft proposed last step but never verified (cut, pruned) is not this step's
+        step(*args, **kwargs)
 
     def traced_record(seq: Any, tree: Any, acc: Any) -> None:
         drafted = last.pop(seq.request_id, None)
@@ -77,7 +81,7 @@ def trace(llm: LLM, prompts: Sequence[list[int]], params: SamplingParams) -> dic
             rows.setdefault(cls, []).append((len(draft), accepted))
         record(seq, tree, acc)
 
-    ngram.propose, spec._record = traced_propose, traced_record  # type: ignore[method-assign]
+    ngram.propose, spec._record, spec.propose = traced_propose, traced_record, traced_step  # type: ignore[method-assign]
     try:
         for i, ids in enumerate(prompts):
             llm.reset_prefix_cache()
@@ -85,12 +89,13 @@ def trace(llm: LLM, prompts: Sequence[list[int]], params: SamplingParams) -> dic
             last.clear()
             llm.generate([ids], replace(params, seed=i))
     finally:
-        del ngram.propose, spec._record  # the class's methods again
+        del ngram.propose, spec._record, spec.propose  # the class's methods again
     order = [f"own {b}+" for b in BUCKETS] + ["elsewhere"]
     return {
         cls: {
             "drafts": len(r),
             "mean_length": sum(d for d, _ in r) / len(r),
+            "longest": max(d for d, _ in r),
             "mean_accepted": sum(a for _, a in r) / len(r),
             "accepted_whole": sum(a == d for d, a in r) / len(r),
         }
@@ -116,9 +121,9 @@ def main(argv: list[str] | None = None) -> None:
         table = trace(llm, prompts, params)
     finally:
         llm.shutdown()
-    print("| match | drafts | mean length | mean accepted | accepted whole |\n|---|---|---|---|---|")
+    print("| match | drafts | mean length | longest | mean accepted | accepted whole |\n|---|---|---|---|---|---|")
     for cls, r in table.items():
-        print(f"| {cls} | {r['drafts']} | {r['mean_length']:.2f} | {r['mean_accepted']:.2f} | "
+        print(f"| {cls} | {r['drafts']} | {r['mean_length']:.2f} | {r['longest']} | {r['mean_accepted']:.2f} | "
               f"{100 * r['accepted_whole']:.0f} % |")  # fmt: skip
     result = {"threads": args.threads, "turns": len(prompts), "max_tokens": args.max_tokens,
               "repetition_penalty": args.repetition_penalty, "classes": table}  # fmt: skip

@@ -15,8 +15,8 @@ verification, and whether its output equals plain decoding's (it must: speculati
     python -m benchmarks.speculator_ab default mlp:specdesk/engine/speculators/default ngram --threads 2
     python -m benchmarks.speculator_ab default@spec_max_ngram_tokens=4 default --threads 2
 
-A speculator's name may end in `@key=value[,key=value]`: EngineConfig settings for its engine alone (an int,
-a float or a string), so that two settings of one speculator run side by side.
+A speculator's name may end in `@key=value[,key=value]`: EngineConfig settings for its engine alone (true,
+false, none, an int, a float or a string), so that two settings of one speculator run side by side.
 """
 
 from __future__ import annotations
@@ -105,10 +105,14 @@ def settings(name: str) -> dict[str, Any]:
     """A speculator's name as EngineConfig settings: `speculator[@key=value[,key=value]]`."""
     speculator, _, rest = name.partition("@")
     out: dict[str, Any] = {"speculator": speculator}
+    words: dict[str, Any] = {"true": True, "false": False, "none": None}
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
         if not eq or not key:
             raise SystemExit(f"speculator {name!r}: expected speculator@key=value[,key=value]")
+        if value.lower() in words:
+            out[key] = words[value.lower()]
+            continue
         for kind in (int, float, str):
             try:
                 out[key] = kind(value)

@@ -36,7 +36,9 @@ class EngineConfig:
       tree it may choose); None = the device default (SpecConfig). spec_max_kv_usage: speculate only while at
       most this fraction of KV pages is in use. spec_step_cost_prior: the cost of one more verified token, in
       plain steps, assumed until it is measured; None = the device default. spec_max_ngram_tokens: the
-      n-gram draft's length at most; None = the device default. spec_reply_store: where a conversation has no
+      n-gram draft's length at most where the conversation's own match reaches 16 tokens back and the request
+      does not penalize repeats (other drafts: the request's depth, at most 4 and at most this); None = the
+      device default (12 on CPU, 4 on CUDA). spec_reply_store: where a conversation has no
       n-gram match of its own, draft from the speculator folder's store of the model's own replies
       (speculators/reply_store.py; the default model ships one); False: only the conversation and the replies
       this engine has served.
@@ -121,9 +123,9 @@ class _DeviceDefaults:
 # Where verifying an extra query token is nearly free until the batch fills the card (a GPU), speculation
 # pays up to IBM's batch of 16 and a wide node tree; on a CPU every verified token costs compute, so the
 # gate closes after batch 2 and the tree stays narrow. The prior is the cost of one more verified token
-# in plain steps, used until StepCost has measured it. The n-gram's drafts: on the CPU, where a verified
-# token costs, the policy sizes them by measured acceptance anyway, and a conversation that loops (a small
-# model's greedy text does) pays for 12 (docs/benchmarks.md); CUDA keeps 4 until measured there.
+# in plain steps, used until StepCost has measured it. The n-gram's drafts of a match reaching far back (a
+# passage or loop the conversation repeats; a small model's greedy text loops) are accepted nearly whole at 12
+# tokens on the CPU (docs/benchmarks.md); CUDA keeps 4 until measured there.
 _DEVICE_DEFAULTS = {
     "cuda": _DeviceDefaults(node_pool_size=64, max_batch_size=16, step_cost_prior=0.002, max_ngram_tokens=4),
     "cpu": _DeviceDefaults(node_pool_size=12, max_batch_size=2, step_cost_prior=0.04, max_ngram_tokens=12),

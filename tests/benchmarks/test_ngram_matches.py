@@ -26,19 +26,31 @@ def test_a_draft_is_classed_by_its_source_and_reach() -> None:
     assert match_class(ng, "b", [40, 41]) == "elsewhere"  # not what the sequence's own match continues with
 
 
-def test_trace_counts_what_was_accepted_of_each_verified_draft(tmp_path: Path) -> None:
-    model = make_tiny_model("llama", tmp_path)
-    llm = LLM(model=str(model), dtype="float32", speculator="ngram", spec_max_batch_size=4)
+def _trace(model: Path, penalty: float = 1.0, **settings: int) -> dict[str, dict[str, float]]:
+    llm = LLM(model=str(model), dtype="float32", speculator="ngram", spec_max_batch_size=4, **settings)
     try:
-        repetitive = [5, 6, 7, 8, 9, 10, 11, 12] * 6
-        table = trace(llm, [repetitive, repetitive[:-3]], SamplingParams(max_tokens=24, ignore_eos=True))
+        repetitive = [5, 6, 7, 8, 9, 10, 11, 12] * 6  # a passage of 8, six times: matches reach far back
+        params = SamplingParams(max_tokens=24, ignore_eos=True, repetition_penalty=penalty)
+        table = trace(llm, [repetitive, repetitive[:-3]], params)
         spec = llm.engine.speculation
         assert spec is not None and spec.ngram is not None
         # The engine's own methods again: nothing left wrapped.
-        assert "propose" not in vars(spec.ngram) and "_record" not in vars(spec)
+        assert "propose" not in vars(spec.ngram) and "_record" not in vars(spec) and "propose" not in vars(spec)
     finally:
         llm.shutdown()
+    return table
+
+
+def test_trace_counts_what_was_accepted_of_each_verified_draft(tmp_path: Path) -> None:
+    model = make_tiny_model("llama", tmp_path)
+    table = _trace(model)
     assert table and sum(r["drafts"] for r in table.values()) > 0
-    assert "own 16+" in table  # the prompt repeats a passage of 8 six times
     for r in table.values():
-        assert 0.0 <= r["mean_accepted"] <= r["mean_length"] and 0.0 <= r["accepted_whole"] <= 1.0
+        assert 0.0 <= r["mean_accepted"] <= r["mean_length"] <= r["longest"]
+        assert 0.0 <= r["accepted_whole"] <= 1.0
+    # The CPU's default: a match reaching 16 tokens back drafts up to 12 (ordinary ones at most 4).
+    assert table["own 16+"]["longest"] == 12
+    assert all(r["longest"] <= 4 for cls, r in table.items() if cls != "own 16+")
+    # Under a repetition penalty every draft keeps the request's depth (at most 4); a setting caps them all.
+    assert max(r["longest"] for r in _trace(model, penalty=1.1).values()) <= 4
+    assert max(r["longest"] for r in _trace(model, spec_max_ngram_tokens=2).values()) <= 2

@@ -46,6 +46,8 @@ def test_unseeded_turns_draw_as_the_console_does(tmp_path: Path) -> None:
 
 def test_a_name_may_carry_engine_settings_so_two_settings_run_side_by_side(tmp_path: Path) -> None:
     assert settings("default") == {"speculator": "default"}
+    assert settings("ngram@spec_reply_store=False,spec_pool_size=none") == {
+        "speculator": "ngram", "spec_reply_store": False, "spec_pool_size": None}  # fmt: skip
     assert settings("ngram@spec_max_ngram_tokens=4,spec_step_cost_prior=0.1,spec_tree=paths") == {
         "speculator": "ngram",
         "spec_max_ngram_tokens": 4,

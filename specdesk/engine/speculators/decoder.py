@@ -45,8 +45,8 @@ MLP_REST_STEPS = 15
 # path): under the console's sampling a draft of the reply store is accepted about a fifth of the time.
 NGRAM_REST_STEPS = 30
 # An n-gram draft's length at most, unless its match reaches far back (ngram.LONG_MATCH) in a request that does
-# not penalize repeats: then up to SpecConfig.max_ngram_tokens. Longer drafts of ordinary matches, or of long
-# ones under the console's repetition penalty, ran 2-5 % slower for no more tokens (docs/benchmarks.md).
+# not penalize repeats: then up to SpecConfig.max_ngram_tokens. Every draft up to 12 by the request's depth ran
+# 3-5 % slower under the console's penalty, for no more tokens a verification (docs/benchmarks.md).
 NGRAM_TOKENS = 4
 # A draft of the reply store is proposed while its chain's estimated chance of acceptance is at least this many
 # times what one more verified token costs (in plain steps). A draft that pays its own verification needs a chance
@@ -222,9 +222,9 @@ class SpeculativeDecoder:
             min_prob = STORE_CHANCE_PER_COST * max(self.policy.cost_per_token, MIN_TOKEN_COST)
             for s in eligible:
                 # The request's depth, within NGRAM_TOKENS; a match reaching far back may run to max_ngram_tokens,
-                # unless the request penalizes repeats: then the model is pushed off exactly such copies.
-                longest = self.config.max_ngram_tokens if _repeats_freely(s.params) else NGRAM_TOKENS
+                # unless the request penalizes repeats (then the model is pushed off exactly such copies): k.
                 k = min(depth[s.request_id] + 1, NGRAM_TOKENS, self.config.max_ngram_tokens)
+                longest = self.config.max_ngram_tokens if _repeats_freely(s.params) else k
                 draft = self.ngram.propose(s.request_id, s.token_ids, k, min_prob, longest)
                 if draft:
                     paths[s.request_id].append(draft)

@@ -13,7 +13,7 @@ request's measured acceptance gives (`longest`): such a match is a passage or lo
 
 Both lookups are dict hits, not scans: an index maps each n-gram to the end of its latest occurrence
 that has a continuation. A sequence's index grows by max_n - min_n + 1 entries per new token, so a
-proposal costs O(max_n + k) and keeping it current O(new tokens * max_n).
+proposal costs O(max_n + LONG_MATCH + k) and keeping it current O(new tokens * max_n).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from specdesk.engine.speculators.reply_store import ReplyStore
 NGram = tuple[int, ...]
 # A match that reaches this far back is a passage the sequence repeats, mostly a loop: on the default model's
 # greedy replies such a match's drafts of 12 tokens were accepted whole 85 % of the time, a 2-token match's of
-# about 3 tokens 22 % (benchmarks.ngram_matches), so its draft may run longer than the request's depth.
+# about 3.5 tokens 21 % (benchmarks.ngram_matches), so its draft may run longer than the request's depth.
 LONG_MATCH = 16
 
 
