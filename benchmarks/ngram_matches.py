@@ -25,7 +25,7 @@ from benchmarks.common import write_results
 from benchmarks.cpu import second_turns
 from specdesk.engine.llm import LLM
 from specdesk.engine.sampling_params import SamplingParams
-from specdesk.engine.speculators.ngram import NgramSpeculator
+from specdesk.engine.speculators.ngram import NgramSpeculator, continuation
 
 BUCKETS = (2, 3, 4, 8, 16)  # a class starts at each; the last is open
 MOST = 64  # the reach is counted up to this
@@ -40,8 +40,7 @@ def match_class(ngram: NgramSpeculator, request_id: str, draft: list[int]) -> st
         end = index.ends.get(tuple(tokens[-n:]))
         if end is None:
             continue
-        period = len(tokens) - end  # the continuation, followed around a loop as propose() does
-        if all(d == tokens[end + i % period] for i, d in enumerate(draft)):
+        if continuation(tokens, end, len(draft)) == draft:  # the continuation propose() drafts from this match
             reach = n
             while reach < min(MOST, end) and tokens[end - reach - 1] == tokens[-reach - 1]:
                 reach += 1

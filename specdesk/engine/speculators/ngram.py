@@ -90,7 +90,7 @@ class NgramSpeculator:
             own: list[int] = []
             if end is not None:
                 reach = k if longest <= k or not _matches_back(tokens, end, LONG_MATCH) else longest
-                own = _continue(tokens, end, n, reach)
+                own = continuation(tokens, end, reach)
             if len(own) >= k:
                 return own
             hit = self._reply_ends.get(suffix)
@@ -163,14 +163,11 @@ def _matches_back(tokens: list[int], end: int, length: int) -> bool:
     return end >= length and tokens[end - length : end] == tokens[-length:]
 
 
-def _continue(tokens: list[int], end: int, n: int, k: int) -> list[int]:
-    """Up to k tokens from tokens[end], where tokens[end - n : end] matches the sequence's last n. Where those
+def continuation(tokens: list[int], end: int, k: int) -> list[int]:
+    """Up to k tokens from tokens[end], where a suffix of the sequence matched the tokens before end. Where those
     run into the sequence's end and the match reaches back over the whole gap (the last 2 (len - end) tokens
     repeat the same len - end), the sequence is looping: the draft goes on around the loop."""
     period = len(tokens) - end
-    if period >= k or end < period:
+    if period >= k or not _matches_back(tokens, end, period):
         return tokens[end : end + k]
-    for i in range(n, period):  # the n tokens at the end already match; check the rest of the period
-        if tokens[end - i - 1] != tokens[-i - 1]:
-            return tokens[end:]
     return [tokens[end + i % period] for i in range(k)]
