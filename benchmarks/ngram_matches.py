@@ -7,6 +7,11 @@ sequence's last ones (2, 3, 4-7, 8-15, 16 or more), or elsewhere (the replies th
 store's walk). Per class: drafts, their mean length, the mean tokens accepted of them, and the share accepted
 whole. What `ngram.LONG_MATCH` and `decoder.NGRAM_TOKENS` rest on.
 
+Every decode step is classed too, by what it verified (its n-gram draft's class, the MLP's nodes alone, or no
+draft): steps, share of the decoding time, ms a step, draft nodes, tokens emitted, how many of them the MLP's
+nodes added beyond the n-gram draft, and how often the MLP proposed. What the MLP's rest (`decoder._mlp_pays`)
+rests on: where its nodes add next to nothing, a step with them costs more than the tokens they win.
+
     python -m benchmarks.ngram_matches --threads 2 --turns 16 --repetition-penalty 1.0 \\
         --out docs/bench_ngram_matches_no_penalty.json
 """
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -49,13 +55,17 @@ def match_class(ngram: NgramSpeculator, request_id: str, draft: list[int]) -> st
     return "elsewhere"
 
 
-def trace(llm: LLM, prompts: Sequence[list[int]], params: SamplingParams) -> dict[str, dict[str, float]]:
-    """Decode every prompt on the speculative engine, classing each verified n-gram draft (see the module)."""
-    spec = llm.engine.speculation
+def trace(llm: LLM, prompts: Sequence[list[int]], params: SamplingParams) -> dict[str, dict[str, dict[str, float]]]:
+    """Decode every prompt on the speculative engine. "drafts": each verified n-gram draft by its class (see the
+    module); "steps": every decode step by what it verified (its n-gram draft's class, "MLP alone", "no draft"),
+    with its wall time and what the MLP's nodes added to the n-gram draft's accepted tokens."""
+    engine, spec = llm.engine, llm.engine.speculation
     assert spec is not None and spec.ngram is not None, "an engine with the n-gram speculator"
-    ngram, propose, record, step = spec.ngram, spec.ngram.propose, spec._record, spec.propose
+    ngram, propose, record, step, engine_step = spec.ngram, spec.ngram.propose, spec._record, spec.propose, engine.step
     last: dict[str, tuple[list[int], str]] = {}
     rows: dict[str, list[tuple[int, int]]] = {}  # class -> (draft length, accepted of it)
+    now: dict[str, Any] = {}  # this step's verification (a lone sequence: one prompt at a time)
+    steps: dict[str, list[tuple[float, int, int, int, bool]]] = {}  # class -> (seconds, nodes, tokens, MLP's, MLP ran)
 
     def traced_propose(request_id: str, token_ids: Sequence[int], *args: Any, **kwargs: Any) -> list[int]:
         draft = propose(request_id, token_ids, *args, **kwargs)
@@ -71,16 +81,31 @@ def trace(llm: LLM, prompts: Sequence[list[int]], params: SamplingParams) -> dic
 
     def traced_record(seq: Any, tree: Any, acc: Any) -> None:
         drafted = last.pop(seq.request_id, None)
+        accepted = 0
         if drafted is not None:
             draft, cls = drafted
             emitted = [tree.token(r) for r in acc.accepted_rows]
-            accepted = 0
             while accepted < min(len(draft), len(emitted)) and draft[accepted] == emitted[accepted]:
                 accepted += 1
             rows.setdefault(cls, []).append((len(draft), accepted))
+        now.update(cls=drafted[1] if drafted else "MLP alone", nodes=tree.num_nodes, accepted=acc.num_accepted)
+        now["mlp"] = acc.num_accepted - accepted  # what the tree held beyond the n-gram draft's own tokens
         record(seq, tree, acc)
 
+    def traced_engine_step() -> Any:
+        running = engine.scheduler.running  # empty before a prompt's first chunk
+        decoding = bool(running) and all(s.num_output_tokens > 0 for s in running)  # not a prefill chunk
+        now.clear()
+        started = time.perf_counter()
+        deltas = engine_step()
+        seconds = time.perf_counter() - started
+        if decoding:
+            row = (seconds, now.get("nodes", 0), now.get("accepted", 0) + 1, now.get("mlp", 0), spec._mlp_ran)
+            steps.setdefault(now.get("cls", "no draft"), []).append(row)
+        return deltas
+
     ngram.propose, spec._record, spec.propose = traced_propose, traced_record, traced_step  # type: ignore[method-assign]
+    engine.step = traced_engine_step  # type: ignore[method-assign]
     try:
         for i, ids in enumerate(prompts):
             llm.reset_prefix_cache()
@@ -88,9 +113,9 @@ def trace(llm: LLM, prompts: Sequence[list[int]], params: SamplingParams) -> dic
             last.clear()
             llm.generate([ids], replace(params, seed=i))
     finally:
-        del ngram.propose, spec._record, spec.propose  # the class's methods again
+        del ngram.propose, spec._record, spec.propose, engine.step  # the class's methods again
     order = [f"own {b}+" for b in BUCKETS] + ["elsewhere"]
-    return {
+    drafts = {
         cls: {
             "drafts": len(r),
             "mean_length": sum(d for d, _ in r) / len(r),
@@ -101,6 +126,21 @@ def trace(llm: LLM, prompts: Sequence[list[int]], params: SamplingParams) -> dic
         for cls in order
         if (r := rows.get(cls))
     }
+    total = sum(row[0] for r in steps.values() for row in r)
+    by_step = {
+        cls: {
+            "steps": len(t),
+            "share_of_time": sum(row[0] for row in t) / total,
+            "ms_per_step": 1000 * sum(row[0] for row in t) / len(t),
+            "nodes": sum(row[1] for row in t) / len(t),
+            "tokens": sum(row[2] for row in t) / len(t),
+            "mlp_tokens": sum(row[3] for row in t) / len(t),
+            "mlp_proposed": sum(row[4] for row in t) / len(t),
+        }
+        for cls in [*order, "MLP alone", "no draft"]
+        if (t := steps.get(cls))
+    }
+    return {"drafts": drafts, "steps": by_step}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -121,11 +161,18 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         llm.shutdown()
     print("| match | drafts | mean length | longest | mean accepted | accepted whole |\n|---|---|---|---|---|---|")
-    for cls, r in table.items():
+    for cls, r in table["drafts"].items():
         print(f"| {cls} | {r['drafts']} | {r['mean_length']:.2f} | {r['longest']} | {r['mean_accepted']:.2f} | "
               f"{100 * r['accepted_whole']:.0f} % |")  # fmt: skip
+    print("\n| decode steps by what they verified | steps | share of time | ms a step | nodes | tokens | of them the "
+          "MLP's | MLP proposed |\n|---|---|---|---|---|---|---|---|")  # fmt: skip
+    for cls, r in table["steps"].items():
+        share, proposed = 100 * r["share_of_time"], 100 * r["mlp_proposed"]
+        print(f"| {cls} | {r['steps']} | {share:.1f} % | {r['ms_per_step']:.2f} | {r['nodes']:.2f} | "
+              f"{r['tokens']:.2f} | {r['mlp_tokens']:.2f} | {proposed:.0f} % |")  # fmt: skip
     result = {"threads": args.threads, "turns": len(prompts), "max_tokens": args.max_tokens,
-              "repetition_penalty": args.repetition_penalty, "classes": table}  # fmt: skip
+              "repetition_penalty": args.repetition_penalty, "classes": table["drafts"],
+              "steps": table["steps"]}  # fmt: skip
     write_results("benchmarks.ngram_matches", args.out, [result], argv)
     print(json.dumps(result["classes"]) if args.out is None else f"written to {args.out}")
 

@@ -27,6 +27,11 @@ def test_a_draft_is_classed_by_its_source_and_reach() -> None:
 
 
 def _trace(model: Path, penalty: float = 1.0, **settings: int) -> dict[str, dict[str, float]]:
+    """The drafts' table of `trace` (its steps' table checked in the test below)."""
+    return _both(model, penalty, **settings)["drafts"]
+
+
+def _both(model: Path, penalty: float = 1.0, **settings: int) -> dict[str, dict[str, dict[str, float]]]:
     llm = LLM(model=str(model), dtype="float32", speculator="ngram", spec_max_batch_size=4, **settings)
     try:
         repetitive = [5, 6, 7, 8, 9, 10, 11, 12] * 6  # a passage of 8, six times: matches reach far back
@@ -36,6 +41,7 @@ def _trace(model: Path, penalty: float = 1.0, **settings: int) -> dict[str, dict
         assert spec is not None and spec.ngram is not None
         # The engine's own methods again: nothing left wrapped.
         assert "propose" not in vars(spec.ngram) and "_record" not in vars(spec) and "propose" not in vars(spec)
+        assert "step" not in vars(llm.engine)
     finally:
         llm.shutdown()
     return table
@@ -54,3 +60,23 @@ def test_trace_counts_what_was_accepted_of_each_verified_draft(tmp_path: Path) -
     # Under a repetition penalty every draft keeps the request's depth (at most 4); a setting caps them all.
     assert max(r["longest"] for r in _trace(model, penalty=1.1).values()) <= 4
     assert max(r["longest"] for r in _trace(model, spec_max_ngram_tokens=2).values()) <= 2
+
+
+def test_trace_classes_every_decode_step_by_what_it_verified(tmp_path: Path) -> None:
+    """Every decode step (not the prompts' prefill) lands in one class; an n-gram-only engine's nodes are all its
+    n-gram drafts', so the MLP adds nothing and never proposes."""
+    model = make_tiny_model("llama", tmp_path)
+    table = _both(model)
+    steps, drafts = table["steps"], table["drafts"]
+    # Two replies of 24 tokens: the first of each from its prefill, the rest from decode steps (the last step's
+    # verification may accept past the reply's end, which is cut).
+    emitted = sum(r["steps"] * r["tokens"] for r in steps.values())
+    assert 2 * 23 <= emitted < 2 * 23 + 2 * 12
+    assert sum(r["share_of_time"] for r in steps.values()) == pytest.approx(1.0)
+    for cls, r in steps.items():
+        assert r["mlp_tokens"] == 0 and r["mlp_proposed"] == 0 and r["ms_per_step"] > 0
+        if cls != "no draft":
+            assert r["steps"] == drafts[cls]["drafts"] and r["nodes"] == pytest.approx(drafts[cls]["mean_length"])
+            assert r["tokens"] == pytest.approx(1 + drafts[cls]["mean_accepted"])
+        else:
+            assert r["nodes"] == 0 and r["tokens"] == 1
