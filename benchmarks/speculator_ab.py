@@ -8,8 +8,11 @@ a seed: a tree's drafts are then judged by rejection sampling, not against a cou
 the engine the console runs on a CPU (`quantization="auto"`: int8 wherever the kernels have a vector path). One
 engine per speculator, all alive in one process per thread count; each turn runs plain decoding and every
 speculator in an order that rotates from turn to turn. Reported per speculator: tokens/s end to end (submit to
-last token, prefill included) and from the first token to the last, their ratio to plain decoding, tokens per
-verification, and whether its output equals plain decoding's (it must: speculation is exact).
+last token, prefill included) and from the first token to the last, their ratio to plain decoding, the
+quartiles over its turns of each turn's decoding ratio to plain's run of the same prompt, tokens per
+verification, and whether its output equals plain decoding's (it must: speculation is exact). Two engines of
+the same settings in one process (`ngram@spec_reply_store=true ngram`, an A/A run) differed by up to 8 % on a
+shared 2-core machine: read a smaller difference as none.
 
     python -m benchmarks.speculator_ab default /path/to/other/speculator --out docs/bench_speculator_ab.json
     python -m benchmarks.speculator_ab default mlp:specdesk/engine/speculators/default ngram --threads 2
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from dataclasses import replace
@@ -55,6 +59,7 @@ def worker(
     names = ["plain", *speculators]
     seconds = dict.fromkeys(names, 0.0)
     decode = dict.fromkeys(names, 0.0)
+    turn_decode: dict[str, list[float]] = {k: [] for k in names}  # each turn's decoding seconds
     tokens: dict[str, list[list[int]]] = {k: [] for k in names}
     try:
         for llm in engines.values():
@@ -70,6 +75,7 @@ def worker(
                 out = llm.generate([ids], replace(params, speculate=name != "plain", seed=seed))[0]
                 seconds[name] += time.perf_counter() - start
                 decode[name] += out.metrics.decode_s
+                turn_decode[name].append(out.metrics.decode_s)
                 tokens[name].append(out.token_ids)
         result: dict[str, Any] = {"threads": threads, "turns": len(prompt_ids), "max_tokens": n,
                                   "prompt_tokens_mean": sum(map(len, prompt_ids)) / len(prompt_ids),
@@ -93,12 +99,24 @@ def worker(
                 entry |= {"tokens_per_verification": (accepted + steps) / steps, "identical_to_plain": same,
                           "verifications": steps, "accepted_drafts": accepted,
                           "reply_store": spec.reply_store if spec else None,
-                          "max_ngram_tokens": spec.max_ngram_tokens if spec else None}  # fmt: skip
+                          "max_ngram_tokens": spec.max_ngram_tokens if spec else None,
+                          "decode_vs_plain_by_turn": quartiles(turn_decode["plain"], turn_decode[name])}  # fmt: skip
             result[name] = entry
         return result
     finally:
         for llm in engines.values():
             llm.shutdown()
+
+
+def quartiles(plain: list[float], other: list[float]) -> list[float]:
+    """[q1, median, q3] of the turns' decoding speed against plain's (plain's seconds over the other's), each turn
+    paired with plain's run of the same prompt: how far one turn's ratio strays from another's, so that a
+    difference between two engines' totals can be set against it."""
+    ratios = [p / o for p, o in zip(plain, other, strict=True) if o > 0]
+    if len(ratios) < 2:
+        return ratios * 3
+    q1, median, q3 = statistics.quantiles(ratios, n=4)
+    return [q1, median, q3]
 
 
 def settings(name: str) -> dict[str, Any]:
@@ -123,18 +141,24 @@ def settings(name: str) -> dict[str, Any]:
 
 
 def table(results: list[dict[str, Any]], speculators: list[str]) -> str:
-    lines = ["| threads | plain tok/s | " + " | ".join(f"{s}: tok/s (vs plain), decode vs plain, tokens/verification"
-                                                     for s in speculators) + " |",
+    head = "tok/s (vs plain), decode vs plain (its turns' quartiles), tokens/verification"
+    lines = ["| threads | plain tok/s | " + " | ".join(f"{s}: {head}" for s in speculators) + " |",
              "|---|---|" + "---|" * len(speculators)]  # fmt: skip
     for r in results:
         plain = r["plain"]
         cells = [
             f"{r[s]['tok_s']:.1f} ({r[s]['tok_s'] / plain['tok_s']:.2f}x), "
-            f"{r[s]['decode_tok_s'] / plain['decode_tok_s']:.2f}x, {r[s]['tokens_per_verification']:.2f}"
+            f"{r[s]['decode_tok_s'] / plain['decode_tok_s']:.2f}x ({_spread(r[s])}), "
+            f"{r[s]['tokens_per_verification']:.2f}"
             for s in speculators
         ]
         lines.append(f"| {r['threads']} | {plain['tok_s']:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _spread(entry: dict[str, Any]) -> str:
+    q = entry.get("decode_vs_plain_by_turn")  # absent from runs recorded before it was
+    return f"{q[0]:.2f}-{q[2]:.2f}" if q else "n/a"
 
 
 def main(argv: list[str] | None = None) -> None:

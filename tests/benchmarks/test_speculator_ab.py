@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.speculator_ab import settings, table, worker
+from benchmarks.speculator_ab import quartiles, settings, table, worker
 from tests.tiny_models import make_tiny_model, make_tiny_speculator
 
 pytestmark = pytest.mark.usefixtures("restore_threads")
@@ -22,9 +22,18 @@ def test_every_speculator_is_timed_against_plain_decoding_and_gives_its_tokens(t
         assert entry["identical_to_plain"] == 3  # speculation is exact
         assert entry["tok_s"] > 0 and entry["decode_tok_s"] > 0 and entry["tokens_per_verification"] >= 1.0
         assert entry["reply_store"] is None  # a tiny model's speculators have no store of its replies
+        q1, median, q3 = entry["decode_vs_plain_by_turn"]  # the turns' own ratios to plain's, paired by prompt
+        assert 0 < q1 <= median <= q3
     assert result["plain"]["tok_s"] > 0
     row = table([result], ["ngram", str(mlp)]).splitlines()[-1]
-    assert row.startswith("| 1 | ") and row.count("x, ") == 2
+    assert row.startswith("| 1 | ") and row.count("x (") == 2 and row.count("), ") == 4
+
+
+def test_the_turns_quartiles_pair_each_turn_with_plains_run_of_it() -> None:
+    # Plain took 2 s on every turn; the other engine 1 s on three and 4 s on one: ratios 2, 2, 2 and 0.5.
+    q1, median, q3 = quartiles([2.0, 2.0, 2.0, 2.0], [1.0, 1.0, 4.0, 1.0])
+    assert median == 2.0 and q3 == 2.0 and q1 < 1.0
+    assert quartiles([2.0], [1.0]) == [2.0, 2.0, 2.0]  # one turn: no spread to give
 
 
 def test_sampled_turns_are_seeded_so_speculation_draws_plains_tokens(tmp_path: Path) -> None:
