@@ -32,6 +32,7 @@ from benchmarks.cpu import second_turns
 from specdesk.engine.llm import LLM
 from specdesk.engine.sampling_params import SamplingParams
 from specdesk.engine.speculators.ngram import NgramSpeculator, continuation
+from specdesk.engine.speculators.tree import common_prefix
 
 BUCKETS = (2, 3, 4, 8, 16)  # a class starts at each; the last is open
 MOST = 64  # the reach is counted up to this
@@ -84,12 +85,11 @@ def trace(llm: LLM, prompts: Sequence[list[int]], params: SamplingParams) -> dic
         accepted = 0
         if drafted is not None:
             draft, cls = drafted
-            emitted = [tree.token(r) for r in acc.accepted_rows]
-            while accepted < min(len(draft), len(emitted)) and draft[accepted] == emitted[accepted]:
-                accepted += 1
+            accepted = common_prefix(draft, [tree.token(r) for r in acc.accepted_rows])
             rows.setdefault(cls, []).append((len(draft), accepted))
-        now.update(cls=drafted[1] if drafted else "MLP alone", nodes=tree.num_nodes, accepted=acc.num_accepted)
-        now["mlp"] = acc.num_accepted - accepted  # what the tree held beyond the n-gram draft's own tokens
+        # "mlp": what the tree held beyond the n-gram draft's own tokens.
+        now.update(cls=drafted[1] if drafted else "MLP alone", nodes=tree.num_nodes, accepted=acc.num_accepted,
+                   mlp=acc.num_accepted - accepted)  # fmt: skip
         record(seq, tree, acc)
 
     def traced_engine_step() -> Any:
