@@ -96,10 +96,12 @@ def test_hidden_states_live_only_while_their_request_runs(model_dir: Path, mlp_d
     assert not engine.speculation.hidden
 
 
-def _int8_engine(model_dir: Path, mlp_dir: Path | None, request: pytest.FixtureRequest) -> LLMEngine:
+def _int8_engine(
+    model_dir: Path, mlp_dir: Path | None, request: pytest.FixtureRequest, **kw: object
+) -> LLMEngine:  # fmt: skip
     speculator = None if mlp_dir is None else str(mlp_dir)
     config = EngineConfig(model=str(model_dir), dtype="bfloat16", device="cpu", speculator=speculator,
-                          spec_max_batch_size=16, quantization="int8")  # fmt: skip
+                          spec_max_batch_size=16, quantization="int8", **kw)  # type: ignore[arg-type]  # fmt: skip
     engine = LLMEngine(config, load_model(config.model, "bfloat16", "cpu", quantization="int8"))
     request.addfinalizer(engine.close)  # the int8 runner holds the process's threads until then
     return engine
@@ -236,3 +238,41 @@ def test_the_ngram_drafts_rest_where_they_are_measured_not_to_pay(
     assert not proposed and spec.ngram_rest.resting == decoder_module.NGRAM_REST_STEPS - 11  # 11 decode steps
     elsewhere = _engine(model_dir, Path(f"{mlp_dir}+ngram")).speculation
     assert elsewhere is not None and elsewhere.ngram is not None and elsewhere.ngram_rest is None
+
+
+def test_the_ledger_prices_every_lone_mlp_step_and_rests_the_mlp_where_it_loses(
+    model_dir: Path, mlp_dir: Path, request: pytest.FixtureRequest
+) -> None:
+    """Where the MLP may rest, each lone step that verified its nodes goes into the ledger (tokens, the MLP's share
+    of them, its price: the proposal's seconds and more); once the ledger finds the MLP losing, it rests for the
+    ledger's rest, ranking nothing. Output stays plain's throughout."""
+    engine = _int8_engine(model_dir, mlp_dir, request)
+    spec = engine.speculation
+    assert spec is not None and spec.ledger is not None and spec.tree_kind is not None
+    spec._mlp_pays = lambda width: True  # type: ignore[method-assign]
+    spec.width.choose = lambda cost_per_token, limit, allow_none=None: 2  # type: ignore[method-assign]
+    ledger, records, asked = spec.ledger, [], []
+    record, rank = ledger.record, spec.tree_kind.rank
+    ledger.record = lambda *args: records.append(args) or record(*args)  # type: ignore[method-assign]
+    spec.tree_kind.rank = lambda *args: asked.append(1) or rank(*args)  # type: ignore[method-assign]
+    verdicts: list[bool | None] = [None]  # no verdict yet: the MLP proposes on every step
+    ledger.pays = lambda: verdicts[0]  # type: ignore[method-assign]
+
+    def run(engine: LLMEngine, max_tokens: int) -> list[int]:
+        engine.add_request(engine.tokenizer.encode(PROMPTS[1]), SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+        tokens: list[int] = []
+        while engine.has_work:
+            for delta in engine.step():
+                tokens += delta.token_ids
+        return tokens
+
+    reference = _int8_engine(model_dir, None, request)
+    assert run(engine, 16) == run(reference, 16)
+    assert 0 < len(records) <= len(asked)  # a step the budget left no draft for ranked, but verified nothing
+    assert all(0 <= added < emitted and cost > 0 and seconds > 0 for seconds, emitted, added, cost in records)
+    verdicts[0], asked[:], records[:] = False, [], []
+    assert run(engine, 16) == run(reference, 16)
+    assert not asked and not records  # ranked nothing, verified no MLP node
+    assert 0 < spec._mlp_rest < 15 and ledger._rest == 15  # the first rest ordered, and running down
+    off = _int8_engine(model_dir, mlp_dir, request, spec_mlp_ledger=False).speculation
+    assert off is not None and off.ledger is None and _engine(model_dir, mlp_dir).speculation.ledger is None

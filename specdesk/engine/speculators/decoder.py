@@ -17,6 +17,7 @@ One step for a speculating sequence (the algorithms are the other modules of thi
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -33,6 +34,7 @@ from specdesk.engine.speculators.acceptance import Acceptance
 from specdesk.engine.speculators.draft_penalty import DraftPenalty
 from specdesk.engine.speculators.gating import GatingConfig, MeasuredRest, SpeculationPolicy
 from specdesk.engine.speculators.mlp import MLPSpeculator
+from specdesk.engine.speculators.mlp_ledger import MLPLedger, tokens_added
 from specdesk.engine.speculators.ngram import NgramSpeculator
 from specdesk.engine.speculators.tree import DraftTree, build_tree, truncate
 from specdesk.engine.speculators.tree_kind import TreeKind, make_tree_kind
@@ -120,6 +122,13 @@ class SpeculativeDecoder:
         # Emitted tokens and seconds of lone decode steps without the MLP (moving sums): where resting is
         # allowed, the MLP rests whenever its best width's predicted tokens per second fall below these steps'.
         self._plain_tokens = self._plain_seconds = self._plain_steps = 0.0
+        # Where the MLP may rest, it also rests where its steps lose against themselves without it (mlp_ledger.py):
+        # this step's n-gram drafts beside the MLP's, the MLP's proposal seconds and (tokens added, nodes beyond
+        # the n-gram draft) of a lone step, after its pass.
+        self.ledger = MLPLedger(MLP_REST_STEPS) if c_kernels and self.mlp is not None and config.mlp_ledger else None
+        self._fixed: dict[str, list[list[int]]] = {}
+        self._proposal = 0.0
+        self._ledger_step: tuple[int, int] | None = None
         self.trees: dict[str, DraftTree] = {}
         self.paths: dict[str, tuple[list[list[int]], list[list[int]]]] = {}  # (n-gram, ranked MLP) per tree
         self.hidden: dict[str, torch.Tensor] = {}  # request id -> [hidden]: the state after its last token
@@ -166,6 +175,14 @@ class SpeculativeDecoder:
             return self.step_cost.prior
         return min(fitted[1] / (self._plain_seconds / self._plain_steps), 1.0)
 
+    def _mlp_fits(self) -> bool:
+        """False where the ledger finds that the MLP's steps lose against themselves without it: then it rests
+        (longer each time), ranking nothing this step."""
+        if self.ledger is None or self.config.tree_width is not None or self.ledger.pays() is not False:
+            return True
+        self._mlp_rest, self._mlp_ran = self.ledger.next_rest(), False
+        return False
+
     def _choose_width(self, limit: int) -> int:
         """The measured policy's width this step (0: rest the MLP); on the resting path, by the cadence."""
         if not self.width.allow_none:
@@ -193,6 +210,10 @@ class SpeculativeDecoder:
         that decided to rest verified no MLP node and counts for none."""
         if not self.width.allow_none or (self._mlp_ran and self._mlp_rest == 0):
             self.step_cost.record(verified, seconds)
+            fit = self.step_cost.fit()
+            if self.ledger is not None and self._ledger_step is not None and fit is not None:
+                added, extra = self._ledger_step
+                self.ledger.record(seconds, emitted, added, self._proposal + fit[1] * extra)
         elif not self._mlp_ran:
             if self.ngram_rest is not None:  # the n-gram's drafts alone, or no draft at all
                 self.ngram_rest.record(verified > 1, emitted, seconds)
@@ -205,6 +226,7 @@ class SpeculativeDecoder:
         self.trees.clear()
         self.paths.clear()
         self._mlp_ran = self._measuring = False  # until _mlp_due and _choose_width say otherwise (per step)
+        self._fixed, self._ledger_step = {}, None
         for s in running:  # last step's drafts of a sequence the budget left out must not be scheduled now
             s.draft_token_ids = []
         if not self.policy.should_speculate(len(running), kv_usage):
@@ -230,8 +252,9 @@ class SpeculativeDecoder:
                     paths[s.request_id].append(draft)
         # The MLP reads the hidden state after the last token: stale while forced tokens await their pass.
         with_hidden = [s for s in eligible if s.request_id in self.hidden and s.num_uncomputed_tokens == 1]
-        if self.mlp is not None and self.tree_kind is not None and with_hidden and self._mlp_due():
-            fixed = {s.request_id: list(paths[s.request_id]) for s in with_hidden}
+        if self.mlp is not None and self.tree_kind is not None and with_hidden and self._mlp_due() and self._mlp_fits():
+            started = time.perf_counter()
+            fixed = self._fixed = {s.request_id: list(paths[s.request_id]) for s in with_hidden}
             kind = self.tree_kind
             depths = [depth[s.request_id] for s in with_hidden]
             heads = min(self.mlp.n_predict, max(depths))
@@ -257,6 +280,7 @@ class SpeculativeDecoder:
                 paths[s.request_id] += kind.select(ranked, width)
                 if measure:
                     self.paths[s.request_id] = (fixed[s.request_id], ranked)
+            self._proposal = time.perf_counter() - started
         for s in eligible:
             if paths[s.request_id]:
                 tree = build_tree(paths[s.request_id])
@@ -294,6 +318,11 @@ class SpeculativeDecoder:
             if tree is not None and verdict.acceptance is not None:
                 self._moves(s, verdict.acceptance, src, dst)
                 self._record(s.seq, tree, verdict.acceptance)
+                fixed = self._fixed.get(s.seq.request_id)
+                if fixed is not None:  # the MLP's share of this step, for the ledger (lone steps take it)
+                    draft = fixed[0] if fixed else []
+                    extra = tree.num_nodes - min(len(draft), tree.num_nodes)
+                    self._ledger_step = (tokens_added(verdict.tokens, draft), extra)
                 if s.seq.request_id in self.paths:
                     self.width.record(*self.paths[s.seq.request_id], verdict.tokens)
             if self.mlp is not None:

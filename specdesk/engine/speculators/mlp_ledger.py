@@ -1,0 +1,71 @@
+"""What the MLP speculator adds, priced on the very steps it ran: each step against itself without the MLP.
+
+On the C kernels' CPU path a verified node costs a fifth of a plain step (AVX2) and ranking the MLP's pool a
+tenth or more, while beside an n-gram draft the MLP's nodes add a few hundredths to a few tenths of a token a
+step (`benchmarks.ngram_matches`, steps by what they verified). The decoder's width policy compares the MLP's
+steps with *other* steps, those taken while it rests, which draft differently; so it seldom rests where it does
+not pay. This ledger compares each MLP step with the same step without the MLP, which is known exactly after the
+pass:
+
+* the tokens the MLP added: the step emitted `e` tokens; its n-gram draft alone (verified in the same pass, its
+  nodes the tree's first) would have emitted its common prefix with them plus the base model's own token;
+* what the MLP cost: its proposal's measured seconds plus its nodes beyond the n-gram draft's at the fitted
+  seconds per verified token (`tree_width.StepCost`).
+
+The MLP pays while the steps' rate E / T is at least the rate without it, (E - A) / (T - C), over moving sums of
+its steps (E emitted, A added, T seconds, C its cost). Where it does not, it rests, for twice as long each time
+the verdict repeats (from MLP_REST_STEPS up to MAX_REST_STEPS), and comes back for one probe step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from specdesk.engine.speculators.tree import common_prefix
+
+# The longest rest the ledger orders (steps): a probe every ~240 steps costs ~0.5 % of the time where the MLP
+# does not pay, and where the text turns predictable the MLP is back within two replies of 128 tokens.
+MAX_REST_STEPS = 240
+
+
+def tokens_added(emitted: Sequence[int], ngram_draft: Sequence[int]) -> int:
+    """Tokens a step emitted beyond what its n-gram draft alone would have: that draft is accepted up to its
+    common prefix with the emitted tokens, then the base model's own token follows."""
+    return len(emitted) - min(common_prefix(ngram_draft, emitted) + 1, len(emitted))
+
+
+class MLPLedger:
+    """Moving sums over the MLP's lone decode steps of (seconds, tokens emitted, tokens it added, seconds it
+    cost), and the rest it orders when it does not pay."""
+
+    def __init__(self, rest_steps: int, decay: float = 0.95, min_weight: float = 8.0) -> None:
+        self.rest_steps, self.decay, self.min_weight = rest_steps, decay, min_weight
+        self.sums = [0.0, 0.0, 0.0, 0.0, 0.0]  # steps, seconds, emitted, added, cost
+        self._rest = 0  # the last rest ordered (0: none since the MLP last paid)
+        self._fresh = 0  # steps recorded since that rest
+
+    def record(self, seconds: float, emitted: int, added: int, cost: float) -> None:
+        """One lone step that verified MLP nodes: its wall time, its tokens, the MLP's share and price."""
+        d, s = self.decay, self.sums
+        for i, x in enumerate((1.0, seconds, float(emitted), float(added), cost)):
+            s[i] = d * s[i] + x
+        self._fresh += 1
+
+    def pays(self) -> bool | None:
+        """Whether the MLP's steps beat themselves without it; None until min_weight steps are in, and after a
+        rest until its probe step is."""
+        w, t, e, a, c = self.sums
+        if w < self.min_weight or (self._rest and not self._fresh):
+            return None
+        if t - c <= 0 or e - a <= 0:  # nothing left without the MLP: a fit gone wrong, not evidence against it
+            return True
+        paid = e / t >= (e - a) / (t - c)
+        if paid:
+            self._rest = 0
+        return paid
+
+    def next_rest(self) -> int:
+        """The rest to order now that the MLP does not pay: MLP_REST_STEPS, doubled while the verdict repeats."""
+        self._rest = min(2 * self._rest, MAX_REST_STEPS) if self._rest else self.rest_steps
+        self._fresh = 0
+        return self._rest
