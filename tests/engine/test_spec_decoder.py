@@ -243,35 +243,55 @@ def test_the_ngram_drafts_rest_where_they_are_measured_not_to_pay(
 def test_the_ledger_prices_every_lone_mlp_step_and_rests_the_mlp_where_it_loses(
     model_dir: Path, mlp_dir: Path, request: pytest.FixtureRequest
 ) -> None:
-    """Where the MLP may rest, each lone step that verified its nodes goes into the ledger (tokens, the MLP's share
-    of them, its price: the proposal's seconds and more); once the ledger finds the MLP losing, it rests for the
+    """Where the MLP may rest, each lone step that verified its nodes goes into the ledger with the MLP's share of
+    it: beside no n-gram draft every token but the base model's own and every node; beside an n-gram draft of
+    exactly the tokens plain decoding emits, no token. Once the ledger finds the MLP losing, it rests for the
     ledger's rest, ranking nothing. Output stays plain's throughout."""
-    engine = _int8_engine(model_dir, mlp_dir, request)
+    engine = _int8_engine(model_dir, Path(f"{mlp_dir}+ngram"), request)
     spec = engine.speculation
-    assert spec is not None and spec.ledger is not None and spec.tree_kind is not None
+    assert spec is not None and spec.ledger is not None and spec.tree_kind is not None and spec.ngram is not None
     spec._mlp_pays = lambda width: True  # type: ignore[method-assign]
     spec.width.choose = lambda cost_per_token, limit, allow_none=None: 2  # type: ignore[method-assign]
-    ledger, records, asked = spec.ledger, [], []
-    record, rank = ledger.record, spec.tree_kind.rank
-    ledger.record = lambda *args: records.append(args) or record(*args)  # type: ignore[method-assign]
+    ledger, records, asked, verified = spec.ledger, [], [], [0]
+    record, rank, lone = ledger.record, spec.tree_kind.rank, spec.record_lone_step
+
+    def counting_record(seconds: float, emitted: int, added: int, cost: float) -> None:
+        assert spec._ledger_step is not None and seconds > 0 and cost > 0
+        records.append((verified[0] - 1, emitted, added, spec._ledger_step[1]))  # nodes, tokens, the MLP's
+        record(seconds, emitted, added, cost)
+
+    def counting_lone(nodes: int, emitted: int, seconds: float) -> None:
+        verified[0] = nodes
+        lone(nodes, emitted, seconds)
+
+    ledger.record = counting_record  # type: ignore[method-assign]
+    spec.record_lone_step = counting_lone  # type: ignore[method-assign]
     spec.tree_kind.rank = lambda *args: asked.append(1) or rank(*args)  # type: ignore[method-assign]
     verdicts: list[bool | None] = [None]  # no verdict yet: the MLP proposes on every step
     ledger.pays = lambda: verdicts[0]  # type: ignore[method-assign]
+    prompt = engine.tokenizer.encode(PROMPTS[1])
 
-    def run(engine: LLMEngine, max_tokens: int) -> list[int]:
-        engine.add_request(engine.tokenizer.encode(PROMPTS[1]), SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+    def run(engine: LLMEngine) -> list[int]:
+        engine.add_request(prompt, SamplingParams(max_tokens=16, ignore_eos=True))
         tokens: list[int] = []
         while engine.has_work:
             for delta in engine.step():
                 tokens += delta.token_ids
         return tokens
 
-    reference = _int8_engine(model_dir, None, request)
-    assert run(engine, 16) == run(reference, 16)
+    expected = run(_int8_engine(model_dir, None, request))
+    spec.ngram.propose = lambda *args: []  # type: ignore[method-assign]
+    assert run(engine) == expected
     assert 0 < len(records) <= len(asked)  # a step the budget left no draft for ranked, but verified nothing
-    assert all(0 <= added < emitted and cost > 0 and seconds > 0 for seconds, emitted, added, cost in records)
+    assert all(added == emitted - 1 and extra == nodes > 0 for nodes, emitted, added, extra in records)
+    # The n-gram draft: the next 4 tokens plain decoding emits, deeper than the MLP's 3 heads reach.
+    spec.ngram.propose = lambda rid, ids, *args: expected[len(ids) - len(prompt) :][:4]  # type: ignore[method-assign]
+    records[:] = []
+    assert run(engine) == expected
+    assert records and all(added == 0 and extra < nodes for nodes, emitted, added, extra in records)
+    assert sum(emitted for _, emitted, _, _ in records) > 2 * len(records)  # the drafts were accepted
     verdicts[0], asked[:], records[:] = False, [], []
-    assert run(engine, 16) == run(reference, 16)
+    assert run(engine) == expected
     assert not asked and not records  # ranked nothing, verified no MLP node
     assert 0 < spec._mlp_rest < 15 and ledger._rest == 15  # the first rest ordered, and running down
     off = _int8_engine(model_dir, mlp_dir, request, spec_mlp_ledger=False).speculation

@@ -34,7 +34,7 @@ from specdesk.engine.speculators.acceptance import Acceptance
 from specdesk.engine.speculators.draft_penalty import DraftPenalty
 from specdesk.engine.speculators.gating import GatingConfig, MeasuredRest, SpeculationPolicy
 from specdesk.engine.speculators.mlp import MLPSpeculator
-from specdesk.engine.speculators.mlp_ledger import MLPLedger, tokens_added
+from specdesk.engine.speculators.mlp_ledger import MLPLedger, nodes_off_draft, tokens_added
 from specdesk.engine.speculators.ngram import NgramSpeculator
 from specdesk.engine.speculators.tree import DraftTree, build_tree, truncate
 from specdesk.engine.speculators.tree_kind import TreeKind, make_tree_kind
@@ -207,12 +207,13 @@ class SpeculativeDecoder:
         included. Where the MLP may rest, StepCost fits the MLP's steps (the cadence's measuring ones too: their
         share of the pool's ranking is part of what speculating costs) and the steps without it are
         `_mlp_pays`' other side, and also `ngram_rest`'s two sides (n-gram drafts alone, or no draft); the step
-        that decided to rest verified no MLP node and counts for none."""
+        that decided to rest verified no MLP node and counts for none. A step that verified MLP nodes also goes
+        into the ledger, with the MLP's share of it (`accept`) and price."""
         if not self.width.allow_none or (self._mlp_ran and self._mlp_rest == 0):
             self.step_cost.record(verified, seconds)
-            fit = self.step_cost.fit()
+            fit = self.step_cost.fit() if self._ledger_step is not None else None
             if self.ledger is not None and self._ledger_step is not None and fit is not None:
-                added, extra = self._ledger_step
+                added, extra = self._ledger_step  # and the ledger prices the MLP's share of this step
                 self.ledger.record(seconds, emitted, added, self._proposal + fit[1] * extra)
         elif not self._mlp_ran:
             if self.ngram_rest is not None:  # the n-gram's drafts alone, or no draft at all
@@ -321,8 +322,7 @@ class SpeculativeDecoder:
                 fixed = self._fixed.get(s.seq.request_id)
                 if fixed is not None:  # the MLP's share of this step, for the ledger (lone steps take it)
                     draft = fixed[0] if fixed else []
-                    extra = tree.num_nodes - min(len(draft), tree.num_nodes)
-                    self._ledger_step = (tokens_added(verdict.tokens, draft), extra)
+                    self._ledger_step = (tokens_added(verdict.tokens, draft), nodes_off_draft(tree, draft))
                 if s.seq.request_id in self.paths:
                     self.width.record(*self.paths[s.seq.request_id], verdict.tokens)
             if self.mlp is not None:

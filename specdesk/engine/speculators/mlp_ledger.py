@@ -7,24 +7,27 @@ steps with *other* steps, those taken while it rests, which draft differently; s
 not pay. This ledger compares each MLP step with the same step without the MLP, which is known exactly after the
 pass:
 
-* the tokens the MLP added: the step emitted `e` tokens; its n-gram draft alone (verified in the same pass, its
-  nodes the tree's first) would have emitted its common prefix with them plus the base model's own token;
-* what the MLP cost: its proposal's measured seconds plus its nodes beyond the n-gram draft's at the fitted
+* the tokens the MLP added: the step emitted `e` tokens; its n-gram draft alone (verified in the same pass)
+  would have emitted its common prefix with them plus the base model's own token;
+* what the MLP cost: its proposal's measured seconds plus its nodes off the n-gram draft's path at the fitted
   seconds per verified token (`tree_width.StepCost`).
 
 The MLP pays while the steps' rate E / T is at least the rate without it, (E - A) / (T - C), over moving sums of
 its steps (E emitted, A added, T seconds, C its cost). Where it does not, it rests, for twice as long each time
-the verdict repeats (from MLP_REST_STEPS up to MAX_REST_STEPS), and comes back for one probe step.
+the verdict repeats (from MLP_REST_STEPS up to MAX_REST_STEPS), and its sums start over (as gating.MeasuredRest's
+do): when it comes back, min_weight steps of its own judge it afresh, so text that turns predictable gets the MLP
+back after one rest.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from specdesk.engine.speculators.tree import common_prefix
+from specdesk.engine.speculators.tree import DraftTree, common_prefix
 
-# The longest rest the ledger orders (steps): a probe every ~240 steps costs ~0.5 % of the time where the MLP
-# does not pay, and where the text turns predictable the MLP is back within two replies of 128 tokens.
+# The longest rest the ledger orders (steps): where the MLP does not pay, ~10 steps of it in every ~250 (about
+# a quarter of a step's time lost in each, on the AVX2 CPU), and where the text turns predictable the MLP is
+# back within about two replies of 128 tokens.
 MAX_REST_STEPS = 240
 
 
@@ -32,6 +35,16 @@ def tokens_added(emitted: Sequence[int], ngram_draft: Sequence[int]) -> int:
     """Tokens a step emitted beyond what its n-gram draft alone would have: that draft is accepted up to its
     common prefix with the emitted tokens, then the base model's own token follows."""
     return len(emitted) - min(common_prefix(ngram_draft, emitted) + 1, len(emitted))
+
+
+def nodes_off_draft(tree: DraftTree, ngram_draft: Sequence[int]) -> int:
+    """The tree's nodes whose path from the root is not a prefix of the n-gram draft: the MLP's share of the pass
+    (a grammar may have pruned some of the draft's nodes, so they are not simply the first len(draft) rows)."""
+    on = {0}  # rows on the draft's path; parents come before their children
+    for row, (token, parent, depth) in enumerate(zip(tree.tokens, tree.parents, tree.depths, strict=True), start=1):
+        if parent in on and depth <= len(ngram_draft) and ngram_draft[depth - 1] == token:
+            on.add(row)
+    return tree.num_nodes - (len(on) - 1)
 
 
 class MLPLedger:
@@ -42,24 +55,21 @@ class MLPLedger:
         self.rest_steps, self.decay, self.min_weight = rest_steps, decay, min_weight
         self.sums = [0.0, 0.0, 0.0, 0.0, 0.0]  # steps, seconds, emitted, added, cost
         self._rest = 0  # the last rest ordered (0: none since the MLP last paid)
-        self._fresh = 0  # steps recorded since that rest
 
     def record(self, seconds: float, emitted: int, added: int, cost: float) -> None:
         """One lone step that verified MLP nodes: its wall time, its tokens, the MLP's share and price."""
         d, s = self.decay, self.sums
         for i, x in enumerate((1.0, seconds, float(emitted), float(added), cost)):
             s[i] = d * s[i] + x
-        self._fresh += 1
 
     def pays(self) -> bool | None:
-        """Whether the MLP's steps beat themselves without it; None until min_weight steps are in, and after a
-        rest until its probe step is."""
+        """Whether the MLP's steps beat themselves without it; None until min_weight steps are in (after a rest
+        too: its sums start over)."""
         w, t, e, a, c = self.sums
-        if w < self.min_weight or (self._rest and not self._fresh):
+        if w < self.min_weight:
             return None
-        if t - c <= 0 or e - a <= 0:  # nothing left without the MLP: a fit gone wrong, not evidence against it
-            return True
-        paid = e / t >= (e - a) / (t - c)
+        # Nothing left without the MLP (a fit gone wrong) is no evidence against it.
+        paid = t - c <= 0 or e - a <= 0 or e / t >= (e - a) / (t - c)
         if paid:
             self._rest = 0
         return paid
@@ -67,5 +77,5 @@ class MLPLedger:
     def next_rest(self) -> int:
         """The rest to order now that the MLP does not pay: MLP_REST_STEPS, doubled while the verdict repeats."""
         self._rest = min(2 * self._rest, MAX_REST_STEPS) if self._rest else self.rest_steps
-        self._fresh = 0
+        self.sums = [0.0] * len(self.sums)
         return self._rest
