@@ -211,8 +211,7 @@ class SpeculativeDecoder:
         into the ledger, with the MLP's share of it (`accept`) and price."""
         if not self.width.allow_none or (self._mlp_ran and self._mlp_rest == 0):
             self.step_cost.record(verified, seconds)
-            fit = self.step_cost.fit() if self._ledger_step is not None else None
-            if self.ledger is not None and self._ledger_step is not None and fit is not None:
+            if self.ledger is not None and self._ledger_step is not None and (fit := self.step_cost.fit()):
                 added, extra = self._ledger_step  # and the ledger prices the MLP's share of this step
                 self.ledger.record(seconds, emitted, added, self._proposal + fit[1] * extra)
         elif not self._mlp_ran:
@@ -319,7 +318,7 @@ class SpeculativeDecoder:
             if tree is not None and verdict.acceptance is not None:
                 self._moves(s, verdict.acceptance, src, dst)
                 self._record(s.seq, tree, verdict.acceptance)
-                fixed = self._fixed.get(s.seq.request_id)
+                fixed = self._fixed.get(s.seq.request_id) if self.ledger is not None else None
                 if fixed is not None:  # the MLP's share of this step, for the ledger (lone steps take it)
                     draft = fixed[0] if fixed else []
                     self._ledger_step = (tokens_added(verdict.tokens, draft), nodes_off_draft(tree, draft))

@@ -40,11 +40,13 @@ def tokens_added(emitted: Sequence[int], ngram_draft: Sequence[int]) -> int:
 def nodes_off_draft(tree: DraftTree, ngram_draft: Sequence[int]) -> int:
     """The tree's nodes whose path from the root is not a prefix of the n-gram draft: the MLP's share of the pass
     (a grammar may have pruned some of the draft's nodes, so they are not simply the first len(draft) rows)."""
-    on = {0}  # rows on the draft's path; parents come before their children
-    for row, (token, parent, depth) in enumerate(zip(tree.tokens, tree.parents, tree.depths, strict=True), start=1):
-        if parent in on and depth <= len(ngram_draft) and ngram_draft[depth - 1] == token:
-            on.add(row)
-    return tree.num_nodes - (len(on) - 1)
+    row = on = 0  # the draft walked down the trie (a row has at most one child per token)
+    for token in ngram_draft:
+        row = next((c for c in tree.children[row] if tree.token(c) == token), 0)
+        if row == 0:
+            break
+        on += 1
+    return tree.num_nodes - on
 
 
 class MLPLedger:
