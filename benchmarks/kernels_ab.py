@@ -1,18 +1,19 @@
 """`python -m benchmarks.kernels_ab`: the CPU console's engine end to end on the C kernels of a git revision
 against the same engine on the working tree's, side by side in one process per thread count.
 
-One engine (`quantization="auto"`, the console's path) runs every turn twice, once on each build of the
-kernels (the C sources of `--against`, default HEAD, and of the working tree, each compiled as
-`specdesk.kernels.cpu_lib` compiles them, into a folder of its own): `cpu_lib.library()` answers with one
-build or the other, and the engine calls the kernels through it on every pass. The turns are
-`benchmarks.cpu`'s (the second customer turn of held-out conversations under the console's persona prompt,
-`--max-tokens` tokens, repetition penalty 1.1, nothing cached), each first as a prefill alone (one token)
-and then whole, plain and with default speculation, the two builds in an order that rotates from turn to
-turn. Reported: prefill ms, tokens/s per turn (prefill included), the ratios, whether both builds gave the
-same tokens (a kernel change that keeps the arithmetic must; one that changes it may move a greedy choice),
-and, per build, on how many turns speculation gave plain decoding's tokens (all of them, or it is a bug). With
-`--quality`, each build's logits at every prompt position against the unquantized float32 model's (top-1
-agreement and KL): how a change of the arithmetic moved the quantized path's accuracy.
+One engine (`quantization="auto"`, the console's path) runs every turn twice, once on each build of the kernels
+(the C sources of `--against`, default HEAD, and of the working tree, each compiled as
+`specdesk.kernels.cpu_lib` compiles them, into a folder of its own): `cpu_lib.library()` answers with one build
+or the other, and the engine calls the kernels through it on every pass. The turns are `benchmarks.cpu`'s (the
+second customer turn of held-out conversations under the console's persona prompt, `--max-tokens` tokens,
+repetition penalty 1.1 or `--repetition-penalty`, nothing cached), each first as a prefill alone (one token) and
+then whole, plain and with default speculation, the two builds in an order that rotates from turn to turn.
+Reported: prefill ms, tokens/s per turn (prefill included) and decoding alone (after the first token), the
+ratios, whether both builds gave the same tokens (a kernel change that keeps the arithmetic must; one that
+changes it may move a greedy choice), and, per build, on how many turns speculation gave plain decoding's tokens
+(all of them, or it is a bug). With `--quality`, each build's logits at every prompt position against the
+unquantized float32 model's (top-1 agreement and KL): how a change of the arithmetic moved the quantized path's
+accuracy.
 
     python -m benchmarks.kernels_ab --out docs/bench_kernels_ab.json      # HEAD vs the working tree
     python -m benchmarks.kernels_ab --against HEAD~2 --threads 2 --quality
@@ -67,11 +68,13 @@ def against_reference(logits: list[Any], reference: list[Any]) -> dict[str, floa
 
 
 def worker(
-    threads: int, against: str, turns: int, n: int, model: str | None = None, quality: bool = False
-) -> dict[str, Any]:
+    threads: int, against: str, turns: int, n: int, model: str | None = None, quality: bool = False,
+    penalty: float = PENALTY,
+) -> dict[str, Any]:  # fmt: skip
     """Both builds at one thread count, in this process (model: default, the built-in default model). quality:
     also each build's prompt logits against the model's unquantized float32 ones (top-1 agreement and KL at
-    every prompt position): whether a change of the arithmetic moved the quantized path's accuracy."""
+    every prompt position): whether a change of the arithmetic moved the quantized path's accuracy. penalty:
+    the turns' repetition penalty (1.0: none, where speculation verifies its largest trees)."""
     import torch
 
     torch.set_num_threads(threads)
@@ -90,9 +93,9 @@ def worker(
             for switch.side in SIDES:  # warm-up on each build
                 llm.generate([[1, 2, 3]], SamplingParams(max_tokens=8, ignore_eos=True))
             prompt_ids = [llm.apply_chat_template(m) for m in second_turns(turns)]
-            params = SamplingParams(max_tokens=n, ignore_eos=True, repetition_penalty=PENALTY)
+            params = SamplingParams(max_tokens=n, ignore_eos=True, repetition_penalty=penalty)
             cases = [(s, run) for run in RUNS for s in SIDES]
-            seconds = dict.fromkeys(cases, 0.0)
+            seconds, decoding = dict.fromkeys(cases, 0.0), dict.fromkeys(cases, 0.0)
             tokens: dict[tuple[str, str], list[list[int]]] = {c: [] for c in cases}
             for i, ids in enumerate(prompt_ids):
                 for run in RUNS:
@@ -104,6 +107,7 @@ def worker(
                         start = time.perf_counter()
                         out = llm.generate([ids], turn)[0]
                         seconds[switch.side, run] += time.perf_counter() - start
+                        decoding[switch.side, run] += out.metrics.decode_s
                         tokens[switch.side, run].append(out.token_ids)
             logits = {}
             for switch.side in SIDES if quality else ():
@@ -120,6 +124,7 @@ def worker(
             reference.shutdown()
     result: dict[str, Any] = {
         "threads": threads, "against": against, "turns": len(prompt_ids), "max_tokens": n,
+        "repetition_penalty": penalty,
         "prompt_tokens": sum(map(len, prompt_ids)) / len(prompt_ids),
         "same_tokens": all(tokens["old", run] == tokens["new", run] for run in RUNS),
         "turns_alike": sum(a == b for a, b in zip(tokens["old", "plain"], tokens["new", "plain"], strict=True)),
@@ -132,6 +137,7 @@ def worker(
         result[f"{s}, prefill ms"] = 1000 * seconds[s, "prefill"] / len(prompt_ids)
         for run in RUNS[1:]:
             result[f"{s}, {run} tok/s"] = n * len(prompt_ids) / seconds[s, run]
+            result[f"{s}, {run} decode tok/s"] = (n - 1) * len(prompt_ids) / decoding[s, run]  # after the first
     return result
 
 
@@ -143,9 +149,10 @@ def table(results: list[dict[str, Any]]) -> str:
         lines.append(f"| {r['threads']} | prefill ms ({r['prompt_tokens']:.0f} tokens) | {old:.0f} | {new:.0f} | "
                      f"{old / new:.2f}x | {same} |")  # fmt: skip
         for run in RUNS[1:]:
-            old, new = r[f"old, {run} tok/s"], r[f"new, {run} tok/s"]
-            lines.append(f"| {r['threads']} | {run} tok/s per turn | {old:.1f} | {new:.1f} | {new / old:.2f}x | "
-                         f"{same} |")  # fmt: skip
+            for measure, what in ((f"{run} tok/s", "per turn"), (f"{run} decode tok/s", "decoding alone")):
+                old, new = r[f"old, {measure}"], r[f"new, {measure}"]
+                lines.append(f"| {r['threads']} | {run} tok/s {what} | {old:.1f} | {new:.1f} | {new / old:.2f}x | "
+                             f"{same} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -154,14 +161,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--against", default="HEAD", help="the git revision whose kernels are the 'old' side")
     ap.add_argument("--model", default=None, help="default: the built-in default model")
     ap.add_argument("--quality", action="store_true", help="also each build's prompt logits against float32's")
+    ap.add_argument("--repetition-penalty", type=float, default=PENALTY, help="1.1: the console's; 1.0: none")
     add_turn_args(ap)
     args = ap.parse_args(argv)
     if args.worker is not None:
-        result = worker(args.worker, args.against, args.turns, args.max_tokens, args.model, args.quality)
+        result = worker(
+            args.worker, args.against, args.turns, args.max_tokens, args.model, args.quality, args.repetition_penalty
+        )
         print(RESULT + json.dumps(result), flush=True)
         return
     extra = ["--against", args.against, *(["--model", args.model] if args.model else [])]
     extra += ["--quality"] if args.quality else []
+    extra += ["--repetition-penalty", str(args.repetition_penalty)]
     results = run_workers("benchmarks.kernels_ab", args, extra)
     print(table(results))
     for r in results:

@@ -25,7 +25,7 @@
 #define GQ 32
 #define KB 16
 #define PREFETCH 2 /* blocks ahead (prefetch_block) */
-#define PREFETCH_QUERIES 16 /* in tasks of at most this many queries */
+#define PREFETCH_QUERIES 16 /* in tasks of at most this many queries, and in every tree verification */
 
 typedef segment_pass group_tasks; /* cpu_attention.h */
 
@@ -116,6 +116,19 @@ static void run_group(const group_tasks *G, const attention_task *T, int64_t *sl
     /* Without a tree mask each token's list is the start of the task's last token's: one list serves all. */
     const int64_t last = q_start + (first + count - 1) / per_group;
     const int64_t n_last = A->tree_mask ? 0 : visible_range(A, last, lo, hi, slots);
+    /* With one, every token's list starts with the same context keys: that part is built once (`shared`, after
+     * the GQ lists), and a token's own list holds entries from `own` on (the block where the context ends),
+     * so its blocks before `own` read `shared`: no context walked per token, no block compared per query. */
+    const int64_t *shared = slots + GQ * list;
+    int64_t own = 0;
+    if (A->tree_mask) {
+        const int64_t context = A->seq_lens[seq] - (A->query_start[seq + 1] - q_start);
+        const int64_t in_context = (context < hi ? context : hi) - lo;
+        if (in_context > 0) {
+            visible_range(A, q_start, lo, lo + in_context, slots + GQ * list);
+            own = in_context / KB * KB;
+        }
+    }
     for (int64_t qi = 0; qi < count; qi++) {
         const int64_t token = q_start + (first + qi) / per_group, h = group * per_group + (first + qi) % per_group;
         query[qi] = token * A->heads + h;
@@ -126,19 +139,22 @@ static void run_group(const group_tasks *G, const attention_task *T, int64_t *sl
             keys[qi] = keys[qi - 1], n[qi] = n[qi - 1];
         } else {
             keys[qi] = slots + qi * list;
-            n[qi] = visible_range(A, token, lo, hi, slots + qi * list);
+            n[qi] = visible_range(A, token, lo + own, hi, slots + qi * list + own);
         }
         if (n[qi] > most) most = n[qi], longest = qi;
         if (T->split && T->seg == 0) G->counts[query[qi]] = n[qi];
     }
     const int64_t end = most < hi ? most : hi, row = (T->split ? SEGMENT : G->longest) + 8;
-    /* Prefetching pays where few queries share a block (decode, small trees): with many, each block's
-     * arithmetic hides the memory's latency, and the prefetches only cost instructions. */
-    const int prefetch = count <= PREFETCH_QUERIES;
+    /* Prefetching pays where few queries share a block (decode, small trees) and in a tree verification, whose
+     * keys come from memory (a step's weights have pushed them out of the caches) while its queries, up to 3 per
+     * node, hide too little of that (a tree of 17 on 1000 keys, 30 layers' pages: 1.2-1.5x with it,
+     * benchmarks.attention_ab); in a prefill chunk's many queries the prefetches only cost instructions. */
+    const int prefetch = count <= PREFETCH_QUERIES || A->tree_mask;
     const int64_t *ahead = keys[longest]; /* list entries lo .. end, from 0 */
     const uint16_t *kb = A->k_cache + group * d, *vb = A->v_cache + group * d;
     float seg_max[GQ], seg_sum[GQ], max[GQ], sum[GQ];
-    for (int64_t b = 0; prefetch && b < PREFETCH; b++) prefetch_block(kb, stride, ahead, b * KB, end - lo, d);
+    for (int64_t b = 0; prefetch && b < PREFETCH; b++)
+        prefetch_block(kb, stride, b * KB < own ? shared : ahead, b * KB, end - lo, d);
     /* The scores of every entry, then, segment by segment, its softmax, its weighted sum of V and the join: each
      * stream read front to back as one (the hardware's prefetchers follow it). */
     for (int pass = 0; pass < 2; pass++) {
@@ -154,15 +170,17 @@ static void run_group(const group_tasks *G, const attention_task *T, int64_t *sl
                 memset(acc + qi * d, 0, sizeof(float) * (size_t)d);
             }
             for (int64_t j0 = s0; j0 < s_end; j0 += KB) { /* a block of list entries at a time, in list order */
+                const int64_t next = j0 - lo + PREFETCH * KB, first_v = (j0 + PREFETCH * KB - end) / KB * KB;
                 if (prefetch && j0 + PREFETCH * KB < end) /* else the values' first blocks, after the keys */
-                    prefetch_block(base, stride, ahead, j0 - lo + PREFETCH * KB, end - lo, d);
+                    prefetch_block(base, stride, next < own ? shared : ahead, next, end - lo, d);
                 else if (prefetch && pass == 0)
-                    prefetch_block(vb, stride, ahead, (j0 + PREFETCH * KB - end) / KB * KB, end - lo, d);
+                    prefetch_block(vb, stride, first_v < own ? shared : ahead, first_v, end - lo, d);
                 const int64_t *have = NULL; /* the slots `rows` holds, for have_live entries */
                 int64_t have_live = 0;
                 for (int64_t qi = 0; qi < count; qi++) {
                     if (n[qi] <= j0) continue;
-                    const int64_t live = n[qi] - j0 < KB ? n[qi] - j0 : KB, *sl = keys[qi] + (j0 - lo);
+                    const int64_t live = n[qi] - j0 < KB ? n[qi] - j0 : KB;
+                    const int64_t *sl = (j0 - lo < own ? shared : keys[qi]) + (j0 - lo);
                     if (!have || have_live < live || (have != sl && memcmp(have, sl, sizeof(int64_t) * (size_t)live))) {
                         convert_rows(base, stride, sl, live, d, rows);
                         have = sl, have_live = live;
@@ -189,7 +207,7 @@ static void group_part(const void *a, int64_t part, int64_t parts) {
     static __thread size_t caps[5];
     const group_tasks *G = a;
     const int64_t d = G->A->head_dim;
-    int64_t *slots = scratch(&bufs[0], &caps[0], sizeof(int64_t) * (size_t)(GQ * (G->longest + 1)));
+    int64_t *slots = scratch(&bufs[0], &caps[0], sizeof(int64_t) * (size_t)((GQ + 1) * (G->longest + 1)));
     float *scores = scratch(&bufs[1], &caps[1], sizeof(float) * (size_t)(GQ * (G->longest + 8)));
     float *rows = scratch(&bufs[2], &caps[2], sizeof(float) * (size_t)(KB * d));
     float *acc = scratch(&bufs[3], &caps[3], sizeof(float) * (size_t)(GQ * d));

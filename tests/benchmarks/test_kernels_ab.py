@@ -25,9 +25,11 @@ def test_both_builds_run_every_turn_and_the_library_is_given_back(tmp_path: Path
     for side in ("old", "new"):
         assert result[f"{side}, prefill ms"] > 0
         assert result[f"{side}, plain tok/s"] > 0 and result[f"{side}, speculation tok/s"] > 0
+        assert result[f"{side}, plain decode tok/s"] > 0 and result[f"{side}, speculation decode tok/s"] > 0
         assert result["speculation_exact"][side] == 2  # speculation is exact on either build
     for q in result["vs_float32"].values():  # the int8 path against the same model in float32
         assert q["positions"] == 2 * result["prompt_tokens"] and 0 <= q["top1_percent"] <= 100 and q["kl"] >= 0
     assert 0 <= result["turns_alike"] <= 2
     rows = table([result]).splitlines()
-    assert len(rows) == 5 and rows[2].startswith("| 1 | prefill ms")
+    assert result["repetition_penalty"] == 1.1  # the console's, unless asked otherwise
+    assert len(rows) == 7 and rows[2].startswith("| 1 | prefill ms") and "decoding alone" in rows[4]
