@@ -137,7 +137,8 @@ def worker(
         result[f"{s}, prefill ms"] = 1000 * seconds[s, "prefill"] / len(prompt_ids)
         for run in RUNS[1:]:
             result[f"{s}, {run} tok/s"] = n * len(prompt_ids) / seconds[s, run]
-            result[f"{s}, {run} decode tok/s"] = (n - 1) * len(prompt_ids) / decoding[s, run]  # after the first
+            decoded = (n - 1) * len(prompt_ids)  # tokens after each turn's first (none at --max-tokens 1)
+            result[f"{s}, {run} decode tok/s"] = decoded / decoding[s, run] if decoded else 0.0
     return result
 
 

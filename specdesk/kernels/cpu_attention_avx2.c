@@ -29,6 +29,12 @@
 
 typedef segment_pass group_tasks; /* cpu_attention.h */
 
+/* The list that holds entry j (from lo) of a query's keys in a tree's task: the context part built once before
+ * `own`, the query's own list from there (run_group). */
+static inline const int64_t *list_at(const int64_t *shared, const int64_t *mine, int64_t own, int64_t j) {
+    return j < own ? shared : mine;
+}
+
 /* Rows slots[0 .. live) of the cache at base (a KV head's columns) as float32, kf[l * d ..]. */
 static void convert_rows(const uint16_t *base, int64_t stride, const int64_t *slots, int64_t live, int64_t d, float *kf) {
     for (int64_t l = 0; l < live; l++)
@@ -119,13 +125,12 @@ static void run_group(const group_tasks *G, const attention_task *T, int64_t *sl
     /* With one, every token's list starts with the same context keys: that part is built once (`shared`, after
      * the GQ lists), and a token's own list holds entries from `own` on (the block where the context ends),
      * so its blocks before `own` read `shared`: no context walked per token, no block compared per query. */
-    const int64_t *shared = slots + GQ * list;
-    int64_t own = 0;
+    int64_t *shared = slots + GQ * list, own = 0;
     if (A->tree_mask) {
         const int64_t context = A->seq_lens[seq] - (A->query_start[seq + 1] - q_start);
         const int64_t in_context = (context < hi ? context : hi) - lo;
         if (in_context > 0) {
-            visible_range(A, q_start, lo, lo + in_context, slots + GQ * list);
+            visible_range(A, q_start, lo, lo + in_context, shared);
             own = in_context / KB * KB;
         }
     }
@@ -154,7 +159,7 @@ static void run_group(const group_tasks *G, const attention_task *T, int64_t *sl
     const uint16_t *kb = A->k_cache + group * d, *vb = A->v_cache + group * d;
     float seg_max[GQ], seg_sum[GQ], max[GQ], sum[GQ];
     for (int64_t b = 0; prefetch && b < PREFETCH; b++)
-        prefetch_block(kb, stride, b * KB < own ? shared : ahead, b * KB, end - lo, d);
+        prefetch_block(kb, stride, list_at(shared, ahead, own, b * KB), b * KB, end - lo, d);
     /* The scores of every entry, then, segment by segment, its softmax, its weighted sum of V and the join: each
      * stream read front to back as one (the hardware's prefetchers follow it). */
     for (int pass = 0; pass < 2; pass++) {
@@ -170,17 +175,19 @@ static void run_group(const group_tasks *G, const attention_task *T, int64_t *sl
                 memset(acc + qi * d, 0, sizeof(float) * (size_t)d);
             }
             for (int64_t j0 = s0; j0 < s_end; j0 += KB) { /* a block of list entries at a time, in list order */
-                const int64_t next = j0 - lo + PREFETCH * KB, first_v = (j0 + PREFETCH * KB - end) / KB * KB;
-                if (prefetch && j0 + PREFETCH * KB < end) /* else the values' first blocks, after the keys */
-                    prefetch_block(base, stride, next < own ? shared : ahead, next, end - lo, d);
-                else if (prefetch && pass == 0)
-                    prefetch_block(vb, stride, first_v < own ? shared : ahead, first_v, end - lo, d);
+                if (prefetch && j0 + PREFETCH * KB < end) { /* else the values' first blocks, after the keys */
+                    const int64_t next = j0 - lo + PREFETCH * KB;
+                    prefetch_block(base, stride, list_at(shared, ahead, own, next), next, end - lo, d);
+                } else if (prefetch && pass == 0) {
+                    const int64_t next = (j0 + PREFETCH * KB - end) / KB * KB;
+                    prefetch_block(vb, stride, list_at(shared, ahead, own, next), next, end - lo, d);
+                }
                 const int64_t *have = NULL; /* the slots `rows` holds, for have_live entries */
                 int64_t have_live = 0;
                 for (int64_t qi = 0; qi < count; qi++) {
                     if (n[qi] <= j0) continue;
                     const int64_t live = n[qi] - j0 < KB ? n[qi] - j0 : KB;
-                    const int64_t *sl = (j0 - lo < own ? shared : keys[qi]) + (j0 - lo);
+                    const int64_t *sl = list_at(shared, keys[qi], own, j0 - lo) + (j0 - lo);
                     if (!have || have_live < live || (have != sl && memcmp(have, sl, sizeof(int64_t) * (size_t)live))) {
                         convert_rows(base, stride, sl, live, d, rows);
                         have = sl, have_live = live;
