@@ -10,7 +10,8 @@ unprofiled.
     python -m benchmarks.step_profile                                # CPU, default model, plain vs default
     python -m benchmarks.step_profile --device cuda --tree-width 64  # the GPU's node tree
     python -m benchmarks.step_profile --threads 2 --quantization int8 --tree-width 4  # the CPU's int8 path
-    python -m benchmarks.step_profile --threads 2 --quantization auto --second-turns --by-nodes  # what 2x takes
+    python -m benchmarks.step_profile --threads 2 --quantization auto --second-turns --by-nodes --alternate
+        # what 2x takes: the speculative steps by the nodes they verify, against plain turns run in between
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import collections
 import json
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -46,6 +48,16 @@ def _wrap(obj: Any, name: str, key: str, acc: Timings, sync: Callable[[], None],
 
 
 def profile(
+    llm: LLM, prompts: list[list[int]], max_tokens: int, sync: Callable[[], None], repetition_penalty: float = 1.0,
+    temperature: float = 0.0, top_p: float = 1.0, decode_only: bool = False,
+    record: list[tuple[int, int, float]] | None = None, clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, float]:  # fmt: skip
+    """`profile_legs` with one leg, the requests' default: ms per step of each phase, tokens per step, steps."""
+    return profile_legs(llm, prompts, max_tokens, sync, repetition_penalty, temperature, top_p, decode_only, record,
+                        clock)[None]  # fmt: skip
+
+
+def profile_legs(
     llm: LLM,
     prompts: list[list[int]],
     max_tokens: int,
@@ -56,12 +68,16 @@ def profile(
     decode_only: bool = False,
     record: list[tuple[int, int, float]] | None = None,
     clock: Callable[[], float] = time.perf_counter,
-) -> dict[str, float]:
-    """ms per step of each phase (nested phases are included in their parents), tokens per step and the steps
-    counted. decode_only: each request's prefill steps (through the one that emits its first token), which
-    dominate the means on long prompts, left out of every figure. record: each counted step's (draft nodes
-    verified, tokens emitted, seconds) is appended to it (`by_nodes`). clock: the timer (a test counts calls
-    with it instead)."""
+    legs: tuple[bool | None, ...] = (None,),
+) -> dict[bool | None, dict[str, float]]:
+    """Per leg: ms per step of each phase (nested phases are included in their parents), tokens per step and
+    the steps counted. decode_only: each request's prefill steps (through the one that emits its first token),
+    which dominate the means on long prompts, left out of every figure. record: each counted step's (draft
+    nodes verified, tokens emitted, seconds) is appended to it (`by_nodes`), except a plain leg's. clock: the
+    timer (a test counts calls with it instead). legs: the requests' `speculate` per leg (None: SamplingParams'
+    default); with two, each prompt runs in both, the order alternating prompt by prompt, so
+    that both legs see the same machine: a shared machine drifts by 10-20 % over minutes, which biased
+    by_nodes' plain reference where the plain engine ran first and alone."""
     engine = llm.engine
     acc: Timings = collections.defaultdict(float)
     phases: list[tuple[Any, str, str]] = [
@@ -83,7 +99,7 @@ def profile(
     saved = [(obj, name, vars(obj).get(name, _UNSET)) for obj, name, _ in phases]
     try:
         return _profile(engine, phases, acc, prompts, max_tokens, sync, repetition_penalty, temperature, top_p,
-                        decode_only, record, clock)  # fmt: skip
+                        decode_only, record, clock, legs)  # fmt: skip
     finally:
         for obj, name, old in reversed(saved):
             if old is _UNSET:
@@ -95,9 +111,9 @@ def profile(
 def _profile(
     engine: Any, phases: list[tuple[Any, str, str]], acc: Timings, prompts: list[list[int]], max_tokens: int,
     sync: Callable[[], None], repetition_penalty: float, temperature: float, top_p: float, decode_only: bool,
-    record: list[tuple[int, int, float]] | None, clock: Callable[[], float],
-) -> dict[str, float]:  # fmt: skip
-    """`profile`'s run, with the engine's phases wrapped here (and put back by `profile`)."""
+    record: list[tuple[int, int, float]] | None, clock: Callable[[], float], legs: tuple[bool | None, ...],
+) -> dict[bool | None, dict[str, float]]:  # fmt: skip
+    """`profile_legs`' run, with the engine's phases wrapped here (and put back by `profile_legs`)."""
     for obj, name, key in phases:
         _wrap(obj, name, key, acc, sync, clock)
     spec = engine.speculation
@@ -108,14 +124,14 @@ def _profile(
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, repetition_penalty=repetition_penalty,
                             temperature=temperature, top_p=top_p)  # fmt: skip
 
-    skipped = [0.0]  # seconds of the prefill steps left out (decode_only)
-
-    def run(ids: list[int]) -> tuple[int, int]:
-        # Nothing carried over from an earlier run of the same prompt (the warm-up's): no cached prompt pages,
-        # and no finished reply for the n-gram speculator to copy, which would inflate its acceptance.
+    def run(ids: list[int], leg: bool | None) -> tuple[int, int, float]:
+        """The prompt's steps and tokens counted, and their seconds (prefill's left out where decode_only)."""
+        start, skipped = clock(), 0.0
+        # Nothing carried over from an earlier run of the same prompt (the warm-up's, the other leg's): no cached
+        # prompt pages, and no finished reply for the n-gram speculator to copy, which would inflate acceptance.
         engine.block_manager.reset_prefix_cache()
         engine.forget_replies()
-        engine.add_request(ids, params)
+        engine.add_request(ids, params if leg is None else replace(params, speculate=leg))
         steps = tokens = 0
         prefilled = not decode_only
         while engine.has_work:
@@ -125,29 +141,35 @@ def _profile(
             if not prefilled:  # a prefill step (the last one emits the first token): out of every figure
                 acc.clear()
                 acc.update(before)
-                skipped[0] += clock() - started
+                skipped += clock() - started
                 prefilled = emitted > 0
                 continue
             steps += 1
             tokens += emitted
-            if record is not None:
+            if record is not None and leg is not False:
                 record.append((verified() - nodes, emitted, clock() - started))
-        return steps, tokens
+        return steps, tokens, clock() - start - skipped
 
     kept = len(record) if record is not None else 0
-    run(prompts[0])  # warm-up (a GPU compiles its kernels here)
+    for leg in legs:
+        run(prompts[0], leg)  # warm-up (a GPU compiles its kernels here)
     if record is not None:
         del record[kept:]  # the warm-up's steps
-    acc.clear()
-    skipped[0] = 0.0
-    steps = tokens = 0
-    start = clock()
-    for ids in prompts:
-        s, t = run(ids)
-        steps, tokens = steps + s, tokens + t
-    wall = clock() - start - skipped[0]
-    out = {"step (total)": 1e3 * wall / steps, "tokens per step": tokens / steps, "steps": float(steps)}
-    out.update({k: 1e3 * v / steps for k, v in acc.items()})
+    sums: dict[bool | None, list[float]] = {leg: [0, 0, 0.0] for leg in legs}  # steps, tokens, seconds
+    phase_sums: dict[bool | None, Timings] = {leg: collections.defaultdict(float) for leg in legs}
+    for i, ids in enumerate(prompts):
+        for leg in legs if i % 2 == 0 else legs[::-1]:
+            acc.clear()
+            steps, tokens, wall = run(ids, leg)
+            sums[leg][0] += steps
+            sums[leg][1] += tokens
+            sums[leg][2] += wall
+            for key, seconds in acc.items():
+                phase_sums[leg][key] += seconds
+    out: dict[bool | None, dict[str, float]] = {}
+    for leg, (counted, emitted, seconds) in sums.items():
+        out[leg] = {"step (total)": 1e3 * seconds / counted, "tokens per step": emitted / counted, "steps": counted}
+        out[leg].update({k: 1e3 * v / counted for k, v in phase_sums[leg].items()})
     return out
 
 
@@ -233,6 +255,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--by-nodes", action="store_true",
                     help="also group the speculative steps by the draft nodes they verified (by_nodes; "
                          "implies --decode-only)")  # fmt: skip
+    ap.add_argument("--alternate", action="store_true",
+                    help="one speculative engine; its plain leg is requests with speculate=False, the two legs "
+                         "taking turns prompt by prompt, so that both see the same machine (by_nodes' plain "
+                         "reference then drifts with the speculative steps it is compared with)")  # fmt: skip
     ap.add_argument("--out", default=None, help="also write the table as JSON here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -244,7 +270,12 @@ def main(argv: list[str] | None = None) -> None:
     messages = _first_user_turns(_eval_conversations(args.conversations), args.prompts + 1)[1:]
     results: dict[str, dict[str, float]] = {}
     record: list[tuple[int, int, float]] = []
-    for name, speculator in (("plain", None), (f"speculative ({args.speculator})", args.speculator)):
+    spec_name = f"speculative ({args.speculator})"
+    # (engine's speculator, {leg: the result's name}); alternating: one engine, both legs.
+    runs: list[tuple[str | None, dict[bool | None, str]]] = [
+        (args.speculator, {False: "plain", True: spec_name})] if args.alternate else [
+        (None, {None: "plain"}), (args.speculator, {None: spec_name})]  # fmt: skip
+    for speculator, names in runs:
         llm = LLM(model=args.model, dtype=args.dtype, device=args.device, num_threads=args.threads,
                   quantization=args.quantization, speculator=speculator,
                   spec_tree_width=args.tree_width if speculator else None)  # fmt: skip
@@ -256,9 +287,10 @@ def main(argv: list[str] | None = None) -> None:
                 prompts = [llm.apply_chat_template(m) for m in second_turns(args.prompts)]
             else:
                 prompts = [llm.encode(m) for m in messages]
-            results[name] = profile(llm, prompts, args.max_tokens, sync, args.repetition_penalty, args.temperature,
-                                    args.top_p, decode_only=args.decode_only or args.second_turns or args.by_nodes,
-                                    record=record if speculator and args.by_nodes else None)  # fmt: skip
+            legs = profile_legs(llm, prompts, args.max_tokens, sync, args.repetition_penalty, args.temperature,
+                                args.top_p, decode_only=args.decode_only or args.second_turns or args.by_nodes,
+                                record=record if speculator and args.by_nodes else None, legs=tuple(names))  # fmt: skip
+            results.update({names[leg]: legs[leg] for leg in names})
         finally:
             llm.engine.close()
     keys = list(dict.fromkeys(k for r in results.values() for k in r))

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from benchmarks.step_profile import by_nodes, profile
+from benchmarks.step_profile import by_nodes, profile, profile_legs
 from specdesk.engine import LLM, llm_engine
 from specdesk.engine.llm_engine import verify_step
 from tests.tiny_models import make_tiny_model
@@ -99,3 +100,29 @@ def test_by_nodes_without_a_fit_and_on_steps_that_emit_nothing() -> None:
         by_nodes([(0, 0, 0.004), (2, 1, 0.006)], plain_ms=4.0)  # a prefill chunk emits nothing
     with pytest.raises(ValueError):
         by_nodes([], plain_ms=4.0)
+
+
+def test_alternating_legs_take_turns_on_one_engine_and_record_only_speculation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = make_tiny_model("llama", tmp_path)
+    llm = LLM(model=str(model), dtype="float32", speculator="ngram", spec_max_batch_size=4)
+    llm.shutdown()
+    order: list[bool] = []
+    add_request = llm.engine.add_request
+
+    def spy(ids: list[int], params: Any) -> Any:
+        order.append(params.speculate)
+        return add_request(ids, params)
+
+    monkeypatch.setattr(llm.engine, "add_request", spy)
+    repetitive = [5, 6, 7, 8, 9] * 6
+    record: list[tuple[int, int, float]] = []
+    legs = profile_legs(llm, [repetitive, repetitive[:-1]], max_tokens=24, sync=lambda: None, decode_only=True,
+                        record=record, legs=(False, True))  # fmt: skip
+    # The warm-up in both legs, then each prompt in both, the first leg alternating prompt by prompt.
+    assert order == [False, True, False, True, True, False]
+    assert legs[False]["tokens per step"] == 1.0 < legs[True]["tokens per step"]
+    assert legs[False]["steps"] == 2 * 23  # every decode step of both prompts' 23 tokens after the first
+    # Only the speculative leg's steps are recorded, each one of its counted steps.
+    assert len(record) == legs[True]["steps"] and sum(e for _, e, _ in record) == 2 * 23
