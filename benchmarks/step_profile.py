@@ -155,15 +155,13 @@ def _profile(
         run(prompts[0], leg)  # warm-up (a GPU compiles its kernels here)
     if record is not None:
         del record[kept:]  # the warm-up's steps
-    sums: dict[bool | None, list[float]] = {leg: [0, 0, 0.0] for leg in legs}  # steps, tokens, seconds
+    sums: dict[bool | None, list[float]] = {leg: [0.0, 0.0, 0.0] for leg in legs}  # steps, tokens, seconds
     phase_sums: dict[bool | None, Timings] = {leg: collections.defaultdict(float) for leg in legs}
     for i, ids in enumerate(prompts):
         for leg in legs if i % 2 == 0 else legs[::-1]:
             acc.clear()
-            steps, tokens, wall = run(ids, leg)
-            sums[leg][0] += steps
-            sums[leg][1] += tokens
-            sums[leg][2] += wall
+            for j, value in enumerate(run(ids, leg)):
+                sums[leg][j] += value
             for key, seconds in acc.items():
                 phase_sums[leg][key] += seconds
     out: dict[bool | None, dict[str, float]] = {}
