@@ -22,7 +22,8 @@
 #include "cpu_common.h"
 
 #if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__) && !defined(SPECDESK_PER_QUERY)
-#define GQ 32
+#define GQ 64 /* queries a task may hold: a tree of up to 21 tokens (3 heads each) stays one task per KV head, cut by
+                * segment over the threads, so each key row is converted once (32 split trees of 11 and more in two) */
 #define KB 16
 #define PREFETCH 2 /* blocks ahead (prefetch_block) */
 #define PREFETCH_QUERIES 16 /* in tasks of at most this many queries, and in every tree verification */
@@ -60,8 +61,11 @@ static inline __attribute__((always_inline)) void score_keys(const __m256 *q, co
     for (int i = 0; i < keys; i++) s[i] = _mm256_mul_ps(q[0], _mm256_loadu_ps(r + i * d));
     for (int c = 1; c < chunks; c++)
         for (int i = 0; i < keys; i++) s[i] = _mm256_fmadd_ps(q[c], _mm256_loadu_ps(r + i * d + c * 8), s[i]);
-    for (int i = 0; i < keys; i += 4)
-        _mm_storeu_ps(out + i, _mm_mul_ps(hsum8x4(s[i], s[i + 1], s[i + 2], s[i + 3]), _mm_set1_ps(scale)));
+    if (keys == 8)
+        _mm256_storeu_ps(out, _mm256_mul_ps(hsum8x8(s), _mm256_set1_ps(scale)));
+    else
+        for (int i = 0; i < keys; i += 4)
+            _mm_storeu_ps(out + i, _mm_mul_ps(hsum8x4(s[i], s[i + 1], s[i + 2], s[i + 3]), _mm_set1_ps(scale)));
 }
 
 static inline __attribute__((always_inline)) void score_rows_n(const uint16_t *qh, const float *rows, int64_t live,
