@@ -28,7 +28,7 @@ def test_a_build_compared_with_itself_gives_the_same_bits(monkeypatch: pytest.Mo
     assert lib is not None
     rows = attention_ab.compare({"old": lib, "new": lib}, threads=2, rounds=1)
     assert [r["case"] for r in rows] == [*TINY, "cold"]
-    assert all(r["same_bits"] and r["old_ms"] > 0 and r["new_ms"] > 0 for r in rows)
+    assert all(r["same_bits"] and r["old_ms"] > 0 and r["new_ms"] > 0 and r["paired_ratio"] > 0 for r in rows)
 
 
 @pytest.mark.skipif(not _git_has_head(), reason="not a git checkout")
@@ -44,4 +44,4 @@ def test_head_against_the_working_tree(
     monkeypatch.setattr(attention_ab, "COLD_CASES", {})
     attention_ab.main(["--against", "HEAD", "--rounds", "1"])
     table = capsys.readouterr().out
-    assert "| prefill |" in table and "| tree |" in table and "old / new" in table
+    assert "| prefill |" in table and "| tree |" in table and "median round, old / new" in table
