@@ -11,7 +11,8 @@ unprofiled.
     python -m benchmarks.step_profile --device cuda --tree-width 64  # the GPU's node tree
     python -m benchmarks.step_profile --threads 2 --quantization int8 --tree-width 4  # the CPU's int8 path
     python -m benchmarks.step_profile --threads 2 --quantization auto --second-turns --by-nodes --alternate
-        # what 2x takes: the speculative steps by the nodes they verify, against plain turns run in between
+        # what 2x takes: the speculative steps by the nodes they verify, against plain turns run in between,
+        # and each phase's ms by those nodes (where a verified node's time goes)
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ def profile_legs(
     record: list[tuple[int, int, float]] | None = None,
     clock: Callable[[], float] = time.perf_counter,
     legs: tuple[bool | None, ...] = (None,),
+    phases: list[tuple[int, dict[str, float]]] | None = None,
 ) -> dict[bool | None, dict[str, float]]:
     """Per leg: ms per step of each phase (nested phases are included in their parents), tokens per step and
     the steps counted. decode_only: each request's prefill steps (through the one that emits its first token),
@@ -77,10 +79,11 @@ def profile_legs(
     timer (a test counts calls with it instead). legs: the requests' `speculate` per leg (None: SamplingParams'
     default); with two, each prompt runs in both, the order alternating prompt by prompt, so
     that both legs see the same machine: a shared machine drifts by 10-20 % over minutes, which biased
-    by_nodes' plain reference where the plain engine ran first and alone."""
+    by_nodes' plain reference where the plain engine ran first and alone. phases: beside each record entry,
+    (its nodes, that step's ms per phase) (`phases_by_nodes`)."""
     engine = llm.engine
     acc: Timings = collections.defaultdict(float)
-    phases: list[tuple[Any, str, str]] = [
+    wrapped: list[tuple[Any, str, str]] = [
         (engine.scheduler, "schedule", "schedule"),
         (engine.runner, "execute", "execute (pass + logits)"),
         (engine.runner, "prepare", "  prepare batch"),
@@ -92,14 +95,14 @@ def profile_legs(
     ]
     if engine.speculation is not None:
         spec = engine.speculation
-        phases += [(spec, "propose", "propose drafts"), (spec, "accept", "accept (KV moves, stats, hidden)"),
+        wrapped += [(spec, "propose", "propose drafts"), (spec, "accept", "accept (KV moves, stats, hidden)"),
                    (spec.width, "record", "  tree-width record")]  # fmt: skip
     # What the wrappers replace, put back when the profile ends: the engine (and verify_step, a module function)
     # as they were, for the next profile or engine.
-    saved = [(obj, name, vars(obj).get(name, _UNSET)) for obj, name, _ in phases]
+    saved = [(obj, name, vars(obj).get(name, _UNSET)) for obj, name, _ in wrapped]
     try:
-        return _profile(engine, phases, acc, prompts, max_tokens, sync, repetition_penalty, temperature, top_p,
-                        decode_only, record, clock, legs)  # fmt: skip
+        return _profile(engine, wrapped, acc, prompts, max_tokens, sync, repetition_penalty, temperature, top_p,
+                        decode_only, record, clock, legs, phases)  # fmt: skip
     finally:
         for obj, name, old in reversed(saved):
             if old is _UNSET:
@@ -112,6 +115,7 @@ def _profile(
     engine: Any, phases: list[tuple[Any, str, str]], acc: Timings, prompts: list[list[int]], max_tokens: int,
     sync: Callable[[], None], repetition_penalty: float, temperature: float, top_p: float, decode_only: bool,
     record: list[tuple[int, int, float]] | None, clock: Callable[[], float], legs: tuple[bool | None, ...],
+    step_phases: list[tuple[int, dict[str, float]]] | None,
 ) -> dict[bool | None, dict[str, float]]:  # fmt: skip
     """`profile_legs`' run, with the engine's phases wrapped here (and put back by `profile_legs`)."""
     for obj, name, key in phases:
@@ -147,14 +151,21 @@ def _profile(
             steps += 1
             tokens += emitted
             if record is not None and leg is not False:
-                record.append((verified() - nodes, emitted, clock() - started))
+                seconds = clock() - started
+                record.append((verified() - nodes, emitted, seconds))
+                if step_phases is not None:
+                    ms = {k: 1e3 * (v - before.get(k, 0.0)) for k, v in acc.items()}
+                    step_phases.append((verified() - nodes, {"step (total)": 1e3 * seconds, **ms}))
         return steps, tokens, clock() - start - skipped
 
     kept = len(record) if record is not None else 0
+    kept_phases = len(step_phases) if step_phases is not None else 0
     for leg in legs:
         run(prompts[0], leg)  # warm-up (a GPU compiles its kernels here)
     if record is not None:
         del record[kept:]  # the warm-up's steps
+    if step_phases is not None:
+        del step_phases[kept_phases:]
     sums: dict[bool | None, list[float]] = {leg: [0.0, 0.0, 0.0] for leg in legs}  # steps, tokens, seconds
     phase_sums: dict[bool | None, Timings] = {leg: collections.defaultdict(float) for leg in legs}
     for i, ids in enumerate(prompts):
@@ -186,12 +197,7 @@ def by_nodes(record: list[tuple[int, int, float]], plain_ms: float) -> dict[str,
     sizes: dict[int, list[tuple[int, float]]] = collections.defaultdict(list)
     for n, emitted, seconds in record:
         sizes[n].append((emitted, 1e3 * seconds))
-    drafted = [(float(n), 1e3 * s) for n, _, s in record if n > 0]
-    fit: tuple[float, float] | None = None
-    if len({n for n, _ in drafted}) > 1:  # plain float64 arithmetic
-        mx, my = sum(n for n, _ in drafted) / len(drafted), sum(m for _, m in drafted) / len(drafted)
-        b = sum((n - mx) * (m - my) for n, m in drafted) / sum((n - mx) ** 2 for n, _ in drafted)
-        fit = (my - b * mx, b)
+    fit = _fit([(float(n), 1e3 * s) for n, _, s in record if n > 0])
     rows = []
     for n in sorted(sizes):
         tokens, ms = sum(e for e, _ in sizes[n]), sum(m for _, m in sizes[n])
@@ -209,6 +215,40 @@ def by_nodes(record: list[tuple[int, int, float]], plain_ms: float) -> dict[str,
             "fit b (ms per node)": None if fit is None else fit[1], "sizes": rows,
             "speed vs plain": tokens * plain_ms / ms, "accepted nodes only (bound)": oracle,
             "accepted nodes only, drafting free (bound)": free}  # fmt: skip
+
+
+def _fit(points: list[tuple[float, float]]) -> tuple[float, float] | None:
+    """Least squares y = a + b x (plain float64 arithmetic), or None where x takes fewer than two values."""
+    if len({x for x, _ in points}) < 2:
+        return None
+    mx, my = sum(x for x, _ in points) / len(points), sum(y for _, y in points) / len(points)
+    b = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+    return my - b * mx, b
+
+
+def phases_by_nodes(steps: list[tuple[int, dict[str, float]]]) -> dict[str, Any]:
+    """Where a verified node's time goes: the speculative steps' ms per phase (profile_legs' `phases`), the mean
+    per number of draft nodes verified, and each phase's fitted ms per node over the steps that verified any (a
+    phase a step did not enter counts 0 there; None where fewer than two sizes verified nodes)."""
+    names = list(dict.fromkeys(k for _, ms in steps for k in ms))
+    sizes: dict[int, list[dict[str, float]]] = collections.defaultdict(list)
+    for n, ms in steps:
+        sizes[n].append(ms)
+    means = {n: {k: sum(ms.get(k, 0.0) for ms in sizes[n]) / len(sizes[n]) for k in names} for n in sorted(sizes)}
+    per_node = {}
+    for k in names:
+        fit = _fit([(float(n), ms.get(k, 0.0)) for n, ms in steps if n > 0])
+        per_node[k] = None if fit is None else fit[1]
+    return {"phases": names, "steps": {n: len(sizes[n]) for n in means}, "mean ms": means, "ms per node": per_node}
+
+
+def _print_phases_by_nodes(table: dict[str, Any]) -> None:
+    names = table["phases"]
+    print("\nms per step by phase, by draft nodes verified (the last row: each phase's fitted ms per node)\n")
+    print("| nodes | steps | " + " | ".join(k.strip() for k in names) + " |\n|---|---|" + "---|" * len(names))
+    for n, ms in table["mean ms"].items():
+        print(f"| {n} | {table['steps'][n]} | " + " | ".join(f"{ms[k]:.2f}" for k in names) + " |")
+    print("| per node | | " + " | ".join(_figure(table["ms per node"][k]) for k in names) + " |")
 
 
 def _figure(value: float | None, suffix: str = "") -> str:
@@ -268,6 +308,7 @@ def main(argv: list[str] | None = None) -> None:
     messages = _first_user_turns(_eval_conversations(args.conversations), args.prompts + 1)[1:]
     results: dict[str, dict[str, float]] = {}
     record: list[tuple[int, int, float]] = []
+    step_phases: list[tuple[int, dict[str, float]]] = []
     spec_name = f"speculative ({args.speculator})"
     # (engine's speculator, {leg: the result's name}); alternating: one engine, both legs.
     runs: list[tuple[str | None, dict[bool | None, str]]] = [
@@ -287,7 +328,8 @@ def main(argv: list[str] | None = None) -> None:
                 prompts = [llm.encode(m) for m in messages]
             legs = profile_legs(llm, prompts, args.max_tokens, sync, args.repetition_penalty, args.temperature,
                                 args.top_p, decode_only=args.decode_only or args.second_turns or args.by_nodes,
-                                record=record if speculator and args.by_nodes else None, legs=tuple(names))  # fmt: skip
+                                record=record if speculator and args.by_nodes else None, legs=tuple(names),
+                                phases=step_phases)  # fmt: skip
             results.update({names[leg]: legs[leg] for leg in names})
         finally:
             llm.engine.close()
@@ -301,6 +343,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.by_nodes and record:
         extra["by nodes"] = by_nodes(record, results["plain"]["step (total)"])
         _print_by_nodes(extra["by nodes"])
+        extra["phases by nodes"] = phases_by_nodes(step_phases)
+        _print_phases_by_nodes(extra["phases by nodes"])
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"args": vars(args), "results": results, **extra}, f, indent=2)

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks.step_profile import by_nodes, profile, profile_legs
+from benchmarks.step_profile import by_nodes, phases_by_nodes, profile, profile_legs
 from specdesk.engine import LLM, llm_engine
 from specdesk.engine.llm_engine import verify_step
 from tests.tiny_models import make_tiny_model
@@ -126,3 +126,39 @@ def test_alternating_legs_take_turns_on_one_engine_and_record_only_speculation(
     assert legs[False]["steps"] == 2 * 23  # every decode step of both prompts' 23 tokens after the first
     # Only the speculative leg's steps are recorded, each one of its counted steps.
     assert len(record) == legs[True]["steps"] and sum(e for _, e, _ in record) == 2 * 23
+
+
+def test_phases_by_nodes_means_and_slopes_of_a_known_record() -> None:
+    # The pass costs 4 + 2 per node ms, the proposal 1 ms wherever there are nodes; steps of 0, 1 and 3 nodes.
+    steps = [(0, {"step (total)": 5.0, "  model layers": 4.0}),
+             (1, {"step (total)": 8.0, "  model layers": 6.0, "propose drafts": 1.0}),
+             (3, {"step (total)": 12.0, "  model layers": 10.0, "propose drafts": 1.0}),
+             (3, {"step (total)": 12.0, "  model layers": 10.0, "propose drafts": 1.0})]  # fmt: skip
+    table = phases_by_nodes(steps)
+    assert table["phases"] == ["step (total)", "  model layers", "propose drafts"]
+    assert table["steps"] == {0: 1, 1: 1, 3: 2}
+    assert table["mean ms"][0] == {"step (total)": 5.0, "  model layers": 4.0, "propose drafts": 0.0}
+    assert table["mean ms"][3]["  model layers"] == 10.0
+    slopes = table["ms per node"]
+    assert abs(slopes["  model layers"] - 2.0) < 1e-9 and abs(slopes["step (total)"] - 2.0) < 1e-9
+    assert abs(slopes["propose drafts"]) < 1e-9
+    # One drafted size only: no slope.
+    assert phases_by_nodes(steps[:1] + steps[2:])["ms per node"]["  model layers"] is None
+
+
+def test_profile_records_each_recorded_steps_phases(tmp_path: Path) -> None:
+    model = make_tiny_model("llama", tmp_path)
+    llm = LLM(model=str(model), dtype="float32", speculator="ngram", spec_max_batch_size=4)
+    llm.shutdown()
+    repetitive = [5, 6, 7, 8, 9] * 6
+    record: list[tuple[int, int, float]] = []
+    phases: list[tuple[int, dict[str, float]]] = []
+    profile_legs(llm, [repetitive], max_tokens=24, sync=lambda: None, decode_only=True, record=record,
+                 legs=(False, True), phases=phases)  # fmt: skip
+    # One entry per recorded step (the warm-up's and the plain leg's left out), the same nodes and seconds.
+    assert [n for n, _ in phases] == [n for n, _, _ in record]
+    assert all(abs(ms["step (total)"] - 1e3 * s) < 1e-9 for (_, ms), (_, _, s) in zip(phases, record, strict=True))
+    # A step's phases fit inside it, and a step that verified nodes ran its pass.
+    for n, ms in phases:
+        assert ms["execute (pass + logits)"] + ms.get("propose drafts", 0.0) <= ms["step (total)"] + 1e-9
+        assert n == 0 or ms["  model layers"] > 0.0
