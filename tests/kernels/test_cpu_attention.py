@@ -165,12 +165,12 @@ def test_grouped_avx2_gives_the_per_query_bits(tmp_path_factory: pytest.TempPath
 
 
 @pytest.mark.usefixtures("kernel")
-@pytest.mark.parametrize("tree", [False, True])
-def test_a_step_cut_by_segment_keeps_its_bits(tree: bool) -> None:
-    """A decode step or a small tree on a long context has fewer tasks than two a thread, so the grouped paths
-    (AVX2, and AVX-512 BF16) run each KV head's list as segments of their own and join them after (run_split in
-    cpu_attention.c): the same bits as one thread running each list whole, and close to the twin."""
-    q_len = 5 if tree else 1
+@pytest.mark.parametrize(("tree", "q_len"), [(False, 1), (True, 5), (True, 13)])
+def test_a_step_cut_by_segment_keeps_its_bits(tree: bool, q_len: int) -> None:
+    """A decode step or a tree on a long context has fewer tasks than two a thread, so the grouped paths (AVX2,
+    and AVX-512 BF16) run each KV head's list as segments of their own and join them after (run_split in
+    cpu_attention.c): the same bits as one thread running each list whole, and close to the twin. A tree of 13
+    holds 39 queries per KV head: one AVX2 task (up to 64), where it had been two."""
     batch = make_batch([1500], [q_len], 9, 3, 64, PAGE, torch.bfloat16, "cpu", with_tree=tree, seed=31)
     batch = _amplify(batch, [1500 - q_len])
     whole = _attend(batch, threads=1)
