@@ -11,6 +11,7 @@ import itertools
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from specdesk.engine.attention_metadata import AttentionMetadata
@@ -232,14 +233,15 @@ def tree_query_lens(max_tree_nodes: int) -> list[int]:
 def _tree_mask(query_lens: list[int], trees: list[DraftTree | None], device: torch.device) -> torch.Tensor:
     # bool [num_tokens, max_query_len]: causal among a sequence's own new tokens, the tree's ancestor mask
     # for the root and draft rows of a speculating sequence (see AttentionMetadata.tree_mask).
+    # Built in numpy (a few small ops per sequence, where torch's dispatch cost more than the work).
     width = max(query_lens)
-    mask = torch.zeros(sum(query_lens), width, dtype=torch.bool)
+    mask = np.zeros((sum(query_lens), width), dtype=bool)
     row = 0
     for q_len, tree in zip(query_lens, trees, strict=True):
         n = 0 if tree is None else tree.num_nodes + 1
         if q_len > n:  # the causal part (a decoding sequence's tree covers all its rows)
-            mask[row : row + q_len, :q_len] = torch.ones(q_len, q_len, dtype=torch.bool).tril()
+            mask[row : row + q_len, :q_len] = np.tri(q_len, dtype=bool)
         if tree is not None:
-            mask[row + q_len - n : row + q_len, q_len - n : q_len] = tree.mask()
+            mask[row + q_len - n : row + q_len, q_len - n : q_len] = tree.mask_array()
         row += q_len
-    return mask.to(device)
+    return torch.from_numpy(mask).to(device)

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 
@@ -63,17 +64,23 @@ class DraftTree:
         (row r decides the position after them)."""
         return [[]] + [[self.token(r) for r in self.path_to(row)] for row in range(1, self.num_nodes + 1)]
 
-    def mask(self, device: torch.device | str | None = None) -> torch.Tensor:
+    def mask_array(self) -> np.ndarray:
         """bool [num_nodes + 1, num_nodes + 1]: row r sees itself and its ancestors (root row included)."""
         size = self.num_nodes + 1
-        m = torch.eye(size, dtype=torch.bool)
-        rows = torch.arange(size)
-        parent = torch.tensor([0, *self.parents])  # the root is its own parent
+        m = np.eye(size, dtype=bool)
+        rows = np.arange(size)
+        parent = np.array([0, *self.parents])  # the root is its own parent
         ancestor = rows
-        # One vectorised hop per level (a few ops) instead of a row copy per node (a GPU tree has many).
+        # One vectorised hop per level instead of a row copy per node (a GPU tree has many); in numpy, since on
+        # arrays this small each torch op's dispatch costs more than its work, and a CPU step builds one a step.
         for _ in range(self.max_depth):
             ancestor = parent[ancestor]
             m[rows, ancestor] = True
+        return m
+
+    def mask(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """`mask_array` as a torch tensor (on `device` if given)."""
+        m = torch.from_numpy(self.mask_array())
         return m.to(device) if device is not None else m
 
 
