@@ -112,13 +112,13 @@ def profile_legs(
 
 
 def _profile(
-    engine: Any, phases: list[tuple[Any, str, str]], acc: Timings, prompts: list[list[int]], max_tokens: int,
+    engine: Any, wrapped: list[tuple[Any, str, str]], acc: Timings, prompts: list[list[int]], max_tokens: int,
     sync: Callable[[], None], repetition_penalty: float, temperature: float, top_p: float, decode_only: bool,
     record: list[tuple[int, int, float]] | None, clock: Callable[[], float], legs: tuple[bool | None, ...],
     step_phases: list[tuple[int, dict[str, float]]] | None,
 ) -> dict[bool | None, dict[str, float]]:  # fmt: skip
     """`profile_legs`' run, with the engine's phases wrapped here (and put back by `profile_legs`)."""
-    for obj, name, key in phases:
+    for obj, name, key in wrapped:
         _wrap(obj, name, key, acc, sync, clock)
     spec = engine.speculation
 
@@ -151,21 +151,19 @@ def _profile(
             steps += 1
             tokens += emitted
             if record is not None and leg is not False:
-                seconds = clock() - started
-                record.append((verified() - nodes, emitted, seconds))
+                seconds, verified_now = clock() - started, verified() - nodes
+                record.append((verified_now, emitted, seconds))
                 if step_phases is not None:
                     ms = {k: 1e3 * (v - before.get(k, 0.0)) for k, v in acc.items()}
-                    step_phases.append((verified() - nodes, {"step (total)": 1e3 * seconds, **ms}))
+                    step_phases.append((verified_now, {"step (total)": 1e3 * seconds, **ms}))
         return steps, tokens, clock() - start - skipped
 
-    kept = len(record) if record is not None else 0
-    kept_phases = len(step_phases) if step_phases is not None else 0
+    recorded: list[list[Any]] = [r for r in (record, step_phases) if r is not None]
+    kept = [len(r) for r in recorded]
     for leg in legs:
         run(prompts[0], leg)  # warm-up (a GPU compiles its kernels here)
-    if record is not None:
-        del record[kept:]  # the warm-up's steps
-    if step_phases is not None:
-        del step_phases[kept_phases:]
+    for r, n in zip(recorded, kept, strict=True):
+        del r[n:]  # the warm-up's steps
     sums: dict[bool | None, list[float]] = {leg: [0.0, 0.0, 0.0] for leg in legs}  # steps, tokens, seconds
     phase_sums: dict[bool | None, Timings] = {leg: collections.defaultdict(float) for leg in legs}
     for i, ids in enumerate(prompts):
