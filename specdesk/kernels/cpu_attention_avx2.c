@@ -23,7 +23,8 @@
 
 #if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__) && !defined(SPECDESK_PER_QUERY)
 #define GQ 64 /* queries a task may hold: a tree of up to 21 tokens (3 heads each) stays one task per KV head, cut by
-                * segment over the threads, so each key row is converted once (at 32, trees of 11 tokens and more were split in two) */
+                * segment over the threads, so each key row is converted once (at 32, trees of 11 tokens and more
+                * were split in two) */
 #define KB 16
 #define PREFETCH 2 /* blocks ahead (prefetch_block) */
 #define PREFETCH_QUERIES 16 /* in tasks of at most this many queries, and in every tree verification */
