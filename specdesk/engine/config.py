@@ -43,7 +43,9 @@ class EngineConfig:
       (speculators/reply_store.py; the default model ships one); False: only the conversation and the replies
       this engine has served. spec_mlp_ledger: where the MLP may rest (the C kernels' CPU path), also rest it
       where its steps lose against themselves without it (speculators/mlp_ledger.py); False: the width policy
-      alone decides.
+      alone decides. spec_confident_nodes: on that path, verify only the draft nodes whose path probability
+      under the MLP speculator is at least what one more verified token costs (in plain steps, as measured),
+      so each step's tree follows the speculator's confidence; False: the top nodes of the chosen width.
     enforce_eager: never use CUDA graphs (vLLM's name); on CUDA the speculator's proposal is otherwise one.
     quantization: None, "int8" (CPU): weights and activations in 8 bits, exact int32 sums, so speculation stays
       exact (models/int8_linear.py), "q4_1" (CPU): the same with 4-bit weights on GGUF's Q4_1 grid, a
@@ -76,6 +78,7 @@ class EngineConfig:
     spec_max_ngram_tokens: int | None = None
     spec_reply_store: bool = True
     spec_mlp_ledger: bool = True
+    spec_confident_nodes: bool = True
     attention_backend: AttentionBackend = "auto"
     enforce_eager: bool = False
     quantization: str | None = None
@@ -145,8 +148,8 @@ class SpecConfig:
     the speculator's own config. max_batch_size, max_kv_usage: the gate (speculate only up to that many
     running requests and that KV usage). step_cost_prior: the cost of one verified token in plain steps
     until it is measured. cuda_graphs: capture the node proposal as CUDA graphs (CUDA, not enforce_eager).
-    reply_store: the n-gram speculator's frozen reply store file, or None (`_reply_store`). mlp_ledger:
-    EngineConfig's spec_mlp_ledger.
+    reply_store: the n-gram speculator's frozen reply store file, or None (`_reply_store`). mlp_ledger,
+    confident_nodes: EngineConfig's spec_mlp_ledger and spec_confident_nodes.
     """
 
     mlp_dir: str | None
@@ -161,6 +164,7 @@ class SpecConfig:
     cuda_graphs: bool = False
     reply_store: str | None = None
     mlp_ledger: bool = True
+    confident_nodes: bool = True
 
     @classmethod
     def resolve(cls, config: EngineConfig, device_type: str) -> SpecConfig | None:
@@ -183,6 +187,7 @@ class SpecConfig:
             cuda_graphs=device_type == "cuda" and not config.enforce_eager,
             reply_store=_reply_store(config, mlp_dir) if use_ngram else None,
             mlp_ledger=config.spec_mlp_ledger,
+            confident_nodes=config.spec_confident_nodes,
         )
 
 

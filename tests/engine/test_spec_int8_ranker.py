@@ -5,6 +5,7 @@ proposing with it stays lossless."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from specdesk.engine import LLM, SamplingParams
 from specdesk.engine.config import SpecConfig
 from specdesk.engine.models.int8_linear import Int8Linear
 from specdesk.engine.speculators import draft_vocab
-from specdesk.engine.speculators.candidates import Int8NodeRanker, propose_nodes
+from specdesk.engine.speculators.candidates import Int8NodeRanker, node_paths, propose_nodes, rank_nodes
 from specdesk.engine.speculators.draft_vocab import Int8LinearKeepingWeight, pack_for_cpu
 from specdesk.engine.speculators.mlp import MLPSpeculator, MLPSpeculatorConfig, SpeculatorNorm
 from specdesk.engine.speculators.tree_kind import NodeTree
@@ -180,6 +181,44 @@ def test_int8_ranker_expands_only_parents_that_can_have_a_child_in_the_tree(
             assert len(calls) == 3 and max(map(len, ranked[0])) <= 2
 
 
+@torch.no_grad()
+def test_int8_ranker_with_a_floor_leaves_out_exactly_the_nodes_below_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """min_logp: the pool's ranking less the nodes whose path log-probability is below the floor (the same
+    nodes in the same order, whatever the width), and a floor no first token reaches runs the first head alone."""
+    spec = _speculator(5, tie_to_base=True)
+    for h in spec.draft_heads:
+        h.mul_(12)  # peaked heads: first tokens above and below the floors
+    pack_for_cpu(spec, int8=True)
+    ranker = Int8NodeRanker(spec, 12)
+    g = torch.Generator().manual_seed(2)
+    kept = total = 0
+    for _ in range(10):
+        hidden, last = torch.randn(2, E, generator=g) * 2, torch.randint(0, V, (2,), generator=g)
+        paths, scores = rank_nodes(spec, hidden, last, 12, num_heads=3, max_depth=torch.tensor([3, 2]))
+        for floor in (0.05, 0.2, 0.5):
+            sure = [p for row, sc in zip(node_paths(paths, scores), scores.tolist(), strict=True)
+                    for p in [[q for q, s in zip(row, sc, strict=False) if s >= math.log(floor)]]]  # fmt: skip
+            for m in (2, 12):
+                got = ranker(hidden, last, 3, [3, 2], num_nodes=m, min_logp=math.log(floor))
+                assert got == [row[:m] for row in sure], (floor, m)
+            kept += sum(map(len, sure))
+            total += sum(map(len, node_paths(paths, scores)))
+    assert 0 < kept < total  # the floors left some nodes in and some out
+    rows: list[int] = []
+    linear = cpu_int8.linear
+
+    def counted(x: torch.Tensor, w: cpu_int8.Int8Weight, *args: Any) -> torch.Tensor:
+        rows.append(len(x))
+        return linear(x, w, *args)
+
+    flat = _speculator(6, tie_to_base=True)  # unpeaked: no first token near a probability of one half
+    pack_for_cpu(flat, int8=True)
+    assert rank_nodes(flat, hidden[:1], last[:1], 1)[1].item() < math.log(0.5)
+    monkeypatch.setattr(cpu_int8, "linear", counted)
+    assert Int8NodeRanker(flat, 12)(hidden[:1], last[:1], 3, [3], min_logp=math.log(0.5)) == [[]]
+    assert len(rows) == 2  # the first projection and the first head: nothing to expand
+
+
 def test_node_tree_uses_the_int8_ranker_only_where_it_fits() -> None:
     config = SpecConfig(mlp_dir="unused", use_ngram=False, node_pool_size=12)
     spec = _speculator(3, tie_to_base=True)
@@ -218,3 +257,25 @@ def test_int8_engine_proposing_through_the_ranker_is_lossless(tmp_path: Path, mo
             llm.shutdown()
     assert calls, "the int8 engine did not propose through Int8NodeRanker"
     assert outs["mlp"] == outs["plain"]
+
+
+def test_an_unsure_speculator_verifies_no_node_and_decoding_stays_exact(tmp_path: Path) -> None:
+    """spec_confident_nodes (the default): a random speculator's nodes are far less likely than a verified token
+    costs, so the int8 engine ranks them and verifies none; without it the chosen width's nodes are verified.
+    Either way the output is plain decoding's."""
+    model_dir = make_tiny_model("mistral", tmp_path)
+    mlp_dir = make_tiny_speculator(model_dir, tmp_path / "speculator")
+    (mlp_dir / draft_vocab.FILE_NAME).write_text(json.dumps({"token_ids": list(range(0, 400, 5))}))
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    outs, nodes = {}, {}
+    for name, speculator, confident in (("plain", None, True), ("sure", str(mlp_dir), True),
+                                        ("all", str(mlp_dir), False)):  # fmt: skip
+        llm = LLM(model=str(model_dir), dtype="bfloat16", device="cpu", quantization="int8", speculator=speculator,
+                  spec_confident_nodes=confident)  # fmt: skip
+        try:
+            outs[name] = llm.generate([[5, 17, 42, 8, 99]], params)[0].token_ids
+            nodes[name] = llm.stats().spec_num_tree_nodes
+        finally:
+            llm.shutdown()
+    assert outs["sure"] == outs["plain"] == outs["all"]
+    assert nodes["sure"] == 0 < nodes["all"]

@@ -200,3 +200,15 @@ def test_measured_rest_rests_a_source_slower_than_undrafted_steps_and_measures_i
         early.record(True, 1, 1.0)
         early.record(False, 1, 0.001)
     assert early.due()
+
+
+def test_a_pool_shorter_than_a_width_is_that_widths_tree() -> None:
+    """A ranking that left its unlikely candidates out (spec_confident_nodes) is credited to every wider width as
+    the whole pool, and an empty one as a step of one token and no node, so each width's mean covers every step."""
+    from specdesk.engine.speculators.tree_width import TreeWidth
+
+    width = TreeWidth(max_candidates=3, decay=1.0)  # plain means
+    width.record([], [[7], [7, 8]], [7, 8, 9])  # two candidates: both verified, 7, 8 accepted, then 9
+    width.record([], [], [4])  # none: the base model's token alone
+    assert [width.tokens_per_step(m) for m in (1, 2, 3)] == pytest.approx([(2 + 1) / 2, (3 + 1) / 2, (3 + 1) / 2])
+    assert [width.nodes_per_step(m) for m in (1, 2, 3)] == pytest.approx([1 / 2, 2 / 2, 2 / 2])

@@ -231,12 +231,15 @@ class Int8NodeRanker:
     @torch.no_grad()
     def __call__(
         self, hidden: torch.Tensor, last: torch.Tensor, num_heads: int, max_depth: list[int],
-        penalty: DraftPenalty | None = None, num_nodes: int | None = None,
+        penalty: DraftPenalty | None = None, num_nodes: int | None = None, min_logp: float = -math.inf,
     ) -> list[list[list[int]]]:  # fmt: skip
         """`propose_nodes(spec, hidden, last, num_nodes, num_heads, max_depth=max_depth, penalty=penalty)` for
         float32 hidden; num_nodes defaults to the ranker's. Fewer nodes run fewer heads (one node: the first
         head alone) and give the top of the larger ranking: every node of the best m has fewer than m - 1 ahead
-        of it, so it is computed and expanded alike (for pools under 40 nodes, where the beam is 4 either way)."""
+        of it, so it is computed and expanded alike (for pools under 40 nodes, where the beam is 4 either way).
+        min_logp: the nodes whose path log-probability is below it are left out, the top of the same ranking
+        (a child never outscores its parent): such a node is not expanded either, so where the speculator is
+        unsure the deeper heads do not run."""
         spec, vocab = self.spec, self.vocab
         m = self.num_nodes if num_nodes is None else num_nodes
         assert 1 <= num_heads <= spec.n_predict, (num_heads, spec.n_predict)
@@ -269,7 +272,7 @@ class Int8NodeRanker:
                 expand[r] = []
                 if i + 2 > min(max_depth[r], deepest):
                     continue  # deeper nodes could not be taken
-                for q in self._keep(nodes[r], first, beam, m):
+                for q in self._keep(nodes[r], first, beam, m, min_logp):
                     expand[r].append((q, len(rows)))
                     rows.append(made_by[q - first])  # its children start from its parent's projected state
                     tokens.append(nodes[r][q][2])
@@ -282,14 +285,16 @@ class Int8NodeRanker:
             if penalty is not None:
                 of_seq, path_cols = torch.tensor(seqs), torch.tensor(paths)
             x = out[:, vocab:].index_select(0, index[0]) + self.tables[i].index_select(0, index[1])
-        return [self._paths(n, m) for n in nodes]
+        return [self._paths(n, m, min_logp) for n in nodes]
 
-    def _keep(self, nodes: list[tuple[float, int, int, int]], first: int, beam: int, m: int) -> list[int]:
+    @staticmethod
+    def _keep(nodes: list[tuple[float, int, int, int]], first: int, beam: int, m: int, min_logp: float) -> list[int]:
         """The beam of the newest depth (nodes[first:]), best first, less those with m - 1 nodes ahead of them
-        in the final ranking (score, then layout: a stable sort of everything computed so far)."""
+        in the final ranking (score, then layout: a stable sort of everything computed so far) and those
+        scored below min_logp (their children would be too)."""
         kept = sorted(range(first, len(nodes)), key=lambda q: -nodes[q][0])[:beam]
         ahead = set(sorted(range(len(nodes)), key=lambda q: -nodes[q][0])[: m - 1])
-        return [q for q in kept if q in ahead]
+        return [q for q in kept if q in ahead and nodes[q][0] >= min_logp]
 
     @staticmethod
     def _columns(nodes: list[tuple[float, int, int, int]], q: int) -> list[int]:
@@ -300,10 +305,11 @@ class Int8NodeRanker:
             q = nodes[q][3]
         return cols[::-1]
 
-    def _paths(self, nodes: list[tuple[float, int, int, int]], m: int) -> list[list[int]]:
+    def _paths(self, nodes: list[tuple[float, int, int, int]], m: int, min_logp: float) -> list[list[int]]:
         """The best m nodes as token paths, best first (a stable sort, as rank_nodes'); a node scored
-        -inf is dropped, as node_paths drops it."""
-        ranked = sorted((q for q, n in enumerate(nodes) if n[0] != -math.inf), key=lambda q: -nodes[q][0])
+        -inf is dropped, as node_paths drops it, and so is one scored below min_logp."""
+        kept = (q for q, n in enumerate(nodes) if n[0] != -math.inf and n[0] >= min_logp)
+        ranked = sorted(kept, key=lambda q: -nodes[q][0])
         paths = []
         for q in ranked[:m]:
             path = []

@@ -11,6 +11,8 @@ how narrow a tree may get under load, and how the chosen candidates are ordered 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from specdesk.engine.config import SpecConfig
@@ -39,15 +41,18 @@ class NodeTree:
         self.penalized = mlp.config.draft_penalty and self.graphed is None
 
     def rank(self, hidden: torch.Tensor, last: torch.Tensor, heads: int, depths: list[int],
-             penalty: DraftPenalty | None = None, nodes: int | None = None) -> list[Paths]:  # fmt: skip
+             penalty: DraftPenalty | None = None, nodes: int | None = None,
+             min_prob: float = 0.0) -> list[Paths]:  # fmt: skip
         """Per sequence, the pool best first, every node within that sequence's depth. The CUDA graphs rank
         without the penalty (a draft_penalty speculator then proposes as if it had been trained without).
-        nodes: rank only the best that many, the top of the pool's ranking (the CPU int8 path; the others
-        rank the pool regardless)."""
+        nodes: rank only the best that many, the top of the pool's ranking; min_prob: leave out the nodes
+        whose path probability under the speculator is below it (both the CPU int8 path's; the others rank
+        the pool regardless)."""
         if self.graphed is not None:
             return self.graphed(hidden, last, depths)
         if self.int8 is not None:
-            return self.int8(hidden, last, heads, depths, penalty, None if nodes is None else min(nodes, self.pool))
+            m = None if nodes is None else min(nodes, self.pool)
+            return self.int8(hidden, last, heads, depths, penalty, m, math.log(min_prob) if min_prob > 0 else -math.inf)
         return propose_nodes(self.mlp, hidden, last, self.pool, num_heads=heads, max_depth=depths, penalty=penalty)
 
     def min_width(self, heads: int) -> int:
@@ -73,8 +78,9 @@ class PathTree:
         self.penalized = mlp.config.draft_penalty
 
     def rank(self, hidden: torch.Tensor, last: torch.Tensor, heads: int, depths: list[int],
-             penalty: DraftPenalty | None = None, nodes: int | None = None) -> list[Paths]:  # fmt: skip
-        """Per sequence, the pool best first, every path cut to that sequence's depth (always the pool)."""
+             penalty: DraftPenalty | None = None, nodes: int | None = None,
+             min_prob: float = 0.0) -> list[Paths]:  # fmt: skip
+        """Per sequence, the pool best first, every path cut to that sequence's depth (always the whole pool)."""
         paths = propose(self.mlp, hidden, last, self.top_k, self.pool, heads, penalty)[0].tolist()
         return [[p[:depth] for p in row] for row, depth in zip(paths, depths, strict=True)]
 

@@ -141,7 +141,9 @@ class TreeWidth:
         # tree would otherwise rebuild 64 sets per step).
         best = max((common_prefix(p, emitted) for p in fixed), default=0)
         seen = {tuple(p[: i + 1]) for p in fixed for i in range(len(p))}
-        for m, path in enumerate(ranked[: self.max_candidates], start=1):
+        for m in range(1, self.max_candidates + 1):
+            # A pool of fewer than m candidates (a ranking that left the unlikely ones out) is its own top-m tree.
+            path = ranked[m - 1] if m <= len(ranked) else []
             best = max(best, common_prefix(path, emitted))
             seen.update(tuple(path[: i + 1]) for i in range(len(path)))
             # emitted is all that is known of the continuation: a path matching all of it (one the tree did
