@@ -45,7 +45,10 @@ class EngineConfig:
       where its steps lose against themselves without it (speculators/mlp_ledger.py); False: the width policy
       alone decides. spec_confident_nodes: on that path, verify only the draft nodes whose path probability
       under the MLP speculator is at least what one more verified token costs (in plain steps, as measured),
-      so each step's tree follows the speculator's confidence; False: the top nodes of the chosen width.
+      so each step's tree follows the speculator's confidence; False: the top nodes of the chosen width; None
+      (default): where the MLP drafts alone, not beside the n-gram (measured on the AVX2 CPU, decoding alone:
+      the MLP alone 1.13x of plain with it against 1.07x without; beside the n-gram 0.97-0.98x of the speed
+      without it, no penalty, and 1.01x under the console's; docs/benchmarks.md).
     enforce_eager: never use CUDA graphs (vLLM's name); on CUDA the speculator's proposal is otherwise one.
     quantization: None, "int8" (CPU): weights and activations in 8 bits, exact int32 sums, so speculation stays
       exact (models/int8_linear.py), "q4_1" (CPU): the same with 4-bit weights on GGUF's Q4_1 grid, a
@@ -78,7 +81,7 @@ class EngineConfig:
     spec_max_ngram_tokens: int | None = None
     spec_reply_store: bool = True
     spec_mlp_ledger: bool = True
-    spec_confident_nodes: bool = True
+    spec_confident_nodes: bool | None = None
     attention_backend: AttentionBackend = "auto"
     enforce_eager: bool = False
     quantization: str | None = None
@@ -187,7 +190,7 @@ class SpecConfig:
             cuda_graphs=device_type == "cuda" and not config.enforce_eager,
             reply_store=_reply_store(config, mlp_dir) if use_ngram else None,
             mlp_ledger=config.spec_mlp_ledger,
-            confident_nodes=config.spec_confident_nodes,
+            confident_nodes=not use_ngram if config.spec_confident_nodes is None else config.spec_confident_nodes,
         )
 
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from specdesk.engine import LLM, SamplingParams
-from specdesk.engine.config import SpecConfig
+from specdesk.engine.config import EngineConfig, SpecConfig
 from specdesk.engine.models.int8_linear import Int8Linear
 from specdesk.engine.speculators import draft_vocab
 from specdesk.engine.speculators.candidates import Int8NodeRanker, node_paths, propose_nodes, rank_nodes
@@ -260,9 +260,9 @@ def test_int8_engine_proposing_through_the_ranker_is_lossless(tmp_path: Path, mo
 
 
 def test_an_unsure_speculator_verifies_no_node_and_decoding_stays_exact(tmp_path: Path) -> None:
-    """spec_confident_nodes (the default): a random speculator's nodes are far less likely than a verified token
-    costs, so the int8 engine ranks them and verifies none; without it the chosen width's nodes are verified.
-    Either way the output is plain decoding's."""
+    """spec_confident_nodes (the default for an MLP drafting alone): a random speculator's nodes are far less likely
+    than a verified token costs, so the int8 engine ranks them and verifies none; without it the chosen width's
+    nodes are verified. Either way the output is plain decoding's."""
     model_dir = make_tiny_model("mistral", tmp_path)
     mlp_dir = make_tiny_speculator(model_dir, tmp_path / "speculator")
     (mlp_dir / draft_vocab.FILE_NAME).write_text(json.dumps({"token_ids": list(range(0, 400, 5))}))
@@ -279,3 +279,8 @@ def test_an_unsure_speculator_verifies_no_node_and_decoding_stays_exact(tmp_path
             llm.shutdown()
     assert outs["sure"] == outs["plain"] == outs["all"]
     assert nodes["sure"] == 0 < nodes["all"]
+    # By default the floor is on where the MLP drafts alone, off beside the n-gram (the measured choice).
+    for speculator, confident in ((str(mlp_dir), True), (f"{mlp_dir}+ngram", False)):
+        config = EngineConfig(model=str(model_dir), speculator=speculator)
+        resolved = SpecConfig.resolve(config, "cpu")
+        assert resolved is not None and resolved.confident_nodes is confident
