@@ -55,6 +55,19 @@ def _speculator(seed: int, **config: Any) -> MLPSpeculator:
     return spec.eval()
 
 
+def _count_linear_rows(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """From now on, the row count of every `cpu_int8.linear` call, appended to the returned list."""
+    rows: list[int] = []
+    linear = cpu_int8.linear
+
+    def counted(x: torch.Tensor, w: cpu_int8.Int8Weight, *args: Any) -> torch.Tensor:
+        rows.append(len(x))
+        return linear(x, w, *args)
+
+    monkeypatch.setattr(cpu_int8, "linear", counted)
+    return rows
+
+
 @torch.no_grad()
 def test_pack_for_cpu_int8_swaps_projections_and_draft_heads() -> None:
     """int8 packs every projection and draft head as a W8A8 linear (float32 in and out, the float weight kept
@@ -159,14 +172,7 @@ def test_int8_ranker_expands_only_parents_that_can_have_a_child_in_the_tree(
             h.mul_(12)  # peaked heads, as a trained speculator's often are: chains worth a third head
     pack_for_cpu(spec, int8=True)
     ranker = Int8NodeRanker(spec, 4)
-    rows: list[int] = []
-    linear = cpu_int8.linear
-
-    def counted(x: torch.Tensor, w: cpu_int8.Int8Weight, *args: Any) -> torch.Tensor:
-        rows.append(len(x))
-        return linear(x, w, *args)
-
-    monkeypatch.setattr(cpu_int8, "linear", counted)
+    rows = _count_linear_rows(monkeypatch)
     g = torch.Generator().manual_seed(0)
     for _ in range(20):
         hidden, last = torch.randn(1, E, generator=g) * 3, torch.randint(0, V, (1,), generator=g)
@@ -196,25 +202,19 @@ def test_int8_ranker_with_a_floor_leaves_out_exactly_the_nodes_below_it(monkeypa
         hidden, last = torch.randn(2, E, generator=g) * 2, torch.randint(0, V, (2,), generator=g)
         paths, scores = rank_nodes(spec, hidden, last, 12, num_heads=3, max_depth=torch.tensor([3, 2]))
         for floor in (0.05, 0.2, 0.5):
-            sure = [p for row, sc in zip(node_paths(paths, scores), scores.tolist(), strict=True)
-                    for p in [[q for q, s in zip(row, sc, strict=False) if s >= math.log(floor)]]]  # fmt: skip
+            # node_paths drops a row's -inf nodes, which rank last: zip pairs the rest with their scores
+            sure = [[p for p, s in zip(row, sc, strict=False) if s >= math.log(floor)]
+                    for row, sc in zip(node_paths(paths, scores), scores.tolist(), strict=True)]  # fmt: skip
             for m in (2, 12):
                 got = ranker(hidden, last, 3, [3, 2], num_nodes=m, min_logp=math.log(floor))
                 assert got == [row[:m] for row in sure], (floor, m)
             kept += sum(map(len, sure))
             total += sum(map(len, node_paths(paths, scores)))
     assert 0 < kept < total  # the floors left some nodes in and some out
-    rows: list[int] = []
-    linear = cpu_int8.linear
-
-    def counted(x: torch.Tensor, w: cpu_int8.Int8Weight, *args: Any) -> torch.Tensor:
-        rows.append(len(x))
-        return linear(x, w, *args)
-
     flat = _speculator(6, tie_to_base=True)  # unpeaked: no first token near a probability of one half
     pack_for_cpu(flat, int8=True)
     assert rank_nodes(flat, hidden[:1], last[:1], 1)[1].item() < math.log(0.5)
-    monkeypatch.setattr(cpu_int8, "linear", counted)
+    rows = _count_linear_rows(monkeypatch)
     assert Int8NodeRanker(flat, 12)(hidden[:1], last[:1], 3, [3], min_logp=math.log(0.5)) == [[]]
     assert len(rows) == 2  # the first projection and the first head: nothing to expand
 
