@@ -270,6 +270,13 @@ def sample_rows(
     n = logits.shape[0]
     assert len(params) == len(generators) == len(children) == n, (n, len(params), len(generators), len(children))
     device = logits.device
+    if device.type == "cpu" and all(p.is_greedy for p in params):
+        # The CPU console's common step: the argmax by numpy and the lists, with none of the torch ops below
+        # (a greedy row has no children); each op cost 20-90 us right after a pass had evicted torch's code.
+        a = logits.float().contiguous().numpy()
+        best_np, tokens_np = _argmax_rows(a)
+        zeros = [[0.0] * len(c) for c in children]  # as below: a greedy row's children get no draw
+        return RowDraws(tokens_np.tolist(), np.isfinite(best_np).tolist(), zeros, [list(z) for z in zeros])
     best, tokens = _row_max(logits)  # max propagates NaN: a broken row shows in its maximum
     finite = best.isfinite()
     width = max((len(c) for c in children), default=0)
@@ -351,9 +358,14 @@ def _row_max(logits: Tensor) -> tuple[Tensor, Tensor]:
     if logits.device.type != "cpu":
         values, indices = logits.max(dim=-1)
         return values, indices
-    a = logits.float().contiguous().numpy()
+    best_np, indices_np = _argmax_rows(logits.float().contiguous().numpy())
+    return torch.from_numpy(best_np), torch.from_numpy(indices_np)
+
+
+def _argmax_rows(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's maximum and the first index holding it (a NaN counts as the maximum), by numpy."""
     indices = a.argmax(axis=-1)
-    return torch.from_numpy(a[np.arange(a.shape[0]), indices]), torch.from_numpy(indices)
+    return a[np.arange(a.shape[0]), indices], indices
 
 
 def without_tokens(probs: Tensor, cols: Tensor) -> Tensor:

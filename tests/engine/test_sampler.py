@@ -369,3 +369,22 @@ def test_the_nucleus_path_flags_a_broken_row() -> None:
     params = SamplingParams(temperature=0.7, top_p=0.9)
     draws = sample_rows(logits, [params, params], [None, None], [[], []])
     assert draws.is_finite == [True, False]
+
+
+def test_greedy_rows_on_the_cpu_draw_what_the_general_path_draws() -> None:
+    """An all-greedy call takes numpy's path: the same tokens (the first maximum, a NaN counting as the
+    maximum), finiteness flags and zero child entries as a call that also holds a sampled row."""
+    torch.manual_seed(0)
+    logits = torch.randn(6, 300)
+    logits[1, [10, 20]] = 9.0  # a tie: the first index wins
+    logits[2, 5] = float("nan")
+    logits[3, 7] = float("inf")
+    logits[4] = float("-inf")
+    children = [[1, 2], [], [3], [], [], [4, 5, 6]]
+    fast = sample_rows(logits, [GREEDY] * 6, [None] * 6, children)
+    mixed = sample_rows(torch.cat([logits, torch.randn(1, 300)]), [GREEDY] * 6 + [SamplingParams(temperature=1.0)],
+                        [None] * 7, [*children, []])  # fmt: skip
+    assert fast.tokens == mixed.tokens[:6] and fast.tokens[1] == 10 and fast.tokens[2] == 5
+    assert fast.is_finite == mixed.is_finite[:6] == [True, True, False, False, False, True]
+    assert fast.child_probs == mixed.child_probs[:6] and fast.uniforms == mixed.uniforms[:6]
+    assert fast.child_probs[0] == [0.0, 0.0] and fast.child_probs[1] == []
