@@ -13,6 +13,7 @@ acceptance is at least 1.5 c, as the engine walks it). No timing: the engine's s
 `benchmarks.speculator_ab`'s.
 
     python -m benchmarks.reply_store --out docs/bench_reply_store_walk.json
+    python -m benchmarks.reply_store --store A/replies.npz B/replies.npz   # two stores on the same replies
 """
 
 from __future__ import annotations
@@ -80,14 +81,23 @@ def replies_of(turns: int) -> tuple[list[list[int]], dict[str, list[list[int]]]]
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--turns", type=int, default=100, help="held-out conversations with a second turn, at most")
-    ap.add_argument("--store", default=str(DEFAULT_SPECULATOR_DIR / FILE_NAME))
+    ap.add_argument("--store", nargs="+", default=[str(DEFAULT_SPECULATOR_DIR / FILE_NAME)],
+                    help="one or more replies.npz files, each walked over the same held-out replies")  # fmt: skip
     ap.add_argument("--cost", type=float, default=0.15, help="a verified draft's cost, in plain steps")
-    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--out", default=None, help="write the results as JSON here (one entry per store)")
     args = ap.parse_args(argv)
-    store = ReplyStore.load(args.store)
+    stores = [ReplyStore.load(path) for path in args.store]  # a bad file fails before the replies are made
     prompts, replies = replies_of(args.turns)
-    results: dict[str, Any] = {"turns": len(prompts), "store_replies": store.num_replies, "rows": {}}
-    print(f"{len(prompts)} held-out second turns; store: {store.num_replies} replies, {len(store)} n-grams\n")
+    walked = [_walk_store(path, store, prompts, replies, args.cost)
+              for path, store in zip(args.store, stores, strict=True)]  # fmt: skip
+    write_results("benchmarks.reply_store", args.out, walked, argv)
+
+
+def _walk_store(path: str, store: ReplyStore, prompts: list[list[int]], replies: dict[str, list[list[int]]],
+                c: float) -> dict[str, Any]:  # fmt: skip
+    """One store's tables over the held-out replies, printed and returned."""
+    results: dict[str, Any] = {"store": path, "turns": len(prompts), "store_replies": store.num_replies, "rows": {}}
+    print(f"{len(prompts)} held-out second turns; store {path}: {store.num_replies} replies, {len(store)} n-grams\n")
     print("| held-out replies | k = 1 | k = 2 | k = 3 | without the store: k = 1 | k = 2 | k = 3 |")
     print("|---|---|---|---|---|---|---|")
     for name, rows in replies.items():
@@ -95,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         without = [walk(prompts, rows, None, k) for k in (1, 2, 3)]
         results["rows"][name] = {"with_store": with_store, "without": without}
         print(f"| {name} | " + " | ".join(f"{x:.2f}" for x in with_store + without) + " |")
-    c, cut = args.cost, STORE_CHANCE_PER_COST * args.cost
+    cut = STORE_CHANCE_PER_COST * c
     print(f"\nPriced: tokens per plain step's time, a step costing 1 + {c} per draft (chains of up to 4 drafts)")
     print(f"\n| held-out replies | without the store | store | store, calibrated cut at {cut:.3f} |")
     print("|---|---|---|---|")
@@ -104,8 +114,8 @@ def main(argv: list[str] | None = None) -> None:
         priced = [walk(prompts, rows, None, 4, c), walk(prompts, rows, store, 4, c),
                   walk(prompts, rows, store, 4, c, cut)]  # fmt: skip
         results["rows"][name]["priced"] = priced
-        print(f"| {name} | " + " | ".join(f"{x:.3f}" for x in priced) + " |")
-    write_results("benchmarks.reply_store", args.out, [results], argv)
+        print(f"| {name} | " + " | ".join(f"{x:.3f}" for x in priced) + " |\n")
+    return results
 
 
 if __name__ == "__main__":

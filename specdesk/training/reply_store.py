@@ -23,8 +23,9 @@ from pathlib import Path
 from specdesk.engine.speculators.reply_store import FILE_NAME, ReplyStore, accuracy_of
 
 
-def prompts_of(tokenizer: object, turns: int) -> list[list[int]]:
-    """Each training conversation up to each of its first `turns` customer turns, as the console renders it."""
+def prompts_of(tokenizer: object, turns: int, tone_shift: int = 0) -> list[list[int]]:
+    """Each training conversation up to each of its first `turns` customer turns, as the console renders it;
+    tone_shift: the tone of the conversation tone_shift places on instead (the same turns in another voice)."""
     from specdesk.prompts.loader import load_dataset
     from specdesk.training.train_data import chat_ids, with_system_prompt
 
@@ -32,7 +33,7 @@ def prompts_of(tokenizer: object, turns: int) -> list[list[int]]:
     for i, entry in enumerate(load_dataset("train")):
         users = [j for j, m in enumerate(entry.messages) if m["role"] == "user"]
         for u in users[:turns]:
-            messages = with_system_prompt(list(entry.messages[: u + 1]), entry.domain, i)
+            messages = with_system_prompt(list(entry.messages[: u + 1]), entry.domain, i + tone_shift)
             out.append(chat_ids(tokenizer, messages, add_generation_prompt=True))
     return out
 
@@ -49,14 +50,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repetition-penalty", type=float, default=1.1, help="the console's default")
     ap.add_argument("--quantization", default="auto", help="EngineConfig.quantization (auto: the console's)")
     ap.add_argument("--limit", type=int, default=None, help="at most this many prompts")
+    ap.add_argument("--tone-shift", type=int, default=0,
+                    help="each conversation in the tone of the one this many places on (another voice)")  # fmt: skip
+    ap.add_argument("--add-to", type=Path, default=None,
+                    help="a replies.npz made with the same --turns and --limit whose replies come first: the "
+                         "store then holds both (its sets of replies and these temperatures')")  # fmt: skip
     ap.add_argument("--recalibrate", action="store_true",
-                    help="only recompute the accuracy table of <out>/replies.npz (same --temperatures)")  # fmt: skip
+                    help="only recompute the accuracy table of <out>/replies.npz (--temperatures: one value "
+                         "per set of replies it holds, e.g. four where --add-to grew it from two by two)")  # fmt: skip
     args = ap.parse_args(argv)
     out = Path(args.out)
     if args.recalibrate:
         replies = ReplyStore.read(out / FILE_NAME)
         _write(out, replies, len(args.temperatures))
         return
+    earlier = ReplyStore.read(args.add_to) if args.add_to is not None else []  # read first: a bad path fails early
 
     from specdesk.engine.llm import LLM
     from specdesk.engine.sampling_params import SamplingParams
@@ -64,7 +72,9 @@ def main(argv: list[str] | None = None) -> None:
     llm = LLM(args.model, quantization=args.quantization, speculator=None, max_num_seqs=48,
               max_num_batched_tokens=1024)  # fmt: skip
     try:
-        prompt_ids = prompts_of(llm.tokenizer, args.turns)[: args.limit]
+        prompt_ids = prompts_of(llm.tokenizer, args.turns, args.tone_shift)[: args.limit]
+        if len(earlier) % len(prompt_ids):
+            raise SystemExit(f"--add-to holds {len(earlier)} replies: not whole sets over {len(prompt_ids)} prompts")
         params = [  # seeded per reply: the same replies whatever they are batched with
             SamplingParams(max_tokens=args.max_tokens, temperature=t, top_p=args.top_p if t else 1.0,
                            seed=j * len(prompt_ids) + i, repetition_penalty=args.repetition_penalty)
@@ -76,13 +86,13 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         llm.shutdown()
     out.mkdir(parents=True, exist_ok=True)
-    _write(out, replies, len(args.temperatures))
+    _write(out, earlier + replies, len(earlier) // len(prompt_ids) + len(args.temperatures))
 
 
 def _write(out: Path, replies: list[list[int]], temperatures: int) -> None:
-    """replies.npz with its accuracy table. The replies lie temperature by temperature, each over the same
-    prompts in order: a fold is a half of the prompts (a conversation's turns are neighbours), every
-    temperature's reply to a prompt in that prompt's fold."""
+    """replies.npz with its accuracy table. The replies lie in sets (a temperature's, or another tone's), each
+    set over the same prompts in order: a fold is a half of the prompts (a conversation's turns are
+    neighbours), every set's reply to a prompt in that prompt's fold."""
     prompts = len(replies) // temperatures
     if prompts * temperatures != len(replies) or prompts < 2:
         raise ValueError(f"{len(replies)} replies are not {temperatures} replies each to 2+ prompts")
