@@ -7,7 +7,8 @@ as the console sends it (persona system prompt, a tone, the earlier turns) and a
 decoding at the console's repetition penalty, once greedy and once at the console's temperature and top-p
 (--temperatures). The replies' token ids go to `<out>/replies.npz`, which the engine's n-gram speculator loads
 beside that folder's MLP speculator (`engine/speculators/reply_store.py`). The evaluation prompts
-(`prompts/eval`) are never used.
+(`prompts/eval`) are never used. `--tone-shift 1 --add-to <out>/replies.npz` adds sets of replies to the same
+turns in another tone (the shipped store's four sets: its folder's README.md has the commands).
 
 The file also holds the store's accuracy table (`reply_store.accuracy_of`): the replies to the first and the
 second half of the prompts are looked up in a store of the other half's, and how often each class of n-gram
