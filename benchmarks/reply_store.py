@@ -114,7 +114,8 @@ def _walk_store(path: str, store: ReplyStore, prompts: list[list[int]], replies:
         priced = [walk(prompts, rows, None, 4, c), walk(prompts, rows, store, 4, c),
                   walk(prompts, rows, store, 4, c, cut)]  # fmt: skip
         results["rows"][name]["priced"] = priced
-        print(f"| {name} | " + " | ".join(f"{x:.3f}" for x in priced) + " |\n")
+        print(f"| {name} | " + " | ".join(f"{x:.3f}" for x in priced) + " |")
+    print()  # the next store's tables start apart
     return results
 
 

@@ -271,8 +271,8 @@ def sample_rows(
     assert len(params) == len(generators) == len(children) == n, (n, len(params), len(generators), len(children))
     device = logits.device
     if device.type == "cpu" and all(p.is_greedy for p in params):
-        # The CPU console's common step: the argmax by numpy and the lists, with none of the torch ops below
-        # (a greedy row has no children); each op cost 20-90 us right after a pass had evicted torch's code.
+        # The CPU console's common step: the argmax by numpy and the lists, with none of the torch ops below;
+        # each op cost 20-90 us right after a pass had evicted torch's code.
         a = logits.float().contiguous().numpy()
         best_np, tokens_np = _argmax_rows(a)
         zeros = [[0.0] * len(c) for c in children]  # as below: a greedy row's children get no draw

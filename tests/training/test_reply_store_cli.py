@@ -25,7 +25,7 @@ def test_a_tone_shift_renders_the_same_turns_in_another_voice(tiny: Path) -> Non
     assert prompts_of(tokenizer, 3, tone_shift=7) == plain  # seven tones (none and six): a full turn around
 
 
-def test_add_to_keeps_the_earlier_replies_first_and_calibrates_over_all_sets(tiny: Path, tmp_path: Path) -> None:
+def test_add_to_keeps_the_earlier_replies_first(tiny: Path, tmp_path: Path) -> None:
     common = ["--model", str(tiny), "--limit", "4", "--max-tokens", "3", "--temperatures", "0.0"]
     main(["--out", str(tmp_path / "first"), *common])
     earlier = str(tmp_path / "first" / FILE_NAME)
