@@ -189,7 +189,9 @@ def by_nodes(record: list[tuple[int, int, float]], plain_ms: float) -> dict[str,
     the fitted cost (a + b (tokens - 1)) and a plain step's where none was; and the same with drafting itself
     free (plain_ms + b (tokens - 1): no proposal, no bookkeeping). Where fewer than two sizes verified nodes
     there is no fit: a, b, the 2x column and the bounds are None. On CUDA a graphed pass is padded to its
-    bucket, so there the fit prices buckets, not nodes."""
+    bucket, so there the fit prices buckets, not nodes. With a fit, also what any drafts would need on this
+    machine: the best chain's speed for a few per-draft acceptances (best_chain) and the acceptance 2x needs
+    (acceptance_for); None without one."""
     if not record or any(e < 1 for _, e, _ in record):
         raise ValueError("by_nodes takes decode steps, each emitting a token at least (profile's decode_only)")
     sizes: dict[int, list[tuple[int, float]]] = collections.defaultdict(list)
@@ -209,10 +211,40 @@ def by_nodes(record: list[tuple[int, int, float]], plain_ms: float) -> dict[str,
         a, b = fit
         oracle = tokens * plain_ms / sum(plain_ms if e == 1 else a + b * (e - 1) for _, e, _ in record)
         free = tokens * plain_ms / sum(plain_ms + b * (e - 1) for _, e, _ in record)
+    need = None if fit is None else acceptance_for(2.0, *fit, plain_ms)
     return {"plain ms per step": plain_ms, "fit a (ms)": None if fit is None else fit[0],
             "fit b (ms per node)": None if fit is None else fit[1], "sizes": rows,
             "speed vs plain": tokens * plain_ms / ms, "accepted nodes only (bound)": oracle,
-            "accepted nodes only, drafting free (bound)": free}  # fmt: skip
+            "accepted nodes only, drafting free (bound)": free,
+            "chains by acceptance": None if fit is None else {p: best_chain(p, *fit, plain_ms) for p in ACCEPTANCES},
+            "2x needs acceptance per draft": need}  # fmt: skip
+
+
+ACCEPTANCES = (0.5, 0.6, 0.7, 0.8, 0.9)
+MAX_CHAIN = 64  # drafts in a chain, at most: past it another draft adds less than p^64 of a token
+
+
+def best_chain(p: float, a: float, b: float, plain_ms: float) -> tuple[float, int]:
+    """(speed vs plain, k) of the best chain of k drafts at the fit's cost, each draft accepted with chance p
+    where the ones before it were: a step then makes 1 + p + ... + p^k tokens on average in a + b k ms (k = 0
+    is a plain step). What drafts that right would give on this machine, whoever drafts them."""
+    best, tokens = (1.0, 0), 1.0
+    for k in range(1, MAX_CHAIN + 1):
+        tokens += p**k
+        best = max(best, (tokens * plain_ms / (a + b * k), k))
+    return best
+
+
+def acceptance_for(speed: float, a: float, b: float, plain_ms: float) -> tuple[float, int] | None:
+    """The least per-draft acceptance p (to 1e-4) and its chain length at which best_chain reaches `speed` vs
+    plain; None where no p below 1 does (perfect drafts of MAX_CHAIN tokens do not)."""
+    if best_chain(1.0 - 1e-9, a, b, plain_ms)[0] < speed:
+        return None
+    lo, hi = 0.0, 1.0  # best_chain's speed grows with p: bisect
+    while hi - lo > 1e-4:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if best_chain(mid, a, b, plain_ms)[0] >= speed else (mid, hi)
+    return hi, best_chain(hi, a, b, plain_ms)[1]
 
 
 def _fit(points: list[tuple[float, float]]) -> tuple[float, float] | None:
@@ -264,6 +296,15 @@ def _print_by_nodes(table: dict[str, Any]) -> None:
     print(f"\nall steps: {table['speed vs plain']:.2f}x plain; each step verifying only the nodes it accepted "
           f"(the fit's cost): {_figure(table['accepted nodes only (bound)'], 'x')}; and drafting free as well: "
           f"{_figure(table['accepted nodes only, drafting free (bound)'], 'x')}")  # fmt: skip
+    if table["chains by acceptance"] is None:
+        return
+    print("\ndrafts of any source, as chains at the fit's cost, each draft accepted with chance p where the ones "
+          "before it were:\n\n| p | best chain's speed vs plain | its drafts |\n|---|---|---|")  # fmt: skip
+    for p, (speed, k) in table["chains by acceptance"].items():
+        print(f"| {p} | {speed:.2f}x | {k} |")
+    need = table["2x needs acceptance per draft"]
+    need_text = "more than perfect drafts give" if need is None else f"p >= {need[0]:.3f} ({need[1]} drafts)"
+    print(f"\n2x needs {need_text}")
 
 
 def main(argv: list[str] | None = None) -> None:

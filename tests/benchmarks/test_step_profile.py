@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks.step_profile import by_nodes, phases_by_nodes, profile, profile_legs
+from benchmarks.step_profile import acceptance_for, best_chain, by_nodes, phases_by_nodes, profile, profile_legs
 from specdesk.engine import LLM, llm_engine
 from specdesk.engine.llm_engine import verify_step
 from tests.tiny_models import make_tiny_model
@@ -76,6 +76,23 @@ def test_by_nodes_groups_fits_and_bounds_a_known_record() -> None:
     assert abs(table["accepted nodes only, drafting free (bound)"] - tokens * 4 / (4 + 4 + 6 + 8 + 5)) < 1e-9
 
 
+def test_chains_by_acceptance_and_the_acceptance_2x_needs() -> None:
+    # A step of k drafts costs 5 + k ms, a plain one 4: perfect drafts give (k + 1) 4 / (5 + k), 2x from k = 3.
+    assert best_chain(1.0, 5.0, 1.0, 4.0)[1] == 64 and best_chain(0.0, 5.0, 1.0, 4.0) == (1.0, 0)
+    speed, k = best_chain(0.8, 5.0, 1.0, 4.0)
+    assert abs(speed - sum(0.8**i for i in range(k + 1)) * 4 / (5 + k)) < 1e-12
+    assert all(best_chain(0.8, 5.0, 1.0, 4.0)[0] >= sum(0.8**i for i in range(j + 1)) * 4 / (5 + j) for j in range(30))
+    p, k = acceptance_for(2.0, 5.0, 1.0, 4.0)  # type: ignore[misc]
+    assert best_chain(p, 5.0, 1.0, 4.0)[0] >= 2.0 > best_chain(p - 2e-4, 5.0, 1.0, 4.0)[0]
+    # A node at 0.21 of a plain step (the AVX2 CPU's price) needs drafts right 84.5 % of the time.
+    p, k = acceptance_for(2.0, 1.0, 0.21, 1.0)  # type: ignore[misc]
+    assert 0.844 < p < 0.846 and k == 5
+    assert acceptance_for(2.0, 5.0, 3.0, 4.0) is None  # a node dearer than half a plain step: never 2x
+    table = by_nodes([(0, 1, 0.004), (2, 1, 0.007), (4, 5, 0.009)], plain_ms=4.0)
+    assert table["chains by acceptance"][0.8] == best_chain(0.8, 5.0, 1.0, 4.0)
+    assert table["2x needs acceptance per draft"] == acceptance_for(2.0, 5.0, 1.0, 4.0)
+
+
 def test_by_nodes_counts_the_nodes_the_passes_verified(tmp_path: Path) -> None:
     model = make_tiny_model("llama", tmp_path)
     llm = LLM(model=str(model), dtype="float32", speculator="ngram", spec_max_batch_size=4)
@@ -94,6 +111,7 @@ def test_by_nodes_without_a_fit_and_on_steps_that_emit_nothing() -> None:
     # One drafted size only: no slope to fit, so no 2x column beyond plain steps' and no bounds.
     table = by_nodes([(0, 1, 0.004), (3, 2, 0.006), (3, 4, 0.006)], plain_ms=4.0)
     assert table["fit a (ms)"] is None and table["accepted nodes only (bound)"] is None
+    assert table["chains by acceptance"] is None and table["2x needs acceptance per draft"] is None
     assert [r["2x needs tokens per step"] for r in table["sizes"]] == [2.0, None]
     assert abs(table["speed vs plain"] - 7 * 4 / 16) < 1e-9
     with pytest.raises(ValueError, match="decode steps"):
