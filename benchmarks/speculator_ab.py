@@ -38,7 +38,8 @@ from benchmarks.cpu import PENALTY, second_turns
 
 def worker(
     threads: int, speculators: list[str], turns: int, n: int, model: str | None = None, penalty: float = PENALTY,
-    temperature: float = 0.0, top_p: float = 1.0, unseeded: bool = False,
+    temperature: float = 0.0, top_p: float = 1.0, unseeded: bool = False, quantization: str = "auto",
+    dtype: str = "auto",
 ) -> dict[str, Any]:  # fmt: skip
     """Plain decoding and every speculator at one thread count, in this process (model: the default's)."""
     import torch
@@ -48,8 +49,9 @@ def worker(
     from specdesk.engine.sampling_params import SamplingParams
 
     # num_threads for each: the engines live side by side, and every one's kernels split over `threads`.
+    quant = None if quantization == "none" else quantization
     engines = {
-        s: LLM(model, quantization="auto", dtype="auto", spec_max_batch_size=32, num_threads=threads, **settings(s))
+        s: LLM(model, quantization=quant, dtype=dtype, spec_max_batch_size=32, num_threads=threads, **settings(s))
         for s in speculators
     }
     first = engines[speculators[0]]
@@ -169,16 +171,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); the console's is 0.7")
     ap.add_argument("--top-p", type=float, default=1.0, help="with --temperature (the console's is 0.9)")
     ap.add_argument("--unseeded", action="store_true", help="sampled turns without a seed, as the console draws")
+    ap.add_argument("--quantization", default="auto", help="the engines' (none: the unquantized torch path)")
+    ap.add_argument("--dtype", default="auto", help="the engines' (float32 with --quantization none: the exact path)")
     add_turn_args(ap)
     args = ap.parse_args(argv)
     if args.worker is not None:
         result = worker(args.worker, args.speculators, args.turns, args.max_tokens, args.model,
-                        args.repetition_penalty, args.temperature, args.top_p, args.unseeded)  # fmt: skip
+                        args.repetition_penalty, args.temperature, args.top_p, args.unseeded, args.quantization,
+                        args.dtype)  # fmt: skip
         print(RESULT + json.dumps(result), flush=True)
         return
     model = ["--model", args.model] if args.model else []
     sampling = ["--repetition-penalty", str(args.repetition_penalty), "--temperature", str(args.temperature),
-                "--top-p", str(args.top_p), *(["--unseeded"] if args.unseeded else [])]  # fmt: skip
+                "--top-p", str(args.top_p), *(["--unseeded"] if args.unseeded else []),
+                "--quantization", args.quantization, "--dtype", args.dtype]  # fmt: skip
     results = run_workers("benchmarks.speculator_ab", args, [*args.speculators, *model, *sampling])
     print(table(results, args.speculators))
     for r in results:  # speculation is exact: a difference is a bug, not a figure

@@ -41,7 +41,7 @@ class EngineConfig:
       device default (12 on CPU, 4 on CUDA). spec_reply_store: where a conversation has no
       n-gram match of its own, draft from the speculator folder's store of the model's own replies
       (speculators/reply_store.py; the default model ships one); False: only the conversation and the replies
-      this engine has served. spec_mlp_ledger: where the MLP may rest (the C kernels' CPU path), also rest it
+      this engine has served. spec_mlp_ledger: where the MLP may rest (spec_rest), also rest it
       where its steps lose against themselves without it (speculators/mlp_ledger.py); False: the width policy
       alone decides. spec_confident_nodes: on that path, verify only the draft nodes whose path probability
       under the MLP speculator is at least what one more verified token costs (in plain steps, as measured),
@@ -49,6 +49,10 @@ class EngineConfig:
       (default): where the MLP drafts alone, not beside the n-gram (measured on the AVX2 CPU, decoding alone:
       the MLP alone 1.13x of plain with it against 1.07x without; beside the n-gram 0.97-0.98x of the speed
       without it, no penalty, and 1.01x under the console's; docs/benchmarks.md).
+    spec_rest: whether speculation may rest where it is measured not to pay (the MLP at width 0, the n-gram
+      drafts by gating.MeasuredRest, the MLP ledger); None (default): on every CPU path, where verified tokens
+      cost compute (on the torch path a pass of two tokens already costs ~1.7x a one-token step: its matmuls
+      leave the matrix-vector kernels), not on CUDA.
     enforce_eager: never use CUDA graphs (vLLM's name); on CUDA the speculator's proposal is otherwise one.
     quantization: None, "int8" (CPU): weights and activations in 8 bits, exact int32 sums, so speculation stays
       exact (models/int8_linear.py), "q4_1" (CPU): the same with 4-bit weights on GGUF's Q4_1 grid, a
@@ -82,6 +86,7 @@ class EngineConfig:
     spec_reply_store: bool = True
     spec_mlp_ledger: bool = True
     spec_confident_nodes: bool | None = None
+    spec_rest: bool | None = None
     attention_backend: AttentionBackend = "auto"
     enforce_eager: bool = False
     quantization: str | None = None
@@ -152,7 +157,7 @@ class SpecConfig:
     running requests and that KV usage). step_cost_prior: the cost of one verified token in plain steps
     until it is measured. cuda_graphs: capture the node proposal as CUDA graphs (CUDA, not enforce_eager).
     reply_store: the n-gram speculator's frozen reply store file, or None (`_reply_store`). mlp_ledger,
-    confident_nodes: EngineConfig's spec_mlp_ledger and spec_confident_nodes.
+    confident_nodes, rest: EngineConfig's spec_mlp_ledger, spec_confident_nodes and spec_rest (resolved).
     """
 
     mlp_dir: str | None
@@ -168,6 +173,7 @@ class SpecConfig:
     reply_store: str | None = None
     mlp_ledger: bool = True
     confident_nodes: bool = True
+    rest: bool = False
 
     @classmethod
     def resolve(cls, config: EngineConfig, device_type: str) -> SpecConfig | None:
@@ -191,6 +197,7 @@ class SpecConfig:
             reply_store=_reply_store(config, mlp_dir) if use_ngram else None,
             mlp_ledger=config.spec_mlp_ledger,
             confident_nodes=not use_ngram if config.spec_confident_nodes is None else config.spec_confident_nodes,
+            rest=device_type != "cuda" if config.spec_rest is None else config.spec_rest,
         )
 
 

@@ -16,6 +16,7 @@ def test_device_defaults() -> None:
     assert (cpu.max_kv_usage, cpu.max_ngram_tokens, cpu.tree, cpu.tree_width) == (0.75, 12, "nodes", None)
     assert cuda.max_ngram_tokens == 4
     assert cuda.cuda_graphs and not cpu.cuda_graphs
+    assert cpu.rest and not cuda.rest  # speculation may rest where it does not pay: on every CPU path
     assert (cpu.mlp_dir, cpu.use_ngram) == (None, True)
 
 
@@ -28,6 +29,8 @@ def test_every_setting_overrides_its_default() -> None:
     assert (spec.max_batch_size, spec.node_pool_size, spec.max_kv_usage) == (5, 20, 0.5)
     assert (spec.step_cost_prior, spec.max_ngram_tokens, spec.tree) == (0.1, 6, "paths")
     assert not spec.cuda_graphs  # enforce_eager
+    assert [SpecConfig.resolve(EngineConfig(speculator="ngram", spec_rest=r), d).rest  # type: ignore[union-attr]
+            for r, d in ((True, "cuda"), (False, "cpu"))] == [True, False]  # fmt: skip
     # A fixed tree width is the node pool: nothing beyond it is ranked.
     fixed = SpecConfig.resolve(EngineConfig(speculator="ngram", spec_tree_width=7, spec_pool_size=20), "cpu")
     assert fixed is not None and (fixed.node_pool_size, fixed.tree_width) == (7, 7)

@@ -112,7 +112,8 @@ def test_the_mlp_rests_where_its_best_width_makes_fewer_tokens_per_second(
 ) -> None:
     """On the int8 CPU path (resting allowed) the MLP proposes while its best width's measured tokens per step
     over StepCost's fitted step time beat the measured steps without it, rests MLP_REST_STEPS steps when they
-    do not, and looks again after; where resting is not allowed (every other path) it always proposes."""
+    do not, and looks again after; where resting is not allowed (spec_rest=False; CUDA's default) it always
+    proposes. Every CPU path may rest by default, the torch path too."""
     from specdesk.engine.speculators import decoder as decoder_module
 
     engine = _int8_engine(model_dir, mlp_dir, request)
@@ -138,8 +139,10 @@ def test_the_mlp_rests_where_its_best_width_makes_fewer_tokens_per_second(
     for _ in range(40):  # the faster side wins once its recent steps say so (older steps fade): 20 tokens/s
         spec.record_lone_step(1, 1, 0.05)
     assert spec._mlp_pays(1)
-    plain = _engine(model_dir, mlp_dir).speculation
+    plain = _engine(model_dir, mlp_dir, spec_rest=False).speculation
     assert plain is not None and not plain.width.allow_none and plain._mlp_pays(1)
+    torch_path = _engine(model_dir, mlp_dir).speculation
+    assert torch_path is not None and torch_path.width.allow_none
 
 
 def test_the_depth_takes_a_tokens_cost_over_a_plain_step_where_the_mlp_may_rest(
@@ -214,7 +217,8 @@ def test_the_ngram_drafts_rest_where_they_are_measured_not_to_pay(
     model_dir: Path, mlp_dir: Path, request: pytest.FixtureRequest
 ) -> None:
     """Where the MLP may rest, steps verifying n-gram drafts alone are timed against steps verifying none; slower,
-    the n-gram proposes nothing for NGRAM_REST_STEPS proposals. Elsewhere it is never rested."""
+    the n-gram proposes nothing for NGRAM_REST_STEPS proposals. With spec_rest=False (CUDA's default) it is
+    never rested."""
     from specdesk.engine.speculators import decoder as decoder_module
 
     config = EngineConfig(model=str(model_dir), dtype="bfloat16", device="cpu", speculator="ngram",
@@ -236,8 +240,10 @@ def test_the_ngram_drafts_rest_where_they_are_measured_not_to_pay(
     while engine.has_work:
         engine.step()
     assert not proposed and spec.ngram_rest.resting == decoder_module.NGRAM_REST_STEPS - 11  # 11 decode steps
-    elsewhere = _engine(model_dir, Path(f"{mlp_dir}+ngram")).speculation
+    elsewhere = _engine(model_dir, Path(f"{mlp_dir}+ngram"), spec_rest=False).speculation
     assert elsewhere is not None and elsewhere.ngram is not None and elsewhere.ngram_rest is None
+    torch_path = _engine(model_dir, Path(f"{mlp_dir}+ngram")).speculation  # every CPU path by default
+    assert torch_path is not None and torch_path.ngram_rest is not None
 
 
 def test_the_ledger_prices_every_lone_mlp_step_and_rests_the_mlp_where_it_loses(
@@ -295,4 +301,6 @@ def test_the_ledger_prices_every_lone_mlp_step_and_rests_the_mlp_where_it_loses(
     assert not asked and not records  # ranked nothing, verified no MLP node
     assert 0 < spec._mlp_rest < 15 and ledger._rest == 15  # the first rest ordered, and running down
     off = _int8_engine(model_dir, mlp_dir, request, spec_mlp_ledger=False).speculation
-    assert off is not None and off.ledger is None and _engine(model_dir, mlp_dir).speculation.ledger is None
+    assert off is not None and off.ledger is None
+    assert _engine(model_dir, mlp_dir, spec_rest=False).speculation.ledger is None  # type: ignore[union-attr]
+    assert _engine(model_dir, mlp_dir).speculation.ledger is not None  # type: ignore[union-attr]

@@ -56,7 +56,7 @@ NGRAM_TOKENS = 4
 # 1.5 gave the most tokens per unit of time, 1 and 2 within 1-2 % of it. No verified token is free (a fitted cost
 # of 0 is a noisy fit): the cost is taken as at least MIN_TOKEN_COST.
 STORE_CHANCE_PER_COST, MIN_TOKEN_COST = 1.5, 0.01
-# Where the MLP may rest (the C kernels' CPU path) its steps run a cadence of MEASURE_EVERY: one ranks the whole
+# Where the MLP may rest (on a CPU: SpecConfig.rest) its steps run a cadence of MEASURE_EVERY: one ranks the whole
 # pool, so that TreeWidth measures every width; one verifies a neighbour of the best width, so that StepCost sees
 # steps of different sizes and fits what a token costs; the others rank and verify the best width alone (ranking
 # the CPU's pool of 12 nodes runs all three heads, ~0.9 ms; one node runs the first head alone, ~0.45 ms, against
@@ -103,7 +103,7 @@ class SpeculativeDecoder:
         # The frozen store of the base model's own replies (reply_store.py; SpecConfig says whose).
         store = reply_store.ReplyStore.load(config.reply_store) if config.reply_store else None
         self.ngram = NgramSpeculator(store=store) if config.use_ngram else None
-        self.ngram_rest = MeasuredRest(NGRAM_REST_STEPS) if self.ngram is not None and c_kernels else None
+        self.ngram_rest = MeasuredRest(NGRAM_REST_STEPS) if self.ngram is not None and config.rest else None
         max_tokens = max(self.mlp.n_predict if self.mlp else 0, config.max_ngram_tokens if self.ngram else 0)
         pool = self.tree_kind.pool if self.tree_kind is not None else 1
         gating = GatingConfig(
@@ -112,11 +112,11 @@ class SpeculativeDecoder:
         )  # fmt: skip
         self.policy = SpeculationPolicy(gating)
         # The tree's width from measured step costs and retrospective acceptance (tree_width.py).
-        # On the C kernels' CPU path a verified token costs a sizeable part of a (fast) step, and no candidate
-        # at all is a choice: speculation then rests, and looks again every MLP_REST_STEPS steps.
+        # On a CPU a verified token costs a sizeable part of a step, and no candidate at all is a choice
+        # (config.rest): speculation then rests, and looks again every MLP_REST_STEPS steps.
         prior = max(config.step_cost_prior, C_KERNELS_STEP_COST_PRIOR) if c_kernels else config.step_cost_prior
-        self.step_cost = StepCost(prior=prior, min_spread=CADENCE_MIN_SPREAD) if c_kernels else StepCost(prior=prior)
-        self.width = TreeWidth(pool, allow_none=c_kernels)
+        self.step_cost = StepCost(prior=prior, min_spread=CADENCE_MIN_SPREAD) if config.rest else StepCost(prior=prior)
+        self.width = TreeWidth(pool, allow_none=config.rest)
         self._mlp_rest, self._mlp_ran = 0, False
         self._mlp_steps, self._measuring, self._explore_up = 0, False, False  # the cadence (MEASURE_EVERY)
         # Emitted tokens and seconds of lone decode steps without the MLP (moving sums): where resting is
@@ -125,7 +125,7 @@ class SpeculativeDecoder:
         # Where the MLP may rest, it also rests where its steps lose against themselves without it (mlp_ledger.py):
         # this step's n-gram drafts beside the MLP's, the MLP's proposal seconds and (tokens added, nodes beyond
         # the n-gram draft) of a lone step, after its pass.
-        self.ledger = MLPLedger(MLP_REST_STEPS) if c_kernels and self.mlp is not None and config.mlp_ledger else None
+        self.ledger = MLPLedger(MLP_REST_STEPS) if config.rest and self.mlp is not None and config.mlp_ledger else None
         self._fixed: dict[str, list[list[int]]] = {}
         self._proposal = 0.0
         self._ledger_step: tuple[int, int] | None = None

@@ -138,7 +138,7 @@ class MeasuredRest:
     Both kinds of steps feed moving sums (tokens and seconds, `decay` per step of that kind); once each holds
     `min_weight` steps, a drafted step that leaves the drafted rate below the undrafted one starts a rest of
     `rest_steps` proposals, and the drafted sums start over, so the source is measured afresh when it returns.
-    The speculative decoder rests the n-gram drafts by it on the C kernels' CPU path: there a verified token
+    The speculative decoder rests the n-gram drafts by it on a CPU (SpecConfig.rest): there a verified token
     costs a sizeable part of a step, and under the console's sampling the drafts are accepted too rarely.
     """
 
