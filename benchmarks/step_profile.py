@@ -211,12 +211,14 @@ def by_nodes(record: list[tuple[int, int, float]], plain_ms: float) -> dict[str,
         a, b = fit
         oracle = tokens * plain_ms / sum(plain_ms if e == 1 else a + b * (e - 1) for _, e, _ in record)
         free = tokens * plain_ms / sum(plain_ms + b * (e - 1) for _, e, _ in record)
-    need = None if fit is None else acceptance_for(2.0, *fit, plain_ms)
+    # A slope of 0 or less (a noisy fit; on CUDA a bucket's) would price long chains as free: no chains then.
+    priced = fit is not None and fit[0] > 0 and fit[1] > 0
+    need = acceptance_for(2.0, *fit, plain_ms) if fit is not None and priced else None
     return {"plain ms per step": plain_ms, "fit a (ms)": None if fit is None else fit[0],
             "fit b (ms per node)": None if fit is None else fit[1], "sizes": rows,
             "speed vs plain": tokens * plain_ms / ms, "accepted nodes only (bound)": oracle,
             "accepted nodes only, drafting free (bound)": free,
-            "chains by acceptance": None if fit is None else {p: best_chain(p, *fit, plain_ms) for p in ACCEPTANCES},
+            "chains by acceptance": {p: best_chain(p, *fit, plain_ms) for p in ACCEPTANCES} if fit and priced else None,
             "2x needs acceptance per draft": need}  # fmt: skip
 
 
@@ -227,11 +229,13 @@ MAX_CHAIN = 64  # drafts in a chain, at most: past it another draft adds less th
 def best_chain(p: float, a: float, b: float, plain_ms: float) -> tuple[float, int]:
     """(speed vs plain, k) of the best chain of k drafts at the fit's cost, each draft accepted with chance p
     where the ones before it were: a step then makes 1 + p + ... + p^k tokens on average in a + b k ms (k = 0
-    is a plain step). What drafts that right would give on this machine, whoever drafts them."""
+    is a plain step; a drafted one costs a plain step at least, whatever the fit says). What drafts that right
+    would give on this machine, whoever drafts them."""
     best, tokens = (1.0, 0), 1.0
     for k in range(1, MAX_CHAIN + 1):
         tokens += p**k
-        best = max(best, (tokens * plain_ms / (a + b * k), k))
+        speed = tokens * plain_ms / max(a + b * k, plain_ms)
+        best = (speed, k) if speed > best[0] else best  # a tie keeps the shorter chain
     return best
 
 

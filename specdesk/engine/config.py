@@ -43,16 +43,16 @@ class EngineConfig:
       (speculators/reply_store.py; the default model ships one); False: only the conversation and the replies
       this engine has served. spec_mlp_ledger: where the MLP may rest (spec_rest), also rest it
       where its steps lose against themselves without it (speculators/mlp_ledger.py); False: the width policy
-      alone decides. spec_confident_nodes: on that path, verify only the draft nodes whose path probability
-      under the MLP speculator is at least what one more verified token costs (in plain steps, as measured),
+      alone decides. spec_confident_nodes: on the C kernels' CPU path, verify only the draft nodes whose path
+      probability under the MLP speculator is at least what one more verified token costs (in plain steps, as measured),
       so each step's tree follows the speculator's confidence; False: the top nodes of the chosen width; None
       (default): where the MLP drafts alone, not beside the n-gram (measured on the AVX2 CPU, decoding alone:
       the MLP alone 1.13x of plain with it against 1.07x without; beside the n-gram 0.97-0.98x of the speed
       without it, no penalty, and 1.01x under the console's; docs/benchmarks.md).
     spec_rest: whether speculation may rest where it is measured not to pay (the MLP at width 0, the n-gram
       drafts by gating.MeasuredRest, the MLP ledger); None (default): on every CPU path, where verified tokens
-      cost compute (on the torch path a pass of two tokens already costs ~1.7x a one-token step: its matmuls
-      leave the matrix-vector kernels), not on CUDA.
+      cost compute (on the torch path a pass of two tokens already costs 1.55-2.2x a one-token step: its
+      matmuls leave the matrix-vector kernels), not on CUDA.
     enforce_eager: never use CUDA graphs (vLLM's name); on CUDA the speculator's proposal is otherwise one.
     quantization: None, "int8" (CPU): weights and activations in 8 bits, exact int32 sums, so speculation stays
       exact (models/int8_linear.py), "q4_1" (CPU): the same with 4-bit weights on GGUF's Q4_1 grid, a

@@ -88,6 +88,9 @@ def test_chains_by_acceptance_and_the_acceptance_2x_needs() -> None:
     p, k = acceptance_for(2.0, 1.0, 0.21, 1.0)  # type: ignore[misc]
     assert 0.844 < p < 0.846 and k == 5
     assert acceptance_for(2.0, 5.0, 3.0, 4.0) is None  # a node dearer than half a plain step: never 2x
+    assert best_chain(0.0, 0.8, 0.05, 1.0) == (1.0, 0)  # a fit below a plain step prices a drafted one as plain
+    flat = by_nodes([(0, 1, 0.004), (2, 1, 0.007), (4, 5, 0.007)], plain_ms=4.0)  # slope 0: no chains priced
+    assert flat["chains by acceptance"] is None and flat["2x needs acceptance per draft"] is None
     table = by_nodes([(0, 1, 0.004), (2, 1, 0.007), (4, 5, 0.009)], plain_ms=4.0)
     assert table["chains by acceptance"][0.8] == best_chain(0.8, 5.0, 1.0, 4.0)
     assert table["2x needs acceptance per draft"] == acceptance_for(2.0, 5.0, 1.0, 4.0)

@@ -43,8 +43,8 @@ from specdesk.engine.speculators.verifier import Verdict
 
 # Steps the MLP speculator rests once no candidate width pays, before it proposes (and is measured) again.
 MLP_REST_STEPS = 15
-# Proposals the n-gram drafts rest where they are measured not to pay (gating.MeasuredRest; the C kernels' CPU
-# path): under the console's sampling a draft of the reply store is accepted about a fifth of the time.
+# Proposals the n-gram drafts rest where they are measured not to pay (gating.MeasuredRest; on a CPU,
+# SpecConfig.rest): under the console's sampling a draft of the reply store is accepted about a fifth of the time.
 NGRAM_REST_STEPS = 30
 # An n-gram draft's length at most, unless its match reaches far back (ngram.LONG_MATCH) in a request that does
 # not penalize repeats: then up to SpecConfig.max_ngram_tokens. Every draft up to 12 by the request's depth ran
@@ -58,9 +58,9 @@ NGRAM_TOKENS = 4
 STORE_CHANCE_PER_COST, MIN_TOKEN_COST = 1.5, 0.01
 # Where the MLP may rest (on a CPU: SpecConfig.rest) its steps run a cadence of MEASURE_EVERY: one ranks the whole
 # pool, so that TreeWidth measures every width; one verifies a neighbour of the best width, so that StepCost sees
-# steps of different sizes and fits what a token costs; the others rank and verify the best width alone (ranking
-# the CPU's pool of 12 nodes runs all three heads, ~0.9 ms; one node runs the first head alone, ~0.45 ms, against
-# a ~4.5 ms plain step).
+# steps of different sizes and fits what a token costs; the others rank and verify the best width alone (the C
+# kernels' int8 ranker: its pool of 12 nodes runs all three heads, ~0.9 ms; one node the first head alone, ~0.45
+# ms, against a ~4.5 ms plain step; the torch path ranks the whole pool regardless, measured on the cadence too).
 MEASURE_EVERY = 4
 # The least spread of verified tokens (std over the recent steps) from which StepCost fits a slope on that path:
 # the neighbour steps alone give ~0.4, and a wrong prior costs more than a noisy fit.

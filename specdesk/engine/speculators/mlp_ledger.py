@@ -1,11 +1,11 @@
 """What the MLP speculator adds, priced on the very steps it ran: each step against itself without the MLP.
 
-On the C kernels' CPU path a verified node costs a fifth of a plain step (AVX2) and ranking the MLP's pool a
-tenth or more, while beside an n-gram draft the MLP's nodes add a few hundredths to a few tenths of a token a
-step (`benchmarks.ngram_matches`, steps by what they verified). The decoder's width policy compares the MLP's
-steps with *other* steps, those taken while it rests, which draft differently; so it seldom rests where it does
-not pay. This ledger compares each MLP step with the same step without the MLP, which is known exactly after the
-pass:
+On a CPU (where it runs: SpecConfig.rest) a verified node costs a fifth of a plain step (the C kernels, AVX2) and
+ranking the MLP's pool a tenth or more, while beside an n-gram draft the MLP's nodes add a few hundredths to a few
+tenths of a token a step (`benchmarks.ngram_matches`, steps by what they verified). The decoder's width policy
+compares the MLP's steps with *other* steps, those taken while it rests, which draft differently; so it seldom rests
+where it does not pay. This ledger compares each MLP step with the same step without the MLP, which is known exactly
+after the pass:
 
 * the tokens the MLP added: the step emitted `e` tokens; its n-gram draft alone (verified in the same pass)
   would have emitted its common prefix with them plus the base model's own token;

@@ -11,8 +11,9 @@ Rather than fixing a width per device, the engine measures both sides of the tra
   accepted for every m (the accepted path plus the base model's own token is the true continuation up to
   the first mismatch, so any path's accepted prefix is its common prefix with it). The engine ranks the full
   pool of candidates and verifies the top m, so the wider trees it did not verify are measured too: a path
-  matching the whole known continuation is credited that much, a lower bound. (On the C kernels' CPU path it
-  ranks the pool on one MLP step in four and what it verifies on the others: `decoder.MEASURE_EVERY`.)
+  matching the whole known continuation is credited that much, a lower bound. (On a CPU, where the MLP may
+  rest, it records the pool on one MLP step in four, `decoder.MEASURE_EVERY`; the C kernels' ranker ranks only
+  what it verifies on the others.)
   A candidate is a whole path (IBM's tree) or one draft node given as its path (`propose_nodes`, where the
   top m nodes are themselves the best m-node tree), so m counts paths or nodes.
   It keeps moving averages of tokens per step E_m and tree size N_m, and picks the m maximizing
@@ -105,8 +106,8 @@ class TreeWidth:
     """Chooses how many MLP candidates (paths or nodes) to verify from retrospective acceptance (module doc).
 
     allow_none: width 0 (no MLP candidate: a plain step unless the n-gram drafts) is a choice too, taken when
-    no measured width beats a plain step's one token per unit cost. The engine allows it where a verified token
-    costs a tenth of a step (the int8 CPU path); candidates are still ranked every step, so acceptance keeps
+    no measured width beats a plain step's one token per unit cost. The engine allows it on a CPU (SpecConfig.rest),
+    where a verified token costs a sizeable part of a step; candidates are still ranked every step, so acceptance keeps
     being measured and speculation comes back when it pays again.
     """
 
