@@ -206,20 +206,19 @@ def by_nodes(record: list[tuple[int, int, float]], plain_ms: float) -> dict[str,
                      "tokens per step": tokens / len(sizes[n]), "ms per step": ms / len(sizes[n]),
                      "speed vs plain": tokens * plain_ms / ms, "2x needs tokens per step": needs})  # fmt: skip
     tokens, ms = sum(e for _, e, _ in record), sum(1e3 * s for *_, s in record)
-    oracle = free = None
+    oracle = free = chains = need = None
     if fit is not None:
         a, b = fit
         oracle = tokens * plain_ms / sum(plain_ms if e == 1 else a + b * (e - 1) for _, e, _ in record)
         free = tokens * plain_ms / sum(plain_ms + b * (e - 1) for _, e, _ in record)
-    # A slope of 0 or less (a noisy fit; on CUDA a bucket's) would price long chains as free: no chains then.
-    priced = fit is not None and fit[0] > 0 and fit[1] > 0
-    need = acceptance_for(2.0, *fit, plain_ms) if fit is not None and priced else None
+        if a > 0 and b > 0:  # a slope of 0 or less (a noisy fit; on CUDA a bucket's) would price chains as free
+            chains = {p: best_chain(p, a, b, plain_ms) for p in ACCEPTANCES}
+            need = acceptance_for(2.0, a, b, plain_ms)
     return {"plain ms per step": plain_ms, "fit a (ms)": None if fit is None else fit[0],
             "fit b (ms per node)": None if fit is None else fit[1], "sizes": rows,
             "speed vs plain": tokens * plain_ms / ms, "accepted nodes only (bound)": oracle,
             "accepted nodes only, drafting free (bound)": free,
-            "chains by acceptance": {p: best_chain(p, *fit, plain_ms) for p in ACCEPTANCES} if fit and priced else None,
-            "2x needs acceptance per draft": need}  # fmt: skip
+            "chains by acceptance": chains, "2x needs acceptance per draft": need}  # fmt: skip
 
 
 ACCEPTANCES = (0.5, 0.6, 0.7, 0.8, 0.9)
