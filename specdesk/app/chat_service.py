@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from specdesk import prompts
 from specdesk.app.auth import console_cache_salt
+from specdesk.app.chat_catalog import PersonaCatalog
 from specdesk.app.settings import Settings
 from specdesk.app.tools import ToolBox
 from specdesk.app.tools_service import ToolTurns
@@ -65,9 +66,9 @@ class PromptPlan:
     num_dropped_messages: int
 
 
-class ChatService(ToolTurns):
-    """Conversations on top of one engine and one repository (and the personas' tools, app/tools_service.py).
-    Shared by every UI session."""
+class ChatService(ToolTurns, PersonaCatalog):
+    """Conversations on top of one engine and one repository (the personas' tools: app/tools_service.py; the
+    personas and macros: app/chat_catalog.py). Shared by every UI session."""
 
     def __init__(
         self,
@@ -146,25 +147,31 @@ class ChatService(ToolTurns):
         return self._stream_turn(conversation_id, params or self.sampling_params())
 
     def retry(
-        self, conversation_id: int, params: SamplingParams | None = None, *, agent: str | None = None
-    ) -> TurnStream:
+        self, conversation_id: int, params: SamplingParams | None = None, *, agent: str | None = None,
+        last_id: int | None = None,
+    ) -> TurnStream:  # fmt: skip
         """Draft the reply to the last customer message again (the previous reply is replaced); after a tool
-        result, only what follows it: a run's effects (a ticket) stay, so must its record."""
-        self._check_idle(conversation_id, agent)
-        last_user = self._last_user_message(conversation_id, agent)
-        messages = self.repository.get_conversation(conversation_id, agent=agent).messages
+        result, only what follows it: a run's effects (a ticket) stay, so must its record. last_id: the last
+        message as the caller saw it; ValueError, nothing changed, when the conversation has moved on."""
+        messages, last_user = self._last_user_message(conversation_id, agent)
+        _check_unchanged(last_id, messages[-1].id, "this reply was drafted")
         keep = max([last_user.position] + [m.position for m in messages if m.role is Role.TOOL])
         self.repository.delete_messages_after(conversation_id, keep, agent=agent)
         return self._stream_turn(conversation_id, params or self.sampling_params())
 
     def edit_last(
-        self, conversation_id: int, text: str, params: SamplingParams | None = None, *, agent: str | None = None
-    ) -> TurnStream:
-        """Replace the last customer message with `text` and draft a new reply to it."""
-        self._check_idle(conversation_id, agent)
+        self, conversation_id: int, text: str, params: SamplingParams | None = None, *, agent: str | None = None,
+        message_id: int | None = None,
+    ) -> TurnStream:  # fmt: skip
+        """Replace the last customer message with `text` and draft a new reply to it. message_id: the message
+        the edit began from; ValueError, nothing changed, when it is no longer the last customer message, or
+        when a tool has run after it (its effects stay, so must the record of what led to them)."""
         if not text.strip():
             raise ValueError("the customer message is empty: type or paste what the customer wrote")
-        last_user = self._last_user_message(conversation_id, agent)
+        messages, last_user = self._last_user_message(conversation_id, agent)
+        _check_unchanged(message_id, last_user.id, "this edit began")
+        if any(m.role is Role.TOOL and m.position > last_user.position for m in messages):
+            raise ValueError("a tool has already run on this message: send the correction as a new message")
         self.repository.update_message_content(last_user.id, text, agent=agent)
         self.repository.delete_messages_after(conversation_id, last_user.position, agent=agent)
         return self._stream_turn(conversation_id, params or self.sampling_params())
@@ -347,19 +354,15 @@ class ChatService(ToolTurns):
         ids = counted.get(len(kept)) or self.llm.apply_chat_template(kept)
         return PromptPlan(ids, num_dropped)
 
-    def prompt_variables(self, conversation: ConversationRecord | None) -> prompts.PromptVariables:
-        """Company, agent and customer names for the system prompt and macros."""
-        return prompts.PromptVariables(
-            company=self.settings.company,
-            agent_name=self.settings.agent_name,
-            customer_name=(conversation.customer_name or None) if conversation else None,
-        )
-
-    def _last_user_message(self, conversation_id: int, agent: str | None) -> MessageRecord:
-        conversation = self.repository.get_conversation(conversation_id, agent=agent)
-        for message in reversed(conversation.messages):
+    def _last_user_message(
+        self, conversation_id: int, agent: str | None
+    ) -> tuple[tuple[MessageRecord, ...], MessageRecord]:
+        """The conversation's messages and its last customer message, once no reply is being drafted in it."""
+        self._check_idle(conversation_id, agent)
+        messages = self.repository.get_conversation(conversation_id, agent=agent).messages
+        for message in reversed(messages):
             if message.role is Role.USER:
-                return message
+                return messages, message
         raise ValueError("this conversation has no customer message yet")
 
     # ---- conversations, personas and macros ---------------------------------------------------------
@@ -369,17 +372,6 @@ class ChatService(ToolTurns):
         """An empty conversation answered with `persona`'s system prompt (KeyError for an unknown one)."""
         prompts.render_system_prompt(persona)  # fail now, not at the first turn
         return self.repository.create_conversation(customer_name=customer_name, persona=persona, agent=agent)
-
-    def personas(self) -> list[tuple[str, str]]:
-        """(title, key) pairs for a picker."""
-        return [(info.title, info.key) for info in prompts.list_personas()]
-
-    def macros(self) -> list[tuple[str, str]]:
-        return [(info.title, info.key) for info in prompts.list_macros()]
-
-    def render_macro(self, key: str, conversation: ConversationRecord | None = None) -> str:
-        """A canned reply with the company, agent and customer names filled in."""
-        return prompts.render_macro(key, self.prompt_variables(conversation))
 
     def add_agent_reply(self, conversation_id: int, text: str, *, agent: str | None = None) -> MessageRecord:
         """Store a reply the agent wrote or inserted from a macro (no generation)."""
@@ -397,3 +389,9 @@ class ChatService(ToolTurns):
             self.repository.clear_feedback(message_id, agent=agent)
         else:
             self.repository.set_feedback(message_id, rating, agent=agent)
+
+
+def _check_unchanged(seen: int | None, now: int, since: str) -> None:
+    # A stale tab's Redraft or Save would otherwise rewrite a message it never showed (another tab's).
+    if seen is not None and seen != now:
+        raise ValueError(f"this conversation has changed since {since} (another tab or window): open it again")

@@ -62,15 +62,10 @@ class ConsoleActions:
 
     # ---- turns ------------------------------------------------------------------------------------
     def send(
-        self,
-        text: str,
-        conversation_id: int | None,
-        editing: bool,
-        persona: str,
-        customer: str,
-        search: str,
+        self, text: str, conversation_id: int | None, editing: int | bool, persona: str, customer: str, search: str,
         request: gr.Request,
-    ) -> Iterator[Updates]:
+    ) -> Iterator[Updates]:  # fmt: skip
+        """editing: the id of the customer message being edited (True: whichever is last), or False."""
         agent = _agent(request)
         if not text.strip():
             gr.Warning("Type or paste the customer's message first.")
@@ -82,7 +77,8 @@ class ConsoleActions:
                     persona or "general", customer or "", agent=agent
                 ).id
             if editing:
-                updates = self.service.edit_last(conversation_id, text, agent=agent)
+                message_id = None if editing is True else int(editing)
+                updates = self.service.edit_last(conversation_id, text, agent=agent, message_id=message_id)
             else:
                 self._title_from_first_message(conversation_id, text, agent)
                 updates = self.service.send(conversation_id, text, agent=agent)
@@ -90,18 +86,24 @@ class ConsoleActions:
             if created is not None:  # nothing was stored in it: leave no empty conversation behind
                 self._safely(lambda: self.repo.delete_conversation(created, agent=agent))
             gr.Warning(_message(exc))
+            if editing and created is None and conversation_id is not None:  # show it as it is now
+                yield self._current(conversation_id, search, agent, end_edit=True)
             return
         yield from self._stream(conversation_id, updates, search, agent, clear_message=True)
 
-    def retry(self, conversation_id: int | None, search: str, request: gr.Request) -> Iterator[Updates]:
+    def retry(
+        self, conversation_id: int | None, message_ids: list[int], search: str, request: gr.Request
+    ) -> Iterator[Updates]:
         agent = _agent(request)
         if conversation_id is None:
             gr.Warning("Open a conversation first.")
             return
-        try:
-            updates = self.service.retry(conversation_id, agent=agent)
+        try:  # the last message this tab shows: a stale tab must not replace a reply it never showed
+            updates = self.service.retry(conversation_id, agent=agent, last_id=message_ids[-1] if message_ids else None)
         except (ValueError, NotFoundError) as exc:
             gr.Warning(str(exc))
+            if isinstance(exc, ValueError):
+                yield self._current(conversation_id, search, agent)
             return
         yield from self._stream(conversation_id, updates, search, agent, clear_message=False)
 
@@ -122,7 +124,9 @@ class ConsoleActions:
             yield from self._stream_view(conversation_id, updates, search, agent, clear_message=clear_message)
         except Exception as exc:  # the database failed around the turn: the service has already ended it
             gr.Warning(f"The reply failed: {_message(exc)}")
-            yield {self.v.status: f"⚠️ {escape_customer_text(_message(exc))}", **self._busy(False)}
+            v = self.v  # the list was locked for the turn (_view's busy): unlock it, or it stays locked
+            yield {v.status: f"⚠️ {escape_customer_text(_message(exc))}", v.conversations: gr.Radio(interactive=True),
+                   **self._busy(False)}  # fmt: skip
 
     def _stream_view(
         self,
@@ -203,7 +207,7 @@ class ConsoleActions:
             return {}
         return {
             v.message: users[-1].content,
-            v.editing: True,
+            v.editing: users[-1].id,  # Save checks it is still the last one (another tab may have moved on)
             v.send: gr.Button("Save & redraft"),
             v.cancel_edit: gr.Button(visible=True),
             v.status: "✎ Editing the last customer message: **Save & redraft** replaces it and drafts a new reply.",
@@ -304,13 +308,7 @@ class ConsoleActions:
         return gr.Row(visible=True), self.service.render_macro(key, conversation)
 
     def add_macro(
-        self,
-        text: str,
-        conversation_id: int | None,
-        persona: str,
-        customer: str,
-        search: str,
-        request: gr.Request,
+        self, text: str, conversation_id: int | None, persona: str, customer: str, search: str, request: gr.Request
     ) -> Updates:
         agent = _agent(request)
         if not text.strip():
@@ -354,6 +352,18 @@ class ConsoleActions:
             v.status: "",
             **tool_card(v, None if busy else conversation),  # a call waiting for the agent, once no reply runs
         }
+
+    def _current(self, conversation_id: int, search: str, agent: str | None, *, end_edit: bool = False) -> Updates:
+        """The conversation as it is now, after a refused turn (nothing when even that fails)."""
+        try:
+            updates = self._view(conversation_id, search, agent)
+        except Exception as exc:
+            gr.Warning(_message(exc))
+            return {}
+        if end_edit:  # the typed text stays in the box; Send now sends it as a new message
+            v = self.v
+            updates.update({v.editing: False, v.send: gr.Button("Send"), v.cancel_edit: gr.Button(visible=False)})
+        return updates
 
     def _choices(self, search: str, agent: str | None) -> list[tuple[str, int]]:
         try:

@@ -153,8 +153,9 @@ def _wire(v: ConsoleView, actions: ConsoleActions, macro_row: gr.Row, enter_note
         **{**stream, "api_name": "send", "api_visibility": "public"},
     )  # fmt: skip
     sent.then(None, None, [enter_note], js='() => ""', **quick)
-    v.retry.click(actions.retry, [v.conversation_id, v.search], everything, **stream)
-    v.chatbot.retry(actions.retry, [v.conversation_id, v.search], everything, **stream)
+    retry_inputs = [v.conversation_id, v.message_ids, v.search]
+    v.retry.click(actions.retry, retry_inputs, everything, **stream)
+    v.chatbot.retry(actions.retry, retry_inputs, everything, **stream)
     v.stop.click(actions.stop, [v.conversation_id], None, **quick)
 
     v.edit.click(actions.start_edit, [v.conversation_id], everything, **quick)

@@ -158,6 +158,26 @@ def test_retry_and_edit_last_replace_the_reply(service: ChatService) -> None:
         service.retry(empty.id)
 
 
+def test_a_stale_tab_neither_edits_nor_redrafts_what_it_never_showed(service: ChatService) -> None:
+    conversation = service.new_conversation()
+    run(service.send(conversation.id, "My parcel 48213 is late"))
+    shown = service.repository.get_conversation(conversation.id).messages  # what one tab shows
+    run(service.send(conversation.id, "Also, please cancel order 50001"))  # another tab moves on
+    before = service.repository.get_conversation(conversation.id)
+    with pytest.raises(ValueError, match="changed since this edit began"):
+        service.edit_last(conversation.id, "My parcel 48213 is late (JD0146)", message_id=shown[0].id)
+    with pytest.raises(ValueError, match="changed since this reply was drafted"):
+        service.retry(conversation.id, last_id=shown[-1].id)
+    assert service.repository.get_conversation(conversation.id) == before  # the newer message and reply stay
+    # A tab that shows the conversation as it is does both.
+    edit = service.edit_last(conversation.id, "Also, please cancel order 50002", message_id=before.messages[2].id)
+    assert run(edit)[-1].state is TurnState.COMPLETE
+    last = service.repository.get_conversation(conversation.id).messages[-1]
+    assert run(service.retry(conversation.id, last_id=last.id))[-1].state is TurnState.COMPLETE
+    messages = service.repository.get_conversation(conversation.id).messages
+    assert [m.content for m in messages[::2]] == ["My parcel 48213 is late", "Also, please cancel order 50002"]
+
+
 def test_oldest_turns_are_dropped_to_fit_and_reported(service: ChatService) -> None:
     conversation = service.new_conversation()
     for _ in range(3):  # ~2.5k tokens of history each turn on top of a ~1.8k system prompt

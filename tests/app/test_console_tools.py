@@ -104,6 +104,10 @@ def test_retry_after_a_tool_ran_redrafts_only_what_follows_its_result(service: C
     # The ticket exists, so the call and its result stay; only the reply after them was drafted again.
     assert [m.id for m in after[:3]] == [m.id for m in before[:3]] and after[2].role is Role.TOOL
     assert len(after) == 4 and after[3].created_at > before[3].created_at  # (SQLite may reuse the id)
+    # Editing the customer message would drop the record of a run whose effects (the ticket) stay: refused.
+    with pytest.raises(ValueError, match="a tool has already run"):
+        service.edit_last(conversation_id, "Parcel lost, please trace it")
+    assert service.repository.get_conversation(conversation_id).messages == after
 
 
 def test_edited_arguments_are_checked_then_run_and_stored(service: ChatService) -> None:

@@ -1,4 +1,6 @@
-"""With logins on, an agent's page shows only their conversations, and their exports stay theirs."""
+"""The Console tab's handlers on a real service: with logins on, an agent's page shows only their conversations
+and their exports stay theirs; a stale tab (another moved the conversation on) edits and redrafts nothing; a
+turn that fails around its stream leaves the conversation list unlocked."""
 
 from __future__ import annotations
 
@@ -8,16 +10,14 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import gradio as gr
 import pytest
 
 from specdesk.app import ui
 from specdesk.app.chat_service import ChatService
 from specdesk.app.console_actions import ConsoleActions
-from specdesk.app.ui_console import build_console
 from specdesk.db import Role
 from specdesk.engine.llm import LLM
-from tests.app.console_fixtures import make_service, tiny_console_llm
+from tests.app.console_fixtures import console_actions, make_service, tiny_console_llm
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +34,8 @@ def service(llm: LLM, tmp_path: Path) -> ChatService:
 
 @pytest.fixture
 def actions(service: ChatService) -> Iterator[ConsoleActions]:
-    with gr.Blocks():
-        view = build_console(service)
-    console = ConsoleActions(service, view)
-    yield console
-    console.exports.close()
+    with console_actions(service) as handlers:
+        yield handlers
 
 
 def signed_in(name: str | None) -> Any:
@@ -122,3 +119,52 @@ def test_each_agent_is_a_prefix_cache_tenant_of_their_own(service: ChatService) 
     assert _cached_tokens(service, again.id, text, "alice") > 0  # alice's own pages are reused
     other = service.new_conversation("retail", "Dana", agent="bob")
     assert _cached_tokens(service, other.id, text, "bob") == 0
+
+
+LOGIN_OFF: Any = SimpleNamespace(username=None)  # what handlers read from gr.Request
+
+
+def _send(actions: ConsoleActions, text: str, conversation_id: int | None, editing: int | bool = False) -> Any:
+    return list(actions.send(text, conversation_id, editing, "general", "", "", LOGIN_OFF))
+
+
+def test_a_stale_tab_refuses_to_edit_or_redraft_and_shows_the_conversation_as_it_is(
+    service: ChatService, actions: ConsoleActions
+) -> None:
+    v = actions.v
+    first = _send(actions, "My parcel 48213 is late", None)[-1]
+    conversation_id = first[v.conversation_id]
+    stale_ids = first[v.message_ids]
+    editing = actions.start_edit(conversation_id, LOGIN_OFF)[v.editing]  # tab 1 starts an edit
+    assert editing == stale_ids[0]
+    _send(actions, "Also, please cancel order 50001", conversation_id)  # tab 2 moves on
+    before = service.repository.get_conversation(conversation_id)
+
+    with pytest.warns(UserWarning, match="changed since this edit began"):
+        refused = _send(actions, "My parcel 48213 is late (JD0146)", conversation_id, editing)
+    assert refused[-1][v.editing] is False and refused[-1][v.message_ids] == [m.id for m in before.messages]
+    with pytest.warns(UserWarning, match="changed since this reply was drafted"):
+        redraft = list(actions.retry(conversation_id, stale_ids, "", LOGIN_OFF))
+    assert redraft[-1][v.message_ids] == [m.id for m in before.messages]
+    assert service.repository.get_conversation(conversation_id) == before  # the newer turn is intact
+
+    # The refreshed tab edits and redrafts what it now shows.
+    editing = actions.start_edit(conversation_id, LOGIN_OFF)[v.editing]
+    _send(actions, "Also, please cancel order 50002", conversation_id, editing)
+    assert service.repository.get_conversation(conversation_id).messages[2].content.endswith("50002")
+    current = [m.id for m in service.repository.get_conversation(conversation_id).messages]
+    assert list(actions.retry(conversation_id, current, "", LOGIN_OFF))[-1][v.stop].visible is False
+
+
+def test_a_turn_that_fails_around_the_stream_unlocks_the_conversation_list(
+    service: ChatService, actions: ConsoleActions
+) -> None:
+    v = actions.v
+    conversation_id = service.new_conversation().id
+    updates = actions.send("Where is my parcel?", conversation_id, False, "general", "", "", LOGIN_OFF)
+    first = next(updates)
+    assert first[v.conversations].interactive is False  # locked while the reply streams
+    service.repository.delete_conversation(conversation_id)  # another tab deletes it mid-turn
+    with pytest.warns(UserWarning, match="The reply failed"):
+        last = list(updates)[-1]
+    assert last[v.conversations].interactive is True and last[v.stop].visible is False
