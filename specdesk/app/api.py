@@ -90,6 +90,7 @@ class _Choice:
     metrics: RequestMetrics | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
     num_chars: int = 0  # completion characters streamed so far (text_offset of the next logprobs)
+    reading: bool = False  # a response body reads its deltas (closing it aborts the request)
 
     def events(self, delta: StreamDelta) -> list[ToolEvent]:
         """The delta's text as content and tool-call events (all content without tools)."""
@@ -167,14 +168,13 @@ class _OpenAIServer:
         self._check_model(req.model)
         refuse_unsupported(req)
         choices = await self._submit(req, tenant_cache_salt(tenant, req.cache_salt))
-        rids = [c.request_id for c in choices]
         if req.stream:
             return StreamingResponse(
                 self._stream(req, choices, chat),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                 # Runs even when the client left before the first byte, when the body never started.
-                background=BackgroundTask(self._abort, rids),
+                background=BackgroundTask(self._release, choices),
             )
         collecting = asyncio.ensure_future(self._collect(choices))
         while not collecting.done():
@@ -230,14 +230,16 @@ class _OpenAIServer:
                     parser = None if plan is None else plan.parser()
                     choices.append(_Choice(len(choices), p, rid, len(ids), parser))
         except BaseException:
-            self._abort([c.request_id for c in choices])
+            self._release(choices)
             raise
         return choices
 
-    def _abort(self, request_ids: list[str]) -> None:
-        # Request ids are never reused, so aborting one that already finished is a harmless no-op.
-        for rid in request_ids:
-            self.llm.abort(rid)
+    def _release(self, choices: list[_Choice]) -> None:
+        # Request ids are never reused, so aborting one that already finished is a harmless no-op. One whose
+        # deltas no body ever read (a refused batch, a client gone before the first byte) is cancelled: its
+        # stream would otherwise stay in the engine client for good.
+        for c in choices:
+            (self.llm.abort if c.reading else self.llm.cancel)(c.request_id)
 
     async def _collect(self, choices: list[_Choice]) -> None:
         by_id = {c.request_id: c for c in choices}
@@ -308,6 +310,8 @@ class _OpenAIServer:
             payload = {"index": c.index, **body, "logprobs": lps, "finish_reason": finish, **extra}
             return sse({**base, "choices": [payload]})
 
+        for c in choices:
+            c.reading = True
         if chat:
             for c in choices:
                 yield chunk(c, {"role": "assistant", "content": ""})

@@ -60,6 +60,12 @@ class EngineClient(ABC):
     def _discard(self, request_id: str) -> bool:
         """Forget a submitted request whose deltas nobody will read; True if it was still open."""
 
+    def cancel(self, request_id: str) -> None:
+        """Stop a submitted request whose deltas nobody has read nor will, and forget its stream (else its queue
+        and final delta stay for good). A request whose `deltas` someone reads stops by closing that iterator."""
+        if self._discard(request_id):
+            self.abort(request_id)
+
     def stream(
         self, prompt: Prompt, params: SamplingParams | None = None, cache_salt: str | None = None
     ) -> Iterator[StreamDelta]:

@@ -91,8 +91,10 @@ class SamplingParams:
         for token_id in self.stop_token_ids:
             _integer("stop_token_ids", token_id, minimum=0)
         r = _real("repetition_penalty", self.repetition_penalty)
-        if not 0.0 < r <= MAX_REPETITION_PENALTY:
-            raise ValueError(f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}], got {r!r}")
+        if not MIN_REPETITION_PENALTY <= r <= MAX_REPETITION_PENALTY:
+            raise ValueError(
+                f"repetition_penalty must be in [{MIN_REPETITION_PENALTY:g}, {MAX_REPETITION_PENALTY:g}], got {r!r}"
+            )
         for name in ("frequency_penalty", "presence_penalty"):
             if not -2.0 <= _real(name, getattr(self, name)) <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
@@ -128,6 +130,9 @@ MAX_STOP_LENGTH = 1000
 # transformers accepts any positive penalty; past 10 a seen token's logit is all but erased, which no sane
 # request means, and a bound keeps a typo (100 for 1.00) from silently wrecking output.
 MAX_REPETITION_PENALTY = 10.0
+# Below 1 a seen token's positive logit is divided by the penalty: at 1e-38 and less that is inf in float32, and
+# the request failed in the sampler as a server error. 0.01 (a seen token 100x as likely) is already extreme.
+MIN_REPETITION_PENALTY = 0.01
 # OpenAI's and vLLM's default cap on top_logprobs.
 MAX_LOGPROBS = 20
 # The largest finite float32: a larger temperature would become inf in the sampler.

@@ -149,6 +149,7 @@ def test_stop_sequence(client: openai.OpenAI) -> None:
         ({"max_tokens": 100_000}, "messages"),
         ({"messages": []}, "messages"),
         ({"temperature": "hot"}, "temperature"),
+        ({"repetition_penalty": 1e-40}, "repetition_penalty"),  # would divide a logit to inf in float32
     ],
 )
 def test_bad_requests_get_400(url: str, llm: LLM, overrides: dict[str, Any], param: str) -> None:
@@ -162,8 +163,21 @@ def test_bad_requests_get_400(url: str, llm: LLM, overrides: dict[str, Any], par
     assert llm.stats().num_steps == before.num_steps  # refused before reaching the engine
     # and the official client raises its typed error
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    vllm = {"repetition_penalty"}  # not the official client's own arguments: sent as extra_body
+    known, extra = ({k: v for k, v in body.items() if (k in vllm) is side} for side in (False, True))
     with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(**body)
+        client.chat.completions.create(**known, extra_body=extra or None)
+
+
+def test_a_batch_refused_midway_leaves_no_request_behind(url: str, llm: LLM) -> None:
+    wait_idle(llm)
+    open_streams = len(llm._streams)
+    body = {"model": MODEL, "prompt": [[5, 6, 7]] * 3 + [[10**9]], "max_tokens": 2}  # the 4th: no such token
+    r = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    wait_idle(llm)
+    # The three queued before the refusal were stopped and forgotten: nobody will read their deltas.
+    assert len(llm._streams) == open_streams
 
 
 def test_unsupported_features_are_refused(url: str) -> None:
