@@ -150,6 +150,27 @@ def test_forget_replies_empties_the_ngram_store_and_changes_only_speed(model_dir
         llm.shutdown()
 
 
+def test_replies_are_drafted_only_within_their_tenant(model_dir: Path) -> None:
+    """A tenant's (cache salt's) stored replies never draft another's requests: their speed would tell what
+    the other tenant's replies said."""
+    llm = LLM(model=str(model_dir), dtype="float32", device="cpu", speculator="ngram")
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+
+    def steps(salt: str) -> int:
+        *_, last = llm.deltas(llm.submit("Hello, thank you", params, cache_salt=salt))
+        assert last.metrics is not None
+        return last.metrics.num_decode_steps
+
+    try:
+        cold = steps("bob")  # nothing stored for bob
+        llm.forget_replies()
+        steps("alice")  # alice's reply to the same prompt is stored, for alice
+        assert steps("bob") == cold  # and drafts nothing for bob
+        assert steps("alice") < cold  # but does for alice
+    finally:
+        llm.shutdown()
+
+
 def test_stop_and_max_tokens_inside_an_accepted_run(model_dir: Path) -> None:
     plain = outputs(model_dir, None, SamplingParams(max_tokens=37, ignore_eos=True))
     spec = outputs(model_dir, "ngram", SamplingParams(max_tokens=37, ignore_eos=True))

@@ -71,6 +71,18 @@ def test_replies_store_is_used_across_conversations_and_bounded() -> None:
     ng.release("x")
 
 
+def test_a_reply_drafts_only_its_own_tenants_requests_and_eviction_spans_tenants() -> None:
+    ng = NgramSpeculator(max_n=3, min_n=2, max_replies=2)
+    ng.observe_reply([50, 51, 52, 53, 54, 55], tenant="alice")
+    assert ng.propose("a", [7, 8, 51, 52], 3, tenant="alice") == [53, 54, 55]
+    assert ng.propose("b", [7, 8, 51, 52], 3, tenant="bob") == []
+    assert ng.propose("n", [7, 8, 51, 52], 3) == []  # no salt is a tenant of its own too
+    ng.observe_reply([60, 61, 62], tenant="bob")
+    ng.observe_reply([70, 71, 72])  # the oldest reply, alice's, goes: the bound is over all tenants
+    assert ng.num_replies == 2 and ng.propose("a2", [7, 8, 51, 52], 3, tenant="alice") == []
+    assert ng.propose("b2", [1, 60, 61], 1, tenant="bob") == [62]
+
+
 def test_proposals_do_not_scan_the_sequence() -> None:
     ng = NgramSpeculator()
     seq = [i % 1000 for i in range(20000)]

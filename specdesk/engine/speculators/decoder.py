@@ -247,7 +247,7 @@ class SpeculativeDecoder:
                 # unless the request penalizes repeats (then the model is pushed off exactly such copies): k.
                 k = min(depth[s.request_id] + 1, NGRAM_TOKENS, self.config.max_ngram_tokens)
                 longest = self.config.max_ngram_tokens if _repeats_freely(s.params) else k
-                draft = self.ngram.propose(s.request_id, s.token_ids, k, min_prob, longest)
+                draft = self.ngram.propose(s.request_id, s.token_ids, k, min_prob, longest, s.cache_salt)
                 if draft:
                     paths[s.request_id].append(draft)
         # The MLP reads the hidden state after the last token: stale while forced tokens await their pass.
@@ -380,7 +380,7 @@ class SpeculativeDecoder:
         if self.ngram is not None:
             self.ngram.release(seq.request_id)
             if seq.num_output_tokens > 0:
-                self.ngram.observe_reply(seq.output_token_ids)
+                self.ngram.observe_reply(seq.output_token_ids, seq.cache_salt)  # drafted within its tenant only
 
 
 def _repeats_freely(params: SamplingParams) -> bool:

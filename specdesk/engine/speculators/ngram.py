@@ -3,7 +3,9 @@
 Support answers repeat themselves, within a conversation (order numbers, the customer's own words) and
 across conversations (greetings, policies, sign-offs). For the last n tokens of a sequence (n from max_n
 down to min_n) we look up where that n-gram occurred before and propose the k tokens that followed it,
-first in the sequence itself, then in a bounded store of earlier assistant replies. Where neither has
+first in the sequence itself, then in a bounded store of earlier assistant replies of the same tenant (the
+requests' cache salt: a tenant's drafts, and so its speed, never tell what another tenant's replies said,
+as the prefix cache's pages do not). Where neither has
 k tokens, a frozen store of the model's own replies (`reply_store.py`, shipped with the default speculator)
 walks its most frequent continuations instead, when that gives more. A sequence caught in a loop shorter than
 k (its suffix matches one period back, over the whole period) gets the loop repeated up to k tokens: its last
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 from specdesk.engine.speculators.reply_store import ReplyStore
 
 NGram = tuple[int, ...]
+Tenant = str | None  # a request's cache salt: replies are only drafted from within the tenant that wrote them
 # A match that reaches this far back is a passage the sequence repeats, mostly a loop: on the default model's
 # greedy replies such a match's drafts of 12 tokens were accepted whole 85 % of the time, a 2-token match's of
 # about 3.5 tokens 21 % (benchmarks.ngram_matches), so its draft may run longer than the request's depth.
@@ -44,7 +47,8 @@ class NgramSpeculator:
 
     propose(request_id, token_ids, k) is called every step with the request's full token list (prompt +
     output); the per-request index is updated incrementally and dropped by `release(request_id)`.
-    `observe_reply(token_ids)` adds a finished reply to the shared store (the oldest reply is evicted).
+    `observe_reply(token_ids, tenant)` adds a finished reply to the store (the oldest reply of any tenant is
+    evicted), where only the same tenant's proposals find it.
     """
 
     def __init__(
@@ -56,31 +60,32 @@ class NgramSpeculator:
         self.max_n, self.min_n = max_n, min_n
         self.max_replies, self.max_reply_tokens = max_replies, max_reply_tokens
         self._sequences: dict[str, _SequenceIndex] = {}
-        # Reply store: reply id -> tokens (insertion order = age), and n-gram -> (reply id, end).
-        self._replies: OrderedDict[int, list[int]] = OrderedDict()
-        self._reply_ends: dict[NGram, tuple[int, int]] = {}
+        # Reply store: reply id -> (tenant, tokens) (insertion order = age), (tenant, n-gram) -> (reply id, end).
+        self._replies: OrderedDict[int, tuple[Tenant, list[int]]] = OrderedDict()
+        self._reply_ends: dict[tuple[Tenant, NGram], tuple[int, int]] = {}
         self._next_reply_id = 0
         self.store = store  # frozen: forget_replies / clear_replies leave it
 
     # ---- proposals ----------------------------------------------------------------------------------
     def propose(
-        self, request_id: str, token_ids: Sequence[int], k: int, min_prob: float = 0.0, longest: int = 0
+        self, request_id: str, token_ids: Sequence[int], k: int, min_prob: float = 0.0, longest: int = 0,
+        tenant: Tenant = None,
     ) -> list[int]:  # fmt: skip
         """Up to k tokens that followed the longest matching suffix before; [] when nothing matches. A walk of
         the frozen store stops where its chain's estimated chance of acceptance falls below min_prob
         (`ReplyStore.walk`). Where the sequence's own match reaches back LONG_MATCH tokens or more, its
-        continuation may run to `longest` tokens instead of k."""
+        continuation may run to `longest` tokens instead of k. tenant: the request's cache salt."""
         if k <= 0:
             return []
         index = self._sync(request_id, token_ids)
-        draft = self._lookup(index, k, longest)
+        draft = self._lookup(index, k, longest, tenant)
         if len(draft) < k and self.store is not None:
             walked = self.store.walk(index.tokens, k, min_prob)
             if len(walked) > len(draft):
                 return walked
         return draft
 
-    def _lookup(self, index: _SequenceIndex, k: int, longest: int) -> list[int]:
+    def _lookup(self, index: _SequenceIndex, k: int, longest: int, tenant: Tenant) -> list[int]:
         """The sequence's own continuation, or the observed replies' where that is longer (see propose)."""
         tokens = index.tokens
         for n in range(min(self.max_n, len(tokens)), self.min_n - 1, -1):
@@ -93,8 +98,8 @@ class NgramSpeculator:
                 own = continuation(tokens, end, reach)
             if len(own) >= k:
                 return own
-            hit = self._reply_ends.get(suffix)
-            other = self._replies[hit[0]][hit[1] : hit[1] + k] if hit is not None else []
+            hit = self._reply_ends.get((tenant, suffix))
+            other = self._replies[hit[0]][1][hit[1] : hit[1] + k] if hit is not None else []
             best = own if len(own) >= len(other) else other
             if best:
                 return best
@@ -105,17 +110,17 @@ class NgramSpeculator:
         self._sequences.pop(request_id, None)
 
     # ---- the reply store ----------------------------------------------------------------------------
-    def observe_reply(self, token_ids: Sequence[int]) -> None:
-        """Remember a finished assistant reply (its first max_reply_tokens tokens)."""
+    def observe_reply(self, token_ids: Sequence[int], tenant: Tenant = None) -> None:
+        """Remember a finished assistant reply (its first max_reply_tokens tokens) for `tenant`'s proposals."""
         tokens = [int(t) for t in token_ids[: self.max_reply_tokens]]
         if len(tokens) <= self.min_n:
             return
         reply_id = self._next_reply_id
         self._next_reply_id += 1
-        self._replies[reply_id] = tokens
+        self._replies[reply_id] = (tenant, tokens)
         for end in range(self.min_n, len(tokens)):  # n-grams that have a continuation token
             for n in range(self.min_n, min(self.max_n, end) + 1):
-                self._reply_ends[tuple(tokens[end - n : end])] = (reply_id, end)
+                self._reply_ends[tenant, tuple(tokens[end - n : end])] = (reply_id, end)
         while len(self._replies) > self.max_replies:
             self._evict_oldest()
 
@@ -133,10 +138,10 @@ class NgramSpeculator:
         return len(self._reply_ends)
 
     def _evict_oldest(self) -> None:
-        reply_id, tokens = self._replies.popitem(last=False)
+        reply_id, (tenant, tokens) = self._replies.popitem(last=False)
         for end in range(self.min_n, len(tokens)):
             for n in range(self.min_n, min(self.max_n, end) + 1):
-                key = tuple(tokens[end - n : end])
+                key = (tenant, tuple(tokens[end - n : end]))
                 if self._reply_ends.get(key, (None, 0))[0] == reply_id:
                     # A later reply would have overwritten the entry; this one is the only place left.
                     del self._reply_ends[key]
