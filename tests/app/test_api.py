@@ -180,6 +180,23 @@ def test_a_batch_refused_midway_leaves_no_request_behind(url: str, llm: LLM) -> 
     assert len(llm._streams) == open_streams
 
 
+def test_a_grammar_failing_midway_is_the_requests_error(url: str, llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    follow = llm.engine._follow_grammar
+
+    def past_a_limit(seq: Any, new_tokens: list[int]) -> list[int]:
+        if seq.grammar is not None:  # as llguidance does where a step exceeds its parser's limits
+            raise ValueError("Parser Error: Current row has 8007 items; max is 2000")
+        return follow(seq, new_tokens)
+
+    monkeypatch.setattr(llm.engine, "_follow_grammar", past_a_limit)
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 4, "response_format": {"type": "json_object"}}
+    r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    assert "structured output failed while generating" in r.json()["error"]["message"]
+    monkeypatch.undo()
+    assert httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30).status_code == 200  # the engine serves on
+
+
 def test_unsupported_features_are_refused(url: str) -> None:
     for extra in ({"echo": True}, {"suffix": "!"}, {"best_of": 2}):
         body = {"model": MODEL, "prompt": "Hi", **extra}

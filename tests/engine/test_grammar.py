@@ -147,6 +147,14 @@ def test_a_bad_spec_is_a_value_error(compiler: GrammarCompiler, kind: Any, spec:
         compiler.compile(StructuredOutput(kind, spec))
 
 
+def test_a_schema_past_the_parsers_limits_is_refused_at_compile(compiler: GrammarCompiler) -> None:
+    # Within the grammar size limit, but the first token's step exceeds the parser's (2000 items in a row): it
+    # used to compile, then fail the request at its first token as an engine error.
+    properties = {f"p{i}": {"type": "string", "pattern": f"[a-z]{{{i % 50},{i % 50 + 5}}}x{i}"} for i in range(2000)}
+    with pytest.raises(ValueError, match=r"json_schema is too large for the grammar parser: .*max is 2000"):
+        compiler.compile(StructuredOutput("json_schema", json.dumps({"type": "object", "properties": properties})))
+
+
 def test_compiled_grammars_are_cached_per_spec(tokenizer: Any) -> None:
     compiler = GrammarCompiler(tokenizer, [tokenizer.eos_token_id], cache_size=2)
     a = StructuredOutput("json_schema", SCHEMA)  # type: ignore[arg-type]  # a dict is serialized in its order

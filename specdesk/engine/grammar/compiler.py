@@ -16,6 +16,8 @@ import threading
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from specdesk.engine.grammar.state import GrammarState, GrammarStats, Vocabulary
 from specdesk.engine.grammar.structural_tag import structural_tag_to_lark
 from specdesk.engine.structured_output import StructuredOutput
@@ -26,6 +28,8 @@ if TYPE_CHECKING:
 # JSON without free whitespace: a small model otherwise wanders into endless newlines and spaces between
 # tokens, which the grammar allows; a schema's own "x-guidance" options still win.
 JSON_OPTIONS = {"whitespace_flexible": False}
+# How many tokens a new grammar is walked at compile (`_probe`): the parser's limits bite at the first ones.
+PROBE_TOKENS = 4
 
 
 class GrammarCompiler:
@@ -89,6 +93,9 @@ class GrammarCompiler:
         matcher = llguidance.LLMatcher(vocab.tokenizer, grammar, log_level=0)
         if matcher.is_error():
             raise ValueError(f"structured output {spec.kind} is invalid: {_first_line([matcher.get_error()])}")
+        failure = _probe(matcher.deep_copy())
+        if failure is not None:
+            raise ValueError(f"structured output {spec.kind} is too large for the grammar parser: {failure}")
         return matcher
 
     def _grammar_text(self, spec: StructuredOutput) -> str:
@@ -125,3 +132,18 @@ def _first_line(messages: list[str]) -> str:
     is on the lines after it)."""
     text = " ".join(line.strip() for m in messages for line in m.splitlines() if line.strip()) or "unknown error"
     return text[:300]
+
+
+def _probe(matcher: llguidance.LLMatcher, num_tokens: int = PROBE_TOKENS) -> str | None:
+    """Walk a copy a few tokens along the first token each step allows; the parser's error, if it fails.
+
+    A schema within the grammar size limit may still exceed the parser's per-step limits, e.g. an object of 2000
+    constrained properties ("Current row has 8007 items; max is 2000") fails at its first token: here that is
+    the request's own bad spec, refused up front, rather than an engine error once it runs."""
+    for _ in range(num_tokens):
+        if matcher.is_stopped():
+            return None
+        allowed = np.flatnonzero(np.unpackbits(np.frombuffer(matcher.compute_bitmask(), np.uint8), bitorder="little"))
+        if not allowed.size or not matcher.consume_token(int(allowed[0])):
+            break
+    return _first_line([matcher.get_error()]) if matcher.is_error() else None
