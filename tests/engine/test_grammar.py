@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 
 import pytest
@@ -153,6 +154,31 @@ def test_a_schema_past_the_parsers_limits_is_refused_at_compile(compiler: Gramma
     properties = {f"p{i}": {"type": "string", "pattern": f"[a-z]{{{i % 50},{i % 50 + 5}}}x{i}"} for i in range(2000)}
     with pytest.raises(ValueError, match=r"json_schema is too large for the grammar parser: .*max is 2000"):
         compiler.compile(StructuredOutput("json_schema", json.dumps({"type": "object", "properties": properties})))
+
+
+def test_a_cached_spec_never_waits_for_another_spec_compiling(
+    tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:  # fmt: skip
+    compiler = GrammarCompiler(tokenizer, [tokenizer.eos_token_id])
+    cached, slow = StructuredOutput("json_object"), StructuredOutput("regex", "[0-9]{3}")
+    compiler.compile(cached)
+    compile_for_real, release = compiler._compile, threading.Event()
+
+    def held_up(spec: StructuredOutput) -> Any:
+        if spec == slow:  # a big schema taking seconds
+            assert release.wait(30)
+        return compile_for_real(spec)
+
+    monkeypatch.setattr(compiler, "_compile", held_up)
+    compiling = threading.Thread(target=compiler.compile, args=(slow,))
+    compiling.start()
+    try:
+        assert compiler.compile(cached).forced_tokens() is not None  # served while the other compiles
+        assert compiling.is_alive()
+    finally:
+        release.set()
+        compiling.join()
+    assert compiler.num_compiled == 2 and compiler.compile(slow) is not None
 
 
 def test_compiled_grammars_are_cached_per_spec(tokenizer: Any) -> None:

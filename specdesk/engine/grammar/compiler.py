@@ -71,16 +71,22 @@ class GrammarCompiler:
         if not isinstance(spec, StructuredOutput):
             raise ValueError(f"structured output must be a StructuredOutput, got {type(spec).__name__}")
         with self._lock:
+            vocab = self.vocabulary  # built once, whoever asks first
             template = self._cache.get(spec)
-            if template is None:
-                template = self._compile(spec)
+            if template is not None:
+                self._cache.move_to_end(spec)
+                return GrammarState(template.deep_copy(), vocab, self.stats)
+        # Compiled outside the lock: a big schema's seconds keep no other request waiting, a cached spec's least.
+        # (Two requests bringing the same new spec may both compile it; the first one stored is kept.)
+        compiled = self._compile(spec)
+        with self._lock:
+            template = self._cache.setdefault(spec, compiled)
+            self._cache.move_to_end(spec)
+            if template is compiled:
                 self.num_compiled += 1
-                self._cache[spec] = template
                 if len(self._cache) > self.cache_size:
                     self._cache.popitem(last=False)
-            else:
-                self._cache.move_to_end(spec)
-            return GrammarState(template.deep_copy(), self.vocabulary, self.stats)
+            return GrammarState(template.deep_copy(), vocab, self.stats)
 
     def _compile(self, spec: StructuredOutput) -> llguidance.LLMatcher:
         import llguidance
