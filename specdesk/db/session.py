@@ -10,7 +10,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, Connection, make_url
-from sqlalchemy.pool import StaticPool
+from sqlalchemy.pool import QueuePool
 
 from specdesk.db.migrations import upgrade_schema
 
@@ -25,7 +25,7 @@ def make_engine(url: str, *, create_schema: bool = True, echo: bool = False) -> 
 
     For SQLite files: WAL journal, ``busy_timeout``, ``synchronous=NORMAL`` and ``foreign_keys=ON`` on
     every new connection; connections may cross threads; the parent directory is created. An
-    in-memory SQLite URL gets a single shared connection so every thread sees the same database.
+    in-memory SQLite URL gets a single connection, one thread at a time, so every thread sees the same database.
     """
     parsed = make_url(url)
     kwargs: dict[str, Any] = {"echo": echo}
@@ -35,7 +35,10 @@ def make_engine(url: str, *, create_schema: bool = True, echo: bool = False) -> 
         # same-thread check would reject that even though the pool never shares one concurrently.
         kwargs["connect_args"] = {"check_same_thread": False}
         if _is_memory(parsed):
-            kwargs["poolclass"] = StaticPool
+            # One connection is the one database, handed to one thread at a time: a StaticPool shared it with
+            # every thread at once, and their transactions interleaved (lost writes, "cannot start a
+            # transaction within a transaction"). The others wait for it, as for a file's write lock.
+            kwargs.update(poolclass=QueuePool, pool_size=1, max_overflow=0, pool_timeout=BUSY_TIMEOUT_MS / 1000)
         else:
             _make_parent_dir(parsed)
             kwargs.update(pool_size=8, max_overflow=16, pool_timeout=30)

@@ -66,3 +66,19 @@ def test_in_memory_database_is_shared_across_threads() -> None:
     thread.join()
     assert errors == []
     assert [m.content for m in repo.get_conversation(conversation.id).messages] == ["from another thread"]
+
+    # Many threads writing at once take turns on the one connection: every message is stored, none lost.
+    def write_many(i: int) -> None:
+        try:
+            for t in range(15):
+                repo.add_message(conversation.id, Role.USER, f"{i}.{t}")
+                repo.list_conversations("Memory")
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    writers = [threading.Thread(target=write_many, args=(i,)) for i in range(4)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join()
+    assert errors == [] and len(repo.get_conversation(conversation.id).messages) == 1 + 4 * 15
