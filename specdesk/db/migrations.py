@@ -14,14 +14,16 @@ current shape. A database with tables but no ``schema_version`` row predates ver
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import Connection, Engine, insert, inspect, select, update
+from sqlalchemy import Connection, Engine, Table, insert, inspect, select, update
 from sqlalchemy.schema import CreateColumn
 
 from specdesk.db.demo_models import DEMO_ORDERS, DemoOrder
-from specdesk.db.models import Base, schema_version
+from specdesk.db.models import Base, Conversation, Message, schema_version
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,38 @@ def _tool_calls(conn: Connection) -> None:
     pass
 
 
+def _ids_never_reused(conn: Connection) -> None:
+    # SQLite hands out max(id) + 1, so the newest conversation's id, once deleted, went to the next one and a
+    # tab still showing the deleted conversation wrote into the new one. AUTOINCREMENT (db/models.py) never
+    # reuses an id, and needs the table rebuilt. Other databases' sequences never reuse one.
+    if conn.dialect.name != "sqlite":
+        return
+    for table in (Base.metadata.tables[Conversation.__tablename__], Base.metadata.tables[Message.__tablename__]):
+        ddl = conn.exec_driver_sql("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (table.name,))
+        if "AUTOINCREMENT" not in (ddl.scalar() or "").upper():
+            _rebuild_sqlite_table(conn, table)  # the parent first
+
+
+def _rebuild_sqlite_table(conn: Connection, table: Table) -> None:
+    """Recreate `table` in its current definition with every row, inside the migration's transaction.
+
+    With legacy_alter_table the rename leaves the references of other tables (messages -> conversations,
+    feedback -> messages) naming the table recreated under the old name; so dropping the renamed one, whose
+    rows are copied already, deletes nothing through ON DELETE CASCADE."""
+    old, quote = f"_old_{table.name}", conn.dialect.identifier_preparer.quote
+    conn.exec_driver_sql("PRAGMA legacy_alter_table = ON")
+    try:
+        for index in table.indexes:  # index names are the database's: free them for the new table's
+            conn.exec_driver_sql(f"DROP INDEX IF EXISTS {quote(str(index.name))}")
+        conn.exec_driver_sql(f"ALTER TABLE {quote(table.name)} RENAME TO {quote(old)}")
+        table.create(conn)
+        columns = ", ".join(quote(c.name) for c in table.columns)
+        conn.exec_driver_sql(f"INSERT INTO {quote(table.name)} ({columns}) SELECT {columns} FROM {quote(old)}")
+        conn.exec_driver_sql(f"DROP TABLE {quote(old)}")
+    finally:
+        conn.exec_driver_sql("PRAGMA legacy_alter_table = OFF")
+
+
 _NO_DELIVERY = {"carrier": "", "tracking_number": "", "estimated_delivery": ""}  # an order not shipped yet
 
 # Append new steps here, never edit or reorder released ones.
@@ -57,6 +91,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "baseline schema", _baseline),
     Migration(2, "conversations.agent: the owning agent's login name", _conversation_owner),
     Migration(3, "tool calls on messages; demo orders, tickets and handovers", _tool_calls),
+    Migration(4, "conversation and message ids never reused (SQLite AUTOINCREMENT)", _ids_never_reused),
 )
 
 
@@ -77,7 +112,7 @@ def upgrade_schema(engine: Engine, migrations: Sequence[Migration] = MIGRATIONS)
     versions = [m.version for m in migrations]
     assert versions == sorted(set(versions)), f"migration versions must strictly increase: {versions}"
     target = latest_version(migrations)
-    with engine.begin() as conn:
+    with engine.connect() as conn, _sqlite_foreign_keys_off(conn), conn.begin():
         existing = set(inspect(conn).get_table_names())
         is_fresh = Base.metadata.tables["conversations"].name not in existing
         Base.metadata.create_all(conn)  # checkfirst: only the missing tables (and their indexes)
@@ -97,7 +132,24 @@ def upgrade_schema(engine: Engine, migrations: Sequence[Migration] = MIGRATIONS)
             if migration.version > stored:
                 migration.apply(conn)
                 conn.execute(update(schema_version).values(version=migration.version))
+        if conn.dialect.name == "sqlite" and conn.exec_driver_sql("PRAGMA foreign_key_check").first() is not None:
+            raise RuntimeError("the schema upgrade would break references between rows; the file is left as it was")
         return target
+
+
+@contextmanager
+def _sqlite_foreign_keys_off(conn: Connection) -> Iterator[None]:
+    # A rebuilt table (migration 4) drops its old copy: with foreign keys on, that would cascade into the rows
+    # that reference it. Switched off outside any transaction (inside one the pragma does nothing), on after;
+    # upgrade_schema checks every reference before it commits.
+    raw: Any = conn.connection.dbapi_connection if conn.dialect.name == "sqlite" else None
+    if raw is not None:
+        raw.execute("PRAGMA foreign_keys = OFF")
+    try:
+        yield
+    finally:
+        if raw is not None:
+            raw.execute("PRAGMA foreign_keys = ON")
 
 
 def current_version(engine: Engine) -> int | None:

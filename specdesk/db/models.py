@@ -89,6 +89,9 @@ class Base(DeclarativeBase):
 
 class Conversation(Base):
     __tablename__ = "conversations"
+    # SQLite would hand a deleted newest conversation's id to the next one (max(id) + 1), and a tab still
+    # showing the deleted one would write into the new one; AUTOINCREMENT never reuses an id (migration 4).
+    __table_args__ = ({"sqlite_autoincrement": True},)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     title: Mapped[str] = mapped_column(String(MAX_TITLE_CHARS))
@@ -143,6 +146,7 @@ class Message(Base):
     __table_args__ = (
         # Also serves as the index for "messages of a conversation, in order".
         UniqueConstraint("conversation_id", "position", name="uq_messages_conversation_position"),
+        {"sqlite_autoincrement": True},  # a tab's message ids (feedback, edits) never name another's message
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

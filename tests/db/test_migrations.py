@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Connection, text
 
-from specdesk.db import ChatRepository, MessageStatus, make_engine
+from specdesk.db import ChatRepository, MessageStatus, Role, make_engine
 from specdesk.db.migrations import (
     MIGRATIONS,
     Migration,
@@ -18,6 +18,7 @@ from specdesk.db.migrations import (
     upgrade_schema,
 )
 from specdesk.db.session import writer
+from specdesk.db.tool_repository import ToolRepository
 
 # The shape of a pre-versioning file: no schema_version, no feedback table, no customer_name / persona
 # on conversations, no error / metrics on messages, no index on updated_at.
@@ -110,6 +111,46 @@ def test_version_1_file_without_owners_gains_the_agent_column(db_path: Path) -> 
     mine = repo.create_conversation("After login", agent="alice")
     assert [c.id for c in repo.list_conversations(agent="alice")] == [mine.id]
     assert {c.id for c in repo.list_conversations()} == {1, mine.id}
+    engine.dispose()
+
+
+def test_version_3_file_is_rebuilt_so_that_no_id_is_ever_reused(db_path: Path) -> None:
+    """A file from before AUTOINCREMENT (schema 3) keeps every row and every reference through the rebuild, and
+    a deleted newest conversation's id (or message's) no longer goes to the next one."""
+    engine = make_engine(f"sqlite:///{db_path}")
+    repo = ChatRepository(engine)
+    kept, newest = repo.create_conversation("Kept"), repo.create_conversation("Newest")
+    question = repo.add_message(kept.id, Role.USER, "Where is my parcel?")
+    reply = repo.add_message(kept.id, Role.ASSISTANT, "On its way.")
+    repo.set_feedback(reply.id, 1, "quick")
+    ticket = ToolRepository(engine).create_ticket(kept.id, "Trace the parcel")
+    engine.dispose()
+    with sqlite3.connect(db_path) as conn:  # roll the tables back to the version 3 shape (no AUTOINCREMENT)
+        for table in ("conversations", "messages"):
+            ddl = conn.execute("SELECT sql FROM sqlite_master WHERE name = ?", (table,)).fetchone()[0]
+            conn.execute("PRAGMA writable_schema = ON")
+            conn.execute("UPDATE sqlite_master SET sql = ? WHERE name = ?", (ddl.replace(" AUTOINCREMENT", ""), table))
+        conn.execute("DELETE FROM sqlite_sequence")
+        conn.execute("UPDATE schema_version SET version = 3")
+    conn.close()
+
+    engine = make_engine(f"sqlite:///{db_path}")
+    assert current_version(engine) == latest_version(MIGRATIONS) >= 4
+    ddl = dict(sqlite3.connect(db_path).execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'"))
+    assert "AUTOINCREMENT" in ddl["conversations"] and "AUTOINCREMENT" in ddl["messages"]
+    assert "_old_" not in " ".join(ddl)  # the renamed tables are gone
+    assert sqlite3.connect(db_path).execute("PRAGMA foreign_key_check").fetchall() == []
+    repo = ChatRepository(engine)
+    old = repo.get_conversation(kept.id)
+    assert [(m.id, m.content) for m in old.messages] == [(question.id, question.content), (reply.id, reply.content)]
+    assert old.messages[1].feedback is not None and old.messages[1].feedback.comment == "quick"
+    tickets = ToolRepository(engine).list_tickets(conversation_id=kept.id)
+    assert [t["ticket_id"] for t in tickets] == [ticket["ticket_id"]]
+    repo.delete_conversation(newest.id)
+    assert repo.create_conversation("Next").id > newest.id
+    repo.delete_conversation(kept.id)  # cascades still reach messages, feedback and tickets
+    assert ToolRepository(engine).list_tickets(conversation_id=kept.id) == []
+    assert repo.add_message(repo.create_conversation("Later").id, Role.USER, "hi").id > reply.id
     engine.dispose()
 
 
