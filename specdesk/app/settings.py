@@ -26,6 +26,7 @@ from typing import Any
 
 from specdesk.app.auth import check_password_entry, is_weak_entry, verify_password
 from specdesk.engine.config import EngineConfig  # plain dataclass: no torch
+from specdesk.engine.sampling_params import SamplingParams  # likewise
 
 # The console's and the side-by-side view's default (transformers' repetition penalty): greedy replies of the
 # default model fell into a loop (the same 4 tokens 4 times or more) on a share of held-out customer turns
@@ -79,12 +80,12 @@ class Settings:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 1.0 <= self.repetition_penalty <= 2.0:
             raise ValueError(f"repetition_penalty must be in [1, 2] (1 turns it off), got {self.repetition_penalty}")
+        # The engine's own rules (NaN, inf, a temperature in (0, 1e-5)): every turn would fail on them later.
+        SamplingParams(temperature=self.temperature, top_p=self.top_p, repetition_penalty=self.repetition_penalty)
+        if any(not key.strip() for key in self.api_keys):  # e.g. --api-key "$KEY" with KEY unset
+            raise ValueError("an API key is empty: /v1 would take no key at all")
         for name, secret in self.agents.items():
             if not name or ":" in name or not secret:
                 raise ValueError(f"agent entries need a name without ':' and a password, got {name!r}")

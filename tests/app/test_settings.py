@@ -66,6 +66,15 @@ def test_invalid_values_are_rejected() -> None:
         Settings(port=70000)
     with pytest.raises(ValueError, match="agent"):
         Settings(agents={"": "pw"})
+    # What the engine refuses is refused at start, not at every turn after minutes of loading.
+    for bad, message in [({"temperature": float("nan")}, "finite"), ({"temperature": 5e-6}, "at least 1e-05"),
+                         ({"temperature": float("inf")}, "finite"), ({"top_p": 0.0}, "top_p")]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            Settings(**bad)  # type: ignore[arg-type]
+    # An empty key (--api-key "$KEY" with KEY unset) would leave /v1 without one.
+    args = build_parser().parse_args(["serve", "--api-key", ""])
+    with pytest.raises(ValueError, match="API key is empty"):
+        settings_from_args(args, {})
 
 
 def test_speculator_default_is_the_engines() -> None:
