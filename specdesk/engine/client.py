@@ -90,16 +90,19 @@ class EngineClient(ABC):
         encoded = [self.encode(p) for p in batch]
         for ids in encoded:
             self._check_prompt(ids)
-        request_ids = [self.submit(ids, sp) for ids, sp in zip(encoded, per_prompt, strict=True)]
+        request_ids: list[str] = []
         outputs: list[RequestOutput] = []
-        try:
+        collecting = False
+        try:  # a submit refused (its parameters) or a request failing: the rest of the batch stops, no stream left
+            for ids, sp in zip(encoded, per_prompt, strict=True):
+                request_ids.append(self.submit(ids, sp))
+            collecting = True
             for rid, ids in zip(request_ids, encoded, strict=True):
                 outputs.append(self._collect(rid, ids))
         finally:
-            # One failed request raises here: the batch's uncollected requests stop and leave no stream.
-            for rid in request_ids[len(outputs) + 1 :]:
-                if self._discard(rid):
-                    self.abort(rid)
+            # The request being collected when one failed has closed its own stream; the others nobody reads.
+            for rid in request_ids[len(outputs) + collecting :]:
+                self.cancel(rid)
         return outputs
 
     def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None) -> RequestOutput:

@@ -19,7 +19,7 @@ import torch
 
 from specdesk.engine.client import EngineClient, Prompt, render_chat
 from specdesk.engine.config import EngineConfig
-from specdesk.engine.llm_engine import EngineStats, LLMEngine
+from specdesk.engine.llm_engine import EngineStats, LLMEngine, check_cache_salt
 from specdesk.engine.models.loader import load_model, resolve_device
 from specdesk.engine.outputs import FinishReason, StreamDelta
 from specdesk.engine.sampling_params import SamplingParams
@@ -72,6 +72,7 @@ class LLM(EngineClient):
         params = params or SamplingParams()
         ids = self.encode(prompt)
         self.engine.validate_prompt(ids)  # fail in the caller's thread, before anything is queued
+        check_cache_salt(cache_salt)
         self.engine.check_params(params)
         self.prepare_grammar(params)  # likewise a bad structured-output spec (the grammar is then cached)
         request_id = f"llm-{next(self._ids)}"

@@ -117,6 +117,7 @@ class LLMEngine:
         but are not streamed again; generation continues after them as if it had never stopped."""
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        check_cache_salt(cache_salt)
         params.validate()
         prompt_token_ids = list(prompt_token_ids)
         self.validate_prompt(prompt_token_ids)
@@ -132,6 +133,8 @@ class LLMEngine:
                 raise ValueError(f"output_prefix has {len(prefix)} tokens, max_tokens is {params.max_tokens}")
             if grammar is not None:
                 grammar.advance(prefix)  # ValueError: the prefix is not a reply this grammar allows
+                if grammar.is_terminated:  # nothing left to generate: no step would ever finish it
+                    raise ValueError("output_prefix already completes the structured output")
         seq = Sequence(request_id, prompt_token_ids, params, frozenset(self.loaded.eos_token_ids), cache_salt)
         seq.token_ids += prefix
         seq.grammar = grammar
@@ -180,8 +183,13 @@ class LLMEngine:
             if verdict.error is not None:  # this request alone failed; the others carry on
                 self.scheduler.finish(s.seq, FinishReason.ERROR)
                 deltas.append(self._finish_delta(s.seq, error=verdict.error))
-            else:
+                continue
+            try:
                 deltas += self._append(s, verdict.tokens, now, verdict.logprobs)
+            except Exception as exc:  # this request alone fails: the deltas of the others stay theirs
+                if not s.seq.is_finished:
+                    self.scheduler.finish(s.seq, FinishReason.ERROR)
+                deltas.append(self._finish_delta(s.seq, error=f"{type(exc).__name__}: {exc}"))
         return deltas
 
     def _append(
@@ -199,8 +207,8 @@ class LLMEngine:
             self.grammar_compiler.stats.num_forced_tokens += max(0, len(kept) - len(new_tokens))
         if seq.grammar is not None and seq.grammar.is_terminated and not seq.is_finished:
             self.scheduler.finish(seq, FinishReason.STOP)  # the output is complete (a request ignoring EOS)
-        if not kept:
-            return []
+        if not kept:  # finished without a new token (its grammar ended): still the one final delta
+            return [self._finish_delta(seq)] if seq.is_finished else []
         m = seq.metrics
         m.num_generated_tokens = seq.num_output_tokens
         if was_decoding:
@@ -304,7 +312,9 @@ class LLMEngine:
         logprobs: list[TokenLogprob] | None = None,
     ) -> StreamDelta:  # fmt: skip
         self.sequences.pop(seq.request_id, None)
-        self.detokenizers.pop(seq.request_id, None)
+        detok = self.detokenizers.pop(seq.request_id, None)
+        if detok is not None and token_ids is None:  # ended without new ids (abort, error): what it held back
+            text += detok.flush()
         if self.speculation is not None:
             self.speculation.finish(seq)
         seq.metrics.finish_time = time.perf_counter()
@@ -334,3 +344,9 @@ class LLMEngine:
             grammar_num_forced_tokens=self.grammar_compiler.stats.num_forced_tokens,
             grammar_s=self.grammar_compiler.stats.busy_s,
         )
+
+
+def check_cache_salt(cache_salt: object) -> None:
+    """ValueError unless a cache salt is a string or None (anything else failed inside the engine's step)."""
+    if cache_salt is not None and not isinstance(cache_salt, str):
+        raise ValueError(f"cache_salt must be a string, got {type(cache_salt).__name__}")

@@ -19,6 +19,9 @@ import pytest
 import torch
 
 from specdesk.engine import LLM, FinishReason, SamplingParams, StreamDelta
+from specdesk.engine.config import EngineConfig
+from specdesk.engine.llm_engine import LLMEngine
+from specdesk.engine.models.loader import load_model
 from specdesk.engine.sampler import filter_logits
 from specdesk.engine.sampling_params import MIN_TEMPERATURE
 from tests.helpers import wait_idle, wait_until
@@ -237,3 +240,54 @@ def test_generate_with_one_failing_request_stops_the_rest_and_keeps_no_stream(ll
         llm.generate(["Hello, thank you", "Yes", "Hello, thank you again"], LONG)
     wait_idle(llm)  # the third request was aborted, not left running to its end
     assert llm.stats().num_running == 0 and not llm._streams
+
+
+def test_generate_refused_midway_by_a_parameter_leaves_nothing_running(llm: LLM) -> None:
+    bad = SamplingParams(max_tokens=4, logit_bias={10**6: 1.0})  # checked at submit: no such token
+    with pytest.raises(ValueError, match="logit_bias"):
+        llm.generate(["Hello, thank you", "Yes"], [LONG, bad])
+    wait_idle(llm)  # the first request, already submitted, was stopped and forgotten
+    assert llm.stats().num_running == 0 and not llm._streams
+
+
+def test_a_request_failing_in_its_step_fails_alone_and_the_others_keep_their_deltas(llm: LLM) -> None:
+    with pytest.raises(ValueError, match="cache_salt must be a string"):
+        llm.submit("Hello", LONG, cache_salt=b"tenant")  # type: ignore[arg-type]
+    append, failing = llm.engine.scheduler.append_tokens, llm.submit("Yes, thank you", LONG)
+
+    def fail_one(s: Any, *args: Any) -> Any:
+        if s.seq.request_id == failing:
+            raise RuntimeError("injected: appending failed")
+        return append(s, *args)
+
+    llm.engine.scheduler.append_tokens = fail_one  # type: ignore[method-assign]
+    short = llm.submit("Hello, thank you", SamplingParams(max_tokens=1, ignore_eos=True))  # finishes in that step
+    assert _drain(llm.deltas(short)).finish_reason is FinishReason.LENGTH
+    final = _drain(llm.deltas(failing))
+    assert final.finish_reason is FinishReason.ERROR and final.error is not None and "injected" in final.error
+    llm.engine.scheduler.append_tokens = append  # type: ignore[method-assign]
+    assert _drain(llm.stream("Hello", SamplingParams(max_tokens=3))).finish_reason is not FinishReason.ERROR
+
+
+def test_an_aborted_stream_still_gets_the_text_it_held_back(model_path: Path) -> None:
+    # Text that could start a stop string, or bytes not yet a character, wait for the next token; on an abort
+    # no next token comes, so the final delta carries them: the text streamed is the ids' text, whole.
+    config = EngineConfig(model=str(model_path), dtype="float32", device="cpu", attention_backend="torch")
+    engine = LLMEngine(config, load_model(config.model, "float32", "cpu"))
+    stops = tuple(c + "\u2603" for c in " etaoinsrhldcumy")  # any of these letters last: held back
+    params = SamplingParams(max_tokens=300, stop=stops, ignore_eos=True)
+    rid = engine.add_request(engine.tokenizer.encode("Hello, thank you"), params)
+
+    def text_of(deltas: list[StreamDelta]) -> tuple[str, str]:  # (streamed, the ids' own)
+        ids = [t for d in deltas for t in d.token_ids]
+        own = engine.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return "".join(d.text for d in deltas), own
+
+    seen: list[StreamDelta] = []
+    while len(set(text_of(seen))) == 1:  # until some text is held back
+        seen += engine.step()
+        assert len(seen) < 250, "no text was ever held back"
+    final = engine.abort(rid)
+    assert final is not None and final.finish_reason is FinishReason.ABORT
+    streamed, own = text_of([*seen, final])
+    assert streamed == own

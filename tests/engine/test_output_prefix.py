@@ -51,4 +51,10 @@ def test_a_prefix_the_grammar_forbids_or_too_long_fails_that_request_alone(llm: 
                                     (SamplingParams(max_tokens=3), [5, 6, 7], "max_tokens")):  # fmt: skip
         final = list(llm.deltas(llm.submit("Hi", params, output_prefix=prefix)))[-1]
         assert final.error is not None and message in final.error
+    # A prefix that already completes the output (its last token ends the grammar) leaves nothing to generate.
+    short = SamplingParams(max_tokens=8, structured_output=StructuredOutput("regex", "(yes|no)"))
+    complete = llm.generate(["Hi"], short)[0]
+    assert complete.finish_reason is not None and complete.finish_reason.value == "stop"
+    final = list(llm.deltas(llm.submit("Hi", short, output_prefix=complete.token_ids)))[-1]
+    assert final.error is not None and "already completes the structured output" in final.error
     assert llm.generate(["Hi"], SamplingParams(max_tokens=2))[0].token_ids  # the engine serves on
