@@ -24,7 +24,7 @@ from typing import Any
 
 from specdesk.distributed import affinity
 from specdesk.distributed.replica import ReplicaDelta, ReplicaInfo
-from specdesk.distributed.stats import sum_stats
+from specdesk.distributed.stats import sum_stats, with_retired
 from specdesk.engine.client import EngineClient, Prompt, check_logit_bias, check_prompt_ids, render_chat
 from specdesk.engine.detokenizer import IncrementalDetokenizer
 from specdesk.engine.grammar import GrammarCompiler
@@ -69,6 +69,7 @@ class RemoteLLM(EngineClient):
         self._keys = affinity.PromptKeys()
         self._requests: dict[str, _RemoteRequest] = {}
         self._stats: dict[str, EngineStats] = {}
+        self._retired: EngineStats | None = None  # the counters of replicas that died
         self._dead: set[str] = set()
         self._listeners: list[Callable[[StreamDelta], None]] = []
         self._ids = itertools.count()
@@ -193,7 +194,7 @@ class RemoteLLM(EngineClient):
         """The sum over live replicas of the stats each sent with its latest finished request (never blocks:
         /metrics calls this on the event loop)."""
         with self._lock:
-            return sum_stats(list(self._stats.values()))
+            return with_retired(sum_stats(list(self._stats.values())), self._retired)
 
     def add_listener(self, fn: Callable[[StreamDelta], None]) -> None:
         """Call fn(delta) for every delta of every request, on the thread that receives it."""
@@ -229,7 +230,9 @@ class RemoteLLM(EngineClient):
         with self._lock:
             if replica is not None:
                 self._dead.add(replica)
-                self._stats.pop(replica, None)
+                last = self._stats.pop(replica, None)
+                if last is not None:  # its counters stay counted (with_retired); its gauges go with it
+                    self._retired = with_retired(last, self._retired)
             self._error = error
 
 
