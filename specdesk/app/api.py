@@ -75,6 +75,10 @@ def mount_openai_api(app: FastAPI, llm: LLM, model_name: str, api_keys: list[str
     app.include_router(router)
 
 
+# Grammar compiles running at once (each on a thread; llguidance releases the GIL): about a CPU's worth.
+GRAMMAR_COMPILE_THREADS = 2
+
+
 @dataclass
 class _Choice:
     """One engine request behind one response choice."""
@@ -110,6 +114,7 @@ class _OpenAIServer:
         self.api_keys = api_keys
         self.created = now_s()
         self.token_texts = TokenTexts(llm.tokenizer)
+        self._compiles: anyio.CapacityLimiter | None = None  # made in the server's event loop, on first use
 
     # ---- routes -----------------------------------------------------------------------------------
     async def list_models(self, request: Request) -> Response:
@@ -207,7 +212,8 @@ class _OpenAIServer:
         check_fan_out(len(prompts), req.n)
         if structured is not None:  # compiling a big schema takes a while: off the event loop (cached for submit)
             try:
-                await anyio.to_thread.run_sync(self.llm.prepare_grammar, sampling_params(req, 1, structured=structured))
+                params = sampling_params(req, 1, structured=structured)
+                await anyio.to_thread.run_sync(self.llm.prepare_grammar, params, limiter=self._compile_threads())
             except ValueError as exc:
                 raise ApiError(400, str(exc), param=_param_of(str(exc), req, param)) from None
         max_len = self.llm.max_model_len
@@ -233,6 +239,13 @@ class _OpenAIServer:
             self._release(choices)
             raise
         return choices
+
+    def _compile_threads(self) -> anyio.CapacityLimiter:
+        # Grammar compiles get threads of their own: a flood of big schemas (seconds each) held every thread of
+        # the shared pool (40), and a plain chat's template encode waited behind them (27 s for 45 at once).
+        if self._compiles is None:
+            self._compiles = anyio.CapacityLimiter(GRAMMAR_COMPILE_THREADS)
+        return self._compiles
 
     def _release(self, choices: list[_Choice]) -> None:
         # Request ids are never reused, so aborting one that already finished is a harmless no-op. One whose

@@ -4,6 +4,8 @@ where the wire itself is the point: SSE framing, disconnects)."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from specdesk.app.api import mount_openai_api
 from specdesk.engine.llm import LLM
 from specdesk.engine.outputs import FinishReason
+from specdesk.engine.sampling_params import SamplingParams
 from tests.app.live_server import FinalDeltas, serve, tiny_llm, wait_idle
 
 MODEL = "specdesk-tiny"
@@ -195,6 +198,31 @@ def test_a_grammar_failing_midway_is_the_requests_error(url: str, llm: LLM, monk
     assert "structured output failed while generating" in r.json()["error"]["message"]
     monkeypatch.undo()
     assert httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30).status_code == 200  # the engine serves on
+
+
+def test_a_flood_of_grammar_compiles_leaves_plain_requests_served(
+    url: str, llm: LLM, monkeypatch: pytest.MonkeyPatch
+) -> None:  # fmt: skip
+    import concurrent.futures
+
+    compile_for_real, release = llm.prepare_grammar, threading.Event()
+
+    def slow_compile(params: SamplingParams) -> None:  # a big schema's seconds, held until released
+        if params.structured_output is not None:
+            assert release.wait(60)
+        compile_for_real(params)
+
+    monkeypatch.setattr(llm, "prepare_grammar", slow_compile)
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 2, "response_format": {"type": "json_object"}}
+    with concurrent.futures.ThreadPoolExecutor(45) as pool:
+        flood = [pool.submit(httpx.post, f"{url}/v1/chat/completions", json=body, timeout=90) for _ in range(45)]
+        try:
+            time.sleep(0.5)  # every compile has started waiting
+            plain = {"model": MODEL, "messages": MESSAGES, "max_tokens": 2}
+            assert httpx.post(f"{url}/v1/chat/completions", json=plain, timeout=10).status_code == 200
+        finally:
+            release.set()
+        assert all(f.result().status_code == 200 for f in flood)
 
 
 def test_unsupported_features_are_refused(url: str) -> None:
