@@ -260,7 +260,8 @@ class _OpenAIServer:
             async for delta in deltas:
                 choice = by_id[delta.request_id]
                 if delta.error and delta.error.startswith("grammar: "):  # the request's own spec, past a limit
-                    raise ApiError(400, f"the structured output failed while generating: {delta.error[9:]}")
+                    cause = delta.error.removeprefix("grammar: ")
+                    raise ApiError(400, f"the structured output failed while generating: {cause}")
                 if delta.error:
                     raise ApiError(500, f"generation failed: {delta.error}", type_="server_error")
                 choice.text.append(delta.text)

@@ -361,8 +361,7 @@ class ConsoleActions:
             gr.Warning(_message(exc))
             return {}
         if end_edit:  # the typed text stays in the box; Send now sends it as a new message
-            v = self.v
-            updates.update({v.editing: False, v.send: gr.Button("Send"), v.cancel_edit: gr.Button(visible=False)})
+            updates.update(self._busy(False))
         return updates
 
     def _choices(self, search: str, agent: str | None) -> list[tuple[str, int]]:

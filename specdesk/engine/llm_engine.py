@@ -180,16 +180,17 @@ class LLMEngine:
             verdicts = [Verdict([], error=error) for _ in batch.scheduled]
         now = time.perf_counter()
         for s, verdict in zip(batch.scheduled, verdicts, strict=True):
-            if verdict.error is not None:  # this request alone failed; the others carry on
+            failure = verdict.error
+            if failure is None:
+                try:
+                    deltas += self._append(s, verdict.tokens, now, verdict.logprobs)
+                    continue
+                except Exception as exc:  # appending failed: as a failed pass, this request's alone
+                    failure = f"{type(exc).__name__}: {exc}"
+            # This request alone failed; the others carry on, and the deltas they already have stay theirs.
+            if not s.seq.is_finished:
                 self.scheduler.finish(s.seq, FinishReason.ERROR)
-                deltas.append(self._finish_delta(s.seq, error=verdict.error))
-                continue
-            try:
-                deltas += self._append(s, verdict.tokens, now, verdict.logprobs)
-            except Exception as exc:  # this request alone fails: the deltas of the others stay theirs
-                if not s.seq.is_finished:
-                    self.scheduler.finish(s.seq, FinishReason.ERROR)
-                deltas.append(self._finish_delta(s.seq, error=f"{type(exc).__name__}: {exc}"))
+            deltas.append(self._finish_delta(s.seq, error=failure))
         return deltas
 
     def _append(
